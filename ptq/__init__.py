@@ -1,0 +1,1 @@
+"""PTQ launcher: Hydra-configured post-training quantization with NVIDIA ModelOpt."""

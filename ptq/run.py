@@ -1,0 +1,122 @@
+"""One run: plan -> backend -> validate -> atomically published checkpoint and run record."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import traceback
+from pathlib import Path
+
+from ptq.backends import get_backend
+from ptq.plan import CHECKPOINT_NAME, Plan, prepare
+from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
+from ptq.schema import RunConfig
+from ptq.validate import checkpoint_bytes, validate_checkpoint
+
+log = logging.getLogger(__name__)
+PARTIAL_NAME = CHECKPOINT_NAME + ".partial"
+
+
+class ValidationFailed(RuntimeError):
+    pass
+
+
+def _publish(partial: Path, final: Path) -> None:
+    """Replace `final` with `partial`; the finished name appears only once the folder is complete."""
+    if final.exists():
+        retired = final.with_name(final.name + ".replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        final.rename(retired)
+        partial.rename(final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        partial.rename(final)
+
+
+def _summary(plan: Plan, config: dict) -> dict:
+    cfg = plan.cfg
+    return {
+        "status": "running",
+        "model": cfg.model.name,
+        "recipe": cfg.recipe.name,
+        "kv_cache": cfg.recipe.kv_cache,
+        "calib_size": cfg.calib.size,
+        "calib_seq_len": cfg.calib.seq_len,
+        "hardware_profile": cfg.hardware.name,
+        "backend": cfg.backend.name,
+        "output_dir": str(plan.output_dir),
+        "checkpoint": None,
+        "config_hash": config_hash(config),
+        "config": config,
+        "plan": {"source": plan.source.__dict__, "awq_block_size": plan.awq_block_size,
+                 "exclude_patterns": plan.exclude_patterns},
+        "warnings": plan.warnings,
+        "versions": package_versions(),
+        "hardware": hardware_info(),
+        "started_at": now(),
+    }
+
+
+def execute(plan: Plan, config: dict) -> dict:
+    """Run a checked plan. Always leaves a run record; a failure re-raises after recording it."""
+    record = _summary(plan, config)
+    plan.output_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(plan.record_path, record)
+    partial = plan.output_dir / PARTIAL_NAME
+    shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
+    timer = StageTimer()
+    try:
+        result = get_backend(plan.cfg.backend.name).run(plan, partial, timer)
+        with timer.stage("validate"):
+            validation = validate_checkpoint(
+                partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.cfg.recipe.export_quant_algo,
+                expect_kv_cache=plan.cfg.recipe.kv_cache, unexpected_bf16=result.unexpected_bf16,
+            )
+        record["validation"] = validation
+        record["fidelity"] = result.fidelity
+        size = checkpoint_bytes(partial)
+        record["size"] = {
+            "bf16_bytes": result.bf16_bytes,
+            "checkpoint_bytes": size,
+            "compression": round(result.bf16_bytes / size, 4) if size else None,
+            "bits_per_weight": round(16 * size / result.bf16_bytes, 3) if result.bf16_bytes else None,
+        }
+        record["layers"] = {"quantized": len(result.quantized_layers), "excluded": result.excluded_layers,
+                            "unexpected_bf16": result.unexpected_bf16}
+        record["details"] = result.details
+        if not validation["passed"]:
+            raise ValidationFailed("checkpoint validation failed: " + "; ".join(validation["problems"]))
+        _publish(partial, plan.checkpoint_dir)
+        record["checkpoint"] = str(plan.checkpoint_dir)
+        record["status"] = "finished"
+    except BaseException as exc:
+        record["status"] = "failed"
+        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["traceback"] = traceback.format_exc(limit=8)
+        if isinstance(exc, ValidationFailed):
+            record["checkpoint_for_inspection"] = str(partial)
+        else:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise
+    finally:
+        record["timings_s"] = timer.seconds
+        record["finished_at"] = now()
+        write_json_atomic(plan.record_path, record)
+    return record
+
+
+def run(cfg: RunConfig, config: dict) -> dict:
+    """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it."""
+    plan = prepare(cfg)
+    for warning in plan.warnings:
+        log.warning(warning)
+    if plan.action == "skip":
+        log.info(plan.skip_reason)
+        import json
+
+        return json.loads(plan.record_path.read_text())
+    log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
+    record = execute(plan, config)
+    log.info("Finished: checkpoint %s (%.2fx smaller than BF16), record %s",
+             record["checkpoint"], record["size"]["compression"] or 0, plan.record_path)
+    return record

