@@ -272,4 +272,8 @@ def gather_facts(cfg: RunConfig) -> Facts:
 
 
 def prepare(cfg: RunConfig) -> Plan:
-    return make_plan(cfg, gather_facts(cfg))
+    from ptq.evaluation import check_eval_config
+
+    plan = make_plan(cfg, gather_facts(cfg))
+    check_eval_config(cfg.eval)  # reads the benchmark files' paths: not part of the pure plan
+    return plan

@@ -74,6 +74,7 @@ def execute(plan: Plan, config: dict) -> dict:
             )
         record["validation"] = validation
         record["fidelity"] = result.fidelity
+        record["evaluation"] = result.evaluation
         size = checkpoint_bytes(partial)
         record["size"] = {
             "bf16_bytes": result.bf16_bytes,

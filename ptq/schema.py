@@ -137,6 +137,39 @@ class FidelityConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    name: str = MISSING
+    # lm_eval (a task name lm-eval knows; may need the Hub) | multiple_choice | generation | perplexity
+    kind: str = MISSING
+    # For lm_eval: the task name (default: `name`).
+    task: Optional[str] = None
+    # For local kinds: the data file (or folder of CSVs for mmlu_csv).
+    path: Optional[str] = None
+    # multiple_choice layout: arc_jsonl | jsonl ({question, choices, answer}) | mmlu_csv | hellaswag_txt
+    format: str = "jsonl"
+    # Items evaluated from this benchmark (None: eval.limit).
+    limit: Optional[int] = None
+    max_gen_toks: int = 256
+
+
+@dataclass
+class EvalConfig:
+    enabled: bool = False
+    suite: str = "none"
+    # Folder holding the local evaluation files the suite's paths point into.
+    data_dir: str = "."
+    benchmarks: List[BenchmarkConfig] = field(default_factory=list)
+    # Items per benchmark (None: all).
+    limit: Optional[int] = None
+    # 0 = lm-eval's automatic batch size.
+    batch_size: int = 0
+    num_fewshot: int = 0
+    apply_chat_template: bool = False
+    # Bootstrap resamples for the stderr of metrics without a closed form (perplexity).
+    bootstrap_iters: int = 100
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     recipe: RecipeConfig = MISSING
@@ -146,6 +179,7 @@ class RunConfig:
     backend: BackendConfig = MISSING
     calib: CalibConfig = MISSING
     fidelity: FidelityConfig = MISSING
+    eval: EvalConfig = MISSING
     output_root: str = "runs"
     output_dir: str = MISSING
     # Where converted models and sampled calibration text are cached.

@@ -18,7 +18,7 @@ def options(group):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS == ["backend", "calib", "cluster", "fidelity", "hardware", "model", "parallelism", "recipe"]
+    assert GROUPS == ["backend", "calib", "cluster", "eval", "fidelity", "hardware", "model", "parallelism", "recipe"]
     assert set(options("recipe")) == {
         "bf16", "fp8", "fp8_blockwise", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
         "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",

@@ -21,6 +21,8 @@ class BackendResult:
     # Modules left unquantized that no exclude pattern names: the failure to report.
     unexpected_bf16: List[str] = field(default_factory=list)
     fidelity: Optional[dict] = None
+    # {"suite", "results": [...], "baseline": [...]}: benchmark scores of this model and of BF16.
+    evaluation: Optional[dict] = None
     details: dict = field(default_factory=dict)
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ptq import fidelity
+from ptq import evaluation, fidelity
 from ptq.backends.base import BackendResult
 from ptq.calib_data import token_batches
 from ptq.models import load_model
@@ -103,6 +103,14 @@ class HFModelOptBackend:
             with timer.stage("fidelity_reference"):
                 ref = fidelity.reference(model, fid_tokens, fid_bs)
 
+        baseline = None
+        if cfg.eval.enabled:
+            with timer.stage("eval_baseline"):
+                baseline = evaluation.cached_baseline(
+                    model, tokenizer, cfg.eval, model_id=checkpoint, model_name=cfg.model.name,
+                    cache_dir=cfg.cache_dir, work_dir=plan.output_dir / "eval_data",
+                )
+
         quantized = excluded = unexpected = []
         if plan.quantize:
             import modelopt.torch.quantization as mtq
@@ -132,6 +140,15 @@ class HFModelOptBackend:
                 fid = fidelity.compare(model, fid_tokens, fid_bs, ref) if plan.quantize else fidelity.reference_only(ref)
             log.info("Fidelity: %s", {k: round(v, 4) for k, v in fid.items()})
 
+        scores = None
+        if baseline is not None:
+            if plan.quantize:
+                with timer.stage("eval"):
+                    results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, plan.output_dir / "eval_data", cfg.recipe.name)
+            else:
+                results = baseline
+            scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline}
+
         with timer.stage("export"):
             export_dir.mkdir(parents=True, exist_ok=True)
             # The export writes unquantized tensors in the model's dtype: a model upcast to FP32 for
@@ -145,4 +162,4 @@ class HFModelOptBackend:
                 model.save_pretrained(export_dir)
             tokenizer.save_pretrained(export_dir)
         return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=quantized, excluded_layers=excluded,
-                             unexpected_bf16=unexpected, fidelity=fid, details=details)
+                             unexpected_bf16=unexpected, fidelity=fid, evaluation=scores, details=details)

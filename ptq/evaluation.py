@@ -1,0 +1,249 @@
+"""The `eval` group: benchmarks through lm-eval, run in-process on the BF16 and fake-quantized model.
+
+Local data files become lm-eval task definitions built here (no Hub access): multiple choice
+(ARC JSONL, MMLU CSV, HellaSwag text, or a generic JSONL), generation scored by exact match
+(GSM8K-style JSONL), and perplexity on a text file. Any task name lm-eval knows works too.
+Every local file is first normalised into a small JSONL under the run's work folder, so one task
+template per kind serves every format.
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import re
+from contextlib import contextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Dict, List
+
+from ptq.plan import ConfigError
+from ptq.schema import BenchmarkConfig, EvalConfig
+
+log = logging.getLogger(__name__)
+
+KINDS = ("lm_eval", "multiple_choice", "generation", "perplexity")
+MC_FORMATS = ("arc_jsonl", "jsonl", "mmlu_csv", "hellaswag_txt")
+LETTERS = "ABCDEFGHIJ"
+CPU_BATCH_SIZE = 8
+
+
+def _open_text(path: Path):
+    return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else path.open(encoding="utf-8")
+
+
+def _jsonl(path: Path):
+    with _open_text(path) as f:
+        for line in f:
+            if line.strip():
+                yield json.loads(line)
+
+
+def _gold_index(answer, labels: List[str], where: str) -> int:
+    # Labels first: some ARC items are labelled "1".."4", where "2" means the second choice, not index 2.
+    if isinstance(answer, str) and answer.strip() in labels:
+        return labels.index(answer.strip())
+    if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
+        return int(answer)
+    raise ConfigError(f"{where}: answer {answer!r} is neither an index nor one of the labels {labels}.")
+
+
+def read_multiple_choice(path: Path, fmt: str) -> List[dict]:
+    """Items {"query", "choices", "gold"} from one of the supported file layouts."""
+    items = []
+    if fmt == "arc_jsonl":
+        for row in _jsonl(path):
+            labels = row["choices"]["label"]
+            items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": row["choices"]["text"],
+                          "gold": _gold_index(row["answerKey"], labels, str(path))})
+    elif fmt == "jsonl":
+        for n, row in enumerate(_jsonl(path), 1):
+            choices = row["choices"]
+            items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": choices,
+                          "gold": _gold_index(row["answer"], list(LETTERS[: len(choices)]), f"{path}:{n}")})
+    elif fmt == "mmlu_csv":
+        files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+        for file in files:
+            with file.open(encoding="utf-8") as f:
+                for row in csv.DictReader(f):
+                    choices = [row[k] for k in sorted(row) if k.startswith("choice")]
+                    items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": choices,
+                                  "gold": _gold_index(row["answer"], list(LETTERS[: len(choices)]), str(file))})
+    elif fmt == "hellaswag_txt":
+        with _open_text(path) as f:
+            lines = [line.rstrip("\n") for line in f]
+        for start in range(0, len(lines) - 5, 6):
+            context, gold, *endings = lines[start:start + 6]
+            items.append({"query": context, "choices": endings, "gold": int(gold)})
+    else:
+        raise ConfigError(f"format={fmt!r} is not a multiple-choice layout; choose one of: {', '.join(MC_FORMATS)}.")
+    return items
+
+
+def _final_number(text: str) -> str:
+    if "####" in text:
+        text = text.split("####")[-1]
+    numbers = re.findall(r"-?[\d,]*\.?\d+", text)
+    return numbers[-1].replace(",", "") if numbers else text.strip()
+
+
+def _write_jsonl(rows: List[dict], path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def _split_documents(text: str, max_chars: int = 4000) -> List[str]:
+    """Line-aligned documents of bounded size, so rolling windows stay short on small machines."""
+    docs, current = [], []
+    size = 0
+    for line in text.splitlines():
+        if current and size + len(line) > max_chars:
+            docs.append("\n".join(current))
+            current, size = [], 0
+        current.append(line)
+        size += len(line) + 1
+    if current:
+        docs.append("\n".join(current))
+    return [d for d in docs if d.strip()]
+
+
+def task_config(bench: BenchmarkConfig, work_dir: Path):
+    """(lm-eval task, item count): a known task's name (count unknown), or a config dict over a normalised local file."""
+    if bench.kind == "lm_eval":
+        return bench.task or bench.name, None
+    path = Path(os.path.expanduser(bench.path or ""))
+    if not path.exists():
+        raise ConfigError(f"eval benchmark {bench.name}: path {bench.path!r} does not exist; set eval.benchmarks[...].path.")
+    common = {"task": f"ptq_{bench.name}", "dataset_path": "json", "test_split": "test", "metadata": {"version": 1}}
+    if bench.kind == "multiple_choice":
+        items = read_multiple_choice(path, bench.format)
+        data = _write_jsonl(items, work_dir / f"{bench.name}.jsonl")
+        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "multiple_choice",
+                "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
+                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}, len(items)
+    if bench.kind == "generation":
+        rows = [{"question": r["question"], "answer": _final_number(str(r["answer"]))} for r in _jsonl(path)]
+        data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
+        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "generate_until",
+                "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}",
+                "generation_kwargs": {"until": ["\n\n", "Question:"], "do_sample": False, "max_gen_toks": bench.max_gen_toks},
+                "filter_list": [{"name": "last-number", "filter": [
+                    {"function": "regex", "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1},
+                    {"function": "take_first"}]}],
+                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
+                                 "ignore_case": True, "ignore_punctuation": False,
+                                 "regexes_to_ignore": [",", r"\$", r"\.$"]}]}, len(rows)
+    if bench.kind == "perplexity":
+        with _open_text(path) as f:
+            docs = _split_documents(f.read())
+        data = _write_jsonl([{"text": d} for d in docs], work_dir / f"{bench.name}.jsonl")
+        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "loglikelihood_rolling",
+                "doc_to_text": "", "doc_to_target": "{{text}}",
+                "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}]}, len(docs)
+    raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}.")
+
+
+def check_eval_config(cfg: EvalConfig) -> None:
+    """Refuse bad benchmark definitions before any model is loaded."""
+    if not cfg.enabled:
+        return
+    if not cfg.benchmarks:
+        raise ConfigError("eval.enabled=true but eval.benchmarks is empty; choose eval=local_quick or eval=none.")
+    names = [b.name for b in cfg.benchmarks]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"eval.benchmarks has duplicate names {names}; give each benchmark its own name.")
+    for bench in cfg.benchmarks:
+        if bench.kind not in KINDS:
+            raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}.")
+        if bench.kind != "lm_eval" and not Path(os.path.expanduser(bench.path or "")).exists():
+            raise ConfigError(f"eval benchmark {bench.name}: path {bench.path!r} does not exist; point it at your data file "
+                              "(or set eval.data_dir).")
+        if bench.kind == "multiple_choice" and bench.format not in MC_FORMATS:
+            raise ConfigError(f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}.")
+    if cfg.limit is not None and cfg.limit < 1:
+        raise ConfigError(f"eval.limit={cfg.limit}: use a positive number of items per benchmark, or null for all.")
+
+
+def _flatten(results: dict, names: Dict[str, str]) -> List[dict]:
+    rows = []
+    for task, metrics in results["results"].items():
+        better = results.get("higher_is_better", {}).get(task, {})
+        for key, value in metrics.items():
+            if "," not in key or "_stderr" in key or not isinstance(value, (int, float)):
+                continue
+            metric, filt = key.split(",", 1)
+            stderr = metrics.get(f"{metric}_stderr,{filt}")
+            rows.append({"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
+                         "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                         "higher_is_better": bool(better.get(metric, True))})
+    return sorted(rows, key=lambda r: (r["benchmark"], r["metric"]))
+
+
+def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str) -> List[dict]:
+    """Evaluate an in-memory model on every benchmark of `cfg`; rows of benchmark/metric/value/stderr."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    tasks, names, samples = [], {}, {}
+    for bench in cfg.benchmarks:
+        task, count = task_config(bench, work_dir)
+        key = task["task"] if isinstance(task, dict) else task
+        tasks.append(task)
+        names[key] = bench.name
+        # Per-benchmark item limits go through `samples` (the first n items of each task's test split).
+        n = bench.limit or cfg.limit
+        if n:
+            samples[key] = list(range(min(n, count) if count else n))
+    log.info("Evaluating %s on %s", label, ", ".join(names.values()))
+    # lm-eval's automatic batch size probes with full-length batches: minutes per probe on a CPU.
+    on_cpu = next(model.parameters()).device.type == "cpu"
+    batch_size = cfg.batch_size or (CPU_BATCH_SIZE if on_cpu else "auto")
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
+    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
+                              apply_chat_template=cfg.apply_chat_template, log_samples=False,
+                              bootstrap_iters=cfg.bootstrap_iters, task_manager=TaskManager(), verbosity="WARNING")
+    return _flatten(results, names)
+
+
+@contextmanager
+def _locked(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def baseline_key(model_id: str, cfg: EvalConfig) -> str:
+    return hashlib.sha256(json.dumps({"model": model_id, "eval": asdict(cfg)}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cached_baseline(model, tokenizer, cfg: EvalConfig, *, model_id: str, model_name: str, cache_dir: str,
+                    work_dir: Path) -> List[dict]:
+    """BF16 scores for (model, evaluation settings), evaluated once and shared by every run that asks.
+
+    A file lock makes concurrent jobs of a sweep wait for the first one instead of evaluating twice.
+    """
+    key = baseline_key(model_id, cfg)
+    path = Path(os.path.expanduser(cache_dir)) / "baselines" / f"{model_name}-{key}.json"
+    with _locked(path.with_suffix(".lock")):
+        if path.exists():
+            log.info("Using the cached BF16 baseline %s", path)
+            return json.loads(path.read_text())["results"]
+        rows = run_benchmarks(model, tokenizer, cfg, work_dir, "BF16 baseline")
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"model": model_id, "eval": asdict(cfg), "results": rows}, indent=2))
+        os.replace(tmp, path)
+        return rows

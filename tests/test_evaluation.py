@@ -1,0 +1,155 @@
+"""The evaluation stage: local benchmark files through real lm-eval, and the table built from the runs."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, compose_run, small_run_overrides
+from ptq.evaluation import (_final_number, _split_documents, cached_baseline, check_eval_config,
+                            read_multiple_choice, task_config)
+from ptq.plan import ConfigError
+from ptq.report import build_report
+from ptq.run import run
+from ptq.schema import BenchmarkConfig, EvalConfig
+
+ARC_ROWS = [
+    {"question": "Which gas do plants take in for photosynthesis?",
+     "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
+    {"question": "What is frozen water called?",
+     "choices": {"text": ["steam", "ice", "sand", "salt"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"},
+    {"question": "Which planet is closest to the Sun?",
+     "choices": {"text": ["Mercury", "Mars", "Jupiter", "Neptune"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
+    {"question": "What do bees make?",
+     "choices": {"text": ["milk", "silk", "honey", "wool"], "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+]
+TEXT = "\n".join(
+    f"The river town {i} had a market on Saturdays , where farmers sold apples , bread and cheese to visitors ." for i in range(60)
+)
+
+
+@pytest.fixture()
+def local_files(tmp_path):
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("\n".join(json.dumps(r) for r in ARC_ROWS) + "\n")
+    text = tmp_path / "text.txt"
+    text.write_text(TEXT)
+    return arc, text
+
+
+def eval_overrides(arc, text):
+    return ["eval=local_quick", "eval.suite=test_suite", "eval.limit=4", "eval.bootstrap_iters=0",
+            f"eval.benchmarks=[{{name: arc, kind: multiple_choice, format: arc_jsonl, path: '{arc}'}},"
+            f"{{name: text, kind: perplexity, path: '{text}', limit: 2}}]"]
+
+
+def test_multiple_choice_layouts(tmp_path, local_files):
+    arc, _ = local_files
+    items = read_multiple_choice(arc, "arc_jsonl")
+    assert [i["gold"] for i in items] == [1, 1, 0, 2]
+    assert items[0]["query"].startswith("Question: Which gas") and items[0]["choices"][1] == "carbon dioxide"
+    generic = tmp_path / "mc.jsonl"
+    generic.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "B"}) + "\n"
+                       + json.dumps({"question": "1+1?", "choices": ["2", "5"], "answer": 0}) + "\n")
+    assert [i["gold"] for i in read_multiple_choice(generic, "jsonl")] == [1, 0]
+    mmlu = tmp_path / "mmlu"
+    mmlu.mkdir()
+    (mmlu / "a_test.csv").write_text('question,choice0,choice1,choice2,choice3,answer\n"Q, with comma",w,x,y,z,3\n')
+    assert read_multiple_choice(mmlu, "mmlu_csv") == [
+        {"query": "Question: Q, with comma\nAnswer:", "choices": ["w", "x", "y", "z"], "gold": 3}]
+    swag = tmp_path / "swag.txt"
+    swag.write_text("Cooking: A man cracks an egg. he\n2\nflies away.\nsings.\npours it into a pan.\nreads.\n")
+    assert read_multiple_choice(swag, "hellaswag_txt") == [
+        {"query": "Cooking: A man cracks an egg. he", "choices": ["flies away.", "sings.", "pours it into a pan.", "reads."], "gold": 2}]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "Z"}) + "\n")
+    with pytest.raises(ConfigError, match="answer 'Z'"):
+        read_multiple_choice(bad, "jsonl")
+
+
+def test_generation_answers_and_documents():
+    assert _final_number("She pays 3 + 4 = 7 dollars.\n#### 1,200") == "1200"
+    assert _final_number("The answer is 42.") == "42"
+    docs = _split_documents(TEXT, max_chars=1000)
+    assert len(docs) > 1 and all(len(d) <= 1100 for d in docs) and "".join(docs).count("river town") == 60
+
+
+def test_bad_benchmarks_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="perplexity", path="/nope.txt")]))
+    with pytest.raises(ConfigError, match="kind='quiz'"):
+        check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="quiz", path=str(tmp_path))]))
+    with pytest.raises(ConfigError, match="duplicate"):
+        check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="lm_eval")] * 2))
+    with pytest.raises(ConfigError, match="empty"):
+        check_eval_config(EvalConfig(enabled=True))
+    task, count = task_config(BenchmarkConfig(name="gsm8k", kind="lm_eval"), tmp_path)
+    assert (task, count) == ("gsm8k", None)
+
+
+def test_eval_suite_with_missing_data_is_refused_before_loading(tmp_path):
+    proc = subprocess.run([sys.executable, "launch.py", "eval=local_quick", "eval.data_dir=/no/such/folder",
+                           f"output_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "does not exist" in proc.stderr and "eval.data_dir" in proc.stderr
+
+
+def test_bf16_baseline_is_evaluated_once_under_concurrency(tiny_llama_dir, tmp_path, local_files, caplog):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    arc, _ = local_files
+    caplog.set_level(logging.INFO, logger="ptq")
+    cfg = EvalConfig(enabled=True, limit=2, bootstrap_iters=0,
+                     benchmarks=[BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc))])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    models = [AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32) for _ in range(2)]
+    results = [None, None]
+
+    def job(i):
+        results[i] = cached_baseline(models[i], tokenizer, cfg, model_id=str(tiny_llama_dir), model_name="tiny",
+                                     cache_dir=str(tmp_path / "cache"), work_dir=tmp_path / f"work{i}")
+
+    threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results[0] == results[1] and results[0][0]["benchmark"] == "arc"
+    assert caplog.text.count("Evaluating BF16 baseline") == 1
+    assert caplog.text.count("Using the cached BF16 baseline") == 1
+
+
+def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, local_files):
+    arc, text = local_files
+    records = {}
+    for recipe in ("bf16", "fp8", "int8_sq"):
+        records[recipe] = run(*compose_run(small_run_overrides(tmp_path, f"recipe={recipe}", *eval_overrides(arc, text))))
+        assert records[recipe]["status"] == "finished", records[recipe].get("error")
+    fp8 = records["fp8"]["evaluation"]
+    assert {(r["benchmark"], r["metric"]) for r in fp8["results"]} >= {("arc", "acc"), ("arc", "acc_norm"), ("text", "word_perplexity")}
+    assert fp8["baseline"] == records["bf16"]["evaluation"]["results"]  # one cached BF16 evaluation, shared
+    assert "eval_baseline" in records["int8_sq"]["timings_s"] and "eval" in records["int8_sq"]["timings_s"]
+
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, "-m", "ptq.report", str(tmp_path / "runs"), "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    markdown = (out / "results.md").read_text()
+    assert "bf16" in markdown and "fp8@4" in markdown and "int8_sq@4" in markdown
+    assert list(out.glob("*.png")) and (out / "results.html").exists()
+
+    # Recovery by hand: the quantized word perplexity against BF16's, inverted (lower is better).
+    report = build_report([json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("run.json")])
+    scores = report.scores
+    row = scores[(scores.variant == "fp8@4") & (scores.benchmark == "text") & (scores.metric == "word_perplexity")].iloc[0]
+    bf16_ppl = next(r["value"] for r in records["bf16"]["evaluation"]["results"] if r["metric"] == "word_perplexity")
+    fp8_ppl = next(r["value"] for r in fp8["results"] if r["metric"] == "word_perplexity")
+    assert row["value"] == pytest.approx(fp8_ppl) and row["bf16"] == pytest.approx(bf16_ppl)
+    assert row["recovery"] == pytest.approx(bf16_ppl / fp8_ppl)
+    assert fp8_ppl != bf16_ppl  # quantization changed the model

@@ -1,0 +1,395 @@
+"""Results collector: synthetic run records in, exact comparison tables and report files out (no model)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from ptq.report import (
+    BF16, build_report, find_run_records, load_records, main, render_markdown, variant_label, wide_table,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic run records, shaped like the ones ptq/run.py writes
+
+
+def make_record(model, recipe, *, status="finished", kv_cache="none", calib_size=512,
+                finished_at="2026-11-21T12:00:00+0000", results=None, baseline=None, fidelity=None, size=None,
+                calibrate_s=None, error=None):
+    record = {
+        "status": status, "model": model, "recipe": recipe, "kv_cache": kv_cache, "calib_size": calib_size,
+        "calib_seq_len": 512, "output_dir": f"runs/{model}/{recipe}", "checkpoint": None, "config_hash": "0" * 16,
+        "config": {"model": {"name": model}, "recipe": {"name": recipe}}, "started_at": "2026-11-20T09:00:00+0000",
+    }
+    if finished_at is not None:
+        record["finished_at"] = finished_at
+    if results is not None or baseline is not None:
+        record["evaluation"] = {"results": results or []}
+        if baseline is not None:
+            record["evaluation"]["baseline"] = baseline
+    if fidelity is not None:
+        record["fidelity"] = fidelity
+    if size is not None:
+        record["size"] = size
+    if calibrate_s is not None:
+        record["timings_s"] = {"load": 1.0, "calibrate": calibrate_s, "export": 2.0}
+    if error is not None:
+        record["error"] = error
+    return record
+
+
+def scores(**values):
+    """`evaluation.results` entries from benchmark__metric=value keywords."""
+    entries = []
+    for key, value in values.items():
+        benchmark, metric = key.split("__")
+        entries.append({"benchmark": benchmark, "metric": metric, "value": value, "stderr": 0.01,
+                        "higher_is_better": True})
+    return entries
+
+
+def fidelity(quantized_ppl, mean_kl, top1, bf16_ppl=20.0):
+    return {"tokens": 4096, "bf16_perplexity": bf16_ppl, "quantized_perplexity": quantized_ppl,
+            "perplexity_ratio": quantized_ppl / bf16_ppl, "mean_kl": mean_kl, "top1_agreement": top1}
+
+
+def size(checkpoint_bytes, bf16_bytes=200_000_000):
+    return {"bf16_bytes": bf16_bytes, "checkpoint_bytes": checkpoint_bytes,
+            "compression": round(bf16_bytes / checkpoint_bytes, 4),
+            "bits_per_weight": round(16 * checkpoint_bytes / bf16_bytes, 3)}
+
+
+def write_record(root: Path, name: str, record) -> Path:
+    path = root / name / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+    return path
+
+
+def write_text(root: Path, name: str, text: str) -> Path:
+    path = root / name / "run.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def sweep(tmp_path):
+    """Two models' worth of runs; returns (root folder, {short name: run.json path})."""
+    root = tmp_path / "runs"
+    paths = {}
+
+    def add(name, record):
+        paths[name] = write_record(root, name, record)
+
+    # Model "tiny": a BF16 run, several variants, a duplicate, a failure and an unfinished run.
+    add("tiny/bf16", make_record("tiny", "bf16", finished_at="2026-11-20T10:00:00+0000",
+                                 results=scores(arc_easy__acc_norm=0.32, hellaswag__acc=0.50),
+                                 fidelity=fidelity(20.0, 0.0, 1.0), size=size(200_000_000)))
+    add("tiny/fp8-new", make_record("tiny", "fp8", results=scores(arc_easy__acc_norm=0.30, hellaswag__acc=0.45),
+                                    # A stale baseline that must lose against the BF16 run.
+                                    baseline=scores(arc_easy__acc_norm=0.99),
+                                    fidelity=fidelity(25.0, 0.05, 0.9), size=size(110_000_000), calibrate_s=12.5))
+    add("tiny/fp8-old", make_record("tiny", "fp8", finished_at="2026-11-20T12:00:00+0000",
+                                    results=scores(arc_easy__acc_norm=0.111, hellaswag__acc=0.111),
+                                    fidelity=fidelity(99.0, 1.5, 0.111)))
+    add("tiny/fp8-kv", make_record("tiny", "fp8", kv_cache="fp8", fidelity=fidelity(26.0, 0.06, 0.88)))
+    add("tiny/int4-128", make_record("tiny", "int4_awq", calib_size=128,
+                                     results=scores(arc_easy__acc_norm=0.28, hellaswag__acc=0.40),
+                                     fidelity=fidelity(32.0, 0.2, 0.75), size=size(60_000_000), calibrate_s=40.0))
+    # A later retry of the same variant that failed: the finished run stays in use.
+    add("tiny/int4-128-retry", make_record("tiny", "int4_awq", calib_size=128, status="failed",
+                                           finished_at="2026-11-22T08:00:00+0000", error="RuntimeError: disk full"))
+    add("tiny/int4-1024", make_record("tiny", "int4_awq", calib_size=1024,
+                                      results=scores(arc_easy__acc_norm=0.31, hellaswag__acc=0.48),
+                                      fidelity=fidelity(22.0, 0.03, 0.85), size=size(60_000_000), calibrate_s=300.0))
+    add("tiny/nvfp4", make_record("tiny", "nvfp4", status="failed",
+                                  error="torch.OutOfMemoryError: CUDA out of memory.\nTried to allocate 2.00 GiB"))
+    add("tiny/w4a8", make_record("tiny", "w4a8_awq", status="running", finished_at=None))
+    # Model "other": no BF16 run, so BF16 comes from the baselines inside its quantized records.
+    add("other/fp8", make_record("other", "fp8", calib_size=256, results=scores(arc_easy__acc_norm=0.36),
+                                 baseline=scores(arc_easy__acc_norm=0.40, hellaswag__acc=0.60),
+                                 fidelity=fidelity(12.5, 0.1, 0.8, bf16_ppl=10.0)))
+    add("other/int8", make_record("other", "int8_sq", calib_size=256, finished_at="2026-11-19T12:00:00+0000",
+                                  results=scores(arc_easy__acc_norm=0.38),
+                                  baseline=scores(arc_easy__acc_norm=0.41)))
+    # Files that are not usable run records.
+    paths["half-written"] = write_text(root, "broken/half-written", '{"status": "finished", "model": "tiny", "reci')
+    paths["list"] = write_text(root, "broken/list", '["not", "a", "record"]')
+    paths["no-recipe"] = write_text(root, "broken/no-recipe", json.dumps({"status": "finished", "model": "tiny"}))
+    return root, paths
+
+
+@pytest.fixture
+def report(sweep):
+    root, _ = sweep
+    records, sources, skipped = load_records(find_run_records([root]))
+    return build_report(records, sources, skipped)
+
+
+def rows_of(table: pd.DataFrame, **where) -> pd.DataFrame:
+    mask = pd.Series(True, index=table.index)
+    for column, value in where.items():
+        mask &= table[column] == value
+    return table[mask].reset_index(drop=True)
+
+
+def median_recovery(report, model):
+    summary = rows_of(report.summary, model=model)
+    return dict(zip(summary["variant"], summary["median_recovery"]))
+
+
+# ----------------------------------------------------------------------------------------------
+# Naming
+
+
+def test_variant_labels():
+    assert variant_label(make_record("m", "bf16", calib_size=512)) == "bf16"
+    assert variant_label(make_record("m", "fp8")) == "fp8@512"
+    assert variant_label(make_record("m", "fp8", kv_cache="fp8")) == "fp8+kv_fp8@512"
+    assert variant_label(make_record("m", "nvfp4", kv_cache="nvfp4", calib_size=64)) == "nvfp4+kv_nvfp4@64"
+    assert variant_label(make_record("m", "int4_awq", calib_size=128.0)) == "int4_awq@128"
+    assert variant_label({"model": "m", "recipe": "int8_sq"}) == "int8_sq"  # no kv_cache, no calib_size
+
+
+# ----------------------------------------------------------------------------------------------
+# Reading
+
+
+def test_corrupt_and_non_record_files_are_reported_and_skipped(sweep):
+    root, paths = sweep
+    files = find_run_records([root, paths["tiny/bf16"]])  # a file inside a given folder counts once
+    assert len(files) == 14
+    records, sources, skipped = load_records(files)
+    reasons = dict(skipped)
+    assert set(reasons) == {str(paths["half-written"]), str(paths["list"]), str(paths["no-recipe"])}
+    assert reasons[str(paths["half-written"])].startswith("unreadable JSON: ")
+    assert reasons[str(paths["list"])] == "not a run record: top-level JSON is list, not an object"
+    assert reasons[str(paths["no-recipe"])] == "not a run record: missing 'recipe'"
+    assert len(records) == len(sources) == 11
+
+
+def test_build_report_skips_non_records_it_is_handed():
+    report = build_report([["a"], {"model": "m"}, make_record("m", "fp8", fidelity=fidelity(25.0, 0.1, 0.9))],
+                          sources=["a.json", "b.json", "c.json"])
+    assert report.skipped.values.tolist() == [["a.json", "not a run record: top-level JSON is list, not an object"],
+                                              ["b.json", "not a run record: missing 'recipe'"]]
+    assert report.summary["variant"].tolist() == ["bf16", "fp8@512"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tables
+
+
+def test_scores_of_a_variant_against_the_bf16_run(report):
+    table = rows_of(report.scores, model="tiny", variant="fp8@512")
+    expected = pd.DataFrame({
+        "benchmark": ["arc_easy", "hellaswag", "perplexity", "mean_kl_vs_bf16", "top1_agreement_vs_bf16"],
+        "metric": ["acc_norm", "acc", "fidelity", "fidelity", "fidelity"],
+        "value": [0.30, 0.45, 25.0, 0.05, 0.9],
+        "bf16": [0.32, 0.50, 20.0, 0.0, 1.0],
+        "delta": [-0.02, -0.05, 5.0, 0.05, -0.1],
+        # 0.30 / 0.32, 0.45 / 0.50, perplexity inverted 20 / 25, KL undefined (BF16 = 0), 0.9 / 1
+        "recovery": [0.9375, 0.9, 0.8, math.nan, 0.9],
+        "higher_is_better": [True, True, False, False, True],
+        "status": ["finished"] * 5,
+        "bf16_source": ["bf16 run"] * 5,
+    })
+    pd.testing.assert_frame_equal(table[expected.columns], expected, check_exact=False, rtol=1e-12, atol=1e-12)
+    assert table["stderr"].tolist()[:2] == [0.01, 0.01] and table["stderr"].iloc[2:].isna().all()
+
+
+def test_median_recovery_per_variant(report):
+    medians = median_recovery(report, "tiny")
+    assert medians["bf16"] == 1.0
+    assert medians["fp8@512"] == pytest.approx(0.9)  # median of 0.9375, 0.9, 0.8, 0.9
+    assert medians["int4_awq@128"] == pytest.approx((0.75 + 0.8) / 2)  # 0.875, 0.8, 20/32, 0.75
+    assert medians["int4_awq@1024"] == pytest.approx((20 / 22 + 0.96) / 2)  # 0.96875, 0.96, 20/22, 0.85
+    assert medians["fp8+kv_fp8@512"] == pytest.approx((20 / 26 + 0.88) / 2)  # fidelity rows only
+    assert math.isnan(medians["nvfp4@512"]) and math.isnan(medians["w4a8_awq@512"])
+
+
+def test_lower_is_better_benchmarks_invert_recovery():
+    def wikitext(value, **flag):
+        return {"results": [{"benchmark": "wikitext", "metric": "word_perplexity", "value": value, **flag}]}
+
+    records = [{**make_record("m", "bf16"), "evaluation": wikitext(20.0, higher_is_better=False)},
+               {**make_record("m", "fp8"), "evaluation": wikitext(25.0, higher_is_better=False)},
+               # No flag: word_perplexity is known to be lower-is-better.
+               {**make_record("m", "nvfp4"), "evaluation": wikitext(40.0)}]
+    table = build_report(records).scores.set_index("variant")
+    assert table.loc["fp8@512", "recovery"] == pytest.approx(0.8)  # 20 / 25
+    assert table.loc["fp8@512", "delta"] == pytest.approx(5.0)
+    assert table.loc["nvfp4@512", "recovery"] == pytest.approx(0.5)  # 20 / 40
+    assert not table.loc["nvfp4@512", "higher_is_better"]
+
+
+def test_summary_of_a_finished_variant(report):
+    row = rows_of(report.summary, model="tiny", variant="fp8@512").iloc[0]
+    assert row["status"] == "finished" and row["note"] == ""
+    assert row["checkpoint_mb"] == pytest.approx(110.0)
+    assert row["compression"] == pytest.approx(1.8182)
+    assert row["bits_per_weight"] == pytest.approx(8.8)
+    assert row["calib_size"] == 512 and row["calibrate_s"] == 12.5
+    assert row["source"].endswith("tiny/fp8-new/run.json")
+
+
+def test_failed_and_running_points_stay_visible(report):
+    summary = rows_of(report.summary, model="tiny").set_index("variant")
+    assert summary.loc["nvfp4@512", ["status", "note"]].tolist() == [
+        "failed", "failed: torch.OutOfMemoryError: CUDA out of memory."]
+    assert summary.loc["w4a8_awq@512", ["status", "note"]].tolist() == ["running", "running (unfinished)"]
+    # In the long table (CSV) too, as a row without a benchmark.
+    failed = rows_of(report.scores, model="tiny", variant="nvfp4@512")
+    assert failed[["benchmark", "status", "note"]].values.tolist() == [
+        ["", "failed", "failed: torch.OutOfMemoryError: CUDA out of memory."]]
+    assert rows_of(report.scores, model="tiny", variant="w4a8_awq@512")["status"].tolist() == ["running"]
+    markdown = render_markdown(report)
+    assert "| nvfp4@512 (failed) | w4a8_awq@512 (running) |" in markdown
+    assert "| nvfp4@512 | failed |" in markdown and "failed: torch.OutOfMemoryError: CUDA out of memory. |" in markdown
+
+
+def test_older_duplicates_are_superseded_not_used(report, sweep):
+    _, paths = sweep
+    superseded = rows_of(report.superseded, model="tiny").set_index("source")
+    assert set(superseded.index) == {str(paths["tiny/fp8-old"]), str(paths["tiny/int4-128-retry"])}
+    older = superseded.loc[str(paths["tiny/fp8-old"])]
+    assert older["kept"] == str(paths["tiny/fp8-new"])
+    assert older["reason"] == "older duplicate (finished_at 2026-11-20T12:00:00+0000)"
+    retry = superseded.loc[str(paths["tiny/int4-128-retry"])]
+    assert retry["reason"] == "failed: RuntimeError: disk full; a finished record of this variant is used"
+    fp8 = rows_of(report.scores, model="tiny", variant="fp8@512")
+    assert fp8["value"].iloc[0] == 0.30 and (fp8["source"] == str(paths["tiny/fp8-new"])).all()
+    assert not report.scores["value"].isin([0.111, 99.0, 1.5]).any()
+    assert rows_of(report.summary, model="tiny", variant="int4_awq@128")["status"].tolist() == ["finished"]
+
+
+def test_bf16_run_wins_over_embedded_baselines(report):
+    bf16 = rows_of(report.scores, model="tiny", variant=BF16)
+    assert bf16["value"].tolist() == [0.32, 0.50, 20.0, 0.0, 1.0]  # not the 0.99 baseline of fp8
+    assert set(bf16["bf16_source"]) == {"bf16 run"} and set(bf16["status"]) == {"finished"}
+
+
+def test_bf16_from_embedded_baseline_without_a_bf16_run(report):
+    bf16 = rows_of(report.scores, model="other", variant=BF16)
+    # The newest finished record's baseline (0.40) wins over the older int8 one (0.41).
+    assert bf16[["benchmark", "metric", "value"]].values.tolist() == [
+        ["arc_easy", "acc_norm", 0.40], ["hellaswag", "acc", 0.60], ["perplexity", "fidelity", 10.0],
+        ["mean_kl_vs_bf16", "fidelity", 0.0], ["top1_agreement_vs_bf16", "fidelity", 1.0]]
+    assert set(bf16["bf16_source"]) == {"embedded baseline"} and set(bf16["status"]) == {"baseline"}
+    fp8 = rows_of(report.scores, model="other", variant="fp8@256").set_index("benchmark")
+    assert fp8.loc["arc_easy", "recovery"] == pytest.approx(0.9)  # 0.36 / 0.40
+    assert fp8.loc["perplexity", "recovery"] == pytest.approx(0.8)  # 10 / 12.5
+    int8 = rows_of(report.scores, model="other", variant="int8_sq@256").set_index("benchmark")
+    assert int8.loc["arc_easy", "recovery"] == pytest.approx(0.95)  # 0.38 / 0.40
+    assert median_recovery(report, "other") == pytest.approx({"bf16": 1.0, "fp8@256": 0.8, "int8_sq@256": 0.95})
+    baseline_row = rows_of(report.summary, model="other", variant=BF16).iloc[0]
+    assert baseline_row["status"] == "baseline" and "embedded" in baseline_row["note"]
+
+
+def test_wide_table_cells_and_column_order(report):
+    table = wide_table(report.scores, "tiny")
+    # Numeric calibration order (128 before 1024), KV-cache variants after their plain recipe.
+    assert table.columns.tolist() == ["benchmark", "metric", "bf16", "fp8@512", "fp8+kv_fp8@512", "int4_awq@128",
+                                      "int4_awq@1024", "nvfp4@512", "w4a8_awq@512"]
+    assert table.values.tolist() == [
+        ["arc_easy", "acc_norm", "0.320", "0.300 (-0.020, 93.8%)", "", "0.280 (-0.040, 87.5%)",
+         "0.310 (-0.010, 96.9%)", "", ""],
+        ["hellaswag", "acc", "0.500", "0.450 (-0.050, 90.0%)", "", "0.400 (-0.100, 80.0%)",
+         "0.480 (-0.020, 96.0%)", "", ""],
+        ["perplexity", "fidelity", "20.000", "25.000 (+5.000, 80.0%)", "26.000 (+6.000, 76.9%)",
+         "32.000 (+12.000, 62.5%)", "22.000 (+2.000, 90.9%)", "", ""],
+        ["mean_kl_vs_bf16", "fidelity", "0.000", "0.050 (+0.050)", "0.060 (+0.060)", "0.200 (+0.200)",
+         "0.030 (+0.030)", "", ""],
+        ["top1_agreement_vs_bf16", "fidelity", "1.000", "0.900 (-0.100, 90.0%)", "0.880 (-0.120, 88.0%)",
+         "0.750 (-0.250, 75.0%)", "0.850 (-0.150, 85.0%)", "", ""],
+    ]
+    other = wide_table(report.scores, "other")
+    assert other.columns.tolist() == ["benchmark", "metric", "bf16", "fp8@256", "int8_sq@256"]
+    assert other.values.tolist()[1] == ["hellaswag", "acc", "0.600", "", ""]  # BF16-only row kept
+
+
+def test_malformed_fields_are_read_defensively():
+    record = {"model": "m", "recipe": "fp8", "status": None, "calib_size": 512, "fidelity": [], "size": "?",
+              "timings_s": None, "evaluation": {"results": [
+                  {"benchmark": "arc_easy", "metric": "acc", "value": "n/a"}, 5, None,
+                  {"benchmark": "arc_easy", "metric": "acc_norm", "value": 0.3, "stderr": "N/A"}]}}
+    report = build_report([record])
+    assert report.scores[["variant", "benchmark", "value", "status"]].values.tolist() == [
+        ["fp8@512", "arc_easy", 0.3, "unknown"]]
+    assert math.isnan(report.scores["stderr"].iloc[0]) and math.isnan(report.scores["bf16"].iloc[0])
+    assert report.summary[["variant", "status", "note"]].values.tolist() == [
+        ["fp8@512", "unknown", "unknown (unrecognised status)"]]
+    assert build_report([]).scores.empty
+
+
+def test_ten_thousand_records_in_a_few_seconds():
+    recipes = ["fp8", "int4_awq", "nvfp4", "int8_sq"]
+    records = [make_record(f"model{i % 4}", recipes[i // 4 % 4], calib_size=64 * (1 + i // 16 % 25),
+                           finished_at=f"2026-11-{1 + i % 28:02d}T12:00:00+0000",
+                           results=scores(arc_easy__acc_norm=0.3, hellaswag__acc=0.4, mmlu__acc=0.5),
+                           baseline=scores(arc_easy__acc_norm=0.32, hellaswag__acc=0.5, mmlu__acc=0.5),
+                           fidelity=fidelity(25.0, 0.1, 0.9), size=size(100_000_000), calibrate_s=1.0)
+               for i in range(10_000)]
+    start = time.perf_counter()
+    report = build_report(records)
+    render_markdown(report)
+    elapsed = time.perf_counter() - start
+    # 4 models x 4 recipes x 25 calibration sizes, plus one BF16 baseline line per model.
+    assert len(report.summary) == 4 * 100 + 4
+    assert len(report.superseded) == 10_000 - 400
+    assert elapsed < 5.0, f"{elapsed:.1f} s for 10,000 records"
+
+
+# ----------------------------------------------------------------------------------------------
+# Command line
+
+
+def test_cli_writes_every_output(sweep, tmp_path):
+    root, paths = sweep
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "ptq.report", str(root), "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    markdown = (out / "results.md").read_text()
+    assert done.stdout == markdown
+    assert "| arc_easy | acc_norm | 0.320 | 0.300 (-0.020, 93.8%) |" in markdown
+    for skipped in ("half-written", "list", "no-recipe"):
+        assert f"- `{paths[skipped]}`: " in markdown
+    assert f"- `{paths['tiny/fp8-old']}` (fp8@512): older duplicate" in markdown
+
+    csv = pd.read_csv(out / "results.csv", keep_default_na=False)
+    assert rows_of(csv, model="tiny", variant="nvfp4@512")["status"].tolist() == ["failed"]
+    assert float(rows_of(csv, model="tiny", variant="fp8@512", benchmark="arc_easy")["recovery"].iloc[0]) == 0.9375
+
+    for model in ("tiny", "other"):
+        assert (out / f"recovery_vs_bits_{model}.png").read_bytes().startswith(PNG_MAGIC)
+    page = (out / "results.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    assert len(embedded) == 2 and all(base64.b64decode(image).startswith(PNG_MAGIC) for image in embedded)
+    assert "0.300 (-0.020, 93.8%)" in page and "failed: torch.OutOfMemoryError: CUDA out of memory." in page
+
+
+def test_cli_default_out_dir_and_bad_arguments(sweep, tmp_path, capsys):
+    root, _ = sweep
+    assert main([str(root)]) == 0
+    assert (root / "report" / "results.md").read_text() == capsys.readouterr().out
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main([str(empty)]) == 1  # no run.json at all
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "missing")])
+    assert exit_info.value.code == 2
