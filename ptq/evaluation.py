@@ -156,6 +156,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
     """Refuse bad benchmark definitions before any model is loaded."""
     if not cfg.enabled:
         return
+    import importlib.util
+
+    if importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError("eval.enabled=true needs lm-eval: `pip install lm-eval==0.4.13` (or eval=none).")
     if not cfg.benchmarks:
         raise ConfigError("eval.enabled=true but eval.benchmarks is empty; choose eval=local_quick or eval=none.")
     names = [b.name for b in cfg.benchmarks]
