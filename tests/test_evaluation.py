@@ -153,3 +153,26 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
     assert row["value"] == pytest.approx(fp8_ppl) and row["bf16"] == pytest.approx(bf16_ppl)
     assert row["recovery"] == pytest.approx(bf16_ppl / fp8_ppl)
     assert fp8_ppl != bf16_ppl  # quantization changed the model
+
+
+def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
+    """A GSM8K-style file: greedy generation, the final number compared by exact match."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptq.evaluation import run_benchmarks
+
+    data = tmp_path / "math.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
+        {"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "#### 24"},
+    ]) + "\n")
+    cfg = EvalConfig(enabled=True, bootstrap_iters=0, benchmarks=[
+        BenchmarkConfig(name="math", kind="generation", path=str(data), max_gen_toks=8)])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = run_benchmarks(model, tokenizer, cfg, tmp_path / "work", "tiny")
+    assert [(r["benchmark"], r["metric"]) for r in rows] == [("math", "exact_match")]
+    assert 0.0 <= rows[0]["value"] <= 1.0 and rows[0]["higher_is_better"] is True
+    normalised = [json.loads(line) for line in (tmp_path / "work" / "math.jsonl").read_text().splitlines()]
+    assert [r["answer"] for r in normalised] == ["7", "24"]
