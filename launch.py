@@ -1,10 +1,12 @@
-"""Entry point: `python launch.py [group=option ...] [key=value ...]` (Hydra)."""
+"""Entry point: `python launch.py [group=option ...] [key=value ...]`, or `-m` for a sweep (Hydra)."""
 
 from __future__ import annotations
 
 import logging
 
 import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from ptq.plan import ConfigError
@@ -15,14 +17,24 @@ log = logging.getLogger("ptq")
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
-def main(cfg: DictConfig) -> None:
+def main(cfg: DictConfig):
     from ptq.run import run
 
+    sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True))
+        record = run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True))
+        return record["status"]
     except ConfigError as exc:
         log.error("%s", exc)
-        raise SystemExit(f"error: {exc}") from None
+        if not sweeping:
+            raise SystemExit(f"error: {exc}") from None
+        return "refused"
+    except Exception:
+        # In a sweep one failing point must not stop the others; its run record says why it failed.
+        if not sweeping:
+            raise
+        log.exception("This point failed; the sweep goes on")
+        return "failed"
 
 
 if __name__ == "__main__":

@@ -157,3 +157,19 @@ def test_launch_py_runs_end_to_end_with_self_sampled_calibration(smollm2_dir, tm
     assert record["status"] == "finished" and record["config"]["calib"]["dataset"] == "self"
     assert "calibrating fp8" in proc.stderr  # progress bar
     assert (tmp_path / "runs" / "smollm2-135m" / "fp8-kv_none-calib4x32" / "hydra" / ".hydra" / "config.yaml").exists()
+
+
+def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):
+    """Hydra multirun: an impossible point (nvfp4 on the CPU) is refused and the others still run."""
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "-m", "recipe=nvfp4,fp8", *small_run_overrides(tmp_path),
+         f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    output = proc.stdout + proc.stderr  # Hydra's job log goes to stdout in a sweep
+    assert "recipe=nvfp4" in output and "CUDA" in output
+    fp8 = json.loads((tmp_path / "runs" / "tiny-llama" / "fp8-kv_none-calib4x64" / "run.json").read_text())
+    assert fp8["status"] == "finished"
+    assert not (tmp_path / "runs" / "tiny-llama" / "nvfp4-kv_none-calib4x64").exists()
