@@ -143,7 +143,7 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
             f"{', '.join(cannot)}, which hardware={hw.name} cannot calibrate (it can: {', '.join(hw.calibrate) or 'nothing'}).{why} "
             f"Choose a GPU hardware option (e.g. hardware=h100) on a GPU machine, or a recipe that uses {', '.join(hw.calibrate) or 'no quantization'}."
         )
-    if hw.device == "cuda" and not facts.cuda_available:
+    if hw.device == "cuda" and not facts.cuda_available and not cfg.dry_run:  # a dry run may plan GPU work anywhere
         raise ConfigError(f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here.")
     unserved = [f for f in formats if f not in hw.serve]
     if unserved and hw.serve:
@@ -153,8 +153,45 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
 
 
+def check_megatron_layout(cfg: RunConfig) -> None:
+    """Refuse parallel layouts Megatron cannot build, before anything is submitted."""
+    par, model, recipe = cfg.parallelism, cfg.model, cfg.recipe
+    if recipe.megatron_cfg is None:
+        raise ConfigError(
+            f"recipe={recipe.name} has no Megatron-Bridge --export-quant-cfg name, so backend=megatron_bridge cannot run it; "
+            "use backend=hf_modelopt or a recipe such as fp8, nvfp4, int4_awq or mamba_moe_nvfp4_conservative."
+        )
+    if cfg.hardware.device != "cuda":
+        raise ConfigError(f"backend=megatron_bridge runs on CUDA GPUs under torchrun; hardware={cfg.hardware.name} has none "
+                          "(choose e.g. hardware=h100).")
+    sizes = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "etp": par.etp, "nodes": par.nodes, "gpus_per_node": par.gpus_per_node}
+    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+    if bad:
+        raise ConfigError(f"parallelism.{', '.join(bad)}: every size must be at least 1.")
+    world = par.nodes * par.gpus_per_node
+    if world % (par.tp * par.pp):
+        raise ConfigError(
+            f"parallelism={par.name}: tp x pp = {par.tp * par.pp} does not divide the world size "
+            f"{par.nodes} nodes x {par.gpus_per_node} GPUs = {world}; change tp/pp or the GPU count."
+        )
+    if world % (par.pp * par.ep * par.etp):
+        raise ConfigError(
+            f"parallelism={par.name}: pp x ep x etp = {par.pp * par.ep * par.etp} does not divide the world size {world}; "
+            "Megatron places each expert-parallel group inside one pipeline stage."
+        )
+    if model.num_experts and model.num_experts % par.ep:
+        raise ConfigError(f"parallelism.ep={par.ep} does not divide the {model.num_experts} experts of {model.name}.")
+    if par.ep > 1 and model.arch == "dense":
+        raise ConfigError(f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} is dense (use ep=1).")
+    if model.mamba_ngroups and model.mamba_ngroups % par.tp:
+        raise ConfigError(f"parallelism.tp={par.tp} does not divide the {model.mamba_ngroups} Mamba groups of {model.name}.")
+
+
 def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
     model = cfg.model
+    if cfg.backend.name == "megatron_bridge" and not model.path and model.hf_id:
+        # Megatron-Bridge loads Hugging Face ids or folders itself; a GGUF copy is no use to it.
+        return ModelSource("hub", model.hf_id)
     if model.path:
         if not facts.local_model_ok:
             raise ConfigError(
@@ -193,10 +230,20 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     awq_block = None
     if recipe.awq:
         widths = list(cfg.model.layer_widths) or facts.local_layer_widths
-        awq_block = choose_awq_block_size(recipe.awq_block_size, widths, cfg.model.name)
+        requested = recipe.awq_block_size
+        if cfg.backend.name == "megatron_bridge":
+            # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself.
+            if requested not in (0, 128):
+                raise ConfigError(f"recipe.awq_block_size={requested}: backend=megatron_bridge always uses 128; remove the override.")
+            requested = 128
+        awq_block = choose_awq_block_size(requested, widths, cfg.model.name)
     elif recipe.awq_block_size:
         raise ConfigError(f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not recipe={recipe.name}; remove it.")
 
+    if cfg.backend.name == "megatron_bridge":
+        check_megatron_layout(cfg)
+    elif cfg.backend.name != "hf_modelopt":
+        raise ConfigError(f"backend={cfg.backend.name} is unknown; choose hf_modelopt or megatron_bridge.")
     if cfg.backend.name == "hf_modelopt" and (cfg.parallelism.tp, cfg.parallelism.pp, cfg.parallelism.ep) != (1, 1, 1):
         warnings.append(
             f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "

@@ -106,11 +106,32 @@ def execute(plan: Plan, config: dict) -> dict:
     return record
 
 
+def dry_run(plan: Plan) -> dict:
+    """What the run would do, printed; nothing is loaded, launched or written."""
+    cfg = plan.cfg
+    if cfg.backend.name == "megatron_bridge":
+        from ptq.backends.megatron_bridge import describe
+
+        commands = describe(plan)
+    else:
+        block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
+        commands = [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
+                    f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
+                    f"{cfg.recipe.modelopt_cfg or 'nothing (BF16)'}{block}, export to {plan.checkpoint_dir}"]
+    summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": plan.action,
+               "skip_reason": plan.skip_reason, "warnings": plan.warnings, "commands": commands}
+    for line in commands:
+        print(line)
+    return summary
+
+
 def run(cfg: RunConfig, config: dict) -> dict:
     """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it."""
     plan = prepare(cfg)
     for warning in plan.warnings:
         log.warning(warning)
+    if cfg.dry_run:
+        return dry_run(plan)
     if plan.action == "skip":
         log.info(plan.skip_reason)
         import json

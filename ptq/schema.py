@@ -42,6 +42,9 @@ class ModelConfig:
     layer_widths: List[int] = field(default_factory=list)
     # Name of the `parallelism` option this model is normally run with.
     default_parallelism: str = "single"
+    # Known architecture facts for Megatron layout checks (None: not checked).
+    num_experts: Optional[int] = None
+    mamba_ngroups: Optional[int] = None
     # Module name patterns (fnmatch) that must stay unquantized for this model.
     exclude_modules: List[str] = field(default_factory=list)
 
@@ -111,6 +114,25 @@ class ClusterConfig:
 @dataclass
 class BackendConfig:
     name: str = MISSING
+    # The fields below are read by the megatron_bridge backend only.
+    # Folder holding Megatron-Bridge's quantize.py, ptq_generate.py and export.py.
+    scripts_dir: str = "/opt/Megatron-Bridge/examples/quantization"
+    python: str = "python"
+    torchrun: str = "torchrun"
+    # Run ptq_generate.py on the Megatron checkpoint before exporting it.
+    generate_check: bool = True
+    prompts: str = "Hello!|Born in California, Soyer trained as a"
+    # Real low-bit weights in the Megatron checkpoint (quantize.py --compress).
+    compress: bool = False
+    export_dtype: str = "bfloat16"
+    # ModelOpt's Megatron export does not gather tensor-parallel shards: export at TP 1.
+    # export_pp 0 = the quantize step's PP.
+    export_tp: int = 1
+    export_pp: int = 0
+    export_ep: int = 1
+    # Appended unchanged to quantize.py's command line (flags not modelled here yet).
+    extra_args: List[str] = field(default_factory=list)
+    rdzv_port: int = 29500
 
 
 @dataclass
@@ -185,6 +207,8 @@ class RunConfig:
     # Where converted models and sampled calibration text are cached.
     cache_dir: str = "~/.cache/ptq-launcher"
     overwrite: bool = False
+    # Print what would run (plan, commands) and stop before loading anything.
+    dry_run: bool = False
 
 
 def register_schemas() -> None:

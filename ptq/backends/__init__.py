@@ -10,7 +10,11 @@ def get_backend(name: str) -> Backend:
         from ptq.backends.hf_modelopt import HFModelOptBackend
 
         return HFModelOptBackend()
-    raise ValueError(f"backend={name} is unknown; the available backend is hf_modelopt.")
+    if name == "megatron_bridge":
+        from ptq.backends.megatron_bridge import MegatronBridgeBackend
+
+        return MegatronBridgeBackend()
+    raise ValueError(f"backend={name} is unknown; choose hf_modelopt or megatron_bridge.")
 
 
 __all__ = ["Backend", "BackendResult", "get_backend"]

@@ -1,0 +1,3 @@
+from standin_utils import record
+
+record("export")

@@ -1,0 +1,153 @@
+"""Megatron-Bridge backend: the exact upstream command lines, layout checks, and real torchrun orchestration.
+
+Megatron-Bridge itself needs CUDA and Transformer Engine, which these machines lack, so the
+orchestration test runs stand-in scripts (tests/megatron_standin/) under a real torchrun with gloo.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_run
+from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, unsupported_flags
+from ptq.plan import ConfigError, Facts, make_plan
+from ptq.run import execute
+
+STANDIN = Path(__file__).parent / "megatron_standin"
+GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
+SUPER = ["backend=megatron_bridge", "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conservative",
+         "parallelism=tp8_pp2_ep8", "hardware=h100", "output_dir=/ckpt/super-nvfp4"]
+
+
+def plan_for(overrides, facts=GPU):
+    cfg, _ = compose_run(overrides)
+    return make_plan(cfg, facts)
+
+
+def test_nemotron_super_commands_on_two_nodes():
+    steps = build_steps(plan_for(SUPER), Path("/ckpt/super-nvfp4/megatron"), Path("/ckpt/super-nvfp4/hf"),
+                        env={"MASTER_ADDR": "node001", "SLURM_JOB_ID": "4242"})
+    assert [s.name for s in steps] == ["quantize", "generate", "export"]
+    assert steps[0].argv == [
+        "torchrun", "--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500",
+        "--rdzv_id=4242", "/opt/Megatron-Bridge/examples/quantization/quantize.py",
+        "--hf-model-id", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--export-quant-cfg", "mamba_moe_nvfp4_conservative",
+        "--megatron-save-path", "/ckpt/super-nvfp4/megatron", "--tp", "8", "--pp", "2", "--ep", "8", "--etp", "1",
+        "--calib-size", "512", "--trust-remote-code"]
+    assert steps[1].argv[6:10] == ["/opt/Megatron-Bridge/examples/quantization/ptq_generate.py", "--hf-model-id",
+                                   "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--megatron-load-path"]
+    # Export gathers no TP shards: TP 1, the quantize step's PP, on one node.
+    assert steps[2].argv == [
+        "torchrun", "--nproc_per_node=2", "/opt/Megatron-Bridge/examples/quantization/export.py",
+        "--hf-model-id", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--megatron-load-path", "/ckpt/super-nvfp4/megatron",
+        "--export-dir", "/ckpt/super-nvfp4/hf", "--tp", "1", "--pp", "2", "--ep", "1", "--etp", "1",
+        "--dtype", "bfloat16", "--trust-remote-code"]
+
+
+def test_ranks_started_by_srun_run_the_script_directly():
+    steps = build_steps(plan_for(SUPER), Path("/m"), Path("/e"), env={"WORLD_SIZE": "16", "RANK": "3"})
+    assert steps[0].argv[:2] == ["python", "/opt/Megatron-Bridge/examples/quantization/quantize.py"]
+
+
+@pytest.mark.parametrize("recipe,name", [("fp8", "fp8"), ("fp8_blockwise", "fp8_blockwise"), ("int8_sq", "int8_sq"),
+                                         ("int4_awq", "int4_awq"), ("w4a8_awq", "w4a8_awq"), ("nvfp4", "nvfp4"),
+                                         ("mamba_moe_fp8_aggressive", "mamba_moe_fp8_aggressive")])
+def test_each_recipe_passes_its_megatron_name(recipe, name):
+    plan = plan_for(["backend=megatron_bridge", "model=qwen3-8b", f"recipe={recipe}", "parallelism=tp2",
+                     "hardware=b200", "recipe.kv_cache=fp8"])
+    quantize = build_steps(plan, Path("/m"), Path("/e"), env={})[0].argv
+    assert quantize[quantize.index("--export-quant-cfg") + 1] == name
+    assert "--export-kv-cache-quant" in quantize
+    assert ("--weight-only" in quantize) == plan.cfg.recipe.weight_only
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["recipe=nvfp4_awq"], "no Megatron-Bridge --export-quant-cfg"),
+    (["recipe=bf16"], "no Megatron-Bridge --export-quant-cfg"),
+    (["parallelism=tp8", "parallelism.gpus_per_node=4"], "does not divide the world size"),
+    (["parallelism=tp8_ep8", "parallelism.nodes=1", "parallelism.gpus_per_node=8", "parallelism.pp=2"], "does not divide"),
+    (["parallelism=tp8_ep8"], "needs a mixture-of-experts model"),
+    (["model=qwen3-30b-a3b", "parallelism=tp4", "parallelism.ep=3", "parallelism.gpus_per_node=12"],
+     "does not divide the 128 experts"),
+    (["model=nemotron-h-8b", "model.mamba_ngroups=8", "parallelism=tp8", "parallelism.tp=8"], None),
+    (["recipe=int4_awq", "recipe.awq_block_size=64"], "always uses 128"),
+    (["hardware=cpu"], "runs on CUDA GPUs"),
+])
+def test_impossible_layouts_are_refused_before_submitting(overrides, message):
+    base = ["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100"]
+    if message is None:
+        assert plan_for(base + overrides).action == "run"
+        return
+    with pytest.raises(ConfigError, match=message):
+        plan_for(base + overrides)
+
+
+def test_mamba_groups_must_divide_tp():
+    with pytest.raises(ConfigError, match="Mamba groups"):
+        plan_for(["backend=megatron_bridge", "model=nemotron-h-8b", "model.mamba_ngroups=8", "parallelism=tp8",
+                  "parallelism.tp=16", "parallelism.gpus_per_node=16", "recipe=fp8", "hardware=h100"])
+
+
+def test_flags_the_installed_scripts_lack_are_refused(tmp_path):
+    assert unsupported_flags(["--tp", "2", "--calib-dataset=c4"], 'add_argument("--tp")') == ["--calib-dataset"]
+    plan = plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+                     f"backend.scripts_dir={STANDIN}", "backend.extra_args=[--calib-seq-length,1024]"])
+    steps = build_steps(plan, tmp_path / "m", tmp_path / "e", env={})
+    with pytest.raises(ConfigError, match="does not accept --calib-seq-length"):
+        check_scripts(plan, steps)
+    missing = plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+                        f"backend.scripts_dir={tmp_path / 'nowhere'}"])
+    with pytest.raises(ConfigError, match="/opt/Megatron-Bridge/examples/quantization"):
+        check_scripts(missing, build_steps(missing, tmp_path / "m", tmp_path / "e", env={}))
+
+
+def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
+    cfg, config = compose_run(SUPER[:-1] + [f"output_dir={tmp_path / 'out'}", "dry_run=true"])
+    from ptq.run import run
+
+    summary = run(cfg, config)
+    assert summary["status"] == "dry_run" and len(summary["commands"]) == 3
+    assert "--export-quant-cfg mamba_moe_nvfp4_conservative" in summary["commands"][0]
+    assert not (tmp_path / "out").exists()
+    assert describe(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2")
+
+
+def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, monkeypatch):
+    log_dir = tmp_path / "ranks"
+    log_dir.mkdir()
+    monkeypatch.setenv("STANDIN_LOG", str(log_dir))
+    for var in ("WORLD_SIZE", "RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, config = compose_run([
+        "backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
+        f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
+        f"backend.python={sys.executable}", "backend.rdzv_port=29611", f"output_root={tmp_path / 'runs'}", "calib.size=16"])
+    record = execute(make_plan(cfg, GPU), config)
+    assert record["status"] == "finished", record.get("error")
+    assert record["validation"]["passed"] and record["validation"]["quant_algo"] == "FP8"
+    assert Path(record["checkpoint"], "model.safetensors").exists()
+    ranks = {p.stem: json.loads(p.read_text()) for p in log_dir.glob("*.json")}
+    assert set(ranks) == {"quantize-rank0", "quantize-rank1", "generate-rank0", "generate-rank1", "export-rank0"}
+    assert ranks["quantize-rank1"]["world"] == 2 and ranks["export-rank0"]["world"] == 1
+    argv = ranks["quantize-rank0"]["argv"]
+    assert argv[argv.index("--tp") + 1] == "2" and argv[argv.index("--calib-size") + 1] == "16"
+    export_argv = ranks["export-rank0"]["argv"]
+    assert export_argv[export_argv.index("--tp") + 1] == "1"
+    assert set(record["timings_s"]) >= {"quantize", "generate", "export", "validate"}
+
+
+def test_a_failing_step_fails_the_run_without_a_checkpoint(tmp_path, monkeypatch):
+    monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "missing-folder"))  # the stand-in cannot write its log
+    cfg, config = compose_run([
+        "backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+        f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
+        "backend.rdzv_port=29612", f"output_root={tmp_path / 'runs'}"])
+    with pytest.raises(RuntimeError, match="quantize step exited"):
+        execute(make_plan(cfg, GPU), config)
+    out = next((tmp_path / "runs" / "qwen3-8b").iterdir())
+    assert json.loads((out / "run.json").read_text())["status"] == "failed"
+    assert not (out / "checkpoint").exists()
