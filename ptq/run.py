@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import traceback
@@ -134,8 +135,6 @@ def run(cfg: RunConfig, config: dict) -> dict:
         return dry_run(plan)
     if plan.action == "skip":
         log.info(plan.skip_reason)
-        import json
-
         return json.loads(plan.record_path.read_text())
     log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
     record = execute(plan, config)
