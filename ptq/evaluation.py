@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Dict, List
 
 from ptq.plan import ConfigError
+from ptq.record import write_json_atomic
 from ptq.schema import BenchmarkConfig, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,5 @@ def cached_baseline(model, tokenizer, cfg: EvalConfig, *, model_id: str, model_n
             log.info("Using the cached BF16 baseline %s", path)
             return json.loads(path.read_text())["results"]
         rows = run_benchmarks(model, tokenizer, cfg, work_dir, "BF16 baseline")
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text(json.dumps({"model": model_id, "eval": asdict(cfg), "results": rows}, indent=2))
-        os.replace(tmp, path)
+        write_json_atomic(path, {"model": model_id, "eval": asdict(cfg), "results": rows})
         return rows
