@@ -15,11 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ptq.schema import ARCHS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
+from ptq.schema import ARCHS, BACKENDS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
 RECORD_NAME = "run.json"
 CHECKPOINT_NAME = "checkpoint"
+# A backend exports here; the folder is renamed to CHECKPOINT_NAME once validated.
+PARTIAL_NAME = CHECKPOINT_NAME + ".partial"
 
 
 class ConfigError(ValueError):
@@ -219,6 +221,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     _check_choice(cfg.recipe.kv_cache, KV_CACHE_FORMATS, "recipe.kv_cache")
     _check_choice(cfg.hardware.device, DEVICES, "hardware.device")
     _check_choice(cfg.hardware.dtype, DTYPES, "hardware.dtype")
+    _check_choice(cfg.backend.name, BACKENDS, "backend")
     _check_numbers(cfg)
     _check_hardware(cfg, facts, warnings)
 
@@ -242,8 +245,6 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
 
     if cfg.backend.name == "megatron_bridge":
         check_megatron_layout(cfg)
-    elif cfg.backend.name != "hf_modelopt":
-        raise ConfigError(f"backend={cfg.backend.name} is unknown; choose hf_modelopt or megatron_bridge.")
     if cfg.backend.name == "hf_modelopt" and (cfg.parallelism.tp, cfg.parallelism.pp, cfg.parallelism.ep) != (1, 1, 1):
         warnings.append(
             f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "

@@ -9,13 +9,12 @@ import traceback
 from pathlib import Path
 
 from ptq.backends import get_backend
-from ptq.plan import CHECKPOINT_NAME, Plan, prepare
+from ptq.plan import PARTIAL_NAME, Plan, prepare
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, validate_checkpoint
 
 log = logging.getLogger(__name__)
-PARTIAL_NAME = CHECKPOINT_NAME + ".partial"
 
 
 class ValidationFailed(RuntimeError):
@@ -109,16 +108,7 @@ def execute(plan: Plan, config: dict) -> dict:
 
 def dry_run(plan: Plan) -> dict:
     """What the run would do, printed; nothing is loaded, launched or written."""
-    cfg = plan.cfg
-    if cfg.backend.name == "megatron_bridge":
-        from ptq.backends.megatron_bridge import describe
-
-        commands = describe(plan)
-    else:
-        block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
-        commands = [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
-                    f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
-                    f"{cfg.recipe.modelopt_cfg or 'nothing (BF16)'}{block}, export to {plan.checkpoint_dir}"]
+    commands = get_backend(plan.cfg.backend.name).describe(plan)
     summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": plan.action,
                "skip_reason": plan.skip_reason, "warnings": plan.warnings, "commands": commands}
     for line in commands:

@@ -20,6 +20,7 @@ ARCHS = ("dense", "moe", "mamba_hybrid")
 KV_CACHE_FORMATS = ("none", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("hf_modelopt", "megatron_bridge")
 
 
 @dataclass

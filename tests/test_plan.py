@@ -99,7 +99,8 @@ def test_missing_gguf_package_names_the_install_command():
 
 @pytest.mark.parametrize("override,key", [("calib.size=0", "calib.size=0"), ("calib.seq_len=-1", "calib.seq_len"),
                                           ("calib.batch_size=-2", "calib.batch_size"), ("fidelity.samples=0", "fidelity.samples"),
-                                          ("recipe.kv_cache=int2", "recipe.kv_cache"), ("model.arch=rnn", "model.arch")])
+                                          ("recipe.kv_cache=int2", "recipe.kv_cache"), ("model.arch=rnn", "model.arch"),
+                                          ("backend.name=vllm", "backend")])
 def test_bad_numbers_and_choices(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan_for([override])
@@ -127,6 +128,15 @@ def test_cli_refuses_bad_input_fast_and_writes_nothing(tmp_path):
     assert "error: recipe=nvfp4" in proc.stderr and "CUDA" in proc.stderr
     assert not (tmp_path / "runs" / "smollm2-135m" / "nvfp4-kv_none-calib32x256" / "run.json").exists()
     assert time.perf_counter() - start < 120  # no model was loaded
+
+
+def test_dry_run_of_the_in_process_backend_describes_it_and_writes_nothing(tmp_path):
+    from ptq.run import run
+
+    cfg, config = compose_run(["recipe=int4_awq", f"output_root={tmp_path / 'runs'}", "dry_run=true"])
+    summary = run(cfg, config)
+    assert summary["status"] == "dry_run" and "INT4_AWQ_CFG, AWQ block 64" in summary["commands"][0]
+    assert not (tmp_path / "runs").exists()
 
 
 def test_cli_unknown_option_lists_choices(tmp_path):

@@ -32,3 +32,7 @@ class Backend(Protocol):
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         """Load, calibrate, quantize and export into `export_dir` (a fresh folder the caller renames when valid)."""
         ...
+
+    def describe(self, plan: Plan) -> List[str]:
+        """What `run` would do, one line per step, for dry runs: loads, launches and writes nothing."""
+        ...

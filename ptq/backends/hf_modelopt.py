@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import List
 
 import torch
 from tqdm.auto import tqdm
@@ -73,6 +74,13 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
 class HFModelOptBackend:
     name = "hf_modelopt"
 
+    def describe(self, plan: Plan) -> List[str]:
+        cfg = plan.cfg
+        block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
+        return [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
+                f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
+                f"{cfg.recipe.modelopt_cfg or 'nothing (BF16)'}{block}, export to {plan.checkpoint_dir}"]
+
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         cfg = plan.cfg
         with timer.stage("load"):
@@ -104,11 +112,12 @@ class HFModelOptBackend:
                 ref = fidelity.reference(model, fid_tokens, fid_bs)
 
         baseline = None
+        eval_dir = plan.output_dir / "eval_data"  # the normalised task files fed to lm-eval
         if cfg.eval.enabled:
             with timer.stage("eval_baseline"):
                 baseline = evaluation.cached_baseline(
                     model, tokenizer, cfg.eval, model_id=checkpoint, model_name=cfg.model.name,
-                    cache_dir=cfg.cache_dir, work_dir=plan.output_dir / "eval_data",
+                    cache_dir=cfg.cache_dir, work_dir=eval_dir,
                 )
 
         quantized = excluded = unexpected = []
@@ -144,7 +153,7 @@ class HFModelOptBackend:
         if baseline is not None:
             if plan.quantize:
                 with timer.stage("eval"):
-                    results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, plan.output_dir / "eval_data", cfg.recipe.name)
+                    results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, eval_dir, cfg.recipe.name)
             else:
                 results = baseline
             scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline}

@@ -7,7 +7,6 @@ commands are built by pure functions so they can be checked without GPUs; `run` 
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 from ptq.backends.base import BackendResult
-from ptq.plan import ConfigError, Plan
+from ptq.plan import PARTIAL_NAME, ConfigError, Plan
 from ptq.record import StageTimer
 from ptq.validate import read_tensor_index
 
@@ -32,8 +31,6 @@ MEGATRON_CHECKPOINT = "megatron"
 class Step:
     name: str
     argv: List[str]
-    nproc_per_node: int
-    nnodes: int
 
 
 def _layout_flags(tp: int, pp: int, ep: int, etp: int) -> List[str]:
@@ -82,7 +79,7 @@ def launcher(plan: Plan, nproc_per_node: int, nnodes: int, env: Mapping[str, str
 
 def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[str, str]) -> List[Step]:
     """Every command the backend runs, in order. Pure: same plan and env, same commands."""
-    cfg, par, backend = plan.cfg, plan.cfg.parallelism, plan.cfg.backend
+    par, backend = plan.cfg.parallelism, plan.cfg.backend
     args = script_args(plan, megatron_dir, export_dir)
     scripts = Path(backend.scripts_dir)
     export_world = backend.export_tp * (backend.export_pp or par.pp)
@@ -95,7 +92,7 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
             continue
         nproc, nnodes = layouts[name]
         argv = launcher(plan, nproc, nnodes, env) + [str(scripts / SCRIPTS[name])] + args[name]
-        steps.append(Step(name, argv, nproc, nnodes))
+        steps.append(Step(name, argv))
     return steps
 
 
@@ -129,7 +126,7 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
 
 def describe(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
     out = plan.output_dir
-    return [shlex.join(s.argv) for s in build_steps(plan, out / MEGATRON_CHECKPOINT, out / "checkpoint.partial", env)]
+    return [shlex.join(s.argv) for s in build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)]
 
 
 def _quantized_modules(export_dir: Path) -> List[str]:
@@ -138,6 +135,9 @@ def _quantized_modules(export_dir: Path) -> List[str]:
 
 class MegatronBridgeBackend:
     name = "megatron_bridge"
+
+    def describe(self, plan: Plan) -> List[str]:
+        return describe(plan)
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None) -> BackendResult:
         env = dict(os.environ if env is None else env)
