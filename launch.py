@@ -18,7 +18,7 @@ log = logging.getLogger("ptq")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from ptq.run import run
+    from ptq.run import record_failure, run
 
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
@@ -28,6 +28,9 @@ def main(cfg: DictConfig):
         log.error("%s", exc)
         if not sweeping:
             raise SystemExit(f"error: {exc}") from None
+        if not cfg.dry_run:
+            # The point's folder says why it did not run, so the results table can show it.
+            record_failure(OmegaConf.to_container(cfg, resolve=True), f"refused: {exc}")
         return "refused"
     except Exception:
         # In a sweep one failing point must not stop the others; its run record says why it failed.

@@ -12,6 +12,7 @@ from __future__ import annotations
 import bz2
 import csv
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -193,11 +194,19 @@ def _flatten(results: dict, names: Dict[str, str]) -> List[dict]:
     return sorted(rows, key=lambda r: (r["benchmark"], r["metric"]))
 
 
+@functools.lru_cache(maxsize=1)
+def _task_manager():
+    """lm-eval's index of its task files, built once per process: building it takes about 11 s on the
+    GPU machine (bench/results/evaluation-throughput-h100.md), every evaluation of a sweep reuses it."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str) -> List[dict]:
     """Evaluate an in-memory model on every benchmark of `cfg`; rows of benchmark/metric/value/stderr."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
-    from lm_eval.tasks import TaskManager
 
     tasks, names, samples = [], {}, {}
     for bench in cfg.benchmarks:
@@ -216,7 +225,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
                               apply_chat_template=cfg.apply_chat_template, log_samples=False,
-                              bootstrap_iters=cfg.bootstrap_iters, task_manager=TaskManager(), verbosity="WARNING")
+                              bootstrap_iters=cfg.bootstrap_iters, task_manager=_task_manager(), verbosity="WARNING")
     return _flatten(results, names)
 
 

@@ -8,6 +8,8 @@ model need not be held twice.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 from dataclasses import dataclass
 from typing import List
@@ -15,6 +17,8 @@ from typing import List
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +49,27 @@ def reference(model, tokens: torch.Tensor, batch_size: int, desc: str = "fidelit
         count += target.numel()
         stored.append(logp.to(torch.float16).cpu())
     return Reference(stored, nll, count)
+
+
+# The latest reference of this process: the points of a sweep run in one process compare against the
+# same BF16 model on the same tokens, so it is computed once (one entry: it holds full-vocabulary log-probs).
+_reference_cache: dict = {}
+
+
+def cached_reference(model, tokens: torch.Tensor, batch_size: int, *, model_key, enabled: bool = True) -> Reference:
+    """`reference`, reused while the same BF16 model (`model_key`), tokens and batch size come back."""
+    if not enabled:
+        _reference_cache.clear()
+        return reference(model, tokens, batch_size)
+    digest = hashlib.sha1(tokens.cpu().contiguous().numpy().tobytes()).hexdigest()
+    key = (model_key, batch_size, tuple(tokens.shape), digest)
+    if key in _reference_cache:
+        log.info("Using the BF16 fidelity reference computed earlier in this process")
+        return _reference_cache[key]
+    ref = reference(model, tokens, batch_size)
+    _reference_cache.clear()
+    _reference_cache[key] = ref
+    return ref
 
 
 def compare(model, tokens: torch.Tensor, batch_size: int, ref: Reference) -> dict:

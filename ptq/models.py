@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+import gc
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -66,7 +69,112 @@ def resolve_checkpoint(source: ModelSource) -> str:
     return source.location
 
 
-def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool):
+# The points of a sweep that run in one process (Hydra's basic launcher, packed Slurm jobs) share one
+# load: the pristine BF16 model stays here and every run quantizes a deep copy. One model at most, so a
+# sweep over models does not pile them up.
+_pristine: Dict[tuple, tuple] = {}
+# How many times this process read a model from disk, and how many runs got a copy instead.
+load_counts = {"disk": 0, "copy": 0}
+_last_load: dict = {}
+
+
+def _model_bytes(model) -> int:
+    return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
+
+
+def available_bytes(device: torch.device) -> Optional[int]:
+    """Free memory where a copy of the model would go: the GPU's free memory, or the RAM available."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        import psutil
+
+        return psutil.virtual_memory().available
+    except ImportError:
+        pass
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def room_for_a_copy(model) -> Tuple[bool, str]:
+    """Whether a second copy of `model` fits beside it, with as much again left over for calibration."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) != 1 or any(hasattr(m, "_hf_hook") for m in model.modules()):
+        # accelerate's dispatch hooks point at the original modules; a deep copy would share them.
+        return False, "the model is spread over several devices"
+    size = _model_bytes(model)
+    free = available_bytes(next(iter(devices)))
+    if free is None:
+        return False, "free memory unknown"
+    why = f"{free / 2**30:.1f} GiB free on {next(iter(devices))}, a copy takes {size / 2**30:.2f} GiB"
+    return free >= 2 * size, why
+
+
+def clear_model_cache() -> None:
+    _pristine.clear()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _note(**facts) -> None:
+    _last_load.clear()
+    _last_load.update(facts)
+
+
+def last_load() -> dict:
+    """How the latest load_model call got its model (for the run record)."""
+    return dict(_last_load)
+
+
+def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, reuse: bool = False):
+    """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
+    loaded with the same settings, or a fresh load that is kept for later runs when two copies fit."""
+    key = (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code)
+    start = time.perf_counter()
+    if reuse and key in _pristine:
+        model, tokenizer, checkpoint = _pristine[key]
+        # The previous run's quantized copy holds reference cycles (ModelOpt's hooks and hparams): collect
+        # it now, so its memory is free before it is measured and the next copy is made.
+        gc.collect()
+        if device == "cuda":
+            torch.cuda.empty_cache()
+        fits, why = room_for_a_copy(model)
+        if not fits:  # memory got tighter since: hand over the pristine model itself and forget it
+            _pristine.clear()
+            _note(**{"from": "memory (handed over, no longer kept)", "reason": why})
+            log.info("Using the BF16 model loaded earlier in this process without copying it (%s)", why)
+            return model, tokenizer, checkpoint
+        model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
+        load_counts["copy"] += 1
+        _note(**{"from": "copy", "seconds": round(time.perf_counter() - start, 3), "kept": True, "reason": why})
+        log.info("Using a copy of the BF16 model loaded earlier in this process (%.1f s)", time.perf_counter() - start)
+        return model, tokenizer, checkpoint
+    if _pristine:
+        clear_model_cache()  # another model or other settings: free the kept one before loading
+    model, tokenizer, checkpoint = _load_from_disk(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    load_counts["disk"] += 1
+    _note(**{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False})
+    if not reuse:
+        return model, tokenizer, checkpoint
+    fits, why = room_for_a_copy(model)
+    _last_load["reason"] = why
+    if not fits:
+        log.info("Not keeping the BF16 model for later runs of this process (%s): each run loads it afresh", why)
+        return model, tokenizer, checkpoint
+    _pristine[key] = (model, tokenizer, checkpoint)
+    _last_load["kept"] = True
+    log.info("Keeping the BF16 model for later runs of this process (%s); this run quantizes a copy", why)
+    return copy.deepcopy(model), copy.deepcopy(tokenizer), checkpoint
+
+
+def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(source)

@@ -11,11 +11,12 @@ from __future__ import annotations
 import json
 import math
 import os
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from ptq.schema import ARCHS, BACKENDS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
+from ptq.record import config_differences, config_hash
+from ptq.schema import ARCHS, BACKENDS, CLUSTER_KINDS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
 RECORD_NAME = "run.json"
@@ -131,9 +132,70 @@ def _check_numbers(cfg: RunConfig) -> None:
         )
 
 
+def _recipe_formats(recipe) -> List[str]:
+    if recipe.candidates:  # a mixed-precision search computes in its candidates' formats
+        from ptq.auto_quantize import candidate_formats
+
+        return candidate_formats(list(recipe.candidates))
+    return list(recipe.formats)
+
+
+def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
+    """A mixed-precision recipe (recipe.candidates): known candidates the hardware can calibrate and a
+    budget they can meet. Returns whether a candidate stores INT4 weights in blocks (AWQ block size)."""
+    from ptq.auto_quantize import CANDIDATES, SCORE_METHODS, candidate_formats, unknown_candidates, uses_int4_blocks
+
+    recipe, hw = cfg.recipe, cfg.hardware
+    names = list(recipe.candidates)
+    if recipe.modelopt_cfg is not None:
+        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and recipe.candidates; "
+                          "a recipe is one config or a search over several: set recipe.modelopt_cfg=null or recipe.candidates=[].")
+    unknown = unknown_candidates(names)
+    if unknown:
+        raise ConfigError(f"recipe.candidates names {', '.join(unknown)}, which this launcher cannot search over; "
+                          f"choose from: {', '.join(CANDIDATES)}.")
+    _check_choice(recipe.score_method, SCORE_METHODS, "recipe.score_method")
+    cannot = [n for n in names if any(f not in hw.calibrate for f in CANDIDATES[n].formats)]
+    if cannot:
+        usable = [n for n in CANDIDATES if all(f in hw.calibrate for f in CANDIDATES[n].formats)]
+        # Suggest the candidates that can stay, plus the most compressed one this hardware calibrates.
+        usable = list(dict.fromkeys([n for n in names if n not in cannot]
+                                    + sorted(usable, key=lambda n: CANDIDATES[n].bits)[:1]))
+        gpu = " (NVFP4 and MX formats need a CUDA GPU)" if hw.device == "cpu" else ""
+        raise ConfigError(
+            f"recipe={recipe.name} searches over {', '.join(cannot)}, which computes in "
+            f"{', '.join(candidate_formats(cannot))}: hardware={hw.name} cannot calibrate that{gpu}. "
+            f"Choose a GPU hardware option (e.g. hardware=h100) on a GPU machine, or candidates it can calibrate, "
+            f"e.g. recipe=auto_quantize_cpu or 'recipe.candidates=[{','.join(usable)}]'."
+        )
+    if sorted(recipe.formats) != sorted(candidate_formats(names)):
+        warnings.append(f"recipe.formats={list(recipe.formats)} does not match the candidates' formats "
+                        f"{candidate_formats(names)}; the checks use the candidates'.")
+    bits = recipe.effective_bits
+    lowest = min(names, key=lambda n: CANDIDATES[n].bits)
+    low = CANDIDATES[lowest].bits
+    if bits is None or not low <= bits < 16:
+        high = max(CANDIDATES[n].bits for n in names)
+        example = round((low + high) / 2 if high > low else (low + 16) / 2, 1)
+        raise ConfigError(
+            f"recipe.effective_bits={bits} is outside the budgets recipe.candidates can meet: at least {low:g} "
+            f"(every searched layer in {lowest}, the most compressed candidate) and below 16 (16 keeps every layer "
+            f"in BF16: use recipe=bf16 for that). Set e.g. recipe.effective_bits={example}."
+        )
+    if recipe.kv_cache != "none":
+        raise ConfigError(f"recipe.kv_cache={recipe.kv_cache}: AutoQuantize switches output (KV-cache) quantizers off "
+                          f"while it searches, and this launcher does not add them back yet; set recipe.kv_cache=none.")
+    if recipe.score_size < 1:
+        raise ConfigError(f"recipe.score_size={recipe.score_size}: scoring needs at least 1 sample (e.g. recipe.score_size=16).")
+    if recipe.score_size > cfg.calib.size:
+        warnings.append(f"recipe.score_size={recipe.score_size} exceeds calib.size={cfg.calib.size}: "
+                        f"the sensitivity scores use all {cfg.calib.size} calibration samples.")
+    return uses_int4_blocks(names)
+
+
 def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
     recipe, hw = cfg.recipe, cfg.hardware
-    formats = list(recipe.formats)
+    formats = _recipe_formats(recipe)
     if recipe.kv_cache != "none":
         formats.append(recipe.kv_cache)
     cannot = [f for f in formats if f not in hw.calibrate]
@@ -222,16 +284,18 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     _check_choice(cfg.hardware.device, DEVICES, "hardware.device")
     _check_choice(cfg.hardware.dtype, DTYPES, "hardware.dtype")
     _check_choice(cfg.backend.name, BACKENDS, "backend")
+    _check_choice(cfg.cluster.kind, CLUSTER_KINDS, "cluster.kind")
     _check_numbers(cfg)
+    int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
     _check_hardware(cfg, facts, warnings)
 
     recipe = cfg.recipe
-    quantize = recipe.modelopt_cfg is not None
+    quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
         raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe for KV-cache quantization.")
 
     awq_block = None
-    if recipe.awq:
+    if recipe.awq or int4_candidates:
         widths = list(cfg.model.layer_widths) or facts.local_layer_widths
         requested = recipe.awq_block_size
         if cfg.backend.name == "megatron_bridge":
@@ -275,6 +339,13 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     )
     record = facts.existing_record
     if record and record.get("status") == "finished" and not cfg.overwrite:
+        config = asdict(cfg)
+        if record.get("config_hash") not in (None, config_hash(config)):
+            changed = config_differences(record.get("config") or {}, config)
+            raise ConfigError(
+                f"{plan.record_path} holds a finished run of a different config (differs in: {', '.join(changed) or '?'}); "
+                "it is not replaced silently: pass overwrite=true to replace it, or set output_root to another folder."
+            )
         plan.action = "skip"
         plan.skip_reason = (
             f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "

@@ -23,10 +23,31 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
+# Keys that change how or where a run is launched, not what it makes.
+NOT_IDENTITY = ("overwrite", "dry_run", "detach", "cluster", "cache_dir")
+
+
+def identity(config: dict) -> dict:
+    return {k: v for k, v in config.items() if k not in NOT_IDENTITY}
+
+
 def config_hash(config: dict) -> str:
-    """Identity of a composed config, ignoring `overwrite` (it changes what is done, not what is made)."""
-    relevant = {k: v for k, v in config.items() if k != "overwrite"}
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    """Identity of a composed config: two runs with the same hash make the same checkpoint."""
+    return hashlib.sha256(json.dumps(identity(config), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_differences(old: dict, new: dict, limit: int = 6) -> list:
+    """Dotted keys whose values differ between two composed configs (identity keys only)."""
+    def flat(d, prefix=""):
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = v
+        return out
+    a, b = flat(identity(old)), flat(identity(new))
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))[:limit]
 
 
 def package_versions() -> Dict[str, str]:

@@ -51,6 +51,8 @@ import numpy as np
 import pandas as pd
 
 RUN_RECORD_NAME = "run.json"
+# A Slurm sweep's list of points (ptq/cluster.py); its submitted points show as pending until they write a record.
+MANIFEST_NAME = "sweep.json"
 BF16 = "bf16"
 FIDELITY_METRIC = "fidelity"
 PERPLEXITY = "perplexity"
@@ -211,6 +213,8 @@ def status_note(status: str, error) -> str:
         return f"failed: {lines[0].strip()}" if lines else "failed: no error recorded"
     if status == "running":
         return "running (unfinished)"
+    if status == "pending":
+        return "pending (submitted, not started)"
     return f"{status} (unrecognised status)"
 
 
@@ -648,6 +652,26 @@ def find_run_records(paths: Iterable[Path]) -> List[Path]:
     return found
 
 
+def pending_points(paths: Iterable[Path]) -> List[dict]:
+    """Points of Slurm sweeps (their sweep.json) submitted but without a run record yet, as records."""
+    points = []
+    for path in map(Path, paths):
+        for manifest in (sorted(path.rglob(MANIFEST_NAME)) if path.is_dir() else []):
+            try:
+                entries = json.loads(manifest.read_text(encoding="utf-8"))["points"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            for point in entries:
+                out = point.get("output_dir")
+                if point.get("state") != "submitted" or not out or (Path(out).expanduser() / RUN_RECORD_NAME).exists():
+                    continue
+                if not record_problem(point):
+                    points.append({**{k: point.get(k) for k in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")},
+                                   "status": "pending", "output_dir": out, "slurm_job": point.get("job_id"),
+                                   "manifest": str(manifest)})
+    return points
+
+
 def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tuple[str, str]]]:
     """(records, their paths, skipped (path, reason)): unreadable or non-record files never stop the load."""
     from tqdm import tqdm
@@ -684,10 +708,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         files = find_run_records(args.paths)
     except FileNotFoundError as exc:
         parser.error(str(exc))
-    if not files:
+    pending = pending_points(args.paths)
+    if not files and not pending:
         print(f"no {RUN_RECORD_NAME} found under: {', '.join(map(str, args.paths))}", file=sys.stderr)
         return 1
     records, sources, skipped = load_records(files)
+    records += pending
+    sources += [p["manifest"] for p in pending]
     report = build_report(records, sources, skipped)
     out_dir = args.out or default_out_dir(args.paths)
     markdown, written = write_report(report, out_dir)

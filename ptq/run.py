@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import traceback
+from dataclasses import asdict
 from pathlib import Path
+from typing import Optional
 
 from ptq.backends import get_backend
-from ptq.plan import PARTIAL_NAME, Plan, prepare
+from ptq.plan import PARTIAL_NAME, RECORD_NAME, Plan, prepare
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, validate_checkpoint
@@ -46,7 +49,7 @@ def _summary(plan: Plan, config: dict) -> dict:
         "backend": cfg.backend.name,
         "output_dir": str(plan.output_dir),
         "checkpoint": None,
-        "config_hash": config_hash(config),
+        "config_hash": config_hash(asdict(cfg)),
         "config": config,
         "plan": {"source": plan.source.__dict__, "awq_block_size": plan.awq_block_size,
                  "exclude_patterns": plan.exclude_patterns},
@@ -103,6 +106,33 @@ def execute(plan: Plan, config: dict) -> dict:
         record["timings_s"] = timer.seconds
         record["finished_at"] = now()
         write_json_atomic(plan.record_path, record)
+    return record
+
+
+def record_failure(config: dict, reason: str, **extra) -> Optional[dict]:
+    """Leave a failed run record for a point that never ran to the end (refused, or its job was killed).
+
+    A finished record is never replaced; without a resolvable output_dir nothing is written.
+    """
+    output_dir = config.get("output_dir")
+    if not output_dir:
+        return None
+    path = Path(os.path.expanduser(output_dir)) / RECORD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        record = None
+    if record and record.get("status") == "finished":
+        return None
+    if not record:
+        model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
+        record = {"model": model.get("name"), "recipe": recipe.get("name"), "kv_cache": recipe.get("kv_cache"),
+                  "calib_size": calib.get("size"), "calib_seq_len": calib.get("seq_len"),
+                  "hardware_profile": config.get("hardware", {}).get("name"),
+                  "backend": config.get("backend", {}).get("name"), "output_dir": output_dir,
+                  "checkpoint": None, "config": config, "started_at": None}
+    record.update(status="failed", error=reason, finished_at=now(), **extra)
+    write_json_atomic(path, record)
     return record
 
 

@@ -9,7 +9,7 @@ setting.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -21,6 +21,7 @@ KV_CACHE_FORMATS = ("none", "fp8", "nvfp4")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "bfloat16", "float16")
 BACKENDS = ("hf_modelopt", "megatron_bridge")
+CLUSTER_KINDS = ("local", "slurm")
 
 
 @dataclass
@@ -73,6 +74,15 @@ class RecipeConfig:
     exclude: List[str] = field(default_factory=list)
     # Overrides the calibration algorithm of the ModelOpt config (e.g. "max", "awq_lite").
     algorithm: Optional[str] = None
+    # Mixed precision (recipe=auto_quantize*, ptq/auto_quantize.py): ModelOpt config names each layer
+    # group may take (BF16 is always a choice); non-empty means mtq.auto_quantize instead of modelopt_cfg.
+    candidates: List[str] = field(default_factory=list)
+    # Budget: average bits per weight over the searchable linear layers (excluded ones do not count).
+    effective_bits: Optional[float] = None
+    # Layer sensitivity: "gradient" (causal-LM loss, labels = input ids) or "kl_div" (logits vs BF16).
+    score_method: str = "gradient"
+    # Calibration samples the sensitivity scores are estimated on (whole calibration batches, at most calib.size).
+    score_size: int = 64
 
 
 @dataclass
@@ -109,12 +119,49 @@ class ParallelismConfig:
 @dataclass
 class ClusterConfig:
     name: str = MISSING
+    # "local": Hydra's own launcher, points run one after another in this process.
+    # "slurm": one Slurm job per point through submitit (ptq/cluster.py, hydra_plugins/ptq_slurm_launcher).
     kind: str = "local"
+    # The Slurm request. None = derived from hardware, parallelism and model (ptq/cluster.py).
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    exclude: Optional[str] = None
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    cpus_per_task: Optional[int] = None
+    mem_gb: Optional[int] = None
+    timeout_min: Optional[int] = None
+    # Extra `#SBATCH --key=value` lines, e.g. {mail-type: END}.
+    additional_parameters: Dict[str, str] = field(default_factory=dict)
+    # Shell lines run in the batch script before srun (module load, environment).
+    setup: List[str] = field(default_factory=list)
+    srun_args: List[str] = field(default_factory=list)
+    # Interpreter on the compute nodes (None: the one that submits; "python" inside a container).
+    python: Optional[str] = None
+    # Pyxis/enroot: run every task inside this container image.
+    container_image: Optional[str] = None
+    container_mounts: List[str] = field(default_factory=list)
+    container_workdir: Optional[str] = None
+    # Jobs of one sweep running at the same time.
+    array_parallelism: int = 64
+    # Seconds between Slurm's warning signal and the kill at the time limit.
+    signal_delay_s: int = 120
+    # Points that share a model and a request run in one job, one after another, loading the
+    # BF16 model once.
+    pack: bool = False
+    # How often a waiting sweep looks at its jobs (seconds).
+    poll_s: float = 5.0
 
 
 @dataclass
 class BackendConfig:
     name: str = MISSING
+    # hf_modelopt: keep the loaded BF16 model in memory (when two copies fit) and hand each run of
+    # this process a copy, so the points of a sweep run in one process load it once (ptq/models.py).
+    reuse_loaded_model: bool = True
     # The fields below are read by the megatron_bridge backend only.
     # Folder holding Megatron-Bridge's quantize.py, ptq_generate.py and export.py.
     scripts_dir: str = "/opt/Megatron-Bridge/examples/quantization"
@@ -208,8 +255,10 @@ class RunConfig:
     # Where converted models and sampled calibration text are cached.
     cache_dir: str = "~/.cache/ptq-launcher"
     overwrite: bool = False
-    # Print what would run (plan, commands) and stop before loading anything.
+    # Print what would run (plan, commands; for Slurm the batch script) and stop before loading or submitting anything.
     dry_run: bool = False
+    # Slurm sweeps: submit and return at once (see `python -m ptq.status SWEEP_DIR`).
+    detach: bool = False
 
 
 def register_schemas() -> None:

@@ -10,6 +10,36 @@ from typing import Dict, List, Optional
 from safetensors import safe_open
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
+MIXED_PRECISION = "MIXED_PRECISION"
+# Weight dtype (safetensors names) a layer of each per-layer quant_algo must hold in a mixed-precision export.
+WEIGHT_DTYPES = {"FP8": "F8_E4M3", "FP8_PER_CHANNEL_PER_TOKEN": "F8_E4M3", "W8A8_SQ_PER_CHANNEL": "I8",
+                 "W8A16": "I8", "W4A16_AWQ": "U8", "W4A8_AWQ": "U8", "NVFP4": "U8", "NVFP4_AWQ": "U8"}
+
+
+def check_layer_map(layers, expect_quantized: List[str], index: Dict[str, Dict]) -> List[str]:
+    """Problems of a MIXED_PRECISION export's per-layer map (`quantized_layers`: module -> {"quant_algo", ...}):
+    it must list every layer the run quantized, and every layer it lists must carry its scales and the weight
+    dtype of its format."""
+    if not isinstance(layers, dict) or not layers:
+        return ["hf_quant_config.json says MIXED_PRECISION but has no quantized_layers map"]
+    problems = []
+    unlisted = sorted(set(expect_quantized) - set(layers))
+    if unlisted:
+        problems.append(f"{len(unlisted)} quantized layers are missing from hf_quant_config.json's quantized_layers: {unlisted[:8]}")
+    unscaled, wrong_dtype = [], []
+    for module, layer_cfg in sorted(layers.items()):
+        weight = index.get(f"{module}.weight")
+        if weight is None or f"{module}.weight_scale" not in index:
+            unscaled.append(module)
+            continue
+        want = WEIGHT_DTYPES.get((layer_cfg or {}).get("quant_algo"))
+        if weight["dtype"] in FLOAT_DTYPES or (want and weight["dtype"] != want):
+            wrong_dtype.append(f"{module} ({(layer_cfg or {}).get('quant_algo')}: {weight['dtype']})")
+    if unscaled:
+        problems.append(f"{len(unscaled)} layers listed in quantized_layers have no quantized weight and scale: {unscaled[:8]}")
+    if wrong_dtype:
+        problems.append(f"{len(wrong_dtype)} layers listed in quantized_layers hold weights of the wrong dtype: {wrong_dtype[:8]}")
+    return problems
 
 
 def read_tensor_index(checkpoint: Path) -> Dict[str, Dict]:
@@ -53,6 +83,7 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         problems.append(f"{len(unexpected_bf16)} layers were left in BF16 though no exclude pattern names them: {unexpected_bf16[:8]}")
 
     quant_algo = kv_algo = None
+    layer_algos = None
     quant_file = checkpoint / "hf_quant_config.json"
     if expect_quantized:
         if not quant_file.exists():
@@ -60,7 +91,21 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         else:
             quantization = json.loads(quant_file.read_text()).get("quantization", {})
             quant_algo, kv_algo = quantization.get("quant_algo"), quantization.get("kv_cache_quant_algo")
-            if expect_quant_algo and quant_algo != expect_quant_algo:
+            if quant_algo == MIXED_PRECISION and expect_quant_algo in (MIXED_PRECISION, None):
+                layers = quantization.get("quantized_layers")
+                problems.extend(check_layer_map(layers, expect_quantized, index))
+                if isinstance(layers, dict):
+                    layer_algos = {}
+                    for layer_cfg in layers.values():
+                        algo = (layer_cfg or {}).get("quant_algo")
+                        layer_algos[algo] = layer_algos.get(algo, 0) + 1
+            elif expect_quant_algo == MIXED_PRECISION:
+                # A search that picked one format for every quantized layer: ModelOpt then writes that
+                # format's quant_algo (and exclude_modules) like a single-format recipe.
+                if not quant_algo:
+                    problems.append("hf_quant_config.json names no quant_algo, the recipe expects a mixed-precision export")
+            # ModelOpt's names mix case (FP8, NVFP4, fp8_pb_wo): compare without it.
+            elif expect_quant_algo and str(quant_algo).upper() != expect_quant_algo.upper():
                 problems.append(f"hf_quant_config.json says quant_algo={quant_algo}, the recipe expects {expect_quant_algo}")
             want_kv = None if expect_kv_cache == "none" else expect_kv_cache.upper()
             if (kv_algo or None) != want_kv:
@@ -76,5 +121,7 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         "unexpected_bf16": unexpected_bf16,
         "quant_algo": quant_algo,
         "kv_cache_quant_algo": kv_algo,
+        # MIXED_PRECISION exports: how many layers carry each per-layer quant_algo.
+        "layer_quant_algos": layer_algos,
         "tensors": len(index),
     }

@@ -10,7 +10,8 @@ from conftest import CONF, compose_dict, compose_run
 from ptq.plan import ConfigError, Facts, make_plan
 from ptq.recipes import build_quant_config, disabled_patterns
 
-GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir())
+# `sweep` is not a group of one run: its options set Hydra's sweep parameters (tests/test_cluster.py).
+GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "sweep")
 
 
 def options(group):
@@ -22,6 +23,7 @@ def test_groups_are_the_documented_ones():
     assert set(options("recipe")) == {
         "bf16", "fp8", "fp8_blockwise", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
         "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
+        "auto_quantize", "auto_quantize_cpu",
     }
     assert set(options("model")) == {"smollm2-135m", "llama3.2-1b", "qwen3-8b", "qwen3-30b-a3b", "nemotron-h-8b",
                                      "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"}
@@ -35,7 +37,9 @@ def test_every_option_composes_into_the_typed_schema(group):
         node = getattr(cfg, group)
         # Options that carry a name must carry their own file's name, so records name them right.
         if hasattr(node, "name"):
-            assert node.name == option, f"{group}/{option}.yaml says name={node.name}"
+            # Mixed-precision recipes add their budget (auto_quantize_4.8b), so budgets get their own folders.
+            budget = f"_{node.effective_bits}b" if group == "recipe" and node.candidates else ""
+            assert node.name == option + budget, f"{group}/{option}.yaml says name={node.name}"
         assert resolved["output_dir"].startswith("runs/")
 
 

@@ -120,6 +120,22 @@ def test_finished_output_is_skipped_unless_overwrite():
     assert plan_for([], failed).action == "run"
 
 
+def test_finished_output_of_another_config_is_refused_not_skipped():
+    """Resume skips a finished point only when its record was made by the same composed config."""
+    from dataclasses import asdict
+
+    from ptq.record import config_hash
+
+    cfg, resolved = compose_run([])
+    same = {"status": "finished", "config_hash": config_hash(asdict(cfg)), "config": resolved}
+    assert plan_for([], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
+    # Launch settings are not part of what a run makes: a Slurm re-run of a local point still skips it.
+    assert plan_for(["cluster=slurm", "cluster.mem_gb=9"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
+    with pytest.raises(ConfigError, match=r"different config \(differs in: fidelity.samples\).*overwrite=true"):
+        plan_for(["fidelity.samples=4"], Facts(gguf_path="/x.gguf", existing_record=same))
+    assert plan_for(["fidelity.samples=4", "overwrite=true"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "run"
+
+
 def test_cli_refuses_bad_input_fast_and_writes_nothing(tmp_path):
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "launch.py", "recipe=nvfp4", f"output_root={tmp_path / 'runs'}"],

@@ -172,4 +172,8 @@ def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):
     assert "recipe=nvfp4" in output and "CUDA" in output
     fp8 = json.loads((tmp_path / "runs" / "tiny-llama" / "fp8-kv_none-calib4x64" / "run.json").read_text())
     assert fp8["status"] == "finished"
-    assert not (tmp_path / "runs" / "tiny-llama" / "nvfp4-kv_none-calib4x64").exists()
+    # The refused point leaves a failed record with the reason (the results table lists it) and no checkpoint.
+    nvfp4_dir = tmp_path / "runs" / "tiny-llama" / "nvfp4-kv_none-calib4x64"
+    refused = json.loads((nvfp4_dir / "run.json").read_text())
+    assert refused["status"] == "failed" and refused["error"].startswith("refused: ") and "CUDA" in refused["error"]
+    assert sorted(p.name for p in nvfp4_dir.iterdir()) == ["run.json"]

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
+import sys
+import threading
 from pathlib import Path
 from typing import List
 
@@ -12,7 +15,7 @@ from tqdm.auto import tqdm
 from ptq import evaluation, fidelity
 from ptq.backends.base import BackendResult
 from ptq.calib_data import token_batches
-from ptq.models import load_model
+from ptq.models import last_load, load_model
 from ptq.plan import ConfigError, Plan
 from ptq.recipes import build_quant_config, disabled_patterns, is_excluded
 from ptq.record import StageTimer
@@ -59,6 +62,31 @@ def check_awq_widths(model, block: int, patterns) -> None:
         )
 
 
+def import_modelopt() -> None:
+    """Import ModelOpt on a thread of its own, once per process.
+
+    PuLP (ModelOpt's LP solver) keeps the ImportError of every optional solver it lacks in a module global;
+    their tracebacks hold the frames of the stack that first imported it. Imported inside a run, that pins the
+    run's frame and with it that run's quantized model for the rest of the process: a sweep of many points in
+    one process would carry the first point's model along. A fresh thread's stack holds nothing of ours.
+    """
+    if "modelopt.torch.quantization" in sys.modules:
+        return
+    failed = []
+
+    def target():
+        try:
+            importlib.import_module("modelopt.torch.quantization")
+        except BaseException as exc:  # re-raised below, on the caller's thread
+            failed.append(exc)
+
+    thread = threading.Thread(target=target, name="import-modelopt")
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+
+
 def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: int) -> int:
     if requested:
         return requested
@@ -68,7 +96,13 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
 
     # Calibration is host-bound at small batches (bench/results: fp8 on SmolLM2 takes 6.0x a BF16
     # forward at batch 32 and 3.0x at 512), so take the largest batch that fits, up to all samples.
-    return max(1, min(get_max_batch_size(model, max_sample_length=seq_len), samples))
+    probe = {}
+    recipe = plan.cfg.recipe
+    if recipe.candidates:
+        # AutoQuantize's scoring holds, per layer, one output difference for each candidate besides the
+        # activations (kept for the backward pass of gradient scores): size the batch for that.
+        probe = {"sample_memory_usage_ratio": 1.0 + len(recipe.candidates), "enable_grad": recipe.score_method == "gradient"}
+    return max(1, min(get_max_batch_size(model, max_sample_length=seq_len, **probe), samples))
 
 
 class HFModelOptBackend:
@@ -77,26 +111,38 @@ class HFModelOptBackend:
     def describe(self, plan: Plan) -> List[str]:
         cfg = plan.cfg
         block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
+        how = cfg.recipe.modelopt_cfg or "nothing (BF16)"
+        if cfg.recipe.candidates:
+            how = (f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
+                   f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)")
         return [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
                 f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
-                f"{cfg.recipe.modelopt_cfg or 'nothing (BF16)'}{block}, export to {plan.checkpoint_dir}"]
+                f"{how}{block}, export to {plan.checkpoint_dir}"]
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         cfg = plan.cfg
         with timer.stage("load"):
+            import_modelopt()
             model, tokenizer, checkpoint = load_model(
                 plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
-                trust_remote_code=cfg.model.trust_remote_code,
+                trust_remote_code=cfg.model.trust_remote_code, reuse=cfg.backend.reuse_loaded_model,
             )
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
-        quant_cfg = None
-        if plan.quantize:
+        quant_cfg = search = None
+        if plan.quantize and cfg.recipe.candidates:
+            from ptq.auto_quantize import AutoQuantizeSearch
+
+            search = AutoQuantizeSearch(model, plan)
+            if plan.awq_block_size:
+                check_awq_widths(model, plan.awq_block_size, search.excluded_patterns)
+        elif plan.quantize:
             quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
             if plan.awq_block_size:
                 check_awq_widths(model, plan.awq_block_size, disabled_patterns(quant_cfg))
 
         calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
-        details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size}
+        details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size,
+                   "model_load": last_load()}
 
         ref = fid_tokens = None
         # Fidelity holds full-vocabulary log-probs per batch (batch x seq_len x vocab floats): keep batches small.
@@ -109,7 +155,10 @@ class HFModelOptBackend:
                     cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
                 )
             with timer.stage("fidelity_reference"):
-                ref = fidelity.reference(model, fid_tokens, fid_bs)
+                # Same model, tokens and batching as an earlier run of this process: same reference.
+                kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
+                ref = fidelity.cached_reference(model, fid_tokens, fid_bs, enabled=kept,
+                                                model_key=(checkpoint, cfg.hardware.device, cfg.hardware.dtype))
 
         baseline = None
         eval_dir = plan.output_dir / "eval_data"  # the normalised task files fed to lm-eval
@@ -138,8 +187,12 @@ class HFModelOptBackend:
                     m(batch.to(device))
 
             with timer.stage("calibrate"), torch.no_grad():
-                mtq.quantize(model, quant_cfg, forward_loop)
-            quantized, excluded, unexpected = classify_layers(model, disabled_patterns(quant_cfg))
+                if search is not None:  # calibrates every candidate, scores layers, applies the choice
+                    quantized, excluded, unexpected, details["auto_quantize"] = search.run(model, calib, calib_bs)
+                else:
+                    mtq.quantize(model, quant_cfg, forward_loop)
+            if search is None:
+                quantized, excluded, unexpected = classify_layers(model, disabled_patterns(quant_cfg))
             log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
                      len(quantized), len(excluded), len(unexpected))
 

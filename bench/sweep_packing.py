@@ -1,0 +1,194 @@
+"""Wall time of a recipe sweep run in one process (the BF16 model loaded once, each point quantizing a
+copy) against the same points run one by one as separate `python launch.py` processes.
+
+    python bench/sweep_packing.py --out bench/results/sweep-packing-cpu.json
+
+Both modes run the real launcher on the same sizes; each mode and repeat writes into its own output_root
+so no point is skipped as already finished. A warm-up run first fills the caches both modes share
+(the GGUF conversion and the text sampled from the model for calibration and fidelity). Repeats
+alternate the order of the modes (packed, separate, separate, packed, ...) to spread drift in machine
+load over both. Writes the JSON and a short Markdown summary beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def load_average():
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "?"
+
+
+def launch(args, log_path: Path) -> float:
+    """Run `python launch.py ARGS`, return its wall time; the output goes to `log_path`."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
+    start = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        raise SystemExit(f"launch.py {' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
+    return wall
+
+
+def point_records(root: Path, recipes) -> dict:
+    """Per point: time inside the run (started_at -> finished_at), stage timings and how the model was had."""
+    out = {}
+    for recipe in recipes:
+        paths = list(root.glob(f"*/{recipe}-kv_none-*/run.json"))
+        if len(paths) != 1:
+            raise SystemExit(f"expected one run record for {recipe} under {root}, found {len(paths)}")
+        record = json.loads(paths[0].read_text())
+        if record.get("status") != "finished":
+            raise SystemExit(f"{paths[0]} did not finish: {record.get('error')}")
+        fmt = "%Y-%m-%dT%H:%M:%S%z"
+        run_s = (datetime.strptime(record["finished_at"], fmt) - datetime.strptime(record["started_at"], fmt)).total_seconds()
+        timings = record.get("timings_s", {})
+        out[recipe] = {
+            "run_s": run_s,  # whole seconds (the record's timestamps)
+            "stages_s": timings,
+            "stages_total_s": round(sum(timings.values()), 2),
+            "model_load": record.get("details", {}).get("model_load"),
+            "fidelity": {k: record["fidelity"][k] for k in ("perplexity_ratio", "mean_kl")} if record.get("fidelity") else None,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--recipes", default="fp8,int8_sq,int4_awq")
+    parser.add_argument("--calib-size", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--fidelity-samples", type=int, default=4)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every launch (e.g. model=...)")
+    parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary folder)")
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sweep-packing-cpu.json"))
+    args = parser.parse_args()
+
+    from ptq.record import hardware_info, package_versions
+
+    recipes = args.recipes.split(",")
+    work = Path(args.work or tempfile.mkdtemp(prefix="sweep-packing-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = [f"calib.size={args.calib_size}", f"calib.seq_len={args.seq_len}",
+             f"fidelity.samples={args.fidelity_samples}", *args.extra]
+
+    print(f"warm-up (fills the shared caches) in {work}", flush=True)
+    warm = launch([f"recipe={recipes[0]}", *sizes, f"output_root={work / 'warmup'}"], work / "warmup.log")
+    print(f"  {warm:.1f} s", flush=True)
+
+    runs = []
+    order = []
+    for r in range(args.repeats):
+        order += [("packed", r), ("separate", r)] if r % 2 == 0 else [("separate", r), ("packed", r)]
+    for mode, r in order:
+        root = work / f"{mode}-{r}"
+        load_before = load_average()
+        if mode == "packed":
+            cmd = ["-m", f"recipe={','.join(recipes)}", *sizes, f"output_root={root}", f"hydra.sweep.dir={root / 'sweep'}"]
+            wall = launch(cmd, work / f"{mode}-{r}.log")
+            process_s = None
+            commands = [cmd]
+        else:
+            process_s, commands = {}, []
+            for recipe in recipes:
+                cmd = [f"recipe={recipe}", *sizes, f"output_root={root}"]
+                process_s[recipe] = round(launch(cmd, work / f"{mode}-{r}-{recipe}.log"), 2)
+                commands.append(cmd)
+            wall = sum(process_s.values())
+        points = point_records(root, recipes)
+        runs.append({"mode": mode, "repeat": r, "wall_s": round(wall, 2), "process_s": process_s, "points": points,
+                     "load_average_before": load_before, "load_average_after": load_average(),
+                     "commands": [" ".join(["python launch.py", *c]) for c in commands]})
+        print(f"{mode} #{r}: {wall:.1f} s", flush=True)
+
+    packed = [x["wall_s"] for x in runs if x["mode"] == "packed"]
+    separate = [x["wall_s"] for x in runs if x["mode"] == "separate"]
+    summary = {
+        "packed_wall_s": packed, "separate_wall_s": separate,
+        "packed_median_s": statistics.median(packed), "separate_median_s": statistics.median(separate),
+        "separate_over_packed": round(statistics.median(separate) / statistics.median(packed), 3),
+        "saved_s": round(statistics.median(separate) - statistics.median(packed), 1),
+    }
+    result = {
+        "benchmark": "sweep packing: K recipe points in one process vs K processes",
+        "recipes": recipes, "overrides": sizes, "warmup_s": round(warm, 1),
+        "device": {"cpu": cpu_name(), **hardware_info()}, "versions": package_versions(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary, "runs": runs,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    out.with_suffix(".md").write_text(markdown(result))
+    print(json.dumps(summary, indent=2))
+
+
+def markdown(result: dict) -> str:
+    s, dev, ver = result["summary"], result["device"], result["versions"]
+    recipes = result["recipes"]
+    lines = [
+        "# Sweep packing: one process vs one process per point",
+        "",
+        f"{len(recipes)} points (`recipe={','.join(recipes)}`, `{' '.join(result['overrides'])}`), SmolLM2-135M-Instruct "
+        f"unless overridden, on {dev['cpu']} ({dev['cpu_count']} cores, CUDA: {dev['cuda']}); python {ver.get('python')}, "
+        f"torch {ver.get('torch')}, transformers {ver.get('transformers')}, nvidia-modelopt {ver.get('nvidia-modelopt')}. "
+        f"Measured {result['when']} by `bench/sweep_packing.py`.",
+        "",
+        "| mode | wall time per sweep (each repeat) | median |",
+        "|---|---|---|",
+        f"| packed: `python launch.py -m recipe={','.join(recipes)} ...` | {', '.join(f'{x:.1f} s' for x in s['packed_wall_s'])} | {s['packed_median_s']:.1f} s |",
+        f"| separate: one `python launch.py recipe=X ...` per point | {', '.join(f'{x:.1f} s' for x in s['separate_wall_s'])} | {s['separate_median_s']:.1f} s |",
+        "",
+        f"Separate / packed: **{s['separate_over_packed']:.2f}x** ({s['saved_s']:.1f} s saved per sweep).",
+        "",
+        "Per point (first repeat of each mode): process = the whole `launch.py` process (separate mode only);",
+        "run = the run record's start to finish (whole seconds); load = the `load` stage (reading the model, or",
+        "copying the one kept in memory); fidelity_reference = the BF16 reference pass (cached in process).",
+        "",
+        "| recipe | mode | process s | run s | load s | fidelity_reference s | calibrate s | model from |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for mode in ("packed", "separate"):
+        run = next(x for x in result["runs"] if x["mode"] == mode)
+        for recipe in recipes:
+            p = run["points"][recipe]
+            st = p["stages_s"]
+            proc = f"{run['process_s'][recipe]:.1f}" if run["process_s"] else "–"
+            frm = (p["model_load"] or {}).get("from", "?")
+            lines.append(f"| {recipe} | {mode} | {proc} | {p['run_s']:.0f} | {st.get('load', 0):.2f} | "
+                         f"{st.get('fidelity_reference', 0):.2f} | {st.get('calibrate', 0):.1f} | {frm} |")
+    loads = [x["load_average_before"] for x in result["runs"]]
+    lines += ["", f"1-minute load average before each mode: {', '.join(str(l[0]) if l else '?' for l in loads)} "
+              "(the machine was shared; differences between repeats show the noise).", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""The `cluster` group: what a point of a sweep asks Slurm for, and the sweep's manifest.
+
+The Slurm launcher (hydra_plugins/ptq_slurm_launcher) composes every point of a sweep, checks it
+with the same plan as a single run, and submits the points that can run. The functions here are
+pure: config in, sbatch parameters or states out, so they are tested without Slurm or a model.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+from ptq.schema import ClusterConfig, RunConfig
+
+# Written by the Slurm launcher in the sweep folder; ptq.status and ptq.report read it.
+MANIFEST_NAME = "sweep.json"
+
+# Host memory beyond the weights: Python, CUDA context, tokenizer, calibration data.
+BASE_HOST_MEM_GB = 16
+CPU_BASE_MEM_GB = 4
+CPUS_PER_GPU = 8
+# A CPU run computes in FP32 (4 bytes a parameter) and holds the model, its quantized copy and
+# activations: about 3 copies.
+CPU_MEM_COPIES = 3
+# Weights per GPU may use this share of its memory; the rest is activations and calibration state.
+GPU_WEIGHT_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class Request:
+    """One Slurm allocation: what every job of a point asks for."""
+
+    nodes: int
+    gpus_per_node: int
+    tasks_per_node: int
+    cpus_per_task: int
+    mem_gb: int
+    timeout_min: int
+
+    def as_dict(self) -> Dict[str, int]:
+        return dict(self.__dict__)
+
+
+def derived_request(cfg: RunConfig) -> Request:
+    """Resources a point needs, from hardware, parallelism, model and backend (before overrides)."""
+    model, hw, par = cfg.model, cfg.hardware, cfg.parallelism
+    bf16_gb = model.params_b * 2  # 2 bytes a parameter
+    if hw.device == "cpu":
+        return Request(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2,
+                       mem_gb=math.ceil(model.params_b * 4 * CPU_MEM_COPIES + CPU_BASE_MEM_GB),
+                       timeout_min=60 + math.ceil(model.params_b * 60))
+    if cfg.backend.name == "megatron_bridge":
+        nodes, gpus = par.nodes, par.gpus_per_node
+    else:
+        # One process spreads the model over the node's GPUs (device_map=auto).
+        nodes = 1
+        per_gpu = hw.gpu_memory_gb * GPU_WEIGHT_SHARE if hw.gpu_memory_gb else 48
+        gpus = min(8, max(1, math.ceil(bf16_gb / per_gpu)))
+    return Request(nodes=nodes, gpus_per_node=gpus, tasks_per_node=1, cpus_per_task=CPUS_PER_GPU * gpus,
+                   mem_gb=math.ceil(bf16_gb * 1.5 / nodes) + BASE_HOST_MEM_GB,
+                   timeout_min=60 + math.ceil(model.params_b * 2))
+
+
+def request_for(cfg: RunConfig) -> Request:
+    """The derived request with the `cluster` group's explicit values on top."""
+    derived, c = derived_request(cfg), cfg.cluster
+    pick = lambda value, default: default if value is None else value  # noqa: E731
+    return Request(nodes=pick(c.nodes, derived.nodes), gpus_per_node=pick(c.gpus_per_node, derived.gpus_per_node),
+                   tasks_per_node=pick(c.tasks_per_node, derived.tasks_per_node),
+                   cpus_per_task=pick(c.cpus_per_task, derived.cpus_per_task),
+                   mem_gb=pick(c.mem_gb, derived.mem_gb), timeout_min=pick(c.timeout_min, derived.timeout_min))
+
+
+def check_request(cfg: RunConfig, request: Request) -> Optional[str]:
+    """Why `request` cannot run this point (None if it can). Catches overrides that undercut the layout."""
+    par = cfg.parallelism
+    if cfg.hardware.device == "cuda" and request.gpus_per_node < 1:
+        return (f"hardware={cfg.hardware.name} needs GPUs but cluster.gpus_per_node={request.gpus_per_node}; "
+                "remove the override or set it to at least 1.")
+    if cfg.backend.name == "megatron_bridge":
+        world = par.nodes * par.gpus_per_node
+        got = request.nodes * request.gpus_per_node
+        if got != world:
+            return (f"parallelism={par.name} runs on {par.nodes} node(s) x {par.gpus_per_node} GPUs = {world}, but the Slurm "
+                    f"request is {request.nodes} x {request.gpus_per_node} = {got}; drop cluster.nodes/cluster.gpus_per_node "
+                    "overrides or change the parallelism.")
+    for key in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
+        if getattr(request, key) < 1:
+            return f"cluster.{key}={getattr(request, key)} must be at least 1."
+    return None
+
+
+def sbatch_parameters(cluster: ClusterConfig, request: Request, job_name: str) -> Dict:
+    """Parameters for submitit's SlurmExecutor.update_parameters (sbatch options by their submitit names)."""
+    params: Dict = {
+        "job_name": job_name,
+        "nodes": request.nodes,
+        "ntasks_per_node": request.tasks_per_node,
+        "cpus_per_task": request.cpus_per_task,
+        "mem": f"{request.mem_gb}GB",
+        "time": request.timeout_min,
+        "array_parallelism": cluster.array_parallelism,
+        "signal_delay_s": cluster.signal_delay_s,
+    }
+    if request.gpus_per_node:
+        params["gpus_per_node"] = request.gpus_per_node
+    for key in ("partition", "account", "qos", "constraint", "exclude"):
+        if getattr(cluster, key):
+            params[key] = getattr(cluster, key)
+    if cluster.additional_parameters:
+        params["additional_parameters"] = dict(cluster.additional_parameters)
+    setup = list(cluster.setup)
+    if request.nodes > 1:
+        # torchrun's rendezvous on the first node of the allocation (Slurm sets no MASTER_ADDR).
+        setup.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
+    if setup:
+        params["setup"] = setup
+    srun_args = list(cluster.srun_args)
+    if cluster.container_image:
+        # Pyxis/enroot: srun starts every task inside the container.
+        srun_args.append(f"--container-image={cluster.container_image}")
+        if cluster.container_mounts:
+            srun_args.append(f"--container-mounts={','.join(cluster.container_mounts)}")
+        srun_args.append("--container-workdir=" + (cluster.container_workdir or "/workspace"))
+    if srun_args:
+        params["srun_args"] = srun_args
+    return params
+
+
+def job_name(cfg: RunConfig) -> str:
+    return f"ptq-{cfg.model.name}-{cfg.recipe.name}"
+
+
+# What `python -m ptq.status` shows for a point, from the manifest, the run record and Slurm.
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state: Optional[str],
+                job_id: Optional[str]) -> (str, str):
+    """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused."""
+    if submitted == "refused":
+        return "refused", reason
+    if submitted == "skipped":
+        return "finished", reason or "finished in an earlier run"
+    status = (record or {}).get("status")
+    if status == "finished":
+        return "finished", record.get("checkpoint") or ""
+    if status == "failed":
+        return "failed", record.get("error", "")
+    slurm = (slurm_state or "").split()[0] if slurm_state else ""
+    if slurm == "PENDING":
+        return "pending", f"Slurm job {job_id} is waiting for resources"
+    if slurm in SLURM_ACTIVE:
+        return "running", f"Slurm job {job_id} {slurm.lower()}" + (" (run record written)" if status else "")
+    if slurm:
+        return "failed", f"Slurm job {job_id} ended {slurm} without a finished run record"
+    if status == "running":
+        return "running", f"run record says running; Slurm has no state for job {job_id}"
+    return "unknown", f"Slurm has no state for job {job_id} and there is no run record yet"
+
+
+def summarize(states: List[str]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def varying_overrides(points: List[List[str]]) -> List[str]:
+    """Per point, only the overrides that tell it from the others (the swept keys), joined by spaces."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides) for overrides in points]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or keys
+    return [" ".join(f"{k}={p[k]}" for k in varying if k in p) for p in parsed]
