@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +34,21 @@ def load_average():
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
+
+
+def busy_cpu_seconds():
+    """CPU seconds the whole machine spent busy since boot (/proc/stat), or None."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def cpu_name() -> str:
@@ -111,6 +127,7 @@ def main() -> None:
     for mode, r in order:
         root = work / f"{mode}-{r}"
         load_before = load_average()
+        busy_before, ours_before = busy_cpu_seconds(), children_cpu_seconds()
         if mode == "packed":
             cmd = ["-m", f"recipe={','.join(recipes)}", *sizes, f"output_root={root}", f"hydra.sweep.dir={root / 'sweep'}"]
             wall = launch(cmd, work / f"{mode}-{r}.log")
@@ -124,10 +141,14 @@ def main() -> None:
                 commands.append(cmd)
             wall = sum(process_s.values())
         points = point_records(root, recipes)
+        busy, ours = busy_cpu_seconds(), children_cpu_seconds() - ours_before
+        # CPU time other processes took meanwhile: the machine is shared, and on 2 cores any of it slows us.
+        others = round(busy - busy_before - ours, 1) if busy is not None and busy_before is not None else None
         runs.append({"mode": mode, "repeat": r, "wall_s": round(wall, 2), "process_s": process_s, "points": points,
+                     "cpu_s": round(ours, 1), "other_processes_cpu_s": others,
                      "load_average_before": load_before, "load_average_after": load_average(),
                      "commands": [" ".join(["python launch.py", *c]) for c in commands]})
-        print(f"{mode} #{r}: {wall:.1f} s", flush=True)
+        print(f"{mode} #{r}: {wall:.1f} s (CPU {ours:.0f} s; other processes {others} s)", flush=True)
 
     packed = [x["wall_s"] for x in runs if x["mode"] == "packed"]
     separate = [x["wall_s"] for x in runs if x["mode"] == "separate"]
@@ -184,9 +205,9 @@ def markdown(result: dict) -> str:
             frm = (p["model_load"] or {}).get("from", "?")
             lines.append(f"| {recipe} | {mode} | {proc} | {p['run_s']:.0f} | {st.get('load', 0):.2f} | "
                          f"{st.get('fidelity_reference', 0):.2f} | {st.get('calibrate', 0):.1f} | {frm} |")
-    loads = [x["load_average_before"] for x in result["runs"]]
-    lines += ["", f"1-minute load average before each mode: {', '.join(str(l[0]) if l else '?' for l in loads)} "
-              "(the machine was shared; differences between repeats show the noise).", ""]
+    others = ", ".join(f"{x['mode']} {x.get('other_processes_cpu_s')}" for x in result["runs"])
+    lines += ["", f"CPU seconds other processes used while each mode ran, in run order: {others} "
+              "(near 0: the timings are clean; the machine is shared).", ""]
     return "\n".join(lines)
 
 
