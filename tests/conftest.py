@@ -37,6 +37,17 @@ def compose_run(overrides=()):
     return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
 
 
+def load_tensors(checkpoint: Path) -> dict:
+    """Every tensor of an exported checkpoint's safetensors files, by name."""
+    from safetensors import safe_open
+
+    tensors = {}
+    for file in checkpoint.glob("*.safetensors"):
+        with safe_open(str(file), framework="pt") as f:
+            tensors.update({name: f.get_tensor(name) for name in f.keys()})
+    return tensors
+
+
 def text_source() -> str:
     return str(WIKITEXT) if WIKITEXT.is_file() else "self"
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import REPO, compose_run, small_run_overrides
+from conftest import REPO, compose_run, load_tensors, small_run_overrides
 from ptq import models
 from ptq.run import run
 
@@ -24,14 +23,6 @@ def tiny(tmp_path, tiny_llama_dir, *extra, root="runs"):
                                     "model.layer_widths=[]", *extra)
     # small_run_overrides puts every run under tmp_path/runs; a second root keeps the separate-load runs apart.
     return [o.replace(str(tmp_path / "runs"), str(tmp_path / root)) for o in overrides]
-
-
-def load_tensors(checkpoint: Path) -> dict:
-    tensors = {}
-    for file in checkpoint.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 @pytest.fixture(autouse=True)

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
-from conftest import REPO, TEST_CACHE, compose_run, small_run_overrides
+from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_overrides
 from ptq.plan import ConfigError
 from ptq.run import run
 
@@ -24,14 +23,6 @@ EXPORT = {
     "w4a8_awq": (torch.uint8, "W4A8_AWQ"),
 }
 CPU_RECIPES = list(EXPORT)
-
-
-def load_tensors(checkpoint: Path) -> dict:
-    tensors = {}
-    for file in checkpoint.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def check_export(record: dict, recipe: str, layer: str, out_features: int, in_features: int, block: int | None):
