@@ -121,8 +121,8 @@ class HFModelOptBackend:
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         cfg = plan.cfg
+        import_modelopt()
         with timer.stage("load"):
-            import_modelopt()
             model, tokenizer, checkpoint = load_model(
                 plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, reuse=cfg.backend.reuse_loaded_model,
