@@ -72,10 +72,10 @@ def cached_reference(model, tokens: torch.Tensor, batch_size: int, *, model_key,
     return ref
 
 
-def compare(model, tokens: torch.Tensor, batch_size: int, ref: Reference) -> dict:
+def compare(model, tokens: torch.Tensor, batch_size: int, ref: Reference, desc: str = "fidelity: quantized vs BF16") -> dict:
     nll, kl_sum, agree, count = 0.0, 0.0, 0, 0
     batches = list(_batches(tokens, batch_size))
-    for batch, ref_logp in tqdm(list(zip(batches, ref.logprobs)), desc="fidelity: quantized vs BF16", unit="batch"):
+    for batch, ref_logp in tqdm(list(zip(batches, ref.logprobs)), desc=desc, unit="batch"):
         logp = _next_token_logprobs(model, batch)
         ref_lp = ref_logp.to(logp.device).float()
         target = batch[:, 1:].to(logp.device)

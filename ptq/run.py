@@ -15,7 +15,7 @@ from ptq.backends import get_backend
 from ptq.plan import PARTIAL_NAME, RECORD_NAME, Plan, prepare
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
 from ptq.schema import RunConfig
-from ptq.validate import checkpoint_bytes, validate_checkpoint
+from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +75,8 @@ def execute(plan: Plan, config: dict) -> dict:
                 partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.cfg.recipe.export_quant_algo,
                 expect_kv_cache=plan.cfg.recipe.kv_cache, unexpected_bf16=result.unexpected_bf16,
             )
+            validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
+            validation["passed"] = not validation["problems"]
         record["validation"] = validation
         record["fidelity"] = result.fidelity
         record["evaluation"] = result.evaluation

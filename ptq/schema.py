@@ -204,6 +204,12 @@ class FidelityConfig:
     seq_len: int = 512
     batch_size: int = 0
     seed: int = 4321
+    # After the export, read the written checkpoint back from disk (ptq/exported.py) and measure it as well:
+    # it must score like the in-memory model, or the export is broken and the run fails validation.
+    exported: bool = True
+    # Allowed: mean KL of the export <= tolerance x the in-memory model's + 0.005 (the two differ by rounding:
+    # ModelOpt rounds the exported weights through BF16 before FP8).
+    export_kl_tolerance: float = 1.5
 
 
 @dataclass

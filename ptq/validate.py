@@ -125,3 +125,21 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         "layer_quant_algos": layer_algos,
         "tensors": len(index),
     }
+
+
+# Below this, KL differences are sampling noise of a short fidelity text, whatever the ratio.
+EXPORT_KL_SLACK = 0.005
+
+
+def export_fidelity_problems(fidelity: Optional[dict], tolerance: float) -> List[str]:
+    """The checkpoint read back from disk must score like the model that was measured in memory."""
+    written = (fidelity or {}).get("exported_checkpoint")
+    if not written:
+        return []
+    in_memory, on_disk = fidelity["mean_kl"], written["mean_kl"]
+    limit = tolerance * in_memory + EXPORT_KL_SLACK
+    if on_disk <= limit:
+        return []
+    return [f"the exported checkpoint, read back from disk, has mean KL {on_disk:.4f} vs BF16 where the model "
+            f"in memory had {in_memory:.4f} (limit {limit:.4f}): the written codes or scales do not reproduce the "
+            "calibrated model"]

@@ -48,6 +48,10 @@ def check_export(record: dict, recipe: str, layer: str, out_features: int, in_fe
     assert (checkpoint / "tokenizer.json").exists()
     fid = record["fidelity"]
     assert fid["tokens"] > 0 and fid["mean_kl"] > 0 and 0 < fid["top1_agreement"] < 1
+    # The checkpoint as written, read back from disk, scores like the model measured in memory.
+    written = fid["exported_checkpoint"]
+    assert written["simulated"]["formats"] == {algo: record["layers"]["quantized"]}
+    assert 0 < written["mean_kl"] <= 1.5 * fid["mean_kl"] + 0.005
     assert record["size"]["checkpoint_bytes"] < record["size"]["bf16_bytes"]
     assert set(record["timings_s"]) >= {"load", "calibrate", "export", "validate"}
     assert record["versions"]["nvidia-modelopt"] == "0.47.0"
