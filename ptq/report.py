@@ -55,6 +55,7 @@ RUN_RECORD_NAME = "run.json"
 MANIFEST_NAME = "sweep.json"
 BF16 = "bf16"
 FIDELITY_METRIC = "fidelity"
+DEFAULT_BACKEND = "hf_modelopt"
 PERPLEXITY = "perplexity"
 MEAN_KL = "mean_kl_vs_bf16"
 TOP1_AGREEMENT = "top1_agreement_vs_bf16"
@@ -122,7 +123,10 @@ def _kv_cache(record: dict) -> str:
 
 
 def variant_label(record: dict) -> str:
-    """`<recipe>[+kv_<fmt>][@<calib_size>]`; the BF16 baseline is just `bf16`."""
+    """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>)]`; the BF16 baseline is just `bf16`.
+
+    The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
+    is its own variant, so both backends' checkpoints of one recipe stand side by side."""
     recipe = record["recipe"]
     if recipe == BF16:
         return BF16
@@ -133,6 +137,9 @@ def variant_label(record: dict) -> str:
     calib = _calib_size(record)
     if calib is not None and calib != "":
         label += f"@{calib}"
+    backend = record.get("backend")
+    if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
+        label += f" ({backend})"
     return label
 
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Optional
 
 from ptq.backends import get_backend
-from ptq.plan import PARTIAL_NAME, RECORD_NAME, Plan, prepare
+from ptq.backends.megatron_bridge import process_rank
+from ptq.plan import PARTIAL_NAME, RECORD_NAME, ConfigError, Plan, prepare
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
@@ -158,6 +159,15 @@ def run(cfg: RunConfig, config: dict) -> dict:
     if plan.action == "skip":
         log.info(plan.skip_reason)
         return json.loads(plan.record_path.read_text())
+    rank = process_rank(os.environ)
+    if rank:
+        # Every task of a multi-node job runs this; only the first keeps the record and the checkpoint.
+        backend = get_backend(cfg.backend.name)
+        if not hasattr(backend, "run_worker"):
+            raise ConfigError(f"backend={cfg.backend.name} runs in one process, but this is rank {rank} of a job with "
+                              "several tasks; give it one task (cluster.tasks_per_node=1, cluster.nodes=1).")
+        log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
+        return backend.run_worker(plan)
     log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
     record = execute(plan, config)
     log.info("Finished: checkpoint %s (%.2fx smaller than BF16), record %s",

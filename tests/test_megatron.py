@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_run
-from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, unsupported_flags
+from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, process_rank, unsupported_flags
 from ptq.plan import ConfigError, Facts, make_plan
-from ptq.run import execute
+from ptq.run import execute, run
 
 STANDIN = Path(__file__).parent / "megatron_standin"
 GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
@@ -51,6 +51,68 @@ def test_nemotron_super_commands_on_two_nodes():
 def test_ranks_started_by_srun_run_the_script_directly():
     steps = build_steps(plan_for(SUPER), Path("/m"), Path("/e"), env={"WORLD_SIZE": "16", "RANK": "3"})
     assert steps[0].argv[:2] == ["python", "/opt/Megatron-Bridge/examples/quantization/quantize.py"]
+    # The export is TP 1 x PP 2: ranks 0 and 1 run it in a world of their own; the other 14 skip it.
+    export = steps[-1]
+    assert export.name == "export" and export.ranks == 2 and dict(export.env) == {"WORLD_SIZE": "2"}
+    assert steps[0].ranks > 16 and not steps[0].env
+
+
+def test_process_rank_reads_the_global_rank_or_the_slurm_task():
+    assert process_rank({}) == 0
+    assert process_rank({"SLURM_PROCID": "1"}) == 1
+    assert process_rank({"SLURM_PROCID": "1", "WORLD_SIZE": "16", "RANK": "9"}) == 9
+    torchrun_steps = build_steps(plan_for(SUPER), Path("/m"), Path("/e"), env={"SLURM_PROCID": "1"})
+    assert torchrun_steps[-1].ranks == 1  # torchrun on the first node only
+
+
+def _node(rank, overrides, env, results):
+    """One node's task of a two-node job (a forked process, as Slurm would start one per node)."""
+    import os
+
+    import ptq.run as run_module
+
+    os.environ.update(env, SLURM_PROCID=str(rank))
+    run_module.prepare = lambda cfg: make_plan(cfg, GPU)  # these nodes pretend to have GPUs
+    cfg, config = compose_run(overrides)
+    try:
+        results.put((rank, run_module.run(cfg, config)["status"]))
+    except BaseException as exc:  # reported to the test, not lost in the child
+        results.put((rank, f"{type(exc).__name__}: {exc}"))
+
+
+def test_two_node_job_only_the_first_node_exports_and_keeps_the_record(tmp_path):
+    import multiprocessing
+
+    log_dir = tmp_path / "ranks"
+    log_dir.mkdir()
+    overrides = ["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
+                 "parallelism.nodes=2", "parallelism.gpus_per_node=1", "fidelity.enabled=false",
+                 f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
+                 f"backend.python={sys.executable}", "backend.rdzv_port=29613", f"output_root={tmp_path / 'runs'}"]
+    env = {"STANDIN_LOG": str(log_dir), "MASTER_ADDR": "127.0.0.1", "SLURM_JOB_ID": "4242"}
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    nodes = [ctx.Process(target=_node, args=(rank, overrides, env, results)) for rank in (0, 1)]
+    for node in nodes:
+        node.start()
+    for node in nodes:
+        node.join(timeout=300)
+    status = dict(results.get(timeout=5) for _ in nodes)
+    assert status == {0: "finished", 1: "worker"}
+    ranks = {p.stem: json.loads(p.read_text()) for p in log_dir.glob("*.json")}
+    # Both nodes joined one quantize and one generate group of world size 2; the export ran once, on node 0.
+    assert set(ranks) == {"quantize-rank0", "quantize-rank1", "generate-rank0", "generate-rank1", "export-rank0"}
+    assert ranks["quantize-rank1"]["world"] == 2 and ranks["export-rank0"]["world"] == 1
+    (record_path,) = (tmp_path / "runs").rglob("run.json")
+    assert json.loads(record_path.read_text())["status"] == "finished"
+
+
+def test_in_process_backend_refuses_to_run_as_a_second_task(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_PROCID", "1")
+    cfg, config = compose_run([f"output_root={tmp_path}", "fidelity.enabled=false"])
+    with pytest.raises(ConfigError, match="runs in one process.*rank 1"):
+        run(cfg, config)
+    assert not list(tmp_path.rglob("run.json"))
 
 
 @pytest.mark.parametrize("recipe,name", [("fp8", "fp8"), ("fp8_blockwise", "fp8_blockwise"), ("int8_sq", "int8_sq"),
@@ -125,7 +187,8 @@ def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, m
     cfg, config = compose_run([
         "backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
         f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
-        f"backend.python={sys.executable}", "backend.rdzv_port=29611", f"output_root={tmp_path / 'runs'}", "calib.size=16"])
+        f"backend.python={sys.executable}", "backend.rdzv_port=29611", f"output_root={tmp_path / 'runs'}", "calib.size=16",
+        "fidelity.enabled=false"])  # an 8B model cannot be read back here; see the SmolLM2 test below
     record = execute(make_plan(cfg, GPU), config)
     assert record["status"] == "finished", record.get("error")
     assert record["validation"]["passed"] and record["validation"]["quant_algo"] == "FP8"
@@ -151,3 +214,52 @@ def test_a_failing_step_fails_the_run_without_a_checkpoint(tmp_path, monkeypatch
     out = next((tmp_path / "runs" / "qwen3-8b").iterdir())
     assert json.loads((out / "run.json").read_text())["status"] == "failed"
     assert not (out / "checkpoint").exists()
+
+
+def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_process_one(smollm2_dir, tmp_path, monkeypatch):
+    """The Megatron path's export is measured by reading it back from disk. The stand-in export hands over a real
+    SmolLM2 FP8 export made by the in-process backend, so both backends measure the very same file: their
+    figures for the written checkpoint must agree, and the report lists both."""
+    from conftest import small_run_overrides
+    from ptq.report import build_report
+
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("\n".join(json.dumps({"question": q, "choices": {"label": ["A", "B"], "text": c}, "answerKey": "A"})
+                             for q, c in [("What is the capital of France?", ["Paris", "Tokyo"]),
+                                          ("What do bees make?", ["honey", "steel"]),
+                                          ("Which is a colour?", ["blue", "seven"])]) + "\n")
+    eval_args = ["eval=local_quick", "eval.suite=tiny", "eval.bootstrap_iters=0",
+                 f"eval.benchmarks=[{{name: arc, kind: multiple_choice, format: arc_jsonl, path: '{arc}'}}]"]
+    common = small_run_overrides(tmp_path, "recipe=fp8", f"model.path={smollm2_dir}", *eval_args)
+    cfg, config = compose_run(common)
+    in_process = run(cfg, config)
+    assert in_process["status"] == "finished", in_process.get("error")
+
+    monkeypatch.setenv("STANDIN_LOG", str(tmp_path))
+    monkeypatch.setenv("STANDIN_EXPORT_FROM", in_process["checkpoint"])
+    for var in ("WORLD_SIZE", "RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(var, raising=False)
+    cfg, config = compose_run(common + [
+        "backend=megatron_bridge", "hardware=h100", "backend.generate_check=false", f"backend.scripts_dir={STANDIN}",
+        f"backend.torchrun={sys.executable} -m torch.distributed.run", "backend.rdzv_port=29614",
+        f"output_dir={tmp_path / 'megatron-fp8'}"])
+    plan = make_plan(cfg, Facts(cuda_available=True, local_model_ok=True))
+    # The Megatron steps need CUDA (the plan insists on it); the measurement runs wherever the model fits:
+    # here, on the CPU in FP32 like the in-process run above.
+    plan.cfg.hardware.device, plan.cfg.hardware.dtype = "cpu", "float32"
+    megatron = execute(plan, config)
+    assert megatron["status"] == "finished", megatron.get("error")
+
+    fid, written = megatron["fidelity"], in_process["fidelity"]["exported_checkpoint"]
+    assert fid["measured_on"] == "exported checkpoint" and fid["simulated"]["formats"] == {"FP8": 210}
+    assert fid["mean_kl"] > 0
+    assert fid["mean_kl"] == pytest.approx(written["mean_kl"], rel=1e-3)
+    assert fid["bf16_perplexity"] == pytest.approx(in_process["fidelity"]["bf16_perplexity"], rel=1e-3)
+    assert megatron["evaluation"]["measured_on"] == "exported checkpoint"
+    assert {r["benchmark"] for r in megatron["evaluation"]["results"]} == {"arc"}
+
+    report = build_report([in_process, megatron])
+    variants = set(report.summary["variant"])
+    assert {"fp8@4", "fp8@4 (megatron_bridge)"} <= variants
+    arc_rows = report.scores[(report.scores["benchmark"] == "arc") & (report.scores["variant"] != "bf16")]
+    assert set(arc_rows["variant"]) == {"fp8@4", "fp8@4 (megatron_bridge)"} and arc_rows["recovery"].notna().all()

@@ -14,9 +14,10 @@ import shlex
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 from ptq.backends.base import BackendResult
+from ptq.exported import measure_export
 from ptq.plan import PARTIAL_NAME, ConfigError, Plan
 from ptq.record import StageTimer
 from ptq.validate import read_tensor_index
@@ -31,6 +32,18 @@ MEGATRON_CHECKPOINT = "megatron"
 class Step:
     name: str
     argv: List[str]
+    # Only processes of rank below this run the step (the export is smaller than the quantize job).
+    ranks: int = 1 << 30
+    # Environment changes for the step (ranks started by the scheduler: the export's own world size).
+    env: Tuple[Tuple[str, str], ...] = ()
+
+
+def process_rank(env: Mapping[str, str]) -> int:
+    """This process's rank among the job's launcher processes: the global rank when the scheduler started
+    every rank (WORLD_SIZE and RANK set), else the Slurm task (one per node), else 0."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"])
+    return int(env.get("SLURM_PROCID", "0"))
 
 
 def _layout_flags(tp: int, pp: int, ep: int, etp: int) -> List[str]:
@@ -86,13 +99,19 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
     layouts = {"quantize": (par.gpus_per_node, par.nodes), "generate": (par.gpus_per_node, par.nodes),
                # The export is one node's job: TP 1 and PP ranks only.
                "export": (export_world, 1)}
+    direct = "WORLD_SIZE" in env and "RANK" in env
     steps = []
     for name in ("quantize", "generate", "export"):
         if name == "generate" and not backend.generate_check:
             continue
         nproc, nnodes = layouts[name]
         argv = launcher(plan, nproc, nnodes, env) + [str(scripts / SCRIPTS[name])] + args[name]
-        steps.append(Step(name, argv))
+        if name != "export":
+            steps.append(Step(name, argv))
+        elif direct:  # the first export_world ranks (all on the first node) form the export's own group
+            steps.append(Step(name, argv, ranks=export_world, env=(("WORLD_SIZE", str(export_world)),)))
+        else:  # torchrun on the first node only
+            steps.append(Step(name, argv, ranks=1))
     return steps
 
 
@@ -129,6 +148,19 @@ def describe(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
     return [shlex.join(s.argv) for s in build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)]
 
 
+def run_steps(steps: List[Step], env: Mapping[str, str], timer: StageTimer) -> None:
+    rank = process_rank(env)
+    for step in steps:
+        if rank >= step.ranks:
+            log.info("Megatron-Bridge %s: not on rank %d", step.name, rank)
+            continue
+        log.info("Megatron-Bridge %s: %s", step.name, shlex.join(step.argv))
+        with timer.stage(step.name):
+            done = subprocess.run(step.argv, env={**env, **dict(step.env)})
+        if done.returncode:
+            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {done.returncode}: {shlex.join(step.argv)}")
+
+
 def _quantized_modules(export_dir: Path) -> List[str]:
     return sorted(name[: -len(".weight_scale")] for name in read_tensor_index(export_dir) if name.endswith(".weight_scale"))
 
@@ -144,14 +176,21 @@ class MegatronBridgeBackend:
         megatron_dir = plan.output_dir / MEGATRON_CHECKPOINT
         steps = build_steps(plan, megatron_dir, export_dir, env)
         check_scripts(plan, steps)
-        for step in steps:
-            log.info("Megatron-Bridge %s: %s", step.name, shlex.join(step.argv))
-            with timer.stage(step.name):
-                done = subprocess.run(step.argv, env=env)
-            if done.returncode:
-                raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {done.returncode}: {shlex.join(step.argv)}")
+        run_steps(steps, env, timer)
         quantized = _quantized_modules(export_dir)
         details = {"commands": {s.name: s.argv for s in steps}, "megatron_checkpoint": str(megatron_dir),
                    "source": model_id(plan)}
+        # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
+        fid, scores = measure_export(plan, export_dir, timer)
         return BackendResult(bf16_bytes=int(plan.cfg.model.params_b * 1e9 * 2), quantized_layers=quantized,
-                             details=details)
+                             fidelity=fid, evaluation=scores, details=details)
+
+    def run_worker(self, plan: Plan, env: Optional[Mapping[str, str]] = None) -> dict:
+        """A process of rank > 0 in a multi-node job: take part in the distributed steps, write nothing else."""
+        env = dict(os.environ if env is None else env)
+        out = plan.output_dir
+        steps = build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)
+        check_scripts(plan, steps)
+        timer = StageTimer()
+        run_steps(steps, env, timer)
+        return {"status": "worker", "rank": process_rank(env), "output_dir": str(out), "timings_s": timer.seconds}

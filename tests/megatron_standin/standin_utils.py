@@ -1,7 +1,8 @@
 """Stand-in for Megatron-Bridge's quantization scripts (tests only: Megatron-Bridge needs CUDA and
 Transformer Engine, which the test machines lack). Each script joins a real torch.distributed
 process group over gloo, records its rank, world size and arguments, and the export writes a small
-FP8-shaped Hugging Face checkpoint so the launcher's validation has something real to read."""
+FP8-shaped Hugging Face checkpoint (or copies a real export named by STANDIN_EXPORT_FROM) so the
+launcher's validation and measurements have something real to read."""
 
 import argparse
 import json
@@ -40,6 +41,14 @@ def record(step):
 
 
 def write_checkpoint(folder):
+    # A real ModelOpt export to hand over as this "Megatron export" (the tests make one with the in-process
+    # backend), so the launcher's read-back, fidelity and benchmarks run on real numbers.
+    source = os.environ.get("STANDIN_EXPORT_FROM")
+    if source:
+        import shutil
+
+        shutil.copytree(source, folder, dirs_exist_ok=True)
+        return
     from safetensors.torch import save_file
 
     os.makedirs(folder, exist_ok=True)
