@@ -28,6 +28,8 @@ from ptq.plan import ConfigError
 log = logging.getLogger(__name__)
 
 FP8_MAX = 448.0
+# ModelOpt's 2-D blockwise FP8 (fp8_blockwise recipe) uses 128 x 128 tiles.
+FP8_BLOCK = 128
 # The exported quant_algo names this loader can simulate, per layer.
 WEIGHT_ONLY = {"FP8_PB_WO", "W8A16", "INT8_WO", "W4A16_AWQ", "W4A16_NVFP4"}
 FP8_INPUT = {"FP8", "W4A8_AWQ"}
@@ -96,11 +98,16 @@ def dequantize_weight(algo: str, t: Dict[str, torch.Tensor], group_size: Optiona
     weight, scale = t["weight"], t["weight_scale"].float()
     if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO"):
         codes = weight.view(torch.float8_e4m3fn).float()
-        if scale.dim() == 2:  # one scale per block of rows x columns
-            rows, cols = codes.shape[0] // scale.shape[0], codes.shape[1] // scale.shape[1]
-            scale = scale.repeat_interleave(rows, 0).repeat_interleave(cols, 1)
-        elif scale.dim() == 1:  # one scale per output channel
-            scale = scale[:, None]
+        out, inp = codes.shape
+        if algo == "FP8_PB_WO":  # one scale per block x block tile; the last tiles may hang over the edge
+            block = group_size or FP8_BLOCK
+            tiles = (-(-out // block), -(-inp // block))
+            if scale.numel() != tiles[0] * tiles[1]:
+                raise ConfigError(f"FP8 block scales of {tuple(scale.shape)} do not tile a {out}x{inp} weight in "
+                                  f"{block}x{block} blocks")
+            scale = scale.reshape(tiles).repeat_interleave(block, 0).repeat_interleave(block, 1)[:out, :inp]
+        elif scale.numel() > 1:  # one scale per output channel
+            scale = scale.reshape(-1, 1)
         return (codes * scale).to(dtype)
     if algo in ("W8A8_SQ_PER_CHANNEL", "W8A16", "INT8_WO"):
         return (weight.float() * scale.reshape(-1, 1)).to(dtype)

@@ -33,11 +33,17 @@ def test_int4_unpacking_inverts_modelopts_export_packing():
     assert torch.allclose(restored, codes * scale.repeat_interleave(4, 1))
 
 
-def test_fp8_block_scales_are_expanded_per_block():
-    codes = torch.full((4, 4), 2.0).to(torch.float8_e4m3fn)
-    scale = torch.tensor([[1.0, 10.0], [100.0, 1000.0]])
-    w = dequantize_weight("FP8_PB_WO", {"weight": codes, "weight_scale": scale}, None, torch.float32)
-    assert w[0, 0] == 2 and w[0, 3] == 20 and w[3, 0] == 200 and w[3, 3] == 2000
+def test_fp8_block_scales_match_modelopts_blockwise_quantization():
+    from modelopt.torch.quantization.qtensor import FP8QTensor
+
+    torch.manual_seed(0)
+    weight = torch.randn(200, 300)  # neither side a multiple of 128: the edge tiles are partial
+    packed, scale = FP8QTensor.quantize(weight, block_sizes={-1: 128, -2: 128})
+    assert tuple(scale.shape) == (2, 3)
+    mine = dequantize_weight("FP8_PB_WO", {"weight": packed._quantized_data, "weight_scale": scale}, None, torch.float32)
+    theirs = packed.dequantize(torch.float32, scale=scale, block_sizes={-1: 128, -2: 128})
+    assert torch.equal(mine, theirs)
+    assert 0 < (mine - weight).norm() / weight.norm() < 0.05
 
 
 def test_export_fidelity_check_flags_a_checkpoint_worse_than_the_model_in_memory():
