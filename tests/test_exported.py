@@ -51,7 +51,7 @@ def test_export_fidelity_check_flags_a_checkpoint_worse_than_the_model_in_memory
     bad = {"mean_kl": 0.05, "exported_checkpoint": {"mean_kl": 0.4}}
     assert export_fidelity_problems(good, 1.5) == []
     (problem,) = export_fidelity_problems(bad, 1.5)
-    assert "0.4000" in problem and "does not reproduce" in problem
+    assert "0.4000" in problem and "do not reproduce" in problem
     assert export_fidelity_problems({"mean_kl": 0.05}, 1.5) == []  # not measured: nothing to judge
 
 
