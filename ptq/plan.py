@@ -64,6 +64,9 @@ class Plan:
     # Module name patterns left unquantized: the model's and the recipe's.
     exclude_patterns: List[str]
     warnings: List[str]
+    # Megatron-Bridge backend: read the export back and measure it (fidelity/eval on) when the BF16 model
+    # fits the one GPU the measurement uses.
+    measure_export: bool = False
     # "run", or "skip" when a finished output exists and overwrite is off.
     action: str = "run"
     skip_reason: str = ""
@@ -326,7 +329,11 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
                 "choose an output_dir outside it (e.g. output_root=runs)."
             )
 
+    measure = export_measurement(cfg)
+    if measure.startswith("skip:"):
+        warnings.append(measure[len("skip: "):])
     plan = Plan(
+        measure_export=measure == "measure",
         cfg=cfg,
         source=source,
         output_dir=output_dir,
@@ -352,6 +359,24 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
             "skipping it (pass overwrite=true to run it again)."
         )
     return plan
+
+
+# Share of one GPU the BF16 model may take when a Megatron-Bridge export is measured (the rest: activations,
+# the fidelity reference's log-probabilities, lm-eval's batches).
+MEASURE_GPU_SHARE = 0.8
+
+
+def export_measurement(cfg: RunConfig) -> str:
+    """For the Megatron-Bridge backend: "measure", "off" (fidelity and eval disabled), or "skip: <why>"."""
+    if cfg.backend.name != "megatron_bridge" or not (cfg.fidelity.enabled or cfg.eval.enabled):
+        return "off"
+    need_gb = cfg.model.params_b * 2
+    room_gb = cfg.hardware.gpu_memory_gb * MEASURE_GPU_SHARE
+    if cfg.hardware.device == "cuda" and room_gb and need_gb > room_gb:
+        return (f"skip: fidelity and eval of the exported checkpoint are skipped: reading it back needs the BF16 "
+                f"model ({need_gb:.0f} GB) on one GPU, and {cfg.hardware.name} offers {room_gb:.0f} GB of its "
+                f"{cfg.hardware.gpu_memory_gb:.0f} GB; set fidelity=none eval=none to silence this.")
+    return "measure"
 
 
 def _read_json(path: Path) -> Optional[dict]:

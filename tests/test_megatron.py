@@ -263,3 +263,16 @@ def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_proce
     assert {"fp8@4", "fp8@4 (megatron_bridge)"} <= variants
     arc_rows = report.scores[(report.scores["benchmark"] == "arc") & (report.scores["variant"] != "bf16")]
     assert set(arc_rows["variant"]) == {"fp8@4", "fp8@4 (megatron_bridge)"} and arc_rows["recovery"].notna().all()
+
+
+def test_export_is_measured_only_when_the_bf16_model_fits_one_gpu():
+    from ptq.plan import export_measurement
+
+    super_plan = plan_for(SUPER)
+    assert not super_plan.measure_export
+    assert any("240 GB" in w and "fidelity=none eval=none" in w for w in super_plan.warnings)
+    assert plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100"]).measure_export
+    cfg, _ = compose_run(SUPER + ["fidelity=none"])  # eval is off by default: nothing to measure, no warning
+    assert export_measurement(cfg) == "off"
+    cfg, _ = compose_run(["recipe=fp8"])  # the in-process backend measures its own model
+    assert export_measurement(cfg) == "off"

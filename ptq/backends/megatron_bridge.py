@@ -181,7 +181,7 @@ class MegatronBridgeBackend:
         details = {"commands": {s.name: s.argv for s in steps}, "megatron_checkpoint": str(megatron_dir),
                    "source": model_id(plan)}
         # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
-        fid, scores = measure_export(plan, export_dir, timer)
+        fid, scores = measure_export(plan, export_dir, timer) if plan.measure_export else (None, None)
         return BackendResult(bf16_bytes=int(plan.cfg.model.params_b * 1e9 * 2), quantized_layers=quantized,
                              fidelity=fid, evaluation=scores, details=details)
 
