@@ -5,9 +5,10 @@ the file that was actually written (and to score checkpoints this process did no
 Megatron-Bridge backend's), every quantized linear layer gets its weight dequantized from the stored
 integers/FP8/FP4 codes and scales, and a hook that applies the stored pre-quantization scale and quantizes
 its input with the stored activation scale. Computation then runs in ordinary precision, so the numbers
-match the quantized model up to rounding of the compute dtype. Unpacking uses ModelOpt's own tensor
-classes where their layout matches the export (FP8, INT8, NVFP4); the INT4 export packs two output rows per
-byte, which no ModelOpt class reads back, so that unpacking is done here.
+match the quantized model up to rounding of the compute dtype. FP8 and INT8 weights are a code times its
+scale; NVFP4 weights and activations go through ModelOpt's own NVFP4QTensor; the INT4 export packs two
+output rows per byte, which no ModelOpt class reads back, so that unpacking is done here (and tested
+against ModelOpt's packer).
 
 Not simulated (reported in the summary): KV-cache scales (they apply inside attention after the rotary
 embedding, which a hook on the projections cannot reproduce).
