@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional
 
 from ptq.schema import ClusterConfig, RunConfig
 
@@ -173,3 +173,11 @@ def varying_overrides(points: List[List[str]]) -> List[str]:
     keys = list(dict.fromkeys(k for p in parsed for k in p))
     varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or keys
     return [" ".join(f"{k}={p[k]}" for k in varying if k in p) for p in parsed]
+
+
+def process_rank(env: Mapping[str, str]) -> int:
+    """This process's rank among the job's launcher processes: the global rank when the scheduler started
+    every rank (WORLD_SIZE and RANK set), else the Slurm task (one per node), else 0."""
+    if "WORLD_SIZE" in env and "RANK" in env:
+        return int(env["RANK"])
+    return int(env.get("SLURM_PROCID", "0"))

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from ptq.backends import get_backend
-from ptq.backends.megatron_bridge import process_rank
+from ptq.cluster import process_rank
 from ptq.plan import PARTIAL_NAME, RECORD_NAME, ConfigError, Plan, prepare
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
 from ptq.schema import RunConfig

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_run
-from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, process_rank, unsupported_flags
+from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, unsupported_flags
+from ptq.cluster import process_rank
 from ptq.plan import ConfigError, Facts, make_plan
 from ptq.run import execute, run
 

@@ -230,7 +230,8 @@ class HFModelOptBackend:
                 model.save_pretrained(export_dir)
             tokenizer.save_pretrained(export_dir)
         if fid is not None and plan.quantize and cfg.fidelity.exported:
-            # The export replaced the model's weights by their stored codes: it is spent.
+            # The export replaced the model's weights by their stored codes: it is spent (the AutoQuantize
+            # search holds it too), and the read-back needs its memory.
             del model
             search = None
             with timer.stage("fidelity_exported"):

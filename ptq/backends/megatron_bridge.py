@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ptq.backends.base import BackendResult
+from ptq.cluster import process_rank
 from ptq.exported import measure_export
 from ptq.plan import PARTIAL_NAME, ConfigError, Plan
 from ptq.record import StageTimer
@@ -36,14 +37,6 @@ class Step:
     ranks: int = 1 << 30
     # Environment changes for the step (ranks started by the scheduler: the export's own world size).
     env: Tuple[Tuple[str, str], ...] = ()
-
-
-def process_rank(env: Mapping[str, str]) -> int:
-    """This process's rank among the job's launcher processes: the global rank when the scheduler started
-    every rank (WORLD_SIZE and RANK set), else the Slurm task (one per node), else 0."""
-    if "WORLD_SIZE" in env and "RANK" in env:
-        return int(env["RANK"])
-    return int(env.get("SLURM_PROCID", "0"))
 
 
 def _layout_flags(tp: int, pp: int, ep: int, etp: int) -> List[str]:
