@@ -54,12 +54,16 @@ class Simulation:
                 "not_simulated": self.not_simulated}
 
 
-def layer_formats(export_dir: Path, module_names: List[str]) -> Dict[str, dict]:
-    """{module: {"quant_algo", "group_size"}} for every module the checkpoint stores quantized."""
+def read_quant_config(export_dir: Path) -> dict:
+    """The "quantization" section of a ModelOpt export's hf_quant_config.json."""
     path = export_dir / "hf_quant_config.json"
     if not path.is_file():
         raise ConfigError(f"{export_dir} has no hf_quant_config.json: it is not a ModelOpt export.")
-    quant = json.loads(path.read_text()).get("quantization", {})
+    return json.loads(path.read_text()).get("quantization", {})
+
+
+def layer_formats(quant: dict, module_names: List[str]) -> Dict[str, dict]:
+    """{module: {"quant_algo", "group_size"}} for every module the checkpoint stores quantized."""
     algo = (quant.get("quant_algo") or "").upper()
     if algo == "MIXED_PRECISION":
         return {name: {"quant_algo": (cfg.get("quant_algo") or "").upper(), "group_size": cfg.get("group_size")}
@@ -154,7 +158,8 @@ def input_transform(algo: str, t: Dict[str, torch.Tensor], group_size: Optional[
     return transform
 
 
-def _read_tensors(export_dir: Path) -> Dict[str, torch.Tensor]:
+def read_tensors(export_dir: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint's safetensors files, by name."""
     from safetensors import safe_open
 
     tensors = {}
@@ -167,16 +172,16 @@ def _read_tensors(export_dir: Path) -> Dict[str, torch.Tensor]:
 
 def simulate(model, export_dir: Path) -> Simulation:
     """Give every quantized linear layer of `model` (loaded from the export without its scales) the stored numbers."""
-    tensors = _read_tensors(export_dir)
+    quant = read_quant_config(export_dir)
+    tensors = read_tensors(export_dir)
     by_module: Dict[str, Dict[str, torch.Tensor]] = {}
     for name, tensor in tensors.items():
         module, _, leaf = name.rpartition(".")
         by_module.setdefault(module, {})[leaf] = tensor
     quantized = [m for m, t in by_module.items() if "weight_scale" in t]
-    formats = layer_formats(export_dir, quantized)
+    formats = layer_formats(quant, quantized)
     modules = dict(model.named_modules())
     sim = Simulation()
-    quant = json.loads((export_dir / "hf_quant_config.json").read_text()).get("quantization", {})
     sim.kv_cache_quant_algo = quant.get("kv_cache_quant_algo")
     if sim.kv_cache_quant_algo:
         sim.not_simulated.append(f"KV cache ({sim.kv_cache_quant_algo})")
@@ -242,10 +247,11 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     return model, AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from), sim
 
 
-def _release(model) -> None:
+def _free_memory() -> None:
+    """Return the memory of models the caller has just dropped (`del model` first: a helper cannot drop the
+    caller's reference)."""
     import gc
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -258,7 +264,8 @@ def exported_fidelity(export_dir: Path, plan, tokens: torch.Tensor, batch_size: 
     cfg = plan.cfg
     model, _, sim = load_exported(export_dir, cfg.hardware.device, _dtype(cfg.hardware.dtype), tokenizer_from)
     figures = fidelity.compare(model, tokens, batch_size, ref, desc="fidelity: exported checkpoint vs BF16")
-    _release(model)
+    del model
+    _free_memory()
     return {**figures, "simulated": sim.summary()}
 
 
@@ -296,7 +303,8 @@ def measure_export(plan, export_dir: Path, timer, batch_size: int = 8):
         with timer.stage("eval_baseline"):
             baseline = evaluation.cached_baseline(model, tokenizer, cfg.eval, model_id=checkpoint,
                                                   model_name=cfg.model.name, cache_dir=cfg.cache_dir, work_dir=eval_dir)
-    _release(model)
+    del model
+    _free_memory()
     with timer.stage("load_exported"):
         model, tokenizer, sim = load_exported(export_dir, device, dtype, tokenizer_from=checkpoint)
     fid = scores = None
@@ -309,5 +317,6 @@ def measure_export(plan, export_dir: Path, timer, batch_size: int = 8):
             results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, eval_dir, cfg.recipe.name)
         scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline,
                   "measured_on": "exported checkpoint"}
-    _release(model)
+    del model
+    _free_memory()
     return fid, scores

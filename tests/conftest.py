@@ -9,6 +9,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from ptq.exported import read_tensors as load_tensors  # noqa: F401  (tests import it from here)
 from ptq.schema import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,17 +36,6 @@ def compose_run(overrides=()):
     """(RunConfig, resolved dict) exactly as launch.py hands them to ptq.run.run."""
     cfg = compose_dict(overrides)
     return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
-
-
-def load_tensors(checkpoint: Path) -> dict:
-    """Every tensor of an exported checkpoint's safetensors files, by name."""
-    from safetensors import safe_open
-
-    tensors = {}
-    for file in checkpoint.glob("*.safetensors"):
-        with safe_open(str(file), framework="pt") as f:
-            tensors.update({name: f.get_tensor(name) for name in f.keys()})
-    return tensors
 
 
 def text_source() -> str:
