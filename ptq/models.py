@@ -133,10 +133,12 @@ def last_load() -> dict:
     return dict(_last_load)
 
 
-def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, reuse: bool = False):
+def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, reuse: bool = False,
+               max_gpu_memory_gb: float = 0.0):
     """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
-    loaded with the same settings, or a fresh load that is kept for later runs when two copies fit."""
-    key = (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code)
+    loaded with the same settings, or a fresh load that is kept for later runs when two copies fit.
+    `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap)."""
+    key = (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code, max_gpu_memory_gb)
     start = time.perf_counter()
     if reuse and key in _pristine:
         model, tokenizer, checkpoint = _pristine[key]
@@ -153,14 +155,17 @@ def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_cod
             return model, tokenizer, checkpoint
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
         load_counts["copy"] += 1
-        _note(**{"from": "copy", "seconds": round(time.perf_counter() - start, 3), "kept": True, "reason": why})
+        _note(**{"from": "copy", "seconds": round(time.perf_counter() - start, 3), "kept": True, "reason": why,
+                 "devices": placement(model)})
         log.info("Using a copy of the BF16 model loaded earlier in this process (%.1f s)", time.perf_counter() - start)
         return model, tokenizer, checkpoint
     if _pristine:
         clear_model_cache()  # another model or other settings: free the kept one before loading
-    model, tokenizer, checkpoint = _load_from_disk(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, tokenizer, checkpoint = _load_from_disk(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                   max_gpu_memory_gb=max_gpu_memory_gb)
     load_counts["disk"] += 1
-    _note(**{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False})
+    _note(**{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False,
+             "devices": placement(model)})
     if not reuse:
         return model, tokenizer, checkpoint
     fits, why = room_for_a_copy(model)
@@ -174,7 +179,25 @@ def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_cod
     return copy.deepcopy(model), copy.deepcopy(tokenizer), checkpoint
 
 
-def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool):
+def gpu_memory_caps(max_gpu_memory_gb: float, gpus: int) -> Optional[Dict[object, int]]:
+    """accelerate's `max_memory` for a cap in GiB on each of `gpus` GPUs (None: no cap). Nothing may go to
+    the CPU or disk: a model that does not fit the caps fails to load instead of crawling."""
+    if max_gpu_memory_gb <= 0:
+        return None
+    caps: Dict[object, int] = {i: int(max_gpu_memory_gb * 2**30) for i in range(gpus)}
+    caps["cpu"] = 0
+    return caps
+
+
+def placement(model) -> Dict[str, int]:
+    """Parameters per device, in millions (how device_map spread the model)."""
+    counts: Dict[str, int] = {}
+    for p in model.parameters():
+        counts[str(p.device)] = counts.get(str(p.device), 0) + p.numel()
+    return {device: round(n / 1e6, 1) for device, n in sorted(counts.items())}
+
+
+def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(source)
@@ -183,7 +206,14 @@ def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remot
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
     if device == "cuda":
         kwargs["device_map"] = "auto"
+        caps = gpu_memory_caps(max_gpu_memory_gb, torch.cuda.device_count())
+        if caps:
+            kwargs["max_memory"] = caps
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    off_gpu = sorted({str(p.device) for p in model.parameters() if p.device.type != "cuda"}) if device == "cuda" else []
+    if off_gpu:
+        raise RuntimeError(f"{checkpoint} did not fit on the GPUs (parts went to {', '.join(off_gpu)}); raise "
+                           "backend.max_gpu_memory_gb or use more GPUs.")
     model.eval()
     if model.config.architectures is None:
         # ModelOpt's export reads the architecture name from the config.

@@ -42,6 +42,8 @@ class Facts:
     """What make_plan needs to know about the machine."""
 
     cuda_available: bool = False
+    # GPUs this process sees (0 without CUDA).
+    gpu_count: int = 0
     # model.path exists and holds a config.json
     local_model_ok: bool = False
     # Widths read from a local config.json (when model.layer_widths is empty).
@@ -212,6 +214,17 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
     if hw.device == "cuda" and not facts.cuda_available and not cfg.dry_run:  # a dry run may plan GPU work anywhere
         raise ConfigError(f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here.")
+    cap = cfg.backend.max_gpu_memory_gb
+    if cap < 0:
+        raise ConfigError(f"backend.max_gpu_memory_gb={cap} must be 0 (no cap) or a positive number of GiB per GPU.")
+    if cap and cfg.backend.name == "hf_modelopt" and hw.device == "cuda" and facts.gpu_count:
+        need = cfg.model.params_b * 2e9 / 2**30
+        if need > cap * facts.gpu_count:
+            raise ConfigError(
+                f"backend.max_gpu_memory_gb={cap} on {facts.gpu_count} GPU(s) leaves {cap * facts.gpu_count:.1f} GiB for "
+                f"{cfg.model.name}'s {need:.1f} GiB of BF16 weights; raise the cap to at least "
+                f"{math.ceil(need / facts.gpu_count * 1.1)} or set it to 0 (no cap)."
+            )
     unserved = [f for f in formats if f not in hw.serve]
     if unserved and hw.serve:
         target = "Blackwell (hardware=b200 or gb200)" if any(f in ("nvfp4", "mxfp8") for f in unserved) else "other hardware"
@@ -254,11 +267,33 @@ def check_megatron_layout(cfg: RunConfig) -> None:
         raise ConfigError(f"parallelism.tp={par.tp} does not divide the {model.mamba_ngroups} Mamba groups of {model.name}.")
 
 
+def calib_text_path(spec: str) -> Optional[Path]:
+    """The local text file a calibration/fidelity `dataset` names, or None ("self" or a dataset name)."""
+    if spec == "self":
+        return None
+    path = Path(os.path.expanduser(spec))
+    if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
+        return path.resolve()
+    return None
+
+
+def check_megatron_calib(cfg: RunConfig) -> None:
+    """Megatron-Bridge's quantize.py calibrates on text it reads itself: a file or a dataset name."""
+    spec = cfg.calib.dataset
+    if spec == "self":
+        raise ConfigError(
+            "calib.dataset=self samples calibration text from the BF16 model in this process, which "
+            "backend=megatron_bridge does not load: give a local .txt or .jsonl file (e.g. "
+            "calib.dataset=/data/wikitext-2/valid.txt) or a dataset name ModelOpt knows (e.g. cnn_dailymail, "
+            "which needs the Hugging Face Hub)."
+        )
+    path = calib_text_path(spec)
+    if path is not None and not path.is_file():
+        raise ConfigError(f"calib.dataset={spec} is not a file; give a .txt or .jsonl path or a dataset name.")
+
+
 def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
     model = cfg.model
-    if cfg.backend.name == "megatron_bridge" and not model.path and model.hf_id:
-        # Megatron-Bridge loads Hugging Face ids or folders itself; a GGUF copy is no use to it.
-        return ModelSource("hub", model.hf_id)
     if model.path:
         if not facts.local_model_ok:
             raise ConfigError(
@@ -312,6 +347,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
 
     if cfg.backend.name == "megatron_bridge":
         check_megatron_layout(cfg)
+        check_megatron_calib(cfg)
     if cfg.backend.name == "hf_modelopt" and (cfg.parallelism.tp, cfg.parallelism.pp, cfg.parallelism.ep) != (1, 1, 1):
         warnings.append(
             f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "
@@ -402,7 +438,8 @@ def gather_facts(cfg: RunConfig) -> Facts:
     """Read what make_plan needs from the machine. Cheap: loads no model."""
     import torch
 
-    facts = Facts(cuda_available=torch.cuda.is_available())
+    cuda = torch.cuda.is_available()
+    facts = Facts(cuda_available=cuda, gpu_count=torch.cuda.device_count() if cuda else 0)
     if cfg.model.path:
         config = _read_json(Path(cfg.model.path).expanduser() / "config.json")
         facts.local_model_ok = config is not None

@@ -13,14 +13,20 @@ from pathlib import Path
 from typing import Dict
 
 PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors")
+# Recorded only where installed (the megatron_bridge backend's stack).
+OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13")
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a record."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 # Keys that change how or where a run is launched, not what it makes.
@@ -57,6 +63,11 @@ def package_versions() -> Dict[str, str]:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
             versions[name] = None
+    for name in OPTIONAL_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
     return versions
 
 

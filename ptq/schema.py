@@ -162,6 +162,9 @@ class BackendConfig:
     # hf_modelopt: keep the loaded BF16 model in memory (when two copies fit) and hand each run of
     # this process a copy, so the points of a sweep run in one process load it once (ptq/models.py).
     reuse_loaded_model: bool = True
+    # hf_modelopt on GPUs: the most GiB of weights device_map=auto may put on each visible GPU (0 = no cap).
+    # Lower it to leave room on every GPU, or to make a model that would fit one GPU spread over several.
+    max_gpu_memory_gb: float = 0.0
     # The fields below are read by the megatron_bridge backend only.
     # Folder holding Megatron-Bridge's quantize.py, ptq_generate.py and export.py.
     scripts_dir: str = "/opt/Megatron-Bridge/examples/quantization"

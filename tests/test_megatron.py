@@ -12,15 +12,17 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_run
-from ptq.backends.megatron_bridge import build_steps, check_scripts, describe, unsupported_flags
+from conftest import compose_run, text_source
+from ptq.backends.megatron_bridge import ENTRY, build_steps, check_scripts, describe, unsupported_flags
 from ptq.cluster import process_rank
 from ptq.plan import ConfigError, Facts, make_plan
 from ptq.run import execute, run
 
 STANDIN = Path(__file__).parent / "megatron_standin"
 GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
-SUPER = ["backend=megatron_bridge", "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conservative",
+# Megatron-Bridge's quantize.py reads its calibration text itself: a dataset name or a file, never "self".
+MB = ["backend=megatron_bridge", "calib.dataset=cnn_dailymail"]
+SUPER = [*MB, "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conservative",
          "parallelism=tp8_pp2_ep8", "hardware=h100", "output_dir=/ckpt/super-nvfp4"]
 
 
@@ -35,23 +37,66 @@ def test_nemotron_super_commands_on_two_nodes():
     assert [s.name for s in steps] == ["quantize", "generate", "export"]
     assert steps[0].argv == [
         "torchrun", "--nproc_per_node=8", "--nnodes=2", "--rdzv_backend=c10d", "--rdzv_endpoint=node001:29500",
-        "--rdzv_id=4242", "/opt/Megatron-Bridge/examples/quantization/quantize.py",
+        "--rdzv_id=4242", str(ENTRY), "/opt/Megatron-Bridge/examples/quantization/quantize.py",
         "--hf-model-id", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--export-quant-cfg", "mamba_moe_nvfp4_conservative",
         "--megatron-save-path", "/ckpt/super-nvfp4/megatron", "--tp", "8", "--pp", "2", "--ep", "8", "--etp", "1",
-        "--calib-size", "512", "--trust-remote-code"]
-    assert steps[1].argv[6:10] == ["/opt/Megatron-Bridge/examples/quantization/ptq_generate.py", "--hf-model-id",
-                                   "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--megatron-load-path"]
-    # Export gathers no TP shards: TP 1, the quantize step's PP, on one node.
+        "--calib-size", "512", "--calib-seq-length", "512", "--calib-batch-size", "16", "--calib-dataset", "cnn_dailymail",
+        "--prompts", "Hello!|Born in California, Soyer trained as a", "--trust-remote-code"]
+    assert steps[1].argv[6:11] == [str(ENTRY), "/opt/Megatron-Bridge/examples/quantization/ptq_generate.py",
+                                   "--hf-model-id", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--megatron-load-path"]
+    # Export gathers no TP shards: TP 1, the quantize step's PP, on one node (a rendezvous of its own).
     assert steps[2].argv == [
-        "torchrun", "--nproc_per_node=2", "/opt/Megatron-Bridge/examples/quantization/export.py",
+        "torchrun", "--nproc_per_node=2", "--standalone", str(ENTRY), "/opt/Megatron-Bridge/examples/quantization/export.py",
         "--hf-model-id", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B-BF16", "--megatron-load-path", "/ckpt/super-nvfp4/megatron",
         "--export-dir", "/ckpt/super-nvfp4/hf", "--tp", "1", "--pp", "2", "--ep", "1", "--etp", "1",
         "--dtype", "bfloat16", "--trust-remote-code"]
 
 
+def test_a_text_file_is_handed_to_the_scripts_as_jsonl_with_the_same_tokens(tmp_path, smollm2_dir):
+    """ModelOpt's Megatron calibration loader packs JSONL text exactly as the in-process backend cuts a text file:
+    the same tokens reach both backends."""
+    from transformers import AutoTokenizer
+    from modelopt.torch.utils.dataset_utils import get_dataset_dataloader
+
+    from ptq.backends.megatron_bridge import calib_dataset, write_calib_jsonl
+    from ptq.calib_data import token_batches
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n\nA second paragraph, with numbers 1 2 3.\n" * 10)
+    plan = plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100", f"calib.dataset={text}", "calib.size=6",
+                     "calib.seq_len=32", f"output_dir={tmp_path / 'out'}"])
+    jsonl = write_calib_jsonl(plan)
+    assert calib_dataset(plan) == str(jsonl) == str(tmp_path / "out" / "calib.jsonl")
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    ours = token_batches(str(text), model=None, tokenizer=tokenizer, model_id="x", samples=6, seq_len=32, seed=0,
+                         cache_dir=str(tmp_path), sample_batch_size=1)
+    loader = get_dataset_dataloader(dataset_name=str(jsonl), tokenizer=tokenizer, batch_size=6, num_samples=6,
+                                    max_sample_length=32, device=None, pack=True)
+    theirs = next(iter(loader))["input_ids"]
+    assert theirs.shape == ours.shape == (6, 32)
+    assert theirs.tolist() == ours.tolist()
+    # A JSONL is handed over as it is; a dataset name too; "self" cannot be (the scripts never see the BF16 model here).
+    given = tmp_path / "given.jsonl"
+    given.write_text('{"text": "hello"}\n')
+    assert calib_dataset(plan_for([*MB, "model=qwen3-8b", "hardware=h100", f"calib.dataset={given}"])) == str(given)
+    with pytest.raises(ConfigError, match="calib.dataset=self.*local .txt or .jsonl"):
+        plan_for(["backend=megatron_bridge", "model=qwen3-8b", "hardware=h100"])
+
+
+def test_generation_answers_are_parsed_from_the_scripts_output():
+    from ptq.backends.megatron_bridge import parse_generations
+
+    out = ("[rank0]: noise\nPrompt 1: Hello!\nGenerated: ['Hello! How can I help you today?']\n"
+           "Prompt 2: Born in California, Soyer trained as a\nGenerated: [\"a painter, and 'moved'\"]\nGeneration completed\n")
+    assert parse_generations(out) == [
+        {"prompt": "Hello!", "generated": "Hello! How can I help you today?"},
+        {"prompt": "Born in California, Soyer trained as a", "generated": "a painter, and 'moved'"}]
+    assert parse_generations("nothing here") == []
+
+
 def test_ranks_started_by_srun_run_the_script_directly():
     steps = build_steps(plan_for(SUPER), Path("/m"), Path("/e"), env={"WORLD_SIZE": "16", "RANK": "3"})
-    assert steps[0].argv[:2] == ["python", "/opt/Megatron-Bridge/examples/quantization/quantize.py"]
+    assert steps[0].argv[:3] == ["python", str(ENTRY), "/opt/Megatron-Bridge/examples/quantization/quantize.py"]
     # The export is TP 1 x PP 2: ranks 0 and 1 run it in a world of their own; the other 14 skip it.
     export = steps[-1]
     assert export.name == "export" and export.ranks == 2 and dict(export.env) == {"WORLD_SIZE": "2"}
@@ -86,7 +131,7 @@ def test_two_node_job_only_the_first_node_exports_and_keeps_the_record(tmp_path)
 
     log_dir = tmp_path / "ranks"
     log_dir.mkdir()
-    overrides = ["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
+    overrides = [*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
                  "parallelism.nodes=2", "parallelism.gpus_per_node=1", "fidelity.enabled=false",
                  f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
                  f"backend.python={sys.executable}", "backend.rdzv_port=29613", f"output_root={tmp_path / 'runs'}"]
@@ -120,7 +165,7 @@ def test_in_process_backend_refuses_to_run_as_a_second_task(tmp_path, monkeypatc
                                          ("int4_awq", "int4_awq"), ("w4a8_awq", "w4a8_awq"), ("nvfp4", "nvfp4"),
                                          ("mamba_moe_fp8_aggressive", "mamba_moe_fp8_aggressive")])
 def test_each_recipe_passes_its_megatron_name(recipe, name):
-    plan = plan_for(["backend=megatron_bridge", "model=qwen3-8b", f"recipe={recipe}", "parallelism=tp2",
+    plan = plan_for([*MB, "model=qwen3-8b", f"recipe={recipe}", "parallelism=tp2",
                      "hardware=b200", "recipe.kv_cache=fp8"])
     quantize = build_steps(plan, Path("/m"), Path("/e"), env={})[0].argv
     assert quantize[quantize.index("--export-quant-cfg") + 1] == name
@@ -141,7 +186,7 @@ def test_each_recipe_passes_its_megatron_name(recipe, name):
     (["hardware=cpu"], "runs on CUDA GPUs"),
 ])
 def test_impossible_layouts_are_refused_before_submitting(overrides, message):
-    base = ["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100"]
+    base = [*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100"]
     if message is None:
         assert plan_for(base + overrides).action == "run"
         return
@@ -151,18 +196,18 @@ def test_impossible_layouts_are_refused_before_submitting(overrides, message):
 
 def test_mamba_groups_must_divide_tp():
     with pytest.raises(ConfigError, match="Mamba groups"):
-        plan_for(["backend=megatron_bridge", "model=nemotron-h-8b", "model.mamba_ngroups=8", "parallelism=tp8",
+        plan_for([*MB, "model=nemotron-h-8b", "model.mamba_ngroups=8", "parallelism=tp8",
                   "parallelism.tp=16", "parallelism.gpus_per_node=16", "recipe=fp8", "hardware=h100"])
 
 
 def test_flags_the_installed_scripts_lack_are_refused(tmp_path):
     assert unsupported_flags(["--tp", "2", "--calib-dataset=c4"], 'add_argument("--tp")') == ["--calib-dataset"]
-    plan = plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
-                     f"backend.scripts_dir={STANDIN}", "backend.extra_args=[--calib-seq-length,1024]"])
+    plan = plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+                     f"backend.scripts_dir={STANDIN}", "backend.extra_args=[--calib-shuffle-seed,7]"])
     steps = build_steps(plan, tmp_path / "m", tmp_path / "e", env={})
-    with pytest.raises(ConfigError, match="does not accept --calib-seq-length"):
+    with pytest.raises(ConfigError, match="does not accept --calib-shuffle-seed"):
         check_scripts(plan, steps)
-    missing = plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+    missing = plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100",
                         f"backend.scripts_dir={tmp_path / 'nowhere'}"])
     with pytest.raises(ConfigError, match="/opt/Megatron-Bridge/examples/quantization"):
         check_scripts(missing, build_steps(missing, tmp_path / "m", tmp_path / "e", env={}))
@@ -176,7 +221,7 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     assert summary["status"] == "dry_run" and len(summary["commands"]) == 3
     assert "--export-quant-cfg mamba_moe_nvfp4_conservative" in summary["commands"][0]
     assert not (tmp_path / "out").exists()
-    assert describe(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2")
+    assert describe(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2 --standalone")
 
 
 def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, monkeypatch):
@@ -186,7 +231,7 @@ def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, m
     for var in ("WORLD_SIZE", "RANK"):
         monkeypatch.delenv(var, raising=False)
     cfg, config = compose_run([
-        "backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
+        *MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100", "parallelism=tp2",
         f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
         f"backend.python={sys.executable}", "backend.rdzv_port=29611", f"output_root={tmp_path / 'runs'}", "calib.size=16",
         "fidelity.enabled=false"])  # an 8B model cannot be read back here; see the SmolLM2 test below
@@ -202,12 +247,16 @@ def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, m
     export_argv = ranks["export-rank0"]["argv"]
     assert export_argv[export_argv.index("--tp") + 1] == "1"
     assert set(record["timings_s"]) >= {"quantize", "generate", "export", "validate"}
+    # The generation check's answers (printed by rank 0) are kept, and each step's output is in logs/.
+    answers = record["details"]["generation"]["generate"]
+    assert [a["prompt"] for a in answers] == ["Hello!", "Born in California, Soyer trained as a"]
+    assert Path(record["details"]["logs"]["quantize"]).read_text().count("Generated:") == 2
 
 
 def test_a_failing_step_fails_the_run_without_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "missing-folder"))  # the stand-in cannot write its log
     cfg, config = compose_run([
-        "backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100",
+        *MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100",
         f"backend.scripts_dir={STANDIN}", f"backend.torchrun={sys.executable} -m torch.distributed.run",
         "backend.rdzv_port=29612", f"output_root={tmp_path / 'runs'}"])
     with pytest.raises(RuntimeError, match="quantize step exited"):
@@ -242,6 +291,7 @@ def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_proce
         monkeypatch.delenv(var, raising=False)
     cfg, config = compose_run(common + [
         "backend=megatron_bridge", "hardware=h100", "backend.generate_check=false", f"backend.scripts_dir={STANDIN}",
+        *(["calib.dataset=cnn_dailymail"] if text_source() == "self" else []),
         f"backend.torchrun={sys.executable} -m torch.distributed.run", "backend.rdzv_port=29614",
         f"output_dir={tmp_path / 'megatron-fp8'}"])
     plan = make_plan(cfg, Facts(cuda_available=True, local_model_ok=True))
@@ -272,7 +322,7 @@ def test_export_is_measured_only_when_the_bf16_model_fits_one_gpu():
     super_plan = plan_for(SUPER)
     assert not super_plan.measure_export
     assert any("240 GB" in w and "fidelity=none eval=none" in w for w in super_plan.warnings)
-    assert plan_for(["backend=megatron_bridge", "model=qwen3-8b", "recipe=fp8", "hardware=h100"]).measure_export
+    assert plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100"]).measure_export
     cfg, _ = compose_run(SUPER + ["fidelity=none"])  # eval is off by default: nothing to measure, no warning
     assert export_measurement(cfg) == "off"
     cfg, _ = compose_run(["recipe=fp8"])  # the in-process backend measures its own model

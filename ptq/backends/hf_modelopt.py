@@ -126,6 +126,7 @@ class HFModelOptBackend:
             model, tokenizer, checkpoint = load_model(
                 plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
                 trust_remote_code=cfg.model.trust_remote_code, reuse=cfg.backend.reuse_loaded_model,
+                max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
             )
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
         quant_cfg = search = None

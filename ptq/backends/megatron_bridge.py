@@ -1,32 +1,51 @@
 """Megatron-Bridge's quantization scripts as processes: quantize -> generate check -> export.
 
 Each step runs under torchrun with the `parallelism` group's layout, or directly when the ranks
-were already started by the scheduler (srun sets WORLD_SIZE and RANK for every task). The
-commands are built by pure functions so they can be checked without GPUs; `run` executes them.
+were already started by the scheduler (srun sets WORLD_SIZE and RANK for every task). Every step
+starts through `megatron_entry.py` (one compatibility setting, see there). The commands are built
+by pure functions so they can be checked without GPUs; `run` executes them, keeps each step's
+output in `<output_dir>/logs/`, and records the generation check's answers.
+
+Calibration text is the launcher's own `calib.dataset`: a .txt file is handed to the scripts as a
+one-line JSONL (`<output_dir>/calib.jsonl`), which ModelOpt's Megatron loader packs into rows exactly
+as the in-process backend does (text + EOS, cut into calib.seq_len tokens), so both backends
+calibrate on the same tokens.
 """
 
 from __future__ import annotations
 
+import ast
+import json
 import logging
 import os
 import re
 import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
 from ptq.backends.base import BackendResult
+from ptq.backends.megatron_entry import FUSION_OFF_NOTE
 from ptq.cluster import process_rank
 from ptq.exported import measure_export
-from ptq.plan import PARTIAL_NAME, ConfigError, Plan
-from ptq.record import StageTimer
+from ptq.plan import PARTIAL_NAME, ConfigError, Plan, calib_text_path
+from ptq.record import StageTimer, write_text_atomic
 from ptq.validate import read_tensor_index
 
 log = logging.getLogger(__name__)
 
 SCRIPTS = {"quantize": "quantize.py", "generate": "ptq_generate.py", "export": "export.py"}
 MEGATRON_CHECKPOINT = "megatron"
+ENTRY = Path(__file__).with_name("megatron_entry.py")
+CALIB_JSONL = "calib.jsonl"
+LOG_DIR = "logs"
+# Rich (the scripts' console) wraps at 80 columns when not on a terminal; wide lines keep each
+# generated answer on one line of the log.
+STEP_ENV = (("COLUMNS", "4000"),)
+# Calibration batch when calib.batch_size is 0 (automatic): the scripts' default is 1.
+DEFAULT_CALIB_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -44,7 +63,28 @@ def _layout_flags(tp: int, pp: int, ep: int, etp: int) -> List[str]:
 
 
 def model_id(plan: Plan) -> str:
-    return plan.source.location
+    """What --hf-model-id gets: a Hub id, a local folder, or the folder a GGUF file is converted into."""
+    return plan.source.converted_dir or plan.source.location
+
+
+def calib_dataset(plan: Plan) -> str:
+    """What --calib-dataset gets: the JSONL the launcher writes for a text file, a JSONL as given,
+    or a dataset name ModelOpt resolves itself."""
+    text = calib_text_path(plan.cfg.calib.dataset)
+    if text is None:
+        return plan.cfg.calib.dataset
+    return str(text) if text.suffix == ".jsonl" else str(plan.output_dir / CALIB_JSONL)
+
+
+def write_calib_jsonl(plan: Plan) -> Optional[Path]:
+    """Hand a .txt calibration file to the scripts as one JSONL line (same text, same tokens)."""
+    text = calib_text_path(plan.cfg.calib.dataset)
+    if text is None or text.suffix == ".jsonl":
+        return None
+    target = plan.output_dir / CALIB_JSONL
+    content = text.read_text(encoding="utf-8")
+    write_text_atomic(target, json.dumps({"text": content}) + "\n")
+    return target
 
 
 def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, List[str]]:
@@ -53,7 +93,9 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
     trust = ["--trust-remote-code"] if cfg.model.trust_remote_code else []
     quantize = ["--hf-model-id", model_id(plan), "--export-quant-cfg", cfg.recipe.megatron_cfg,
                 "--megatron-save-path", str(megatron_dir), *_layout_flags(par.tp, par.pp, par.ep, par.etp),
-                "--calib-size", str(cfg.calib.size), *trust]
+                "--calib-size", str(cfg.calib.size), "--calib-seq-length", str(cfg.calib.seq_len),
+                "--calib-batch-size", str(cfg.calib.batch_size or min(cfg.calib.size, DEFAULT_CALIB_BATCH)),
+                "--calib-dataset", calib_dataset(plan), "--prompts", backend.prompts, *trust]
     if cfg.recipe.kv_cache != "none":
         quantize.append("--export-kv-cache-quant")
     if cfg.recipe.weight_only:
@@ -75,7 +117,10 @@ def launcher(plan: Plan, nproc_per_node: int, nnodes: int, env: Mapping[str, str
     if "WORLD_SIZE" in env and "RANK" in env:
         return [backend.python]
     cmd = shlex.split(backend.torchrun) + [f"--nproc_per_node={nproc_per_node}"]
-    if nnodes > 1:
+    if nnodes == 1:
+        # A rendezvous on a free local port: several runs on one machine do not collide.
+        cmd.append("--standalone")
+    else:
         master = env.get("MASTER_ADDR", "localhost")
         job = env.get("SLURM_JOB_ID", "ptq")
         cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:{backend.rdzv_port}",
@@ -98,7 +143,7 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
         if name == "generate" and not backend.generate_check:
             continue
         nproc, nnodes = layouts[name]
-        argv = launcher(plan, nproc, nnodes, env) + [str(scripts / SCRIPTS[name])] + args[name]
+        argv = launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(scripts / SCRIPTS[name])] + args[name]
         if name != "export":
             steps.append(Step(name, argv))
         elif direct:  # the first export_world ranks (all on the first node) form the export's own group
@@ -141,17 +186,87 @@ def describe(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
     return [shlex.join(s.argv) for s in build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)]
 
 
-def run_steps(steps: List[Step], env: Mapping[str, str], timer: StageTimer) -> None:
+def _run_logged(argv: List[str], env: Mapping[str, str], log_path: Path) -> int:
+    """Run `argv`, passing its output through to ours and into `log_path`; its exit status."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8", buffering=1) as out:  # line-buffered: other tasks read it
+        proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                errors="replace", bufsize=1)
+        for line in proc.stdout:
+            out.write(line)
+            sys.stdout.write(line)
+        return proc.wait()
+
+
+def run_steps(steps: List[Step], env: Mapping[str, str], timer: StageTimer, log_dir: Path) -> Dict[str, Path]:
+    """Run the steps this process takes part in; {step: its log file}."""
     rank = process_rank(env)
+    logs = {}
     for step in steps:
         if rank >= step.ranks:
             log.info("Megatron-Bridge %s: not on rank %d", step.name, rank)
             continue
         log.info("Megatron-Bridge %s: %s", step.name, shlex.join(step.argv))
+        logs[step.name] = log_dir / (f"{step.name}.log" if rank == 0 else f"{step.name}-task{rank}.log")
         with timer.stage(step.name):
-            done = subprocess.run(step.argv, env={**env, **dict(step.env)})
-        if done.returncode:
-            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {done.returncode}: {shlex.join(step.argv)}")
+            status = _run_logged(step.argv, {**env, **dict(STEP_ENV), **dict(step.env)}, logs[step.name])
+        if status:
+            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {status} "
+                               f"(output: {logs[step.name]}): {shlex.join(step.argv)}")
+    return logs
+
+
+_GENERATED = re.compile(r"^Generated: (\[.*\])\s*$")
+_PROMPT = re.compile(r"^Prompt (\d+): (.*)$")
+
+
+def parse_generations(text: str) -> List[dict]:
+    """The prompt/answer pairs the scripts print ("Prompt N: ..." then "Generated: ['...']")."""
+    pairs, prompt = [], None
+    for line in text.splitlines():
+        line = line.strip()
+        m = _PROMPT.match(line)
+        if m:
+            prompt = m.group(2)
+            continue
+        m = _GENERATED.match(line)
+        if m:
+            try:
+                answer = ast.literal_eval(m.group(1))
+            except (ValueError, SyntaxError):
+                answer = [m.group(1)]
+            pairs.append({"prompt": prompt, "generated": answer[0] if len(answer) == 1 else answer})
+            prompt = None
+    return pairs
+
+
+def generation_check(plan: Plan, log_dir: Path, strict: bool) -> dict:
+    """The answers of the quantized model: in memory after the quantize step, and reloaded from the Megatron
+    checkpoint by the generate step. Global rank 0 prints them; under torchrun on several nodes the
+    rendezvous may put that rank on any node, so every task's log is read. `strict`: fail when the generate
+    step answered fewer prompts than given (only where rank 0 is known to be this task's)."""
+    prompts = plan.cfg.backend.prompts.split("|")
+    found = {}
+    for name in ("quantize", "generate"):
+        pairs = []
+        for path in sorted(log_dir.glob(f"{name}*.log")):
+            pairs += parse_generations(path.read_text(errors="replace"))
+        found[name] = pairs
+    if strict and plan.cfg.backend.generate_check and len(found["generate"]) < len(prompts):
+        raise RuntimeError(f"Megatron-Bridge generate step printed {len(found['generate'])} answers for "
+                           f"{len(prompts)} prompts (output: {log_dir / 'generate.log'})")
+    return found
+
+
+def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
+    """What the scripts read besides the model: a GGUF model converted to a Hugging Face folder (once, in
+    the cache) and the calibration JSONL. Every task of a multi-node job does this; both writes are atomic."""
+    from ptq.models import resolve_checkpoint
+
+    if plan.source.kind == "gguf":
+        with timer.stage("convert_model"):
+            resolve_checkpoint(plan.source)
+    write_calib_jsonl(plan)
 
 
 def _quantized_modules(export_dir: Path) -> List[str]:
@@ -169,10 +284,16 @@ class MegatronBridgeBackend:
         megatron_dir = plan.output_dir / MEGATRON_CHECKPOINT
         steps = build_steps(plan, megatron_dir, export_dir, env)
         check_scripts(plan, steps)
-        run_steps(steps, env, timer)
+        _prepare_inputs(plan, timer)
+        logs = run_steps(steps, env, timer, plan.output_dir / LOG_DIR)
         quantized = _quantized_modules(export_dir)
+        notes = [FUSION_OFF_NOTE] if any(FUSION_OFF_NOTE in p.read_text(errors="replace") for p in logs.values()) else []
         details = {"commands": {s.name: s.argv for s in steps}, "megatron_checkpoint": str(megatron_dir),
-                   "source": model_id(plan)}
+                   "source": model_id(plan), "calib_dataset": calib_dataset(plan),
+                   "logs": {name: str(path) for name, path in logs.items()},
+                   "generation": generation_check(plan, plan.output_dir / LOG_DIR,
+                                                  strict=plan.cfg.parallelism.nodes == 1 or "RANK" in env),
+                   "notes": notes}
         # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
         fid, scores = measure_export(plan, export_dir, timer) if plan.measure_export else (None, None)
         return BackendResult(bf16_bytes=int(plan.cfg.model.params_b * 1e9 * 2), quantized_layers=quantized,
@@ -185,5 +306,6 @@ class MegatronBridgeBackend:
         steps = build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)
         check_scripts(plan, steps)
         timer = StageTimer()
-        run_steps(steps, env, timer)
+        _prepare_inputs(plan, timer)
+        run_steps(steps, env, timer, out / LOG_DIR)
         return {"status": "worker", "rank": process_rank(env), "output_dir": str(out), "timings_s": timer.seconds}

@@ -16,9 +16,9 @@ import torch.distributed as dist
 def parse(step):
     p = argparse.ArgumentParser()
     for flag in ("--hf-model-id", "--export-quant-cfg", "--megatron-save-path", "--megatron-load-path",
-                 "--export-dir", "--dtype", "--prompts"):
+                 "--export-dir", "--dtype", "--prompts", "--calib-dataset"):
         p.add_argument(flag)
-    for flag in ("--tp", "--pp", "--ep", "--etp", "--calib-size"):
+    for flag in ("--tp", "--pp", "--ep", "--etp", "--calib-size", "--calib-seq-length", "--calib-batch-size"):
         p.add_argument(flag, type=int)
     for flag in ("--trust-remote-code", "--export-kv-cache-quant", "--weight-only", "--compress"):
         p.add_argument(flag, action="store_true")
@@ -34,6 +34,12 @@ def record(step):
         json.dump({"rank": rank, "world": world, "argv": sys.argv[1:]}, f)
     if step == "quantize" and rank == 0:
         os.makedirs(args.megatron_save_path, exist_ok=True)
+    if step in ("quantize", "generate") and rank == 0:
+        # The real scripts print each prompt and the quantized model's answer like this.
+        prompts = (args.prompts or "Hello!|Born in California, Soyer trained as a").split("|")
+        for i, prompt in enumerate(prompts, 1):
+            print(f"Prompt {i}: {prompt}")
+            print(f"Generated: {[prompt + ' (stand-in)']!r}", flush=True)
     if step == "export" and rank == 0:
         write_checkpoint(args.export_dir)
     dist.barrier()

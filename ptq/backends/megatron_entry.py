@@ -1,0 +1,79 @@
+"""Entry point that runs one of Megatron-Bridge's quantization scripts under torchrun.
+
+    torchrun ... ptq/backends/megatron_entry.py SCRIPT.py [script arguments]
+
+It runs SCRIPT.py as `__main__` with the script's folder first on sys.path (the scripts import their
+helpers, `quantize_utils`, from there), after one compatibility setting:
+
+Megatron-Bridge 0.6 turns `gradient_accumulation_fusion` on whenever Transformer Engine imports, but
+Megatron-Core's plain `ColumnParallelLinear` (the output layer) then needs APEX's
+`fused_weight_gradient_mlp_cuda` extension and refuses to build the model without it. The NeMo
+container has APEX; a pip installation does not. The fusion only speeds up weight-gradient
+accumulation in training, which quantization never runs, so when APEX's extension is missing the
+setting is forced off for every model config this process builds. With APEX present nothing changes.
+
+This file imports only the standard library at module level: it must start under any interpreter
+that can run the scripts themselves.
+"""
+
+from __future__ import annotations
+
+import os
+import runpy
+import sys
+
+# Printed once by rank 0 so the launcher can record what was changed.
+FUSION_OFF_NOTE = "ptq: gradient_accumulation_fusion forced off (APEX's fused_weight_gradient_mlp_cuda is not installed)"
+
+
+def apex_wgrad_available() -> bool:
+    try:
+        import fused_weight_gradient_mlp_cuda  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def force_wgrad_fusion_off() -> bool:
+    """Patch Megatron-Core's config post-init so gradient_accumulation_fusion is always False.
+
+    Returns whether the patch was applied (False when Megatron-Core is not importable: the script
+    will then fail with its own import error)."""
+    try:
+        from megatron.core.model_parallel_config import ModelParallelConfig
+    except ImportError:
+        return False
+    original = ModelParallelConfig.__post_init__
+    if getattr(original, "_ptq_wgrad_off", False):
+        return True
+
+    def post_init(self):
+        # Every Megatron config (TransformerConfig, the bridge's providers) reaches this through super().
+        self.gradient_accumulation_fusion = False
+        original(self)
+
+    post_init._ptq_wgrad_off = True
+    ModelParallelConfig.__post_init__ = post_init
+    return True
+
+
+def main(argv) -> None:
+    if not argv:
+        sys.exit("usage: megatron_entry.py SCRIPT.py [arguments]")
+    script = os.path.abspath(argv[0])
+    if not os.path.isfile(script):
+        sys.exit(f"megatron_entry: {script} does not exist")
+    if not apex_wgrad_available() and force_wgrad_fusion_off() and os.environ.get("RANK", "0") == "0":
+        print(FUSION_OFF_NOTE, flush=True)
+    sys.argv = [script, *argv[1:]]
+    # As if the script had been started itself: its folder, not this one, comes first on sys.path.
+    here = os.path.dirname(os.path.abspath(__file__))
+    if sys.path and os.path.abspath(sys.path[0] or ".") == here:
+        sys.path[0] = os.path.dirname(script)
+    else:
+        sys.path.insert(0, os.path.dirname(script))
+    runpy.run_path(script, run_name="__main__")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
