@@ -98,7 +98,9 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
                 "--calib-dataset", calib_dataset(plan), "--prompts", backend.prompts, *trust]
     if cfg.recipe.kv_cache != "none":
         quantize.append("--export-kv-cache-quant")
-    if cfg.recipe.weight_only:
+    if cfg.recipe.weight_only and not cfg.recipe.awq:
+        # --weight-only also skips calibration: right for weights-only scales, wrong for AWQ, whose search
+        # needs activations (its ModelOpt configs already leave the inputs unquantized).
         quantize.append("--weight-only")
     if backend.compress:
         quantize.append("--compress")
