@@ -286,6 +286,11 @@ def measure_export(plan, export_dir: Path, timer, batch_size: int = 8):
     cfg = plan.cfg
     if not (cfg.fidelity.enabled or cfg.eval.enabled):
         return None, None
+    # Import ModelOpt before any CUDA work: where Megatron-Core is installed, ModelOpt's Megatron plugin pulls
+    # in Transformer Engine, whose core library must load its cuDNN before torch has loaded another copy
+    # (else: "libcudnn_cnn.so.9: undefined symbol ..." when the NVFP4 read-back first imports ModelOpt).
+    import modelopt.torch.quantization  # noqa: F401
+
     device, dtype = cfg.hardware.device, _dtype(cfg.hardware.dtype)
     with timer.stage("load_bf16"):
         model, tokenizer, checkpoint = load_model(plan.source, device=device, dtype=cfg.hardware.dtype,

@@ -233,13 +233,27 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
 
 
+# The quant_algo values ModelOpt 0.47's Megatron-Core export (export_mcore_gpt_to_hf, which Megatron-Bridge's
+# export.py calls) writes. Measured on H200s: it raises on SmoothQuant scales (int8_sq), and writes an AWQ
+# model (int4_awq) without hf_quant_config.json, i.e. not as a quantized checkpoint at all.
+# tests/test_megatron.py reads the installed ModelOpt's source to notice when this changes.
+MEGATRON_EXPORT_ALGOS = ("FP8", "FP8_PB_WO", "FP8_PB_REAL", "NVFP4", "W4A16_NVFP4")
+
+
 def check_megatron_layout(cfg: RunConfig) -> None:
-    """Refuse parallel layouts Megatron cannot build, before anything is submitted."""
+    """Refuse recipes and parallel layouts Megatron-Bridge cannot run or export, before anything is submitted."""
     par, model, recipe = cfg.parallelism, cfg.model, cfg.recipe
     if recipe.megatron_cfg is None:
         raise ConfigError(
             f"recipe={recipe.name} has no Megatron-Bridge --export-quant-cfg name, so backend=megatron_bridge cannot run it; "
-            "use backend=hf_modelopt or a recipe such as fp8, nvfp4, int4_awq or mamba_moe_nvfp4_conservative."
+            "use backend=hf_modelopt or a recipe such as fp8, nvfp4, fp8_blockwise or mamba_moe_nvfp4_conservative."
+        )
+    algo = recipe.export_quant_algo
+    if algo is not None and algo.upper() not in MEGATRON_EXPORT_ALGOS:
+        raise ConfigError(
+            f"recipe={recipe.name} exports as {algo}, which ModelOpt's Megatron-Core export cannot write (it writes "
+            f"{', '.join(MEGATRON_EXPORT_ALGOS)}; SmoothQuant and AWQ scales are refused or dropped). Quantize this "
+            "recipe with backend=hf_modelopt, or use recipe=fp8, nvfp4 or fp8_blockwise with backend=megatron_bridge."
         )
     if cfg.hardware.device != "cuda":
         raise ConfigError(f"backend=megatron_bridge runs on CUDA GPUs under torchrun; hardware={cfg.hardware.name} has none "

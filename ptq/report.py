@@ -123,10 +123,11 @@ def _kv_cache(record: dict) -> str:
 
 
 def variant_label(record: dict) -> str:
-    """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>)]`; the BF16 baseline is just `bf16`.
+    """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just `bf16`.
 
     The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
-    is its own variant, so both backends' checkpoints of one recipe stand side by side."""
+    is its own variant, so both backends' checkpoints of one recipe stand side by side, and so is each
+    parallel layout other than `single` (tp2 and pp2 runs of one recipe are different checkpoints)."""
     recipe = record["recipe"]
     if recipe == BF16:
         return BF16
@@ -139,7 +140,8 @@ def variant_label(record: dict) -> str:
         label += f"@{calib}"
     backend = record.get("backend")
     if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
-        label += f" ({backend})"
+        layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
+        label += f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
     return label
 
 

@@ -161,8 +161,7 @@ def test_in_process_backend_refuses_to_run_as_a_second_task(tmp_path, monkeypatc
     assert not list(tmp_path.rglob("run.json"))
 
 
-@pytest.mark.parametrize("recipe,name", [("fp8", "fp8"), ("fp8_blockwise", "fp8_blockwise"), ("int8_sq", "int8_sq"),
-                                         ("int4_awq", "int4_awq"), ("w4a8_awq", "w4a8_awq"), ("nvfp4", "nvfp4"),
+@pytest.mark.parametrize("recipe,name", [("fp8", "fp8"), ("fp8_blockwise", "fp8_blockwise"), ("nvfp4", "nvfp4"),
                                          ("mamba_moe_fp8_aggressive", "mamba_moe_fp8_aggressive")])
 def test_each_recipe_passes_its_megatron_name(recipe, name):
     plan = plan_for([*MB, "model=qwen3-8b", f"recipe={recipe}", "parallelism=tp2",
@@ -170,8 +169,33 @@ def test_each_recipe_passes_its_megatron_name(recipe, name):
     quantize = build_steps(plan, Path("/m"), Path("/e"), env={})[0].argv
     assert quantize[quantize.index("--export-quant-cfg") + 1] == name
     assert "--export-kv-cache-quant" in quantize
-    # AWQ recipes are weight-only too, but --weight-only would skip the calibration AWQ needs.
     assert ("--weight-only" in quantize) == (recipe == "fp8_blockwise")
+
+
+@pytest.mark.parametrize("recipe", ["int8_sq", "int4_awq", "w4a8_awq"])
+def test_recipes_the_megatron_export_cannot_write_are_refused_before_running(recipe):
+    # On two H200s the quantize and generate steps of these ran, then ModelOpt's Megatron-Core export raised
+    # on the SmoothQuant scales (int8_sq) or wrote int4_awq without hf_quant_config.json.
+    with pytest.raises(ConfigError, match=f"recipe={recipe} exports as .*backend=hf_modelopt"):
+        plan_for([*MB, "model=qwen3-8b", f"recipe={recipe}", "parallelism=tp2", "hardware=h100"])
+
+
+def test_the_megatron_export_formats_match_the_installed_modelopt():
+    """ModelOpt's Megatron-Core export names the formats it writes and refuses SmoothQuant/AWQ scales; when a
+    ModelOpt release changes that, this fails and MEGATRON_EXPORT_ALGOS needs another look."""
+    import modelopt.torch.export as mtex
+
+    from ptq.plan import MEGATRON_EXPORT_ALGOS
+
+    source = (Path(mtex.__file__).parent / "unified_export_megatron.py").read_text()
+    assert "SmoothQuant/AWQ are not yet supported" in source
+    branch = source[source.index("quantization_format = self._get_quantization_format(self.model)"):]
+    branch = branch[:branch.index("if is_last_stage_main_rank")]
+    for constant in ("QUANTIZATION_FP8_PB_REAL", "QUANTIZATION_FP8_PB_WO", "QUANTIZATION_FP8", "QUANTIZATION_NVFP4",
+                     "QUANTIZATION_W4A16_NVFP4"):
+        assert constant in branch
+    assert "AWQ" not in branch and "W8A8" not in branch and "INT8" not in branch
+    assert set(MEGATRON_EXPORT_ALGOS) == {"FP8", "FP8_PB_WO", "FP8_PB_REAL", "NVFP4", "W4A16_NVFP4"}
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -184,6 +208,7 @@ def test_each_recipe_passes_its_megatron_name(recipe, name):
      "does not divide the 128 experts"),
     (["model=nemotron-h-8b", "model.mamba_ngroups=8", "parallelism=tp8", "parallelism.tp=8"], None),
     (["recipe=int4_awq", "recipe.awq_block_size=64"], "always uses 128"),
+    (["recipe=int4_awq"], "exports as W4A16_AWQ"),
     (["hardware=cpu"], "runs on CUDA GPUs"),
 ])
 def test_impossible_layouts_are_refused_before_submitting(overrides, message):
@@ -328,3 +353,32 @@ def test_export_is_measured_only_when_the_bf16_model_fits_one_gpu():
     assert export_measurement(cfg) == "off"
     cfg, _ = compose_run(["recipe=fp8"])  # the in-process backend measures its own model
     assert export_measurement(cfg) == "off"
+
+
+def test_missing_megatron_packages_are_named_before_the_scripts_start(tmp_path):
+    """This machine has no Megatron-Bridge: run through the entry, a script in a Megatron-Bridge folder (one that
+    holds quantize_utils.py) stops at once with the missing distributions and the install command."""
+    import subprocess
+
+    from ptq.backends.megatron_entry import MISSING_EXIT
+
+    (tmp_path / "quantize_utils.py").write_text("raise SystemExit('the script itself must not start')\n")
+    (tmp_path / "quantize.py").write_text("import quantize_utils\n")
+    done = subprocess.run([sys.executable, str(ENTRY), str(tmp_path / "quantize.py")], capture_output=True, text=True)
+    assert done.returncode == MISSING_EXIT
+    assert "megatron-bridge, megatron-core, transformer-engine" in done.stderr
+    assert "pip install -e '.[megatron]'" in done.stderr and "install-offline.sh WHEELHOUSE --megatron" in done.stderr
+    assert "must not start" not in done.stderr + done.stdout
+
+
+def test_a_failing_step_reports_the_end_of_its_output(tmp_path, monkeypatch):
+    from ptq.backends.megatron_bridge import run_steps
+    from ptq.record import StageTimer
+
+    step = build_steps(plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100"]), tmp_path / "m", tmp_path / "e",
+                       env={})[0]
+    failing = type(step)("quantize", [sys.executable, "-c", "import sys; print('loading'); print('ValueError: bad scale'); "
+                                      "print('UserWarning: ignore me'); sys.exit(4)"])
+    with pytest.raises(RuntimeError, match=r"exited with status 4; the end of its output .*\nloading\nValueError: bad scale\n"):
+        run_steps([failing], {}, StageTimer(), tmp_path / "logs")
+    assert "UserWarning" in (tmp_path / "logs" / "quantize.log").read_text()

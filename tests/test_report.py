@@ -163,6 +163,11 @@ def test_variant_labels():
     assert variant_label(make_record("m", "nvfp4", kv_cache="nvfp4", calib_size=64)) == "nvfp4+kv_nvfp4@64"
     assert variant_label(make_record("m", "int4_awq", calib_size=128.0)) == "int4_awq@128"
     assert variant_label({"model": "m", "recipe": "int8_sq"}) == "int8_sq"  # no kv_cache, no calib_size
+    # Megatron-Bridge checkpoints are their own variants, one per parallel layout other than single.
+    megatron = {**make_record("m", "fp8"), "backend": "megatron_bridge"}
+    assert variant_label(megatron) == "fp8@512 (megatron_bridge)"
+    assert variant_label({**megatron, "config": {"parallelism": {"name": "single"}}}) == "fp8@512 (megatron_bridge)"
+    assert variant_label({**megatron, "config": {"parallelism": {"name": "tp2"}}}) == "fp8@512 (megatron_bridge tp2)"
 
 
 # ----------------------------------------------------------------------------------------------

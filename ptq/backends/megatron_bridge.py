@@ -213,9 +213,16 @@ def run_steps(steps: List[Step], env: Mapping[str, str], timer: StageTimer, log_
         with timer.stage(step.name):
             status = _run_logged(step.argv, {**env, **dict(STEP_ENV), **dict(step.env)}, logs[step.name])
         if status:
-            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {status} "
-                               f"(output: {logs[step.name]}): {shlex.join(step.argv)}")
+            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {status}; the end of its output "
+                               f"({logs[step.name]}):\n{_last_lines(logs[step.name])}\ncommand: {shlex.join(step.argv)}")
     return logs
+
+
+def _last_lines(path: Path, count: int = 12) -> str:
+    """The last lines of a step's output that are not warnings: usually the error that stopped it."""
+    lines = [line for line in path.read_text(errors="replace").splitlines()
+             if line.strip() and "warn" not in line.lower()]
+    return "\n".join(lines[-count:])
 
 
 _GENERATED = re.compile(r"^Generated: (\[.*\])\s*$")

@@ -24,6 +24,25 @@ import sys
 
 # Printed once by rank 0 so the launcher can record what was changed.
 FUSION_OFF_NOTE = "ptq: gradient_accumulation_fusion forced off (APEX's fused_weight_gradient_mlp_cuda is not installed)"
+# What Megatron-Bridge's quantization scripts import (checked before they start, so a missing part is named).
+REQUIRED_MODULES = {"megatron.bridge": "megatron-bridge", "megatron.core": "megatron-core",
+                    "transformer_engine": "transformer-engine", "modelopt": "nvidia-modelopt"}
+MISSING_EXIT = 3
+
+
+def missing_modules() -> list:
+    """Distributions (pip names) of the modules the scripts need that this interpreter cannot find."""
+    import importlib.util
+
+    missing = []
+    for module, dist in REQUIRED_MODULES.items():
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            missing.append(dist)
+    return missing
 
 
 def apex_wgrad_available() -> bool:
@@ -63,6 +82,14 @@ def main(argv) -> None:
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         sys.exit(f"megatron_entry: {script} does not exist")
+    if os.path.isfile(os.path.join(os.path.dirname(script), "quantize_utils.py")):  # Megatron-Bridge's folder
+        missing = missing_modules()
+        if missing:
+            print(f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need. Install "
+                  "them on a CUDA machine with Python 3.12: pip install -e '.[megatron]' in the launcher's checkout, or "
+                  "bash scripts/install-offline.sh WHEELHOUSE --megatron without internet (README: Megatron-Bridge "
+                  "backend); inside the NeMo container they are already there.", file=sys.stderr, flush=True)
+            sys.exit(MISSING_EXIT)
     if not apex_wgrad_available() and force_wgrad_fusion_off() and os.environ.get("RANK", "0") == "0":
         print(FUSION_OFF_NOTE, flush=True)
     sys.argv = [script, *argv[1:]]
