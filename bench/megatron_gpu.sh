@@ -39,15 +39,7 @@ MB=(backend=megatron_bridge "backend.scripts_dir=${PTQ_MB_SCRIPTS:-}" "backend.t
 
 prepare() {
     [ -f "${PTQ_WIKITEXT:-}" ] || { echo "megatron_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; return 1; }
-    mkdir -p "$TEXT"
-    python3 - "$PTQ_WIKITEXT" "$TEXT" <<'PY'
-import sys
-from pathlib import Path
-lines = Path(sys.argv[1]).read_text(encoding="utf-8").splitlines(keepends=True)
-half = len(lines) // 2
-Path(sys.argv[2], "fidelity.txt").write_text("".join(lines[:half]), encoding="utf-8")
-Path(sys.argv[2], "calib.txt").write_text("".join(lines[half:]), encoding="utf-8")
-PY
+    python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || return 1
     local smol
     smol=$(python3 - "$CACHE" <<'PY'
 import sys
