@@ -160,3 +160,21 @@ def test_cli_unknown_option_lists_choices(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "hardware/h300" in proc.stderr and "h100" in proc.stderr and "gb200" in proc.stderr
+
+
+def test_a_gpu_memory_cap_too_small_for_the_weights_is_refused_before_loading():
+    two_gpus = Facts(cuda_available=True, gpu_count=2)
+    base = ["model=llama3.2-1b", "hardware=h200", "model.hf_id=meta-llama/Llama-3.2-1B"]
+    # 1.24 B parameters are 2.3 GiB in BF16: 1.5 GiB on each of two GPUs holds them, on one GPU it does not.
+    assert plan_for(base + ["backend.max_gpu_memory_gb=1.5"], two_gpus).action == "run"
+    with pytest.raises(ConfigError, match=r"max_gpu_memory_gb=1.5 on 1 GPU\(s\) leaves 1.5 GiB .* 2.3 GiB .* at least 3"):
+        plan_for(base + ["backend.max_gpu_memory_gb=1.5"], Facts(cuda_available=True, gpu_count=1))
+    with pytest.raises(ConfigError, match="must be 0 \\(no cap\\) or a positive number"):
+        plan_for(base + ["backend.max_gpu_memory_gb=-1"], two_gpus)
+
+
+def test_gpu_memory_caps_never_allow_offloading():
+    from ptq.models import gpu_memory_caps
+
+    assert gpu_memory_caps(0, 2) is None
+    assert gpu_memory_caps(1.5, 2) == {0: int(1.5 * 2**30), 1: int(1.5 * 2**30), "cpu": 0}
