@@ -8,7 +8,6 @@ import math
 import re
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
@@ -341,7 +340,8 @@ def test_malformed_fields_are_read_defensively():
     assert build_report([]).scores.empty
 
 
-def test_ten_thousand_records_in_a_few_seconds():
+def test_ten_thousand_records_are_tabulated():
+    # How fast is measured in bench/collector.py (bench/results/collector-10k-cpu.json), not asserted here.
     recipes = ["fp8", "int4_awq", "nvfp4", "int8_sq"]
     records = [make_record(f"model{i % 4}", recipes[i // 4 % 4], calib_size=64 * (1 + i // 16 % 25),
                            finished_at=f"2026-11-{1 + i % 28:02d}T12:00:00+0000",
@@ -349,14 +349,11 @@ def test_ten_thousand_records_in_a_few_seconds():
                            baseline=scores(arc_easy__acc_norm=0.32, hellaswag__acc=0.5, mmlu__acc=0.5),
                            fidelity=fidelity(25.0, 0.1, 0.9), size=size(100_000_000), calibrate_s=1.0)
                for i in range(10_000)]
-    start = time.perf_counter()
     report = build_report(records)
-    render_markdown(report)
-    elapsed = time.perf_counter() - start
+    assert render_markdown(report).count("\n| fp8@") >= 4 * 25
     # 4 models x 4 recipes x 25 calibration sizes, plus one BF16 baseline line per model.
     assert len(report.summary) == 4 * 100 + 4
     assert len(report.superseded) == 10_000 - 400
-    assert elapsed < 5.0, f"{elapsed:.1f} s for 10,000 records"
 
 
 # ----------------------------------------------------------------------------------------------
