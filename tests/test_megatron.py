@@ -382,3 +382,48 @@ def test_a_failing_step_reports_the_end_of_its_output(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match=r"exited with status 4; the end of its output .*\nloading\nValueError: bad scale\n"):
         run_steps([failing], {}, StageTimer(), tmp_path / "logs")
     assert "UserWarning" in (tmp_path / "logs" / "quantize.log").read_text()
+
+
+def test_the_entry_turns_wgrad_fusion_off_through_megatron_configs_post_init(tmp_path):
+    """Megatron-Core 0.19 has no wheel for this Python (3.12 only), so a two-class stand-in with its shape stands
+    in here: a ModelParallelConfig dataclass whose subclass's __post_init__ calls super(), and a provider that
+    runs the subclass's __post_init__ later, as Megatron-Bridge's finalize() does. On the H200s the real classes
+    took the same path (the records' details.notes say the fusion was forced off)."""
+    import subprocess
+
+    package = tmp_path / "megatron" / "core"
+    package.mkdir(parents=True)
+    (tmp_path / "megatron" / "__init__.py").write_text("")
+    (package / "__init__.py").write_text("")
+    (package / "model_parallel_config.py").write_text(
+        "from dataclasses import dataclass\n"
+        "@dataclass\n"
+        "class ModelParallelConfig:\n"
+        "    gradient_accumulation_fusion: bool = True\n"
+        "    def __post_init__(self):\n"
+        "        self.checked = True\n"
+        "@dataclass\n"
+        "class TransformerConfig(ModelParallelConfig):\n"
+        "    num_layers: int = 2\n"
+        "    def __post_init__(self):\n"
+        "        super().__post_init__()\n"
+        "class Provider(TransformerConfig):\n"
+        "    def __post_init__(self):\n"
+        "        pass  # deferred\n"
+        "    def finalize(self):\n"
+        "        TransformerConfig.__post_init__(self)\n")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from ptq.backends.megatron_entry import force_wgrad_fusion_off\n"
+        "from megatron.core.model_parallel_config import TransformerConfig, Provider\n"
+        "before = TransformerConfig(gradient_accumulation_fusion=True).gradient_accumulation_fusion\n"
+        "assert force_wgrad_fusion_off() and force_wgrad_fusion_off()  # applying it twice is harmless\n"
+        "config = TransformerConfig(gradient_accumulation_fusion=True)\n"
+        "provider = Provider(gradient_accumulation_fusion=True); provider.finalize()\n"
+        "print(before, config.gradient_accumulation_fusion, config.checked, provider.gradient_accumulation_fusion)\n")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert done.stdout.split() == ["True", "False", "True", "False"], done.stderr
+    # Without Megatron-Core there is nothing to patch, and the script is left to fail on its own imports.
+    from ptq.backends.megatron_entry import force_wgrad_fusion_off
+
+    assert force_wgrad_fusion_off() is False
