@@ -82,6 +82,7 @@ def test_other_auto_quantize_settings_are_checked():
     assert any("score_size=16 exceeds calib.size=4" in w for w in warned.warnings)
 
 
+@pytest.mark.slow
 def test_candidate_table_matches_modelopts_bit_costs():
     """The plan's budget check uses this table; ModelOpt's own cost must agree with it."""
     from modelopt.torch.quantization.algorithms import QuantRecipe
@@ -99,6 +100,7 @@ def _tensors_dtypes(checkpoint: Path) -> dict:
     return out
 
 
+@pytest.mark.slow
 def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
     """A real search (gradient scores from the causal-LM loss) over INT4 AWQ, FP8 and BF16: the export
     validates, the record holds the per-layer choice, and a lower budget buys more INT4 layers."""
@@ -162,6 +164,7 @@ def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
     assert not result["passed"] and dropped in " ".join(result["problems"])
 
 
+@pytest.mark.slow
 def test_kl_div_scores_work_too(tiny_llama_dir, tmp_path):
     cfg, config = compose_run(small_run_overrides(
         tmp_path, "recipe=auto_quantize_cpu", "recipe.effective_bits=6", "recipe.score_method=kl_div",

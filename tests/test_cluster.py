@@ -100,6 +100,7 @@ def test_varying_overrides_keep_the_swept_keys():
     assert labels == ["recipe=fp8", "recipe=int8_sq"]
 
 
+@pytest.mark.slow
 def test_named_sweep_and_command_line_precedence(tmp_path):
     """`+sweep=cpu_recipes` is 4 recipes x 2 sizes; a recipe given on the command line replaces its list."""
     def points(*extra):

@@ -98,6 +98,7 @@ def test_eval_suite_with_missing_data_is_refused_before_loading(tmp_path):
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "eval.data_dir" in proc.stderr
 
 
+@pytest.mark.slow
 def test_bf16_baseline_is_evaluated_once_under_concurrency(tiny_llama_dir, tmp_path, local_files, caplog):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -124,6 +125,7 @@ def test_bf16_baseline_is_evaluated_once_under_concurrency(tiny_llama_dir, tmp_p
     assert caplog.text.count("Using the cached BF16 baseline") == 1
 
 
+@pytest.mark.slow
 def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, local_files):
     arc, text = local_files
     records = {}

@@ -69,6 +69,7 @@ def _logprobs(model, tokens):
         return F.log_softmax(model(tokens).logits.float(), -1)
 
 
+@pytest.mark.slow
 def test_corrupted_scales_are_visible_in_the_read_back_model(fp8_checkpoint, tmp_path):
     broken = tmp_path / "broken"
     shutil.copytree(fp8_checkpoint, broken)

@@ -13,6 +13,9 @@ from pathlib import Path
 
 import pytest
 
+
+pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "install-offline.sh"
 WHEEL = "tinypkg-0.1-py3-none-any.whl"

@@ -3,9 +3,12 @@
 import subprocess
 import sys
 
+import pytest
+
 from conftest import REPO
 
 
+@pytest.mark.slow
 def test_evaluate_folder_does_not_shadow_huggingface_evaluate():
     # Run from the repository root, where `evaluate/` sits on sys.path first.
     proc = subprocess.run([sys.executable, "-c", "import evaluate, sys; print(evaluate.__file__); print(hasattr(evaluate, 'load'))"],

@@ -126,6 +126,7 @@ def _node(rank, overrides, env, results):
         results.put((rank, f"{type(exc).__name__}: {exc}"))
 
 
+@pytest.mark.slow
 def test_two_node_job_only_the_first_node_exports_and_keeps_the_record(tmp_path):
     import multiprocessing
 
@@ -250,6 +251,7 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     assert describe(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2 --standalone")
 
 
+@pytest.mark.slow
 def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, monkeypatch):
     log_dir = tmp_path / "ranks"
     log_dir.mkdir()
@@ -279,6 +281,7 @@ def test_steps_run_under_a_real_torchrun_and_the_export_is_validated(tmp_path, m
     assert Path(record["details"]["logs"]["quantize"]).read_text().count("Generated:") == 2
 
 
+@pytest.mark.slow
 def test_a_failing_step_fails_the_run_without_a_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setenv("STANDIN_LOG", str(tmp_path / "missing-folder"))  # the stand-in cannot write its log
     cfg, config = compose_run([
@@ -292,6 +295,7 @@ def test_a_failing_step_fails_the_run_without_a_checkpoint(tmp_path, monkeypatch
     assert not (out / "checkpoint").exists()
 
 
+@pytest.mark.slow
 def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_process_one(smollm2_dir, tmp_path, monkeypatch):
     """The Megatron path's export is measured by reading it back from disk. The stand-in export hands over a real
     SmolLM2 FP8 export made by the in-process backend, so both backends measure the very same file: their

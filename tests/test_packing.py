@@ -18,6 +18,8 @@ from conftest import REPO, compose_run, load_tensors, small_run_overrides
 from ptq import models
 from ptq.run import run
 
+pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
+
 
 def tiny(tmp_path, tiny_llama_dir, *extra, root="runs"):
     overrides = small_run_overrides(tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama",

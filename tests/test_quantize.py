@@ -15,6 +15,9 @@ from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_over
 from ptq.plan import ConfigError
 from ptq.run import run
 
+pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
+
+
 # What each recipe's export must hold for a quantized linear layer: weight dtype and quant_algo.
 EXPORT = {
     "fp8": (torch.float8_e4m3fn, "FP8"),

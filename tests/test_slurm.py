@@ -17,6 +17,9 @@ import pytest
 
 from conftest import REPO, TEST_CACHE, text_source
 
+pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
+
+
 SCRIPT = REPO / "scripts" / "local-slurm.sh"
 
 
@@ -87,8 +90,8 @@ def test_sweep_runs_refuses_and_resumes(local_slurm, tiny_llama_dir, tmp_path):
     assert sum(p["job_id"] is not None for p in first["points"]) == 4
     assert {p["state"] for p in first["points"] if p["job_id"] is None} == {"refused"}
 
-    time.sleep(1.1)  # a new sweep folder (named by the second)
-    launch(args)
+    # The same sweep again, into a sweep folder of its own ("again" sorts after the first one's timestamp).
+    launch(args + [f"hydra.sweep.dir={tmp_path / 'runs' / 'sweeps' / 'again'}"])
     again = manifest(tmp_path / "runs")
     assert again["sweep_dir"] != first["sweep_dir"]
     assert sorted(p["state"] for p in again["points"]) == ["refused"] * 2 + ["skipped"] * 4
