@@ -30,6 +30,7 @@ from ptq.backends.base import BackendResult
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE
 from ptq.cluster import process_rank
 from ptq.exported import measure_export
+from ptq.models import resolve_checkpoint
 from ptq.plan import PARTIAL_NAME, ConfigError, Plan, calib_text_path
 from ptq.record import StageTimer, write_text_atomic
 from ptq.validate import read_tensor_index
@@ -270,8 +271,6 @@ def generation_check(plan: Plan, log_dir: Path, strict: bool) -> dict:
 def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
     """What the scripts read besides the model: a GGUF model converted to a Hugging Face folder (once, in
     the cache) and the calibration JSONL. Every task of a multi-node job does this; both writes are atomic."""
-    from ptq.models import resolve_checkpoint
-
     if plan.source.kind == "gguf":
         with timer.stage("convert_model"):
             resolve_checkpoint(plan.source)
