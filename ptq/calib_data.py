@@ -19,7 +19,7 @@ log = logging.getLogger(__name__)
 SELF = "self"
 
 
-def _read_texts(path: Path) -> List[str]:
+def read_texts(path: Path) -> List[str]:
     if path.suffix == ".jsonl":
         texts = []
         with path.open() as f:
@@ -97,7 +97,7 @@ def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, s
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         if not path.is_file():
             raise ConfigError(f"calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or \"self\".")
-        return tokens_from_texts(_read_texts(path), tokenizer, samples, seq_len, str(path))
+        return tokens_from_texts(read_texts(path), tokenizer, samples, seq_len, str(path))
     from modelopt.torch.utils.dataset_utils import get_dataset_samples
 
     try:

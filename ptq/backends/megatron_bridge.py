@@ -28,6 +28,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from ptq.backends.base import BackendResult
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE
+from ptq.calib_data import read_texts
 from ptq.cluster import process_rank
 from ptq.exported import measure_export
 from ptq.models import resolve_checkpoint
@@ -78,13 +79,13 @@ def calib_dataset(plan: Plan) -> str:
 
 
 def write_calib_jsonl(plan: Plan) -> Optional[Path]:
-    """Hand a .txt calibration file to the scripts as one JSONL line (same text, same tokens)."""
+    """Hand a .txt calibration file to the scripts as JSONL, read by the in-process backend's own reader
+    (same text, same tokens)."""
     text = calib_text_path(plan.cfg.calib.dataset)
     if text is None or text.suffix == ".jsonl":
         return None
     target = plan.output_dir / CALIB_JSONL
-    content = text.read_text(encoding="utf-8")
-    write_text_atomic(target, json.dumps({"text": content}) + "\n")
+    write_text_atomic(target, "".join(json.dumps({"text": t}) + "\n" for t in read_texts(text)))
     return target
 
 
