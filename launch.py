@@ -9,7 +9,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
+from ptq.run import record_failure, run
 from ptq.schema import register_schemas
 
 register_schemas()
@@ -18,8 +19,6 @@ log = logging.getLogger("ptq")
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
-    from ptq.run import record_failure, run
-
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
         record = run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True))

@@ -18,57 +18,15 @@ import math
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from ptq.plan import ConfigError, Plan
-from ptq.recipes import _set_block_size, disabled_patterns, is_excluded, module_pattern_to_quantizer_pattern
+from ptq.errors import ConfigError
+from ptq.formats import BF16, CANDIDATES
+from ptq.plan import Plan
+from ptq.recipes import classify_layers, disabled_patterns, is_excluded, module_pattern_to_quantizer_pattern, set_block_size
 
 log = logging.getLogger(__name__)
-
-BF16 = "bf16"
-SCORE_METHODS = ("gradient", "kl_div")
-
-
-@dataclass(frozen=True)
-class Candidate:
-    # Label in the run record's per-layer assignment (ModelOpt's export names the same formats alike).
-    label: str
-    # Number formats it computes in, checked against hardware.calibrate.
-    formats: Tuple[str, ...]
-    # Bits per weight AutoQuantize charges against the budget for a layer in this format.
-    bits: float
-    # INT4 weights in blocks along the input dimension: the AWQ block size applies.
-    int4_blocks: bool = False
-
-
-CANDIDATES: Dict[str, Candidate] = {
-    "FP8_DEFAULT_CFG": Candidate("fp8", ("fp8",), 8.0),
-    "FP8_PER_CHANNEL_PER_TOKEN_CFG": Candidate("fp8_pc_pt", ("fp8",), 8.0),
-    "INT8_DEFAULT_CFG": Candidate("int8", ("int8",), 8.0),
-    "INT8_SMOOTHQUANT_CFG": Candidate("int8_sq", ("int8",), 8.0),
-    "INT8_WEIGHT_ONLY_CFG": Candidate("int8_wo", ("int8",), 8.0),
-    "INT4_AWQ_CFG": Candidate("int4_awq", ("int4",), 4.0, int4_blocks=True),
-    "W4A8_AWQ_BETA_CFG": Candidate("w4a8_awq", ("int4", "fp8"), 4.0, int4_blocks=True),
-    "NVFP4_DEFAULT_CFG": Candidate("nvfp4", ("nvfp4",), 4.5),
-    "NVFP4_AWQ_LITE_CFG": Candidate("nvfp4_awq", ("nvfp4",), 4.5),
-    "MXFP8_DEFAULT_CFG": Candidate("mxfp8", ("mxfp8",), 8.0),
-}
-
-
-def unknown_candidates(names: List[str]) -> List[str]:
-    return [n for n in names if n not in CANDIDATES]
-
-
-def candidate_formats(names: List[str]) -> List[str]:
-    """The number formats a list of (known) candidates computes in, in order, without repeats."""
-    return list(dict.fromkeys(f for n in names if n in CANDIDATES for f in CANDIDATES[n].formats))
-
-
-def uses_int4_blocks(names: List[str]) -> bool:
-    return any(CANDIDATES[n].int4_blocks for n in names if n in CANDIDATES)
-
 
 class AutoQuantizeSearch:
     """One search: prepared on the loaded model (cheap checks first), then run on the calibration tokens."""
@@ -96,7 +54,7 @@ class AutoQuantizeSearch:
                 cfg = copy.deepcopy(base)
                 for entry in cfg["quant_cfg"]:
                     if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-                        _set_block_size(entry["cfg"], plan.awq_block_size)
+                        set_block_size(entry["cfg"], plan.awq_block_size)
                 self.candidates.append((name, cfg))
             else:
                 self.candidates.append((name, name))
@@ -137,8 +95,6 @@ class AutoQuantizeSearch:
         (quantized, excluded, unexpected_bf16, record)."""
         import modelopt.torch.quantization as mtq
         from modelopt.torch.quantization.algorithms import QuantRecipe
-
-        from ptq.backends.hf_modelopt import classify_layers
 
         recipe = self.plan.cfg.recipe
         device = next(model.parameters()).device

@@ -12,7 +12,8 @@ from typing import List
 import torch
 from tqdm.auto import tqdm
 
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
+from ptq.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,8 @@ def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, s
             log.info("Using cached self-sampled text %s", cached)
             return torch.load(cached)
         tokens = sample_from_model(model, tokenizer, samples, seq_len, seed, sample_batch_size)
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cached.with_suffix(f".tmp-{os.getpid()}")
-        torch.save(tokens, tmp)
-        os.replace(tmp, cached)
+        with atomic_path(cached) as tmp:
+            torch.save(tokens, tmp)
         return tokens
     path = Path(os.path.expanduser(spec))
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():

@@ -1,20 +1,16 @@
-"""The `cluster` group: what a point of a sweep asks Slurm for, and the sweep's manifest.
+"""The `cluster` group: what a point of a sweep asks Slurm for, and which process of a job this is.
 
-The Slurm launcher (hydra_plugins/ptq_slurm_launcher) composes every point of a sweep, checks it
-with the same plan as a single run, and submits the points that can run. The functions here are
-pure: config in, sbatch parameters or states out, so they are tested without Slurm or a model.
+Pure: config in, sbatch parameters out, so it is tested without Slurm or a model. The sweep itself
+(points, their checks, grouping, the manifest) is ptq/sweep.py.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Mapping, Optional
 
 from ptq.schema import ClusterConfig, RunConfig
-
-# Written by the Slurm launcher in the sweep folder; ptq.status and ptq.report read it.
-MANIFEST_NAME = "sweep.json"
 
 # Host memory beyond the weights: Python, CUDA context, tokenizer, calibration data.
 BASE_HOST_MEM_GB = 16
@@ -130,49 +126,6 @@ def sbatch_parameters(cluster: ClusterConfig, request: Request, job_name: str) -
 
 def job_name(cfg: RunConfig) -> str:
     return f"ptq-{cfg.model.name}-{cfg.recipe.name}"
-
-
-# What `python -m ptq.status` shows for a point, from the manifest, the run record and Slurm.
-SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
-
-
-def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state: Optional[str],
-                job_id: Optional[str]) -> (str, str):
-    """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused."""
-    if submitted == "refused":
-        return "refused", reason
-    if submitted == "skipped":
-        return "finished", reason or "finished in an earlier run"
-    status = (record or {}).get("status")
-    if status == "finished":
-        return "finished", record.get("checkpoint") or ""
-    if status == "failed":
-        return "failed", record.get("error", "")
-    slurm = (slurm_state or "").split()[0] if slurm_state else ""
-    if slurm == "PENDING":
-        return "pending", f"Slurm job {job_id} is waiting for resources"
-    if slurm in SLURM_ACTIVE:
-        return "running", f"Slurm job {job_id} {slurm.lower()}" + (" (run record written)" if status else "")
-    if slurm:
-        return "failed", f"Slurm job {job_id} ended {slurm} without a finished run record"
-    if status == "running":
-        return "running", f"run record says running; Slurm has no state for job {job_id}"
-    return "unknown", f"Slurm has no state for job {job_id} and there is no run record yet"
-
-
-def summarize(states: List[str]) -> Dict[str, int]:
-    counts: Dict[str, int] = {}
-    for state in states:
-        counts[state] = counts.get(state, 0) + 1
-    return counts
-
-
-def varying_overrides(points: List[List[str]]) -> List[str]:
-    """Per point, only the overrides that tell it from the others (the swept keys), joined by spaces."""
-    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides) for overrides in points]
-    keys = list(dict.fromkeys(k for p in parsed for k in p))
-    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or keys
-    return [" ".join(f"{k}={p[k]}" for k in varying if k in p) for p in parsed]
 
 
 def process_rank(env: Mapping[str, str]) -> int:

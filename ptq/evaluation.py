@@ -23,8 +23,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Dict, List
 
-from ptq.plan import ConfigError
-from ptq.record import write_json_atomic
+from ptq.errors import ConfigError
+from ptq.files import write_json_atomic
 from ptq.schema import BenchmarkConfig, EvalConfig
 
 log = logging.getLogger(__name__)

@@ -24,7 +24,9 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
+from ptq.formats import MIXED_PRECISION, export_algos
+from ptq.layout import QUANT_CONFIG_NAME
 
 log = logging.getLogger(__name__)
 
@@ -32,11 +34,11 @@ FP8_MAX = 448.0
 # ModelOpt's 2-D blockwise FP8 (fp8_blockwise recipe) uses 128 x 128 tiles.
 FP8_BLOCK = 128
 # The exported quant_algo names this loader can simulate, per layer.
-WEIGHT_ONLY = {"FP8_PB_WO", "W8A16", "INT8_WO", "W4A16_AWQ", "W4A16_NVFP4"}
-FP8_INPUT = {"FP8", "W4A8_AWQ"}
-INT8_INPUT = {"W8A8_SQ_PER_CHANNEL"}
-NVFP4_INPUT = {"NVFP4", "NVFP4_AWQ"}
-SUPPORTED = WEIGHT_ONLY | FP8_INPUT | INT8_INPUT | NVFP4_INPUT
+WEIGHT_ONLY = set(export_algos(readback=True, activation=None))
+FP8_INPUT = set(export_algos(readback=True, activation="fp8"))
+INT8_INPUT = set(export_algos(readback=True, activation="int8"))
+NVFP4_INPUT = set(export_algos(readback=True, activation="nvfp4"))
+SUPPORTED = set(export_algos(readback=True))
 
 
 @dataclass
@@ -56,16 +58,16 @@ class Simulation:
 
 def read_quant_config(export_dir: Path) -> dict:
     """The "quantization" section of a ModelOpt export's hf_quant_config.json."""
-    path = export_dir / "hf_quant_config.json"
+    path = export_dir / QUANT_CONFIG_NAME
     if not path.is_file():
-        raise ConfigError(f"{export_dir} has no hf_quant_config.json: it is not a ModelOpt export.")
+        raise ConfigError(f"{export_dir} has no {QUANT_CONFIG_NAME}: it is not a ModelOpt export.")
     return json.loads(path.read_text()).get("quantization", {})
 
 
 def layer_formats(quant: dict, module_names: List[str]) -> Dict[str, dict]:
     """{module: {"quant_algo", "group_size"}} for every module the checkpoint stores quantized."""
     algo = (quant.get("quant_algo") or "").upper()
-    if algo == "MIXED_PRECISION":
+    if algo == MIXED_PRECISION:
         return {name: {"quant_algo": (cfg.get("quant_algo") or "").upper(), "group_size": cfg.get("group_size")}
                 for name, cfg in quant.get("quantized_layers", {}).items()}
     return {name: {"quant_algo": algo, "group_size": quant.get("group_size")} for name in module_names}
@@ -245,83 +247,3 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     log.info("Exported checkpoint %s read back: %s", export_dir, sim.summary())
     has_tokenizer = any((export_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     return model, AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from), sim
-
-
-def _free_memory() -> None:
-    """Return the memory of models the caller has just dropped (`del model` first: a helper cannot drop the
-    caller's reference)."""
-    import gc
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def exported_fidelity(export_dir: Path, plan, tokens: torch.Tensor, batch_size: int, ref, tokenizer_from: str) -> dict:
-    """Fidelity of the checkpoint as written (read back from disk) against the BF16 reference `ref`."""
-    from ptq import fidelity
-
-    cfg = plan.cfg
-    model, _, sim = load_exported(export_dir, cfg.hardware.device, _dtype(cfg.hardware.dtype), tokenizer_from)
-    figures = fidelity.compare(model, tokens, batch_size, ref, desc="fidelity: exported checkpoint vs BF16")
-    del model
-    _free_memory()
-    return {**figures, "simulated": sim.summary()}
-
-
-def _dtype(name) -> torch.dtype:
-    return getattr(torch, name) if isinstance(name, str) else name
-
-
-def measure_export(plan, export_dir: Path, timer, batch_size: int = 8):
-    """(fidelity, evaluation) of an exported checkpoint this process did not quantize (Megatron-Bridge's).
-
-    The BF16 source model gives the reference and the baseline scores first, then leaves memory; the export
-    is read back and measured the same way as the in-process backend measures its model.
-    """
-    from ptq import evaluation, fidelity
-    from ptq.calib_data import token_batches
-    from ptq.models import load_model
-
-    cfg = plan.cfg
-    if not (cfg.fidelity.enabled or cfg.eval.enabled):
-        return None, None
-    # Import ModelOpt before any CUDA work: where Megatron-Core is installed, ModelOpt's Megatron plugin pulls
-    # in Transformer Engine, whose core library must load its cuDNN before torch has loaded another copy
-    # (else: "libcudnn_cnn.so.9: undefined symbol ..." when the NVFP4 read-back first imports ModelOpt).
-    import modelopt.torch.quantization  # noqa: F401
-
-    device, dtype = cfg.hardware.device, _dtype(cfg.hardware.dtype)
-    with timer.stage("load_bf16"):
-        model, tokenizer, checkpoint = load_model(plan.source, device=device, dtype=cfg.hardware.dtype,
-                                                  trust_remote_code=cfg.model.trust_remote_code, reuse=False)
-    bs = cfg.fidelity.batch_size or batch_size
-    ref = tokens = baseline = None
-    eval_dir = plan.output_dir / "eval_data"
-    if cfg.fidelity.enabled:
-        with timer.stage("fidelity_reference"):
-            tokens = token_batches(cfg.fidelity.text, model=model, tokenizer=tokenizer, model_id=checkpoint,
-                                   samples=cfg.fidelity.samples, seq_len=cfg.fidelity.seq_len, seed=cfg.fidelity.seed,
-                                   cache_dir=cfg.cache_dir, sample_batch_size=64)
-            ref = fidelity.reference(model, tokens, bs)
-    if cfg.eval.enabled:
-        with timer.stage("eval_baseline"):
-            baseline = evaluation.cached_baseline(model, tokenizer, cfg.eval, model_id=checkpoint,
-                                                  model_name=cfg.model.name, cache_dir=cfg.cache_dir, work_dir=eval_dir)
-    del model
-    _free_memory()
-    with timer.stage("load_exported"):
-        model, tokenizer, sim = load_exported(export_dir, device, dtype, tokenizer_from=checkpoint)
-    fid = scores = None
-    if ref is not None:
-        with timer.stage("fidelity"):
-            fid = {**fidelity.compare(model, tokens, bs, ref, desc="fidelity: exported checkpoint vs BF16"),
-                   "measured_on": "exported checkpoint", "simulated": sim.summary()}
-    if baseline is not None:
-        with timer.stage("eval"):
-            results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, eval_dir, cfg.recipe.name)
-        scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline,
-                  "measured_on": "exported checkpoint"}
-    del model
-    _free_memory()
-    return fid, scores

@@ -8,25 +8,21 @@ problem and the fix.
 
 from __future__ import annotations
 
-import json
 import math
 import os
+from importlib import metadata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ptq.errors import ConfigError
+from ptq.files import read_json
+from ptq.formats import CANDIDATES, CUDA_ONLY_FORMATS, candidate_formats, export_algos, unknown_candidates, uses_int4_blocks
+from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record import config_differences, config_hash
-from ptq.schema import ARCHS, BACKENDS, CLUSTER_KINDS, DEVICES, DTYPES, KV_CACHE_FORMATS, RunConfig
+from ptq.schema import RunConfig
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
-RECORD_NAME = "run.json"
-CHECKPOINT_NAME = "checkpoint"
-# A backend exports here; the folder is renamed to CHECKPOINT_NAME once validated.
-PARTIAL_NAME = CHECKPOINT_NAME + ".partial"
-
-
-class ConfigError(ValueError):
-    """Bad input found before any GPU time is spent; the message says how to fix it."""
 
 
 @dataclass(frozen=True)
@@ -72,11 +68,6 @@ class Plan:
     # "run", or "skip" when a finished output exists and overwrite is off.
     action: str = "run"
     skip_reason: str = ""
-
-
-def _check_choice(value: str, allowed, key: str) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(allowed)}.")
 
 
 def layer_widths_from_config(config: dict) -> List[int]:
@@ -139,8 +130,6 @@ def _check_numbers(cfg: RunConfig) -> None:
 
 def _recipe_formats(recipe) -> List[str]:
     if recipe.candidates:  # a mixed-precision search computes in its candidates' formats
-        from ptq.auto_quantize import candidate_formats
-
         return candidate_formats(list(recipe.candidates))
     return list(recipe.formats)
 
@@ -148,8 +137,6 @@ def _recipe_formats(recipe) -> List[str]:
 def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
     """A mixed-precision recipe (recipe.candidates): known candidates the hardware can calibrate and a
     budget they can meet. Returns whether a candidate stores INT4 weights in blocks (AWQ block size)."""
-    from ptq.auto_quantize import CANDIDATES, SCORE_METHODS, candidate_formats, unknown_candidates, uses_int4_blocks
-
     recipe, hw = cfg.recipe, cfg.hardware
     names = list(recipe.candidates)
     if recipe.modelopt_cfg is not None:
@@ -159,7 +146,6 @@ def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
     if unknown:
         raise ConfigError(f"recipe.candidates names {', '.join(unknown)}, which this launcher cannot search over; "
                           f"choose from: {', '.join(CANDIDATES)}.")
-    _check_choice(recipe.score_method, SCORE_METHODS, "recipe.score_method")
     cannot = [n for n in names if any(f not in hw.calibrate for f in CANDIDATES[n].formats)]
     if cannot:
         usable = [n for n in CANDIDATES if all(f in hw.calibrate for f in CANDIDATES[n].formats)]
@@ -205,7 +191,7 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         formats.append(recipe.kv_cache)
     cannot = [f for f in formats if f not in hw.calibrate]
     if cannot:
-        needs_cuda = any(f in ("nvfp4", "mxfp8") for f in cannot)
+        needs_cuda = any(f in CUDA_ONLY_FORMATS for f in cannot)
         why = " NVFP4 and MX formats need a CUDA GPU (ModelOpt's fake quantization for them runs only there)." if needs_cuda and hw.device == "cpu" else ""
         raise ConfigError(
             f"recipe={recipe.name}{' with recipe.kv_cache=' + recipe.kv_cache if recipe.kv_cache != 'none' else ''} computes in "
@@ -227,17 +213,16 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
             )
     unserved = [f for f in formats if f not in hw.serve]
     if unserved and hw.serve:
-        target = "Blackwell (hardware=b200 or gb200)" if any(f in ("nvfp4", "mxfp8") for f in unserved) else "other hardware"
+        target = "Blackwell (hardware=b200 or gb200)" if any(f in CUDA_ONLY_FORMATS for f in unserved) else "other hardware"
         warnings.append(
             f"{', '.join(unserved)} calibrates on {hw.name} but has no native kernels there: the checkpoint needs {target} to be served."
         )
 
 
-# The quant_algo values ModelOpt 0.47's Megatron-Core export (export_mcore_gpt_to_hf, which Megatron-Bridge's
-# export.py calls) writes. Measured on H200s: it raises on SmoothQuant scales (int8_sq), and writes an AWQ
-# model (int4_awq) without hf_quant_config.json, i.e. not as a quantized checkpoint at all.
-# tests/test_megatron.py reads the installed ModelOpt's source to notice when this changes.
-MEGATRON_EXPORT_ALGOS = ("FP8", "FP8_PB_WO", "FP8_PB_REAL", "NVFP4", "W4A16_NVFP4")
+# The quant_algo values ModelOpt's Megatron-Core export (export_mcore_gpt_to_hf, which Megatron-Bridge's
+# export.py calls) writes (ptq/formats.py). tests/test_megatron.py reads the installed ModelOpt's source to
+# notice when this changes.
+MEGATRON_EXPORT_ALGOS = export_algos(megatron_export=True)
 
 
 def check_megatron_layout(cfg: RunConfig) -> None:
@@ -331,12 +316,6 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
 def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
     warnings: List[str] = []
-    _check_choice(cfg.model.arch, ARCHS, "model.arch")
-    _check_choice(cfg.recipe.kv_cache, KV_CACHE_FORMATS, "recipe.kv_cache")
-    _check_choice(cfg.hardware.device, DEVICES, "hardware.device")
-    _check_choice(cfg.hardware.dtype, DTYPES, "hardware.dtype")
-    _check_choice(cfg.backend.name, BACKENDS, "backend")
-    _check_choice(cfg.cluster.kind, CLUSTER_KINDS, "cluster.kind")
     _check_numbers(cfg)
     int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
     _check_hardware(cfg, facts, warnings)
@@ -429,17 +408,8 @@ def export_measurement(cfg: RunConfig) -> str:
     return "measure"
 
 
-def _read_json(path: Path) -> Optional[dict]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def find_gguf(package: str, file: str) -> Optional[str]:
     """Path of `file` inside the installed distribution `package`, or None."""
-    from importlib import metadata
-
     try:
         dist = metadata.distribution(package)
     except metadata.PackageNotFoundError:
@@ -455,20 +425,13 @@ def gather_facts(cfg: RunConfig) -> Facts:
     cuda = torch.cuda.is_available()
     facts = Facts(cuda_available=cuda, gpu_count=torch.cuda.device_count() if cuda else 0)
     if cfg.model.path:
-        config = _read_json(Path(cfg.model.path).expanduser() / "config.json")
+        config = read_json(Path(cfg.model.path).expanduser() / "config.json")
         facts.local_model_ok = config is not None
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)
     if cfg.model.gguf_package:
         facts.gguf_path = find_gguf(cfg.model.gguf_package, cfg.model.gguf_file or "")
     output_dir = Path(os.path.expanduser(cfg.output_dir))
-    facts.existing_record = _read_json(output_dir / RECORD_NAME)
+    facts.existing_record = read_json(output_dir / RECORD_NAME)
     return facts
 
-
-def prepare(cfg: RunConfig) -> Plan:
-    from ptq.evaluation import check_eval_config
-
-    plan = make_plan(cfg, gather_facts(cfg))
-    check_eval_config(cfg.eval)  # reads the benchmark files' paths: not part of the pure plan
-    return plan

@@ -1,15 +1,17 @@
-"""The `recipe` group: build the ModelOpt quantization config a recipe names."""
+"""The `recipe` group: build the ModelOpt quantization config a recipe names, and tell which layers it
+quantized."""
 
 from __future__ import annotations
 
 import copy
 import fnmatch
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
-from ptq.plan import ConfigError
+import torch
+
+from ptq.errors import ConfigError
+from ptq.formats import KV_CACHE_CONFIGS
 from ptq.schema import RecipeConfig
-
-KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
 
 
 def module_pattern_to_quantizer_pattern(pattern: str) -> str:
@@ -17,7 +19,7 @@ def module_pattern_to_quantizer_pattern(pattern: str) -> str:
     return pattern if pattern.endswith("*") else pattern + ".*"
 
 
-def _set_block_size(entry_cfg, block: int) -> None:
+def set_block_size(entry_cfg, block: int) -> None:
     for cfg in entry_cfg if isinstance(entry_cfg, list) else [entry_cfg]:
         sizes = cfg.get("block_sizes")
         if sizes:
@@ -42,7 +44,7 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
     if awq_block_size:
         for entry in entries:
             if entry.get("quantizer_name") == "*weight_quantizer" and "cfg" in entry:
-                _set_block_size(entry["cfg"], awq_block_size)
+                set_block_size(entry["cfg"], awq_block_size)
     if recipe.weight_only:
         entries.append({"quantizer_name": "*input_quantizer", "enable": False})
     if recipe.kv_cache != "none":
@@ -65,3 +67,37 @@ def disabled_patterns(quant_cfg: Dict) -> List[str]:
 def is_excluded(module_name: str, patterns: List[str]) -> bool:
     name = f"{module_name}.weight_quantizer"
     return any(fnmatch.fnmatch(name, p) for p in patterns)
+
+
+def _enabled(quantizer) -> bool:
+    if isinstance(quantizer, torch.nn.Sequential):  # SequentialQuantizer (e.g. W4A8: int4 then fp8)
+        return any(_enabled(q) for q in quantizer)
+    return bool(getattr(quantizer, "is_enabled", False))
+
+
+def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
+    """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly."""
+    quantized, excluded, unexpected = [], [], []
+    for name, module in model.named_modules():
+        quantizer = getattr(module, "weight_quantizer", None)
+        if isinstance(module, torch.nn.Embedding) or (quantizer is None and not isinstance(module, torch.nn.Linear)):
+            continue  # embeddings stay in BF16 in every recipe; only linear-like layers are judged
+        if quantizer is not None and _enabled(quantizer):
+            quantized.append(name)
+        elif is_excluded(name, patterns):
+            excluded.append(name)
+        else:
+            unexpected.append(name)
+    return quantized, excluded, unexpected
+
+
+def check_awq_widths(model, block: int, patterns) -> None:
+    """The plan checked the widths it knew; this checks the real layers before calibration starts."""
+    bad = [(n, m.in_features) for n, m in model.named_modules()
+           if isinstance(m, torch.nn.Linear) and not is_excluded(n, patterns) and m.in_features % block]
+    if bad:
+        name, width = bad[0]
+        raise ConfigError(
+            f"AWQ block size {block} does not divide the input width {width} of {name} ({len(bad)} layers affected); "
+            "set recipe.awq_block_size to a divisor of every width (0 picks one automatically)."
+        )

@@ -1,4 +1,4 @@
-"""The run record: one JSON file per run, written atomically, read by the results tools."""
+"""The run record's parts: config identity, package versions, hardware, stage timings (ptq/run.py writes it)."""
 
 from __future__ import annotations
 
@@ -10,23 +10,14 @@ import time
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
-from typing import Dict
+from typing import Dict, Optional
+
+from ptq.files import read_json
+from ptq.layout import RECORD_NAME
 
 PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors")
 # Recorded only where installed (the megatron_bridge backend's stack).
 OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13")
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
 
 # Keys that change how or where a run is launched, not what it makes.
@@ -78,6 +69,13 @@ def hardware_info() -> dict:
     if info["cuda"]:
         info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
     return info
+
+
+def read_record(output_dir) -> Optional[dict]:
+    """The run record in `output_dir`, or None when there is none (or it is not JSON)."""
+    if not output_dir:
+        return None
+    return read_json(Path(os.path.expanduser(str(output_dir))) / RECORD_NAME)
 
 
 class StageTimer:

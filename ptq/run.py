@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -13,8 +12,12 @@ from typing import Optional
 
 from ptq.backends import get_backend
 from ptq.cluster import process_rank
-from ptq.plan import PARTIAL_NAME, RECORD_NAME, ConfigError, Plan, prepare
-from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, write_json_atomic
+from ptq.errors import ConfigError
+from ptq.evaluation import check_eval_config
+from ptq.files import publish_folder, write_json_atomic
+from ptq.layout import PARTIAL_NAME, RECORD_NAME
+from ptq.plan import Plan, gather_facts, make_plan
+from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
 
@@ -25,16 +28,11 @@ class ValidationFailed(RuntimeError):
     pass
 
 
-def _publish(partial: Path, final: Path) -> None:
-    """Replace `final` with `partial`; the finished name appears only once the folder is complete."""
-    if final.exists():
-        retired = final.with_name(final.name + ".replaced")
-        shutil.rmtree(retired, ignore_errors=True)
-        final.rename(retired)
-        partial.rename(final)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        partial.rename(final)
+def prepare(cfg: RunConfig) -> Plan:
+    """The checked plan of `cfg`: the pure plan, then the benchmark files (which the pure plan does not read)."""
+    plan = make_plan(cfg, gather_facts(cfg))
+    check_eval_config(cfg.eval)
+    return plan
 
 
 def _summary(plan: Plan, config: dict) -> dict:
@@ -93,7 +91,7 @@ def execute(plan: Plan, config: dict) -> dict:
         record["details"] = result.details
         if not validation["passed"]:
             raise ValidationFailed("checkpoint validation failed: " + "; ".join(validation["problems"]))
-        _publish(partial, plan.checkpoint_dir)
+        publish_folder(partial, plan.checkpoint_dir)
         record["checkpoint"] = str(plan.checkpoint_dir)
         record["status"] = "finished"
     except BaseException as exc:
@@ -121,10 +119,7 @@ def record_failure(config: dict, reason: str, **extra) -> Optional[dict]:
     if not output_dir:
         return None
     path = Path(os.path.expanduser(output_dir)) / RECORD_NAME
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        record = None
+    record = read_record(output_dir)
     if record and record.get("status") == "finished":
         return None
     if not record:
@@ -158,7 +153,7 @@ def run(cfg: RunConfig, config: dict) -> dict:
         return dry_run(plan)
     if plan.action == "skip":
         log.info(plan.skip_reason)
-        return json.loads(plan.record_path.read_text())
+        return read_record(plan.output_dir)
     rank = process_rank(os.environ)
     if rank:
         # Every task of a multi-node job runs this; only the first keeps the record and the checkpoint.

@@ -9,19 +9,64 @@ setting.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 
-# Allowed values of a few string fields; ptq.plan checks them and names the valid ones.
-ARCHS = ("dense", "moe", "mamba_hybrid")
-KV_CACHE_FORMATS = ("none", "fp8", "nvfp4")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "bfloat16", "float16")
-BACKENDS = ("hf_modelopt", "megatron_bridge")
-CLUSTER_KINDS = ("local", "slurm")
+# Closed choices: Hydra refuses any other value when it composes the config, naming the valid ones.
+# A member equals its string ("fp8" == KVCache.fp8), so the rest of the code compares with plain strings.
+class Arch(StrEnum):
+    dense = "dense"
+    moe = "moe"
+    mamba_hybrid = "mamba_hybrid"
+
+
+class KVCache(StrEnum):
+    none = "none"
+    fp8 = "fp8"
+    nvfp4 = "nvfp4"
+
+
+class Device(StrEnum):
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class DType(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class BackendName(StrEnum):
+    hf_modelopt = "hf_modelopt"
+    megatron_bridge = "megatron_bridge"
+
+
+class ScoreMethod(StrEnum):
+    # AutoQuantize's layer sensitivity: causal-LM loss gradient, or KL divergence of the logits vs BF16.
+    gradient = "gradient"
+    kl_div = "kl_div"
+
+
+class BenchmarkKind(StrEnum):
+    lm_eval = "lm_eval"
+    multiple_choice = "multiple_choice"
+    generation = "generation"
+    perplexity = "perplexity"
+
+
+class ChoiceFormat(StrEnum):
+    arc_jsonl = "arc_jsonl"
+    jsonl = "jsonl"
+    mmlu_csv = "mmlu_csv"
+    hellaswag_txt = "hellaswag_txt"
+
+
+SCORE_METHODS = tuple(ScoreMethod)
 
 
 @dataclass
@@ -36,14 +81,12 @@ class ModelConfig:
     gguf_package: Optional[str] = None
     gguf_file: Optional[str] = None
     trust_remote_code: bool = False
-    arch: str = "dense"
+    arch: Arch = Arch.dense
     params_b: float = MISSING
     # Input widths of the quantizable linear layers, known without loading the
     # model; lets the AWQ block-size check run before any download. Empty: read
     # from the checkpoint's config.json when it is local.
     layer_widths: List[int] = field(default_factory=list)
-    # Name of the `parallelism` option this model is normally run with.
-    default_parallelism: str = "single"
     # Known architecture facts for Megatron layout checks (None: not checked).
     num_experts: Optional[int] = None
     mamba_ngroups: Optional[int] = None
@@ -62,14 +105,12 @@ class RecipeConfig:
     formats: List[str] = field(default_factory=list)
     # `quant_algo` the exported hf_quant_config.json must carry (None: not checked).
     export_quant_algo: Optional[str] = None
-    # Nominal bits per weight of quantized layers (for size estimates and plots).
-    weight_bits: float = 16.0
     weight_only: bool = False
     # AWQ recipes quantize weights in blocks along the input dimension.
     awq: bool = False
     # 0 = pick the largest of 128/64/32 that divides every layer width.
     awq_block_size: int = 0
-    kv_cache: str = "none"
+    kv_cache: KVCache = KVCache.none
     # Extra module name patterns to leave unquantized, on top of the model's.
     exclude: List[str] = field(default_factory=list)
     # Overrides the calibration algorithm of the ModelOpt config (e.g. "max", "awq_lite").
@@ -80,7 +121,7 @@ class RecipeConfig:
     # Budget: average bits per weight over the searchable linear layers (excluded ones do not count).
     effective_bits: Optional[float] = None
     # Layer sensitivity: "gradient" (causal-LM loss, labels = input ids) or "kl_div" (logits vs BF16).
-    score_method: str = "gradient"
+    score_method: ScoreMethod = ScoreMethod.gradient
     # Calibration samples the sensitivity scores are estimated on (whole calibration batches, at most calib.size).
     score_size: int = 64
 
@@ -89,16 +130,14 @@ class RecipeConfig:
 class HardwareConfig:
     name: str = MISSING
     # "cpu" or "cuda": where the in-process backend puts the model.
-    device: str = "cuda"
+    device: Device = Device.cuda
     # Compute dtype while calibrating and evaluating.
-    dtype: str = "bfloat16"
+    dtype: DType = DType.bfloat16
     gpu_memory_gb: float = 0.0
     # Formats ModelOpt can fake-quantize (calibrate) on this device.
     calibrate: List[str] = field(default_factory=list)
     # Formats with native inference kernels on this device.
     serve: List[str] = field(default_factory=list)
-    # The recipe this hardware is normally quantized for.
-    default_recipe: str = "fp8"
     # Calibration and fidelity sizes that finish in reasonable time on this device.
     calib_size: int = 512
     calib_seq_len: int = 512
@@ -118,10 +157,9 @@ class ParallelismConfig:
 
 @dataclass
 class ClusterConfig:
-    name: str = MISSING
     # "local": Hydra's own launcher, points run one after another in this process.
     # "slurm": one Slurm job per point through submitit (ptq/cluster.py, hydra_plugins/ptq_slurm_launcher).
-    kind: str = "local"
+    name: str = MISSING
     # The Slurm request. None = derived from hardware, parallelism and model (ptq/cluster.py).
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -158,7 +196,7 @@ class ClusterConfig:
 
 @dataclass
 class BackendConfig:
-    name: str = MISSING
+    name: BackendName = MISSING
     # hf_modelopt: keep the loaded BF16 model in memory (when two copies fit) and hand each run of
     # this process a copy, so the points of a sweep run in one process load it once (ptq/models.py).
     reuse_loaded_model: bool = True
@@ -219,13 +257,13 @@ class FidelityConfig:
 class BenchmarkConfig:
     name: str = MISSING
     # lm_eval (a task name lm-eval knows; may need the Hub) | multiple_choice | generation | perplexity
-    kind: str = MISSING
+    kind: BenchmarkKind = MISSING
     # For lm_eval: the task name (default: `name`).
     task: Optional[str] = None
     # For local kinds: the data file (or folder of CSVs for mmlu_csv).
     path: Optional[str] = None
     # multiple_choice layout: arc_jsonl | jsonl ({question, choices, answer}) | mmlu_csv | hellaswag_txt
-    format: str = "jsonl"
+    format: ChoiceFormat = ChoiceFormat.jsonl
     # Items evaluated from this benchmark (None: eval.limit).
     limit: Optional[int] = None
     max_gen_toks: int = 256

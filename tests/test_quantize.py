@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_overrides
-from ptq.plan import ConfigError
+from ptq.errors import ConfigError
 from ptq.run import run
 
 pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all

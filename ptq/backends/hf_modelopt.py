@@ -6,60 +6,25 @@ import importlib
 import logging
 import sys
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
-from ptq import evaluation, exported, fidelity
+from ptq.auto_quantize import AutoQuantizeSearch
 from ptq.backends.base import BackendResult
 from ptq.calib_data import token_batches
+from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, compare, measure_written
 from ptq.models import last_load, load_model
-from ptq.plan import ConfigError, Plan
-from ptq.recipes import build_quant_config, disabled_patterns, is_excluded
+from ptq.plan import Plan
+from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record import StageTimer
 
 log = logging.getLogger(__name__)
 
 CPU_BATCH_SIZE = 8
-# Sampling text is one token per step for the whole batch: wide batches amortize the per-step cost.
-SAMPLE_BATCH_SIZE = 64
-FIDELITY_MAX_BATCH = 8
-
-
-def _enabled(quantizer) -> bool:
-    if isinstance(quantizer, torch.nn.Sequential):  # SequentialQuantizer (e.g. W4A8: int4 then fp8)
-        return any(_enabled(q) for q in quantizer)
-    return bool(getattr(quantizer, "is_enabled", False))
-
-
-def classify_layers(model, patterns):
-    """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly."""
-    quantized, excluded, unexpected = [], [], []
-    for name, module in model.named_modules():
-        quantizer = getattr(module, "weight_quantizer", None)
-        if isinstance(module, torch.nn.Embedding) or (quantizer is None and not isinstance(module, torch.nn.Linear)):
-            continue  # embeddings stay in BF16 in every recipe; only linear-like layers are judged
-        if quantizer is not None and _enabled(quantizer):
-            quantized.append(name)
-        elif is_excluded(name, patterns):
-            excluded.append(name)
-        else:
-            unexpected.append(name)
-    return quantized, excluded, unexpected
-
-
-def check_awq_widths(model, block: int, patterns) -> None:
-    """The plan checked the widths it knew; this checks the real layers before calibration starts."""
-    bad = [(n, m.in_features) for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and not is_excluded(n, patterns) and m.in_features % block]
-    if bad:
-        name, width = bad[0]
-        raise ConfigError(
-            f"AWQ block size {block} does not divide the input width {width} of {name} ({len(bad)} layers affected); "
-            "set recipe.awq_block_size to a divisor of every width (0 picks one automatically)."
-        )
 
 
 def import_modelopt() -> None:
@@ -105,6 +70,82 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
     return max(1, min(get_max_batch_size(model, max_sample_length=seq_len, **probe), samples))
 
 
+@dataclass
+class Quantized:
+    """What quantizing the model in memory produced."""
+    layers: List[str] = field(default_factory=list)
+    excluded: List[str] = field(default_factory=list)
+    unexpected_bf16: List[str] = field(default_factory=list)
+    auto_quantize: Optional[dict] = None
+
+
+def prepare_quantization(plan: Plan, model):
+    """(ModelOpt config, None) for a one-format recipe, (None, AutoQuantizeSearch) for a mixed-precision one,
+    (None, None) for BF16; checks the real layers against the AWQ block size before any calibration."""
+    cfg = plan.cfg
+    if not plan.quantize:
+        return None, None
+    if cfg.recipe.candidates:
+        search = AutoQuantizeSearch(model, plan)
+        if plan.awq_block_size:
+            check_awq_widths(model, plan.awq_block_size, search.excluded_patterns)
+        return None, search
+    quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    if plan.awq_block_size:
+        check_awq_widths(model, plan.awq_block_size, disabled_patterns(quant_cfg))
+    return quant_cfg, None
+
+
+def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, batch_size: int,
+             timer: StageTimer) -> Quantized:
+    """Calibrate and quantize `model` in place (ModelOpt fake quantization)."""
+    import modelopt.torch.quantization as mtq
+
+    cfg = plan.cfg
+    with timer.stage("calib_data"):
+        calib = token_batches(cfg.calib.dataset, model=model, tokenizer=tokenizer, model_id=checkpoint,
+                              samples=cfg.calib.size, seq_len=cfg.calib.seq_len, seed=cfg.calib.seed,
+                              cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE)
+    device = next(model.parameters()).device
+
+    def forward_loop(m):
+        for batch in tqdm(list(calib.split(batch_size)), desc=f"calibrating {cfg.recipe.name}", unit="batch"):
+            m(batch.to(device))
+
+    out = Quantized()
+    with timer.stage("calibrate"), torch.no_grad():
+        if search is not None:  # calibrates every candidate, scores layers, applies the choice
+            out.layers, out.excluded, out.unexpected_bf16, out.auto_quantize = search.run(model, calib, batch_size)
+        else:
+            mtq.quantize(model, quant_cfg, forward_loop)
+            out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
+    log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
+             len(out.layers), len(out.excluded), len(out.unexpected_bf16))
+    return out
+
+
+def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) -> None:
+    """Write the model as a Hugging Face checkpoint: ModelOpt's unified format when quantized."""
+    with timer.stage("export"):
+        export_dir.mkdir(parents=True, exist_ok=True)
+        # The export writes unquantized tensors in the model's dtype: a model upcast to FP32 for
+        # CPU compute goes back to BF16 (exact for weights loaded from BF16) before it is written.
+        # The calibrated ranges keep FP32: the export stores them as scales, and rounded to BF16 they
+        # would shift every activation's grid by up to 0.4% from the one the model was measured with.
+        ranges = {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("._amax")}
+        model.to(torch.bfloat16)
+        for name, buf in model.named_buffers():
+            if name in ranges:
+                buf.data = ranges[name]
+        if plan.quantize:
+            from modelopt.torch.export import export_hf_checkpoint
+
+            export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
+        else:
+            model.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+
+
 class HFModelOptBackend:
     name = "hf_modelopt"
 
@@ -120,6 +161,7 @@ class HFModelOptBackend:
                 f"{how}{block}, export to {plan.checkpoint_dir}"]
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
+        """load -> BF16 baseline -> quantize (or search) -> compare in memory -> export -> compare the written file."""
         cfg = plan.cfg
         import_modelopt()
         with timer.stage("load"):
@@ -129,116 +171,28 @@ class HFModelOptBackend:
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
             )
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
-        quant_cfg = search = None
-        if plan.quantize and cfg.recipe.candidates:
-            from ptq.auto_quantize import AutoQuantizeSearch
-
-            search = AutoQuantizeSearch(model, plan)
-            if plan.awq_block_size:
-                check_awq_widths(model, plan.awq_block_size, search.excluded_patterns)
-        elif plan.quantize:
-            quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
-            if plan.awq_block_size:
-                check_awq_widths(model, plan.awq_block_size, disabled_patterns(quant_cfg))
-
+        quant_cfg, search = prepare_quantization(plan, model)
         calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
         details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size,
                    "model_load": last_load()}
+        # Same model, tokens and batching as an earlier run of this process: same reference.
+        kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
+        baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)
 
-        ref = fid_tokens = None
-        # Fidelity holds full-vocabulary log-probs per batch (batch x seq_len x vocab floats): keep batches small.
-        fid_bs = cfg.fidelity.batch_size or min(calib_bs, FIDELITY_MAX_BATCH)
-        if cfg.fidelity.enabled:
-            with timer.stage("fidelity_text"):
-                fid_tokens = token_batches(
-                    cfg.fidelity.text, model=model, tokenizer=tokenizer, model_id=checkpoint,
-                    samples=cfg.fidelity.samples, seq_len=cfg.fidelity.seq_len, seed=cfg.fidelity.seed,
-                    cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
-                )
-            with timer.stage("fidelity_reference"):
-                # Same model, tokens and batching as an earlier run of this process: same reference.
-                kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
-                ref = fidelity.cached_reference(model, fid_tokens, fid_bs, enabled=kept,
-                                                model_key=(checkpoint, cfg.hardware.device, cfg.hardware.dtype))
-
-        baseline = None
-        eval_dir = plan.output_dir / "eval_data"  # the normalised task files fed to lm-eval
-        if cfg.eval.enabled:
-            with timer.stage("eval_baseline"):
-                baseline = evaluation.cached_baseline(
-                    model, tokenizer, cfg.eval, model_id=checkpoint, model_name=cfg.model.name,
-                    cache_dir=cfg.cache_dir, work_dir=eval_dir,
-                )
-
-        quantized = excluded = unexpected = []
+        done = Quantized()
         if plan.quantize:
-            import modelopt.torch.quantization as mtq
-
-            with timer.stage("calib_data"):
-                calib = token_batches(
-                    cfg.calib.dataset, model=model, tokenizer=tokenizer, model_id=checkpoint,
-                    samples=cfg.calib.size, seq_len=cfg.calib.seq_len, seed=cfg.calib.seed,
-                    cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
-                )
-            device = next(model.parameters()).device
-
-            def forward_loop(m):
-                batches = list(calib.split(calib_bs))
-                for batch in tqdm(batches, desc=f"calibrating {cfg.recipe.name}", unit="batch"):
-                    m(batch.to(device))
-
-            with timer.stage("calibrate"), torch.no_grad():
-                if search is not None:  # calibrates every candidate, scores layers, applies the choice
-                    quantized, excluded, unexpected, details["auto_quantize"] = search.run(model, calib, calib_bs)
-                else:
-                    mtq.quantize(model, quant_cfg, forward_loop)
-            if search is None:
-                quantized, excluded, unexpected = classify_layers(model, disabled_patterns(quant_cfg))
-            log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
-                     len(quantized), len(excluded), len(unexpected))
-
-        fid = None
-        if ref is not None:
-            with timer.stage("fidelity"):
-                fid = fidelity.compare(model, fid_tokens, fid_bs, ref) if plan.quantize else fidelity.reference_only(ref)
-            log.info("Fidelity: %s", {k: round(v, 4) for k, v in fid.items()})
-
-        scores = None
-        if baseline is not None:
-            if plan.quantize:
-                with timer.stage("eval"):
-                    results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, eval_dir, cfg.recipe.name)
-            else:
-                results = baseline
-            scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline}
-
-        with timer.stage("export"):
-            export_dir.mkdir(parents=True, exist_ok=True)
-            # The export writes unquantized tensors in the model's dtype: a model upcast to FP32 for
-            # CPU compute goes back to BF16 (exact for weights loaded from BF16) before it is written.
-            # The calibrated ranges keep FP32: the export stores them as scales, and rounded to BF16 they
-            # would shift every activation's grid by up to 0.4% from the one the model was measured with.
-            ranges = {name: buf.detach().clone() for name, buf in model.named_buffers() if name.endswith("._amax")}
-            model.to(torch.bfloat16)
-            for name, buf in model.named_buffers():
-                if name in ranges:
-                    buf.data = ranges[name]
-            if plan.quantize:
-                from modelopt.torch.export import export_hf_checkpoint
-
-                export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
-            else:
-                model.save_pretrained(export_dir)
-            tokenizer.save_pretrained(export_dir)
+            done = quantize(plan, model, tokenizer, checkpoint, quant_cfg, search, calib_bs, timer)
+            if done.auto_quantize is not None:
+                details["auto_quantize"] = done.auto_quantize
+        fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
+        export(plan, model, tokenizer, export_dir, timer)
         if fid is not None and plan.quantize and cfg.fidelity.exported:
             # The export replaced the model's weights by their stored codes: it is spent (the AutoQuantize
             # search holds it too), and the read-back needs its memory.
             del model
             search = None
-            with timer.stage("fidelity_exported"):
-                fid["exported_checkpoint"] = exported.exported_fidelity(export_dir, plan, fid_tokens, fid_bs, ref,
-                                                                        tokenizer_from=checkpoint)
+            fid["exported_checkpoint"] = measure_written(plan, export_dir, baseline, timer, tokenizer_from=checkpoint)
             log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
                      fid["exported_checkpoint"]["mean_kl"], fid["mean_kl"])
-        return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=quantized, excluded_layers=excluded,
-                             unexpected_bf16=unexpected, fidelity=fid, evaluation=scores, details=details)
+        return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=done.layers, excluded_layers=done.excluded,
+                             unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details)

@@ -30,10 +30,13 @@ from ptq.backends.base import BackendResult
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE
 from ptq.calib_data import read_texts
 from ptq.cluster import process_rank
-from ptq.exported import measure_export
+from ptq.errors import ConfigError
+from ptq.files import write_text_atomic
+from ptq.layout import LOG_DIR_NAME, PARTIAL_NAME
+from ptq.measure import measure_export
 from ptq.models import resolve_checkpoint
-from ptq.plan import PARTIAL_NAME, ConfigError, Plan, calib_text_path
-from ptq.record import StageTimer, write_text_atomic
+from ptq.plan import Plan, calib_text_path
+from ptq.record import StageTimer
 from ptq.validate import read_tensor_index
 
 log = logging.getLogger(__name__)
@@ -42,7 +45,7 @@ SCRIPTS = {"quantize": "quantize.py", "generate": "ptq_generate.py", "export": "
 MEGATRON_CHECKPOINT = "megatron"
 ENTRY = Path(__file__).with_name("megatron_entry.py")
 CALIB_JSONL = "calib.jsonl"
-LOG_DIR = "logs"
+LOG_DIR = LOG_DIR_NAME
 # Rich (the scripts' console) wraps at 80 columns when not on a terminal; wide lines keep each
 # generated answer on one line of the log.
 STEP_ENV = (("COLUMNS", "4000"),)

@@ -1,0 +1,54 @@
+"""Reading and publishing files so that no reader ever sees half of one. Imports nothing of the project."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator, Optional
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write to; renamed onto `path` only if the block finishes."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: Path) -> Optional[dict]:
+    """The JSON object in `path`, or None when it is missing or not JSON."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def publish_folder(partial: Path, final: Path) -> None:
+    """Replace `final` with the complete folder `partial`; the final name appears only once it is complete."""
+    if final.exists():
+        retired = final.with_name(final.name + ".replaced")
+        shutil.rmtree(retired, ignore_errors=True)
+        final.rename(retired)
+        partial.rename(final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        partial.rename(final)

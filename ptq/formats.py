@@ -1,0 +1,100 @@
+"""What the launcher knows about number formats, in one place. Imports nothing of the project.
+
+Two tables:
+- EXPORT_FORMATS, keyed by the `quant_algo` a ModelOpt unified checkpoint names in hf_quant_config.json:
+  the weight dtype a quantized layer holds, how its input is quantized, whether the read-back
+  (ptq/exported.py) can compute with it, and whether ModelOpt's Megatron-Core export writes it.
+  tests/test_formats.py checks every key against the installed ModelOpt's own format names.
+- CANDIDATES, keyed by ModelOpt config name: what AutoQuantize (ptq/auto_quantize.py) may choose per
+  layer, with the bits it charges; the same test checks the bits against ModelOpt's.
+Both are plain data so that planning never imports ModelOpt or torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    # safetensors dtype of a quantized layer's `weight`.
+    weight_dtype: str
+    # How the layer's input is quantized: None (weight-only), "fp8", "int8" (static scales) or "nvfp4"
+    # (dynamic per-block scales under a static global one); "fp8_dynamic" is per-token at run time.
+    activation: Optional[str]
+    # The read-back of ptq/exported.py can compute with it.
+    readback: bool = True
+    # ModelOpt 0.47's Megatron-Core export (Megatron-Bridge's export.py) writes it. Measured on H200s: it
+    # raises on SmoothQuant scales and writes AWQ models without hf_quant_config.json.
+    megatron_export: bool = False
+
+
+EXPORT_FORMATS: Dict[str, ExportFormat] = {
+    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True),
+    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False),
+    "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True),
+    "FP8_PB_REAL": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, megatron_export=True),
+    "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8"),
+    "W8A16": ExportFormat("I8", None),
+    "INT8_WO": ExportFormat("I8", None),
+    "W4A16_AWQ": ExportFormat("U8", None),
+    "W4A8_AWQ": ExportFormat("U8", "fp8"),
+    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True),
+    "NVFP4_AWQ": ExportFormat("U8", "nvfp4"),
+    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True),
+}
+# A checkpoint whose layers have different formats lists them per layer.
+MIXED_PRECISION = "MIXED_PRECISION"
+
+
+def export_algos(**where) -> Tuple[str, ...]:
+    """quant_algo names whose ExportFormat fields equal `where`, e.g. export_algos(activation="fp8")."""
+    return tuple(a for a, f in EXPORT_FORMATS.items() if all(getattr(f, k) == v for k, v in where.items()))
+
+
+# Formats a recipe may compute in (recipe.formats, hardware.calibrate); NVFP4 and MX need CUDA.
+CUDA_ONLY_FORMATS = ("nvfp4", "mxfp8")
+# recipe.kv_cache -> the ModelOpt config that adds KV-cache quantizers.
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+
+
+@dataclass(frozen=True)
+class Candidate:
+    # Label in the run record's per-layer assignment (ModelOpt's export names the same formats alike).
+    label: str
+    # Number formats it computes in, checked against hardware.calibrate.
+    formats: Tuple[str, ...]
+    # Bits per weight AutoQuantize charges against the budget for a layer in this format.
+    bits: float
+    # INT4 weights in blocks along the input dimension: the AWQ block size applies.
+    int4_blocks: bool = False
+
+
+CANDIDATES: Dict[str, Candidate] = {
+    "FP8_DEFAULT_CFG": Candidate("fp8", ("fp8",), 8.0),
+    "FP8_PER_CHANNEL_PER_TOKEN_CFG": Candidate("fp8_pc_pt", ("fp8",), 8.0),
+    "INT8_DEFAULT_CFG": Candidate("int8", ("int8",), 8.0),
+    "INT8_SMOOTHQUANT_CFG": Candidate("int8_sq", ("int8",), 8.0),
+    "INT8_WEIGHT_ONLY_CFG": Candidate("int8_wo", ("int8",), 8.0),
+    "INT4_AWQ_CFG": Candidate("int4_awq", ("int4",), 4.0, int4_blocks=True),
+    "W4A8_AWQ_BETA_CFG": Candidate("w4a8_awq", ("int4", "fp8"), 4.0, int4_blocks=True),
+    "NVFP4_DEFAULT_CFG": Candidate("nvfp4", ("nvfp4",), 4.5),
+    "NVFP4_AWQ_LITE_CFG": Candidate("nvfp4_awq", ("nvfp4",), 4.5),
+    "MXFP8_DEFAULT_CFG": Candidate("mxfp8", ("mxfp8",), 8.0),
+}
+# The label of a layer AutoQuantize leaves unquantized.
+BF16 = "bf16"
+
+
+def unknown_candidates(names: List[str]) -> List[str]:
+    return [n for n in names if n not in CANDIDATES]
+
+
+def candidate_formats(names: List[str]) -> List[str]:
+    """The number formats a list of (known) candidates computes in, in order, without repeats."""
+    return list(dict.fromkeys(f for n in names if n in CANDIDATES for f in CANDIDATES[n].formats))
+
+
+def uses_int4_blocks(names: List[str]) -> bool:
+    return any(CANDIDATES[n].int4_blocks for n in names if n in CANDIDATES)

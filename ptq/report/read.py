@@ -1,0 +1,214 @@
+"""Reading run records and sweep manifests: files in, plain rows out (no tables)."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Iterable, List, Optional, Sequence, Tuple
+
+from ptq.layout import MANIFEST_NAME
+from ptq.report.common import (
+    BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
+    PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
+)
+
+
+def record_problem(obj) -> Optional[str]:
+    """Why `obj` cannot be used as a run record, or None when it can."""
+    if not isinstance(obj, dict):
+        return f"not a run record: top-level JSON is {type(obj).__name__}, not an object"
+    for key in ("model", "recipe"):
+        if key not in obj:
+            return f"not a run record: missing '{key}'"
+        if not isinstance(obj[key], str) or not obj[key]:
+            return f"not a run record: '{key}' is not a non-empty string"
+    return None
+
+def as_number(x) -> float:
+    """A finite-or-NaN float from anything JSON may hold; bools and strings are not numbers."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return math.nan
+    return float(x)
+
+def section(record: dict, key: str) -> dict:
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
+
+def record_calib_size(record: dict):
+    """Calibration size as an int where it is one (JSON may carry 512.0), else as recorded."""
+    size = record.get("calib_size")
+    if isinstance(size, float) and size.is_integer():
+        return int(size)
+    if isinstance(size, bool):
+        return None
+    return size
+
+def record_kv_cache(record: dict) -> str:
+    kv = record.get("kv_cache")
+    return kv if isinstance(kv, str) and kv else "none"
+
+def variant_label(record: dict) -> str:
+    """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just `bf16`.
+
+    The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
+    is its own variant, so both backends' checkpoints of one recipe stand side by side, and so is each
+    parallel layout other than `single` (tp2 and pp2 runs of one recipe are different checkpoints)."""
+    recipe = record["recipe"]
+    if recipe == BF16:
+        return BF16
+    label = recipe
+    kv = record_kv_cache(record)
+    if kv != "none":
+        label += f"+kv_{kv}"
+    calib = record_calib_size(record)
+    if calib is not None and calib != "":
+        label += f"@{calib}"
+    backend = record.get("backend")
+    if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
+        layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
+        label += f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
+    return label
+
+def variant_sort_key(recipe: str, kv_cache: str, calib_size) -> tuple:
+    """BF16 first, then by recipe, KV-cache format and numeric calibration size (128 before 1024)."""
+    calib = as_number(calib_size)
+    return (recipe != BF16, recipe, KV_CACHE_ORDER.get(kv_cache, len(KV_CACHE_ORDER)), kv_cache,
+            math.isnan(calib), 0.0 if math.isnan(calib) else calib)
+
+def _higher_is_better(entry: dict) -> bool:
+    flag = entry.get("higher_is_better")
+    if isinstance(flag, bool):
+        return flag
+    return str(entry.get("metric", "")).lower() not in LOWER_IS_BETTER_METRICS
+
+def _benchmark_entries(entries) -> List[dict]:
+    """Usable entries of an `evaluation.results`/`baseline` list, first of each (benchmark, metric)."""
+    if not isinstance(entries, list):
+        return []
+    rows, seen = [], set()
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        benchmark, metric, value = entry.get("benchmark"), entry.get("metric"), as_number(entry.get("value"))
+        if not isinstance(benchmark, str) or not isinstance(metric, str) or math.isnan(value):
+            continue
+        if (benchmark, metric) in seen:
+            continue
+        seen.add((benchmark, metric))
+        rows.append({"benchmark": benchmark, "metric": metric, "value": value,
+                     "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry)})
+    return rows
+
+def _fidelity_row(benchmark: str, value: float, higher_is_better: bool) -> dict:
+    return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": math.nan,
+            "higher_is_better": higher_is_better}
+
+def _bf16_fidelity_rows(fidelity: dict) -> List[dict]:
+    """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1."""
+    ppl = as_number(fidelity.get("bf16_perplexity"))
+    if math.isnan(ppl):
+        return []
+    return [_fidelity_row(PERPLEXITY, ppl, False), _fidelity_row(MEAN_KL, 0.0, False),
+            _fidelity_row(TOP1_AGREEMENT, 1.0, True)]
+
+def record_scores(record: dict) -> List[dict]:
+    """Scores of the model a record describes: its evaluation results plus its fidelity figures."""
+    rows = _benchmark_entries(section(record, "evaluation").get("results"))
+    fidelity = section(record, "fidelity")
+    if record.get("recipe") == BF16:
+        return rows + _bf16_fidelity_rows(fidelity)
+    figures = ((PERPLEXITY, "quantized_perplexity", False), (MEAN_KL, "mean_kl", False),
+               (TOP1_AGREEMENT, "top1_agreement", True))
+    for benchmark, key, higher in figures:
+        value = as_number(fidelity.get(key))
+        if not math.isnan(value):
+            rows.append(_fidelity_row(benchmark, value, higher))
+    return rows
+
+def baseline_scores(record: dict) -> List[dict]:
+    """BF16 scores a quantized record carries for comparison (evaluation baseline, BF16 fidelity)."""
+    return (_benchmark_entries(section(record, "evaluation").get("baseline"))
+            + _bf16_fidelity_rows(section(record, "fidelity")))
+
+def status_note(status: str, error) -> str:
+    """Why a point is not a finished result ("" when it is)."""
+    if status == "finished":
+        return ""
+    if status == "failed":
+        lines = str(error).strip().splitlines() if error else []
+        return f"failed: {lines[0].strip()}" if lines else "failed: no error recorded"
+    if status == "running":
+        return "running (unfinished)"
+    if status == "pending":
+        return "pending (submitted, not started)"
+    return f"{status} (unrecognised status)"
+
+def as_timestamp(text) -> float:
+    """Seconds since the epoch for ordering; -inf for a missing or unreadable time (counts as oldest)."""
+    if not isinstance(text, str):
+        return -math.inf
+    for parse in (lambda s: datetime.strptime(s, TIME_FORMAT), datetime.fromisoformat):
+        try:
+            return parse(text).timestamp()
+        except ValueError:
+            continue
+    return -math.inf
+
+def find_run_records(paths: Iterable[Path]) -> List[Path]:
+    """Every run.json below the given folders, plus the given files themselves; each once, in order."""
+    found, seen = [], set()
+    for path in map(Path, paths):
+        if path.is_dir():
+            candidates = sorted(p for p in path.rglob(RUN_RECORD_NAME) if p.is_file())
+        elif path.is_file():
+            candidates = [path]
+        else:
+            raise FileNotFoundError(f"no such file or folder: {path}")
+        for candidate in candidates:
+            key = candidate.resolve()
+            if key not in seen:
+                seen.add(key)
+                found.append(candidate)
+    return found
+
+def pending_points(paths: Iterable[Path]) -> List[dict]:
+    """Points of Slurm sweeps (their sweep.json) submitted but without a run record yet, as records."""
+    points = []
+    for path in map(Path, paths):
+        for manifest in (sorted(path.rglob(MANIFEST_NAME)) if path.is_dir() else []):
+            try:
+                entries = json.loads(manifest.read_text(encoding="utf-8"))["points"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
+            for point in entries:
+                out = point.get("output_dir")
+                if point.get("state") != "submitted" or not out or (Path(out).expanduser() / RUN_RECORD_NAME).exists():
+                    continue
+                if not record_problem(point):
+                    points.append({**{k: point.get(k) for k in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")},
+                                   "status": "pending", "output_dir": out, "slurm_job": point.get("job_id"),
+                                   "manifest": str(manifest)})
+    return points
+
+def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tuple[str, str]]]:
+    """(records, their paths, skipped (path, reason)): unreadable or non-record files never stop the load."""
+    from tqdm import tqdm
+
+    records, sources, skipped = [], [], []
+    for path in tqdm(files, desc="reading run records", unit="file", file=sys.stderr,
+                     disable=len(files) < PROGRESS_THRESHOLD):
+        try:
+            record = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            skipped.append((str(path), f"unreadable JSON: {exc}"))
+            continue
+        problem = record_problem(record)
+        if problem:
+            skipped.append((str(path), problem))
+        else:
+            records.append(record)
+            sources.append(str(path))
+    return records, sources, skipped

@@ -1,0 +1,165 @@
+"""Rendering the tables as Markdown and self-contained HTML, and writing the report's files."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import pandas as pd
+
+from ptq.report.common import BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, SUPERSEDED_COLUMNS
+from ptq.report.plots import plot_file_name, plot_recovery_vs_bits
+from ptq.report.tables import Report, row_sort_key
+
+
+def _fmt(x: float, spec: str) -> str:
+    return "" if pd.isna(x) else format(x, spec)
+
+def format_cell(value: float, delta: float, recovery: float) -> str:
+    """`0.330 (-0.022, 93.8%)`; parts that are undefined are left out."""
+    if pd.isna(value):
+        return ""
+    details = []
+    if not pd.isna(delta):
+        details.append(format(delta, "+.3f").replace("-0.000", "+0.000"))
+    if not pd.isna(recovery):
+        details.append(format(100 * recovery, ".1f") + "%")
+    return format(value, ".3f") + (f" ({', '.join(details)})" if details else "")
+
+def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Model-card table of one model: rows benchmark/metric, columns BF16 then the variants, text cells."""
+    rows = scores[scores["model"] == model]
+    variants = list(dict.fromkeys(rows["variant"]))  # already in display order, BF16 first
+    if BF16 not in variants:
+        variants.insert(0, BF16)
+    rows = rows[rows["benchmark"] != ""]
+    row_order = sorted(set(zip(rows["benchmark"].tolist(), rows["metric"].tolist())),
+                       key=lambda r: (row_sort_key(*r), r))
+    row_position = {row: i for i, row in enumerate(row_order)}
+    column_position = {variant: j for j, variant in enumerate(variants)}
+    # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
+    grid = np.full((len(row_order), len(variants)), "", dtype=object)
+    # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
+    for benchmark, metric, variant, value, delta, recovery in zip(*(rows[c].tolist() for c in (
+            "benchmark", "metric", "variant", "value", "delta", "recovery"))):
+        # The BF16 column is the reference: its delta and recovery say nothing.
+        cell = format_cell(value, math.nan, math.nan) if variant == BF16 else format_cell(value, delta, recovery)
+        grid[row_position[(benchmark, metric)], column_position[variant]] = cell
+    labels = np.array(row_order, dtype=object).reshape(len(row_order), 2)
+    return pd.DataFrame(np.hstack([labels, grid]), columns=["benchmark", "metric", *variants], dtype=object)
+
+def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
+    """Summary rows of one model as display text."""
+    return pd.DataFrame({
+        "variant": summary["variant"],
+        "status": summary["status"],
+        "median recovery": [_fmt(100 * r, ".1f") + "%" if not pd.isna(r) else "" for r in summary["median_recovery"]],
+        "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
+        "compression": [_fmt(x, ".2f") + "x" if not pd.isna(x) else "" for x in summary["compression"]],
+        "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],
+        "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
+        "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
+        "note": summary["note"],
+    })
+
+def _variant_headers(summary: pd.DataFrame, columns: Sequence[str]) -> List[str]:
+    """Column titles; variants that did not finish say so in their title."""
+    status = dict(zip(summary["variant"].tolist(), summary["status"].tolist()))
+    titles = []
+    for column in columns:
+        state = status.get(column)
+        marked = column not in ("benchmark", "metric") and state not in (None, "finished", BASELINE_STATUS)
+        titles.append(f"{column} ({state})" if marked else column)
+    return titles
+
+def markdown_table(table: pd.DataFrame, headers: Optional[Sequence[str]] = None) -> str:
+    def clean(text) -> str:
+        return str(text).replace("|", "\\|").replace("\n", " ")
+
+    headers = list(headers if headers is not None else table.columns)
+    lines = ["| " + " | ".join(clean(h) for h in headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in table.to_numpy(dtype=object).tolist()]
+    return "\n".join(lines)
+
+def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
+    rows = scores[(scores["model"] == model) & (scores["variant"] == BF16)]
+    origins = set(rows["bf16_source"])
+    if not origins:
+        return "BF16: no scores (no bf16 run and no embedded baseline)."
+    if origins == {FROM_BF16_RUN}:
+        return f"BF16: from run `{rows['source'].iat[0]}`."
+    if origins == {FROM_EMBEDDED_BASELINE}:
+        return "BF16: from the baselines embedded in the quantized records (no finished bf16 run)."
+    return (f"BF16: from run `{rows.loc[rows['bf16_source'] == FROM_BF16_RUN, 'source'].iat[0]}`, rows it lacks "
+            "from the baselines embedded in the quantized records.")
+
+LEGEND = ("Cells: value (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, BF16 / value "
+          "where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is over the "
+          "rows where recovery is defined.")
+
+def render_markdown(report: Report) -> str:
+    parts = ["# Quantization results", "", LEGEND]
+    for model in report.models:
+        summary = report.summary[report.summary["model"] == model]
+        wide = wide_table(report.scores, model)
+        parts += ["", f"## {model}", "", _bf16_origin(report.scores, model), "",
+                  markdown_table(wide, _variant_headers(summary, wide.columns)),
+                  "", f"### {model}: summary", "", markdown_table(format_summary(summary))]
+        superseded = report.superseded[report.superseded["model"] == model]
+        if not superseded.empty:
+            parts += ["", f"### {model}: superseded records", ""]
+            parts += [f"- `{r.source}` ({r.variant}): {r.reason}; kept `{r.kept}`" for r in superseded.itertuples()]
+    if not report.skipped.empty:
+        parts += ["", "## Skipped files", ""]
+        parts += [f"- `{r.source}`: {r.reason}" for r in report.skipped.itertuples()]
+    return "\n".join(parts) + "\n"
+
+def render_html(report: Report, plots: dict) -> str:
+    """Self-contained page: the tables of results.md plus the plots inlined as base64 PNG."""
+    def table(frame: pd.DataFrame, headers: Optional[Sequence[str]] = None) -> str:
+        frame = frame.copy()
+        if headers is not None:
+            frame.columns = list(headers)
+        return frame.to_html(index=False, escape=True, border=0, na_rep="")
+
+    body = ["<h1>Quantization results</h1>", f"<p>{html.escape(LEGEND)}</p>"]
+    for model in report.models:
+        summary = report.summary[report.summary["model"] == model]
+        wide = wide_table(report.scores, model)
+        body += [f"<h2>{html.escape(model)}</h2>", f"<p>{html.escape(_bf16_origin(report.scores, model))}</p>",
+                 table(wide, _variant_headers(summary, wide.columns)),
+                 f"<h3>{html.escape(model)}: summary</h3>", table(format_summary(summary))]
+        if model in plots:
+            encoded = base64.b64encode(plots[model]).decode("ascii")
+            body.append(f'<p><img alt="median recovery vs bits per weight, {html.escape(model)}" '
+                        f'src="data:image/png;base64,{encoded}"></p>')
+        superseded = report.superseded[report.superseded["model"] == model]
+        if not superseded.empty:
+            body += [f"<h3>{html.escape(model)}: superseded records</h3>", table(superseded[SUPERSEDED_COLUMNS])]
+    if not report.skipped.empty:
+        body += ["<h2>Skipped files</h2>", table(report.skipped)]
+    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}")
+    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Quantization results</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+def write_report(report: Report, out_dir: Path) -> Tuple[str, List[Path]]:
+    """Write results.md/.csv/.html and the plots into `out_dir`; returns (Markdown, written paths)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    markdown = render_markdown(report)
+    plots = {model: plot_recovery_vs_bits(report.summary, model) for model in report.models}
+    written = []
+    for model, png in plots.items():
+        path = out_dir / plot_file_name(model)
+        path.write_bytes(png)
+        written.append(path)
+    for name, text in (("results.md", markdown), ("results.html", render_html(report, plots))):
+        (out_dir / name).write_text(text, encoding="utf-8")
+        written.append(out_dir / name)
+    report.scores.to_csv(out_dir / "results.csv", index=False)
+    written.append(out_dir / "results.csv")
+    return markdown, written

@@ -1,0 +1,182 @@
+"""A sweep: its points, their checks before submission, their grouping into jobs, and its manifest.
+
+The Slurm launcher (hydra_plugins/ptq_slurm_launcher) composes each point with Hydra and submits and
+waits with submitit; everything else a sweep decides is here, without Hydra, Slurm or a model:
+- `check_point`: plan the composed point as its job would (refused, skipped as finished, or to submit) and
+  derive its Slurm request (ptq/cluster.py);
+- `refuse_shared_folders`: two points writing one output folder;
+- `group`: points of one model and one request share a job array, or one packed job (cluster.pack);
+- the manifest (`<sweep dir>/sweep.json`) and each point's state, which `python -m ptq.status` shows.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from ptq.cluster import Request, check_request, job_name, request_for, sbatch_parameters
+from ptq.errors import ConfigError
+from ptq.evaluation import check_eval_config
+from ptq.files import write_json_atomic
+from ptq.plan import Plan, gather_facts, make_plan
+from ptq.record import now
+from ptq.run import record_failure
+from ptq.schema import RunConfig
+
+SUBMITTED, SKIPPED, REFUSED = "submitted", "skipped", "refused"
+
+
+@dataclass
+class Point:
+    index: int
+    # The point's Hydra overrides (the sweep's and its own).
+    overrides: List[str]
+    config: Optional[dict] = None  # resolved, without the hydra node
+    cfg: Optional[RunConfig] = None
+    state: str = SUBMITTED  # submitted | skipped | refused
+    reason: str = ""
+    request: Optional[Request] = None
+    # submitit's SlurmExecutor parameters.
+    params: Dict[str, Any] = field(default_factory=dict)
+    job_id: Optional[str] = None
+    plan: Optional[Plan] = None
+    # Position in its packed job's list of points (cluster.pack).
+    pack_position: int = 0
+
+    def refuse(self, reason: str) -> "Point":
+        self.state, self.reason = REFUSED, reason
+        return self
+
+
+def check_point(point: Point, dry_run: bool) -> Point:
+    """Plan a composed point (point.cfg set) as its job would, on the submitting host, and derive its request."""
+    try:
+        facts = gather_facts(point.cfg)
+        # The job runs on a GPU node when its hardware asks for one; this host may have none.
+        facts.cuda_available = facts.cuda_available or point.cfg.hardware.device == "cuda"
+        plan = make_plan(point.cfg, facts)
+        check_eval_config(point.cfg.eval)
+    except ConfigError as exc:
+        return point.refuse(str(exc))
+    point.plan = plan
+    if plan.action == "skip" and not dry_run:
+        point.state, point.reason = SKIPPED, plan.skip_reason
+        return point
+    point.request = request_for(point.cfg)
+    problem = check_request(point.cfg, point.request)
+    if problem:
+        return point.refuse(problem)
+    point.params = sbatch_parameters(point.cfg.cluster, point.request, job_name(point.cfg))
+    return point
+
+
+def refuse_shared_folders(points: List[Point]) -> None:
+    """Two points that would write into the same output folder: the later one is refused."""
+    seen: Dict[str, int] = {}
+    for point in points:
+        if point.state != SUBMITTED:
+            continue
+        folder = str(Path(point.config["output_dir"]).expanduser().resolve())
+        if folder in seen:
+            point.refuse(f"writes into the same output_dir as point #{seen[folder]} ({folder}); "
+                         "add the swept key to output_dir or give each point its own output_root.")
+        else:
+            seen[folder] = point.index
+
+
+def record_refusals(points: List[Point]) -> None:
+    """A failed run record for every refused point that composed, so the report lists it with its reason."""
+    for point in points:
+        if point.state == REFUSED and point.config:
+            record_failure(point.config, f"refused before submission: {point.reason}")
+
+
+def group(points: List[Point]) -> List[List[Point]]:
+    """Points with the same model and the same Slurm request share a job array (or a packed job)."""
+    groups: Dict[str, List[Point]] = {}
+    for point in points:
+        if point.state != SUBMITTED:
+            continue
+        params = {k: v for k, v in point.params.items() if k != "job_name"}
+        key = json.dumps([point.cfg.model.name, params], sort_keys=True, default=str)
+        groups.setdefault(key, []).append(point)
+    return list(groups.values())
+
+
+def group_params(points: List[Point], pack: bool) -> Dict[str, Any]:
+    """The executor parameters of one group: a packed job runs its points one after another."""
+    params = dict(points[0].params)
+    if pack:
+        params["time"] = params["time"] * len(points)
+        params["job_name"] = f"ptq-{points[0].cfg.model.name}-pack{len(points)}"
+    elif len(points) > 1:
+        params["job_name"] = f"ptq-{points[0].cfg.model.name}-sweep"
+    return params
+
+
+def _identity(config: Optional[dict]) -> Dict[str, Any]:
+    """What the results table needs to list a point that has no run record yet."""
+    if not config:
+        return {}
+    return {"model": config["model"]["name"], "recipe": config["recipe"]["name"], "kv_cache": config["recipe"]["kv_cache"],
+            "calib_size": config["calib"]["size"], "calib_seq_len": config["calib"]["seq_len"]}
+
+
+def write_manifest(path: Path, sweep_dir: Path, points: List[Point], labels: List[List[str]], pack: bool,
+                   finished: bool) -> None:
+    """`labels`: each point's overrides as the user wrote them (Hydra's own removed)."""
+    write_json_atomic(path, {
+        "sweep_dir": str(sweep_dir),
+        "written_at": now(),
+        "waited_to_end": finished,
+        "pack": pack,
+        "points": [{"index": p.index, "overrides": label, "state": p.state, "reason": p.reason,
+                    "job_id": p.job_id, "output_dir": (p.config or {}).get("output_dir"),
+                    "request": p.request.as_dict() if p.request else None, **_identity(p.config)}
+                   for p, label in zip(points, labels)],
+    })
+
+
+# What `python -m ptq.status` shows for a point, from the manifest, the run record and Slurm.
+SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
+
+
+def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state: Optional[str],
+                job_id: Optional[str]) -> (str, str):
+    """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused."""
+    if submitted == "refused":
+        return "refused", reason
+    if submitted == "skipped":
+        return "finished", reason or "finished in an earlier run"
+    status = (record or {}).get("status")
+    if status == "finished":
+        return "finished", record.get("checkpoint") or ""
+    if status == "failed":
+        return "failed", record.get("error", "")
+    slurm = (slurm_state or "").split()[0] if slurm_state else ""
+    if slurm == "PENDING":
+        return "pending", f"Slurm job {job_id} is waiting for resources"
+    if slurm in SLURM_ACTIVE:
+        return "running", f"Slurm job {job_id} {slurm.lower()}" + (" (run record written)" if status else "")
+    if slurm:
+        return "failed", f"Slurm job {job_id} ended {slurm} without a finished run record"
+    if status == "running":
+        return "running", f"run record says running; Slurm has no state for job {job_id}"
+    return "unknown", f"Slurm has no state for job {job_id} and there is no run record yet"
+
+
+def summarize(states: List[str]) -> Dict[str, int]:
+    counts: Dict[str, int] = {}
+    for state in states:
+        counts[state] = counts.get(state, 0) + 1
+    return counts
+
+
+def varying_overrides(points: List[List[str]]) -> List[str]:
+    """Per point, only the overrides that tell it from the others (the swept keys), joined by spaces."""
+    parsed = [dict(o.split("=", 1) if "=" in o else (o, "") for o in overrides) for overrides in points]
+    keys = list(dict.fromkeys(k for p in parsed for k in p))
+    varying = [k for k in keys if len({p.get(k) for p in parsed}) > 1] or keys
+    return [" ".join(f"{k}={p[k]}" for k in varying if k in p) for p in parsed]
