@@ -28,6 +28,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.plan import choose_awq_block_size  # noqa: E402
+from ptq.recipes import build_quant_config  # noqa: E402
+from ptq.schema import register_schemas  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab (published model configs)
@@ -72,10 +75,6 @@ def timed(fn, device):
 def recipe_config(recipe: str, hardware: str, shape: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from ptq.plan import choose_awq_block_size
-    from ptq.recipes import build_quant_config
-    from ptq.schema import register_schemas
 
     register_schemas()
     conf = Path(__file__).resolve().parents[1] / "conf"

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.report import build_report, find_run_records, load_records, render_markdown  # noqa: E402
 
 RECIPES = ["fp8", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq", "fp8_blockwise"]
 BENCHMARKS = [("arc_easy", "acc"), ("arc_easy", "acc_norm"), ("hellaswag", "acc_norm"), ("mmlu", "acc")]
@@ -48,7 +49,6 @@ def main():
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    from ptq.report import build_report, find_run_records, load_records, render_markdown
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:

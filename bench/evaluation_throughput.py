@@ -23,6 +23,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibration import SHAPES, build_model, recipe_config, sync, versions  # noqa: E402
+from ptq.evaluation import run_benchmarks  # noqa: E402
+from ptq.evaluation import read_multiple_choice  # noqa: E402
+from ptq.schema import BenchmarkConfig, EvalConfig  # noqa: E402
 
 
 def count_tokens(tokenizer, items) -> int:
@@ -34,8 +37,6 @@ def count_tokens(tokenizer, items) -> int:
 
 
 def timed_eval(model, tokenizer, cfg, work):
-    from ptq.evaluation import run_benchmarks
-
     sync(next(model.parameters()).device)
     start = time.perf_counter()
     rows = run_benchmarks(model, tokenizer, cfg, work, "bench")
@@ -56,8 +57,6 @@ def main():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptq.evaluation import read_multiple_choice
-    from ptq.schema import BenchmarkConfig, EvalConfig
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

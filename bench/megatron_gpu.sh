@@ -7,12 +7,12 @@
 #                                            # over both GPUs by backend.max_gpu_memory_gb
 #     bash bench/megatron_gpu.sh megatron [NAME...]   # megatron_bridge: SmolLM2 at parallelism=single, the 1B shape
 #                                            # at tp2 and pp2 (all points, or the named ones; see POINTS below)
-#     bash bench/megatron_gpu.sh report      # ptq.report over $PTQ_RUNS, records gathered into $OUT
+#     bash bench/megatron_gpu.sh report      # ptq.report over $PTQ_RUNS, records gathered into $BENCH_OUT
 #
 # Needs the launcher installed with its megatron extra (scripts/install-offline.sh WHEELHOUSE --megatron) and:
 #   PTQ_MB_SCRIPTS   Megatron-Bridge's examples/quantization folder
 #   PTQ_WIKITEXT     WikiText-2's wiki.test.raw: its first half is the fidelity text, its second half calibrates
-# Optional: PTQ_WORK (default /tmp/ptq-bench), PTQ_RUNS (default $PTQ_WORK/runs), OUT (default $PTQ_WORK/out),
+# Optional: PTQ_WORK (default /tmp/ptq-bench), PTQ_RUNS (default $PTQ_WORK/runs), PTQ_BENCH_OUT (default $PTQ_WORK/out),
 # PTQ_JOBS (Megatron points run at once, default 4). Megatron points run concurrently to share the GPUs: their
 # stage timings include that contention (the record of each says which points ran beside it only through its
 # start and end times).
@@ -20,13 +20,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 WORK=${PTQ_WORK:-/tmp/ptq-bench}
 RUNS=${PTQ_RUNS:-$WORK/runs}
-OUT=${OUT:-$WORK/out}
+BENCH_OUT=${PTQ_BENCH_OUT:-$WORK/out}
 CACHE=$WORK/cache
 TEXT=$WORK/text
 L1B=$WORK/llama3.2-1b-random
 LOGS=$WORK/logs
 JOBS=${PTQ_JOBS:-4}
-mkdir -p "$RUNS" "$OUT" "$LOGS"
+mkdir -p "$RUNS" "$BENCH_OUT" "$LOGS"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
@@ -109,8 +109,8 @@ megatron() {
 }
 
 report() {
-    python3 -m ptq.report "$RUNS" --out "$OUT/report" > "$OUT/report.log" 2>&1 || tail -5 "$OUT/report.log"
-    python3 - "$RUNS" "$OUT" <<'PY'
+    python3 -m ptq.report "$RUNS" --out "$BENCH_OUT/report" > "$BENCH_OUT/report.log" 2>&1 || tail -5 "$BENCH_OUT/report.log"
+    python3 - "$RUNS" "$BENCH_OUT" <<'PY'
 import json, sys
 from pathlib import Path
 runs, out = Path(sys.argv[1]), Path(sys.argv[2])

@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from ptq.record import hardware_info, package_versions  # noqa: E402
 
 
 def load_average():
@@ -131,7 +132,6 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sweep-packing-cpu.json"))
     args = parser.parse_args()
 
-    from ptq.record import hardware_info, package_versions
 
     recipes = args.recipes.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="sweep-packing-"))

@@ -1,10 +1,10 @@
 """The `eval` group: benchmarks through lm-eval, run in-process on the BF16 and fake-quantized model.
 
-Local data files become lm-eval task definitions built here (no Hub access): multiple choice
-(ARC JSONL, MMLU CSV, HellaSwag text, or a generic JSONL), generation scored by exact match
-(GSM8K-style JSONL), and perplexity on a text file. Any task name lm-eval knows works too.
-Every local file is first normalised into a small JSONL under the run's work folder, so one task
-template per kind serves every format.
+Local data files (no Hub access) are scored by lm-eval tasks defined as YAML in evaluate/tasks/, one per
+kind: multiple choice (ARC JSONL, MMLU CSV, HellaSwag text, or a generic JSONL), generation scored by exact
+match (GSM8K-style JSONL), and perplexity on a text file. Every local file is first normalised into a
+small JSONL under the run's work folder, with a task file that includes its kind's template, so one
+template per kind serves every format. Any task name lm-eval knows works too (kind lm_eval).
 """
 
 from __future__ import annotations
@@ -21,16 +21,22 @@ import re
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
+
+import yaml
 
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
-from ptq.schema import BenchmarkConfig, EvalConfig
+from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 
 log = logging.getLogger(__name__)
 
-KINDS = ("lm_eval", "multiple_choice", "generation", "perplexity")
-MC_FORMATS = ("arc_jsonl", "jsonl", "mmlu_csv", "hellaswag_txt")
+KINDS = tuple(BenchmarkKind)
+MC_FORMATS = tuple(ChoiceFormat)
+# lm-eval task templates, one per local kind (ptq_<kind>.yaml).
+TASKS_DIR = Path(__file__).resolve().parents[1] / "evaluate" / "tasks"
+# Under a run's eval work folder: the task files lm-eval reads.
+TASK_FILES_NAME = "tasks"
 LETTERS = "ABCDEFGHIJ"
 CPU_BATCH_SIZE = 8
 
@@ -117,41 +123,81 @@ def _split_documents(text: str, max_chars: int = 4000) -> List[str]:
     return [d for d in docs if d.strip()]
 
 
-def task_config(bench: BenchmarkConfig, work_dir: Path):
-    """(lm-eval task, item count): a known task's name (count unknown), or a config dict over a normalised local file."""
-    if bench.kind == "lm_eval":
-        return bench.task or bench.name, None
+FETCH_HINT = ("get the files with `bash scripts/fetch-evaldata.sh DIR` on a machine with internet access (it checks "
+              "their checksums), then set PTQ_EVALDATA=DIR or eval.data_dir=DIR")
+
+
+def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
+    """The benchmark's file: its path as given when absolute (or ~), else under eval.data_dir."""
     path = Path(os.path.expanduser(bench.path or ""))
+    if path.is_absolute():
+        return path
+    if not data_dir:
+        raise ConfigError(f"eval benchmark {bench.name} reads {bench.path} from eval.data_dir, which is not set: "
+                          f"{FETCH_HINT} (or eval=none to skip benchmarks).")
+    return Path(os.path.expanduser(data_dir)) / path
+
+
+def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = None) -> Tuple[Path, int]:
+    """Normalise a local benchmark file into `work_dir` and write its lm-eval task file there: (task YAML, items).
+
+    The task file includes the kind's template from evaluate/tasks/ and adds the data file (and, for
+    generation, the benchmark's token budget)."""
+    path = benchmark_path(bench, data_dir)
     if not path.exists():
-        raise ConfigError(f"eval benchmark {bench.name}: path {bench.path!r} does not exist; set eval.benchmarks[...].path.")
-    common = {"task": f"ptq_{bench.name}", "dataset_path": "json", "test_split": "test", "metadata": {"version": 1}}
+        raise ConfigError(f"eval benchmark {bench.name}: path {path} does not exist; set eval.benchmarks[...].path.")
     if bench.kind == "multiple_choice":
-        items = read_multiple_choice(path, bench.format)
-        data = _write_jsonl(items, work_dir / f"{bench.name}.jsonl")
-        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "multiple_choice",
-                "doc_to_text": "{{query}}", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
-                "metric_list": [{"metric": "acc", "aggregation": "mean", "higher_is_better": True},
-                                {"metric": "acc_norm", "aggregation": "mean", "higher_is_better": True}]}, len(items)
-    if bench.kind == "generation":
+        rows = read_multiple_choice(path, bench.format)
+    elif bench.kind == "generation":
         rows = [{"question": r["question"], "answer": _final_number(str(r["answer"]))} for r in _jsonl(path)]
-        data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
-        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "generate_until",
-                "doc_to_text": "Question: {{question}}\nAnswer:", "doc_to_target": "{{answer}}",
-                "generation_kwargs": {"until": ["\n\n", "Question:"], "do_sample": False, "max_gen_toks": bench.max_gen_toks},
-                "filter_list": [{"name": "last-number", "filter": [
-                    {"function": "regex", "regex_pattern": r"(-?[$0-9.,]{2,})|(-?[0-9]+)", "group_select": -1},
-                    {"function": "take_first"}]}],
-                "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True,
-                                 "ignore_case": True, "ignore_punctuation": False,
-                                 "regexes_to_ignore": [",", r"\$", r"\.$"]}]}, len(rows)
-    if bench.kind == "perplexity":
+    elif bench.kind == "perplexity":
         with _open_text(path) as f:
-            docs = _split_documents(f.read())
-        data = _write_jsonl([{"text": d} for d in docs], work_dir / f"{bench.name}.jsonl")
-        return {**common, "dataset_kwargs": {"data_files": {"test": str(data)}}, "output_type": "loglikelihood_rolling",
-                "doc_to_text": "", "doc_to_target": "{{text}}",
-                "metric_list": [{"metric": "word_perplexity"}, {"metric": "byte_perplexity"}, {"metric": "bits_per_byte"}]}, len(docs)
-    raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}.")
+            rows = [{"text": d} for d in _split_documents(f.read())]
+    else:
+        raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind} has no local data; "
+                          f"choose one of: {', '.join(k for k in KINDS if k != 'lm_eval')}.")
+    data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
+    template = TASKS_DIR / f"ptq_{bench.kind}.yaml"
+    task = {"include": str(template), "task": f"ptq_{bench.name}", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    if bench.kind == "generation":
+        generation = yaml.safe_load(template.read_text())["generation_kwargs"]
+        task["generation_kwargs"] = {**generation, "max_gen_toks": bench.max_gen_toks}
+    out = work_dir / TASK_FILES_NAME / f"ptq_{bench.name}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(task, sort_keys=False))
+    return out, len(rows)
+
+
+def load_tasks(cfg: EvalConfig, work_dir: Path):
+    """(tasks for lm-eval, {task name: benchmark name}, {task name: items to evaluate}, task manager).
+
+    Local benchmarks become Task objects, built by an lm-eval TaskManager over this run's task files only
+    (indexing lm-eval's own few thousand task files takes seconds); benchmarks of kind lm_eval stay names,
+    which simple_evaluate resolves through lm-eval's full index, built once per process."""
+    from lm_eval.tasks import TaskManager
+
+    tasks, names, samples, local = [], {}, {}, {}
+    for bench in cfg.benchmarks:
+        if bench.kind == "lm_eval":
+            key, count = bench.task or bench.name, None
+            tasks.append(key)
+        else:
+            _, count = task_file(bench, work_dir, cfg.data_dir)
+            key = f"ptq_{bench.name}"
+            local[key] = None
+        names[key] = bench.name
+        # Per-benchmark item limits go through `samples` (the first n items of each task's test split).
+        n = bench.limit or cfg.limit
+        if n:
+            samples[key] = list(range(min(n, count) if count else n))
+    manager = None
+    if local:
+        manager = TaskManager(include_path=str(work_dir / TASK_FILES_NAME), include_defaults=False)
+        built = manager.load(list(local))["tasks"]
+        tasks += [built[key] for key in local]
+    if len(tasks) > len(local):
+        manager = _task_manager()
+    return tasks, names, samples, manager
 
 
 def check_eval_config(cfg: EvalConfig) -> None:
@@ -170,9 +216,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
     for bench in cfg.benchmarks:
         if bench.kind not in KINDS:
             raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}.")
-        if bench.kind != "lm_eval" and not Path(os.path.expanduser(bench.path or "")).exists():
-            raise ConfigError(f"eval benchmark {bench.name}: path {bench.path!r} does not exist; point it at your data file "
-                              "(or set eval.data_dir).")
+        if bench.kind != "lm_eval" and not benchmark_path(bench, cfg.data_dir).exists():
+            where = f" under eval.data_dir={cfg.data_dir}" if not Path(os.path.expanduser(bench.path or "")).is_absolute() else ""
+            raise ConfigError(f"eval benchmark {bench.name}: {benchmark_path(bench, cfg.data_dir)} does not exist{where}; "
+                              f"point the path at your data file, or {FETCH_HINT}.")
         if bench.kind == "multiple_choice" and bench.format not in MC_FORMATS:
             raise ConfigError(f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}.")
     if cfg.limit is not None and cfg.limit < 1:
@@ -208,16 +255,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tasks, names, samples = [], {}, {}
-    for bench in cfg.benchmarks:
-        task, count = task_config(bench, work_dir)
-        key = task["task"] if isinstance(task, dict) else task
-        tasks.append(task)
-        names[key] = bench.name
-        # Per-benchmark item limits go through `samples` (the first n items of each task's test split).
-        n = bench.limit or cfg.limit
-        if n:
-            samples[key] = list(range(min(n, count) if count else n))
+    tasks, names, samples, manager = load_tasks(cfg, work_dir)
     log.info("Evaluating %s on %s", label, ", ".join(names.values()))
     # lm-eval's automatic batch size probes with full-length batches: minutes per probe on a CPU.
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -225,7 +263,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
                               apply_chat_template=cfg.apply_chat_template, log_samples=False,
-                              bootstrap_iters=cfg.bootstrap_iters, task_manager=_task_manager(), verbosity="WARNING")
+                              bootstrap_iters=cfg.bootstrap_iters, verbosity="WARNING", task_manager=manager)
     return _flatten(results, names)
 
 

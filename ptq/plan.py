@@ -418,12 +418,19 @@ def find_gguf(package: str, file: str) -> Optional[str]:
     return str(path) if path.is_file() else None
 
 
-def gather_facts(cfg: RunConfig) -> Facts:
-    """Read what make_plan needs from the machine. Cheap: loads no model."""
-    import torch
+def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
+    """Read what make_plan needs from the machine. Cheap: loads no model.
 
-    cuda = torch.cuda.is_available()
-    facts = Facts(cuda_available=cuda, gpu_count=torch.cuda.device_count() if cuda else 0)
+    The GPUs are probed (which imports torch) only for a run that will use them here: not for CPU runs, dry
+    runs, or points a sweep submits to other nodes (`probe_gpus=False`)."""
+    if probe_gpus is None:
+        probe_gpus = cfg.hardware.device == "cuda" and not cfg.dry_run
+    facts = Facts()
+    if probe_gpus:
+        import torch
+
+        facts.cuda_available = torch.cuda.is_available()
+        facts.gpu_count = torch.cuda.device_count() if facts.cuda_available else 0
     if cfg.model.path:
         config = read_json(Path(cfg.model.path).expanduser() / "config.json")
         facts.local_model_ok = config is not None

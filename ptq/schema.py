@@ -273,8 +273,8 @@ class BenchmarkConfig:
 class EvalConfig:
     enabled: bool = False
     suite: str = "none"
-    # Folder holding the local evaluation files the suite's paths point into.
-    data_dir: str = "."
+    # Folder that relative benchmark paths are read from (None: relative paths cannot be used).
+    data_dir: Optional[str] = None
     benchmarks: List[BenchmarkConfig] = field(default_factory=list)
     # Items per benchmark (None: all).
     limit: Optional[int] = None

@@ -53,9 +53,9 @@ class Point:
 def check_point(point: Point, dry_run: bool) -> Point:
     """Plan a composed point (point.cfg set) as its job would, on the submitting host, and derive its request."""
     try:
-        facts = gather_facts(point.cfg)
-        # The job runs on a GPU node when its hardware asks for one; this host may have none.
-        facts.cuda_available = facts.cuda_available or point.cfg.hardware.device == "cuda"
+        # The job runs on a GPU node when its hardware asks for one; this host's GPUs do not matter.
+        facts = gather_facts(point.cfg, probe_gpus=False)
+        facts.cuda_available = point.cfg.hardware.device == "cuda"
         plan = make_plan(point.cfg, facts)
         check_eval_config(point.cfg.eval)
     except ConfigError as exc:

@@ -22,6 +22,9 @@ WIKITEXT = EVALDATA / "wikitext2_raw" / "wiki.test.raw"
 TEST_CACHE = Path(os.environ.get("PTQ_TEST_CACHE", Path.home() / ".cache" / "ptq-launcher-tests"))
 
 register_schemas()
+# The evaluation suites find their files the way a user's runs do: through PTQ_EVALDATA.
+if EVALDATA.is_dir():
+    os.environ.setdefault("PTQ_EVALDATA", str(EVALDATA))
 # Everything the tests need is local: prove the launcher never reaches for the Hub.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -12,7 +13,7 @@ import pytest
 
 from conftest import REPO, compose_run, small_run_overrides
 from ptq.evaluation import (_final_number, _split_documents, cached_baseline, check_eval_config,
-                            read_multiple_choice, task_config)
+                            read_multiple_choice, load_tasks)
 from ptq.errors import ConfigError
 from ptq.report import build_report
 from ptq.run import run
@@ -88,8 +89,45 @@ def test_bad_benchmarks_are_refused(tmp_path):
         check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="lm_eval")] * 2))
     with pytest.raises(ConfigError, match="empty"):
         check_eval_config(EvalConfig(enabled=True))
-    task, count = task_config(BenchmarkConfig(name="gsm8k", kind="lm_eval"), tmp_path)
-    assert (task, count) == ("gsm8k", None)
+
+
+def test_local_benchmarks_become_lm_eval_tasks_from_the_yaml_templates(tmp_path):
+    """Each local benchmark gets a task file that includes its kind's template in evaluate/tasks/; lm-eval's
+    TaskManager builds the tasks from those files, with this run's data and limits."""
+    arc = tmp_path / "arc.jsonl"
+    arc.write_text("".join(json.dumps({"question": f"q{i}?", "choices": {"label": ["A", "B"], "text": ["yes", "no"]},
+                                       "answerKey": "B"}) + "\n" for i in range(3)))
+    gsm = tmp_path / "gsm.jsonl"
+    gsm.write_text(json.dumps({"question": "1+1?", "answer": "so #### 2"}) + "\n")
+    text = tmp_path / "wiki.txt"
+    text.write_text("One line of text.\nAnother line.\n")
+    cfg = EvalConfig(enabled=True, limit=2, benchmarks=[
+        BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc)),
+        BenchmarkConfig(name="gsm", kind="generation", path=str(gsm), max_gen_toks=32),
+        BenchmarkConfig(name="wiki", kind="perplexity", path=str(text))])
+    tasks, names, samples, manager = load_tasks(cfg, tmp_path / "work")
+    by_name = {task.config.task: task for task in tasks}
+    assert names == {"ptq_arc": "arc", "ptq_gsm": "gsm", "ptq_wiki": "wiki"} and set(by_name) == set(names)
+    assert {k: t.config.output_type for k, t in by_name.items()} == {
+        "ptq_arc": "multiple_choice", "ptq_gsm": "generate_until", "ptq_wiki": "loglikelihood_rolling"}
+    assert samples == {"ptq_arc": [0, 1], "ptq_gsm": [0], "ptq_wiki": [0]}
+    arc_docs = list(by_name["ptq_arc"].test_docs())
+    assert len(arc_docs) == 3 and arc_docs[0]["gold"] == 1 and arc_docs[0]["choices"] == ["yes", "no"]
+    assert by_name["ptq_gsm"].config.generation_kwargs["max_gen_toks"] == 32
+    assert by_name["ptq_gsm"].config.generation_kwargs["until"] == ["\n\n", "Question:"]
+    assert list(by_name["ptq_gsm"].test_docs())[0]["answer"] == "2"
+    assert all("include" in (tmp_path / "work" / "tasks" / f"{k}.yaml").read_text() for k in names)
+    assert manager is not None and set(manager.all_tasks) == set(names)  # this run's tasks, not lm-eval's index
+
+
+def test_a_suite_without_its_data_folder_says_how_to_get_the_files(tmp_path):
+    """A new user with no evaluation files: the run stops before loading and names the fetch script."""
+    env = {k: v for k, v in os.environ.items() if k != "PTQ_EVALDATA"}
+    proc = subprocess.run([sys.executable, "launch.py", "eval=local_quick", f"output_root={tmp_path}"], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "eval.data_dir, which is not set" in proc.stderr and "scripts/fetch-evaldata.sh" in proc.stderr
+    assert "Loading" not in proc.stderr and not list(tmp_path.rglob("run.json"))
 
 
 def test_eval_suite_with_missing_data_is_refused_before_loading(tmp_path):

@@ -1,0 +1,107 @@
+"""The shape of the code: ptq/'s layers (pyproject.toml's import-linter contract) hold, every module has a
+layer, and nothing imports the project's own modules from inside a function (which would hide a cycle)."""
+
+from __future__ import annotations
+
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+# Code of the project that may import ptq: the package, the entry point, the Slurm plugin, the benchmarks.
+SOURCES = [*sorted((REPO / "ptq").rglob("*.py")), REPO / "launch.py",
+           *sorted((REPO / "hydra_plugins" / "ptq_slurm_launcher").glob("*.py")), *sorted((REPO / "bench").glob("*.py"))]
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
+                           "sys.exit(lint_imports_command())"], cwd=root, env=env, capture_output=True, text=True)
+
+
+def contract_layers() -> list:
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())
+    (contract,) = config["tool"]["importlinter"]["contracts"]
+    return contract["layers"]
+
+
+def test_the_layers_contract_is_kept():
+    done = lint_imports(REPO)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "1 kept, 0 broken" in done.stdout
+
+
+def test_a_lower_layer_importing_a_higher_one_breaks_the_contract(tmp_path):
+    """The contract bites: the same tree with ptq/errors.py importing the planner fails the check."""
+    shutil.copytree(REPO / "ptq", tmp_path / "ptq", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "pyproject.toml", tmp_path / "pyproject.toml")
+    errors = tmp_path / "ptq" / "errors.py"
+    errors.write_text(errors.read_text() + "\nimport ptq.plan  # noqa: E402,F401\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode != 0
+    assert "BROKEN" in done.stdout and "ptq.errors -> ptq.plan" in done.stdout
+
+
+def test_every_module_of_ptq_has_a_layer():
+    placed = {name.strip() for layer in contract_layers() for name in layer.split("|")}
+    modules = {p.stem for p in (REPO / "ptq").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in (REPO / "ptq").iterdir() if (p / "__init__.py").is_file()}
+    assert {f"ptq.{m}" for m in modules} == placed
+
+
+def _function_local_project_imports(path: Path, root: Path = REPO) -> list:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        for inner in ast.walk(node):
+            names = []
+            if isinstance(inner, ast.Import):
+                names = [a.name for a in inner.names]
+            elif isinstance(inner, ast.ImportFrom) and inner.level == 0 and inner.module:
+                names = [inner.module]
+            names = [n for n in names if n == "ptq" or n.startswith("ptq.") or n.startswith("bench")]
+            if names:
+                found.append(f"{path.relative_to(root)}:{inner.lineno} imports {', '.join(names)}")
+    return found
+
+
+def test_no_function_imports_the_projects_own_modules():
+    found = [hit for path in SOURCES for hit in _function_local_project_imports(path)]
+    assert found == []
+
+
+def test_the_check_for_function_local_imports_finds_one(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("import os\nfrom ptq.errors import ConfigError\n\n\ndef f():\n    from ptq.plan import make_plan\n"
+                      "    import json\n    return make_plan, ConfigError, os, json\n")
+    assert _function_local_project_imports(sample, tmp_path) == ["sample.py:6 imports ptq.plan"]
+
+
+def test_planning_a_run_and_checking_sweep_points_import_no_torch():
+    """Composing and planning are cheap: torch, ModelOpt and transformers stay unimported until a backend runs."""
+    code = (
+        "import sys\n"
+        "from hydra import compose, initialize_config_dir\n"
+        "from omegaconf import OmegaConf\n"
+        "from ptq.schema import register_schemas\n"
+        "from ptq.run import prepare\n"
+        "from ptq.sweep import Point, check_point\n"
+        "register_schemas()\n"
+        f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
+        "    for overrides in ([], ['hardware=h100', 'recipe=nvfp4', 'dry_run=true'], ['recipe=int4_awq']):\n"
+        "        cfg = compose(config_name='config', overrides=overrides)\n"
+        "        prepare(OmegaConf.to_object(cfg))\n"
+        "        point = Point(index=0, overrides=overrides, config=OmegaConf.to_container(cfg, resolve=True),\n"
+        "                      cfg=OmegaConf.to_object(cfg))\n"
+        "        assert check_point(point, dry_run=True).state == 'submitted', point.reason\n"
+        "print(sorted(m for m in ('torch', 'modelopt', 'transformers', 'lm_eval') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
