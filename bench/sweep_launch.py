@@ -72,7 +72,7 @@ def main():
     sweep_points = [f"recipe={','.join(dict.fromkeys(recipes))}"] if len(set(recipes)) == len(recipes) else None
     assert sweep_points, "use --jobs <= 4 so each point is one recipe"
     slurm_s, _ = run([py, "launch.py", "-m", "cluster=slurm", *sweep_points, "calib.size=1",
-                      "cluster.cpus_per_task=2", "cluster.mem_gb=4", "cluster.poll_s=1"]
+                      "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4", "hydra.launcher.poll_s=1"]
                      + point_args(args.tiny_model, work / "slurm", args.text))
     result = {
         "device": f"{platform.processor() or platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, one-node Slurm from scripts/local-slurm.sh",

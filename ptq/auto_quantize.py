@@ -90,17 +90,8 @@ class AutoQuantizeSearch:
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
         return Path(os.path.expanduser(cfg.cache_dir)) / "auto_quantize" / f"{cfg.model.name}-{digest}.pth"
 
-    def run(self, model, calib, batch_size: int):
-        """Search, leave `model` quantized with the chosen formats, and return
-        (quantized, excluded, unexpected_bf16, record)."""
-        import modelopt.torch.quantization as mtq
-        from modelopt.torch.quantization.algorithms import QuantRecipe
-
-        recipe = self.plan.cfg.recipe
-        device = next(model.parameters()).device
-        batches = list(calib.split(batch_size))
-        calib_steps, score_steps, score_samples = self._steps(calib.shape[0], batch_size)
-
+    def _scoring(self, device):
+        """(forward_step, loss_func) for ModelOpt's sensitivity scores."""
         if self.method == "gradient":
             # Causal-LM loss of the batch itself (labels = input ids): its gradient weighs each layer's
             # output error by how much the loss cares about it.
@@ -110,15 +101,21 @@ class AutoQuantizeSearch:
 
             def loss_func(output, batch):
                 return output.loss
-        else:
-            def forward_step(m, batch):  # kl_div compares logits with the unquantized model's
-                return m(input_ids=batch.to(device)).logits
 
-            loss_func = None
+            return forward_step, loss_func
 
-        log.info("AutoQuantize: %s under %.2f effective bits, %s scores on %d samples, %d calibration steps, "
-                 "%d layers kept in BF16 by pattern", ", ".join(n for n, _ in self.candidates), recipe.effective_bits,
-                 self.method, score_samples, calib_steps, len(self.excluded))
+        def logits_step(m, batch):  # kl_div compares logits with the unquantized model's
+            return m(input_ids=batch.to(device)).logits
+
+        return logits_step, None
+
+    def _search(self, model, calib, batch_size: int, calib_steps: int, score_steps: int):
+        """(model, ModelOpt's search state, state file, whether it was reused): mtq.auto_quantize, with the
+        calibration and scores restored from an earlier search of the same model and data when there is one."""
+        import modelopt.torch.quantization as mtq
+
+        recipe = self.plan.cfg.recipe
+        forward_step, loss_func = self._scoring(next(model.parameters()).device)
         constraints = {"effective_bits": float(recipe.effective_bits)}
         if self.excluded:
             constraints["cost"] = {"excluded_module_name_patterns": list(self.excluded)}
@@ -140,7 +137,7 @@ class AutoQuantizeSearch:
                 warnings.filterwarnings("ignore", message="Per-rank checkpoint")
                 model, state = mtq.auto_quantize(
                     model, constraints=constraints, quantization_formats=[cfg for _, cfg in self.candidates],
-                    data_loader=batches, forward_step=forward_step, loss_func=loss_func,
+                    data_loader=list(calib.split(batch_size)), forward_step=forward_step, loss_func=loss_func,
                     disabled_layers=list(self.excluded) or None, num_calib_steps=calib_steps,
                     num_score_steps=score_steps, method=self.method, verbose=False, checkpoint=str(work),
                 )
@@ -149,6 +146,11 @@ class AutoQuantizeSearch:
             raise
         if work.exists():
             os.replace(work, state_path)
+        return model, state, state_path, reused
+
+    def _assignment(self, state) -> Dict[str, str]:
+        """Module name -> chosen format label (or bf16), for every searched layer."""
+        from modelopt.torch.quantization.algorithms import QuantRecipe
 
         labels = {QuantRecipe(quant_cfg=None): BF16}
         for index, (name, cfg) in enumerate(self.candidates):
@@ -160,11 +162,24 @@ class AutoQuantizeSearch:
             for module_name in state["candidate_stats"][group]["module_names"]:
                 if module_name not in excluded:
                     assignment[module_name] = label
+        return assignment
+
+    def run(self, model, calib, batch_size: int):
+        """Search, leave `model` quantized with the chosen formats, and return
+        (quantized, excluded, unexpected_bf16, record)."""
+        recipe = self.plan.cfg.recipe
+        calib_steps, score_steps, score_samples = self._steps(calib.shape[0], batch_size)
+        log.info("AutoQuantize: %s under %.2f effective bits, %s scores on %d samples, %d calibration steps, "
+                 "%d layers kept in BF16 by pattern", ", ".join(n for n, _ in self.candidates), recipe.effective_bits,
+                 self.method, score_samples, calib_steps, len(self.excluded))
+        model, state, state_path, reused = self._search(model, calib, batch_size, calib_steps, score_steps)
+        assignment = self._assignment(state)
         achieved = float(state["best"]["constraints"]["effective_bits"])
+        satisfied = bool(state["best"].get("is_satisfied", True))
         counts: Dict[str, int] = {}
         for label in assignment.values():
             counts[label] = counts.get(label, 0) + 1
-        if not state["best"].get("is_satisfied", True) or achieved > recipe.effective_bits + 1e-6:
+        if not satisfied or achieved > recipe.effective_bits + 1e-6:
             log.warning("AutoQuantize could not meet the budget: %.3f effective bits for %.3f asked",
                         achieved, recipe.effective_bits)
         log.info("AutoQuantize chose %s (%.3f effective bits for a budget of %.3f)",
@@ -176,7 +191,7 @@ class AutoQuantizeSearch:
         record = {
             "budget_bits": float(recipe.effective_bits),
             "effective_bits": round(achieved, 4),
-            "satisfied": bool(state["best"].get("is_satisfied", True)),
+            "satisfied": satisfied,
             "method": self.method,
             "candidates": {name: CANDIDATES[name].label for name, _ in self.candidates},
             "score_samples": score_samples,

@@ -1,5 +1,10 @@
 """The `cluster` group: what a point of a sweep asks Slurm for, and which process of a job this is.
 
+`cluster=slurm` selects the Slurm launcher (hydra_plugins/ptq_slurm_launcher), whose settings are
+hydra-submitit-launcher's own schema under `hydra.launcher` (partition, account, mem_gb, timeout_min ...),
+extended with what this launcher adds (containers, packing). Resources left unset are derived per point
+from hardware, parallelism and model (`derived_request`).
+
 Pure: config in, sbatch parameters out, so it is tested without Slurm or a model. The sweep itself
 (points, their checks, grouping, the manifest) is ptq/sweep.py.
 """
@@ -10,7 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
-from ptq.schema import ClusterConfig, RunConfig
+from ptq.schema import RunConfig
 
 # Host memory beyond the weights: Python, CUDA context, tokenizer, calibration data.
 BASE_HOST_MEM_GB = 16
@@ -58,36 +63,39 @@ def derived_request(cfg: RunConfig) -> Request:
                    timeout_min=60 + math.ceil(model.params_b * 2))
 
 
-def request_for(cfg: RunConfig) -> Request:
-    """The derived request with the `cluster` group's explicit values on top."""
-    derived, c = derived_request(cfg), cfg.cluster
-    pick = lambda value, default: default if value is None else value  # noqa: E731
-    return Request(nodes=pick(c.nodes, derived.nodes), gpus_per_node=pick(c.gpus_per_node, derived.gpus_per_node),
-                   tasks_per_node=pick(c.tasks_per_node, derived.tasks_per_node),
-                   cpus_per_task=pick(c.cpus_per_task, derived.cpus_per_task),
-                   mem_gb=pick(c.mem_gb, derived.mem_gb), timeout_min=pick(c.timeout_min, derived.timeout_min))
+# The resource keys of hydra.launcher (hydra-submitit-launcher's Slurm schema) that, left unset, are derived
+# per point; and the sbatch options passed through as set.
+REQUEST_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")
+PASSED_THROUGH = ("partition", "account", "qos", "constraint", "exclude", "comment", "gres", "cpus_per_gpu",
+                  "gpus_per_task", "mem_per_gpu", "mem_per_cpu")
+
+
+def request_for(cfg: RunConfig, launcher: Mapping) -> Request:
+    """The derived request with the values set in `launcher` (hydra.launcher) on top."""
+    derived = derived_request(cfg)
+    return Request(**{key: getattr(derived, key) if launcher.get(key) is None else launcher[key] for key in REQUEST_KEYS})
 
 
 def check_request(cfg: RunConfig, request: Request) -> Optional[str]:
-    """Why `request` cannot run this point (None if it can). Catches overrides that undercut the layout."""
+    """Why `request` cannot run this point (None if it can). Catches settings that undercut the layout."""
     par = cfg.parallelism
     if cfg.hardware.device == "cuda" and request.gpus_per_node < 1:
-        return (f"hardware={cfg.hardware.name} needs GPUs but cluster.gpus_per_node={request.gpus_per_node}; "
-                "remove the override or set it to at least 1.")
+        return (f"hardware={cfg.hardware.name} needs GPUs but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
+                "remove that setting or set it to at least 1.")
     if cfg.backend.name == "megatron_bridge":
         world = par.nodes * par.gpus_per_node
         got = request.nodes * request.gpus_per_node
         if got != world:
             return (f"parallelism={par.name} runs on {par.nodes} node(s) x {par.gpus_per_node} GPUs = {world}, but the Slurm "
-                    f"request is {request.nodes} x {request.gpus_per_node} = {got}; drop cluster.nodes/cluster.gpus_per_node "
-                    "overrides or change the parallelism.")
+                    f"request is {request.nodes} x {request.gpus_per_node} = {got}; drop the hydra.launcher.nodes/"
+                    "gpus_per_node settings or change the parallelism.")
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
         if getattr(request, key) < 1:
-            return f"cluster.{key}={getattr(request, key)} must be at least 1."
+            return f"hydra.launcher.{key}={getattr(request, key)} must be at least 1."
     return None
 
 
-def sbatch_parameters(cluster: ClusterConfig, request: Request, job_name: str) -> Dict:
+def sbatch_parameters(launcher: Mapping, request: Request, job_name: str) -> Dict:
     """Parameters for submitit's SlurmExecutor.update_parameters (sbatch options by their submitit names)."""
     params: Dict = {
         "job_name": job_name,
@@ -96,29 +104,31 @@ def sbatch_parameters(cluster: ClusterConfig, request: Request, job_name: str) -
         "cpus_per_task": request.cpus_per_task,
         "mem": f"{request.mem_gb}GB",
         "time": request.timeout_min,
-        "array_parallelism": cluster.array_parallelism,
-        "signal_delay_s": cluster.signal_delay_s,
+        "array_parallelism": launcher.get("array_parallelism", 64),
+        "signal_delay_s": launcher.get("signal_delay_s", 120),
     }
     if request.gpus_per_node:
         params["gpus_per_node"] = request.gpus_per_node
-    for key in ("partition", "account", "qos", "constraint", "exclude"):
-        if getattr(cluster, key):
-            params[key] = getattr(cluster, key)
-    if cluster.additional_parameters:
-        params["additional_parameters"] = dict(cluster.additional_parameters)
-    setup = list(cluster.setup)
+    for key in PASSED_THROUGH:
+        if launcher.get(key) is not None:
+            params[key] = launcher[key]
+    if launcher.get("stderr_to_stdout"):
+        params["stderr_to_stdout"] = True
+    if launcher.get("additional_parameters"):
+        params["additional_parameters"] = dict(launcher["additional_parameters"])
+    setup = list(launcher.get("setup") or [])
     if request.nodes > 1:
         # torchrun's rendezvous on the first node of the allocation (Slurm sets no MASTER_ADDR).
         setup.append('export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"')
     if setup:
         params["setup"] = setup
-    srun_args = list(cluster.srun_args)
-    if cluster.container_image:
+    srun_args = list(launcher.get("srun_args") or [])
+    if launcher.get("container_image"):
         # Pyxis/enroot: srun starts every task inside the container.
-        srun_args.append(f"--container-image={cluster.container_image}")
-        if cluster.container_mounts:
-            srun_args.append(f"--container-mounts={','.join(cluster.container_mounts)}")
-        srun_args.append("--container-workdir=" + (cluster.container_workdir or "/workspace"))
+        srun_args.append(f"--container-image={launcher['container_image']}")
+        if launcher.get("container_mounts"):
+            srun_args.append(f"--container-mounts={','.join(launcher['container_mounts'])}")
+        srun_args.append("--container-workdir=" + (launcher.get("container_workdir") or "/workspace"))
     if srun_args:
         params["srun_args"] = srun_args
     return params

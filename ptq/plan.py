@@ -313,31 +313,25 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
     raise ConfigError(f"model={model.name} names no weights: set model.path, model.hf_id or model.gguf_package.")
 
 
-def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
-    """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
-    warnings: List[str] = []
-    _check_numbers(cfg)
-    int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
-    _check_hardware(cfg, facts, warnings)
-
+def _awq_block(cfg: RunConfig, facts: Facts, int4_candidates: bool) -> Optional[int]:
+    """The AWQ block size of an AWQ recipe (or a search with INT4 candidates); None otherwise."""
     recipe = cfg.recipe
-    quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
-    if not quantize and recipe.kv_cache != "none":
-        raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe for KV-cache quantization.")
+    if not (recipe.awq or int4_candidates):
+        if recipe.awq_block_size:
+            raise ConfigError(f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not "
+                              f"recipe={recipe.name}; remove it.")
+        return None
+    widths = list(cfg.model.layer_widths) or facts.local_layer_widths
+    requested = recipe.awq_block_size
+    if cfg.backend.name == "megatron_bridge":
+        # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself.
+        if requested not in (0, 128):
+            raise ConfigError(f"recipe.awq_block_size={requested}: backend=megatron_bridge always uses 128; remove the override.")
+        requested = 128
+    return choose_awq_block_size(requested, widths, cfg.model.name)
 
-    awq_block = None
-    if recipe.awq or int4_candidates:
-        widths = list(cfg.model.layer_widths) or facts.local_layer_widths
-        requested = recipe.awq_block_size
-        if cfg.backend.name == "megatron_bridge":
-            # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself.
-            if requested not in (0, 128):
-                raise ConfigError(f"recipe.awq_block_size={requested}: backend=megatron_bridge always uses 128; remove the override.")
-            requested = 128
-        awq_block = choose_awq_block_size(requested, widths, cfg.model.name)
-    elif recipe.awq_block_size:
-        raise ConfigError(f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not recipe={recipe.name}; remove it.")
 
+def _check_backend(cfg: RunConfig, warnings: List[str]) -> None:
     if cfg.backend.name == "megatron_bridge":
         check_megatron_layout(cfg)
         check_megatron_calib(cfg)
@@ -347,9 +341,9 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
             "and spreads a large model over the visible GPUs with device_map=auto."
         )
 
-    cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()
-    source = _model_source(cfg, facts, cache_dir)
-    output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+
+def _check_output_dir(output_dir: Path, source: ModelSource) -> None:
+    """The source checkpoint is never written to."""
     for label, src in (("model.path", source.location if source.kind == "local" else None),
                        ("the converted model cache", source.converted_dir)):
         if src and _overlaps(output_dir, Path(src)):
@@ -358,6 +352,41 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
                 "choose an output_dir outside it (e.g. output_root=runs)."
             )
 
+
+def _resume(plan: Plan, record: Optional[dict]) -> None:
+    """Skip a run whose record says finished with the same config; refuse to replace one of another config."""
+    cfg = plan.cfg
+    if not record or record.get("status") != "finished" or cfg.overwrite:
+        return
+    config = asdict(cfg)
+    if record.get("config_hash") not in (None, config_hash(config)):
+        changed = config_differences(record.get("config") or {}, config)
+        raise ConfigError(
+            f"{plan.record_path} holds a finished run of a different config (differs in: {', '.join(changed) or '?'}); "
+            "it is not replaced silently: pass overwrite=true to replace it, or set output_root to another folder."
+        )
+    plan.action = "skip"
+    plan.skip_reason = (f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
+                        "skipping it (pass overwrite=true to run it again).")
+
+
+def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
+    """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
+    warnings: List[str] = []
+    _check_numbers(cfg)
+    int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
+    _check_hardware(cfg, facts, warnings)
+    recipe = cfg.recipe
+    quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
+    if not quantize and recipe.kv_cache != "none":
+        raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe "
+                          "for KV-cache quantization.")
+    awq_block = _awq_block(cfg, facts, int4_candidates)
+    _check_backend(cfg, warnings)
+
+    source = _model_source(cfg, facts, Path(os.path.expanduser(cfg.cache_dir)).resolve())
+    output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
+    _check_output_dir(output_dir, source)
     measure = export_measurement(cfg)
     if measure.startswith("skip:"):
         warnings.append(measure[len("skip: "):])
@@ -373,20 +402,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         exclude_patterns=list(dict.fromkeys(list(cfg.model.exclude_modules) + list(recipe.exclude))),
         warnings=warnings,
     )
-    record = facts.existing_record
-    if record and record.get("status") == "finished" and not cfg.overwrite:
-        config = asdict(cfg)
-        if record.get("config_hash") not in (None, config_hash(config)):
-            changed = config_differences(record.get("config") or {}, config)
-            raise ConfigError(
-                f"{plan.record_path} holds a finished run of a different config (differs in: {', '.join(changed) or '?'}); "
-                "it is not replaced silently: pass overwrite=true to replace it, or set output_root to another folder."
-            )
-        plan.action = "skip"
-        plan.skip_reason = (
-            f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
-            "skipping it (pass overwrite=true to run it again)."
-        )
+    _resume(plan, facts.existing_record)
     return plan
 
 

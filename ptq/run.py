@@ -160,7 +160,7 @@ def run(cfg: RunConfig, config: dict) -> dict:
         backend = get_backend(cfg.backend.name)
         if not hasattr(backend, "run_worker"):
             raise ConfigError(f"backend={cfg.backend.name} runs in one process, but this is rank {rank} of a job with "
-                              "several tasks; give it one task (cluster.tasks_per_node=1, cluster.nodes=1).")
+                              "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1).")
         log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
         return backend.run_worker(plan)
     log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -158,40 +158,10 @@ class ParallelismConfig:
 @dataclass
 class ClusterConfig:
     # "local": Hydra's own launcher, points run one after another in this process.
-    # "slurm": one Slurm job per point through submitit (ptq/cluster.py, hydra_plugins/ptq_slurm_launcher).
+    # "slurm" (and "slurm_pyxis"): one Slurm job per point through the Slurm launcher, whose settings are
+    # hydra-submitit-launcher's own schema under `hydra.launcher`, extended (hydra_plugins/ptq_slurm_launcher);
+    # resources left unset there are derived per point (ptq/cluster.py).
     name: str = MISSING
-    # The Slurm request. None = derived from hardware, parallelism and model (ptq/cluster.py).
-    partition: Optional[str] = None
-    account: Optional[str] = None
-    qos: Optional[str] = None
-    constraint: Optional[str] = None
-    exclude: Optional[str] = None
-    nodes: Optional[int] = None
-    gpus_per_node: Optional[int] = None
-    tasks_per_node: Optional[int] = None
-    cpus_per_task: Optional[int] = None
-    mem_gb: Optional[int] = None
-    timeout_min: Optional[int] = None
-    # Extra `#SBATCH --key=value` lines, e.g. {mail-type: END}.
-    additional_parameters: Dict[str, str] = field(default_factory=dict)
-    # Shell lines run in the batch script before srun (module load, environment).
-    setup: List[str] = field(default_factory=list)
-    srun_args: List[str] = field(default_factory=list)
-    # Interpreter on the compute nodes (None: the one that submits; "python" inside a container).
-    python: Optional[str] = None
-    # Pyxis/enroot: run every task inside this container image.
-    container_image: Optional[str] = None
-    container_mounts: List[str] = field(default_factory=list)
-    container_workdir: Optional[str] = None
-    # Jobs of one sweep running at the same time.
-    array_parallelism: int = 64
-    # Seconds between Slurm's warning signal and the kill at the time limit.
-    signal_delay_s: int = 120
-    # Points that share a model and a request run in one job, one after another, loading the
-    # BF16 model once.
-    pack: bool = False
-    # How often a waiting sweep looks at its jobs (seconds).
-    poll_s: float = 5.0
 
 
 @dataclass

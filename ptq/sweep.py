@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 from ptq.cluster import Request, check_request, job_name, request_for, sbatch_parameters
 from ptq.errors import ConfigError
@@ -50,8 +50,9 @@ class Point:
         return self
 
 
-def check_point(point: Point, dry_run: bool) -> Point:
-    """Plan a composed point (point.cfg set) as its job would, on the submitting host, and derive its request."""
+def check_point(point: Point, dry_run: bool, launcher: Mapping) -> Point:
+    """Plan a composed point (point.cfg set) as its job would, on the submitting host, and derive its request
+    (`launcher`: the hydra.launcher settings, hydra-submitit-launcher's Slurm schema)."""
     try:
         # The job runs on a GPU node when its hardware asks for one; this host's GPUs do not matter.
         facts = gather_facts(point.cfg, probe_gpus=False)
@@ -64,11 +65,11 @@ def check_point(point: Point, dry_run: bool) -> Point:
     if plan.action == "skip" and not dry_run:
         point.state, point.reason = SKIPPED, plan.skip_reason
         return point
-    point.request = request_for(point.cfg)
+    point.request = request_for(point.cfg, launcher)
     problem = check_request(point.cfg, point.request)
     if problem:
         return point.refuse(problem)
-    point.params = sbatch_parameters(point.cfg.cluster, point.request, job_name(point.cfg))
+    point.params = sbatch_parameters(launcher, point.request, job_name(point.cfg))
     return point
 
 

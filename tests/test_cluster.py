@@ -7,16 +7,25 @@ import sys
 
 import pytest
 
-from conftest import REPO, compose_dict, compose_run
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf, open_dict
+
+from conftest import CONF, REPO, compose_dict, compose_run
 from ptq.cluster import check_request, derived_request, request_for, sbatch_parameters
 from ptq.sweep import point_state, varying_overrides
 
 
+def compose_slurm(overrides):
+    """(RunConfig, hydra.launcher settings) of a point, as the Slurm launcher sees them."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    launcher = OmegaConf.to_container(cfg.hydra.launcher, resolve=False)
+    with open_dict(cfg):
+        del cfg["hydra"]
+    return OmegaConf.to_object(cfg), launcher
+
+
 def test_cluster_slurm_selects_the_checking_launcher():
-    from hydra import compose, initialize_config_dir
-
-    from conftest import CONF
-
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["cluster=slurm"], return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("PtqSlurmLauncher")
@@ -25,12 +34,12 @@ def test_cluster_slurm_selects_the_checking_launcher():
 
 
 def test_cpu_point_asks_for_cpus_and_memory_only():
-    cfg, _ = compose_run(["cluster=slurm"])
-    request = request_for(cfg)
+    cfg, launcher = compose_slurm(["cluster=slurm"])
+    request = request_for(cfg, launcher)
     assert request.gpus_per_node == 0 and request.nodes == 1
     # SmolLM2 (0.135 B parameters) in FP32 three times over, plus 4 GB.
     assert request.mem_gb == 6
-    assert "gpus_per_node" not in sbatch_parameters(cfg.cluster, request, "x")
+    assert "gpus_per_node" not in sbatch_parameters(launcher, request, "x")
 
 
 def test_gpu_requests_grow_with_the_model():
@@ -43,37 +52,51 @@ def test_gpu_requests_grow_with_the_model():
 
 
 def test_megatron_request_follows_the_parallel_layout():
-    cfg, _ = compose_run(["cluster=slurm", "hardware=h100", "backend=megatron_bridge", "model=nemotron-3-super-120b-a12b",
-                          "parallelism=tp8_pp2_ep8", "recipe=mamba_moe_nvfp4_conservative"])
-    request = request_for(cfg)
+    cfg, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "backend=megatron_bridge",
+                                   "model=nemotron-3-super-120b-a12b", "parallelism=tp8_pp2_ep8",
+                                   "recipe=mamba_moe_nvfp4_conservative"])
+    request = request_for(cfg, launcher)
     assert (request.nodes, request.gpus_per_node, request.tasks_per_node) == (2, 8, 1)
-    params = sbatch_parameters(cfg.cluster, request, "job")
+    params = sbatch_parameters(launcher, request, "job")
     assert params["gpus_per_node"] == 8
     assert any("MASTER_ADDR" in line for line in params["setup"])
     assert check_request(cfg, request) is None
 
 
 def test_overrides_win_and_bad_ones_are_refused():
-    cfg, _ = compose_run(["cluster=slurm", "hardware=h100", "cluster.mem_gb=500", "cluster.partition=gpu",
-                          "+cluster.additional_parameters.mail-type=END"])
-    request = request_for(cfg)
-    assert request.mem_gb == 500
-    params = sbatch_parameters(cfg.cluster, request, "job")
+    cfg, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "hydra.launcher.mem_gb=500",
+                                   "hydra.launcher.partition=gpu", "hydra.launcher.gres=gpu:h100:1",
+                                   "+hydra.launcher.additional_parameters.mail-type=END"])
+    request = request_for(cfg, launcher)
+    assert request.mem_gb == 500 and request.timeout_min == derived_request(cfg).timeout_min
+    params = sbatch_parameters(launcher, request, "job")
     assert params["partition"] == "gpu" and params["additional_parameters"] == {"mail-type": "END"}
+    assert params["gres"] == "gpu:h100:1"  # a key of hydra-submitit-launcher's schema this launcher does not model
 
-    no_gpu, _ = compose_run(["cluster=slurm", "hardware=h100", "cluster.gpus_per_node=0"])
-    assert "needs GPUs" in check_request(no_gpu, request_for(no_gpu))
-    megatron, _ = compose_run(["cluster=slurm", "hardware=h100", "backend=megatron_bridge", "model=qwen3-30b-a3b",
-                               "parallelism=tp8_ep8", "cluster.gpus_per_node=4"])
-    assert "request is 1 x 4 = 4" in check_request(megatron, request_for(megatron))
+    no_gpu, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "hydra.launcher.gpus_per_node=0"])
+    assert "needs GPUs" in check_request(no_gpu, request_for(no_gpu, launcher))
+    megatron, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "backend=megatron_bridge", "model=qwen3-30b-a3b",
+                                        "parallelism=tp8_ep8", "hydra.launcher.gpus_per_node=4"])
+    assert "request is 1 x 4 = 4" in check_request(megatron, request_for(megatron, launcher))
+
+
+def test_the_launcher_settings_are_hydra_submitit_launchers_schema_extended():
+    """Every key of the plugin's Slurm schema is a key of this launcher's, so its documentation applies as is."""
+    from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
+
+    _, launcher = compose_slurm(["cluster=slurm"])
+    assert set(OmegaConf.structured(SlurmQueueConf).keys()) <= set(launcher)
+    assert {"pack", "poll_s", "container_image", "srun_args", "python"} <= set(launcher)
+    with pytest.raises(Exception, match="partitionn"):
+        compose_slurm(["cluster=slurm", "hydra.launcher.partitionn=gpu"])
 
 
 def test_pyxis_runs_tasks_in_the_container():
-    cfg, _ = compose_run(["cluster=slurm_pyxis", "hardware=h100"])
-    params = sbatch_parameters(cfg.cluster, request_for(cfg), "job")
+    cfg, launcher = compose_slurm(["cluster=slurm_pyxis", "hardware=h100"])
+    params = sbatch_parameters(launcher, request_for(cfg, launcher), "job")
     assert "--container-image=nvcr.io/nvidia/nemo:26.04" in params["srun_args"]
-    assert any(a.startswith("--container-mounts=") and ":/workspace/ptq-launcher" in a for a in params["srun_args"])
-    assert cfg.cluster.python == "python"
+    assert any(a.startswith("--container-mounts=") and "/workspace/ptq-launcher" in a for a in params["srun_args"])
+    assert launcher["python"] == "python"
 
 
 @pytest.mark.parametrize("manifest,record,slurm,expected", [

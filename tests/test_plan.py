@@ -145,7 +145,7 @@ def test_finished_output_of_another_config_is_refused_not_skipped():
     same = {"status": "finished", "config_hash": config_hash(asdict(cfg)), "config": resolved}
     assert plan_for([], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
     # Launch settings are not part of what a run makes: a Slurm re-run of a local point still skips it.
-    assert plan_for(["cluster=slurm", "cluster.mem_gb=9"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
+    assert plan_for(["cluster=slurm", "hydra.launcher.mem_gb=9"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
     with pytest.raises(ConfigError, match=r"different config \(differs in: fidelity.samples\).*overwrite=true"):
         plan_for(["fidelity.samples=4"], Facts(gguf_path="/x.gguf", existing_record=same))
     assert plan_for(["fidelity.samples=4", "overwrite=true"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "run"

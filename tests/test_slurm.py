@@ -56,7 +56,7 @@ def sweep_args(tmp_path, tiny, *extra):
             f"fidelity.text={text}", "fidelity.samples=2", "fidelity.seq_len=64", f"output_root={tmp_path / 'runs'}",
             f"cache_dir={TEST_CACHE}",
             # Two 1-CPU jobs at a time on a 2-core machine.
-            "cluster.cpus_per_task=1", "cluster.mem_gb=3", "cluster.poll_s=1", *extra]
+            "hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=3", "hydra.launcher.poll_s=1", *extra]
 
 
 def launch(args, timeout=900):
@@ -158,9 +158,9 @@ def test_detached_sweep_returns_at_once_and_status_follows_it(local_slurm, tiny_
 
 
 def test_packed_points_share_one_job(local_slurm, tiny_llama_dir, tmp_path):
-    """cluster.pack=true: the points of a group run one after another in one Slurm job."""
+    """hydra.launcher.pack=true: the points of a group run one after another in one Slurm job."""
     wait_for_empty_queue()
-    launch(sweep_args(tmp_path, tiny_llama_dir, "recipe=fp8,int8_sq", "calib.size=4", "cluster.pack=true"))
+    launch(sweep_args(tmp_path, tiny_llama_dir, "recipe=fp8,int8_sq", "calib.size=4", "hydra.launcher.pack=true"))
     points = manifest(tmp_path / "runs")["points"]
     assert len({p["job_id"] for p in points}) == 1 and points[0]["job_id"] is not None
     runs = records(tmp_path / "runs")

@@ -18,13 +18,14 @@ import json
 import logging
 import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
 from omegaconf import OmegaConf, open_dict
 
@@ -38,12 +39,30 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class PtqSlurmLauncherConf:
+class PtqSlurmLauncherConf(SlurmQueueConf):
+    """hydra-submitit-launcher's Slurm settings (partition, account, qos, mem_gb, timeout_min, gres, setup, ...),
+    with what this launcher adds. Set them as `hydra.launcher.<key>=...`."""
+
     _target_: str = "hydra_plugins.ptq_slurm_launcher.ptq_slurm_launcher.PtqSlurmLauncher"
-    # Where submitit keeps each job's pickles and logs (%j: the Slurm job id).
-    submitit_folder: str = "${hydra.sweep.dir}/.submitit/%j"
-    # Resubmissions after a time-out (0: a timed-out point is failed).
-    max_num_timeout: int = 0
+    # Unset: derived per point from hardware, parallelism and model (ptq/cluster.py).
+    nodes: Optional[int] = None
+    tasks_per_node: Optional[int] = None
+    timeout_min: Optional[int] = None
+    array_parallelism: int = 64
+    # Shell lines run in the batch script before srun (module load, environment).
+    setup: List[str] = field(default_factory=list)
+    # Added here:
+    srun_args: List[str] = field(default_factory=list)
+    # Interpreter on the compute nodes (None: the one that submits; "python" inside a container).
+    python: Optional[str] = None
+    # Pyxis/enroot: run every task inside this container image.
+    container_image: Optional[str] = None
+    container_mounts: List[str] = field(default_factory=list)
+    container_workdir: Optional[str] = None
+    # Points that share a model and a request run in one job, one after another, loading the model once.
+    pack: bool = False
+    # How often a waiting sweep looks at its jobs (seconds).
+    poll_s: float = 5.0
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="ptq_slurm", node=PtqSlurmLauncherConf, provider="ptq-launcher")
@@ -53,7 +72,7 @@ class PtqSlurmLauncher(SlurmLauncher):
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        cluster = OmegaConf.to_object(self.config.cluster)
+        launcher = self.params
         dry_run, detach = bool(self.config.dry_run), bool(self.config.detach)
         started = time.perf_counter()
         points = [self._check_point(initial_job_idx + i, list(o), dry_run) for i, o in enumerate(job_overrides)]
@@ -64,7 +83,7 @@ class PtqSlurmLauncher(SlurmLauncher):
                  sum(p.state == SKIPPED for p in points), sum(p.state == REFUSED for p in points),
                  time.perf_counter() - started)
         if dry_run:
-            self._print_dry_run(points, groups, cluster)
+            self._print_dry_run(points, groups, launcher)
             return [_job_return(p, f"dry run: {p.state}") for p in points]
 
         for point in points:
@@ -72,15 +91,15 @@ class PtqSlurmLauncher(SlurmLauncher):
                 log.warning("#%d refused: %s", point.index, point.reason)
         record_refusals(points)
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        jobs = self._submit(groups, cluster)
-        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=cluster.pack, finished=False)
+        jobs = self._submit(groups, launcher)
+        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=False)
         if detach:
             ids = sorted({p.job_id.split("_")[0] for p in points if p.job_id})
             print(f"Submitted {sum(p.job_id is not None for p in points)} point(s) as Slurm job(s) {', '.join(ids) or '-'}; "
                   f"sweep folder {sweep_dir}\nFollow it with: python -m ptq.status {sweep_dir}")
             return [_job_return(p, f"submitted as Slurm job {p.job_id}" if p.job_id else p.state) for p in points]
-        returns = self._wait(points, jobs, cluster.poll_s)
-        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=cluster.pack, finished=True)
+        returns = self._wait(points, jobs, launcher["poll_s"])
+        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=True)
         return returns
 
     # -- before submission -------------------------------------------------------------------
@@ -96,17 +115,17 @@ class PtqSlurmLauncher(SlurmLauncher):
             point.cfg = OmegaConf.to_object(task)
         except Exception as exc:  # a value of the wrong type, an unknown option...
             return point.refuse(f"the config does not compose: {exc}")
-        return check_point(point, dry_run)
+        return check_point(point, dry_run, self.params)
 
-    def _executor(self, cluster, params: Dict[str, Any]):
+    def _executor(self, launcher: Dict[str, Any], params: Dict[str, Any]):
         import submitit
 
-        executor = submitit.SlurmExecutor(folder=self.params["submitit_folder"], python=cluster.python,
+        executor = submitit.SlurmExecutor(folder=self.params["submitit_folder"], python=launcher.get("python"),
                                           max_num_timeout=self.params.get("max_num_timeout", 0))
         executor.update_parameters(**params)
         return executor
 
-    def _print_dry_run(self, points: List[Point], groups: List[List[Point]], cluster) -> None:
+    def _print_dry_run(self, points: List[Point], groups: List[List[Point]], launcher: Dict[str, Any]) -> None:
         for point in points:
             print(f"\n#{point.index} {' '.join(filter_overrides(point.overrides)) or '(defaults)'}: {point.state}"
                   + (f" - {point.reason}" if point.reason else ""))
@@ -117,26 +136,26 @@ class PtqSlurmLauncher(SlurmLauncher):
                 for line in get_backend(point.cfg.backend.name).describe(point.plan):
                     print(f"runs: {line}")
         for number, members in enumerate(groups):
-            executor = self._executor(cluster, group_params(members, cluster.pack))
-            if not cluster.pack:
+            executor = self._executor(launcher, group_params(members, launcher["pack"]))
+            if not launcher["pack"]:
                 executor.parameters["map_count"] = len(members)  # what map_array sets: the --array line
-            kind = "one job running" if cluster.pack else "a job array of"
+            kind = "one job running" if launcher["pack"] else "a job array of"
             print(f"\n# job group {number}: {kind} {len(members)} point(s): #{', #'.join(str(p.index) for p in members)}")
             # submitit writes this text to a file and runs `sbatch` on it; here it is only shown.
             print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
         print(f"\nDry run: nothing was submitted ({sum(len(g) for g in groups)} point(s) would be).")
 
     # -- submission and waiting --------------------------------------------------------------
-    def _submit(self, groups: List[List[Point]], cluster) -> Dict[int, Any]:
+    def _submit(self, groups: List[List[Point]], launcher: Dict[str, Any]) -> Dict[int, Any]:
         """Submit each group; returns point index -> submitit job (a packed job serves several points)."""
         jobs: Dict[int, Any] = {}
         state = Singleton.get_state()
         labels = dict(zip([p.index for g in groups for p in g],
                           varying_overrides([filter_overrides(p.overrides) for g in groups for p in g])))
         for members in groups:
-            executor = self._executor(cluster, group_params(members, cluster.pack))
+            executor = self._executor(launcher, group_params(members, launcher["pack"]))
             try:
-                if cluster.pack:
+                if launcher["pack"]:
                     job = executor.submit(self.run_points, [(p.overrides, p.index) for p in members], state)
                     for position, point in enumerate(members):
                         point.pack_position = position
@@ -157,7 +176,7 @@ class PtqSlurmLauncher(SlurmLauncher):
         return jobs
 
     def run_points(self, points: List, singleton_state) -> List[JobReturn]:
-        """Inside one Slurm job: run several points one after another in this process (cluster.pack)."""
+        """Inside one Slurm job: run several points one after another in this process (launcher["pack"])."""
         return [self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state)
                 for overrides, index in points]
 
