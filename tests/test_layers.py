@@ -99,7 +99,7 @@ def test_planning_a_run_and_checking_sweep_points_import_no_torch():
         "        prepare(OmegaConf.to_object(cfg))\n"
         "        point = Point(index=0, overrides=overrides, config=OmegaConf.to_container(cfg, resolve=True),\n"
         "                      cfg=OmegaConf.to_object(cfg))\n"
-        "        assert check_point(point, dry_run=True).state == 'submitted', point.reason\n"
+        "        assert check_point(point, True, {}).state == 'submitted', point.reason\n"
         "print(sorted(m for m in ('torch', 'modelopt', 'transformers', 'lm_eval') if m in sys.modules))\n"
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
