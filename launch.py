@@ -21,7 +21,8 @@ log = logging.getLogger("ptq")
 def main(cfg: DictConfig):
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        record = run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True))
+        record = run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True),
+                     overrides=list(HydraConfig.get().overrides.task))
         return record["status"]
     except ConfigError as exc:
         log.error("%s", exc)

@@ -28,6 +28,7 @@ from ptq.recipes import classify_layers, disabled_patterns, is_excluded, module_
 
 log = logging.getLogger(__name__)
 
+
 class AutoQuantizeSearch:
     """One search: prepared on the loaded model (cheap checks first), then run on the calibration tokens."""
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 from pathlib import Path
@@ -14,25 +13,11 @@ from tqdm.auto import tqdm
 
 from ptq.errors import ConfigError
 from ptq.files import atomic_path
+from ptq.textfiles import read_texts
 
 log = logging.getLogger(__name__)
 
 SELF = "self"
-
-
-def read_texts(path: Path) -> List[str]:
-    if path.suffix == ".jsonl":
-        texts = []
-        with path.open() as f:
-            for line_no, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                row = json.loads(line)
-                if "text" not in row:
-                    raise ConfigError(f"{path}:{line_no} has no \"text\" field; each JSONL line must be {{\"text\": ...}}.")
-                texts.append(row["text"])
-        return texts
-    return [path.read_text(encoding="utf-8", errors="replace")]
 
 
 def _chunk(token_ids: List[int], samples: int, seq_len: int, source: str) -> torch.Tensor:

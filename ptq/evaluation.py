@@ -9,7 +9,6 @@ template per kind serves every format. Any task name lm-eval knows works too (ki
 
 from __future__ import annotations
 
-import bz2
 import csv
 import fcntl
 import functools
@@ -27,6 +26,7 @@ import yaml
 
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
+from ptq.textfiles import read_jsonl, read_text
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -41,56 +41,103 @@ LETTERS = "ABCDEFGHIJ"
 CPU_BATCH_SIZE = 8
 
 
-def _open_text(path: Path):
-    return bz2.open(path, "rt", encoding="utf-8") if path.suffix == ".bz2" else path.open(encoding="utf-8")
-
-
-def _jsonl(path: Path):
-    with _open_text(path) as f:
-        for line in f:
-            if line.strip():
-                yield json.loads(line)
-
-
 def _gold_index(answer, labels: List[str], where: str) -> int:
+    """The index of the right choice: a label ("B"; ARC also uses "1".."4"), else an index; checked in range."""
     # Labels first: some ARC items are labelled "1".."4", where "2" means the second choice, not index 2.
     if isinstance(answer, str) and answer.strip() in labels:
         return labels.index(answer.strip())
     if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
-        return int(answer)
+        index = int(answer)
+        if not 0 <= index < len(labels):
+            raise ConfigError(f"{where}: answer {answer!r} is outside the {len(labels)} choices (indices 0-{len(labels) - 1}).")
+        return index
     raise ConfigError(f"{where}: answer {answer!r} is neither an index nor one of the labels {labels}.")
 
 
+def _field(row: dict, key: str, where: str, kind=None):
+    if key not in row or (kind is not None and not isinstance(row[key], kind)):
+        raise ConfigError(f"{where}: no {key!r} field" + (f" of type {kind.__name__}" if kind else "") +
+                          f" (fields: {', '.join(row) or 'none'}).")
+    return row[key]
+
+
+def _choices(values, where: str) -> List[str]:
+    if not isinstance(values, list) or len(values) < 2 or not all(isinstance(v, str) for v in values):
+        raise ConfigError(f"{where}: the choices must be a list of at least two strings, not {values!r:.80}.")
+    return values
+
+
+def _read_mmlu_csv(file: Path) -> List[dict]:
+    rows = list(csv.DictReader(read_text(file).splitlines()))
+    columns = list(rows[0]) if rows else []
+    choices = [c for c in columns if c.startswith("choice")]
+    if "question" not in columns or "answer" not in columns or len(choices) < 2:
+        raise ConfigError(f"{file}: an MMLU CSV needs a header question,choice0,choice1,...,answer; it has "
+                          f"{','.join(columns) or 'no header'}.")
+    items = []
+    for number, row in enumerate(rows, 2):
+        options = [row[k] for k in sorted(choices)]
+        items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": options,
+                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}")})
+    return items
+
+
 def read_multiple_choice(path: Path, fmt: str) -> List[dict]:
-    """Items {"query", "choices", "gold"} from one of the supported file layouts."""
+    """Items {"query", "choices", "gold"} from one of the supported file layouts; any malformed item is an
+    error naming its file and line."""
     items = []
     if fmt == "arc_jsonl":
-        for row in _jsonl(path):
-            labels = row["choices"]["label"]
-            items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": row["choices"]["text"],
-                          "gold": _gold_index(row["answerKey"], labels, str(path))})
+        for number, row in read_jsonl(path):
+            where = f"{path}:{number}"
+            choices = _field(row, "choices", where, dict)
+            labels, texts = choices.get("label"), _choices(choices.get("text"), where)
+            if not isinstance(labels, list) or len(labels) != len(texts):
+                raise ConfigError(f"{where}: choices.label must list one label per choice.")
+            items.append({"query": f"Question: {_field(row, 'question', where, str)}\nAnswer:", "choices": texts,
+                          "gold": _gold_index(_field(row, "answerKey", where), [str(x) for x in labels], where)})
     elif fmt == "jsonl":
-        for n, row in enumerate(_jsonl(path), 1):
-            choices = row["choices"]
-            items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": choices,
-                          "gold": _gold_index(row["answer"], list(LETTERS[: len(choices)]), f"{path}:{n}")})
+        for number, row in read_jsonl(path):
+            where = f"{path}:{number}"
+            choices = _choices(_field(row, "choices", where), where)
+            items.append({"query": f"Question: {_field(row, 'question', where, str)}\nAnswer:", "choices": choices,
+                          "gold": _gold_index(_field(row, "answer", where), list(LETTERS[: len(choices)]), where)})
     elif fmt == "mmlu_csv":
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+        if not files:
+            raise ConfigError(f"{path} holds no .csv files; an mmlu_csv benchmark is a CSV file or a folder of them.")
         for file in files:
-            with file.open(encoding="utf-8") as f:
-                for row in csv.DictReader(f):
-                    choices = [row[k] for k in sorted(row) if k.startswith("choice")]
-                    items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": choices,
-                                  "gold": _gold_index(row["answer"], list(LETTERS[: len(choices)]), str(file))})
+            items += _read_mmlu_csv(file)
     elif fmt == "hellaswag_txt":
-        with _open_text(path) as f:
-            lines = [line.rstrip("\n") for line in f]
-        for start in range(0, len(lines) - 5, 6):
+        lines = read_text(path).splitlines()
+        if len(lines) % 6:
+            raise ConfigError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, gold index, 4 endings per item).")
+        for start in range(0, len(lines), 6):
             context, gold, *endings = lines[start:start + 6]
-            items.append({"query": context, "choices": endings, "gold": int(gold)})
+            items.append({"query": context, "choices": endings,
+                          "gold": _gold_index(gold.strip(), ["0", "1", "2", "3"], f"{path}:{start + 2}")})
     else:
         raise ConfigError(f"format={fmt!r} is not a multiple-choice layout; choose one of: {', '.join(MC_FORMATS)}.")
+    if not items:
+        raise ConfigError(f"{path} holds no items.")
     return items
+
+
+def read_generation(path: Path) -> List[dict]:
+    """Items {"question", "answer"} of a GSM8K-style JSONL; the answer reduced to its final number."""
+    rows = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        rows.append({"question": _field(row, "question", where, str), "answer": _final_number(str(_field(row, "answer", where)))})
+    if not rows:
+        raise ConfigError(f"{path} holds no items.")
+    return rows
+
+
+def read_documents(path: Path) -> List[dict]:
+    docs = _split_documents(read_text(path))
+    if not docs:
+        raise ConfigError(f"{path} holds no text.")
+    return [{"text": d} for d in docs]
 
 
 def _final_number(text: str) -> str:
@@ -138,6 +185,17 @@ def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
     return Path(os.path.expanduser(data_dir)) / path
 
 
+def read_benchmark(bench: BenchmarkConfig, path: Path) -> Optional[List[dict]]:
+    """The normalised items of a local benchmark file (None for kind lm_eval), checked item by item."""
+    if bench.kind == "multiple_choice":
+        return read_multiple_choice(path, bench.format)
+    if bench.kind == "generation":
+        return read_generation(path)
+    if bench.kind == "perplexity":
+        return read_documents(path)
+    return None
+
+
 def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = None) -> Tuple[Path, int]:
     """Normalise a local benchmark file into `work_dir` and write its lm-eval task file there: (task YAML, items).
 
@@ -146,14 +204,8 @@ def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = 
     path = benchmark_path(bench, data_dir)
     if not path.exists():
         raise ConfigError(f"eval benchmark {bench.name}: path {path} does not exist; set eval.benchmarks[...].path.")
-    if bench.kind == "multiple_choice":
-        rows = read_multiple_choice(path, bench.format)
-    elif bench.kind == "generation":
-        rows = [{"question": r["question"], "answer": _final_number(str(r["answer"]))} for r in _jsonl(path)]
-    elif bench.kind == "perplexity":
-        with _open_text(path) as f:
-            rows = [{"text": d} for d in _split_documents(f.read())]
-    else:
+    rows = read_benchmark(bench, path)
+    if rows is None:
         raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind} has no local data; "
                           f"choose one of: {', '.join(k for k in KINDS if k != 'lm_eval')}.")
     data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
@@ -222,8 +274,16 @@ def check_eval_config(cfg: EvalConfig) -> None:
                               f"point the path at your data file, or {FETCH_HINT}.")
         if bench.kind == "multiple_choice" and bench.format not in MC_FORMATS:
             raise ConfigError(f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}.")
+        if bench.limit is not None and bench.limit < 1:
+            raise ConfigError(f"eval benchmark {bench.name}: limit={bench.limit}; use a positive number of items, or null.")
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"eval.limit={cfg.limit}: use a positive number of items per benchmark, or null for all.")
+    for bench in cfg.benchmarks:  # every item read and checked now, not after the model is loaded
+        if bench.kind != "lm_eval":
+            try:
+                read_benchmark(bench, benchmark_path(bench, cfg.data_dir))
+            except ConfigError as exc:
+                raise ConfigError(f"eval benchmark {bench.name}: {exc}") from None
 
 
 def _flatten(results: dict, names: Dict[str, str]) -> List[dict]:

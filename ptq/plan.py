@@ -8,8 +8,10 @@ problem and the fix.
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 from importlib import metadata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,8 +42,10 @@ class Facts:
     cuda_available: bool = False
     # GPUs this process sees (0 without CUDA).
     gpu_count: int = 0
-    # model.path exists and holds a config.json
+    # model.path exists and holds a readable config.json
     local_model_ok: bool = False
+    # Why it does not (no such folder, no config.json, config.json not JSON), for the message.
+    local_model_problem: str = "missing, or no config.json in it"
     # Widths read from a local config.json (when model.layer_widths is empty).
     local_layer_widths: List[int] = field(default_factory=list)
     # The GGUF file inside the installed package, if the package is installed.
@@ -296,7 +300,7 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
     if model.path:
         if not facts.local_model_ok:
             raise ConfigError(
-                f"model.path={model.path} is not a Hugging Face checkpoint folder (missing, or no config.json in it); "
+                f"model.path={model.path} is not a Hugging Face checkpoint folder ({facts.local_model_problem}); "
                 "point it at a folder written by save_pretrained, or set model.path=null to use model.hf_id."
             )
         return ModelSource("local", str(Path(model.path).expanduser().resolve()))
@@ -342,8 +346,28 @@ def _check_backend(cfg: RunConfig, warnings: List[str]) -> None:
         )
 
 
-def _check_output_dir(output_dir: Path, source: ModelSource) -> None:
-    """The source checkpoint is never written to."""
+# Names that become folder names: one path component, no separators, not "." or "..".
+SAFE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9][A-Za-z0-9._+@=-]*$")
+
+
+def _check_names(cfg: RunConfig) -> None:
+    for key, value in (("model.name", cfg.model.name), ("recipe.name", cfg.recipe.name)):
+        if not SAFE_NAME.match(str(value)):
+            raise ConfigError(f"{key}={value!r} names a folder of the output (and cache), so it must be one plain name: "
+                              "letters, digits and . _ + @ = -, no '/' and no '..' (e.g. model.name=my-model).")
+
+
+def _inside(path: Path, root: Path) -> bool:
+    return root in path.parents
+
+
+def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) -> None:
+    """The run writes inside output_root only, and never into the source checkpoint."""
+    if not _inside(output_dir, output_root):
+        raise ConfigError(
+            f"output_dir={output_dir} is not inside output_root={output_root}; a run writes only below its output root. "
+            "Set output_root to the folder you want (each run gets a subfolder), or an output_dir below it."
+        )
     for label, src in (("model.path", source.location if source.kind == "local" else None),
                        ("the converted model cache", source.converted_dir)):
         if src and _overlaps(output_dir, Path(src)):
@@ -384,9 +408,13 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     awq_block = _awq_block(cfg, facts, int4_candidates)
     _check_backend(cfg, warnings)
 
-    source = _model_source(cfg, facts, Path(os.path.expanduser(cfg.cache_dir)).resolve())
+    _check_names(cfg)
+    cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()
+    source = _model_source(cfg, facts, cache_dir)
+    if source.converted_dir and not _inside(Path(source.converted_dir).resolve(), cache_dir):
+        raise ConfigError(f"the converted model {source.converted_dir} would land outside cache_dir={cache_dir}.")
     output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
-    _check_output_dir(output_dir, source)
+    _check_output_dir(output_dir, Path(os.path.expanduser(cfg.output_root)).resolve(), source)
     measure = export_measurement(cfg)
     if measure.startswith("skip:"):
         warnings.append(measure[len("skip: "):])
@@ -424,6 +452,26 @@ def export_measurement(cfg: RunConfig) -> str:
     return "measure"
 
 
+def _read_model_config(folder: Path):
+    """(config.json as a dict, "") or (None, what is wrong with the folder)."""
+    if not folder.exists():
+        return None, "no such folder"
+    if not folder.is_dir():
+        return None, "it is a file, not a folder"
+    path = folder / "config.json"
+    if not path.is_file():
+        return None, "no config.json in it"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        return None, f"config.json cannot be read: {exc}"
+    except ValueError as exc:
+        return None, f"config.json is not valid JSON: {exc}"
+    if not isinstance(config, dict):
+        return None, "config.json is not a JSON object"
+    return config, ""
+
+
 def find_gguf(package: str, file: str) -> Optional[str]:
     """Path of `file` inside the installed distribution `package`, or None."""
     try:
@@ -448,7 +496,7 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
         facts.cuda_available = torch.cuda.is_available()
         facts.gpu_count = torch.cuda.device_count() if facts.cuda_available else 0
     if cfg.model.path:
-        config = read_json(Path(cfg.model.path).expanduser() / "config.json")
+        config, facts.local_model_problem = _read_model_config(Path(cfg.model.path).expanduser())
         facts.local_model_ok = config is not None
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)

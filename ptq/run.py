@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import threading
 import traceback
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 from ptq.backends import get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
-from ptq.evaluation import check_eval_config
-from ptq.files import publish_folder, write_json_atomic
-from ptq.layout import PARTIAL_NAME, RECORD_NAME
-from ptq.plan import Plan, gather_facts, make_plan
+from ptq.files import publish_folder, write_json_atomic, write_text_atomic
+from ptq.inputs import check_inputs
+from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
+from ptq.lock import OutputLock, describe, live_holder
+from ptq.plan import Facts, Plan, gather_facts, make_plan
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
@@ -28,11 +32,66 @@ class ValidationFailed(RuntimeError):
     pass
 
 
-def prepare(cfg: RunConfig) -> Plan:
-    """The checked plan of `cfg`: the pure plan, then the benchmark files (which the pure plan does not read)."""
-    plan = make_plan(cfg, gather_facts(cfg))
-    check_eval_config(cfg.eval)
+class Terminated(BaseException):
+    """SIGTERM (Slurm's scancel, a node shutting down) turned into an exception, so the record says so."""
+
+
+def prepare(cfg: RunConfig, facts: Optional[Facts] = None, space: bool = True) -> Plan:
+    """The checked plan of `cfg`: the pure plan, then the files it reads and the folder it writes
+    (ptq/inputs.py). Nothing is loaded or written."""
+    plan = make_plan(cfg, facts or gather_facts(cfg))
+    check_inputs(cfg, plan, space=space)
     return plan
+
+
+def error_text(exc: BaseException) -> str:
+    """What the record says a run died of; never empty."""
+    if isinstance(exc, KeyboardInterrupt):
+        return "KeyboardInterrupt: the run was interrupted (Ctrl-C or SIGINT)"
+    if isinstance(exc, Terminated):
+        return "Terminated: the run received SIGTERM (cancelled, or the machine shut down)"
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text}" if text else f"{type(exc).__name__} (no message)"
+
+
+@contextmanager
+def sigterm_raises():
+    """In the main thread, and only where nothing else handles SIGTERM, raise Terminated on it."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+@contextmanager
+def run_log(output_dir: Path):
+    """The run's log lines also go to <output_dir>/run.log."""
+    handler = logging.FileHandler(output_dir / LOG_NAME, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def write_run_files(plan: Plan, config: dict, overrides: Sequence[str]) -> None:
+    """The composed config and the command-line overrides, as Hydra would keep them, in the run's folder."""
+    from omegaconf import OmegaConf
+
+    folder = plan.output_dir / CONFIG_DIR_NAME
+    write_text_atomic(folder / "config.yaml", OmegaConf.to_yaml(OmegaConf.create(config)))
+    write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
 def _summary(plan: Plan, config: dict) -> dict:
@@ -59,9 +118,11 @@ def _summary(plan: Plan, config: dict) -> dict:
     }
 
 
-def execute(plan: Plan, config: dict) -> dict:
-    """Run a checked plan. Always leaves a run record; a failure re-raises after recording it."""
+def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
+    """Run a checked plan. Always leaves a run record; a failure re-raises after recording it.
+    `holder`: who runs it (ptq/lock.py), kept in the record so status and report can tell a dead run."""
     record = _summary(plan, config)
+    record["holder"] = holder
     plan.output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(plan.record_path, record)
     partial = plan.output_dir / PARTIAL_NAME
@@ -96,7 +157,7 @@ def execute(plan: Plan, config: dict) -> dict:
         record["status"] = "finished"
     except BaseException as exc:
         record["status"] = "failed"
-        record["error"] = f"{type(exc).__name__}: {exc}"
+        record["error"] = error_text(exc)
         record["traceback"] = traceback.format_exc(limit=8)
         if isinstance(exc, ValidationFailed):
             record["checkpoint_for_inspection"] = str(partial)
@@ -116,8 +177,10 @@ def record_failure(config: dict, reason: str, **extra) -> Optional[dict]:
     A finished record is never replaced; without a resolvable output_dir nothing is written.
     """
     output_dir = config.get("output_dir")
-    if not output_dir:
+    if not output_dir or not _inside_root(config):
         return None
+    if live_holder(Path(os.path.expanduser(output_dir))) is not None:
+        return None  # another run owns that folder; its record is its own
     path = Path(os.path.expanduser(output_dir)) / RECORD_NAME
     record = read_record(output_dir)
     if record and record.get("status") == "finished":
@@ -134,18 +197,35 @@ def record_failure(config: dict, reason: str, **extra) -> Optional[dict]:
     return record
 
 
+def _inside_root(config: dict) -> bool:
+    """A failed record goes only into an output_dir inside output_root (a refused path stays untouched)."""
+    try:
+        root = Path(os.path.expanduser(str(config["output_root"]))).resolve()
+        return root in Path(os.path.expanduser(str(config["output_dir"]))).resolve().parents
+    except (KeyError, TypeError, OSError):
+        return False
+
+
 def dry_run(plan: Plan) -> dict:
     """What the run would do, printed; nothing is loaded, launched or written."""
-    commands = get_backend(plan.cfg.backend.name).describe(plan)
-    summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": plan.action,
+    holder = live_holder(plan.output_dir)
+    if holder is not None:
+        action, commands = "running", [f"running: {plan.output_dir} is being written by {describe(holder)}; "
+                                       "a real run would be refused"]
+    elif plan.action == "skip":
+        action, commands = "skip", [f"skip: {plan.skip_reason}"]
+    else:
+        action, commands = "run", get_backend(plan.cfg.backend.name).describe(plan)
+    summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": action,
                "skip_reason": plan.skip_reason, "warnings": plan.warnings, "commands": commands}
     for line in commands:
         print(line)
     return summary
 
 
-def run(cfg: RunConfig, config: dict) -> dict:
-    """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it."""
+def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
+    """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it, holding
+    the output folder's lock from before its first write to the end."""
     plan = prepare(cfg)
     for warning in plan.warnings:
         log.warning(warning)
@@ -163,8 +243,18 @@ def run(cfg: RunConfig, config: dict) -> dict:
                               "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1).")
         log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
         return backend.run_worker(plan)
-    log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
-    record = execute(plan, config)
+    with OutputLock(plan.output_dir) as lock:
+        if lock.taken_over is not None:
+            log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, describe(lock.taken_over))
+        # Planned before the lock: a run that held it may have finished this point since.
+        done = read_record(plan.output_dir)
+        if done and done.get("status") == "finished" and not cfg.overwrite:
+            log.info("%s was finished by another run meanwhile; skipping it", plan.output_dir)
+            return done
+        write_run_files(plan, config, overrides)
+        with run_log(plan.output_dir), sigterm_raises():
+            log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
+            record = execute(plan, config, holder=lock.holder)
     log.info("Finished: checkpoint %s (%.2fx smaller than BF16), record %s",
              record["checkpoint"], record["size"]["compression"] or 0, plan.record_path)
     return record

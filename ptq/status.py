@@ -18,6 +18,7 @@ from typing import Dict, List
 from ptq.sweep import point_state, summarize, varying_overrides
 from ptq.files import read_json
 from ptq.layout import MANIFEST_NAME
+from ptq.lock import live_holder
 from ptq.record import read_record
 
 
@@ -70,7 +71,11 @@ def sweep_status(sweep_dir: Path) -> List[dict]:
     rows = []
     for p, label in zip(points, labels):
         record = read_record(p.get("output_dir"))
-        state, detail = point_state(p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""), p.get("job_id"))
+        alive = None
+        if record and record.get("status") == "running":
+            alive = live_holder(Path(p["output_dir"]).expanduser()) is not None
+        state, detail = point_state(p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""),
+                                    p.get("job_id"), alive)
         rows.append({"index": p["index"], "point": label, "job": p.get("job_id") or "-",
                      "state": state, "detail": detail, "output_dir": p.get("output_dir")})
     return rows

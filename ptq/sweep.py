@@ -18,14 +18,14 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from ptq.cluster import Request, check_request, job_name, request_for, sbatch_parameters
 from ptq.errors import ConfigError
-from ptq.evaluation import check_eval_config
 from ptq.files import write_json_atomic
-from ptq.plan import Plan, gather_facts, make_plan
+from ptq.lock import describe, live_holder
+from ptq.plan import Plan, gather_facts
 from ptq.record import now
-from ptq.run import record_failure
+from ptq.run import prepare, record_failure
 from ptq.schema import RunConfig
 
-SUBMITTED, SKIPPED, REFUSED = "submitted", "skipped", "refused"
+SUBMITTED, SKIPPED, REFUSED, RUNNING = "submitted", "skipped", "refused", "running"
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Point:
     overrides: List[str]
     config: Optional[dict] = None  # resolved, without the hydra node
     cfg: Optional[RunConfig] = None
-    state: str = SUBMITTED  # submitted | skipped | refused
+    state: str = SUBMITTED  # submitted | skipped | refused | running (another run holds its folder)
     reason: str = ""
     request: Optional[Request] = None
     # submitit's SlurmExecutor parameters.
@@ -57,20 +57,39 @@ def check_point(point: Point, dry_run: bool, launcher: Mapping) -> Point:
         # The job runs on a GPU node when its hardware asks for one; this host's GPUs do not matter.
         facts = gather_facts(point.cfg, probe_gpus=False)
         facts.cuda_available = point.cfg.hardware.device == "cuda"
-        plan = make_plan(point.cfg, facts)
-        check_eval_config(point.cfg.eval)
+        plan = prepare(point.cfg, facts, space=False)
     except ConfigError as exc:
         return point.refuse(str(exc))
     point.plan = plan
-    if plan.action == "skip" and not dry_run:
+    holder = live_holder(plan.output_dir)
+    if holder is not None:  # an earlier sweep's job (or another launcher) is writing this point now
+        point.state, point.reason = RUNNING, f"being run by {describe(holder)}; not submitted again"
+        return point
+    if plan.action == "skip":
         point.state, point.reason = SKIPPED, plan.skip_reason
         return point
     point.request = request_for(point.cfg, launcher)
-    problem = check_request(point.cfg, point.request)
+    problem = check_request(point.cfg, point.request) or check_time_limit(point.request, launcher)
     if problem:
         return point.refuse(problem)
     point.params = sbatch_parameters(launcher, point.request, job_name(point.cfg))
     return point
+
+
+# Beyond Slurm's warning signal, a job needs this long to start before its time can be of use.
+MIN_RUN_S = 60
+
+
+def check_time_limit(request: Request, launcher: Mapping) -> Optional[str]:
+    """submitit asks Slurm for a warning signal_delay_s before the time limit; a limit at or below that margin
+    would be signalled at once and the point declared timed out before it ran."""
+    margin = int(launcher.get("signal_delay_s", 120))
+    if request.timeout_min * 60 <= margin + MIN_RUN_S:
+        least = (margin + MIN_RUN_S) // 60 + 1
+        return (f"hydra.launcher.timeout_min={request.timeout_min} leaves no time to run: Slurm warns the job "
+                f"hydra.launcher.signal_delay_s={margin} s before its limit; set timeout_min to at least {least} "
+                "(or leave it unset: it is derived from the model size).")
+    return None
 
 
 def refuse_shared_folders(points: List[Point]) -> None:
@@ -145,8 +164,9 @@ SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "
 
 
 def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state: Optional[str],
-                job_id: Optional[str]) -> (str, str):
-    """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused."""
+                job_id: Optional[str], alive: Optional[bool] = None) -> (str, str):
+    """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused | running.
+    `alive`: whether the process holding the point's folder still runs (ptq/lock.py), None when unknown."""
     if submitted == "refused":
         return "refused", reason
     if submitted == "skipped":
@@ -164,7 +184,13 @@ def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state
     if slurm:
         return "failed", f"Slurm job {job_id} ended {slurm} without a finished run record"
     if status == "running":
+        if alive is False:
+            holder = (record or {}).get("holder") or {}
+            return "dead", (f"run record says running, but its process is gone (host {holder.get('host', '?')}, "
+                            f"PID {holder.get('pid', '?')}); the next run of this point starts it again")
         return "running", f"run record says running; Slurm has no state for job {job_id}"
+    if submitted == RUNNING:
+        return "running", reason
     return "unknown", f"Slurm has no state for job {job_id} and there is no run record yet"
 
 

@@ -24,7 +24,7 @@ GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
 # Megatron-Bridge's quantize.py reads its calibration text itself: a dataset name or a file, never "self".
 MB = ["backend=megatron_bridge", "calib.dataset=cnn_dailymail"]
 SUPER = [*MB, "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conservative",
-         "parallelism=tp8_pp2_ep8", "hardware=h100", "output_dir=/ckpt/super-nvfp4"]
+         "parallelism=tp8_pp2_ep8", "hardware=h100", "output_root=/ckpt", "output_dir=/ckpt/super-nvfp4"]
 
 
 def plan_for(overrides, facts=GPU):
@@ -65,7 +65,7 @@ def test_a_text_file_is_handed_to_the_scripts_as_jsonl_with_the_same_tokens(tmp_
     text = tmp_path / "calib.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40 + "\n\nA second paragraph, with numbers 1 2 3.\n" * 10)
     plan = plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100", f"calib.dataset={text}", "calib.size=6",
-                     "calib.seq_len=32", f"output_dir={tmp_path / 'out'}"])
+                     "calib.seq_len=32", f"output_root={tmp_path}", f"output_dir={tmp_path / 'out'}"])
     jsonl = write_calib_jsonl(plan)
     assert calib_dataset(plan) == str(jsonl) == str(tmp_path / "out" / "calib.jsonl")
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
@@ -242,7 +242,7 @@ def test_flags_the_installed_scripts_lack_are_refused(tmp_path):
 
 
 def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
-    cfg, config = compose_run(SUPER[:-1] + [f"output_dir={tmp_path / 'out'}", "dry_run=true"])
+    cfg, config = compose_run(SUPER[:-2] + [f"output_root={tmp_path}", f"output_dir={tmp_path / 'out'}", "dry_run=true"])
     from ptq.run import run
 
     summary = run(cfg, config)
@@ -324,7 +324,7 @@ def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_proce
         "backend=megatron_bridge", "hardware=h100", "backend.generate_check=false", f"backend.scripts_dir={STANDIN}",
         *(["calib.dataset=cnn_dailymail"] if text_source() == "self" else []),
         f"backend.torchrun={sys.executable} -m torch.distributed.run", "backend.rdzv_port=29614",
-        f"output_dir={tmp_path / 'megatron-fp8'}"])
+        f"output_root={tmp_path}", f"output_dir={tmp_path / 'megatron-fp8'}"])
     plan = make_plan(cfg, Facts(cuda_available=True, local_model_ok=True))
     # The Megatron steps need CUDA (the plan insists on it); the measurement runs wherever the model fits:
     # here, on the CPU in FP32 like the in-process run above.

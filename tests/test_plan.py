@@ -84,7 +84,22 @@ def test_output_never_overlaps_the_source_checkpoint(tmp_path, relation):
     source = tmp_path / "model"
     output = {"same": source, "inside": source / "quantized", "contains": tmp_path}[relation]
     with pytest.raises(ConfigError, match="never written to"):
-        plan_for([f"model.path={source}", f"output_dir={output}"], Facts(local_model_ok=True))
+        plan_for([f"model.path={source}", f"output_dir={output}", f"output_root={tmp_path.parent}"],
+                 Facts(local_model_ok=True))
+
+
+@pytest.mark.parametrize("override,message", [
+    ("model.name=../../../../tmp/escaped", "model.name='../../../../tmp/escaped' names a folder"),
+    ("recipe.name=a/b", "recipe.name='a/b' names a folder"),
+    ("model.name=..", "model.name='..' names a folder"),
+    ("output_dir=/", "output_dir=/ is not inside output_root"),
+    ("output_dir=/tmp/elsewhere", "output_dir=/tmp/elsewhere is not inside output_root"),
+    ("output_dir=${output_root}", "is not inside output_root"),
+])
+def test_paths_that_leave_their_root_are_refused(override, message):
+    with pytest.raises(ConfigError) as refused:
+        plan_for([override])
+    assert message in str(refused.value)
 
 
 def test_missing_local_model_path():

@@ -154,7 +154,9 @@ def test_launch_py_runs_end_to_end_with_self_sampled_calibration(smollm2_dir, tm
     record = json.loads((tmp_path / "runs" / "smollm2-135m" / "fp8-kv_none-calib4x32" / "run.json").read_text())
     assert record["status"] == "finished" and record["config"]["calib"]["dataset"] == "self"
     assert "calibrating fp8" in proc.stderr  # progress bar
-    assert (tmp_path / "runs" / "smollm2-135m" / "fp8-kv_none-calib4x32" / "hydra" / ".hydra" / "config.yaml").exists()
+    run_dir = tmp_path / "runs" / "smollm2-135m" / "fp8-kv_none-calib4x32"
+    assert (run_dir / "hydra" / "config.yaml").is_file() and "Quantized" in (run_dir / "run.log").read_text()
+    assert not (run_dir / "run.lock").exists()  # released at the end
 
 
 def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):

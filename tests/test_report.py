@@ -13,6 +13,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from ptq.layout import LOCK_NAME
+from ptq.lock import holder_info
 from ptq.report import (
     BF16, build_report, find_run_records, load_records, main, render_markdown, variant_label, wide_table,
 )
@@ -118,6 +120,8 @@ def sweep(tmp_path):
     add("tiny/nvfp4", make_record("tiny", "nvfp4", status="failed",
                                   error="torch.OutOfMemoryError: CUDA out of memory.\nTried to allocate 2.00 GiB"))
     add("tiny/w4a8", make_record("tiny", "w4a8_awq", status="running", finished_at=None))
+    # Its process (this one) holds the folder, as a live run does.
+    (paths["tiny/w4a8"].parent / LOCK_NAME).write_text(json.dumps(holder_info()))
     # Model "other": no BF16 run, so BF16 comes from the baselines inside its quantized records.
     add("other/fp8", make_record("other", "fp8", calib_size=256, results=scores(arc_easy__acc_norm=0.36),
                                  baseline=scores(arc_easy__acc_norm=0.40, hellaswag__acc=0.60),
@@ -264,6 +268,16 @@ def test_failed_and_running_points_stay_visible(report):
     markdown = render_markdown(report)
     assert "| nvfp4@512 (failed) | w4a8_awq@512 (running) |" in markdown
     assert "| nvfp4@512 | failed |" in markdown and "failed: torch.OutOfMemoryError: CUDA out of memory. |" in markdown
+
+
+def test_a_running_record_whose_process_is_gone_is_dead(tmp_path):
+    """A run killed mid-way (SIGKILL, node lost) leaves a record that says running and nothing holding its folder."""
+    killed = write_record(tmp_path / "runs", "tiny/int8", make_record("tiny", "int8_sq", status="running", finished_at=None))
+    records, sources, _ = load_records(find_run_records([tmp_path / "runs"]))
+    summary = build_report(records, sources).summary.set_index("variant")
+    assert summary.loc["int8_sq@512", "status"] == "dead"
+    assert "process is gone" in summary.loc["int8_sq@512", "note"]
+    assert json.loads(killed.read_text())["status"] == "running"  # the report reads; it changes no record
 
 
 def test_older_duplicates_are_superseded_not_used(report, sweep):

@@ -181,34 +181,54 @@ class PtqSlurmLauncher(SlurmLauncher):
                 for overrides, index in points]
 
     def _wait(self, points: List[Point], jobs: Dict[int, Any], poll_s: float) -> List[JobReturn]:
+        """Wait for every job. Slurm's queue is read once per poll (squeue): a job that has left it is over, so a
+        job killed without a result is recorded at the next poll or the one after (submitit alone would notice
+        only at its next accounting check, minutes later)."""
         from tqdm.auto import tqdm
 
         returns: Dict[int, JobReturn] = {p.index: _job_return(p, p.state) for p in points if p.index not in jobs}
         waiting = {p.index: p for p in points if p.index in jobs}
+        missing: Dict[int, int] = {}  # polls in a row a job was not in the queue
         with tqdm(total=len(waiting), desc="sweep", unit="point") as bar:
             while waiting:
+                queued = queued_jobs()
                 for index, point in list(waiting.items()):
                     job = jobs[index]
-                    if not (job.done() or _vanished(job)):
-                        continue
-                    returns[index] = self._collect(point, job, points)
-                    del waiting[index]
-                    bar.update(1)
+                    if job.paths.result_pickle.exists():
+                        over = True
+                    elif queued is None:  # squeue cannot be asked: submitit's own view
+                        over = job.done()
+                    else:
+                        missing[index] = 0 if job.job_id in queued else missing.get(index, 0) + 1
+                        # Twice in a row: the result file of a job that just ended may lag on a shared file system.
+                        over = missing[index] >= 2
+                    if over:
+                        returns[index] = self._collect(point, job)
+                        del waiting[index]
+                        bar.update(1)
                 if waiting:
                     time.sleep(poll_s)
         return [returns[p.index] for p in points]
 
-    def _collect(self, point: Point, job, points: List[Point]) -> JobReturn:
-        """The point's JobReturn; a job that left no result gets a failed run record."""
+    def _collect(self, point: Point, job) -> JobReturn:
+        """The point's JobReturn; a job that left no result gets a failed run record with Slurm's reason."""
+        if not job.paths.result_pickle.exists():
+            state = final_state(job.job_id) or "UNKNOWN"
+            reason = f"Slurm job {job.job_id} ended {state} without a result"
+            if state.startswith("TIMEOUT"):
+                minutes = point.request.timeout_min if point.request else "?"
+                reason += (f": it reached its time limit of {minutes} min; raise hydra.launcher.timeout_min "
+                           "(the launcher derives it from the model size unless it is set)")
+            log.error("#%d failed: %s", point.index, reason)
+            record_failure(point.config, reason, slurm_job=job.job_id, slurm_state=state)
+            point.reason = reason
+            return _job_return(point, f"failed: {reason}")
         try:
             result = job.results()[0]
-        except Exception as exc:  # UncompletedJobError (killed, out of memory, time-out) or FailedJobError
-            state = job.state
-            reason = f"Slurm job {job.job_id} ended {state} without a result"
+        except Exception as exc:  # FailedJobError: the job raised outside the run (its record says why if it ran)
             detail = str(exc).strip().splitlines()
-            log.error("#%d failed: %s", point.index, reason)
-            record_failure(point.config, reason, slurm_job=job.job_id, slurm_state=state,
-                           slurm_log=detail[-1][:500] if detail else "")
+            reason = f"Slurm job {job.job_id} failed: {detail[-1][:300] if detail else type(exc).__name__}"
+            record_failure(point.config, reason, slurm_job=job.job_id, slurm_log="\n".join(detail[-5:])[:2000])
             point.reason = reason
             return _job_return(point, f"failed: {reason}")
         if isinstance(result, list):  # a packed job returns one JobReturn per point, in submission order
@@ -220,12 +240,28 @@ def _job_return(point: Point, value: str) -> JobReturn:
     return JobReturn(overrides=point.overrides, status=JobStatus.COMPLETED, _return_value=value)
 
 
-def _vanished(job) -> bool:
-    """Slurm forgot the job and it left no result: treat it as ended (its accounting may be off)."""
-    if job.state != "UNKNOWN" or job.paths.result_pickle.exists():
-        return False
-    out = subprocess.run(["squeue", "-h", "-j", job.job_id.split("_")[0]], capture_output=True, text=True)
-    return out.returncode == 0 and not out.stdout.strip()
+def queued_jobs() -> Optional[set]:
+    """Ids of every job (array tasks as <array>_<task>) Slurm still has queued or running; None if squeue fails."""
+    try:
+        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return set(out.stdout.split()) if out.returncode == 0 else None
+
+
+def final_state(job_id: str) -> Optional[str]:
+    """How a job that left the queue ended: sacct when accounting is on, else scontrol (which remembers a job
+    for a few minutes after it ends)."""
+    for cmd, pick in ((["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], lambda out: out.split()[0]),
+                      (["scontrol", "show", "job", job_id],
+                       lambda out: out.split("JobState=", 1)[1].split()[0])):
+        try:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+            if out.returncode == 0 and out.stdout.strip():
+                return pick(out.stdout)
+        except (OSError, subprocess.TimeoutExpired, IndexError):
+            continue
+    return None
 
 
 def _labels(points: List[Point]) -> List[List[str]]:

@@ -28,7 +28,7 @@ from typing import Dict, List, Mapping, Optional, Tuple
 
 from ptq.backends.base import BackendResult
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE
-from ptq.calib_data import read_texts
+from ptq.textfiles import read_texts
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.files import write_text_atomic

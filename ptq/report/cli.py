@@ -17,6 +17,7 @@ def default_out_dir(paths: Sequence[Path]) -> Path:
     first = Path(paths[0])
     return (first if first.is_dir() else first.parent) / "report"
 
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptq.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="folders to search for run.json, or run.json files")

@@ -11,9 +11,11 @@ RUN_RECORD_NAME = RECORD_NAME
 
 BF16 = "bf16"
 
+
 FIDELITY_METRIC = "fidelity"
 
 DEFAULT_BACKEND = "hf_modelopt"
+
 
 PERPLEXITY = "perplexity"
 
@@ -21,22 +23,27 @@ MEAN_KL = "mean_kl_vs_bf16"
 
 TOP1_AGREEMENT = "top1_agreement_vs_bf16"
 
+
 FIDELITY_ROWS = (PERPLEXITY, MEAN_KL, TOP1_AGREEMENT)
 
 # Where a BF16 value came from (the `bf16_source` column).
 FROM_BF16_RUN = "bf16 run"
+
 
 FROM_EMBEDDED_BASELINE = "embedded baseline"
 
 # Status of BF16 rows that come from embedded baselines rather than from a run of their own.
 BASELINE_STATUS = "baseline"
 
+
 # lm-eval metrics where smaller is better, for entries that do not say `higher_is_better`.
 LOWER_IS_BETTER_METRICS = {"perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "ppl", "loss"}
+
 
 KV_CACHE_ORDER = {"none": 0, "fp8": 1, "nvfp4": 2}
 
 PROGRESS_THRESHOLD = 200
+
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
@@ -47,5 +54,6 @@ SUMMARY_COLUMNS = ["model", "variant", "status", "median_recovery", "checkpoint_
                    "bits_per_weight", "calib_size", "calibrate_s", "note", "source"]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
+
 
 SKIPPED_COLUMNS = ["source", "reason"]

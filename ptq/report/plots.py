@@ -38,5 +38,6 @@ def plot_recovery_vs_bits(summary: pd.DataFrame, model: str) -> bytes:
     figure.savefig(buffer, format="png")
     return buffer.getvalue()
 
+
 def plot_file_name(model: str) -> str:
     return "recovery_vs_bits_" + re.sub(r"[^A-Za-z0-9._-]", "_", model) + ".png"

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ptq.layout import MANIFEST_NAME
+from ptq.lock import live_holder
 from ptq.report.common import (
     BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
     PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
@@ -27,15 +28,18 @@ def record_problem(obj) -> Optional[str]:
             return f"not a run record: '{key}' is not a non-empty string"
     return None
 
+
 def as_number(x) -> float:
     """A finite-or-NaN float from anything JSON may hold; bools and strings are not numbers."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return math.nan
     return float(x)
 
+
 def section(record: dict, key: str) -> dict:
     value = record.get(key)
     return value if isinstance(value, dict) else {}
+
 
 def record_calib_size(record: dict):
     """Calibration size as an int where it is one (JSON may carry 512.0), else as recorded."""
@@ -46,9 +50,11 @@ def record_calib_size(record: dict):
         return None
     return size
 
+
 def record_kv_cache(record: dict) -> str:
     kv = record.get("kv_cache")
     return kv if isinstance(kv, str) and kv else "none"
+
 
 def variant_label(record: dict) -> str:
     """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just `bf16`.
@@ -72,17 +78,20 @@ def variant_label(record: dict) -> str:
         label += f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
     return label
 
+
 def variant_sort_key(recipe: str, kv_cache: str, calib_size) -> tuple:
     """BF16 first, then by recipe, KV-cache format and numeric calibration size (128 before 1024)."""
     calib = as_number(calib_size)
     return (recipe != BF16, recipe, KV_CACHE_ORDER.get(kv_cache, len(KV_CACHE_ORDER)), kv_cache,
             math.isnan(calib), 0.0 if math.isnan(calib) else calib)
 
+
 def _higher_is_better(entry: dict) -> bool:
     flag = entry.get("higher_is_better")
     if isinstance(flag, bool):
         return flag
     return str(entry.get("metric", "")).lower() not in LOWER_IS_BETTER_METRICS
+
 
 def _benchmark_entries(entries) -> List[dict]:
     """Usable entries of an `evaluation.results`/`baseline` list, first of each (benchmark, metric)."""
@@ -102,9 +111,11 @@ def _benchmark_entries(entries) -> List[dict]:
                      "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry)})
     return rows
 
+
 def _fidelity_row(benchmark: str, value: float, higher_is_better: bool) -> dict:
     return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": math.nan,
             "higher_is_better": higher_is_better}
+
 
 def _bf16_fidelity_rows(fidelity: dict) -> List[dict]:
     """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1."""
@@ -113,6 +124,7 @@ def _bf16_fidelity_rows(fidelity: dict) -> List[dict]:
         return []
     return [_fidelity_row(PERPLEXITY, ppl, False), _fidelity_row(MEAN_KL, 0.0, False),
             _fidelity_row(TOP1_AGREEMENT, 1.0, True)]
+
 
 def record_scores(record: dict) -> List[dict]:
     """Scores of the model a record describes: its evaluation results plus its fidelity figures."""
@@ -128,10 +140,12 @@ def record_scores(record: dict) -> List[dict]:
             rows.append(_fidelity_row(benchmark, value, higher))
     return rows
 
+
 def baseline_scores(record: dict) -> List[dict]:
     """BF16 scores a quantized record carries for comparison (evaluation baseline, BF16 fidelity)."""
     return (_benchmark_entries(section(record, "evaluation").get("baseline"))
             + _bf16_fidelity_rows(section(record, "fidelity")))
+
 
 def status_note(status: str, error) -> str:
     """Why a point is not a finished result ("" when it is)."""
@@ -142,9 +156,12 @@ def status_note(status: str, error) -> str:
         return f"failed: {lines[0].strip()}" if lines else "failed: no error recorded"
     if status == "running":
         return "running (unfinished)"
+    if status == "dead":
+        return "dead: the record says running but its process is gone; run the point again"
     if status == "pending":
         return "pending (submitted, not started)"
     return f"{status} (unrecognised status)"
+
 
 def as_timestamp(text) -> float:
     """Seconds since the epoch for ordering; -inf for a missing or unreadable time (counts as oldest)."""
@@ -156,6 +173,7 @@ def as_timestamp(text) -> float:
         except ValueError:
             continue
     return -math.inf
+
 
 def find_run_records(paths: Iterable[Path]) -> List[Path]:
     """Every run.json below the given folders, plus the given files themselves; each once, in order."""
@@ -173,6 +191,7 @@ def find_run_records(paths: Iterable[Path]) -> List[Path]:
                 seen.add(key)
                 found.append(candidate)
     return found
+
 
 def pending_points(paths: Iterable[Path]) -> List[dict]:
     """Points of Slurm sweeps (their sweep.json) submitted but without a run record yet, as records."""
@@ -193,6 +212,7 @@ def pending_points(paths: Iterable[Path]) -> List[dict]:
                                    "manifest": str(manifest)})
     return points
 
+
 def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tuple[str, str]]]:
     """(records, their paths, skipped (path, reason)): unreadable or non-record files never stop the load."""
     from tqdm import tqdm
@@ -209,6 +229,9 @@ def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tup
         if problem:
             skipped.append((str(path), problem))
         else:
+            if record.get("status") == "running" and live_holder(Path(path).parent) is None:
+                # Its process is gone (killed, node lost): not running, whatever the record says.
+                record = {**record, "status": "dead"}
             records.append(record)
             sources.append(str(path))
     return records, sources, skipped

@@ -19,6 +19,7 @@ from ptq.report.tables import Report, row_sort_key
 def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
+
 def format_cell(value: float, delta: float, recovery: float) -> str:
     """`0.330 (-0.022, 93.8%)`; parts that are undefined are left out."""
     if pd.isna(value):
@@ -29,6 +30,7 @@ def format_cell(value: float, delta: float, recovery: float) -> str:
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
     return format(value, ".3f") + (f" ({', '.join(details)})" if details else "")
+
 
 def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     """Model-card table of one model: rows benchmark/metric, columns BF16 then the variants, text cells."""
@@ -52,6 +54,7 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     labels = np.array(row_order, dtype=object).reshape(len(row_order), 2)
     return pd.DataFrame(np.hstack([labels, grid]), columns=["benchmark", "metric", *variants], dtype=object)
 
+
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Summary rows of one model as display text."""
     return pd.DataFrame({
@@ -66,6 +69,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "note": summary["note"],
     })
 
+
 def _variant_headers(summary: pd.DataFrame, columns: Sequence[str]) -> List[str]:
     """Column titles; variants that did not finish say so in their title."""
     status = dict(zip(summary["variant"].tolist(), summary["status"].tolist()))
@@ -76,6 +80,7 @@ def _variant_headers(summary: pd.DataFrame, columns: Sequence[str]) -> List[str]
         titles.append(f"{column} ({state})" if marked else column)
     return titles
 
+
 def markdown_table(table: pd.DataFrame, headers: Optional[Sequence[str]] = None) -> str:
     def clean(text) -> str:
         return str(text).replace("|", "\\|").replace("\n", " ")
@@ -84,6 +89,7 @@ def markdown_table(table: pd.DataFrame, headers: Optional[Sequence[str]] = None)
     lines = ["| " + " | ".join(clean(h) for h in headers) + " |", "|" + "---|" * len(headers)]
     lines += ["| " + " | ".join(clean(c) for c in row) + " |" for row in table.to_numpy(dtype=object).tolist()]
     return "\n".join(lines)
+
 
 def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
     rows = scores[(scores["model"] == model) & (scores["variant"] == BF16)]
@@ -97,9 +103,11 @@ def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
     return (f"BF16: from run `{rows.loc[rows['bf16_source'] == FROM_BF16_RUN, 'source'].iat[0]}`, rows it lacks "
             "from the baselines embedded in the quantized records.")
 
+
 LEGEND = ("Cells: value (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, BF16 / value "
           "where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is over the "
           "rows where recovery is defined.")
+
 
 def render_markdown(report: Report) -> str:
     parts = ["# Quantization results", "", LEGEND]
@@ -117,6 +125,7 @@ def render_markdown(report: Report) -> str:
         parts += ["", "## Skipped files", ""]
         parts += [f"- `{r.source}`: {r.reason}" for r in report.skipped.itertuples()]
     return "\n".join(parts) + "\n"
+
 
 def render_html(report: Report, plots: dict) -> str:
     """Self-contained page: the tables of results.md plus the plots inlined as base64 PNG."""
@@ -146,6 +155,7 @@ def render_html(report: Report, plots: dict) -> str:
              "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}")
     return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Quantization results</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
 
 def write_report(report: Report, out_dir: Path) -> Tuple[str, List[Path]]:
     """Write results.md/.csv/.html and the plots into `out_dir`; returns (Markdown, written paths)."""

@@ -29,6 +29,7 @@ class Report:
     def models(self) -> List[str]:
         return sorted(set(self.summary["model"]) | set(self.scores["model"]))
 
+
 def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
     """One row per record: what identifies it and what the summary shows about it."""
     rows = []
@@ -54,6 +55,7 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
                                        "finished_at", "time", "checkpoint_mb", "compression", "bits_per_weight",
                                        "calibrate_s", "note", "source"])
 
+
 def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
     """(kept, superseded): one record per (model, variant), finished before unfinished, newest first."""
     ordered = points.assign(finished=points["status"] == "finished").sort_values(
@@ -76,9 +78,11 @@ def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
     superseded = dropped.assign(reason=reasons)[SUPERSEDED_COLUMNS].reset_index(drop=True)
     return kept.drop(columns="finished").reset_index(drop=True), superseded
 
+
 def _plain_rows(frame: pd.DataFrame, columns: Sequence[str]):
     """(column values...) per row as plain Python objects; itertuples over Arrow strings is slow."""
     return zip(*(frame[c].tolist() for c in columns))
+
 
 def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
     """The BF16 column: per (model, benchmark, metric), from the finished bf16 run, else embedded baselines."""
@@ -99,12 +103,14 @@ def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
                                         "bf16_source", "status", "source"])
     return table.drop_duplicates(["model", "benchmark", "metric"], keep="first").reset_index(drop=True)
 
+
 def _recovery(value: pd.Series, bf16: pd.Series, higher_is_better: pd.Series) -> pd.Series:
     with np.errstate(divide="ignore", invalid="ignore"):
         ratio = np.where(higher_is_better.astype(bool), value / bf16, bf16 / value)
     ratio = pd.Series(ratio, index=value.index, dtype=float)
     undefined = (bf16 == 0) | bf16.isna() | value.isna() | ~np.isfinite(ratio)
     return ratio.mask(undefined)
+
 
 def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
     """Long table: BF16 rows, then one row per score of every kept quantized record."""
@@ -135,11 +141,13 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
     scores["recovery"] = _recovery(scores["value"], scores["bf16"], scores["higher_is_better"])
     return scores
 
+
 def row_sort_key(benchmark: str, metric: str) -> tuple:
     """Evaluation benchmarks alphabetically, the fidelity rows last in their fixed order."""
     if metric == FIDELITY_METRIC and benchmark in FIDELITY_ROWS:
         return (1, FIDELITY_ROWS.index(benchmark), "", "")
     return (0, 0, benchmark, metric)
+
 
 def _order_scores(scores: pd.DataFrame) -> pd.DataFrame:
     """Sort by model, variant (see variant_sort_key) and benchmark row (see row_sort_key)."""
@@ -154,6 +162,7 @@ def _order_scores(scores: pd.DataFrame) -> pd.DataFrame:
                            _row=[row_rank[row] for row in row_keys])
     ordered = ranked.sort_values(["model", "_variant", "_row"], kind="stable")
     return ordered.drop(columns=["_variant", "_row"]).reset_index(drop=True)
+
 
 def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
     medians = scores.groupby(["model", "variant"])["recovery"].median().rename("median_recovery").reset_index()
@@ -173,6 +182,7 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
             zip(*(summary[c].tolist() for c in ("model", "recipe", "kv_cache", "calib_size", "variant")))]
     order = sorted(range(len(summary)), key=keys.__getitem__)
     return summary.iloc[order][SUMMARY_COLUMNS].reset_index(drop=True)
+
 
 def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = None,
                  skipped: Iterable[Tuple[str, str]] = ()) -> Report:
@@ -197,9 +207,11 @@ def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = Non
     return Report(scores=scores, summary=_summary(kept, scores, bf16), superseded=superseded,
                   skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS))
 
+
 def scores_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Long table: one row per model / variant / benchmark / metric (see SCORE_COLUMNS)."""
     return build_report(records, sources).scores
+
 
 def summary_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """One row per model and variant: status, median recovery, size, calibration (see SUMMARY_COLUMNS)."""

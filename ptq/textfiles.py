@@ -1,0 +1,55 @@
+"""Reading the text files users give (calibration text, benchmark data): UTF-8 only, every problem named with
+its file and line. Imports only ptq.errors."""
+
+from __future__ import annotations
+
+import bz2
+import json
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+from ptq.errors import ConfigError
+
+
+def read_text(path: Path) -> str:
+    """The whole file as text (`.bz2` decompressed), refusing anything that is not UTF-8."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} is not a file" + (" (it is a folder)" if path.is_dir() else " (it does not exist)") + ".")
+    try:
+        data = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path} cannot be read ({exc}).") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ConfigError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
+                          "give a text file (a binary or otherwise encoded file would be read as garbage).") from None
+
+
+def read_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
+    """(line number, object) for every non-empty line; a line that is not a JSON object is an error naming it."""
+    for number, line in enumerate(read_text(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{path}:{number} is not valid JSON ({exc}); each line must be one JSON object.") from None
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}:{number} is a JSON {type(row).__name__}, not an object; each line must be one object.")
+        yield number, row
+
+
+def read_texts(path: Path) -> List[str]:
+    """Calibration or held-out text: a `.jsonl` file's "text" fields, or the whole of any other file."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return [read_text(path)]
+    texts = []
+    for number, row in read_jsonl(path):
+        if not isinstance(row.get("text"), str):
+            raise ConfigError(f"{path}:{number} has no \"text\" string; each JSONL line must be {{\"text\": \"...\"}}.")
+        texts.append(row["text"])
+    return texts
