@@ -26,7 +26,7 @@ import yaml
 
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
-from ptq.textfiles import read_jsonl, read_text
+from ptq.textfiles import checked_once, read_jsonl, read_text
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -196,6 +196,10 @@ def read_benchmark(bench: BenchmarkConfig, path: Path) -> Optional[List[dict]]:
     return None
 
 
+def _item_count(path: Path, kind: str, fmt: str) -> int:
+    return len(read_benchmark(BenchmarkConfig(name="check", kind=kind, format=fmt), path))
+
+
 def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = None) -> Tuple[Path, int]:
     """Normalise a local benchmark file into `work_dir` and write its lm-eval task file there: (task YAML, items).
 
@@ -281,7 +285,11 @@ def check_eval_config(cfg: EvalConfig) -> None:
     for bench in cfg.benchmarks:  # every item read and checked now, not after the model is loaded
         if bench.kind != "lm_eval":
             try:
-                read_benchmark(bench, benchmark_path(bench, cfg.data_dir))
+                path = benchmark_path(bench, cfg.data_dir)
+                if path.exists():
+                    checked_once(_item_count, path, bench.kind, bench.format)
+                else:
+                    read_benchmark(bench, path)
             except ConfigError as exc:
                 raise ConfigError(f"eval benchmark {bench.name}: {exc}") from None
 

@@ -20,7 +20,11 @@ from ptq.errors import ConfigError
 from ptq.evaluation import check_eval_config
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig
-from ptq.textfiles import read_texts
+from ptq.textfiles import checked_once, read_texts
+
+
+def text_bytes(path: Path) -> int:
+    return sum(len(text.encode("utf-8")) for text in read_texts(path))
 
 
 def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]:
@@ -31,7 +35,7 @@ def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]
         return None
     if not path.is_file():
         raise ConfigError(f"{key}={spec}: {path} is not a file; give a .txt or .jsonl file, \"self\", or a dataset name.")
-    size = sum(len(text.encode("utf-8")) for text in read_texts(path))
+    size = checked_once(text_bytes, path)
     need = samples * seq_len
     if size == 0:
         raise ConfigError(f"{key}={spec}: {path} holds no text.")

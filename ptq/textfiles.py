@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import bz2
 import json
+import functools
 from pathlib import Path
-from typing import Iterator, List, Tuple
+from typing import Callable, Iterator, List, Tuple
 
 from ptq.errors import ConfigError
 
@@ -53,3 +54,20 @@ def read_texts(path: Path) -> List[str]:
             raise ConfigError(f"{path}:{number} has no \"text\" string; each JSONL line must be {{\"text\": \"...\"}}.")
         texts.append(row["text"])
     return texts
+
+
+def file_key(path: Path) -> Tuple[str, int, int]:
+    """(resolved path, size, modification time): a file's identity for caching what was read from it."""
+    stat = Path(path).stat()
+    return str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=64)
+def _checked(key: Tuple[str, int, int], check: Callable, args: tuple):
+    return check(Path(key[0]), *args)
+
+
+def checked_once(check: Callable, path: Path, *args):
+    """`check(path, *args)`, computed once per process for each version of the file: the points of a sweep
+    check the same calibration and benchmark files. A check that raises is not remembered."""
+    return _checked(file_key(path), check, args)

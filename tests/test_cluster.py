@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +135,34 @@ def test_named_sweep_and_command_line_precedence(tmp_path):
 
     assert len(points()) == 8
     assert len(points("recipe=fp8")) == 2
+
+
+def _point(overrides):
+    from ptq.sweep import Point
+
+    cfg, launcher = compose_slurm(overrides)
+    _, config = compose_run([o for o in overrides if not o.startswith("hydra.")])
+    return Point(index=0, overrides=list(overrides), config=config, cfg=cfg), launcher
+
+
+def test_a_dry_run_previews_a_resume_and_points_that_are_running(tmp_path):
+    """A dry run shows what a real sweep would do: finished points skipped, points another run holds left alone."""
+    from dataclasses import asdict
+
+    from ptq.files import write_json_atomic
+    from ptq.lock import OutputLock
+    from ptq.record import config_hash
+    from ptq.sweep import RUNNING, SKIPPED, SUBMITTED, check_point
+
+    point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
+    assert check_point(point, True, launcher).state == SUBMITTED
+    out = Path(point.config["output_dir"])
+    write_json_atomic(out / "run.json", {"status": "finished", "config_hash": config_hash(asdict(point.cfg)),
+                                         "finished_at": "2026-11-30T12:00:00+0000"})
+    point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
+    assert check_point(point, True, launcher).state == SKIPPED
+    (out / "run.json").unlink()
+    with OutputLock(out):
+        point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
+        checked = check_point(point, True, launcher)
+        assert checked.state == RUNNING and "being run by host" in checked.reason
