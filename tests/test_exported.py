@@ -1,5 +1,6 @@
-"""Reading an exported checkpoint back (ptq/exported.py): the unpacking matches ModelOpt's packing, a broken
-export is caught, and formats that cannot be simulated are refused with a clear message."""
+"""Reading an exported checkpoint back (ptq/exported.py): the unpacking matches ModelOpt's packing, the model
+read back holds exactly the stored numbers, a broken export is caught, and formats that cannot be simulated are
+refused with a clear message."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import compose_run, small_run_overrides
-from ptq.exported import dequantize_weight, load_exported, unpack_int4
+from ptq.exported import (dequantize_weight, load_exported, nvfp4_fake_quant, read_tensors,
+                          unpack_int4)
 from ptq.plan import ConfigError
 from ptq.run import run
 from ptq.validate import export_fidelity_problems
@@ -44,6 +46,90 @@ def test_fp8_block_scales_match_modelopts_blockwise_quantization():
     theirs = packed.dequantize(torch.float32, scale=scale, block_sizes={-1: 128, -2: 128})
     assert torch.equal(mine, theirs)
     assert 0 < (mine - weight).norm() / weight.norm() < 0.05
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}[t.dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_nvfp4_weights_dequantize_to_the_bits_of_modelopts_nvfp4_tensor(dtype):
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    torch.manual_seed(0)
+    weight = torch.randn(48, 256) * torch.logspace(-2, 2, 256)  # blocks of very different ranges
+    weight[3, :16] = 0  # an all-zero block
+    packed, scale, scale_2 = NVFP4QTensor.quantize(weight, 16)
+    assert packed._quantized_data.shape == (48, 128) and scale.dtype == torch.float8_e4m3fn
+    stored = {"weight": packed._quantized_data, "weight_scale": scale, "weight_scale_2": scale_2}
+    mine = dequantize_weight("NVFP4", stored, 16, dtype)
+    theirs = packed.dequantize(dtype=dtype, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    assert torch.equal(_as_bits(mine), _as_bits(theirs))
+    assert 0 < (mine.float() - weight).norm() / weight.norm() < 0.15
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_nvfp4_activation_quantization_gives_the_bits_of_modelopts(dtype):
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 64) * torch.logspace(-3, 3, 64)
+    x[0, 0, :16] = 0  # all-zero block: its scale is 1
+    x[1, 1, :16] = torch.tensor([6, 0.75, 1.75, 3.5, -0.75, -1.75, -3.5, 0.25, 1.25, 2.5, 5, -5, 0.1, -0.1, 4.9, 5.1])
+    x = x.to(dtype)
+    global_scale = torch.tensor(1.0 / 448)  # the 6-wide tie block gets an exact scale of 1 (ties stay ties)
+    mine = nvfp4_fake_quant(x, global_scale, 16)
+    q, scale, scale_2 = NVFP4QTensor.quantize(x.float(), 16, weights_scaling_factor_2=global_scale)
+    theirs = q.dequantize(dtype=dtype, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+    assert mine.dtype == dtype and torch.equal(_as_bits(mine), _as_bits(theirs))
+    ties = mine[1, 1].float().tolist()
+    assert ties[1:7] == [1.0, 2.0, 4.0, -1.0, -2.0, -4.0]  # 0.75, 1.75, 3.5 round to the even code, upwards
+
+
+def _export(model_dir: Path, modelopt_cfg: str, out: Path) -> Path:
+    """`model_dir` quantized by ModelOpt with `modelopt_cfg` (CPU, float32, lm_head excluded) and exported."""
+    import copy
+
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.export import export_hf_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    cfg = copy.deepcopy(getattr(mtq, modelopt_cfg))
+    cfg["quant_cfg"].append({"quantizer_name": "*lm_head*", "enable": False})
+    tokens = torch.randint(0, model.config.vocab_size, (4, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mtq.quantize(model, cfg, lambda m: m(tokens))
+    export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_exports(tiny_llama_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("tiny-exports")
+    return {cfg: _export(tiny_llama_dir, cfg, tmp / cfg) for cfg in ("NVFP4_DEFAULT_CFG",)}
+
+
+def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny_llama_dir):
+    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+
+    export = tiny_exports["NVFP4_DEFAULT_CFG"]
+    model, _, sim = load_exported(export, "cpu", torch.bfloat16, tokenizer_from=str(tiny_llama_dir))
+    assert sim.summary()["formats"] == {"NVFP4": 14}
+    stored = read_tensors(export)
+    params = dict(model.named_parameters())
+    for name in sim.layers:  # quantized: ModelOpt's own dequantization of the stored codes and scales
+        codes, scale, scale_2 = (stored[f"{name}.{leaf}"] for leaf in ("weight", "weight_scale", "weight_scale_2"))
+        expected = NVFP4QTensor(torch.Size([codes.shape[0], codes.shape[1] * 2]), torch.float32, codes).dequantize(
+            dtype=torch.bfloat16, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+        assert torch.equal(params[f"{name}.weight"], expected), name
+    plain = [n for n in stored if n.rpartition(".")[0] not in sim.layers]
+    assert "model.embed_tokens.weight" in plain and "lm_head.weight" in plain
+    for name in plain:  # everything else: the stored tensor itself, nothing left as initialised
+        assert torch.equal(params[name], stored[name]), name
+    tokens = torch.randint(0, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.isfinite(model(tokens).logits).all()
 
 
 def test_export_fidelity_check_flags_a_checkpoint_worse_than_the_model_in_memory():
