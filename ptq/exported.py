@@ -11,6 +11,9 @@ NVFP4QTensor (tested bit for bit against it); the INT4 export packs two output r
 ModelOpt class reads back, so that unpacking is done here (and tested against ModelOpt's packer). The model
 is built on its device directly and every layer is dequantized there (on a GPU: seconds for an 8B model).
 
+`check_stored_weights` is a much cheaper check of the same file: each quantized layer's stored weight against
+the source checkpoint's, on a few rows; it catches a wrong weight scale but does not measure the model.
+
 Not simulated (reported in the summary): KV-cache scales (they apply inside attention after the rotary
 embedding, which a hook on the projections cannot reproduce).
 """
@@ -380,6 +383,169 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     log.info("Exported checkpoint %s read back: %s", export_dir, sim.summary())
     has_tokenizer = any((export_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     return model, AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from), sim
+
+
+# The stored-weight check (`check_stored_weights`): what it can judge, and how closely. A layer's dequantized
+# weight must match the source model's weight up to the rounding of its format: relative error
+# |stored - source| / |source| (Frobenius, over the rows read) within these bounds, which sit above the
+# rounding of each grid (FP8 E4M3 about 0.03, NVFP4 and INT4 about 0.1, INT8 about 0.01 on Gaussian weights).
+WEIGHT_ERROR_BOUNDS = {"FP8": 0.08, "FP8_PER_CHANNEL_PER_TOKEN": 0.08, "FP8_PB_WO": 0.08, "W8A16": 0.04,
+                       "INT8_WO": 0.04, "NVFP4": 0.25, "W4A16_NVFP4": 0.25}
+# ... and the best scalar fit of stored to source (gain = <stored, source> / <source, source>) within 1 +- this:
+# a scale written wrong by a factor c gives a gain of c, whatever the rounding noise of the format.
+WEIGHT_GAIN_TOLERANCE = 0.05
+# Exports whose layers were smoothed (AWQ, SmoothQuant) store weights divided by per-channel factors that were
+# folded into other tensors (a norm, a preceding layer): a layer alone no longer matches its source weight.
+SMOOTHED = {"W4A16_AWQ", "W4A8_AWQ", "NVFP4_AWQ", "W8A8_SQ_PER_CHANNEL"}
+# Non-quantized tensors are stored in the export's dtype (BF16): their relative error is BF16 rounding at most.
+PLAIN_ERROR_BOUND = 0.01
+
+
+def _row_chunks(rows: int, wanted: int, chunks: int = 4) -> List[tuple]:
+    """[(start, stop)] of `chunks` runs of rows spread over a weight of `rows` rows, `wanted` rows in all.
+
+    Runs start on multiples of 128 (the FP8 block tile) so that block scales line up with the rows read."""
+    if wanted >= rows:
+        return [(0, rows)]
+    size = max(1, wanted // chunks)
+    starts = sorted({min(rows - size, i * rows // chunks) // FP8_BLOCK * FP8_BLOCK for i in range(chunks)})
+    return [(start, min(rows, start + size)) for start in starts]
+
+
+def _scale_rows(algo: str, name: str, scale, shape, start: int, stop: int, block: Optional[int]) -> torch.Tensor:
+    """The part of a stored scale (a safetensors slice) that belongs to the rows [start, stop) of its weight."""
+    dims = scale.get_shape()
+    if algo == "FP8_PB_WO" and name == "weight_scale":
+        tile = block or FP8_BLOCK
+        tiles = (-(-shape[0] // tile), -(-shape[1] // tile))
+        whole = scale[...]
+        if whole.numel() != tiles[0] * tiles[1]:
+            return whole  # dequantize_weight says what is wrong with it
+        return whole.reshape(tiles)[start // tile:-(-stop // tile)]
+    if name == "weight_scale" and len(dims) >= 1 and dims[0] == shape[0] and shape[0] > 1:
+        return scale[start:stop]
+    return scale[...]
+
+
+def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu", rows: int = 128,
+                         workers: int = 4) -> dict:
+    """Compare every quantized layer of an export, dequantized from its stored codes and scales, with the same
+    weight of the source checkpoint, on `rows` rows of each (read from both files directly onto `device`).
+
+    Much cheaper than reading the whole checkpoint back and measuring it (a few MB per layer, no model, no
+    forward pass), and it still catches a weight scale written wrong (any factor beyond 5 % in a per-tensor
+    scale shows in the gain; a wrong block scale in the rows read shows in the relative error), codes that do not
+    belong to the layer, and a non-quantized tensor that differs from the source. It does not measure the
+    activation scales (only that each is stored, finite and positive) nor KV-cache scales: the full read-back
+    (`load_exported` and a fidelity comparison) does.
+
+    Returns {"check": "stored weights", "applicable": bool, "reason": str (when not applicable; then use the
+    full read-back), "layers": n, "rows_per_layer": rows, "formats": {quant_algo: layers},
+    "max_relative_error": {quant_algo: worst}, "gain": [lowest, highest], "worst_layers": [{"layer",
+    "quant_algo", "relative_error", "gain"}, ...3], "plain_tensors": n, "input_scales": n, "problems": [str]}.
+    """
+    from safetensors import safe_open
+
+    export_dir, source_dir = Path(export_dir), Path(source_dir)
+    quant = read_quant_config(export_dir)
+    where = tensor_files(export_dir)
+    by_module = _by_module(where)
+    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
+    formats = layer_formats(quant, quantized)
+    result = {"check": "stored weights", "applicable": True, "layers": len(quantized), "rows_per_layer": rows,
+              "formats": {}, "max_relative_error": {}, "gain": None, "worst_layers": [], "plain_tensors": 0,
+              "input_scales": 0, "problems": []}
+    algos = {formats.get(m, {}).get("quant_algo") for m in quantized}
+    smoothed = sorted(a for a in algos if a in SMOOTHED)
+    unknown = sorted(str(a) for a in algos if a not in WEIGHT_ERROR_BOUNDS and a not in SMOOTHED)
+    if smoothed or unknown or any("pre_quant_scale" in by_module[m] for m in quantized):
+        result["applicable"] = False
+        result["reason"] = (f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
+                            if smoothed else f"quant_algo {', '.join(unknown)} has no bound here" if unknown
+                            else "layers store pre-quantization scales")
+        return result
+    source = tensor_files(source_dir)
+    problems = result["problems"]
+    stats = []
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                   for file in sorted(set(where.values()) | set(source.values()))}
+
+        def read(name: str):  # the rows checked of one tensor (or layer), from the export and the source
+            if name in by_module and "weight_scale" in by_module[name]:
+                algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
+                tensors = by_module[name]
+                weight = handles[where[tensors["weight"]]].get_slice(tensors["weight"])
+                codes_shape = weight.get_shape()
+                shape = (codes_shape[0], codes_shape[1] * (2 if algo in ("NVFP4", "W4A16_NVFP4") else 1))
+                parts = []
+                for start, stop in _row_chunks(shape[0], rows):
+                    stored = {"weight": weight[start:stop].to(device)}
+                    for leaf, tensor in tensors.items():
+                        if leaf != "weight":
+                            stored[leaf] = _scale_rows(algo, leaf, handles[where[tensor]].get_slice(tensor), shape,
+                                                       start, stop, group).to(device)
+                    ref = None
+                    if tensors["weight"] in source:
+                        ref = handles[source[tensors["weight"]]].get_slice(tensors["weight"])[start:stop].to(device)
+                    parts.append((stored, ref))
+                return "layer", parts
+            ref = handles[source[name]].get_slice(name) if name in source else None
+            stored = handles[where[name]].get_slice(name)
+            if ref is None or stored.get_shape() != ref.get_shape():
+                return "plain", None
+            if not stored.get_shape():
+                return "plain", [(stored[...].to(device), ref[...].to(device))]
+            return "plain", [(stored[a:b].to(device), ref[a:b].to(device))
+                             for a, b in _row_chunks(stored.get_shape()[0], rows)]
+
+        plain = [n for n in where if n.rpartition(".")[0] not in quantized]
+        for name, (kind, parts) in _read_ahead(quantized + plain, read, workers):
+            if kind == "plain":
+                if parts is None:
+                    continue
+                err = sum(float((s.float() - r.float()).square().sum()) for s, r in parts)
+                norm = sum(float(r.float().square().sum()) for _, r in parts)
+                result["plain_tensors"] += 1
+                if err > (PLAIN_ERROR_BOUND ** 2) * norm:
+                    problems.append(f"{name} is stored unquantized but differs from the source (relative error "
+                                    f"{(err / max(norm, 1e-30)) ** 0.5:.3f})")
+                continue
+            algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
+            result["formats"][algo] = result["formats"].get(algo, 0) + 1
+            if parts[0][1] is None:
+                problems.append(f"{name} is stored quantized but the source has no {name}.weight")
+                continue
+            err = dot = norm = 0.0
+            for stored, ref in parts:
+                weight = dequantize_weight(algo, stored, group, torch.float32)
+                ref = ref.float()
+                if weight.shape != ref.shape:
+                    problems.append(f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has "
+                                    f"{tuple(ref.shape)}")
+                    break
+                err += float((weight - ref).square().sum())
+                dot += float((weight * ref).sum())
+                norm += float(ref.square().sum())
+            else:
+                rel, gain = (err / norm) ** 0.5 if norm else 0.0, dot / norm if norm else 1.0
+                stats.append({"layer": name, "quant_algo": algo, "relative_error": rel, "gain": gain})
+                worst = result["max_relative_error"].get(algo, 0.0)
+                result["max_relative_error"][algo] = max(worst, rel)
+                if abs(gain - 1) > WEIGHT_GAIN_TOLERANCE or rel > WEIGHT_ERROR_BOUNDS[algo]:
+                    problems.append(f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
+                                    f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
+                                    f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes")
+            if algo not in WEIGHT_ONLY:
+                scale = parts[0][0].get("input_scale")
+                if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                    problems.append(f"{name} ({algo}) quantizes its input but stores no finite positive input_scale")
+                else:
+                    result["input_scales"] += 1
+    if stats:
+        result["gain"] = [min(s["gain"] for s in stats), max(s["gain"] for s in stats)]
+        result["worst_layers"] = sorted(stats, key=lambda s: -abs(s["gain"] - 1) - s["relative_error"])[:3]
+    return result
 
 
 def _causal_lm_class(config):

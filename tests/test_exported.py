@@ -1,10 +1,11 @@
 """Reading an exported checkpoint back (ptq/exported.py): the unpacking matches ModelOpt's packing, the model
-read back holds exactly the stored numbers, a broken export is caught, and formats that cannot be simulated are
-refused with a clear message."""
+read back holds exactly the stored numbers, a broken export is caught (by the full read-back and by the cheaper
+stored-weight check), and formats that cannot be simulated are refused with a clear message."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from conftest import compose_run, small_run_overrides
-from ptq.exported import (dequantize_weight, load_exported, nvfp4_fake_quant, read_tensors,
+from ptq.exported import (check_stored_weights, dequantize_weight, load_exported, nvfp4_fake_quant, read_tensors,
                           unpack_int4)
 from ptq.plan import ConfigError
 from ptq.run import run
@@ -107,7 +108,8 @@ def _export(model_dir: Path, modelopt_cfg: str, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_exports(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-exports")
-    return {cfg: _export(tiny_llama_dir, cfg, tmp / cfg) for cfg in ("NVFP4_DEFAULT_CFG",)}
+    return {cfg: _export(tiny_llama_dir, cfg, tmp / cfg)
+            for cfg in ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT4_AWQ_CFG")}
 
 
 def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny_llama_dir):
@@ -130,6 +132,37 @@ def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny
     tokens = torch.randint(0, 100, (1, 12))
     with torch.no_grad():
         assert torch.isfinite(model(tokens).logits).all()
+
+
+@pytest.mark.parametrize("cfg, changed", [("FP8_DEFAULT_CFG", "weight_scale"), ("NVFP4_DEFAULT_CFG", "weight_scale_2")])
+def test_the_stored_weight_check_passes_an_export_and_names_a_layer_with_a_wrong_scale(tiny_exports, tiny_llama_dir,
+                                                                                     tmp_path, cfg, changed):
+    good = check_stored_weights(tiny_exports[cfg], tiny_llama_dir)
+    algo = "FP8" if cfg.startswith("FP8") else "NVFP4"
+    assert good["applicable"] and good["problems"] == []
+    assert good["layers"] == 14 and good["formats"] == {algo: 14} and good["input_scales"] == 14
+    assert 0 < good["max_relative_error"][algo] < (0.05 if algo == "FP8" else 0.15)
+    assert 0.95 < good["gain"][0] <= good["gain"][1] < 1.05
+    assert good["plain_tensors"] == 7  # embeddings, lm_head, five norms
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_exports[cfg], broken)
+    tensors = load_file(str(broken / "model.safetensors"))
+    name = f"model.layers.1.mlp.down_proj.{changed}"
+    tensors[name] = (tensors[name].float() * 4).to(tensors[name].dtype)  # a scale 4x too large
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 1.1  # and a plain tensor that is not the source's
+    save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
+    bad = check_stored_weights(broken, tiny_llama_dir)
+    assert len(bad["problems"]) == 2
+    found = re.match(rf"model.layers.1.mlp.down_proj \({algo}\): the stored weight is ([0-9.]+) x the source",
+                     bad["problems"][0])
+    assert found and 3.9 < float(found.group(1)) < 4.1, bad["problems"][0]
+    assert bad["problems"][1].startswith("model.norm.weight is stored unquantized but differs from the source")
+
+
+def test_the_stored_weight_check_leaves_smoothed_exports_to_the_full_read_back(tiny_exports, tiny_llama_dir):
+    result = check_stored_weights(tiny_exports["INT4_AWQ_CFG"], tiny_llama_dir)
+    assert not result["applicable"] and "W4A16_AWQ" in result["reason"] and result["problems"] == []
 
 
 def test_export_fidelity_check_flags_a_checkpoint_worse_than_the_model_in_memory():
