@@ -5,7 +5,9 @@ For each model shape (random weights, real shapes) and recipe, in one process:
     log-probs over the fidelity tokens, mtq.quantize over the calibration tokens, the in-memory fidelity
     comparison, export_hf_checkpoint;
   - the read-back of the written checkpoint (load_exported, then the same fidelity comparison), with its
-    parts: transformers' from_pretrained, the dequantization of the quantized layers (simulate), the rest;
+    parts: the dequantization of the quantized layers (simulate), the rest of the load (model build from the
+    plain tensors, tokenizer), the comparison; where the read-back goes through AutoModelForCausalLM (the
+    earlier one does), its from_pretrained is timed too;
   - the stored-weight check (check_stored_weights against the source checkpoint);
   - optionally the read-back as it was before (a copy of the earlier ptq/exported.py, `--before`), on the
     same checkpoint, for its time and to show that both give the same figures.
@@ -167,7 +169,8 @@ def load_before(path: str):
 
 def read_back(module, export_dir: Path, device: str, tokens, fid_bs: int, ref, parts: dict) -> tuple:
     """(fidelity figures, Simulation summary) of the export read back through `module` (ptq.exported or the copy
-    of its earlier version); parts gets the time of from_pretrained, simulate, and the whole load and compare."""
+    of its earlier version); parts gets the time of simulate, of AutoModelForCausalLM.from_pretrained where it
+    is called, and of the whole load and compare."""
     from transformers import AutoModelForCausalLM
 
     from ptq import fidelity
