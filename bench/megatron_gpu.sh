@@ -31,7 +31,9 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARA
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 COMMON=(hardware=h200 eval=none "cache_dir=$CACHE" "calib.dataset=$TEXT/calib.txt" calib.size=128 calib.seq_len=512
-        "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512)
+        "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512
+        # The written KL of the in-process runs is what the Megatron-Bridge runs are compared with.
+        fidelity.exported_check=full)
 SMOL=(model=smollm2-135m)
 ONE_B=(model=llama3.2-1b "model.path=$L1B" model.name=llama3.2-1b-random model.hf_id=null)
 MB=(backend=megatron_bridge "backend.scripts_dir=${PTQ_MB_SCRIPTS:-}" "backend.torchrun='python3 -m torch.distributed.run'"

@@ -6,9 +6,13 @@ Megatron-Bridge backend's), every quantized linear layer gets its weight dequant
 integers/FP8/FP4 codes and scales, and a hook that applies the stored pre-quantization scale and quantizes
 its input with the stored activation scale. Computation then runs in ordinary precision, so the numbers
 match the quantized model up to rounding of the compute dtype. FP8 and INT8 weights are a code times its
-scale; NVFP4 weights and activations go through ModelOpt's own NVFP4QTensor; the INT4 export packs two
-output rows per byte, which no ModelOpt class reads back, so that unpacking is done here (and tested
-against ModelOpt's packer).
+scale; NVFP4 weights and activations are unpacked and rounded here with the arithmetic of ModelOpt's
+NVFP4QTensor (tested bit for bit against it); the INT4 export packs two output rows per byte, which no
+ModelOpt class reads back, so that unpacking is done here (and tested against ModelOpt's packer). The model
+is built on its device directly and every layer is dequantized there (on a GPU: seconds for an 8B model).
+
+`check_stored_weights` is a much cheaper check of the same file: each quantized layer's stored weight against
+the source checkpoint's, on a few rows; it catches a wrong weight scale but does not measure the model.
 
 Not simulated (reported in the summary): KV-cache scales (they apply inside attention after the rotary
 embedding, which a hook on the projections cannot reproduce).
@@ -18,14 +22,15 @@ from __future__ import annotations
 
 import json
 import logging
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
 from ptq.errors import ConfigError
-from ptq.formats import MIXED_PRECISION, export_algos
+from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STORED_WEIGHTS_CHECK, export_algos
 from ptq.layout import QUANT_CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -39,6 +44,8 @@ FP8_INPUT = set(export_algos(readback=True, activation="fp8"))
 INT8_INPUT = set(export_algos(readback=True, activation="int8"))
 NVFP4_INPUT = set(export_algos(readback=True, activation="nvfp4"))
 SUPPORTED = set(export_algos(readback=True))
+# What a quantized linear layer stores in place of its weight (other tensors of it, such as a bias, are plain).
+QUANT_LEAVES = {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"}
 
 
 @dataclass
@@ -83,6 +90,35 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([low, high], dim=1).reshape(rows * 2, cols)
 
 
+# FP4 (E2M1) values by 4-bit code: bit 3 is the sign, and code 8 reads as +0 (as ModelOpt's own table has it,
+# so that dequantized zeros carry the same sign bit).
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+# Magnitudes at which rounding moves to the next FP4 value (a tie at 0.75, 1.75 or 3.5 goes up, to the even code).
+E2M1_BOUNDS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_MAX = 6.0
+_tables: Dict[tuple, torch.Tensor] = {}
+
+
+def _table(name: str, device) -> torch.Tensor:
+    """A small constant table on `device`, made once per device."""
+    key = (name, str(device))
+    if key not in _tables:
+        if name == "e2m1":
+            _tables[key] = torch.tensor(E2M1_VALUES, dtype=torch.float32, device=device)
+        elif name == "bounds":
+            _tables[key] = torch.tensor(E2M1_BOUNDS, dtype=torch.float32, device=device)
+        else:  # "byte": both FP4 values of every byte, low nibble first, so one lookup unpacks a packed tensor
+            codes = torch.arange(256, device=device)
+            values = _table("e2m1", device)
+            _tables[key] = torch.stack([values[codes & 0x0F], values[codes >> 4]], dim=-1)
+    return _tables[key]
+
+
+def unpack_fp4(packed: torch.Tensor) -> torch.Tensor:
+    """FP4 values (float32) [..., 2n] from the export's bytes [..., n] (two values per byte, low nibble first)."""
+    return _table("byte", packed.device)[packed.long()].reshape(*packed.shape[:-1], packed.shape[-1] * 2)
+
+
 def fp8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     scale = scale.to(x.dtype)
     return (x / scale).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype) * scale
@@ -94,14 +130,34 @@ def int8_fake_quant(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 
 def nvfp4_fake_quant(x: torch.Tensor, global_scale: torch.Tensor, block: int) -> torch.Tensor:
-    from modelopt.torch.quantization.qtensor import NVFP4QTensor
+    """NVFP4 quantization and back, with the numbers ModelOpt's NVFP4QTensor gives (tested against it).
 
-    q, scale, scale_2 = NVFP4QTensor.quantize(x.float(), block, weights_scaling_factor_2=global_scale.float().to(x.device))
-    return q.dequantize(dtype=x.dtype, scale=scale, double_scale=scale_2, block_sizes={-1: block})
+    Per block of `block` values: scale = amax / (6 x global scale), rounded to FP8 E4M3 (clamped to
+    [2^-9, 448]; an all-zero block gets 1); values divided by scale x global scale and rounded to FP4 (E2M1,
+    ties to the even code); the result is the FP4 value times the same product, in the input's dtype.
+    """
+    shape, dtype = x.shape, x.dtype
+    width = shape[-1]
+    xf = x.float()
+    if width % block:
+        xf = torch.nn.functional.pad(xf, (0, block - width % block))
+    blocks = xf.reshape(*shape[:-1], -1, block)
+    g = global_scale.float().to(x.device)
+    scale = blocks.abs().amax(-1, keepdim=True) / (E2M1_MAX * g)
+    scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+    scale = scale.clamp(min=2 ** -9, max=FP8_MAX).to(torch.float8_e4m3fn).float() * g
+    scaled = blocks / scale
+    magnitude = scaled.abs()
+    bounds = _table("bounds", x.device)
+    code = torch.searchsorted(bounds, magnitude, out_int32=True)
+    code += (magnitude == E2M1_BOUNDS[1]) | (magnitude == E2M1_BOUNDS[3]) | (magnitude == E2M1_BOUNDS[5])
+    code += (scaled < 0) * 8
+    out = (_table("e2m1", x.device)[code] * scale).reshape(*shape[:-1], -1)
+    return (out[..., :width] if width % block else out).to(dtype)
 
 
 def dequantize_weight(algo: str, t: Dict[str, torch.Tensor], group_size: Optional[int], dtype) -> torch.Tensor:
-    """The weight a quantized layer computes with, from its stored codes and scales."""
+    """The weight a quantized layer computes with, from its stored codes and scales (on their device)."""
     weight, scale = t["weight"], t["weight_scale"].float()
     if algo in ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO"):
         codes = weight.view(torch.float8_e4m3fn).float()
@@ -120,19 +176,19 @@ def dequantize_weight(algo: str, t: Dict[str, torch.Tensor], group_size: Optiona
         return (weight.float() * scale.reshape(-1, 1)).to(dtype)
     if algo in ("W4A16_AWQ", "W4A8_AWQ"):
         codes = unpack_int4(weight).float()
-        group = group_size or codes.shape[1] // scale.shape[1]
-        deq = codes * scale.repeat_interleave(group, dim=1)
+        out, inp = codes.shape
+        group = group_size or inp // scale.shape[1]
+        deq = (codes.reshape(out, -1, group) * scale.reshape(out, -1, 1)).reshape(out, inp)
         if algo == "W4A8_AWQ":  # the kernel holds the INT4 weight as FP8 with one more scale
             deq = fp8_fake_quant(deq, t["weight_scale_2"].float())
         return deq.to(dtype)
     if algo in ("NVFP4", "NVFP4_AWQ", "W4A16_NVFP4"):
-        from modelopt.torch.quantization.qtensor import NVFP4QTensor
-
+        # FP4 value x (block scale x global scale), in float32, as ModelOpt's NVFP4QTensor.dequantize computes it
         block = group_size or 16
-        shape = torch.Size([weight.shape[0], weight.shape[1] * 2])
-        return NVFP4QTensor(shape, torch.float32, weight).dequantize(
-            dtype=dtype, scale=scale.to(torch.float8_e4m3fn) if t["weight_scale"].dtype == torch.float8_e4m3fn else scale,
-            double_scale=t["weight_scale_2"].float(), block_sizes={-1: block})
+        values = unpack_fp4(weight)
+        out, inp = values.shape
+        per_block = scale * t["weight_scale_2"].float()
+        return (values.reshape(out, -1, block) * per_block.reshape(out, -1, 1)).reshape(out, inp).to(dtype)
     raise ConfigError(f"cannot simulate quant_algo {algo}")
 
 
@@ -151,35 +207,86 @@ def input_transform(algo: str, t: Dict[str, torch.Tensor], group_size: Optional[
         quant = lambda x: nvfp4_fake_quant(x, act_scale, block)  # noqa: E731
     if pre is None and quant is None:
         return None
+    cast: Dict[tuple, torch.Tensor] = {}  # the pre-quantization scale in each device and dtype it met
 
     def transform(x: torch.Tensor) -> torch.Tensor:
         if pre is not None:
-            x = x * pre.to(x.device, x.dtype)
+            key = (x.device, x.dtype)
+            if key not in cast:
+                cast[key] = pre.to(x.device, x.dtype)
+            x = x * cast[key]
         return quant(x) if quant is not None else x
 
     return transform
 
 
-def read_tensors(export_dir: Path) -> Dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint's safetensors files, by name."""
+def tensor_files(export_dir: Path) -> Dict[str, Path]:
+    """{tensor name: safetensors file holding it} for a checkpoint (headers only; no tensor is read)."""
     from safetensors import safe_open
 
-    tensors = {}
-    for file in sorted(export_dir.glob("*.safetensors")):
+    where = {}
+    for file in sorted(Path(export_dir).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as f:
             for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+                where[name] = file
+    return where
+
+
+def read_tensors(export_dir: Path, names: Optional[Iterable[str]] = None, device="cpu") -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint's safetensors files by name (all of them, or `names`), read onto `device`."""
+    from safetensors import safe_open
+
+    where = tensor_files(export_dir)
+    wanted = list(where) if names is None else list(names)
+    tensors = {}
+    for file in sorted({where[name] for name in wanted}):
+        with safe_open(str(file), framework="pt", device=str(device)) as f:
+            for name in wanted:
+                if where[name] == file:
+                    tensors[name] = f.get_tensor(name)
     return tensors
 
 
-def simulate(model, export_dir: Path) -> Simulation:
-    """Give every quantized linear layer of `model` (loaded from the export without its scales) the stored numbers."""
-    quant = read_quant_config(export_dir)
-    tensors = read_tensors(export_dir)
-    by_module: Dict[str, Dict[str, torch.Tensor]] = {}
-    for name, tensor in tensors.items():
+def _by_module(names: Iterable[str]) -> Dict[str, Dict[str, str]]:
+    """{module: {leaf: tensor name}} of a checkpoint's tensor names."""
+    modules: Dict[str, Dict[str, str]] = {}
+    for name in names:
         module, _, leaf = name.rpartition(".")
-        by_module.setdefault(module, {})[leaf] = tensor
+        modules.setdefault(module, {})[leaf] = name
+    return modules
+
+
+def _read_ahead(keys: List[str], read: Callable, workers: int):
+    """(key, read(key)) in the order of `keys`, while `workers` threads read the next few keys (at most
+    2 x workers read ahead, so memory holds a handful of layers, not the checkpoint)."""
+    if workers <= 1:
+        for key in keys:
+            yield key, read(key)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-back") as pool:
+        pending = [pool.submit(read, key) for key in keys[:2 * workers]]
+        for i, key in enumerate(keys):
+            result = pending[i].result()
+            pending[i] = None
+            if i + 2 * workers < len(keys):
+                pending.append(pool.submit(read, keys[i + 2 * workers]))
+            yield key, result
+
+
+def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
+    """Give every quantized linear layer of `model` (loaded from the export without its scales) the stored numbers.
+
+    Each layer's codes and scales are read onto the device of its weight and dequantized there; `workers`
+    threads read the next layers from the files while the current one is dequantized.
+    """
+    from safetensors import safe_open
+
+    export_dir = Path(export_dir)
+    quant = read_quant_config(export_dir)
+    where = tensor_files(export_dir)
+    by_module = _by_module(where)
     quantized = [m for m, t in by_module.items() if "weight_scale" in t]
     formats = layer_formats(quant, quantized)
     modules = dict(model.named_modules())
@@ -202,28 +309,44 @@ def simulate(model, export_dir: Path) -> Simulation:
                 f"{export_dir}: {name} is stored quantized but is a {type(module).__name__} in the model, not a linear "
                 "layer; only linear layers can be simulated (fused MoE experts are not)."
             )
-        algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
-        weight = dequantize_weight(algo, by_module[name], group, module.weight.dtype)
-        if weight.shape != module.weight.shape:
-            raise ConfigError(f"{export_dir}: {name} dequantizes to {tuple(weight.shape)}, the model expects "
-                              f"{tuple(module.weight.shape)}.")
-        with torch.no_grad():
-            module.weight.copy_(weight.to(module.weight.device))
-        transform = input_transform(algo, by_module[name], group)
-        if transform is not None:
-            module.register_forward_pre_hook(lambda _m, args, fn=transform: (fn(args[0]), *args[1:]))
-        sim.layers[name] = algo
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                   for file in sorted({where[t] for m in quantized for t in by_module[m].values()})}
+
+        def read(name: str) -> Dict[str, torch.Tensor]:  # one layer's tensors, onto its weight's device
+            device = modules[name].weight.device
+            return {leaf: handles[where[tensor]].get_tensor(tensor).to(device)
+                    for leaf, tensor in by_module[name].items() if leaf in QUANT_LEAVES}
+
+        for name, stored in _read_ahead(quantized, read, workers):
+            module = modules[name]
+            algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
+            weight = dequantize_weight(algo, stored, group, module.weight.dtype)
+            if weight.shape != module.weight.shape:
+                raise ConfigError(f"{export_dir}: {name} dequantizes to {tuple(weight.shape)}, the model expects "
+                                  f"{tuple(module.weight.shape)}.")
+            with torch.no_grad():
+                module.weight.copy_(weight)
+            del weight
+            transform = input_transform(algo, {k: v for k, v in stored.items() if k != "weight"}, group)
+            if transform is not None:
+                module.register_forward_pre_hook(lambda _m, args, fn=transform: (fn(args[0]), *args[1:]))
+            sim.layers[name] = algo
     return sim
 
 
 def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_from: Optional[str] = None):
     """(model, tokenizer, Simulation) computing what the exported checkpoint in `export_dir` stores.
 
-    The tokenizer comes from the export when it has one, else from `tokenizer_from` (the source model).
+    The model is built on `device` directly: transformers reads the plain tensors (embeddings, norms, biases,
+    layers left unquantized) onto it and initialises the quantized layers' weights there, and `simulate` fills
+    those in from the stored codes and scales. The tokenizer comes from the export when it has one, else from
+    `tokenizer_from` (the source model).
     """
     import warnings
 
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
     export_dir = Path(export_dir)
     config = AutoConfig.from_pretrained(export_dir)
@@ -231,19 +354,214 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     # tensors through transformers, then put the quantized layers together here.
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    with warnings.catch_warnings():
+    where = tensor_files(export_dir)
+    quantized = {m for m, t in _by_module(where).items() if "weight_scale" in t}
+    # The codes and scales of quantized layers are left to `simulate`: through transformers they would be read
+    # once more, converted on the CPU (FP8 to BF16) or found mismatched, only to be overwritten.
+    plain = [name for name in where
+             if not (name.rpartition(".")[0] in quantized and name.rpartition(".")[2] in QUANT_LEAVES)]
+    with warnings.catch_warnings(), ExitStack() as stack:
         warnings.simplefilter("ignore")
         from transformers.utils import logging as hf_logging
 
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt")) for file in set(where.values())}
+        state_dict = {name: handles[where[name]].get_tensor(name) for name in plain}
         verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # every quantized weight is reported as mismatched, expectedly
+        hf_logging.set_verbosity_error()  # every quantized layer's weight is reported missing, expectedly
         try:
-            model = AutoModelForCausalLM.from_pretrained(export_dir, config=config, dtype=dtype,
-                                                         ignore_mismatched_sizes=True)
+            # device_map puts every tensor on `device` as it is read (no copy of the model in CPU memory), and
+            # the weights not in state_dict are initialised there, not on the CPU.
+            model = _causal_lm_class(config).from_pretrained(None, config=config, dtype=dtype, state_dict=state_dict,
+                                                             device_map={"": _device(device)})
         finally:
             hf_logging.set_verbosity(verbosity)
-    model.to(device).eval()
+        del state_dict
+    # What from_pretrained takes from a checkpoint folder besides the weights: its name and generation settings.
+    model.name_or_path = model.config.name_or_path = str(export_dir)
+    if model.can_generate() and (export_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(export_dir)
+    model.eval()
     sim = simulate(model, export_dir)
     log.info("Exported checkpoint %s read back: %s", export_dir, sim.summary())
     has_tokenizer = any((export_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
     return model, AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from), sim
+
+
+# The stored-weight check (`check_stored_weights`): what it can judge, and how closely. A layer's dequantized
+# weight must match the source model's weight up to the rounding of its format (ptq/formats.py's
+# weight_error_bound, on the relative error in Frobenius norm over the rows read).
+WEIGHT_ERROR_BOUNDS = {algo: f.weight_error_bound for algo, f in EXPORT_FORMATS.items() if f.weight_error_bound}
+# ... and the best scalar fit of stored to source (gain = <stored, source> / <source, source>) within 1 +- this:
+# a scale written wrong by a factor c gives a gain of c, whatever the rounding noise of the format.
+WEIGHT_GAIN_TOLERANCE = 0.05
+# Smoothed exports (AWQ, SmoothQuant) cannot be judged layer by layer: the full read-back measures them.
+SMOOTHED = set(export_algos(smoothed=True))
+# Non-quantized tensors are stored in the export's dtype (BF16): their relative error is BF16 rounding at most.
+PLAIN_ERROR_BOUND = 0.01
+
+
+def _row_chunks(rows: int, wanted: int, chunks: int = 4) -> List[tuple]:
+    """[(start, stop)] of `chunks` runs of rows spread over a weight of `rows` rows, `wanted` rows in all.
+
+    Runs start on multiples of 128 (the FP8 block tile) so that block scales line up with the rows read."""
+    if wanted >= rows:
+        return [(0, rows)]
+    size = max(1, wanted // chunks)
+    starts = sorted({min(rows - size, i * rows // chunks) // FP8_BLOCK * FP8_BLOCK for i in range(chunks)})
+    return [(start, min(rows, start + size)) for start in starts]
+
+
+def _scale_rows(algo: str, name: str, scale, shape, start: int, stop: int, block: Optional[int]) -> torch.Tensor:
+    """The part of a stored scale (a safetensors slice) that belongs to the rows [start, stop) of its weight."""
+    dims = scale.get_shape()
+    if algo == "FP8_PB_WO" and name == "weight_scale":
+        tile = block or FP8_BLOCK
+        tiles = (-(-shape[0] // tile), -(-shape[1] // tile))
+        whole = scale[...]
+        if whole.numel() != tiles[0] * tiles[1]:
+            return whole  # dequantize_weight says what is wrong with it
+        return whole.reshape(tiles)[start // tile:-(-stop // tile)]
+    if name == "weight_scale" and len(dims) >= 1 and dims[0] == shape[0] and shape[0] > 1:
+        return scale[start:stop]
+    return scale[...]
+
+
+def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu", rows: int = 128,
+                         workers: int = 4) -> dict:
+    """Compare every quantized layer of an export, dequantized from its stored codes and scales, with the same
+    weight of the source checkpoint, on `rows` rows of each (read from both files directly onto `device`).
+
+    Much cheaper than reading the whole checkpoint back and measuring it (a few MB per layer, no model, no
+    forward pass), and it still catches a weight scale written wrong (any factor beyond 5 % in a per-tensor
+    scale shows in the gain; a wrong block scale in the rows read shows in the relative error), codes that do not
+    belong to the layer, and a non-quantized tensor that differs from the source. It does not measure the
+    activation scales (only that each is stored, finite and positive) nor KV-cache scales: the full read-back
+    (`load_exported` and a fidelity comparison) does.
+
+    Returns {"check": "stored weights", "applicable": bool, "reason": str (when not applicable; then use the
+    full read-back), "layers": n, "rows_per_layer": rows, "formats": {quant_algo: layers},
+    "max_relative_error": {quant_algo: worst}, "gain": [lowest, highest], "worst_layers": [{"layer",
+    "quant_algo", "relative_error", "gain"}, ...3], "plain_tensors": n, "input_scales": n, "problems": [str]}.
+    """
+    from safetensors import safe_open
+
+    export_dir, source_dir = Path(export_dir), Path(source_dir)
+    quant = read_quant_config(export_dir)
+    where = tensor_files(export_dir)
+    by_module = _by_module(where)
+    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
+    formats = layer_formats(quant, quantized)
+    result = {"check": STORED_WEIGHTS_CHECK, "applicable": True, "layers": len(quantized), "rows_per_layer": rows,
+              "formats": {}, "max_relative_error": {}, "gain": None, "worst_layers": [], "plain_tensors": 0,
+              "input_scales": 0, "problems": []}
+    algos = {formats.get(m, {}).get("quant_algo") for m in quantized}
+    smoothed = sorted(a for a in algos if a in SMOOTHED)
+    unknown = sorted(str(a) for a in algos if a not in WEIGHT_ERROR_BOUNDS and a not in SMOOTHED)
+    if smoothed or unknown or any("pre_quant_scale" in by_module[m] for m in quantized):
+        result["applicable"] = False
+        result["reason"] = (f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
+                            if smoothed else f"quant_algo {', '.join(unknown)} has no bound here" if unknown
+                            else "layers store pre-quantization scales")
+        return result
+    source = tensor_files(source_dir)
+    problems = result["problems"]
+    stats = []
+    with ExitStack() as stack:
+        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
+                   for file in sorted(set(where.values()) | set(source.values()))}
+
+        def read(name: str):  # the rows checked of one tensor (or layer), from the export and the source
+            if name in by_module and "weight_scale" in by_module[name]:
+                algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
+                tensors = by_module[name]
+                weight = handles[where[tensors["weight"]]].get_slice(tensors["weight"])
+                codes_shape = weight.get_shape()
+                shape = (codes_shape[0], codes_shape[1] * (2 if algo in ("NVFP4", "W4A16_NVFP4") else 1))
+                parts = []
+                for start, stop in _row_chunks(shape[0], rows):
+                    stored = {"weight": weight[start:stop].to(device)}
+                    for leaf, tensor in tensors.items():
+                        if leaf != "weight":
+                            stored[leaf] = _scale_rows(algo, leaf, handles[where[tensor]].get_slice(tensor), shape,
+                                                       start, stop, group).to(device)
+                    ref = None
+                    if tensors["weight"] in source:
+                        ref = handles[source[tensors["weight"]]].get_slice(tensors["weight"])[start:stop].to(device)
+                    parts.append((stored, ref))
+                return "layer", parts
+            ref = handles[source[name]].get_slice(name) if name in source else None
+            stored = handles[where[name]].get_slice(name)
+            if ref is None or stored.get_shape() != ref.get_shape():
+                return "plain", None
+            if not stored.get_shape():
+                return "plain", [(stored[...].to(device), ref[...].to(device))]
+            return "plain", [(stored[a:b].to(device), ref[a:b].to(device))
+                             for a, b in _row_chunks(stored.get_shape()[0], rows)]
+
+        plain = [n for n in where if n.rpartition(".")[0] not in quantized]
+        for name, (kind, parts) in _read_ahead(quantized + plain, read, workers):
+            if kind == "plain":
+                if parts is None:
+                    continue
+                err = sum(float((s.float() - r.float()).square().sum()) for s, r in parts)
+                norm = sum(float(r.float().square().sum()) for _, r in parts)
+                result["plain_tensors"] += 1
+                if err > (PLAIN_ERROR_BOUND ** 2) * norm:
+                    problems.append(f"{name} is stored unquantized but differs from the source (relative error "
+                                    f"{(err / max(norm, 1e-30)) ** 0.5:.3f})")
+                continue
+            algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
+            result["formats"][algo] = result["formats"].get(algo, 0) + 1
+            if parts[0][1] is None:
+                problems.append(f"{name} is stored quantized but the source has no {name}.weight")
+                continue
+            err = dot = norm = 0.0
+            for stored, ref in parts:
+                weight = dequantize_weight(algo, stored, group, torch.float32)
+                ref = ref.float()
+                if weight.shape != ref.shape:
+                    problems.append(f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has "
+                                    f"{tuple(ref.shape)}")
+                    break
+                err += float((weight - ref).square().sum())
+                dot += float((weight * ref).sum())
+                norm += float(ref.square().sum())
+            else:
+                rel, gain = (err / norm) ** 0.5 if norm else 0.0, dot / norm if norm else 1.0
+                stats.append({"layer": name, "quant_algo": algo, "relative_error": rel, "gain": gain})
+                worst = result["max_relative_error"].get(algo, 0.0)
+                result["max_relative_error"][algo] = max(worst, rel)
+                if abs(gain - 1) > WEIGHT_GAIN_TOLERANCE or rel > WEIGHT_ERROR_BOUNDS[algo]:
+                    problems.append(f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
+                                    f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
+                                    f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes")
+            if algo not in WEIGHT_ONLY:
+                scale = parts[0][0].get("input_scale")
+                if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+                    problems.append(f"{name} ({algo}) quantizes its input but stores no finite positive input_scale")
+                else:
+                    result["input_scales"] += 1
+    if stats:
+        result["gain"] = [min(s["gain"] for s in stats), max(s["gain"] for s in stats)]
+        result["worst_layers"] = sorted(stats, key=lambda s: -abs(s["gain"] - 1) - s["relative_error"])[:3]
+    return result
+
+
+def _causal_lm_class(config):
+    """The transformers class AutoModelForCausalLM would build for `config` (a model given its weights as a
+    state_dict is built through its own class: the Auto class wants a checkpoint name then)."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if isinstance(classes, (list, tuple)):
+        named = [c for c in classes if c.__name__ in (getattr(config, "architectures", None) or [])]
+        classes = (named or classes)[0]
+    return classes
+
+
+def _device(name) -> torch.device:
+    """A torch device with its index ("cuda" is the current GPU), as device_map wants it."""
+    device = torch.device(name)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    return device

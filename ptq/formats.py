@@ -28,24 +28,33 @@ class ExportFormat:
     # ModelOpt 0.47's Megatron-Core export (Megatron-Bridge's export.py) writes it. Measured on H200s: it
     # raises on SmoothQuant scales and writes AWQ models without hf_quant_config.json.
     megatron_export: bool = False
+    # The stored-weight check (ptq/exported.py): the largest relative error |stored - source| / |source| of a
+    # layer's dequantized weight, above the rounding of the grid (FP8 E4M3 about 0.03, NVFP4 about 0.1, INT8
+    # about 0.01 on Gaussian weights); None where the check cannot judge the format.
+    weight_error_bound: Optional[float] = None
+    # The layers were smoothed (AWQ, SmoothQuant): their weights are divided by per-channel factors folded into
+    # other tensors, so a layer alone no longer matches its source weight.
+    smoothed: bool = False
 
 
 EXPORT_FORMATS: Dict[str, ExportFormat] = {
-    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True),
-    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False),
-    "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True),
+    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True, weight_error_bound=0.08),
+    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, weight_error_bound=0.08),
+    "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True, weight_error_bound=0.08),
     "FP8_PB_REAL": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, megatron_export=True),
-    "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8"),
-    "W8A16": ExportFormat("I8", None),
-    "INT8_WO": ExportFormat("I8", None),
-    "W4A16_AWQ": ExportFormat("U8", None),
-    "W4A8_AWQ": ExportFormat("U8", "fp8"),
-    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True),
-    "NVFP4_AWQ": ExportFormat("U8", "nvfp4"),
-    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True),
+    "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8", smoothed=True),
+    "W8A16": ExportFormat("I8", None, weight_error_bound=0.04),
+    "INT8_WO": ExportFormat("I8", None, weight_error_bound=0.04),
+    "W4A16_AWQ": ExportFormat("U8", None, smoothed=True),
+    "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True),
+    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25),
+    "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True),
+    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25),
 }
 # A checkpoint whose layers have different formats lists them per layer.
 MIXED_PRECISION = "MIXED_PRECISION"
+# The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).
+STORED_WEIGHTS_CHECK = "stored weights"
 
 
 def export_algos(**where) -> Tuple[str, ...]:

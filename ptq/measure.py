@@ -130,6 +130,27 @@ def read_back(plan: Plan, export_dir: Path, timer: StageTimer, tokenizer_from: s
         return exported.load_exported(export_dir, cfg.hardware.device, _dtype(cfg.hardware.dtype), tokenizer_from)
 
 
+def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str) -> dict:
+    """The check of the checkpoint as written that fidelity.exported_check asks for; the record says which ran.
+
+    "weights": each quantized layer's stored weight against the source checkpoint's (`source`, the BF16 folder
+    the model was loaded from). Where that cannot judge the export (AWQ and SmoothQuant fold factors into
+    other tensors; a source that is not a local folder), the full read-back runs and the record says why."""
+    cfg = plan.cfg
+    fallback = None
+    if cfg.fidelity.exported_check == "weights":
+        if Path(source).is_dir():
+            with timer.stage("check_exported"):
+                result = exported.check_stored_weights(export_dir, Path(source), cfg.hardware.device)
+            if result.get("applicable"):
+                return result
+            fallback = result.get("reason", "the stored-weight check does not apply")
+        else:
+            fallback = f"the source {source} is not a local folder to compare the stored weights with"
+    written = measure_written(plan, export_dir, baseline, timer, tokenizer_from=source)
+    return {"check": "full read-back", **written, **({"fallback_reason": fallback} if fallback else {})}
+
+
 def measure_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, tokenizer_from: str) -> dict:
     """Fidelity of the checkpoint as written (read back from disk) against the BF16 reference."""
     model, tokenizer, sim = read_back(plan, export_dir, timer, tokenizer_from)

@@ -59,6 +59,13 @@ class BenchmarkKind(StrEnum):
     perplexity = "perplexity"
 
 
+class ExportedCheck(StrEnum):
+    # How the written checkpoint is checked (fidelity.exported_check): each quantized layer's stored weight
+    # against the source's (seconds), or the whole model read back and measured (the fidelity pass again).
+    weights = "weights"
+    full = "full"
+
+
 class ChoiceFormat(StrEnum):
     arc_jsonl = "arc_jsonl"
     jsonl = "jsonl"
@@ -218,6 +225,10 @@ class FidelityConfig:
     # After the export, read the written checkpoint back from disk (ptq/exported.py) and measure it as well:
     # it must score like the in-memory model, or the export is broken and the run fails validation.
     exported: bool = True
+    # "weights": dequantize each stored layer and compare it with the source checkpoint's weight (catches a wrong
+    # scale; AWQ and SmoothQuant exports fall back to "full"). "full": read the whole checkpoint back and measure
+    # its KL against BF16 like the in-memory model (ptq/exported.py).
+    exported_check: ExportedCheck = ExportedCheck.weights
     # Allowed: mean KL of the export <= tolerance x the in-memory model's + 0.005 (the two differ by rounding:
     # ModelOpt rounds the exported weights through BF16 before FP8).
     export_kl_tolerance: float = 1.5

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 from safetensors import safe_open
 
-from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION
+from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -133,10 +133,13 @@ EXPORT_KL_SLACK = 0.005
 
 
 def export_fidelity_problems(fidelity: Optional[dict], tolerance: float) -> List[str]:
-    """The checkpoint read back from disk must score like the model that was measured in memory."""
+    """The checkpoint as written must hold what was calibrated: its stored weights match the source's (the
+    weights check), or, read back from disk, it scores like the model that was measured in memory."""
     written = (fidelity or {}).get("exported_checkpoint")
     if not written:
         return []
+    if written.get("check") == STORED_WEIGHTS_CHECK:
+        return [f"stored-weight check: {p}" for p in written.get("problems", [])]
     in_memory, on_disk = fidelity["mean_kl"], written["mean_kl"]
     limit = tolerance * in_memory + EXPORT_KL_SLACK
     if on_disk <= limit:

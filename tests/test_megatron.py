@@ -311,7 +311,8 @@ def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_proce
                                           ("Which is a colour?", ["blue", "seven"])]) + "\n")
     eval_args = ["eval=local_quick", "eval.suite=tiny", "eval.bootstrap_iters=0",
                  f"eval.benchmarks=[{{name: arc, kind: multiple_choice, format: arc_jsonl, path: '{arc}'}}]"]
-    common = small_run_overrides(tmp_path, "recipe=fp8", f"model.path={smollm2_dir}", *eval_args)
+    common = small_run_overrides(tmp_path, "recipe=fp8", f"model.path={smollm2_dir}", "fidelity.exported_check=full",
+                                 *eval_args)
     cfg, config = compose_run(common)
     in_process = run(cfg, config)
     assert in_process["status"] == "finished", in_process.get("error")

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ptq.auto_quantize import AutoQuantizeSearch
 from ptq.backends.base import BackendResult
 from ptq.calib_data import token_batches
-from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, compare, measure_written
+from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
@@ -191,8 +191,12 @@ class HFModelOptBackend:
             # search holds it too), and the read-back needs its memory.
             del model
             search = None
-            fid["exported_checkpoint"] = measure_written(plan, export_dir, baseline, timer, tokenizer_from=checkpoint)
-            log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
-                     fid["exported_checkpoint"]["mean_kl"], fid["mean_kl"])
+            written = fid["exported_checkpoint"] = check_written(plan, export_dir, baseline, timer, source=checkpoint)
+            if "mean_kl" in written:
+                log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
+                         written["mean_kl"], fid["mean_kl"])
+            else:
+                log.info("Stored weights of the checkpoint as written: %d layers, largest relative error %.4f, %d problems",
+                         written.get("layers", 0), written.get("max_relative_error") or 0, len(written.get("problems", [])))
         return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=done.layers, excluded_layers=done.excluded,
                              unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details)
