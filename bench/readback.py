@@ -39,6 +39,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibration import SHAPES as CALIBRATION_SHAPES  # noqa: E402
+from ptq import exported, fidelity  # noqa: E402
 
 SHAPES = {
     **CALIBRATION_SHAPES,
@@ -173,8 +174,6 @@ def read_back(module, export_dir: Path, device: str, tokens, fid_bs: int, ref, p
     is called, and of the whole load and compare."""
     from transformers import AutoModelForCausalLM
 
-    from ptq import fidelity
-
     stage = Stages(parts)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -196,8 +195,6 @@ def run_point(shape: str, recipe: str, source: Path, work: Path, args, before, r
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from ptq import exported, fidelity
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     place = "cuda:0" if device == "cuda" else device
@@ -293,8 +290,6 @@ def warm_up(recipes, tokenizer_dir: str, work: Path, args) -> None:
     import modelopt.torch.quantization as mtq
     from modelopt.torch.export import export_hf_checkpoint
     from transformers import AutoModelForCausalLM
-
-    from ptq import exported
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     place = "cuda:0" if device == "cuda" else device
