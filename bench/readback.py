@@ -41,12 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.calibration import SHAPES as CALIBRATION_SHAPES  # noqa: E402
 from ptq import exported, fidelity  # noqa: E402
 
-SHAPES = {
-    **CALIBRATION_SHAPES,
-    # Llama-3.1-8B's published config
-    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
-}
+SHAPES = CALIBRATION_SHAPES
 # The recipes' ModelOpt configs (conf/recipe/*.yaml), with the launcher's default exclusion of lm_head.
 RECIPES = {"fp8": "FP8_DEFAULT_CFG", "nvfp4": "NVFP4_DEFAULT_CFG"}
 EXCLUDE = ["*lm_head*"]

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 from pathlib import Path
-from typing import List
+from typing import Dict, List
 
 import torch
 from tqdm.auto import tqdm
 
 from ptq.errors import ConfigError
 from ptq.files import atomic_path
-from ptq.textfiles import read_texts
+from ptq.textfiles import file_key, read_texts
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,43 @@ def sample_from_model(model, tokenizer, samples: int, seq_len: int, seed: int, b
     return torch.cat(rows)
 
 
+# Token ids of text files, by (tokenizer, file version, samples, seq_len): the points of a sweep in one process
+# tokenize each file once; other processes read the copy saved under cache_dir/text/.
+_tokens: Dict[str, torch.Tensor] = {}
+
+
+def _tokenizer_key(tokenizer, model_id: str) -> str:
+    return f"{model_id}|{type(tokenizer).__name__}|{len(tokenizer)}|{getattr(tokenizer, 'name_or_path', '')}"
+
+
+def file_tokens(path: Path, *, tokenizer, model_id: str, samples: int, seq_len: int, cache_dir: str) -> torch.Tensor:
+    """tokens_from_texts of a local file, cached in this process and on disk (keyed by tokenizer and file)."""
+    ident = json.dumps([_tokenizer_key(tokenizer, model_id), file_key(path), samples, seq_len])
+    key = hashlib.sha256(ident.encode()).hexdigest()[:20]
+    if key in _tokens:
+        return _tokens[key]
+    cached = Path(os.path.expanduser(cache_dir)) / "text" / f"file-{key}.pt"
+    if cached.exists():
+        try:
+            tokens = torch.load(cached)
+        except Exception as exc:  # damaged: tokenize again and replace it
+            log.warning("Ignoring unreadable token cache %s (%s)", cached, exc)
+        else:
+            if tuple(tokens.shape) == (samples, seq_len):
+                return _remember(key, tokens)
+    tokens = tokens_from_texts(read_texts(path), tokenizer, samples, seq_len, str(path))
+    with atomic_path(cached) as tmp:
+        torch.save(tokens, tmp)
+    return _remember(key, tokens)
+
+
+def _remember(key: str, tokens: torch.Tensor) -> torch.Tensor:
+    if len(_tokens) >= 4:  # a sweep's calibration and held-out text, for a model or two
+        _tokens.pop(next(iter(_tokens)))
+    _tokens[key] = tokens
+    return tokens
+
+
 def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, seq_len: int, seed: int,
                   cache_dir: str, sample_batch_size: int) -> torch.Tensor:
     """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name."""
@@ -81,7 +119,8 @@ def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, s
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         if not path.is_file():
             raise ConfigError(f"calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or \"self\".")
-        return tokens_from_texts(read_texts(path), tokenizer, samples, seq_len, str(path))
+        return file_tokens(path, tokenizer=tokenizer, model_id=model_id, samples=samples, seq_len=seq_len,
+                           cache_dir=cache_dir)
     from modelopt.torch.utils.dataset_utils import get_dataset_samples
 
     try:

@@ -112,3 +112,4 @@ def test_a_hydra_sweep_loads_the_model_once(tiny_llama_dir, tmp_path):
         assert record["status"] == "finished"
         loads[recipe] = record["details"]["model_load"]["from"]
     assert loads == {"fp8": "disk", "int8_sq": "copy"}
+

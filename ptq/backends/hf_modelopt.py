@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptq.auto_quantize import AutoQuantizeSearch
-from ptq.backends.base import BackendResult
+from ptq.backends.base import BackendResult, use_extension_cache
 from ptq.calib_data import token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
@@ -67,7 +67,17 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
         # AutoQuantize's scoring holds, per layer, one output difference for each candidate besides the
         # activations (kept for the backward pass of gradient scores): size the batch for that.
         probe = {"sample_memory_usage_ratio": 1.0 + len(recipe.candidates), "enable_grad": recipe.score_method == "gradient"}
-    return max(1, min(get_max_batch_size(model, max_sample_length=seq_len, **probe), samples))
+    # The probe runs forward passes of growing batches (seconds on a large model); the points of a sweep in one
+    # process share the model and the device, so it is done once for each.
+    cfg = plan.cfg
+    key = (plan.source.location, cfg.hardware.device, cfg.hardware.dtype, cfg.backend.max_gpu_memory_gb, seq_len,
+           tuple(sorted(probe.items())))
+    if key not in _probed:
+        _probed[key] = get_max_batch_size(model, max_sample_length=seq_len, **probe)
+    return max(1, min(_probed[key], samples))
+
+
+_probed: dict = {}
 
 
 @dataclass
@@ -163,6 +173,7 @@ class HFModelOptBackend:
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         """load -> BF16 baseline -> quantize (or search) -> compare in memory -> export -> compare the written file."""
         cfg = plan.cfg
+        extensions = use_extension_cache(cfg.cache_dir)
         import_modelopt()
         with timer.stage("load"):
             model, tokenizer, checkpoint = load_model(
@@ -174,7 +185,7 @@ class HFModelOptBackend:
         quant_cfg, search = prepare_quantization(plan, model)
         calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
         details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size,
-                   "model_load": last_load()}
+                   "model_load": last_load(), "extensions_dir": extensions}
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)

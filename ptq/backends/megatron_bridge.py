@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
-from ptq.backends.base import BackendResult
+from ptq.backends.base import BackendResult, use_extension_cache
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE
 from ptq.textfiles import read_texts
 from ptq.cluster import process_rank
@@ -293,6 +293,7 @@ class MegatronBridgeBackend:
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None) -> BackendResult:
         env = dict(os.environ if env is None else env)
+        use_extension_cache(plan.cfg.cache_dir, env)  # the steps' ModelOpt builds its kernels there too
         megatron_dir = plan.output_dir / MEGATRON_CHECKPOINT
         steps = build_steps(plan, megatron_dir, export_dir, env)
         check_scripts(plan, steps)
@@ -301,6 +302,7 @@ class MegatronBridgeBackend:
         quantized = _quantized_modules(export_dir)
         notes = [FUSION_OFF_NOTE] if any(FUSION_OFF_NOTE in p.read_text(errors="replace") for p in logs.values()) else []
         details = {"commands": {s.name: s.argv for s in steps}, "megatron_checkpoint": str(megatron_dir),
+                   "extensions_dir": env.get("TORCH_EXTENSIONS_DIR"),
                    "source": model_id(plan), "calib_dataset": calib_dataset(plan),
                    "logs": {name: str(path) for name, path in logs.items()},
                    "generation": generation_check(plan, plan.output_dir / LOG_DIR,
@@ -314,6 +316,7 @@ class MegatronBridgeBackend:
     def run_worker(self, plan: Plan, env: Optional[Mapping[str, str]] = None) -> dict:
         """A process of rank > 0 in a multi-node job: take part in the distributed steps, write nothing else."""
         env = dict(os.environ if env is None else env)
+        use_extension_cache(plan.cfg.cache_dir, env)
         out = plan.output_dir
         steps = build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)
         check_scripts(plan, steps)

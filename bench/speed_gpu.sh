@@ -1,0 +1,103 @@
+#!/usr/bin/env bash
+# The launcher's own costs on one GPU, through its command line:
+#
+#     bash bench/speed_gpu.sh prepare    # WikiText-2 halves, a random-weight Llama-3.2-1B-shaped checkpoint
+#     bash bench/speed_gpu.sh extensions # ModelOpt's CUDA extensions loaded by two fresh processes through the
+#                                        # launcher's build cache under cache_dir: the first builds, the second reuses
+#     bash bench/speed_gpu.sh packed     # 4 recipes as one `launch.py -m` process, then as 4 separate processes
+#     bash bench/speed_gpu.sh large      # Llama-3.1-8B shape: fp8 and nvfp4 with fidelity on (default check of
+#                                        # the written checkpoint)
+#     bash bench/speed_gpu.sh report     # timings.json and the run records into $PTQ_BENCH_OUT
+#
+# Needs the launcher installed and: PTQ_WIKITEXT (WikiText-2's wiki.test.raw: its first half is the fidelity
+# text, the second calibrates), PTQ_TOKENIZER (a Hugging Face tokenizer folder, e.g. the converted SmolLM2).
+# Optional: PTQ_WORK (/tmp/ptq-speed), PTQ_BENCH_OUT ($PTQ_WORK/out). Every stage appends its wall times to
+# $PTQ_WORK/timings.jsonl. All runs share one cache_dir, as the jobs of a sweep on a shared file system do.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+WORK=${PTQ_WORK:-/tmp/ptq-speed}
+BENCH_OUT=${PTQ_BENCH_OUT:-$WORK/out}
+CACHE=$WORK/cache
+TEXT=$WORK/text
+mkdir -p "$WORK" "$BENCH_OUT" "$TEXT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+unset TORCH_EXTENSIONS_DIR  # the launcher's own default (under cache_dir) is what is measured
+
+COMMON=(hardware=h200 eval=none "cache_dir=$CACHE" "calib.dataset=$TEXT/calib.txt" calib.size=512 calib.seq_len=512
+        "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512)
+RECIPES=(fp8 nvfp4 int8_sq fp8_blockwise)
+
+# A random checkpoint of shape $1 as the model: the 1B shape as model=llama3.2-1b, the 8B one through the
+# qwen3-8b entry (a dense 8B model, same exclusions) with the Llama shape's size.
+shape_args() {
+    case $1 in
+    llama3.2-1b) echo "model=llama3.2-1b model.path=$WORK/$1-random model.name=$1-random model.hf_id=null" ;;
+    llama3.1-8b) echo "model=qwen3-8b model.path=$WORK/$1-random model.name=$1-random model.hf_id=null model.params_b=8.03 model.layer_widths=[]" ;;
+    esac
+}
+
+# timed LABEL COMMAND...: run, append {"label", "seconds", "exit"} to timings.jsonl
+timed() {
+    local label=$1 start end status
+    shift
+    start=$(date +%s.%N)
+    "$@" > "$WORK/$label.log" 2>&1
+    status=$?
+    end=$(date +%s.%N)
+    python3 -c "import json,sys; print(json.dumps({'label': sys.argv[1], 'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 2), 'exit': int(sys.argv[4])}))" \
+        "$label" "$start" "$end" "$status" >> "$WORK/timings.jsonl"
+    echo "speed_gpu: $label exit $status ($(python3 -c "print(round($end - $start, 1))") s)"
+}
+
+case ${1:-} in
+prepare)
+    [ -f "${PTQ_WIKITEXT:-}" ] || { echo "speed_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; exit 1; }
+    python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || exit 1
+    timed random-1b python3 -m bench.random_checkpoint --shape llama3.2-1b --tokenizer "$PTQ_TOKENIZER" --out "$WORK/llama3.2-1b-random"
+    ;;
+extensions)
+    # What ModelOpt builds on the first fake-quantized forward of FP8 and of the other formats.
+    load='import time; from ptq.backends.base import use_extension_cache; import sys; print("dir", use_extension_cache(sys.argv[1]));
+from modelopt.torch.quantization import extensions as e; t = time.time(); e.get_cuda_ext(); e.get_cuda_ext_fp8(); print("load", round(time.time() - t, 2))'
+    timed extensions-first python3 -c "$load" "$CACHE"
+    timed extensions-second python3 -c "$load" "$CACHE"
+    ;;
+packed)
+    timed packed-4 python3 launch.py -m "${COMMON[@]}" $(shape_args llama3.2-1b) "recipe=$(IFS=,; echo "${RECIPES[*]}")" \
+        "output_root=$WORK/packed" "hydra.sweep.dir=$WORK/packed/sweep"
+    for recipe in "${RECIPES[@]}"; do
+        timed "separate-$recipe" python3 launch.py "${COMMON[@]}" $(shape_args llama3.2-1b) "recipe=$recipe" \
+            "output_root=$WORK/separate"
+    done
+    ;;
+large)
+    timed random-8b python3 -m bench.random_checkpoint --shape llama3.1-8b --tokenizer "$PTQ_TOKENIZER" --out "$WORK/llama3.1-8b-random"
+    for recipe in fp8 nvfp4; do
+        timed "large-$recipe" python3 launch.py "${COMMON[@]}" $(shape_args llama3.1-8b) "recipe=$recipe" "output_root=$WORK/large"
+    done
+    ;;
+report)
+    cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
+    python3 - "$WORK" "$BENCH_OUT" <<'PY'
+import json, sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+records = {}
+for path in sorted(work.glob("*/**/run.json")):
+    record = json.loads(path.read_text())
+    records[str(path.relative_to(work))] = {k: record.get(k) for k in (
+        "status", "error", "model", "recipe", "timings_s", "details", "fidelity", "validation", "size", "versions",
+        "hardware", "started_at", "finished_at")}
+(out / "run-records.json").write_text(json.dumps(records, indent=1, default=str) + "\n")
+for name, r in records.items():
+    t = r["timings_s"] or {}
+    written = (r.get("fidelity") or {}).get("exported_checkpoint") or {}
+    print(name, r["status"], {k: t[k] for k in t}, written.get("check"), written.get("problems"))
+PY
+    ;;
+*)
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac

@@ -1,0 +1,43 @@
+"""What keeps the launcher's own costs small (bench/results/ measures them): caches that must hit when they
+should and miss when the input changes."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+from conftest import WIKITEXT
+from ptq import calib_data
+from ptq.backends.base import use_extension_cache
+
+
+def test_the_extension_build_cache_is_keyed_and_kept_under_cache_dir(tmp_path):
+    """ModelOpt's kernels are built into cache_dir (shared by the jobs of a sweep), in a folder per torch, CUDA,
+    GPU architecture and Python; a TORCH_EXTENSIONS_DIR the user set wins."""
+    env = {}
+    folder = use_extension_cache(str(tmp_path / "cache"), env)
+    assert env["TORCH_EXTENSIONS_DIR"] == folder and folder.startswith(str(tmp_path / "cache" / "torch_extensions"))
+    assert f"torch{torch.__version__.split('+')[0]}" in folder
+    assert f"py{sys.version_info.major}{sys.version_info.minor}" in folder
+    assert use_extension_cache(str(tmp_path / "other"), {"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"
+
+
+def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, smollm2_dir, monkeypatch):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
+    text = tmp_path / "calib.txt"
+    text.write_text((WIKITEXT.read_text(encoding="utf-8")[:200_000] if WIKITEXT.is_file() else "some words here. " * 20_000))
+    calls = []
+    real = calib_data.tokens_from_texts
+    monkeypatch.setattr(calib_data, "tokens_from_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    args = dict(tokenizer=tokenizer, model_id=str(smollm2_dir), samples=8, seq_len=64, cache_dir=str(tmp_path / "cache"))
+    first = calib_data.file_tokens(text, **args)
+    assert calib_data.file_tokens(text, **args) is first and len(calls) == 1  # same process: memory
+    calib_data._tokens.clear()
+    assert torch.equal(calib_data.file_tokens(text, **args), first) and len(calls) == 1  # another process: disk
+    assert len(list((tmp_path / "cache" / "text").glob("file-*.pt"))) == 1
+    text.write_text("other words. " * 20_000)  # a new version of the file (another size) is tokenized again
+    second = calib_data.file_tokens(text, **args)
+    assert len(calls) == 2 and not torch.equal(second, first)
