@@ -23,7 +23,7 @@ mkdir -p "$WORK" "$BENCH_OUT" "$TEXT"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
 unset TORCH_EXTENSIONS_DIR  # the launcher's own default (under cache_dir) is what is measured
 
-COMMON=(hardware=h200 eval=none "cache_dir=$CACHE" "calib.dataset=$TEXT/calib.txt" calib.size=512 calib.seq_len=512
+COMMON=(hardware=h200 eval=none "cache_dir=$CACHE" "calib.dataset=$TEXT/calib.txt" calib.size=256 calib.seq_len=512
         "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512)
 RECIPES=(fp8 nvfp4 int8_sq fp8_blockwise)
 

@@ -207,7 +207,8 @@ class HFModelOptBackend:
                 log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
                          written["mean_kl"], fid["mean_kl"])
             else:
-                log.info("Stored weights of the checkpoint as written: %d layers, largest relative error %.4f, %d problems",
-                         written.get("layers", 0), written.get("max_relative_error") or 0, len(written.get("problems", [])))
+                log.info("Stored weights of the checkpoint as written: %d layers, largest relative error per format %s, "
+                         "%d problems", written.get("layers", 0), written.get("max_relative_error"),
+                         len(written.get("problems", [])))
         return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=done.layers, excluded_layers=done.excluded,
                              unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details)
