@@ -294,7 +294,48 @@ def check_eval_config(cfg: EvalConfig) -> None:
                 raise ConfigError(f"eval benchmark {bench.name}: {exc}") from None
 
 
-def _flatten(results: dict, names: Dict[str, str]) -> List[dict]:
+# Bump when what a fingerprint covers changes: cached BF16 baselines of another version are not reused.
+FINGERPRINT_VERSION = 1
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def data_digest(path: Path) -> str:
+    """sha256 of a benchmark's data: the file, or a folder's .csv files (names and contents) in order."""
+    if path.is_dir():
+        parts = [(f.name, checked_once(_file_digest, f)) for f in sorted(path.glob("*.csv"))]
+        return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
+    return checked_once(_file_digest, path)
+
+
+def fingerprint(bench: BenchmarkConfig, cfg: EvalConfig, items: Optional[List[int]]) -> dict:
+    """What a benchmark result was measured on: two results are comparable only when these are equal."""
+    from importlib import metadata
+
+    local = bench.kind != "lm_eval"
+    template = TASKS_DIR / f"ptq_{bench.kind}.yaml"
+    parts = {
+        "version": FINGERPRINT_VERSION, "benchmark": bench.name, "kind": str(bench.kind),
+        "format": str(bench.format) if bench.kind == "multiple_choice" else None,
+        "data": data_digest(benchmark_path(bench, cfg.data_dir)) if local else (bench.task or bench.name),
+        "template": checked_once(_file_digest, template) if local else None,
+        "items": items,  # the indices evaluated; None: all
+        "num_fewshot": cfg.num_fewshot, "chat_template": cfg.apply_chat_template,
+        "max_gen_toks": bench.max_gen_toks if bench.kind == "generation" else None,
+        "lm_eval": metadata.version("lm_eval"),
+    }
+    digest = hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
+    return {"fingerprint": digest, "items": len(items) if items is not None else None}
+
+
+def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, dict]] = None) -> List[dict]:
+    prints = prints or {}
     rows = []
     for task, metrics in results["results"].items():
         better = results.get("higher_is_better", {}).get(task, {})
@@ -305,7 +346,7 @@ def _flatten(results: dict, names: Dict[str, str]) -> List[dict]:
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             rows.append({"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
                          "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "higher_is_better": bool(better.get(metric, True))})
+                         "higher_is_better": bool(better.get(metric, True)), **prints.get(task, {})})
     return sorted(rows, key=lambda r: (r["benchmark"], r["metric"]))
 
 
@@ -324,6 +365,8 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     from lm_eval.models.huggingface import HFLM
 
     tasks, names, samples, manager = load_tasks(cfg, work_dir)
+    prints = {key: fingerprint(bench, cfg, samples.get(key)) for bench in cfg.benchmarks
+              for key, name in names.items() if name == bench.name}
     log.info("Evaluating %s on %s", label, ", ".join(names.values()))
     # lm-eval's automatic batch size probes with full-length batches: minutes per probe on a CPU.
     on_cpu = next(model.parameters()).device.type == "cpu"
@@ -332,7 +375,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
                               apply_chat_template=cfg.apply_chat_template, log_samples=False,
                               bootstrap_iters=cfg.bootstrap_iters, verbosity="WARNING", task_manager=manager)
-    return _flatten(results, names)
+    return _flatten(results, names, prints)
 
 
 @contextmanager
@@ -347,7 +390,8 @@ def _locked(path: Path):
 
 
 def baseline_key(model_id: str, cfg: EvalConfig) -> str:
-    return hashlib.sha256(json.dumps({"model": model_id, "eval": asdict(cfg)}, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    key = {"model": model_id, "eval": asdict(cfg), "fingerprint": FINGERPRINT_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def cached_baseline(model, tokenizer, cfg: EvalConfig, *, model_id: str, model_name: str, cache_dir: str,

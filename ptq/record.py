@@ -15,7 +15,7 @@ from typing import Dict, Optional
 from ptq.files import read_json
 from ptq.layout import RECORD_NAME
 
-PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors")
+PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors", "lm_eval")
 # Recorded only where installed (the megatron_bridge backend's stack).
 OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13")
 

@@ -215,3 +215,21 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
     assert 0.0 <= rows[0]["value"] <= 1.0 and rows[0]["higher_is_better"] is True
     normalised = [json.loads(line) for line in (tmp_path / "work" / "math.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in normalised] == ["7", "24"]
+
+
+def test_a_benchmark_fingerprint_changes_with_what_was_measured(tmp_path):
+    """Two results are compared only when measured on the same data, items and settings (the report matches on it)."""
+    from ptq.evaluation import fingerprint
+
+    data = tmp_path / "mc.jsonl"
+    data.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0}) + "\n")
+    bench = BenchmarkConfig(name="mc", kind="multiple_choice", format="jsonl", path=str(data))
+    cfg = EvalConfig(enabled=True, benchmarks=[bench])
+    base = fingerprint(bench, cfg, None)
+    assert base == fingerprint(bench, cfg, None) and base["items"] is None
+    assert fingerprint(bench, cfg, [0])["fingerprint"] != base["fingerprint"]  # a subset
+    assert fingerprint(bench, EvalConfig(enabled=True, num_fewshot=5, benchmarks=[bench]), None) != base
+    other = tmp_path / "other.jsonl"
+    other.write_text(json.dumps({"question": "q2?", "choices": ["a", "b"], "answer": 1}) + "\n")
+    moved = BenchmarkConfig(name="mc", kind="multiple_choice", format="jsonl", path=str(other))
+    assert fingerprint(moved, cfg, None) != base  # other contents

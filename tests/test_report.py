@@ -409,3 +409,36 @@ def test_cli_default_out_dir_and_bad_arguments(sweep, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main([str(tmp_path / "missing")])
     assert exit_info.value.code == 2
+
+
+def with_fingerprint(entries, fingerprint):
+    return [{**entry, "fingerprint": fingerprint} for entry in entries]
+
+
+def test_results_measured_differently_are_not_compared():
+    """BF16 on the full set, fp8 on 25 items: no recovery is computed, the row says why, and the BF16 result stays."""
+    full = with_fingerprint(scores(arc__acc=0.26), "full-set")
+    bf16 = make_record("m", "bf16", results=full)
+    fp8 = make_record("m", "fp8", results=with_fingerprint(scores(arc__acc=0.21), "first-25"),
+                      baseline=full)
+    report = build_report([bf16, fp8], ["bf16.json", "fp8.json"])
+    row = rows_of(report.scores, model="m", variant="fp8@512", benchmark="arc").iloc[0]
+    assert math.isnan(row["bf16"]) and math.isnan(row["recovery"]) and math.isnan(row["delta"])
+    assert "not compared: no BF16 result measured on the same items" in row["note"]
+    assert rows_of(report.scores, model="m", variant="bf16", benchmark="arc")["value"].tolist() == [0.26]
+    assert "%" not in wide_table(report.scores, "m").set_index("benchmark").loc["arc", "fp8@512"]
+
+
+def test_a_variant_is_compared_with_the_bf16_result_measured_the_same_way():
+    """Two BF16 measurements of one benchmark (all items, 25 items) both stay visible; each variant is compared
+    with the one of its own fingerprint."""
+    bf16 = make_record("m", "bf16", results=with_fingerprint(scores(arc__acc=0.26), "full-set"))
+    fp8 = make_record("m", "fp8", results=with_fingerprint(scores(arc__acc=0.21), "first-25"),
+                      baseline=with_fingerprint(scores(arc__acc=0.28), "first-25"))
+    int8 = make_record("m", "int8_sq", results=with_fingerprint(scores(arc__acc=0.25), "full-set"))
+    report = build_report([bf16, fp8, int8], ["bf16.json", "fp8.json", "int8.json"])
+    fp8_row = rows_of(report.scores, variant="fp8@512", benchmark="arc").iloc[0]
+    int8_row = rows_of(report.scores, variant="int8_sq@512", benchmark="arc").iloc[0]
+    assert fp8_row["bf16"] == 0.28 and fp8_row["recovery"] == pytest.approx(0.21 / 0.28)
+    assert int8_row["bf16"] == 0.26 and int8_row["recovery"] == pytest.approx(0.25 / 0.26)
+    assert sorted(rows_of(report.scores, variant="bf16", benchmark="arc")["value"].tolist()) == [0.26, 0.28]

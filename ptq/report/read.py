@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import sys
@@ -108,43 +109,53 @@ def _benchmark_entries(entries) -> List[dict]:
             continue
         seen.add((benchmark, metric))
         rows.append({"benchmark": benchmark, "metric": metric, "value": value,
-                     "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry)})
+                     "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
+                     "fingerprint": entry.get("fingerprint") or ""})
     return rows
 
 
-def _fidelity_row(benchmark: str, value: float, higher_is_better: bool) -> dict:
+def fidelity_fingerprint(record: dict) -> str:
+    """What a record's fidelity figures were measured on (the held-out text and its sampling), "" if unknown."""
+    settings = section(section(record, "config"), "fidelity")
+    keys = ("text", "samples", "seq_len", "seed")
+    if not all(k in settings for k in keys):
+        return ""
+    return hashlib.sha256(json.dumps([settings[k] for k in keys], default=str).encode()).hexdigest()[:16]
+
+
+def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str) -> dict:
     return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": math.nan,
-            "higher_is_better": higher_is_better}
+            "higher_is_better": higher_is_better, "fingerprint": fingerprint}
 
 
-def _bf16_fidelity_rows(fidelity: dict) -> List[dict]:
+def _bf16_fidelity_rows(fidelity: dict, fingerprint: str) -> List[dict]:
     """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1."""
     ppl = as_number(fidelity.get("bf16_perplexity"))
     if math.isnan(ppl):
         return []
-    return [_fidelity_row(PERPLEXITY, ppl, False), _fidelity_row(MEAN_KL, 0.0, False),
-            _fidelity_row(TOP1_AGREEMENT, 1.0, True)]
+    return [_fidelity_row(PERPLEXITY, ppl, False, fingerprint), _fidelity_row(MEAN_KL, 0.0, False, fingerprint),
+            _fidelity_row(TOP1_AGREEMENT, 1.0, True, fingerprint)]
 
 
 def record_scores(record: dict) -> List[dict]:
     """Scores of the model a record describes: its evaluation results plus its fidelity figures."""
     rows = _benchmark_entries(section(record, "evaluation").get("results"))
-    fidelity = section(record, "fidelity")
+    fidelity, fingerprint = section(record, "fidelity"), fidelity_fingerprint(record)
     if record.get("recipe") == BF16:
-        return rows + _bf16_fidelity_rows(fidelity)
+        return rows + _bf16_fidelity_rows(fidelity, fingerprint)
     figures = ((PERPLEXITY, "quantized_perplexity", False), (MEAN_KL, "mean_kl", False),
                (TOP1_AGREEMENT, "top1_agreement", True))
     for benchmark, key, higher in figures:
         value = as_number(fidelity.get(key))
         if not math.isnan(value):
-            rows.append(_fidelity_row(benchmark, value, higher))
+            rows.append(_fidelity_row(benchmark, value, higher, fingerprint))
     return rows
 
 
 def baseline_scores(record: dict) -> List[dict]:
     """BF16 scores a quantized record carries for comparison (evaluation baseline, BF16 fidelity)."""
     return (_benchmark_entries(section(record, "evaluation").get("baseline"))
-            + _bf16_fidelity_rows(section(record, "fidelity")))
+            + _bf16_fidelity_rows(section(record, "fidelity"), fidelity_fingerprint(record)))
 
 
 def status_note(status: str, error) -> str:

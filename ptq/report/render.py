@@ -50,7 +50,10 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
             "benchmark", "metric", "variant", "value", "delta", "recovery"))):
         # The BF16 column is the reference: its delta and recovery say nothing.
         cell = format_cell(value, math.nan, math.nan) if variant == BF16 else format_cell(value, delta, recovery)
-        grid[row_position[(benchmark, metric)], column_position[variant]] = cell
+        position = row_position[(benchmark, metric)], column_position[variant]
+        if variant == BF16 and grid[position]:
+            continue  # BF16 measured several ways: the table shows the preferred one (the CSV has them all)
+        grid[position] = cell
     labels = np.array(row_order, dtype=object).reshape(len(row_order), 2)
     return pd.DataFrame(np.hstack([labels, grid]), columns=["benchmark", "metric", *variants], dtype=object)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -100,8 +101,10 @@ def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
             rows.append({"model": model, **score, "bf16_source": FROM_EMBEDDED_BASELINE,
                          "status": BASELINE_STATUS, "source": source})
     table = pd.DataFrame(rows, columns=["model", "benchmark", "metric", "value", "stderr", "higher_is_better",
-                                        "bf16_source", "status", "source"])
-    return table.drop_duplicates(["model", "benchmark", "metric"], keep="first").reset_index(drop=True)
+                                        "fingerprint", "bf16_source", "status", "source"])
+    # One BF16 value per way of measuring (fingerprint): results on other items or settings stay, as rows of
+    # their own, and are compared only with variants measured the same way.
+    return table.drop_duplicates(["model", "benchmark", "metric", "fingerprint"], keep="first").reset_index(drop=True)
 
 
 def _recovery(value: pd.Series, bf16: pd.Series, higher_is_better: pd.Series) -> pd.Series:
@@ -126,20 +129,31 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
             rows.append({**identity, **score})
     quantized = pd.DataFrame(rows, columns=["model", "variant", "recipe", "kv_cache", "calib_size", "status",
                                             "note", "source", "benchmark", "metric", "value", "stderr",
-                                            "higher_is_better"])
+                                            "higher_is_better", "fingerprint"])
     # The BF16 run itself may be failed or unfinished: its point shows in the summary, not here.
     frames = [frame for frame in (bf16_rows, quantized) if not frame.empty]
     scores = pd.concat(frames, ignore_index=True) if frames else quantized.iloc[0:0]
-    reference = bf16[["model", "benchmark", "metric", "value", "bf16_source"]].rename(columns={"value": "bf16"})
+    scores["fingerprint"] = scores["fingerprint"].fillna("")
+    reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "bf16_source"]].rename(
+        columns={"value": "bf16"})
     scores = scores.drop(columns=["bf16_source"], errors="ignore").merge(
-        reference, on=["model", "benchmark", "metric"], how="left")
+        reference, on=["model", "benchmark", "metric", "fingerprint"], how="left")
     scores["bf16_source"] = scores["bf16_source"].fillna("")
+    # A BF16 result exists for the row, but none measured on the same items and settings: not a comparison.
+    measured = set(zip(bf16["model"].tolist(), bf16["benchmark"].tolist(), bf16["metric"].tolist()))
+    unmatched = [variant != BF16 and math.isnan(b) and (m, bench, metric) in measured
+                 for variant, b, m, bench, metric in zip(*(scores[c].tolist() for c in (
+                     "variant", "bf16", "model", "benchmark", "metric")))]
+    scores.loc[unmatched, "note"] = [(f"{n}; " if n else "") + UNMATCHED_NOTE for n in scores.loc[unmatched, "note"]]
     for column in ("value", "stderr", "bf16", "calib_size"):
         scores[column] = scores[column].astype(float)
     scores["higher_is_better"] = scores["higher_is_better"].astype(bool)
     scores["delta"] = scores["value"] - scores["bf16"]
     scores["recovery"] = _recovery(scores["value"], scores["bf16"], scores["higher_is_better"])
     return scores
+
+
+UNMATCHED_NOTE = "not compared: no BF16 result measured on the same items, data and settings"
 
 
 def row_sort_key(benchmark: str, metric: str) -> tuple:
