@@ -10,6 +10,7 @@ template per kind serves every format. Any task name lm-eval knows works too (ki
 from __future__ import annotations
 
 import csv
+import io
 import fcntl
 import functools
 import hashlib
@@ -26,7 +27,8 @@ import yaml
 
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
-from ptq.textfiles import checked_once, read_jsonl, read_text
+from ptq.plan import SAFE_NAME
+from ptq.textfiles import checked_once, lines, read_jsonl, read_text
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,10 @@ def _choices(values, where: str) -> List[str]:
 
 
 def _read_mmlu_csv(file: Path) -> List[dict]:
-    rows = list(csv.DictReader(read_text(file).splitlines()))
+    try:
+        rows = list(csv.DictReader(io.StringIO(read_text(file), newline="")))
+    except csv.Error as exc:
+        raise ConfigError(f"{file}: not a readable CSV ({exc}).") from None
     columns = list(rows[0]) if rows else []
     choices = [c for c in columns if c.startswith("choice")]
     if "question" not in columns or "answer" not in columns or len(choices) < 2:
@@ -108,11 +113,11 @@ def read_multiple_choice(path: Path, fmt: str) -> List[dict]:
         for file in files:
             items += _read_mmlu_csv(file)
     elif fmt == "hellaswag_txt":
-        lines = read_text(path).splitlines()
-        if len(lines) % 6:
-            raise ConfigError(f"{path}: {len(lines)} lines is not a multiple of 6 (context, gold index, 4 endings per item).")
-        for start in range(0, len(lines), 6):
-            context, gold, *endings = lines[start:start + 6]
+        rows = lines(read_text(path))
+        if len(rows) % 6:
+            raise ConfigError(f"{path}: {len(rows)} lines is not a multiple of 6 (context, gold index, 4 endings per item).")
+        for start in range(0, len(rows), 6):
+            context, gold, *endings = rows[start:start + 6]
             items.append({"query": context, "choices": endings,
                           "gold": _gold_index(gold.strip(), ["0", "1", "2", "3"], f"{path}:{start + 2}")})
     else:
@@ -267,6 +272,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
     if not cfg.benchmarks:
         raise ConfigError("eval.enabled=true but eval.benchmarks is empty; choose eval=local_quick or eval=none.")
     names = [b.name for b in cfg.benchmarks]
+    unsafe = [n for n in names if not SAFE_NAME.match(str(n))]
+    if unsafe:
+        raise ConfigError(f"eval benchmark name {unsafe[0]!r} becomes a file name of the run: use one plain name "
+                          "(letters, digits and . _ + @ = -, no '/' and no '..').")
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.benchmarks has duplicate names {names}; give each benchmark its own name.")
     for bench in cfg.benchmarks:
@@ -390,7 +399,13 @@ def _locked(path: Path):
 
 
 def baseline_key(model_id: str, cfg: EvalConfig) -> str:
-    key = {"model": model_id, "eval": asdict(cfg), "fingerprint": FINGERPRINT_VERSION}
+    """The cached BF16 baseline's identity: model, settings, and what the fingerprints cover that the settings do
+    not (each data file's contents, lm-eval's version), so a changed file or an upgrade evaluates BF16 again."""
+    from importlib import metadata
+
+    data = [data_digest(benchmark_path(b, cfg.data_dir)) if b.kind != "lm_eval" else None for b in cfg.benchmarks]
+    key = {"model": model_id, "eval": asdict(cfg), "fingerprint": FINGERPRINT_VERSION, "data": data,
+           "lm_eval": metadata.version("lm_eval")}
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -62,8 +62,16 @@ def safetensors_problem(file: Path) -> Optional[str]:
         return f"{file.name} cannot be read: {exc}"
     except ValueError as exc:
         return f"{file.name} has a damaged header: {exc}"
-    ends = [entry["data_offsets"][1] for name, entry in header.items()
-            if name != "__metadata__" and isinstance(entry, dict) and "data_offsets" in entry]
+    if not isinstance(header, dict):
+        return f"{file.name} has a damaged header: a JSON {type(header).__name__}, not an object"
+    ends = []
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        offsets = entry.get("data_offsets") if isinstance(entry, dict) else None
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) for o in offsets)):
+            return f"{file.name} has a damaged header: tensor {name!r} has no valid data_offsets"
+        ends.append(offsets[1])
     if ends and 8 + length + max(ends) > size:
         return f"{file.name} is truncated: its tensors need {8 + length + max(ends):,} bytes, the file has {size:,}"
     return None

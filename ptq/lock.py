@@ -6,13 +6,15 @@ use (NFSv3+, Lustre, GPFS), holding who took it: host, PID, Slurm job, start tim
 thread touches the file every HEARTBEAT_S seconds; its modification time is the heartbeat.
 
 A holder is alive when its process exists (same host) or, seen from another host, when the heartbeat is
-recent. A lock whose holder is dead (killed with SIGKILL, node lost) is taken over by the next run; the
-takeover renames the stale file first, so two runs that find the same stale lock cannot both win.
+recent. A lock whose holder is dead (killed with SIGKILL, node lost) is taken over by the next run, under a
+second O_EXCL file that lets one run at a time judge and replace it, so two runs that find the same stale
+lock cannot both win.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -23,6 +25,8 @@ from typing import Optional
 
 from ptq.errors import ConfigError
 from ptq.layout import LOCK_NAME
+
+log = logging.getLogger(__name__)
 
 HEARTBEAT_S = 30.0
 # A heartbeat older than this (seen from another host) means the holder is gone.
@@ -110,43 +114,70 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         Path(self.output_dir).mkdir(parents=True, exist_ok=True)
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = live_holder(self.output_dir)
-                if holder is not None:
-                    raise ConfigError(
-                        f"{self.output_dir} is being written by another run ({describe(holder)}); two runs on one "
-                        "output folder would corrupt it. Wait for that run to end, or give this one another "
-                        f"output_root. If that process is gone for good, delete {self.path}."
-                    ) from None
-                self._take_over()
-                continue
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.holder, f)
-            self._thread = threading.Thread(target=self._beat, name="ptq-lock-heartbeat", daemon=True)
-            self._thread.start()
-            return self
-        raise ConfigError(f"could not take {self.path}: other runs keep taking it; try again.")
+        for _ in range(50):
+            if self._create():
+                break
+            holder = live_holder(self.output_dir)
+            if holder is not None:
+                raise ConfigError(
+                    f"{self.output_dir} is being written by another run ({describe(holder)}); two runs on one "
+                    "output folder would corrupt it. Wait for that run to end, or give this one another "
+                    f"output_root. If that process is gone for good, delete {self.path}."
+                )
+            if self._take_over():
+                break
+            time.sleep(0.1)  # another run is taking a dead holder's lock over: see who won
+        else:
+            raise ConfigError(f"could not take {self.path}: other runs keep taking it; try again.")
+        self._thread = threading.Thread(target=self._beat, name="ptq-lock-heartbeat", daemon=True)
+        self._thread.start()
+        return self
 
-    def _take_over(self) -> None:
-        """Move a dead holder's lock aside (atomic rename: of two runs finding it, one moves it)."""
-        stale = self.path.with_name(f"{LOCK_NAME}.stale-{os.getpid()}")
+    def _create(self) -> bool:
         try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(self.holder, f)
+        return True
+
+    def _take_over(self) -> bool:
+        """Replace a dead holder's lock with ours. One run at a time does this, under a second O_EXCL file
+        (`run.lock.takeover`), and judges the holder again under it: of two runs that found the same dead
+        holder, the second finds the first one's live lock and is refused."""
+        guard = self.path.with_name(f"{LOCK_NAME}.takeover")
+        try:
+            os.close(os.open(guard, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            try:
+                if time.time() - guard.stat().st_mtime > STALE_S:  # left by a run that died taking over
+                    guard.unlink(missing_ok=True)
+            except FileNotFoundError:
+                pass
+            return False
+        try:
+            if live_holder(self.output_dir) is not None:
+                return False
             previous, _ = read_lock(self.output_dir)
-            os.rename(self.path, stale)
-        except FileNotFoundError:
-            return
-        self.taken_over = previous or {}
-        stale.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
+            if not self._create():
+                return False
+            self.taken_over = previous or {}
+            return True
+        finally:
+            guard.unlink(missing_ok=True)
 
     def _beat(self) -> None:
+        """Touch the lock every HEARTBEAT_S; a failing touch (a shared file system's hiccup) is retried, so one
+        error does not let other hosts judge this run dead."""
         while not self._stop.wait(HEARTBEAT_S):
             try:
                 os.utime(self.path)
-            except OSError:
-                return
+            except FileNotFoundError:
+                return  # removed by hand: nothing to keep alive
+            except OSError as exc:
+                log.warning("Could not touch %s (%s); trying again in %.0f s", self.path, exc, HEARTBEAT_S)
 
     def release(self) -> None:
         self._stop.set()

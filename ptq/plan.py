@@ -377,7 +377,7 @@ def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) 
             )
 
 
-def _resume(plan: Plan, record: Optional[dict]) -> None:
+def resume(plan: Plan, record: Optional[dict]) -> None:
     """Skip a run whose record says finished with the same config; refuse to replace one of another config."""
     cfg = plan.cfg
     if not record or record.get("status") != "finished" or cfg.overwrite:
@@ -430,7 +430,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         exclude_patterns=list(dict.fromkeys(list(cfg.model.exclude_modules) + list(recipe.exclude))),
         warnings=warnings,
     )
-    _resume(plan, facts.existing_record)
+    resume(plan, facts.existing_record)
     return plan
 
 

@@ -20,7 +20,7 @@ from ptq.files import publish_folder, write_json_atomic, write_text_atomic
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, describe, live_holder
-from ptq.plan import Facts, Plan, gather_facts, make_plan
+from ptq.plan import Facts, Plan, gather_facts, make_plan, resume
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
@@ -57,7 +57,11 @@ def error_text(exc: BaseException) -> str:
 @contextmanager
 def sigterm_raises():
     """In the main thread, and only where nothing else handles SIGTERM, raise Terminated on it."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+    previous = signal.getsignal(signal.SIGTERM)
+    # Inside a Slurm job, submitit installs a SIGTERM handler that only logs ("bypass"): scancel would then
+    # end the run with SIGKILL after KillWait, leaving nothing recorded. Take SIGTERM over from it too.
+    submitit_bypass = getattr(previous, "__name__", "") == "bypass" and "submitit" in getattr(previous, "__module__", "")
+    if threading.current_thread() is not threading.main_thread() or not (previous == signal.SIG_DFL or submitit_bypass):
         yield
         return
 
@@ -68,7 +72,7 @@ def sigterm_raises():
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager
@@ -171,15 +175,18 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
     return record
 
 
-def record_failure(config: dict, reason: str, **extra) -> Optional[dict]:
+def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, **extra) -> Optional[dict]:
     """Leave a failed run record for a point that never ran to the end (refused, or its job was killed).
 
-    A finished record is never replaced; without a resolvable output_dir nothing is written.
+    A finished record is never replaced; without a resolvable output_dir nothing is written; a folder another
+    live run holds is left alone. `ended_job`: the Slurm job that was running the point and is over: a lock
+    it holds is dead whatever its heartbeat says (seen from another host, the heartbeat stays fresh a while).
     """
     output_dir = config.get("output_dir")
     if not output_dir or not _inside_root(config):
         return None
-    if live_holder(Path(os.path.expanduser(output_dir))) is not None:
+    holder = live_holder(Path(os.path.expanduser(output_dir)))
+    if holder is not None and not (ended_job and holder.get("slurm_job") == ended_job):
         return None  # another run owns that folder; its record is its own
     path = Path(os.path.expanduser(output_dir)) / RECORD_NAME
     record = read_record(output_dir)
@@ -246,11 +253,12 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
     with OutputLock(plan.output_dir) as lock:
         if lock.taken_over is not None:
             log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, describe(lock.taken_over))
-        # Planned before the lock: a run that held it may have finished this point since.
-        done = read_record(plan.output_dir)
-        if done and done.get("status") == "finished" and not cfg.overwrite:
+        # Planned before the lock: a run that held it may have finished this point since (of the same config:
+        # skipped; of another: refused, as the plan refuses it).
+        resume(plan, read_record(plan.output_dir))
+        if plan.action == "skip":
             log.info("%s was finished by another run meanwhile; skipping it", plan.output_dir)
-            return done
+            return read_record(plan.output_dir)
         write_run_files(plan, config, overrides)
         with run_log(plan.output_dir), sigterm_raises():
             log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)

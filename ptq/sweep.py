@@ -44,6 +44,8 @@ class Point:
     plan: Optional[Plan] = None
     # Position in its packed job's list of points (cluster.pack).
     pack_position: int = 0
+    # A refusal gets a failed run record in the point's folder, unless that folder is another point's.
+    record_refusal: bool = True
 
     def refuse(self, reason: str) -> "Point":
         self.state, self.reason = REFUSED, reason
@@ -102,6 +104,7 @@ def refuse_shared_folders(points: List[Point]) -> None:
         if folder in seen:
             point.refuse(f"writes into the same output_dir as point #{seen[folder]} ({folder}); "
                          "add the swept key to output_dir or give each point its own output_root.")
+            point.record_refusal = False  # that folder is the other point's
         else:
             seen[folder] = point.index
 
@@ -109,7 +112,7 @@ def refuse_shared_folders(points: List[Point]) -> None:
 def record_refusals(points: List[Point]) -> None:
     """A failed run record for every refused point that composed, so the report lists it with its reason."""
     for point in points:
-        if point.state == REFUSED and point.config:
+        if point.state == REFUSED and point.config and point.record_refusal:
             record_failure(point.config, f"refused before submission: {point.reason}")
 
 

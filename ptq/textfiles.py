@@ -22,16 +22,25 @@ def read_text(path: Path) -> str:
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{path} cannot be read ({exc}).") from None
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
         raise ConfigError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
                           "give a text file (a binary or otherwise encoded file would be read as garbage).") from None
 
 
+def lines(text: str) -> List[str]:
+    """The lines of a text file: split at \n (and \r\n) only. str.splitlines would also split at U+2028,
+    U+2029 and U+0085, which JSON strings and ordinary text may hold."""
+    parts = text.split("\n")
+    if parts and parts[-1] == "":
+        parts.pop()
+    return [p[:-1] if p.endswith("\r") else p for p in parts]
+
+
 def read_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
     """(line number, object) for every non-empty line; a line that is not a JSON object is an error naming it."""
-    for number, line in enumerate(read_text(path).splitlines(), 1):
+    for number, line in enumerate(lines(read_text(path)), 1):
         if not line.strip():
             continue
         try:

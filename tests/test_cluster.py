@@ -166,3 +166,17 @@ def test_a_dry_run_previews_a_resume_and_points_that_are_running(tmp_path):
         point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
         checked = check_point(point, True, launcher)
         assert checked.state == RUNNING and "being run by host" in checked.reason
+
+
+def test_a_point_refused_for_sharing_a_folder_writes_nothing_into_the_other_points_folder(tmp_path):
+    from ptq.sweep import REFUSED, check_point, record_refusals, refuse_shared_folders
+
+    points = []
+    for index in range(2):
+        point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}", "output_dir=${output_root}/same"])
+        point.index = index
+        points.append(check_point(point, False, launcher))
+    refuse_shared_folders(points)
+    assert [p.state for p in points] == ["submitted", REFUSED]
+    record_refusals(points)
+    assert not (tmp_path / "same" / "run.json").exists()

@@ -50,3 +50,43 @@ def test_a_holder_on_another_host_is_judged_by_its_heartbeat():
     assert holder_alive(other, heartbeat=now - 5, now=now)
     assert not holder_alive(other, heartbeat=now - STALE_S - 1, now=now)
     assert not holder_alive(None, heartbeat=now, now=now)
+
+
+def test_of_several_runs_finding_one_dead_holder_exactly_one_takes_the_folder(tmp_path):
+    import threading
+
+    for _ in range(10):
+        (tmp_path / LOCK_NAME).write_text(json.dumps({"host": socket.gethostname(), "pid": 2**22 + 12345}))
+        winners, refused = [], []
+
+        def contend(number):
+            lock = OutputLock(tmp_path, holder={"host": socket.gethostname(), "pid": os.getpid(), "n": number})
+            try:
+                lock.acquire()
+                winners.append(lock)
+            except ConfigError:
+                refused.append(number)
+
+        threads = [threading.Thread(target=contend, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert len(winners) == 1 and len(refused) == 3
+        assert json.loads((tmp_path / LOCK_NAME).read_text())["n"] == winners[0].holder["n"]
+        winners[0].release()
+
+
+def test_a_failed_record_is_written_for_the_ended_job_even_while_its_heartbeat_is_fresh(tmp_path):
+    """Seen from the submitting host, a job on another node that just died still has a fresh heartbeat."""
+    from ptq.run import record_failure
+
+    out = tmp_path / "runs" / "m" / "fp8"
+    out.mkdir(parents=True)
+    (out / LOCK_NAME).write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "77_3"}))
+    config = {"output_root": str(tmp_path / "runs"), "output_dir": str(out), "model": {"name": "m"},
+              "recipe": {"name": "fp8"}}
+    assert record_failure(config, "Slurm job 80_0 ended CANCELLED") is None  # another job's live folder
+    assert not (out / "run.json").exists()
+    record = record_failure(config, "Slurm job 77_3 ended CANCELLED", ended_job="77_3")
+    assert record["status"] == "failed" and json.loads((out / "run.json").read_text())["status"] == "failed"

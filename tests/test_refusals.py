@@ -62,6 +62,8 @@ CASES = [
     ("model.path that does not exist", lambda d: [f"model.path={d / 'nope'}"], "no such folder"),
     ("model.path with a corrupt config.json", lambda d: [f"model.path={model_folder(d, '{oops')}"],
      "config.json is not valid JSON"),
+    ("model.path with a safetensors header that is not an object", lambda d: [
+        f"model.path={model_folder(d, tensors=struct.pack('<Q', 2) + b'[]')}"], "damaged header"),
     ("model.path with a truncated safetensors file", lambda d: [
         f"model.path={model_folder(d, tensors=safetensors_bytes(truncate=10))}"], "is truncated"),
     ("calibration file that does not exist", lambda d: [f"calib.dataset={d / 'none.txt'}"], "is not a file"),
@@ -84,6 +86,12 @@ CASES = [
      "no 'question' field"),
     ("MMLU CSV without the expected columns", lambda d: bench(write(d / "m.csv", "q,a\nx,1\n"), fmt="mmlu_csv"),
      "needs a header"),
+    ("MMLU CSV with a field beyond the CSV reader's limit", lambda d: bench(
+        write(d / "m.csv", 'question,choice0,choice1,answer\n"' + "x" * 200_000 + '",a,b,0\n'), fmt="mmlu_csv"),
+     "not a readable CSV"),
+    ("benchmark name with a `/`", lambda d: ["eval=local_quick", f"eval.benchmarks=[{{name: a/b, kind: perplexity, "
+                                                                  f"path: '{write(d / 't.txt', 'text')}'}}]"],
+     "becomes a file name"),
     ("HellaSwag text whose lines are not in groups of 6", lambda d: bench(write(d / "h.txt", "ctx\n0\na\nb\n"),
                                                                           fmt="hellaswag_txt"), "not a multiple of 6"),
     ("benchmark file that does not exist", lambda d: bench(d / "missing.jsonl"), "does not exist"),
@@ -145,3 +153,12 @@ def test_the_readme_lists_every_refused_input():
     table = readme.split("## Refused before any model is loaded", 1)[1].split("\n## ", 1)[0]
     rows = {re.sub(r"\s+", " ", line.split("|")[1].strip()) for line in table.splitlines() if line.startswith("| ")}
     assert {label for label, _, _ in CASES} <= rows
+
+
+def test_jsonl_text_may_hold_unicode_line_separators_and_a_byte_order_mark(tmp_path):
+    from ptq.textfiles import read_texts
+
+    data = tmp_path / "c.jsonl"
+    data.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"text": "one\u2028two\u0085three"}, ensure_ascii=False) + "\n"
+                                        + json.dumps({"text": "four"}) + "\r\n").encode("utf-8"))
+    assert read_texts(data) == ["one\u2028two\u0085three", "four"]

@@ -37,6 +37,9 @@ from ptq.sweep import (REFUSED, SKIPPED, SUBMITTED, Point, check_point, group, g
 
 log = logging.getLogger(__name__)
 
+# How long a job Slurm reports COMPLETED may take to show its result file on the submitting host.
+RESULT_LAG_S = 120.0
+
 
 @dataclass
 class PtqSlurmLauncherConf(SlurmQueueConf):
@@ -189,6 +192,7 @@ class PtqSlurmLauncher(SlurmLauncher):
         returns: Dict[int, JobReturn] = {p.index: _job_return(p, p.state) for p in points if p.index not in jobs}
         waiting = {p.index: p for p in points if p.index in jobs}
         missing: Dict[int, int] = {}  # polls in a row a job was not in the queue
+        gone_since: Dict[int, float] = {}
         with tqdm(total=len(waiting), desc="sweep", unit="point") as bar:
             while waiting:
                 queued = queued_jobs()
@@ -200,8 +204,13 @@ class PtqSlurmLauncher(SlurmLauncher):
                         over = job.done()
                     else:
                         missing[index] = 0 if job.job_id in queued else missing.get(index, 0) + 1
-                        # Twice in a row: the result file of a job that just ended may lag on a shared file system.
-                        over = missing[index] >= 2
+                        if missing[index] == 1:
+                            gone_since[index] = time.time()
+                        # Twice in a row; and a job Slurm says COMPLETED gets RESULT_LAG_S for its result file
+                        # to show on a shared file system (attribute caches can hide a new file for a minute).
+                        over = missing[index] >= 2 and (
+                            time.time() - gone_since[index] > RESULT_LAG_S
+                            or not (final_state(job.job_id) or "").startswith("COMPLETED"))
                     if over:
                         returns[index] = self._collect(point, job)
                         del waiting[index]
@@ -220,7 +229,7 @@ class PtqSlurmLauncher(SlurmLauncher):
                 reason += (f": it reached its time limit of {minutes} min; raise hydra.launcher.timeout_min "
                            "(the launcher derives it from the model size unless it is set)")
             log.error("#%d failed: %s", point.index, reason)
-            record_failure(point.config, reason, slurm_job=job.job_id, slurm_state=state)
+            record_failure(point.config, reason, ended_job=job.job_id, slurm_job=job.job_id, slurm_state=state)
             point.reason = reason
             return _job_return(point, f"failed: {reason}")
         try:
@@ -228,7 +237,8 @@ class PtqSlurmLauncher(SlurmLauncher):
         except Exception as exc:  # FailedJobError: the job raised outside the run (its record says why if it ran)
             detail = str(exc).strip().splitlines()
             reason = f"Slurm job {job.job_id} failed: {detail[-1][:300] if detail else type(exc).__name__}"
-            record_failure(point.config, reason, slurm_job=job.job_id, slurm_log="\n".join(detail[-5:])[:2000])
+            record_failure(point.config, reason, ended_job=job.job_id, slurm_job=job.job_id,
+                           slurm_log="\n".join(detail[-5:])[:2000])
             point.reason = reason
             return _job_return(point, f"failed: {reason}")
         if isinstance(result, list):  # a packed job returns one JobReturn per point, in submission order

@@ -133,7 +133,7 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
     # The BF16 run itself may be failed or unfinished: its point shows in the summary, not here.
     frames = [frame for frame in (bf16_rows, quantized) if not frame.empty]
     scores = pd.concat(frames, ignore_index=True) if frames else quantized.iloc[0:0]
-    scores["fingerprint"] = scores["fingerprint"].fillna("")
+    scores["fingerprint"] = scores["fingerprint"].astype(object).fillna("")
     reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "bf16_source"]].rename(
         columns={"value": "bf16"})
     scores = scores.drop(columns=["bf16_source"], errors="ignore").merge(
