@@ -293,12 +293,8 @@ def check_eval_config(cfg: EvalConfig) -> None:
         raise ConfigError(f"eval.limit={cfg.limit}: use a positive number of items per benchmark, or null for all.")
     for bench in cfg.benchmarks:  # every item read and checked now, not after the model is loaded
         if bench.kind != "lm_eval":
-            try:
-                path = benchmark_path(bench, cfg.data_dir)
-                if path.exists():
-                    checked_once(_item_count, path, bench.kind, bench.format)
-                else:
-                    read_benchmark(bench, path)
+            try:  # the path exists: checked above
+                checked_once(_item_count, benchmark_path(bench, cfg.data_dir), bench.kind, bench.format)
             except ConfigError as exc:
                 raise ConfigError(f"eval benchmark {bench.name}: {exc}") from None
 

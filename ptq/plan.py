@@ -357,13 +357,14 @@ def _check_names(cfg: RunConfig) -> None:
                               "letters, digits and . _ + @ = -, no '/' and no '..' (e.g. model.name=my-model).")
 
 
-def _inside(path: Path, root: Path) -> bool:
+def inside(path: Path, root: Path) -> bool:
+    """`path` lies strictly below `root` (both resolved)."""
     return root in path.parents
 
 
 def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) -> None:
     """The run writes inside output_root only, and never into the source checkpoint."""
-    if not _inside(output_dir, output_root):
+    if not inside(output_dir, output_root):
         raise ConfigError(
             f"output_dir={output_dir} is not inside output_root={output_root}; a run writes only below its output root. "
             "Set output_root to the folder you want (each run gets a subfolder), or an output_dir below it."
@@ -411,7 +412,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     _check_names(cfg)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()
     source = _model_source(cfg, facts, cache_dir)
-    if source.converted_dir and not _inside(Path(source.converted_dir).resolve(), cache_dir):
+    if source.converted_dir and not inside(Path(source.converted_dir).resolve(), cache_dir):
         raise ConfigError(f"the converted model {source.converted_dir} would land outside cache_dir={cache_dir}.")
     output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     _check_output_dir(output_dir, Path(os.path.expanduser(cfg.output_root)).resolve(), source)

@@ -20,7 +20,7 @@ from ptq.files import publish_folder, write_json_atomic, write_text_atomic
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, describe, live_holder
-from ptq.plan import Facts, Plan, gather_facts, make_plan, resume
+from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, resume
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
@@ -207,8 +207,8 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
 def _inside_root(config: dict) -> bool:
     """A failed record goes only into an output_dir inside output_root (a refused path stays untouched)."""
     try:
-        root = Path(os.path.expanduser(str(config["output_root"]))).resolve()
-        return root in Path(os.path.expanduser(str(config["output_dir"]))).resolve().parents
+        return inside(Path(os.path.expanduser(str(config["output_dir"]))).resolve(),
+                      Path(os.path.expanduser(str(config["output_root"]))).resolve())
     except (KeyError, TypeError, OSError):
         return False
 
