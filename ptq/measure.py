@@ -48,10 +48,6 @@ class Baseline:
     # Evaluation: the BF16 benchmark rows.
     scores: Optional[List[dict]] = None
 
-    @property
-    def empty(self) -> bool:
-        return self.reference is None and self.scores is None
-
 
 def free_memory() -> None:
     """Return the memory of models the caller has just dropped (`del model` first: a helper cannot drop the

@@ -255,10 +255,11 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
             log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, describe(lock.taken_over))
         # Planned before the lock: a run that held it may have finished this point since (of the same config:
         # skipped; of another: refused, as the plan refuses it).
-        resume(plan, read_record(plan.output_dir))
+        done = read_record(plan.output_dir)
+        resume(plan, done)
         if plan.action == "skip":
             log.info("%s was finished by another run meanwhile; skipping it", plan.output_dir)
-            return read_record(plan.output_dir)
+            return done
         write_run_files(plan, config, overrides)
         with run_log(plan.output_dir), sigterm_raises():
             log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
