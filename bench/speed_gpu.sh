@@ -7,6 +7,9 @@
 #     bash bench/speed_gpu.sh packed     # 4 recipes as one `launch.py -m` process, then as 4 separate processes
 #     bash bench/speed_gpu.sh large      # Llama-3.1-8B shape: fp8 and nvfp4 with fidelity on (default check of
 #                                        # the written checkpoint)
+#     bash bench/speed_gpu.sh pair       # one 8B fp8 point (load, calibrate, export; fidelity and evaluation off),
+#                                        # the launcher and ModelOpt called directly (bench/modelopt_direct.py),
+#                                        # three times each in alternating order (needs `large` first)
 #     bash bench/speed_gpu.sh report     # timings.json and the run records into $PTQ_BENCH_OUT
 #
 # Needs the launcher installed and: PTQ_WIKITEXT (WikiText-2's wiki.test.raw: its first half is the fidelity
@@ -76,8 +79,24 @@ large)
         timed "large-$recipe" python3 launch.py "${COMMON[@]}" $(shape_args llama3.1-8b) "recipe=$recipe" "output_root=$WORK/large"
     done
     ;;
+pair)
+    # The same calibration tokens and the same automatic batch size on both sides; each launcher run writes a
+    # fresh output root (the launcher never overwrites a finished point).
+    PAIR=(hardware=h200 eval=none fidelity=none "cache_dir=$CACHE" "calib.dataset=$TEXT/calib.txt" calib.size=256
+          calib.seq_len=512 recipe=fp8)
+    direct() {
+        timed "pair-direct-$1" python3 -m bench.modelopt_direct --model "$WORK/llama3.1-8b-random" \
+            --text "$TEXT/calib.txt" --recipe fp8 --samples 256 --seq-len 512 --out "$WORK/pair-direct-$1/checkpoint"
+        tail -n 1 "$WORK/pair-direct-$1.log" >> "$WORK/direct.jsonl"
+    }
+    launcher() {
+        timed "pair-launcher-$1" python3 launch.py "${PAIR[@]}" $(shape_args llama3.1-8b) "output_root=$WORK/pair-launcher-$1"
+    }
+    launcher 1; direct 1; direct 2; launcher 2; launcher 3; direct 3
+    ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
+    cp "$WORK/direct.jsonl" "$BENCH_OUT/" 2>/dev/null
     python3 - "$WORK" "$BENCH_OUT" <<'PY'
 import json, sys
 from pathlib import Path
