@@ -92,7 +92,7 @@ pair)
     launcher() {
         timed "pair-launcher-$1" python3 launch.py "${PAIR[@]}" $(shape_args llama3.1-8b) "output_root=$WORK/pair-launcher-$1"
     }
-    launcher 1; direct 1; direct 2; launcher 2; launcher 3; direct 3
+    for step in ${PTQ_PAIR_STEPS:-launcher:1 direct:1 direct:2 launcher:2 launcher:3 direct:3}; do ${step%%:*} ${step##*:}; done
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
