@@ -13,7 +13,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Optional, Sequence
 
-from ptq.backends import get_backend
+from ptq.backends import describe as describe_run, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
@@ -222,7 +222,7 @@ def dry_run(plan: Plan) -> dict:
     elif plan.action == "skip":
         action, commands = "skip", [f"skip: {plan.skip_reason}"]
     else:
-        action, commands = "run", get_backend(plan.cfg.backend.name).describe(plan)
+        action, commands = "run", describe_run(plan)
     summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": action,
                "skip_reason": plan.skip_reason, "warnings": plan.warnings, "commands": commands}
     for line in commands:

@@ -84,7 +84,8 @@ def test_the_check_for_function_local_imports_finds_one(tmp_path):
 
 
 def test_planning_a_run_and_checking_sweep_points_import_no_torch():
-    """Composing and planning are cheap: torch, ModelOpt and transformers stay unimported until a backend runs."""
+    """Composing, planning and describing a run (dry runs) are cheap: torch, ModelOpt and transformers stay unimported
+    until a backend runs."""
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
@@ -92,11 +93,12 @@ def test_planning_a_run_and_checking_sweep_points_import_no_torch():
         "from ptq.schema import register_schemas\n"
         "from ptq.run import prepare\n"
         "from ptq.sweep import Point, check_point\n"
+        "from ptq.backends import describe\n"
         "register_schemas()\n"
         f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
         "    for overrides in ([], ['hardware=h100', 'recipe=nvfp4', 'dry_run=true'], ['recipe=int4_awq']):\n"
         "        cfg = compose(config_name='config', overrides=overrides)\n"
-        "        prepare(OmegaConf.to_object(cfg))\n"
+        "        assert describe(prepare(OmegaConf.to_object(cfg)))[0].startswith('in process on ')\n"
         "        point = Point(index=0, overrides=overrides, config=OmegaConf.to_container(cfg, resolve=True),\n"
         "                      cfg=OmegaConf.to_object(cfg))\n"
         "        assert check_point(point, True, {}).state == 'submitted', point.reason\n"

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import compose_run, text_source
-from ptq.backends.megatron_bridge import ENTRY, build_steps, check_scripts, describe, unsupported_flags
+from ptq.backends.megatron_steps import ENTRY, build_steps, check_scripts, describe, unsupported_flags
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.plan import Facts, make_plan
@@ -59,7 +59,7 @@ def test_a_text_file_is_handed_to_the_scripts_as_jsonl_with_the_same_tokens(tmp_
     from transformers import AutoTokenizer
     from modelopt.torch.utils.dataset_utils import get_dataset_dataloader
 
-    from ptq.backends.megatron_bridge import calib_dataset, write_calib_jsonl
+    from ptq.backends.megatron_steps import calib_dataset, write_calib_jsonl
     from ptq.calib_data import token_batches
 
     text = tmp_path / "calib.txt"

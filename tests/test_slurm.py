@@ -109,6 +109,18 @@ def test_dry_run_submits_nothing(local_slurm, tiny_llama_dir, tmp_path):
     assert not list((tmp_path / "runs").rglob("run.json")) and not list((tmp_path / "runs").rglob("sweep.json"))
 
 
+def test_a_point_that_does_not_compose_is_refused_alone(local_slurm, tiny_llama_dir, tmp_path):
+    """The launcher composes each point itself (one Hydra composition per group choice, composing.py): a value
+    of the wrong type refuses its own point, the others are still planned."""
+    out = launch(sweep_args(tmp_path, tiny_llama_dir, "recipe=fp8,int8_sq", "calib.size=4,many", "dry_run=true"))
+    assert "2 to submit in 1 job group(s), 0 skipped, 2 refused" in out.stdout + out.stderr
+    refused = [line for line in out.stdout.splitlines()
+               if line.endswith(": refused - the config does not compose: Error merging override calib.size=many")]
+    assert len(refused) == 2 and all("calib.size=many " in line for line in refused), out.stdout[-3000:]
+    assert "Dry run: nothing was submitted (2 point(s) would be)" in out.stdout
+    assert squeue_ids() == []
+
+
 def test_killed_job_fails_its_point_and_the_sweep_ends(local_slurm, tiny_llama_dir, tmp_path):
     """scancel one job mid-sweep: the sweep still ends, that point failed with Slurm's state, the other finished."""
     wait_for_empty_queue()

@@ -13,7 +13,6 @@ Points' states are in `<sweep dir>/sweep.json`; `python -m ptq.status <sweep dir
 
 # No `from __future__ import annotations`: Hydra loads plugin modules without registering them in
 # sys.modules, and dataclasses with string annotations need that entry.
-import copy
 import json
 import logging
 import subprocess
@@ -27,9 +26,10 @@ from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.config import SlurmQueueConf
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher
-from omegaconf import OmegaConf, open_dict
+from omegaconf import OmegaConf
 
-from ptq.backends import get_backend
+from hydra_plugins.ptq_slurm_launcher.composing import composer_for
+from ptq.backends import describe
 from ptq.layout import MANIFEST_NAME
 from ptq.run import record_failure
 from ptq.sweep import (REFUSED, SKIPPED, SUBMITTED, Point, check_point, group, group_params, record_refusals,
@@ -72,6 +72,10 @@ ConfigStore.instance().store(group="hydra/launcher", name="ptq_slurm", node=PtqS
 
 
 class PtqSlurmLauncher(SlurmLauncher):
+    # Composes and checks every point itself (a point that does not compose is refused, the others go on): the
+    # sweeper need not compose them first (ptq_sweeper.py).
+    checks_each_point = True
+
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         assert self.config is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
@@ -107,13 +111,10 @@ class PtqSlurmLauncher(SlurmLauncher):
 
     # -- before submission -------------------------------------------------------------------
     def _check_point(self, index: int, overrides: List[str], dry_run: bool) -> Point:
-        """Compose the point with Hydra, then check it as its job would (ptq/sweep.py)."""
+        """Compose the point (composing.py), then check it as its job would (ptq/sweep.py)."""
         point = Point(index=index, overrides=overrides)
         try:
-            composed = self.hydra_context.config_loader.load_sweep_config(self.config, overrides)
-            task = copy.deepcopy(composed)
-            with open_dict(task):
-                del task["hydra"]
+            task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
             point.config = OmegaConf.to_container(task, resolve=True)
             point.cfg = OmegaConf.to_object(task)
         except Exception as exc:  # a value of the wrong type, an unknown option...
@@ -136,7 +137,7 @@ class PtqSlurmLauncher(SlurmLauncher):
                 print(OmegaConf.to_yaml(point.config).rstrip())
             if point.state == SUBMITTED:
                 print(f"request: {json.dumps(point.request.as_dict())}")
-                for line in get_backend(point.cfg.backend.name).describe(point.plan):
+                for line in describe(point.plan):
                     print(f"runs: {line}")
         for number, members in enumerate(groups):
             executor = self._executor(launcher, group_params(members, launcher["pack"]))

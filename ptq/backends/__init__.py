@@ -2,7 +2,8 @@
 
 The registry names each backend's class instead of importing it: a backend pulls in its whole stack
 (torch and ModelOpt, or the Megatron tooling), which planning, dry runs and sweep submission never need.
-This is the one place the project imports its own code by name at run time.
+This is the one place the project imports its own code by name at run time. What a backend would run is
+described without it (describe.py), so a dry run imports no torch.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import importlib
 
 from ptq.backends.base import Backend, BackendResult
+from ptq.backends.describe import DESCRIBERS, describe
 from ptq.errors import ConfigError
 
 REGISTRY = {
@@ -25,4 +27,4 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Backend", "BackendResult", "REGISTRY", "get_backend"]
+__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "describe", "get_backend"]

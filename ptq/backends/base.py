@@ -35,13 +35,10 @@ class Backend(Protocol):
         """Load, calibrate, quantize and export into `export_dir` (a fresh folder the caller renames when valid)."""
         ...
 
+    # What `run` would do is described from the plan alone, without the backend's stack: ptq/backends/describe.py.
     # A backend that runs on several processes (megatron_bridge) also has `run_worker(plan) -> dict`: what a
     # task of rank > 0 does (take part in the distributed steps, write nothing). ptq.run refuses other
     # backends on such tasks.
-
-    def describe(self, plan: Plan) -> List[str]:
-        """What `run` would do, one line per step, for dry runs: loads, launches and writes nothing."""
-        ...
 
 
 EXTENSIONS_VAR = "TORCH_EXTENSIONS_DIR"

@@ -159,17 +159,6 @@ def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) ->
 class HFModelOptBackend:
     name = "hf_modelopt"
 
-    def describe(self, plan: Plan) -> List[str]:
-        cfg = plan.cfg
-        block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
-        how = cfg.recipe.modelopt_cfg or "nothing (BF16)"
-        if cfg.recipe.candidates:
-            how = (f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
-                   f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)")
-        return [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
-                f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
-                f"{how}{block}, export to {plan.checkpoint_dir}"]
-
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
         """load -> BF16 baseline -> quantize (or search) -> compare in memory -> export -> compare the written file."""
         cfg = plan.cfg

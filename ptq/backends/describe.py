@@ -1,0 +1,31 @@
+"""What a backend would run, from the plan alone, for dry runs and sweep dry runs: one line per step. Nothing
+here imports torch, ModelOpt or Megatron, or loads, launches or writes anything."""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List
+
+from ptq.backends import megatron_steps
+from ptq.plan import Plan
+
+
+def in_process(plan: Plan) -> List[str]:
+    cfg = plan.cfg
+    block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
+    how = cfg.recipe.modelopt_cfg or "nothing (BF16)"
+    if cfg.recipe.candidates:
+        how = (f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
+               f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)")
+    return [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
+            f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
+            f"{how}{block}, export to {plan.checkpoint_dir}"]
+
+
+DESCRIBERS: Dict[str, Callable[[Plan], List[str]]] = {
+    "hf_modelopt": in_process,
+    "megatron_bridge": megatron_steps.describe,
+}
+
+
+def describe(plan: Plan) -> List[str]:
+    return DESCRIBERS[plan.cfg.backend.name](plan)
