@@ -1,12 +1,15 @@
 """What the launcher knows about number formats, in one place. Imports nothing of the project.
 
-Two tables:
+Three tables:
 - EXPORT_FORMATS, keyed by the `quant_algo` a ModelOpt unified checkpoint names in hf_quant_config.json:
   the weight dtype a quantized layer holds, how its input is quantized, whether the read-back
   (ptq/exported.py) can compute with it, and whether ModelOpt's Megatron-Core export writes it.
   tests/test_formats.py checks every key against the installed ModelOpt's own format names.
 - CANDIDATES, keyed by ModelOpt config name: what AutoQuantize (ptq/auto_quantize.py) may choose per
   layer, with the bits it charges; the same test checks the bits against ModelOpt's.
+- ALGORITHMS, keyed by ModelOpt's calibration `method` names (`recipe.algorithm`): which exported formats
+  each applies to and what it makes of them; the test checks every name against the installed ModelOpt's
+  algorithm configs, and ptq/recipes.py checks `recipe.algorithm_args` with ModelOpt's own config classes.
 Both are plain data so that planning never imports ModelOpt or torch.
 """
 
@@ -35,21 +38,36 @@ class ExportFormat:
     # The layers were smoothed (AWQ, SmoothQuant): their weights are divided by per-channel factors folded into
     # other tensors, so a layer alone no longer matches its source weight.
     smoothed: bool = False
+    # Serving engines whose loaders read this quant_algo from a ModelOpt unified checkpoint (SERVING_SOURCE).
+    serving: Tuple[str, ...] = ()
 
+
+VLLM, SGLANG, TRTLLM = "vLLM", "SGLang", "TensorRT-LLM"
+# Where `serving` comes from: the engines' ModelOpt loaders and quantization documentation, read 2026-11.
+SERVING_SOURCE = ("vLLM's ModelOpt loader (FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, "
+                  "MIXED_PRECISION), SGLang's modelopt_fp8 / modelopt_fp4 / modelopt_mixed, TensorRT-LLM's ModelOpt "
+                  "checkpoint formats; documentation and loader code as of 2026-11")
 
 EXPORT_FORMATS: Dict[str, ExportFormat] = {
-    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True, weight_error_bound=0.08),
-    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, weight_error_bound=0.08),
-    "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True, weight_error_bound=0.08),
-    "FP8_PB_REAL": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, megatron_export=True),
-    "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8", smoothed=True),
-    "W8A16": ExportFormat("I8", None, weight_error_bound=0.04),
-    "INT8_WO": ExportFormat("I8", None, weight_error_bound=0.04),
-    "W4A16_AWQ": ExportFormat("U8", None, smoothed=True),
-    "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True),
-    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25),
-    "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True),
-    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25),
+    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True, weight_error_bound=0.08,
+                        serving=(VLLM, SGLANG, TRTLLM)),
+    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, weight_error_bound=0.08,
+                                              serving=(VLLM, TRTLLM)),
+    "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True, weight_error_bound=0.08, serving=(VLLM, TRTLLM)),
+    "FP8_PB_REAL": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, megatron_export=True, serving=(TRTLLM,)),
+    "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8", smoothed=True, serving=(TRTLLM,)),
+    "W8A16": ExportFormat("I8", None, weight_error_bound=0.04, serving=(TRTLLM,)),
+    "INT8_WO": ExportFormat("I8", None, weight_error_bound=0.04, serving=(TRTLLM,)),
+    "W4A16_AWQ": ExportFormat("U8", None, smoothed=True, serving=(TRTLLM,)),
+    "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True, serving=(TRTLLM,)),
+    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25, serving=(VLLM, SGLANG, TRTLLM)),
+    "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True, serving=(TRTLLM,)),
+    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25, serving=(VLLM,)),
+    # SVDQuant: NVFP4 weights plus a BF16 low-rank branch per layer; ModelOpt's export writes it, no engine
+    # above names it.
+    "NVFP4_SVD": ExportFormat("U8", "nvfp4", readback=False),
+    # MXFP8: FP8 values with one power-of-two (E8M0) scale per 32, weights and activations.
+    "MXFP8": ExportFormat("F8_E4M3", "mxfp8", readback=False, serving=(VLLM,)),
 }
 # A checkpoint whose layers have different formats lists them per layer.
 MIXED_PRECISION = "MIXED_PRECISION"
@@ -64,8 +82,12 @@ def export_algos(**where) -> Tuple[str, ...]:
 
 # Formats a recipe may compute in (recipe.formats, hardware.calibrate); NVFP4 and MX need CUDA.
 CUDA_ONLY_FORMATS = ("nvfp4", "mxfp8")
-# recipe.kv_cache -> the ModelOpt config that adds KV-cache quantizers.
-KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG"}
+# recipe.kv_cache -> the ModelOpt config that adds KV-cache quantizers (affine: with a per-channel bias;
+# rotate: keys rotated by a Hadamard transform before they are quantized).
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "fp8_affine": "FP8_AFFINE_KV_CFG", "nvfp4": "NVFP4_KV_CFG",
+                    "nvfp4_affine": "NVFP4_AFFINE_KV_CFG", "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG"}
+# The number format a KV-cache choice computes in (checked against hardware.calibrate).
+KV_CACHE_FORMATS = {"fp8": "fp8", "fp8_affine": "fp8", "nvfp4": "nvfp4", "nvfp4_affine": "nvfp4", "nvfp4_rotate": "nvfp4"}
 
 
 @dataclass(frozen=True)
@@ -107,3 +129,58 @@ def candidate_formats(names: List[str]) -> List[str]:
 
 def uses_int4_blocks(names: List[str]) -> bool:
     return any(CANDIDATES[n].int4_blocks for n in names if n in CANDIDATES)
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    # What it does, for `--help`-like messages and the report.
+    does: str
+    # quant_algo values (EXPORT_FORMATS keys) of the recipes it applies to; a recipe is named by the quant_algo
+    # its export carries (recipe.export_quant_algo).
+    applies_to: Tuple[str, ...]
+    # (recipe's quant_algo, the export's quant_algo with this algorithm) where the algorithm changes it.
+    exports_as: Tuple[Tuple[str, str], ...] = ()
+
+
+_WEIGHT_SCALED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "INT8_WO", "W8A16",
+                  "W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W4A16_NVFP4")
+_AWQ_EXPORTS = (("NVFP4", "NVFP4_AWQ"),)
+ALGORITHMS: Dict[str, Algorithm] = {
+    "max": Algorithm("scales from the largest magnitude seen in calibration", _WEIGHT_SCALED + ("NVFP4_AWQ",)),
+    "mse": Algorithm("weight scales searched to minimise the squared rounding error (fp8_scale_sweep: NVFP4's "
+                     "FP8 block scales too)", _WEIGHT_SCALED),
+    "local_hessian": Algorithm("NVFP4 weight block scales searched against a per-block Hessian of the layer's "
+                               "inputs", ("NVFP4", "W4A16_NVFP4")),
+    "smoothquant": Algorithm("activation outliers moved into the weights by per-channel factors (alpha)",
+                             ("W8A8_SQ_PER_CHANNEL",)),
+    "awq_lite": Algorithm("AWQ: per-channel weight scales searched on the calibration activations (alpha_step)",
+                          ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
+    "awq_clip": Algorithm("AWQ: weight clipping ratios searched per block", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"),
+                          _AWQ_EXPORTS),
+    "awq_full": Algorithm("AWQ: scales, then clipping", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
+    "gptq": Algorithm("GPTQ: weights rounded column by column, each error spread over the columns not yet rounded",
+                      ("W4A16_AWQ", "NVFP4", "W4A16_NVFP4")),
+    "svdquant": Algorithm("SVDQuant: a BF16 low-rank branch (lowrank) takes the outliers, the rest is NVFP4",
+                          ("NVFP4",), (("NVFP4", "NVFP4_SVD"),)),
+}
+
+
+def algorithm_export(method: Optional[str], quant_algo: Optional[str]) -> Optional[str]:
+    """The quant_algo of the export of a recipe exporting `quant_algo`, calibrated with `method`."""
+    if method is None or method not in ALGORITHMS:
+        return quant_algo
+    return dict(ALGORITHMS[method].exports_as).get(quant_algo, quant_algo)
+
+
+def algorithm_tag(method: Optional[str], args: Optional[Dict]) -> str:
+    """A short, folder-safe name of a calibration choice: '' for the recipe's own, else e.g. 'mse',
+    'smoothquant-alpha0.5', 'svdquant-lowrank64'."""
+    args = dict(args or {})
+    if not method and not args:
+        return ""
+    parts = [method] if method else []
+    for key in sorted(args):
+        value = args[key]
+        value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+        parts.append(f"{key}{value}")
+    return "-".join(str(p) for p in parts).replace("/", "_").replace(" ", "")

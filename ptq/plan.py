@@ -19,7 +19,8 @@ from typing import List, Optional
 
 from ptq.errors import ConfigError
 from ptq.files import read_json
-from ptq.formats import CANDIDATES, CUDA_ONLY_FORMATS, candidate_formats, export_algos, unknown_candidates, uses_int4_blocks
+from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
+                         export_algos, unknown_candidates, uses_int4_blocks)
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record import config_differences, config_hash
 from ptq.schema import RunConfig
@@ -72,6 +73,8 @@ class Plan:
     # "run", or "skip" when a finished output exists and overwrite is off.
     action: str = "run"
     skip_reason: str = ""
+    # quant_algo the export's hf_quant_config.json must carry (the recipe's, as its algorithm changes it).
+    export_quant_algo: Optional[str] = None
 
 
 def layer_widths_from_config(config: dict) -> List[int]:
@@ -192,7 +195,7 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
     recipe, hw = cfg.recipe, cfg.hardware
     formats = _recipe_formats(recipe)
     if recipe.kv_cache != "none":
-        formats.append(recipe.kv_cache)
+        formats.append(KV_CACHE_FORMATS[recipe.kv_cache])
     cannot = [f for f in formats if f not in hw.calibrate]
     if cannot:
         needs_cuda = any(f in CUDA_ONLY_FORMATS for f in cannot)
@@ -232,6 +235,10 @@ MEGATRON_EXPORT_ALGOS = export_algos(megatron_export=True)
 def check_megatron_layout(cfg: RunConfig) -> None:
     """Refuse recipes and parallel layouts Megatron-Bridge cannot run or export, before anything is submitted."""
     par, model, recipe = cfg.parallelism, cfg.model, cfg.recipe
+    if recipe.algorithm is not None or recipe.algorithm_args:
+        raise ConfigError(
+            f"recipe.algorithm / recipe.algorithm_args apply to backend=hf_modelopt: backend=megatron_bridge calibrates "
+            f"with the config its --export-quant-cfg {recipe.megatron_cfg} names. Remove them, or use backend=hf_modelopt.")
     if recipe.megatron_cfg is None:
         raise ConfigError(
             f"recipe={recipe.name} has no Megatron-Bridge --export-quant-cfg name, so backend=megatron_bridge cannot run it; "
@@ -393,12 +400,39 @@ def resume(plan: Plan, record: Optional[dict]) -> None:
                         "skipping it (pass overwrite=true to run it again).")
 
 
+def check_algorithm(cfg: RunConfig) -> None:
+    """recipe.algorithm / recipe.algorithm_args: a method the launcher offers, for a recipe it applies to. Their
+    values are checked against ModelOpt's own config class before loading (ptq/recipes.py)."""
+    recipe = cfg.recipe
+    method, args = recipe.algorithm, dict(recipe.algorithm_args)
+    if method is None and not args:
+        return
+    what = f"recipe.algorithm={method}" if method is not None else f"recipe.algorithm_args={args}"
+    if recipe.candidates:
+        raise ConfigError(f"{what} does not apply to recipe={recipe.name}: AutoQuantize calibrates every candidate with "
+                          "its own config's algorithm. Remove it, or sweep a one-format recipe (e.g. recipe=nvfp4).")
+    if recipe.modelopt_cfg is None:
+        raise ConfigError(f"{what} does not apply to recipe={recipe.name}, which quantizes nothing; pick a quantized recipe.")
+    if method is None:
+        return
+    if method not in ALGORITHMS:
+        raise ConfigError(f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
+                          f"{', '.join(ALGORITHMS)} (or null for the recipe's own).")
+    quant = (recipe.export_quant_algo or "").upper()
+    applies = ALGORITHMS[method].applies_to
+    if quant not in applies:
+        raise ConfigError(
+            f"recipe.algorithm={method} ({ALGORITHMS[method].does}) does not apply to recipe={recipe.name}, which "
+            f"exports {quant or 'an unnamed format'}; it applies to recipes exporting {', '.join(applies)}.")
+
+
 def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
     warnings: List[str] = []
     _check_numbers(cfg)
     int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
     _check_hardware(cfg, facts, warnings)
+    check_algorithm(cfg)
     recipe = cfg.recipe
     quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
@@ -428,6 +462,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         awq_block_size=awq_block,
         exclude_patterns=list(dict.fromkeys(list(cfg.model.exclude_modules) + list(recipe.exclude))),
         warnings=warnings,
+        export_quant_algo=algorithm_export(recipe.algorithm, recipe.export_quant_algo),
     )
     resume(plan, facts.existing_record)
     return plan

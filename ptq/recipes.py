@@ -53,9 +53,49 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
         entries = cfg["quant_cfg"]
     for pattern in exclude_patterns:
         entries.append({"quantizer_name": module_pattern_to_quantizer_pattern(pattern), "enable": False})
-    if recipe.algorithm:
-        cfg["algorithm"] = recipe.algorithm
+    if recipe.algorithm is not None or recipe.algorithm_args:
+        cfg["algorithm"] = algorithm_config(recipe, cfg.get("algorithm"))
     return cfg
+
+
+def _algorithm_classes() -> Dict[str, type]:
+    """ModelOpt's calibration algorithm configs (pydantic models), by their `method` name."""
+    from modelopt.torch.quantization.config import QuantizeAlgorithmConfig
+
+    found, todo = {}, list(QuantizeAlgorithmConfig.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        method = getattr(cls, "model_fields", {}).get("method")
+        if method is not None and isinstance(method.default, str):
+            found[method.default] = cls
+    return found
+
+
+def algorithm_config(recipe: RecipeConfig, own) -> Dict:
+    """The `algorithm` entry of the recipe's ModelOpt config with recipe.algorithm / recipe.algorithm_args applied
+    (`own`: the config's own entry, a method name, a dict or None), checked by ModelOpt's config class for the
+    method. Raises ConfigError naming the bad setting and the method's settings."""
+    own = {"method": own} if isinstance(own, str) else dict(own or {})
+    args = dict(recipe.algorithm_args)
+    method = recipe.algorithm or own.get("method")
+    if method is None:
+        raise ConfigError(f"recipe.algorithm_args={args}: {recipe.modelopt_cfg} calibrates nothing (its scales are "
+                          "computed at run time); set recipe.algorithm too, or remove the arguments.")
+    merged = {**own, **args} if method == own.get("method") else {"method": method, **args}
+    classes = _algorithm_classes()
+    if method not in classes:
+        raise ConfigError(f"recipe.algorithm={method} is not an algorithm of the installed ModelOpt; it has "
+                          f"{', '.join(sorted(classes))}.")
+    cls = classes[method]
+    try:
+        cls(**merged)
+    except Exception as exc:  # pydantic's ValidationError: unknown setting, wrong type, out of range
+        problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in
+                             getattr(exc, "errors", lambda: [])()) or str(exc)
+        settings = ", ".join(k for k in cls.model_fields if k not in ("method", "layerwise", "moe_calib_experts_ratio"))
+        raise ConfigError(f"recipe.algorithm_args={args} for {method}: {problems}. {cls.__name__} takes: {settings}.") from None
+    return merged
 
 
 def disabled_patterns(quant_cfg: Dict) -> List[str]:

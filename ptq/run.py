@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 from ptq.backends import describe as describe_run, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
+from ptq.formats import algorithm_tag
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
@@ -104,6 +105,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "status": "running",
         "model": cfg.model.name,
         "recipe": cfg.recipe.name,
+        # The calibration choice when it is not the recipe's own (ptq/formats.py algorithm_tag), else None.
+        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args)) or None,
         "kv_cache": cfg.recipe.kv_cache,
         "calib_size": cfg.calib.size,
         "calib_seq_len": cfg.calib.seq_len,
@@ -136,7 +139,7 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
         result = get_backend(plan.cfg.backend.name).run(plan, partial, timer)
         with timer.stage("validate"):
             validation = validate_checkpoint(
-                partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.cfg.recipe.export_quant_algo,
+                partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.export_quant_algo,
                 expect_kv_cache=plan.cfg.recipe.kv_cache, unexpected_bf16=result.unexpected_bf16,
             )
             validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
@@ -195,6 +198,7 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
     if not record:
         model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
         record = {"model": model.get("name"), "recipe": recipe.get("name"), "kv_cache": recipe.get("kv_cache"),
+                  "algorithm": algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args")) or None,
                   "calib_size": calib.get("size"), "calib_seq_len": calib.get("seq_len"),
                   "hardware_profile": config.get("hardware", {}).get("name"),
                   "backend": config.get("backend", {}).get("name"), "output_dir": output_dir,

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, OmegaConf
+
+from ptq.formats import algorithm_tag
 
 
 # Closed choices: Hydra refuses any other value when it composes the config, naming the valid ones.
@@ -24,10 +26,13 @@ class Arch(StrEnum):
     mamba_hybrid = "mamba_hybrid"
 
 
-class KVCache(StrEnum):
+class KVCache(StrEnum):  # ptq/formats.py KV_CACHE_CONFIGS names the ModelOpt config of each
     none = "none"
     fp8 = "fp8"
+    fp8_affine = "fp8_affine"
     nvfp4 = "nvfp4"
+    nvfp4_affine = "nvfp4_affine"
+    nvfp4_rotate = "nvfp4_rotate"
 
 
 class Device(StrEnum):
@@ -120,8 +125,14 @@ class RecipeConfig:
     kv_cache: KVCache = KVCache.none
     # Extra module name patterns to leave unquantized, on top of the model's.
     exclude: List[str] = field(default_factory=list)
-    # Overrides the calibration algorithm of the ModelOpt config (e.g. "max", "awq_lite").
+    # The calibration algorithm, replacing the ModelOpt config's own: one of ModelOpt's methods (max, mse,
+    # local_hessian, smoothquant, awq_lite, awq_clip, awq_full, gptq, svdquant; ptq/formats.py ALGORITHMS says
+    # which recipes each applies to). None: the config's own.
     algorithm: Optional[str] = None
+    # Its settings, checked against ModelOpt's config class for the method before any model is loaded, e.g.
+    # {alpha: 0.5} (smoothquant), {lowrank: 64} (svdquant), {fp8_scale_sweep: true} (mse), {perc_damp: 0.05}
+    # (gptq). With algorithm=None they adjust the config's own algorithm. Part of the output folder's name.
+    algorithm_args: Dict[str, Any] = field(default_factory=dict)
     # Mixed precision (recipe=auto_quantize*, ptq/auto_quantize.py): ModelOpt config names each layer
     # group may take (BF16 is always a choice); non-empty means mtq.auto_quantize instead of modelopt_cfg.
     candidates: List[str] = field(default_factory=list)
@@ -289,6 +300,15 @@ class RunConfig:
     detach: bool = False
 
 
+def _variant_suffix(method, args) -> str:
+    tag = algorithm_tag(method, OmegaConf.to_container(args) if OmegaConf.is_config(args) else args)
+    return f"-{tag}" if tag else ""
+
+
 def register_schemas() -> None:
-    """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node."""
+    """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node.
+    Also `${ptq_variant:${recipe.algorithm},${recipe.algorithm_args}}`: '' for a recipe's own calibration,
+    else '-<tag>', so each calibration choice of a recipe gets its own output folder."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
+    if not OmegaConf.has_resolver("ptq_variant"):
+        OmegaConf.register_new_resolver("ptq_variant", _variant_suffix)

@@ -31,6 +31,7 @@ POINTS = [
     ["hydra.launcher.no_such_setting=5"],
     ["recipe=auto_quantize", "recipe.effective_bits=5.5"],
     ["+recipe.extra_key=1"],
+    ["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5", "recipe.algorithm=smoothquant"],
 ]
 BAD = [
     ["recipe=no_such_recipe"],

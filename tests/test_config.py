@@ -22,7 +22,8 @@ def options(group):
 def test_groups_are_the_documented_ones():
     assert GROUPS == ["backend", "calib", "cluster", "eval", "fidelity", "hardware", "model", "parallelism", "recipe"]
     assert set(options("recipe")) == {
-        "bf16", "fp8", "fp8_blockwise", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
+        "bf16", "fp8", "fp8_blockwise", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
+        "nvfp4_svdquant", "w4a16_nvfp4", "mxfp8",
         "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
         "auto_quantize", "auto_quantize_cpu",
     }
@@ -125,7 +126,7 @@ def test_options_become_config_entries():
     names = [e["quantizer_name"] for e in quant_cfg["quant_cfg"]]
     assert "*[kv]_bmm_quantizer" in names
     assert "*mlp.down_proj*" in disabled_patterns(quant_cfg)
-    assert quant_cfg["algorithm"] == "max"
+    assert quant_cfg["algorithm"] == {"method": "max"}
     wo, _ = compose_run(["recipe=fp8", "recipe.weight_only=true"])
     assert "*input_quantizer" in disabled_patterns(build_quant_config(wo.recipe, [], None))
 

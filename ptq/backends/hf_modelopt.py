@@ -164,6 +164,9 @@ class HFModelOptBackend:
         cfg = plan.cfg
         extensions = use_extension_cache(cfg.cache_dir)
         import_modelopt()
+        if plan.quantize and not cfg.recipe.candidates:
+            # The ModelOpt config, algorithm settings included, is checked before the model is loaded.
+            build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
         with timer.stage("load"):
             model, tokenizer, checkpoint = load_model(
                 plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,

@@ -58,7 +58,8 @@ def record_kv_cache(record: dict) -> str:
 
 
 def variant_label(record: dict) -> str:
-    """`<recipe>[+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just `bf16`.
+    """`<recipe>[/<algorithm>][+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just
+    `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm, recipe.algorithm_args).
 
     The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
     is its own variant, so both backends' checkpoints of one recipe stand side by side, and so is each
@@ -67,6 +68,9 @@ def variant_label(record: dict) -> str:
     if recipe == BF16:
         return BF16
     label = recipe
+    algorithm = record.get("algorithm")
+    if isinstance(algorithm, str) and algorithm:
+        label += f"/{algorithm}"
     kv = record_kv_cache(record)
     if kv != "none":
         label += f"+kv_{kv}"

@@ -1,0 +1,139 @@
+"""Calibration algorithms as a recipe axis (recipe.algorithm, recipe.algorithm_args): which recipes each
+applies to (planning, no ModelOpt), their settings checked by ModelOpt's own config classes before any model is
+loaded, one output folder and one report variant per choice, and real runs on the CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import compose_run, small_run_overrides
+from ptq.errors import ConfigError
+from ptq.formats import ALGORITHMS, EXPORT_FORMATS, algorithm_export, algorithm_tag
+from ptq.plan import Facts, make_plan
+from ptq.recipes import _algorithm_classes, algorithm_config, build_quant_config
+from ptq.report import variant_label
+from ptq.run import run
+
+GGUF = Facts(gguf_path="/x.gguf")
+GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
+
+
+def plan_for(overrides, facts=GGUF):
+    cfg, _ = compose_run(overrides)
+    return make_plan(cfg, facts)
+
+
+def test_every_algorithm_is_one_of_the_installed_modelopt_and_names_known_formats():
+    installed = _algorithm_classes()
+    assert set(ALGORITHMS) <= set(installed), set(ALGORITHMS) - set(installed)
+    for name, algorithm in ALGORITHMS.items():
+        assert set(algorithm.applies_to) <= set(EXPORT_FORMATS), name
+        assert all(a in algorithm.applies_to and b in EXPORT_FORMATS for a, b in algorithm.exports_as), name
+
+
+@pytest.mark.parametrize("overrides, folder", [
+    (["recipe=fp8"], "fp8-kv_none-calib"),
+    (["recipe=fp8", "recipe.algorithm=mse"], "fp8-mse-kv_none-calib"),
+    (["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"], "int8_sq-alpha0.5-kv_none-calib"),
+    (["recipe=nvfp4", "hardware=h100", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
+     "nvfp4-mse-fp8_scale_sweepon-kv_none-calib"),
+])
+def test_each_calibration_choice_has_its_own_output_folder(overrides, folder):
+    plan = plan_for(overrides, GPU if "hardware=h100" in overrides else GGUF)
+    assert plan.output_dir.name.startswith(folder)
+
+
+@pytest.mark.parametrize("overrides, export", [
+    (["recipe=nvfp4", "recipe.algorithm=awq_lite"], "NVFP4_AWQ"),
+    (["recipe=nvfp4", "recipe.algorithm=svdquant"], "NVFP4_SVD"),
+    (["recipe=nvfp4", "recipe.algorithm=gptq"], "NVFP4"),
+    (["recipe=w4a16_nvfp4", "recipe.algorithm=local_hessian"], "W4A16_NVFP4"),
+    (["recipe=int4_awq", "recipe.algorithm=gptq"], "W4A16_AWQ"),
+])
+def test_the_export_format_an_algorithm_leads_to_is_what_validation_expects(overrides, export):
+    assert plan_for(["hardware=h100"] + overrides, GPU).export_quant_algo == export
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["recipe=fp8", "recipe.algorithm=smoothquant"], "does not apply to recipe=fp8, which exports FP8"),
+    (["recipe=fp8", "recipe.algorithm=awq_lite"], "it applies to recipes exporting W4A16_AWQ"),
+    (["recipe=int8_sq", "recipe.algorithm=svdquant"], "does not apply to recipe=int8_sq"),
+    (["recipe=fp8", "recipe.algorithm=magic"], "recipe.algorithm=magic is not a calibration algorithm"),
+    (["recipe=bf16", "recipe.algorithm=max"], "which quantizes nothing"),
+    (["recipe=auto_quantize_cpu", "recipe.algorithm=mse"], "AutoQuantize calibrates every candidate"),
+])
+def test_an_algorithm_a_recipe_cannot_take_is_refused_when_planning(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan_for(overrides)
+
+
+def test_the_megatron_backend_refuses_an_algorithm():
+    with pytest.raises(ConfigError, match="apply to backend=hf_modelopt"):
+        plan_for(["backend=megatron_bridge", "hardware=h100", "model=llama3.2-1b", "recipe=fp8", "recipe.algorithm=mse"],
+                 Facts(cuda_available=True, local_model_ok=True))
+
+
+def test_settings_merge_into_the_configs_own_algorithm_or_replace_it():
+    cfg, _ = compose_run(["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"])
+    assert build_quant_config(cfg.recipe, ["*lm_head*"], None)["algorithm"] == {"method": "smoothquant", "alpha": 0.5}
+    cfg, _ = compose_run(["recipe=int4_awq", "+recipe.algorithm_args.alpha_step=0.2"])
+    assert build_quant_config(cfg.recipe, [], 128)["algorithm"] == {"method": "awq_lite", "alpha_step": 0.2}
+    cfg, _ = compose_run(["recipe=int4_awq", "recipe.algorithm=gptq", "+recipe.algorithm_args.perc_damp=0.05"])
+    assert build_quant_config(cfg.recipe, [], 128)["algorithm"] == {"method": "gptq", "perc_damp": 0.05}
+    cfg, _ = compose_run(["recipe=fp8"])
+    assert build_quant_config(cfg.recipe, [], None)["algorithm"] == "max"  # ModelOpt's own entry, untouched
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["recipe=int8_sq", "+recipe.algorithm_args.alpah=0.5"], r"alpah: Extra inputs are not permitted.*SmoothQuantCalibConfig takes: alpha"),
+    (["recipe=fp8", "recipe.algorithm=mse", "+recipe.algorithm_args.step_size=fast"], r"step_size: Input should be a valid number"),
+    (["recipe=mxfp8", "hardware=h100", "+recipe.algorithm_args.alpha=0.5"], "MXFP8_DEFAULT_CFG calibrates nothing"),
+])
+def test_a_bad_setting_names_itself_and_the_methods_settings(overrides, message):
+    cfg, _ = compose_run(overrides)
+    with pytest.raises(ConfigError, match=message):
+        algorithm_config(cfg.recipe, __import__("modelopt.torch.quantization", fromlist=["x"]).__dict__[cfg.recipe.modelopt_cfg].get("algorithm"))
+
+
+def test_tags_and_report_labels_name_the_choice():
+    assert algorithm_tag(None, {}) == ""
+    assert algorithm_tag("svdquant", {"lowrank": 64}) == "svdquant-lowrank64"
+    assert algorithm_export("awq_clip", "NVFP4") == "NVFP4_AWQ" and algorithm_export(None, "FP8") == "FP8"
+    record = {"recipe": "int8_sq", "algorithm": "alpha0.5", "kv_cache": "none", "calib_size": 32}
+    assert variant_label(record) == "int8_sq/alpha0.5@32"
+    assert variant_label({**record, "algorithm": None}) == "int8_sq@32"
+
+
+def test_a_bad_setting_stops_the_run_before_the_model_is_loaded(tiny_llama_dir, tmp_path):
+    cfg, config = compose_run(small_run_overrides(tmp_path, "recipe=int8_sq", "+recipe.algorithm_args.alpah=0.5",
+                                                  f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"))
+    with pytest.raises(ConfigError, match="alpah"):
+        run(cfg, config)
+    record = json.loads(next((tmp_path / "runs").rglob("run.json")).read_text())
+    assert record["status"] == "failed" and "load" not in (record.get("timings_s") or {})
+    assert not list((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_algorithms_run_and_export_on_the_cpu(tiny_llama_dir, tmp_path):
+    """Real ModelOpt calibration with other algorithms than the recipe's own: each point its own folder and record."""
+    base = [f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"]
+    records = {}
+    for extra in (["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"], ["recipe=int4_awq", "recipe.algorithm=gptq"],
+                  ["recipe=fp8", "recipe.algorithm=mse"], ["recipe=fp8"]):
+        cfg, config = compose_run(small_run_overrides(tmp_path, *extra, *base))
+        record = run(cfg, config)
+        assert record["status"] == "finished", record.get("error")
+        records[" ".join(extra)] = record
+    assert len({r["output_dir"] for r in records.values()}) == 4
+    sq, gptq, mse, fp8 = records.values()
+    assert sq["algorithm"] == "alpha0.5" and gptq["algorithm"] == "gptq" and mse["algorithm"] == "mse"
+    assert fp8["algorithm"] is None
+    for record, algo in ((sq, "W8A8_SQ_PER_CHANNEL"), (gptq, "W4A16_AWQ"), (mse, "FP8")):
+        quant = json.loads((tmp_path / record["checkpoint"] / "hf_quant_config.json").read_text()
+                           if not record["checkpoint"].startswith("/") else
+                           open(f"{record['checkpoint']}/hf_quant_config.json").read())
+        assert quant["quantization"]["quant_algo"] == algo
+    # MSE searched the weight scales: its weights round differently from max calibration's.
+    assert mse["fidelity"]["mean_kl"] != fp8["fidelity"]["mean_kl"]
