@@ -30,7 +30,7 @@ from typing import Callable, Dict, Iterable, List, Optional
 import torch
 
 from ptq.errors import ConfigError
-from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STORED_WEIGHTS_CHECK, export_algos
+from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STATIC_INPUT_SCALES, STORED_WEIGHTS_CHECK, export_algos
 from ptq.layout import QUANT_CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,8 @@ FP8_INPUT = set(export_algos(readback=True, activation="fp8"))
 INT8_INPUT = set(export_algos(readback=True, activation="int8"))
 NVFP4_INPUT = set(export_algos(readback=True, activation="nvfp4"))
 SUPPORTED = set(export_algos(readback=True))
+# Formats that store a calibrated activation scale (`input_scale`) for each quantized layer.
+STATIC_INPUT = {a for a, f in EXPORT_FORMATS.items() if f.activation in STATIC_INPUT_SCALES}
 # What a quantized linear layer stores in place of its weight (other tensors of it, such as a bias, are plain).
 QUANT_LEAVES = {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_quant_scale"}
 
@@ -273,6 +275,15 @@ def _read_ahead(keys: List[str], read: Callable, workers: int):
             if i + 2 * workers < len(keys):
                 pending.append(pool.submit(read, keys[i + 2 * workers]))
             yield key, result
+
+
+def unreadable_formats(export_dir: Path) -> List[str]:
+    """quant_algo values of the export's quantized layers that the read-back cannot compute with."""
+    quant = read_quant_config(Path(export_dir))
+    by_module = _by_module(tensor_files(Path(export_dir)))
+    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
+    return sorted({f["quant_algo"] for m, f in layer_formats(quant, quantized).items()
+                   if m in by_module and f["quant_algo"] not in SUPPORTED})
 
 
 def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
@@ -535,7 +546,7 @@ def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu"
                     problems.append(f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
                                     f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
                                     f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes")
-            if algo not in WEIGHT_ONLY:
+            if algo in STATIC_INPUT:
                 scale = parts[0][0].get("input_scale")
                 if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
                     problems.append(f"{name} ({algo}) quantizes its input but stores no finite positive input_scale")

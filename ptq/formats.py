@@ -69,6 +69,12 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
     # MXFP8: FP8 values with one power-of-two (E8M0) scale per 32, weights and activations.
     "MXFP8": ExportFormat("F8_E4M3", "mxfp8", readback=False, serving=(VLLM,)),
 }
+# Activation quantizations whose scale is calibrated and stored (`input_scale`); "fp8_dynamic" and "mxfp8" scale
+# each token or block at run time and store none.
+STATIC_INPUT_SCALES = ("fp8", "int8", "nvfp4")
+# The check of a written checkpoint that could not run (its format can be neither read back nor judged layer by
+# layer here); the record says why.
+NO_CHECK = "none"
 # A checkpoint whose layers have different formats lists them per layer.
 MIXED_PRECISION = "MIXED_PRECISION"
 # The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from ptq.errors import ConfigError
-from ptq.formats import KV_CACHE_CONFIGS
+from ptq.formats import KV_CACHE_CONFIGS, algorithm_tag
 from ptq.schema import RecipeConfig
 
 
@@ -55,7 +55,25 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
         entries.append({"quantizer_name": module_pattern_to_quantizer_pattern(pattern), "enable": False})
     if recipe.algorithm is not None or recipe.algorithm_args:
         cfg["algorithm"] = algorithm_config(recipe, cfg.get("algorithm"))
+        _check_block_scale_search(recipe, cfg)
     return cfg
+
+
+def _check_block_scale_search(recipe: RecipeConfig, cfg: Dict) -> None:
+    """The NVFP4 block-scale searches (local_hessian, mse with fp8_scale_sweep) choose stored per-block weight
+    scales; with dynamic block scales (NVFP4_DEFAULT_CFG, W4A16_NVFP4_CFG) the scales are recomputed from the
+    weights at every use and the search changes nothing (on SmolLM2 the mean KL came out identical to max)."""
+    algorithm = cfg["algorithm"]
+    if not (algorithm["method"] == "local_hessian" or (algorithm["method"] == "mse" and algorithm.get("fp8_scale_sweep"))):
+        return
+    dynamic = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"
+               and isinstance(e.get("cfg"), dict) and (e["cfg"].get("block_sizes") or {}).get("type") == "dynamic"]
+    if dynamic:
+        raise ConfigError(
+            f"recipe={recipe.name} with {algorithm_tag(recipe.algorithm, dict(recipe.algorithm_args))}: "
+            f"{recipe.modelopt_cfg} computes its NVFP4 weight block scales at run time, so a search of stored block "
+            "scales has nothing to set. Use recipe=nvfp4_mse or recipe=nvfp4_local_hessian (static weight block "
+            "scales, ModelOpt's own configs for these searches).")
 
 
 def _algorithm_classes() -> Dict[str, type]:

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 from safetensors import safe_open
 
-from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STORED_WEIGHTS_CHECK
+from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -140,6 +140,8 @@ def export_fidelity_problems(fidelity: Optional[dict], tolerance: float) -> List
         return []
     if written.get("check") == STORED_WEIGHTS_CHECK:
         return [f"stored-weight check: {p}" for p in written.get("problems", [])]
+    if written.get("check") == NO_CHECK:
+        return []
     in_memory, on_disk = fidelity["mean_kl"], written["mean_kl"]
     limit = tolerance * in_memory + EXPORT_KL_SLACK
     if on_disk <= limit:

@@ -97,6 +97,20 @@ def test_a_bad_setting_names_itself_and_the_methods_settings(overrides, message)
         algorithm_config(cfg.recipe, __import__("modelopt.torch.quantization", fromlist=["x"]).__dict__[cfg.recipe.modelopt_cfg].get("algorithm"))
 
 
+@pytest.mark.parametrize("overrides", [
+    ["recipe=nvfp4", "recipe.algorithm=local_hessian"],
+    ["recipe=w4a16_nvfp4", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
+])
+def test_a_block_scale_search_on_run_time_block_scales_is_refused(overrides):
+    """Measured on an H200: on NVFP4_DEFAULT_CFG both searches gave the mean KL of max calibration to every digit."""
+    cfg, _ = compose_run(["hardware=h100"] + overrides)
+    with pytest.raises(ConfigError, match="recipe=nvfp4_mse or recipe=nvfp4_local_hessian"):
+        build_quant_config(cfg.recipe, [], None)
+    for recipe in ("nvfp4_mse", "nvfp4_local_hessian"):  # ModelOpt's own configs for them: static block scales
+        cfg, _ = compose_run(["hardware=h100", f"recipe={recipe}"])
+        assert build_quant_config(cfg.recipe, [], None)["algorithm"]["method"] in ("mse", "local_hessian")
+
+
 def test_tags_and_report_labels_name_the_choice():
     assert algorithm_tag(None, {}) == ""
     assert algorithm_tag("svdquant", {"lowrank": 64}) == "svdquant-lowrank64"

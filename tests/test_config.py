@@ -23,7 +23,7 @@ def test_groups_are_the_documented_ones():
     assert GROUPS == ["backend", "calib", "cluster", "eval", "fidelity", "hardware", "model", "parallelism", "recipe"]
     assert set(options("recipe")) == {
         "bf16", "fp8", "fp8_blockwise", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
-        "nvfp4_svdquant", "w4a16_nvfp4", "mxfp8",
+        "nvfp4_svdquant", "nvfp4_mse", "nvfp4_local_hessian", "w4a16_nvfp4", "mxfp8",
         "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
         "auto_quantize", "auto_quantize_cpu",
     }

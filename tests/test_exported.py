@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from conftest import compose_run, small_run_overrides
 from ptq.errors import ConfigError
 from ptq.exported import (check_stored_weights, dequantize_weight, load_exported, nvfp4_fake_quant, read_tensors,
-                          unpack_int4)
+                          unpack_int4, unreadable_formats)
 from ptq.run import run
 from ptq.validate import export_fidelity_problems
 
@@ -109,7 +109,7 @@ def _export(model_dir: Path, modelopt_cfg: str, out: Path) -> Path:
 def tiny_exports(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-exports")
     return {cfg: _export(tiny_llama_dir, cfg, tmp / cfg)
-            for cfg in ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT4_AWQ_CFG")}
+            for cfg in ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT4_AWQ_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG")}
 
 
 def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny_llama_dir):
@@ -207,6 +207,26 @@ def test_corrupted_scales_are_visible_in_the_read_back_model(fp8_checkpoint, tmp
     bad = _logprobs(bad_model, tokens)
     kl = (good.exp() * (good - bad)).sum(-1).mean().item()
     assert kl > 0.05, kl
+
+
+def test_per_token_activations_store_no_input_scale_and_pass_the_stored_weight_check(tiny_exports, tiny_llama_dir):
+    """FP8_PER_CHANNEL_PER_TOKEN scales activations per token at run time: no input_scale is stored or asked for
+    (an H200 run of recipe=fp8_pc_pt failed validation on exactly this before)."""
+    result = check_stored_weights(tiny_exports["FP8_PER_CHANNEL_PER_TOKEN_CFG"], tiny_llama_dir)
+    assert result["applicable"] and result["problems"] == [], result
+    assert result["formats"] == {"FP8_PER_CHANNEL_PER_TOKEN": 14} and result["input_scales"] == 0
+    assert 0 < result["max_relative_error"]["FP8_PER_CHANNEL_PER_TOKEN"] < 0.08
+
+
+def test_formats_that_cannot_be_read_back_are_named_and_left_unchecked(fp8_checkpoint, tmp_path):
+    other = tmp_path / "mx"
+    shutil.copytree(fp8_checkpoint, other)
+    quant = json.loads((other / "hf_quant_config.json").read_text())
+    quant["quantization"]["quant_algo"] = "MXFP8"
+    (other / "hf_quant_config.json").write_text(json.dumps(quant))
+    assert unreadable_formats(other) == ["MXFP8"] and unreadable_formats(fp8_checkpoint) == []
+    unchecked = {"mean_kl": 0.1, "exported_checkpoint": {"check": "none", "reason": "MXFP8 cannot be read back"}}
+    assert export_fidelity_problems(unchecked, 1.5) == []
 
 
 def test_formats_that_cannot_be_simulated_are_refused(fp8_checkpoint, tmp_path):
