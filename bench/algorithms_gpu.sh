@@ -22,8 +22,8 @@ TEXT=$CACHE/text
 GROUPS_=(
     "recipe=bf16,fp8,fp8_pc_pt,fp8_blockwise,int8_sq,mxfp8,int4_awq,w4a16_nvfp4,nvfp4,nvfp4_awq,nvfp4_svdquant"
     "recipe=fp8,fp8_pc_pt,int8_sq,int4_awq,w4a16_nvfp4,nvfp4 recipe.algorithm=mse"
-    "recipe=nvfp4,w4a16_nvfp4 recipe.algorithm=mse +recipe.algorithm_args.fp8_scale_sweep=true"
-    "recipe=nvfp4,w4a16_nvfp4 recipe.algorithm=local_hessian,gptq"
+    "recipe=nvfp4_mse,nvfp4_local_hessian"
+    "recipe=nvfp4,w4a16_nvfp4 recipe.algorithm=gptq"
     "recipe=int8_sq +recipe.algorithm_args.alpha=0.3,0.5,0.8"
     "recipe=int4_awq recipe.algorithm=awq_clip,awq_full,gptq"
     "recipe=nvfp4 recipe.algorithm=awq_clip,awq_full"

@@ -442,3 +442,13 @@ def test_a_variant_is_compared_with_the_bf16_result_measured_the_same_way():
     assert fp8_row["bf16"] == 0.28 and fp8_row["recovery"] == pytest.approx(0.21 / 0.28)
     assert int8_row["bf16"] == 0.26 and int8_row["recovery"] == pytest.approx(0.25 / 0.26)
     assert sorted(rows_of(report.scores, variant="bf16", benchmark="arc")["value"].tolist()) == [0.26, 0.28]
+
+
+def test_a_long_failure_is_cut_in_the_table_and_says_where_the_rest_is():
+    from ptq.report.read import NOTE_CHARS, status_note
+
+    error = "ValidationFailed: " + "; ".join(f"layer {i} stores no input_scale" for i in range(200))
+    note = status_note("failed", error)
+    assert note.startswith("failed: ValidationFailed: layer 0 stores no input_scale")
+    assert len(note) < NOTE_CHARS + 80 and note.endswith(f"({len(error)} characters; the run record has all)")
+    assert status_note("failed", "short\nsecond line") == "failed: short"

@@ -162,13 +162,21 @@ def baseline_scores(record: dict) -> List[dict]:
             + _bf16_fidelity_rows(section(record, "fidelity"), fidelity_fingerprint(record)))
 
 
+NOTE_CHARS = 300
+
+
 def status_note(status: str, error) -> str:
     """Why a point is not a finished result ("" when it is)."""
     if status == "finished":
         return ""
     if status == "failed":
         lines = str(error).strip().splitlines() if error else []
-        return f"failed: {lines[0].strip()}" if lines else "failed: no error recorded"
+        if not lines:
+            return "failed: no error recorded"
+        first = lines[0].strip()
+        # A table cell, not the whole error (a validation can name hundreds of layers): the record keeps it all.
+        return f"failed: {first[:NOTE_CHARS]}" + (f"... ({len(first)} characters; the run record has all)"
+                                                  if len(first) > NOTE_CHARS else "")
     if status == "running":
         return "running (unfinished)"
     if status == "dead":
