@@ -28,7 +28,7 @@ GROUPS_=(
     "recipe=int4_awq recipe.algorithm=awq_clip,awq_full,gptq"
     "recipe=nvfp4 recipe.algorithm=awq_clip,awq_full"
     "recipe=nvfp4_svdquant +recipe.algorithm_args.lowrank=64"
-    "recipe=fp8 recipe.kv_cache=fp8,fp8_affine,nvfp4,nvfp4_affine,nvfp4_rotate"
+    "recipe=fp8 recipe.kv_cache=fp8,nvfp4,nvfp4_affine,nvfp4_rotate"
     "recipe=auto_quantize recipe.effective_bits=4.8 recipe.score_method=kl_div"
 )
 

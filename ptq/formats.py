@@ -77,6 +77,20 @@ STATIC_INPUT_SCALES = ("fp8", "int8", "nvfp4")
 NO_CHECK = "none"
 # A checkpoint whose layers have different formats lists them per layer.
 MIXED_PRECISION = "MIXED_PRECISION"
+# Engines that load a mixed-precision ModelOpt checkpoint (vLLM's MIXED_PRECISION, SGLang's modelopt_mixed,
+# TensorRT-LLM's), and a quantized KV cache of each kind (SERVING_SOURCE).
+MIXED_PRECISION_SERVING = (VLLM, SGLANG, TRTLLM)
+KV_CACHE_SERVING = {"FP8": (VLLM, TRTLLM), "NVFP4": (TRTLLM,)}
+
+
+def serving_engines(quant_algo: Optional[str], kv_cache_quant_algo: Optional[str] = None) -> List[str]:
+    """Engines whose ModelOpt loaders take a checkpoint of these formats (and its KV cache), per SERVING_SOURCE."""
+    algo = str(quant_algo or "").upper()
+    engines = MIXED_PRECISION_SERVING if algo == MIXED_PRECISION else (
+        EXPORT_FORMATS[algo].serving if algo in EXPORT_FORMATS else ())
+    if kv_cache_quant_algo:
+        engines = tuple(e for e in engines if e in KV_CACHE_SERVING.get(str(kv_cache_quant_algo).upper(), ()))
+    return list(engines)
 # The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).
 STORED_WEIGHTS_CHECK = "stored weights"
 
@@ -90,10 +104,13 @@ def export_algos(**where) -> Tuple[str, ...]:
 CUDA_ONLY_FORMATS = ("nvfp4", "mxfp8")
 # recipe.kv_cache -> the ModelOpt config that adds KV-cache quantizers (affine: with a per-channel bias;
 # rotate: keys rotated by a Hadamard transform before they are quantized).
-KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "fp8_affine": "FP8_AFFINE_KV_CFG", "nvfp4": "NVFP4_KV_CFG",
-                    "nvfp4_affine": "NVFP4_AFFINE_KV_CFG", "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG"}
+KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG", "nvfp4_affine": "NVFP4_AFFINE_KV_CFG",
+                    "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG"}
 # The number format a KV-cache choice computes in (checked against hardware.calibrate).
-KV_CACHE_FORMATS = {"fp8": "fp8", "fp8_affine": "fp8", "nvfp4": "nvfp4", "nvfp4_affine": "nvfp4", "nvfp4_rotate": "nvfp4"}
+KV_CACHE_FORMATS = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_affine": "nvfp4", "nvfp4_rotate": "nvfp4"}
+# The kv_cache_quant_algo ModelOpt's export writes for each (its get_kv_cache_dtype tells FP8, NVFP4 and
+# NVFP4_AFFINE apart; the rotation is applied before quantization and leaves no trace in the name).
+KV_CACHE_EXPORTS = {"fp8": "FP8", "nvfp4": "NVFP4", "nvfp4_affine": "NVFP4_AFFINE", "nvfp4_rotate": "NVFP4"}
 
 
 @dataclass(frozen=True)

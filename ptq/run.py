@@ -16,7 +16,7 @@ from typing import Optional, Sequence
 from ptq.backends import describe as describe_run, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
-from ptq.formats import algorithm_tag
+from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
@@ -145,6 +145,10 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
             validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
             validation["passed"] = not validation["problems"]
         record["validation"] = validation
+        # Which serving engines load this checkpoint's formats (ptq/formats.py, facts with their source and date).
+        record["serving"] = {"engines": serving_engines(validation.get("quant_algo"), validation.get("kv_cache_quant_algo")),
+                             "quant_algo": validation.get("quant_algo"),
+                             "kv_cache_quant_algo": validation.get("kv_cache_quant_algo"), "source": SERVING_SOURCE}
         record["fidelity"] = result.fidelity
         record["evaluation"] = result.evaluation
         size = checkpoint_bytes(partial)

@@ -29,7 +29,6 @@ class Arch(StrEnum):
 class KVCache(StrEnum):  # ptq/formats.py KV_CACHE_CONFIGS names the ModelOpt config of each
     none = "none"
     fp8 = "fp8"
-    fp8_affine = "fp8_affine"
     nvfp4 = "nvfp4"
     nvfp4_affine = "nvfp4_affine"
     nvfp4_rotate = "nvfp4_rotate"

@@ -9,7 +9,7 @@ from typing import Dict, List, Optional
 
 from safetensors import safe_open
 
-from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
+from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
@@ -108,7 +108,7 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
             # ModelOpt's names mix case (FP8, NVFP4, fp8_pb_wo): compare without it.
             elif expect_quant_algo and str(quant_algo).upper() != expect_quant_algo.upper():
                 problems.append(f"hf_quant_config.json says quant_algo={quant_algo}, the recipe expects {expect_quant_algo}")
-            want_kv = None if expect_kv_cache == "none" else expect_kv_cache.upper()
+            want_kv = None if expect_kv_cache == "none" else KV_CACHE_EXPORTS.get(expect_kv_cache, expect_kv_cache.upper())
             if (kv_algo or None) != want_kv:
                 problems.append(f"hf_quant_config.json says kv_cache_quant_algo={kv_algo}, the recipe expects {want_kv}")
         config = json.loads((checkpoint / "config.json").read_text())

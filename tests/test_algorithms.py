@@ -151,3 +151,17 @@ def test_algorithms_run_and_export_on_the_cpu(tiny_llama_dir, tmp_path):
         assert quant["quantization"]["quant_algo"] == algo
     # MSE searched the weight scales: its weights round differently from max calibration's.
     assert mse["fidelity"]["mean_kl"] != fp8["fidelity"]["mean_kl"]
+    # Each record names the engines that load its checkpoint.
+    assert fp8["serving"]["engines"] == ["vLLM", "SGLang", "TensorRT-LLM"] and sq["serving"]["engines"] == ["TensorRT-LLM"]
+
+
+def test_serving_engines_follow_the_export_and_its_kv_cache():
+    from ptq.formats import serving_engines
+
+    assert serving_engines("FP8") == ["vLLM", "SGLang", "TensorRT-LLM"]
+    assert serving_engines("fp8_pb_wo") == ["vLLM", "TensorRT-LLM"]  # ModelOpt writes some names in lower case
+    assert serving_engines("W8A8_SQ_PER_CHANNEL") == ["TensorRT-LLM"]
+    assert serving_engines("NVFP4_SVD") == []
+    assert serving_engines("FP8", "NVFP4") == ["TensorRT-LLM"]
+    assert serving_engines("MIXED_PRECISION") == ["vLLM", "SGLang", "TensorRT-LLM"]
+    assert serving_engines(None) == []

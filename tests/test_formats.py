@@ -10,7 +10,8 @@ import modelopt.torch.export.model_config as model_config
 import modelopt.torch.export.quant_utils as quant_utils
 import modelopt.torch.quantization as mtq
 
-from ptq.formats import CANDIDATES, EXPORT_FORMATS, KV_CACHE_CONFIGS, MIXED_PRECISION, export_algos
+from ptq.formats import (CANDIDATES, EXPORT_FORMATS, KV_CACHE_CONFIGS, KV_CACHE_EXPORTS, KV_CACHE_FORMATS, MIXED_PRECISION,
+                         export_algos)
 
 
 def modelopt_quant_algos() -> set:
@@ -28,6 +29,10 @@ def test_every_export_format_is_one_modelopt_writes():
 
 def test_the_formats_the_plan_and_the_read_back_name_exist():
     assert {name for name in KV_CACHE_CONFIGS.values() if not isinstance(getattr(mtq, name, None), dict)} == set()
+    # Every KV-cache choice has its format and the kv_cache_quant_algo the export names, one of ModelOpt's.
+    assert set(KV_CACHE_CONFIGS) == set(KV_CACHE_FORMATS) == set(KV_CACHE_EXPORTS)
+    kv_names = {getattr(model_config, n) for n in dir(model_config) if n.startswith("KV_CACHE_")}
+    assert set(KV_CACHE_EXPORTS.values()) <= kv_names, set(KV_CACHE_EXPORTS.values()) - kv_names
     assert {name for name in CANDIDATES if not isinstance(getattr(mtq, name, None), dict)} == set()
     # Selections by field are what exported.py and plan.py use; each picks what the table says.
     assert set(export_algos(megatron_export=True)) == {"FP8", "FP8_PB_WO", "FP8_PB_REAL", "NVFP4", "W4A16_NVFP4"}

@@ -121,7 +121,7 @@ def test_bad_numbers(override, key):
 
 
 @pytest.mark.parametrize("override,choices", [
-    ("recipe.kv_cache=int2", "none, fp8, fp8_affine, nvfp4, nvfp4_affine, nvfp4_rotate"), ("model.arch=rnn", "dense, moe, mamba_hybrid"),
+    ("recipe.kv_cache=int2", "none, fp8, nvfp4, nvfp4_affine, nvfp4_rotate"), ("model.arch=rnn", "dense, moe, mamba_hybrid"),
     ("backend.name=vllm", "hf_modelopt, megatron_bridge"), ("hardware.device=tpu", "cpu, cuda"),
     ("hardware.dtype=int8", "float32, bfloat16, float16"), ("recipe.score_method=hessian", "gradient, kl_div"),
 ])

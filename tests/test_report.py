@@ -452,3 +452,16 @@ def test_a_long_failure_is_cut_in_the_table_and_says_where_the_rest_is():
     assert note.startswith("failed: ValidationFailed: layer 0 stores no input_scale")
     assert len(note) < NOTE_CHARS + 80 and note.endswith(f"({len(error)} characters; the run record has all)")
     assert status_note("failed", "short\nsecond line") == "failed: short"
+
+
+def test_the_summary_says_which_engines_serve_each_checkpoint():
+    fp8 = make_record("tiny", "fp8", fidelity=fidelity(21.0, 0.04, 0.9), size=size(110_000_000))
+    fp8["serving"] = {"engines": ["vLLM", "SGLang", "TensorRT-LLM"], "quant_algo": "FP8"}
+    svd = make_record("tiny", "nvfp4_svdquant", fidelity=fidelity(24.0, 0.3, 0.7), size=size(60_000_000))
+    svd["serving"] = {"engines": [], "quant_algo": "NVFP4_SVD"}
+    old = make_record("tiny", "int8_sq", fidelity=fidelity(22.0, 0.07, 0.85), size=size(110_000_000))  # older record
+    report = build_report([make_record("tiny", BF16, fidelity=fidelity(20.0, 0.0, 1.0)), fp8, svd, old])
+    served = dict(zip(report.summary["variant"], report.summary["served_by"]))
+    assert served == {"bf16": "", "fp8@512": "vLLM, SGLang, TensorRT-LLM", "int8_sq@512": "",
+                      "nvfp4_svdquant@512": "none of vLLM, SGLang, TensorRT-LLM"}
+    assert "| served by |" in render_markdown(report)

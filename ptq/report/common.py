@@ -51,7 +51,7 @@ SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchm
                  "higher_is_better", "bf16", "bf16_source", "delta", "recovery", "status", "note", "source"]
 
 SUMMARY_COLUMNS = ["model", "variant", "status", "median_recovery", "checkpoint_mb", "compression",
-                   "bits_per_weight", "calib_size", "calibrate_s", "note", "source"]
+                   "bits_per_weight", "calib_size", "calibrate_s", "served_by", "note", "source"]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
 

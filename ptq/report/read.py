@@ -165,6 +165,16 @@ def baseline_scores(record: dict) -> List[dict]:
 NOTE_CHARS = 300
 
 
+def served_by(record: dict) -> str:
+    """The serving engines the record says load its checkpoint ("" for BF16 or an older record)."""
+    if record.get("recipe") == BF16:
+        return ""
+    engines = section(record, "serving").get("engines")
+    if not isinstance(engines, list):
+        return ""
+    return ", ".join(str(e) for e in engines) or "none of vLLM, SGLang, TensorRT-LLM"
+
+
 def status_note(status: str, error) -> str:
     """Why a point is not a finished result ("" when it is)."""
     if status == "finished":

@@ -69,6 +69,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],
         "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
         "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
+        "served by": summary["served_by"],
         "note": summary["note"],
     })
 

@@ -15,7 +15,7 @@ from ptq.report.common import (
 )
 from ptq.report.read import (
     as_number, as_timestamp, baseline_scores, record_calib_size, record_kv_cache, record_problem, record_scores,
-    section, status_note, variant_label, variant_sort_key,
+    section, served_by, status_note, variant_label, variant_sort_key,
 )
 
 
@@ -50,11 +50,12 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             "compression": as_number(size.get("compression")),
             "bits_per_weight": as_number(size.get("bits_per_weight")),
             "calibrate_s": as_number(timings.get("calibrate")),
+            "served_by": served_by(record),
             "note": status_note(status, record.get("error")), "source": source,
         })
     return pd.DataFrame(rows, columns=["index", "model", "variant", "recipe", "kv_cache", "calib_size", "status",
                                        "finished_at", "time", "checkpoint_mb", "compression", "bits_per_weight",
-                                       "calibrate_s", "note", "source"])
+                                       "calibrate_s", "served_by", "note", "source"])
 
 
 def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
@@ -187,7 +188,7 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
     if baseline_only:
         extra = pd.DataFrame({"model": baseline_only, "variant": BF16, "recipe": BF16, "kv_cache": "none",
                               "calib_size": np.nan, "status": BASELINE_STATUS, "compression": 1.0,
-                              "bits_per_weight": 16.0,
+                              "bits_per_weight": 16.0, "served_by": "",
                               "note": "no bf16 run: BF16 scores from baselines embedded in quantized records",
                               "source": ""})
         points = pd.concat([points, extra], ignore_index=True)
