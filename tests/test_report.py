@@ -324,10 +324,11 @@ def test_wide_table_cells_and_column_order(report):
     assert table.columns.tolist() == ["benchmark", "metric", "bf16", "fp8@512", "fp8+kv_fp8@512", "int4_awq@128",
                                       "int4_awq@1024", "nvfp4@512", "w4a8_awq@512"]
     assert table.values.tolist() == [
-        ["arc_easy", "acc_norm", "0.320", "0.300 (-0.020, 93.8%)", "", "0.280 (-0.040, 87.5%)",
-         "0.310 (-0.010, 96.9%)", "", ""],
-        ["hellaswag", "acc", "0.500", "0.450 (-0.050, 90.0%)", "", "0.400 (-0.100, 80.0%)",
-         "0.480 (-0.020, 96.0%)", "", ""],
+        # Standard error 0.010 each: a difference under 1.96 x sqrt(2) x 0.010 = 0.028 is marked n.s.
+        ["arc_easy", "acc_norm", "0.320 ± 0.010", "0.300 ± 0.010 (-0.020 n.s., 93.8%)", "",
+         "0.280 ± 0.010 (-0.040, 87.5%)", "0.310 ± 0.010 (-0.010 n.s., 96.9%)", "", ""],
+        ["hellaswag", "acc", "0.500 ± 0.010", "0.450 ± 0.010 (-0.050, 90.0%)", "", "0.400 ± 0.010 (-0.100, 80.0%)",
+         "0.480 ± 0.010 (-0.020 n.s., 96.0%)", "", ""],
         ["perplexity", "fidelity", "20.000", "25.000 (+5.000, 80.0%)", "26.000 (+6.000, 76.9%)",
          "32.000 (+12.000, 62.5%)", "22.000 (+2.000, 90.9%)", "", ""],
         ["mean_kl_vs_bf16", "fidelity", "0.000", "0.050 (+0.050)", "0.060 (+0.060)", "0.200 (+0.200)",
@@ -337,7 +338,7 @@ def test_wide_table_cells_and_column_order(report):
     ]
     other = wide_table(report.scores, "other")
     assert other.columns.tolist() == ["benchmark", "metric", "bf16", "fp8@256", "int8_sq@256"]
-    assert other.values.tolist()[1] == ["hellaswag", "acc", "0.600", "", ""]  # BF16-only row kept
+    assert other.values.tolist()[1] == ["hellaswag", "acc", "0.600 ± 0.010", "", ""]  # BF16-only row kept
 
 
 def test_malformed_fields_are_read_defensively():
@@ -382,7 +383,7 @@ def test_cli_writes_every_output(sweep, tmp_path):
     assert done.returncode == 0, done.stderr
     markdown = (out / "results.md").read_text()
     assert done.stdout == markdown
-    assert "| arc_easy | acc_norm | 0.320 | 0.300 (-0.020, 93.8%) |" in markdown
+    assert "| arc_easy | acc_norm | 0.320 ± 0.010 | 0.300 ± 0.010 (-0.020 n.s., 93.8%) |" in markdown
     for skipped in ("half-written", "list", "no-recipe"):
         assert f"- `{paths[skipped]}`: " in markdown
     assert f"- `{paths['tiny/fp8-old']}` (fp8@512): older duplicate" in markdown
@@ -396,7 +397,7 @@ def test_cli_writes_every_output(sweep, tmp_path):
     page = (out / "results.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(embedded) == 2 and all(base64.b64decode(image).startswith(PNG_MAGIC) for image in embedded)
-    assert "0.300 (-0.020, 93.8%)" in page and "failed: torch.OutOfMemoryError: CUDA out of memory." in page
+    assert "0.300 ± 0.010 (-0.020 n.s., 93.8%)" in page and "failed: torch.OutOfMemoryError: CUDA out of memory." in page
 
 
 def test_cli_default_out_dir_and_bad_arguments(sweep, tmp_path, capsys):
@@ -465,3 +466,14 @@ def test_the_summary_says_which_engines_serve_each_checkpoint():
     assert served == {"bf16": "", "fp8@512": "vLLM, SGLang, TensorRT-LLM", "int8_sq@512": "",
                       "nvfp4_svdquant@512": "none of vLLM, SGLang, TensorRT-LLM"}
     assert "| served by |" in render_markdown(report)
+
+
+def test_fidelity_rows_carry_their_standard_errors():
+    quantized = make_record("tiny", "fp8", fidelity={**fidelity(21.0, 0.04, 0.9), "mean_kl_stderr": 0.002,
+                                                     "top1_agreement_stderr": 0.01, "log_perplexity_ratio_stderr": 0.005})
+    older = make_record("tiny", "int8_sq", fidelity=fidelity(22.0, 0.07, 0.85))  # recorded before the errors were
+    report = build_report([make_record("tiny", BF16, fidelity=fidelity(20.0, 0.0, 1.0)), quantized, older])
+    fp8 = rows_of(report.scores, variant="fp8@512").set_index("benchmark")["stderr"]
+    assert fp8["mean_kl_vs_bf16"] == pytest.approx(0.002) and fp8["top1_agreement_vs_bf16"] == pytest.approx(0.01)
+    assert fp8["perplexity"] == pytest.approx(21.0 * 0.005)
+    assert rows_of(report.scores, variant="int8_sq@512")["stderr"].isna().all()

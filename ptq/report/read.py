@@ -127,8 +127,9 @@ def fidelity_fingerprint(record: dict) -> str:
     return hashlib.sha256(json.dumps([settings[k] for k in keys], default=str).encode()).hexdigest()[:16]
 
 
-def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str) -> dict:
-    return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": math.nan,
+def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str,
+                  stderr: float = math.nan) -> dict:
+    return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": stderr,
             "higher_is_better": higher_is_better, "fingerprint": fingerprint}
 
 
@@ -147,12 +148,16 @@ def record_scores(record: dict) -> List[dict]:
     fidelity, fingerprint = section(record, "fidelity"), fidelity_fingerprint(record)
     if record.get("recipe") == BF16:
         return rows + _bf16_fidelity_rows(fidelity, fingerprint)
-    figures = ((PERPLEXITY, "quantized_perplexity", False), (MEAN_KL, "mean_kl", False),
-               (TOP1_AGREEMENT, "top1_agreement", True))
-    for benchmark, key, higher in figures:
+    # Standard errors across the held-out sequences (ptq/fidelity.py); the perplexity's is that of its ratio to
+    # BF16 on the same tokens (a paired difference), in perplexity units. Older records have none (NaN).
+    ppl_se = as_number(fidelity.get("quantized_perplexity")) * as_number(fidelity.get("log_perplexity_ratio_stderr"))
+    figures = ((PERPLEXITY, "quantized_perplexity", False, ppl_se),
+               (MEAN_KL, "mean_kl", False, as_number(fidelity.get("mean_kl_stderr"))),
+               (TOP1_AGREEMENT, "top1_agreement", True, as_number(fidelity.get("top1_agreement_stderr"))))
+    for benchmark, key, higher, stderr in figures:
         value = as_number(fidelity.get(key))
         if not math.isnan(value):
-            rows.append(_fidelity_row(benchmark, value, higher, fingerprint))
+            rows.append(_fidelity_row(benchmark, value, higher, fingerprint, stderr))
     return rows
 
 

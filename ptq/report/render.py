@@ -11,7 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from ptq.report.common import BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, SUPERSEDED_COLUMNS
+from ptq.report.common import (BASELINE_STATUS, BF16, FIDELITY_METRIC, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
+                               SUPERSEDED_COLUMNS)
 from ptq.report.plots import plot_file_name, plot_recovery_vs_bits
 from ptq.report.tables import Report, row_sort_key
 
@@ -20,16 +21,31 @@ def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
 
-def format_cell(value: float, delta: float, recovery: float) -> str:
-    """`0.330 (-0.022, 93.8%)`; parts that are undefined are left out."""
+# A difference from BF16 within this many standard errors is marked "n.s." (not a finding).
+Z_95 = 1.96
+
+
+def within_noise(delta: float, stderr: float, paired: bool) -> bool:
+    """Whether `delta` (variant - BF16) is within 95% noise. Fidelity figures are paired against BF16 on the same
+    tokens and their standard error is the difference's; a benchmark's is the variant's own, so the difference's
+    is taken as sqrt(2) times it (as if BF16's were the same size; per-item paired errors would be smaller)."""
+    if pd.isna(delta) or pd.isna(stderr) or stderr <= 0:
+        return False
+    return abs(delta) < Z_95 * stderr * (1.0 if paired else math.sqrt(2.0))
+
+
+def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan, paired: bool = True) -> str:
+    """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`; parts that are undefined are left out."""
     if pd.isna(value):
         return ""
     details = []
     if not pd.isna(delta):
-        details.append(format(delta, "+.3f").replace("-0.000", "+0.000"))
+        details.append(format(delta, "+.3f").replace("-0.000", "+0.000")
+                       + (" n.s." if within_noise(delta, stderr, paired) else ""))
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
-    return format(value, ".3f") + (f" ({', '.join(details)})" if details else "")
+    spread = f" ± {stderr:.3f}" if not pd.isna(stderr) and stderr > 0 else ""
+    return format(value, ".3f") + spread + (f" ({', '.join(details)})" if details else "")
 
 
 def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -46,10 +62,11 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
     grid = np.full((len(row_order), len(variants)), "", dtype=object)
     # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
-    for benchmark, metric, variant, value, delta, recovery in zip(*(rows[c].tolist() for c in (
-            "benchmark", "metric", "variant", "value", "delta", "recovery"))):
+    for benchmark, metric, variant, value, delta, recovery, stderr in zip(*(rows[c].tolist() for c in (
+            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr"))):
         # The BF16 column is the reference: its delta and recovery say nothing.
-        cell = format_cell(value, math.nan, math.nan) if variant == BF16 else format_cell(value, delta, recovery)
+        cell = (format_cell(value, math.nan, math.nan, stderr) if variant == BF16
+                else format_cell(value, delta, recovery, stderr, paired=metric == FIDELITY_METRIC))
         position = row_position[(benchmark, metric)], column_position[variant]
         if variant == BF16 and grid[position]:
             continue  # BF16 measured several ways: the table shows the preferred one (the CSV has them all)
@@ -108,9 +125,11 @@ def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
             "from the baselines embedded in the quantized records.")
 
 
-LEGEND = ("Cells: value (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, BF16 / value "
-          "where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is over the "
-          "rows where recovery is defined.")
+LEGEND = ("Cells: value ± standard error (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, "
+          "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is "
+          "over the rows where recovery is defined. \"n.s.\": the difference from BF16 is within 1.96 standard errors "
+          "(fidelity rows: errors across the held-out sequences, paired with BF16 on the same tokens; benchmark rows: "
+          "sqrt(2) x the variant's own error), so it is not a finding.")
 
 
 def render_markdown(report: Report) -> str:
