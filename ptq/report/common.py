@@ -50,8 +50,12 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "metric", "value", "stderr",
                  "higher_is_better", "bf16", "bf16_source", "delta", "recovery", "status", "note", "source"]
 
-SUMMARY_COLUMNS = ["model", "variant", "status", "median_recovery", "checkpoint_mb", "compression",
-                   "bits_per_weight", "calib_size", "calibrate_s", "served_by", "note", "source"]
+# A point's fidelity figures in the summary: the perplexity ratio to BF16 with its 95% interval, the mean KL with
+# its standard error (ptq/fidelity.py).
+FIDELITY_SUMMARY_COLUMNS = ["perplexity_ratio", "perplexity_ratio_lo", "perplexity_ratio_hi", "mean_kl", "mean_kl_stderr"]
+
+SUMMARY_COLUMNS = ["model", "variant", "status", "median_recovery", *FIDELITY_SUMMARY_COLUMNS, "checkpoint_mb",
+                   "compression", "bits_per_weight", "calib_size", "calibrate_s", "served_by", "note", "source"]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
 

@@ -170,6 +170,18 @@ def baseline_scores(record: dict) -> List[dict]:
 NOTE_CHARS = 300
 
 
+def fidelity_summary(record: dict) -> dict:
+    """The record's perplexity ratio (with its 95% interval) and mean KL (with its standard error); NaN where
+    the record has none (older records have no interval)."""
+    fid = section(record, "fidelity")
+    interval = fid.get("perplexity_ratio_ci95")
+    low, high = (as_number(interval[0]), as_number(interval[1])) if isinstance(interval, list) and len(interval) == 2 \
+        else (math.nan, math.nan)
+    return {"perplexity_ratio": as_number(fid.get("perplexity_ratio")), "perplexity_ratio_lo": low,
+            "perplexity_ratio_hi": high, "mean_kl": as_number(fid.get("mean_kl")),
+            "mean_kl_stderr": as_number(fid.get("mean_kl_stderr"))}
+
+
 def served_by(record: dict) -> str:
     """The serving engines the record says load its checkpoint ("" for BF16 or an older record)."""
     if record.get("recipe") == BF16:

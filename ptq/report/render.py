@@ -81,6 +81,11 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "variant": summary["variant"],
         "status": summary["status"],
         "median recovery": [_fmt(100 * r, ".1f") + "%" if not pd.isna(r) else "" for r in summary["median_recovery"]],
+        "perplexity ratio": [_fmt(r, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if not (pd.isna(lo) or pd.isna(hi)) else "")
+                             for r, lo, hi in zip(summary["perplexity_ratio"], summary["perplexity_ratio_lo"],
+                                                  summary["perplexity_ratio_hi"])],
+        "mean KL": [_fmt(k, ".3f") + (f" ± {e:.3f}" if not pd.isna(e) and not pd.isna(k) else "")
+                    for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])],
         "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
         "compression": [_fmt(x, ".2f") + "x" if not pd.isna(x) else "" for x in summary["compression"]],
         "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 
 from ptq.report.common import (
-    BASELINE_STATUS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, SCORE_COLUMNS,
+    BASELINE_STATUS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FIDELITY_SUMMARY_COLUMNS, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, SCORE_COLUMNS,
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, record_calib_size, record_kv_cache, record_problem, record_scores,
+    as_number, as_timestamp, baseline_scores, fidelity_summary, record_calib_size, record_kv_cache, record_problem, record_scores,
     section, served_by, status_note, variant_label, variant_sort_key,
 )
 
@@ -50,12 +50,13 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             "compression": as_number(size.get("compression")),
             "bits_per_weight": as_number(size.get("bits_per_weight")),
             "calibrate_s": as_number(timings.get("calibrate")),
+            **fidelity_summary(record),
             "served_by": served_by(record),
             "note": status_note(status, record.get("error")), "source": source,
         })
     return pd.DataFrame(rows, columns=["index", "model", "variant", "recipe", "kv_cache", "calib_size", "status",
                                        "finished_at", "time", "checkpoint_mb", "compression", "bits_per_weight",
-                                       "calibrate_s", "served_by", "note", "source"])
+                                       "calibrate_s", *FIDELITY_SUMMARY_COLUMNS, "served_by", "note", "source"])
 
 
 def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
@@ -180,7 +181,10 @@ def _order_scores(scores: pd.DataFrame) -> pd.DataFrame:
 
 
 def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
-    medians = scores.groupby(["model", "variant"])["recovery"].median().rename("median_recovery").reset_index()
+    # The median recovery is over benchmark results only; the fidelity figures (KL, perplexity ratio) have
+    # columns of their own, with their uncertainty.
+    benchmarks = scores[scores["metric"] != FIDELITY_METRIC]
+    medians = benchmarks.groupby(["model", "variant"])["recovery"].median().rename("median_recovery").reset_index()
     points = kept.copy()
     # A model compared only against embedded baselines still gets a BF16 line saying so.
     baseline_only = sorted(set(bf16.loc[bf16["bf16_source"] == FROM_EMBEDDED_BASELINE, "model"])
@@ -189,6 +193,7 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
         extra = pd.DataFrame({"model": baseline_only, "variant": BF16, "recipe": BF16, "kv_cache": "none",
                               "calib_size": np.nan, "status": BASELINE_STATUS, "compression": 1.0,
                               "bits_per_weight": 16.0, "served_by": "",
+                              **{c: np.nan for c in FIDELITY_SUMMARY_COLUMNS},
                               "note": "no bf16 run: BF16 scores from baselines embedded in quantized records",
                               "source": ""})
         points = pd.concat([points, extra], ignore_index=True)
