@@ -486,3 +486,43 @@ def test_fidelity_rows_carry_their_standard_errors():
     markdown = render_markdown(report)  # the summary keeps the fidelity figures apart, with their uncertainty
     assert "| fp8@512 | finished |  | 1.050 [1.040, 1.060] | 0.040 ± 0.002 |" in markdown
     assert "| int8_sq@512 | finished |  | 1.100 | 0.070 |" in markdown
+
+
+def test_the_recommendation_picks_the_smallest_checkpoint_within_the_budget_with_confidence(tmp_path):
+    from ptq.report.recommend import parse_budget, recommend
+
+    def point(recipe, mb, arc, ppl_hi, engines, status="finished"):
+        record = make_record("m", recipe, status=status, results=scores(arc_easy__acc_norm=arc),
+                             fidelity={**fidelity(20.0 * ppl_hi, 0.05, 0.9), "perplexity_ratio_ci95": [1.0, ppl_hi]},
+                             size=size(mb * 1_000_000))
+        record["serving"] = {"engines": engines}
+        return record
+
+    bf16 = make_record("m", BF16, results=scores(arc_easy__acc_norm=0.60), fidelity=fidelity(20.0, 0.0, 1.0),
+                       size=size(200_000_000))
+    records = [bf16,
+               point("fp8", 110, 0.60, 1.004, ["vLLM", "SGLang", "TensorRT-LLM"]),   # within 1%
+               point("int4_awq", 60, 0.60, 1.004, ["TensorRT-LLM"]),                 # smaller, TensorRT-LLM only
+               point("nvfp4", 55, 0.58, 1.004, ["vLLM", "SGLang", "TensorRT-LLM"]),  # 3.3% loss: out
+               point("int8_sq", 50, 0.60, 1.080, ["TensorRT-LLM"]),                  # perplexity bound out
+               point("w4a8_awq", 40, 0.60, 1.0, [], status="failed")]
+    report = build_report(records)
+    result = recommend(report, parse_budget("5%"))["m"]
+    assert result["pick"] == "int4_awq@512"
+    assert result["per_engine"] == {"vLLM": "fp8@512", "SGLang": "fp8@512", "TensorRT-LLM": "int4_awq@512"}
+    reasons = {v["variant"]: " ".join(v["reasons"]) for v in result["verdicts"]}
+    # 0.58 vs 0.60 with standard errors 0.01: loss 3.3%, bound 3.3% + 1.96 x sqrt(2) x 0.01 / 0.60 = 8.0%.
+    assert reasons["nvfp4@512"] == "arc_easy/acc_norm: loss 3.3%, up to 8.0% at 95% confidence (budget 5%)"
+    assert reasons["int8_sq@512"] == "perplexity ratio 1.080, up to 1.080 at 95% confidence (budget 1.050)"
+    assert reasons["w4a8_awq@512"].startswith("failed")
+    # With 1%, even an equal score is not enough: 100 items' errors leave a bound of 4.6%.
+    strict = recommend(report, parse_budget("1%"))["m"]
+    assert strict["pick"] is None and set(strict["per_engine"].values()) == {None}
+    fp8 = next(v for v in strict["verdicts"] if v["variant"] == "fp8@512")
+    assert fp8["reasons"] == ["arc_easy/acc_norm: loss 0.0%, up to 4.6% at 95% confidence (budget 1%)"]
+    assert main([str(write_record(tmp_path / "runs", "m/bf16", bf16).parent.parent), "--out", str(tmp_path / "out"),
+                 "--budget", "5%"]) == 0
+    assert json.loads((tmp_path / "out" / "recommendation.json").read_text())["m"]["pick"] is None  # BF16 alone
+    assert "## m: recommendation (loss budget 5%)" in (tmp_path / "out" / "results.md").read_text()
+    with pytest.raises(ValueError, match="between 0 and 100%"):
+        parse_budget("150%")

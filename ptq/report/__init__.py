@@ -1,9 +1,10 @@
 """Results collector: gathers run records into the accuracy comparison against BF16.
 
-    python -m ptq.report <folder or run.json>... [--out DIR]
+    python -m ptq.report <folder or run.json>... [--out DIR] [--budget 1%]
 
 Parts: read.py (records and manifests) -> tables.py (DataFrames) -> render.py (Markdown, HTML, files),
-plots.py (figures); cli.py is the command line.
+plots.py (figures), recommend.py (--budget: the smallest checkpoint within a loss budget with confidence);
+cli.py is the command line.
 
 Every `run.json` below the given paths is read; the report lands in DIR (default: `report/` under the
 first given folder, or beside the first given file) as `results.md` (also printed to stdout),
@@ -28,7 +29,8 @@ The BF16 column of a model comes, row by row, from its finished `bf16` run; rows
 every row, without such a run) come from the baselines carried inside that model's quantized records
 (`evaluation.baseline`, `fidelity.bf16_perplexity`), newest finished record first.
 delta = value - BF16; recovery = value / BF16 when higher is better, BF16 / value when lower is better,
-undefined (NaN) where BF16 is 0 or missing. A variant's median recovery is taken over its defined rows.
+undefined (NaN) where BF16 is 0 or missing. A variant's median recovery is taken over its defined benchmark
+rows; its fidelity figures are summarised apart (perplexity ratio with its interval, mean KL with its error).
 
 One record per (model, variant) is used: the finished one with the latest `finished_at`, or, when
 none finished, the latest failed/running one. Every other record is listed as superseded. Files that

@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from ptq.files import write_json_atomic
 from ptq.report.common import RUN_RECORD_NAME
 from ptq.report.read import find_run_records, load_records, pending_points
+from ptq.report.recommend import parse_budget, recommend, render_recommendation
 from ptq.report.tables import build_report
 from ptq.report.render import write_report
 
@@ -23,7 +25,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("paths", nargs="+", type=Path, help="folders to search for run.json, or run.json files")
     parser.add_argument("--out", type=Path, default=None,
                         help="output folder (default: report/ under the first given folder)")
+    parser.add_argument("--budget", default=None,
+                        help="recommend, per model and serving engine, the smallest checkpoint whose loss against BF16 "
+                             "is within this budget at 95%% confidence (e.g. 1%%); writes recommendation.json too")
     args = parser.parse_args(argv)
+    try:
+        budget = parse_budget(args.budget) if args.budget is not None else None
+    except ValueError as exc:
+        parser.error(str(exc))
     try:
         files = find_run_records(args.paths)
     except FileNotFoundError as exc:
@@ -37,7 +46,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sources += [p["manifest"] for p in pending]
     report = build_report(records, sources, skipped)
     out_dir = args.out or default_out_dir(args.paths)
-    markdown, written = write_report(report, out_dir)
+    extra = []
+    if budget is not None:
+        recommendation = recommend(report, budget)
+        extra = render_recommendation(recommendation)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(out_dir / "recommendation.json", recommendation)
+    markdown, written = write_report(report, out_dir, extra)
+    if budget is not None:
+        written.append(out_dir / "recommendation.json")
     sys.stdout.write(markdown)
     print(f"{len(records)} records read, {len(skipped)} skipped; wrote {len(written)} files to {out_dir}",
           file=sys.stderr)

@@ -185,17 +185,21 @@ def render_html(report: Report, plots: dict) -> str:
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 
 
-def write_report(report: Report, out_dir: Path) -> Tuple[str, List[Path]]:
-    """Write results.md/.csv/.html and the plots into `out_dir`; returns (Markdown, written paths)."""
+def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tuple[str, List[Path]]:
+    """Write results.md/.csv/.html and the plots into `out_dir`; returns (Markdown, written paths). `extra`:
+    Markdown lines added at the end of both pages (the recommendation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    markdown = render_markdown(report)
+    markdown = render_markdown(report) + ("\n".join(extra) + "\n" if extra else "")
     plots = {model: plot_recovery_vs_bits(report.summary, model) for model in report.models}
     written = []
     for model, png in plots.items():
         path = out_dir / plot_file_name(model)
         path.write_bytes(png)
         written.append(path)
-    for name, text in (("results.md", markdown), ("results.html", render_html(report, plots))):
+    page = render_html(report, plots)
+    if extra:
+        page = page.replace("</body>", "<pre>" + html.escape("\n".join(extra)) + "</pre>\n</body>")
+    for name, text in (("results.md", markdown), ("results.html", page)):
         (out_dir / name).write_text(text, encoding="utf-8")
         written.append(out_dir / name)
     report.scores.to_csv(out_dir / "results.csv", index=False)
