@@ -26,7 +26,7 @@ from typing import Dict, List, Optional, Tuple
 import yaml
 
 from ptq.errors import ConfigError
-from ptq.files import write_json_atomic
+from ptq.files import write_json_atomic, write_text_atomic
 from ptq.plan import SAFE_NAME
 from ptq.textfiles import checked_once, lines, read_jsonl, read_text
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
@@ -339,8 +339,21 @@ def fingerprint(bench: BenchmarkConfig, cfg: EvalConfig, items: Optional[List[in
     return {"fingerprint": digest, "items": len(items) if items is not None else None}
 
 
+def item_scores(samples: List[dict], metric: str, filt: str, value: float) -> Optional[dict]:
+    """{"doc_ids", "scores"}: one metric's per-item scores from lm-eval's logged samples, when the aggregate is
+    their mean (accuracy, exact match: checked against `value`); None otherwise (perplexities aggregate
+    differently, and a per-item difference would not add up to the table's)."""
+    pairs = [(s["doc_id"], float(s[metric])) for s in samples
+             if s.get("filter") == filt and isinstance(s.get(metric), (int, float, bool))]
+    if not pairs or abs(sum(v for _, v in pairs) / len(pairs) - value) > 1e-6:
+        return None
+    pairs.sort()
+    return {"doc_ids": [d for d, _ in pairs], "scores": [round(v, 6) for _, v in pairs]}
+
+
 def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, dict]] = None) -> List[dict]:
     prints = prints or {}
+    logged = results.get("samples") or {}
     rows = []
     for task, metrics in results["results"].items():
         better = results.get("higher_is_better", {}).get(task, {})
@@ -349,9 +362,14 @@ def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, di
                 continue
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
-            rows.append({"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
-                         "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                         "higher_is_better": bool(better.get(metric, True)), **prints.get(task, {})})
+            row = {"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
+                   "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                   "higher_is_better": bool(better.get(metric, True)), **prints.get(task, {})}
+            # Per-item scores, so a comparison with BF16 on the same items can be paired (ptq/report).
+            items = item_scores(logged.get(task) or [], metric, filt, float(value))
+            if items:
+                row["items"] = items
+            rows.append(row)
     return sorted(rows, key=lambda r: (r["benchmark"], r["metric"]))
 
 
@@ -378,9 +396,28 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     batch_size = cfg.batch_size or (CPU_BATCH_SIZE if on_cpu else "auto")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
     results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
-                              apply_chat_template=cfg.apply_chat_template, log_samples=False,
+                              apply_chat_template=cfg.apply_chat_template, log_samples=True,
                               bootstrap_iters=cfg.bootstrap_iters, verbosity="WARNING", task_manager=manager)
+    _write_samples(results.get("samples") or {}, names, work_dir / f"samples-{_safe(label)}.jsonl")
     return _flatten(results, names, prints)
+
+
+def _safe(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _write_samples(samples: Dict[str, List[dict]], names: Dict[str, str], path: Path) -> None:
+    """What each item was asked, answered and scored (generation outputs included), one JSON line per item, in
+    the run's evaluation folder."""
+    lines = []
+    for task, items in samples.items():
+        for item in items:
+            metrics = {m: item.get(m) for m in item.get("metrics", []) if isinstance(item.get(m), (int, float, bool))}
+            lines.append(json.dumps({"benchmark": names.get(task, task), "doc_id": item.get("doc_id"),
+                                     "filter": item.get("filter"), "target": item.get("target"),
+                                     "response": item.get("filtered_resps"), **metrics}, default=str))
+    if lines:
+        write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 @contextmanager

@@ -172,6 +172,9 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
         assert records[recipe]["status"] == "finished", records[recipe].get("error")
     fp8 = records["fp8"]["evaluation"]
     assert {(r["benchmark"], r["metric"]) for r in fp8["results"]} >= {("arc", "acc"), ("arc", "acc_norm"), ("text", "word_perplexity")}
+    # Accuracies keep their per-item scores (perplexities only where their aggregate is the items' mean).
+    kept = {(r["benchmark"], r["metric"]) for r in fp8["results"] if "items" in r}
+    assert {("arc", "acc"), ("arc", "acc_norm")} <= kept
     assert fp8["baseline"] == records["bf16"]["evaluation"]["results"]  # one cached BF16 evaluation, shared
     assert "eval_baseline" in records["int8_sq"]["timings_s"] and "eval" in records["int8_sq"]["timings_s"]
 
@@ -192,6 +195,8 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
     assert row["value"] == pytest.approx(fp8_ppl) and row["bf16"] == pytest.approx(bf16_ppl)
     assert row["recovery"] == pytest.approx(bf16_ppl / fp8_ppl)
     assert fp8_ppl != bf16_ppl  # quantization changed the model
+    arc_acc = scores[(scores.variant == "fp8@4") & (scores.benchmark == "arc") & (scores.metric == "acc")].iloc[0]
+    assert arc_acc["paired_items"] == len(next(r for r in fp8["results"] if r["metric"] == "acc")["items"]["doc_ids"])
 
 
 def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
@@ -215,6 +220,23 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
     assert 0.0 <= rows[0]["value"] <= 1.0 and rows[0]["higher_is_better"] is True
     normalised = [json.loads(line) for line in (tmp_path / "work" / "math.jsonl").read_text().splitlines()]
     assert [r["answer"] for r in normalised] == ["7", "24"]
+    # Per-item scores (their mean is the result) and, in the work folder, what the model wrote for each item.
+    assert rows[0]["items"]["doc_ids"] == [0, 1]
+    assert sum(rows[0]["items"]["scores"]) / 2 == pytest.approx(rows[0]["value"])
+    outputs = [json.loads(line) for line in (tmp_path / "work" / "samples-tiny.jsonl").read_text().splitlines()]
+    assert [(o["benchmark"], o["doc_id"], o["target"]) for o in outputs] == [("math", 0, "7"), ("math", 1, "24")]
+    assert all(isinstance(o["response"], list) and "exact_match" in o for o in outputs)
+
+
+def test_per_item_scores_are_kept_only_where_their_mean_is_the_result():
+    from ptq.evaluation import item_scores
+
+    samples = [{"doc_id": 1, "filter": "none", "acc": 0.0, "word_perplexity": (-10.0, 4)},
+               {"doc_id": 0, "filter": "none", "acc": 1.0, "word_perplexity": (-30.0, 5)},
+               {"doc_id": 0, "filter": "other", "acc": 0.0}]
+    assert item_scores(samples, "acc", "none", 0.5) == {"doc_ids": [0, 1], "scores": [1.0, 0.0]}
+    assert item_scores(samples, "acc", "none", 0.7) is None  # aggregated some other way
+    assert item_scores(samples, "word_perplexity", "none", 50.0) is None  # not a number per item
 
 
 def test_a_benchmark_fingerprint_changes_with_what_was_measured(tmp_path):

@@ -526,3 +526,26 @@ def test_the_recommendation_picks_the_smallest_checkpoint_within_the_budget_with
     assert "## m: recommendation (loss budget 5%)" in (tmp_path / "out" / "results.md").read_text()
     with pytest.raises(ValueError, match="between 0 and 100%"):
         parse_budget("150%")
+
+
+def test_a_difference_on_the_same_items_is_judged_by_its_own_paired_error():
+    """100 items: the variant loses 4 that BF16 got right and gains none. Unpaired, 0.04 is inside the noise of two
+    accuracies near 0.5 (standard errors 0.05); paired, the per-item differences vary little and it is a finding."""
+    ids = list(range(100))
+    bf16_scores = [1.0 if i % 2 == 0 else 0.0 for i in ids]
+    variant_scores = [0.0 if i in (0, 2, 4, 6) else s for i, s in zip(ids, bf16_scores)]
+
+    def result(values):
+        mean = sum(values) / 100
+        return [{"benchmark": "arc", "metric": "acc", "value": mean, "stderr": 0.05, "higher_is_better": True,
+                 "items": {"doc_ids": ids, "scores": values}}]
+
+    report = build_report([make_record("m", BF16, results=result(bf16_scores)),
+                           make_record("m", "fp8", results=result(variant_scores)),
+                           make_record("m", "int8_sq", results=[{**result(variant_scores)[0], "items": None}])])
+    fp8 = rows_of(report.scores, variant="fp8@512").iloc[0]
+    assert fp8["paired_items"] == 100 and fp8["delta"] == pytest.approx(-0.04)
+    assert fp8["delta_stderr"] == pytest.approx((0.04 * 0.96 / 99) ** 0.5)  # sd of {-1 x4, 0 x96} / 10
+    table = wide_table(report.scores, "m").set_index("benchmark")
+    assert table.loc["arc", "fp8@512"] == "0.460 ± 0.050 (-0.040, 92.0%)"  # paired: a finding
+    assert table.loc["arc", "int8_sq@512"] == "0.460 ± 0.050 (-0.040 n.s., 92.0%)"  # no items: sqrt(2) x 0.05

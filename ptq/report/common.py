@@ -47,8 +47,11 @@ PROGRESS_THRESHOLD = 200
 
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
+# delta_stderr: the standard error of the difference from BF16 over the items both scored (paired_items of them);
+# NaN where either side kept no per-item scores.
 SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "metric", "value", "stderr",
-                 "higher_is_better", "bf16", "bf16_source", "delta", "recovery", "status", "note", "source"]
+                 "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items", "recovery",
+                 "status", "note", "source"]
 
 # A point's fidelity figures in the summary: the perplexity ratio to BF16 with its 95% interval, the mean KL with
 # its standard error (ptq/fidelity.py).

@@ -8,7 +8,7 @@ import math
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
@@ -114,8 +114,35 @@ def _benchmark_entries(entries) -> List[dict]:
         seen.add((benchmark, metric))
         rows.append({"benchmark": benchmark, "metric": metric, "value": value,
                      "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
-                     "fingerprint": entry.get("fingerprint") or ""})
+                     "fingerprint": entry.get("fingerprint") or "", "items": _items(entry.get("items"))})
     return rows
+
+
+def _items(items) -> Optional[Dict[int, float]]:
+    """Per-item scores of a result ({doc_id: score}), or None when the record has none (or they do not read)."""
+    if not isinstance(items, dict):
+        return None
+    ids, scores = items.get("doc_ids"), items.get("scores")
+    if not isinstance(ids, list) or not isinstance(scores, list) or len(ids) != len(scores) or not ids:
+        return None
+    try:
+        return {int(i): float(v) for i, v in zip(ids, scores)}
+    except (TypeError, ValueError):
+        return None
+
+
+def paired_delta_stderr(items: Optional[Dict[int, float]], bf16_items: Optional[Dict[int, float]]) -> Tuple[float, int]:
+    """(standard error of the mean per-item difference, items paired) over the items both scored; (NaN, 0)
+    when either side has no per-item scores or fewer than two items are shared."""
+    if not items or not bf16_items:
+        return math.nan, 0
+    shared = sorted(items.keys() & bf16_items.keys())
+    if len(shared) < 2:
+        return math.nan, len(shared)
+    diffs = [items[i] - bf16_items[i] for i in shared]
+    mean = sum(diffs) / len(diffs)
+    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return math.sqrt(var / len(diffs)), len(shared)
 
 
 def fidelity_fingerprint(record: dict) -> str:
@@ -130,7 +157,7 @@ def fidelity_fingerprint(record: dict) -> str:
 def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str,
                   stderr: float = math.nan) -> dict:
     return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": stderr,
-            "higher_is_better": higher_is_better, "fingerprint": fingerprint}
+            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None}
 
 
 def _bf16_fidelity_rows(fidelity: dict, fingerprint: str) -> List[dict]:

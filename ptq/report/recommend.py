@@ -5,7 +5,8 @@ A variant qualifies when, for every benchmark result compared with a matched BF1
 of its relative loss is at most the budget, its median recovery is at least 1 - budget, and the upper bound of
 its perplexity ratio (ptq/fidelity.py) is at most 1 + budget. Bounds: delta -/+ 1.96 standard errors (a
 benchmark's difference is given sqrt(2) x the variant's own error, as in the table's n.s. marks; the perplexity
-ratio's interval is paired with BF16 on the same tokens). A result without a standard error counts with its
+ratio's interval is paired with BF16 on the same tokens; a benchmark whose per-item scores both sides kept uses
+the error of the per-item differences instead). A result without a standard error counts with its
 value alone, and the evidence says so. Among the variants that qualify the smallest checkpoint wins (then the
 higher median recovery). Everything else is listed with the reason it was left out.
 """
@@ -53,6 +54,8 @@ def _loss_bound(row) -> tuple:
     """(relative loss, its upper 95% bound, whether an error was known) of one benchmark row against BF16."""
     sign = -1.0 if row.higher_is_better else 1.0
     loss = sign * row.delta / abs(row.bf16)
+    if not pd.isna(row.delta_stderr) and row.delta_stderr > 0:  # paired over the items both scored
+        return loss, loss + Z_95 * row.delta_stderr / abs(row.bf16), True
     if pd.isna(row.stderr) or row.stderr <= 0:
         return loss, loss, False
     return loss, loss + Z_95 * math.sqrt(2.0) * row.stderr / abs(row.bf16), True

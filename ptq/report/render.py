@@ -34,14 +34,17 @@ def within_noise(delta: float, stderr: float, paired: bool) -> bool:
     return abs(delta) < Z_95 * stderr * (1.0 if paired else math.sqrt(2.0))
 
 
-def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan, paired: bool = True) -> str:
-    """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`; parts that are undefined are left out."""
+def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan, paired: bool = True,
+                delta_stderr: float = math.nan) -> str:
+    """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`; parts that are undefined are left out. `delta_stderr`: the
+    difference's own standard error from per-item pairs, used instead of the variant's when known."""
     if pd.isna(value):
         return ""
     details = []
     if not pd.isna(delta):
-        details.append(format(delta, "+.3f").replace("-0.000", "+0.000")
-                       + (" n.s." if within_noise(delta, stderr, paired) else ""))
+        noise = within_noise(delta, delta_stderr, True) if not pd.isna(delta_stderr) else \
+            within_noise(delta, stderr, paired)
+        details.append(format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if noise else ""))
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
     spread = f" ± {stderr:.3f}" if not pd.isna(stderr) and stderr > 0 else ""
@@ -62,11 +65,11 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
     grid = np.full((len(row_order), len(variants)), "", dtype=object)
     # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
-    for benchmark, metric, variant, value, delta, recovery, stderr in zip(*(rows[c].tolist() for c in (
-            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr"))):
+    for benchmark, metric, variant, value, delta, recovery, stderr, delta_se in zip(*(rows[c].tolist() for c in (
+            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr", "delta_stderr"))):
         # The BF16 column is the reference: its delta and recovery say nothing.
         cell = (format_cell(value, math.nan, math.nan, stderr) if variant == BF16
-                else format_cell(value, delta, recovery, stderr, paired=metric == FIDELITY_METRIC))
+                else format_cell(value, delta, recovery, stderr, paired=metric == FIDELITY_METRIC, delta_stderr=delta_se))
         position = row_position[(benchmark, metric)], column_position[variant]
         if variant == BF16 and grid[position]:
             continue  # BF16 measured several ways: the table shows the preferred one (the CSV has them all)
@@ -134,7 +137,8 @@ LEGEND = ("Cells: value ± standard error (delta vs BF16, recovery). Recovery = 
           "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is "
           "over the rows where recovery is defined. \"n.s.\": the difference from BF16 is within 1.96 standard errors "
           "(fidelity rows: errors across the held-out sequences, paired with BF16 on the same tokens; benchmark rows: "
-          "sqrt(2) x the variant's own error), so it is not a finding.")
+          "the error of the per-item differences on the items both scored, or, for results kept without per-item "
+          "scores, sqrt(2) x the variant's own error), so it is not a finding.")
 
 
 def render_markdown(report: Report) -> str:

@@ -14,7 +14,7 @@ from ptq.report.common import (
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, fidelity_summary, record_calib_size, record_kv_cache, record_problem, record_scores,
+    as_number, as_timestamp, baseline_scores, fidelity_summary, paired_delta_stderr, record_calib_size, record_kv_cache, record_problem, record_scores,
     section, served_by, status_note, variant_label, variant_sort_key,
 )
 
@@ -103,7 +103,7 @@ def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
             rows.append({"model": model, **score, "bf16_source": FROM_EMBEDDED_BASELINE,
                          "status": BASELINE_STATUS, "source": source})
     table = pd.DataFrame(rows, columns=["model", "benchmark", "metric", "value", "stderr", "higher_is_better",
-                                        "fingerprint", "bf16_source", "status", "source"])
+                                        "fingerprint", "items", "bf16_source", "status", "source"])
     # One BF16 value per way of measuring (fingerprint): results on other items or settings stay, as rows of
     # their own, and are compared only with variants measured the same way.
     return table.drop_duplicates(["model", "benchmark", "metric", "fingerprint"], keep="first").reset_index(drop=True)
@@ -127,17 +127,17 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
         scores = record_scores(records[index])
         # A point without scores still gets a row, so failures stay visible in the CSV too.
         for score in scores or [{"benchmark": "", "metric": "", "value": np.nan, "stderr": np.nan,
-                                 "higher_is_better": True}]:
+                                 "higher_is_better": True, "items": None}]:
             rows.append({**identity, **score})
     quantized = pd.DataFrame(rows, columns=["model", "variant", "recipe", "kv_cache", "calib_size", "status",
                                             "note", "source", "benchmark", "metric", "value", "stderr",
-                                            "higher_is_better", "fingerprint"])
+                                            "higher_is_better", "fingerprint", "items"])
     # The BF16 run itself may be failed or unfinished: its point shows in the summary, not here.
     frames = [frame for frame in (bf16_rows, quantized) if not frame.empty]
     scores = pd.concat(frames, ignore_index=True) if frames else quantized.iloc[0:0]
     scores["fingerprint"] = scores["fingerprint"].astype(object).fillna("")
-    reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "bf16_source"]].rename(
-        columns={"value": "bf16"})
+    reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "items", "bf16_source"]].rename(
+        columns={"value": "bf16", "items": "bf16_items"})
     scores = scores.drop(columns=["bf16_source"], errors="ignore").merge(
         reference, on=["model", "benchmark", "metric", "fingerprint"], how="left")
     scores["bf16_source"] = scores["bf16_source"].fillna("")
@@ -152,7 +152,12 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
     scores["higher_is_better"] = scores["higher_is_better"].astype(bool)
     scores["delta"] = scores["value"] - scores["bf16"]
     scores["recovery"] = _recovery(scores["value"], scores["bf16"], scores["higher_is_better"])
-    return scores
+    # The difference's standard error from the same items scored by both (paired), where both kept them.
+    paired = [paired_delta_stderr(items, bf16_items) if variant != BF16 else (math.nan, 0) for variant, items, bf16_items
+              in zip(scores["variant"].tolist(), scores["items"].tolist(), scores["bf16_items"].tolist())]
+    scores["delta_stderr"] = [se for se, _ in paired]
+    scores["paired_items"] = [n for _, n in paired]
+    return scores.drop(columns=["items", "bf16_items"])
 
 
 UNMATCHED_NOTE = "not compared: no BF16 result measured on the same items, data and settings"
