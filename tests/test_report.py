@@ -397,11 +397,15 @@ def test_cli_writes_every_output(sweep, tmp_path):
     assert rows_of(csv, model="tiny", variant="nvfp4@512")["status"].tolist() == ["failed"]
     assert float(rows_of(csv, model="tiny", variant="fp8@512", benchmark="arc_easy")["recovery"].iloc[0]) == 0.9375
 
-    for model in ("tiny", "other"):
-        assert (out / f"recovery_vs_bits_{model}.png").read_bytes().startswith(PNG_MAGIC)
+    # Per model: recovery against bits and the benchmark differences; the perplexity ratio against bits where
+    # variants have both (the "other" records carry no sizes); "tiny" also ran int4_awq at two calibration sizes.
+    plots = sorted(p.name for p in out.glob("*.png"))
+    assert plots == ["deltas_other.png", "deltas_tiny.png", "perplexity_vs_bits_tiny.png", "recovery_vs_bits_other.png",
+                     "recovery_vs_bits_tiny.png", "vs_calib_size_tiny.png"]
+    assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in plots)
     page = (out / "results.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
-    assert len(embedded) == 2 and all(base64.b64decode(image).startswith(PNG_MAGIC) for image in embedded)
+    assert len(embedded) == len(plots) and all(base64.b64decode(image).startswith(PNG_MAGIC) for image in embedded)
     assert "0.300 ± 0.010 (-0.020 n.s., 93.8%)" in page and "failed: torch.OutOfMemoryError: CUDA out of memory." in page
 
 
@@ -549,3 +553,11 @@ def test_a_difference_on_the_same_items_is_judged_by_its_own_paired_error():
     table = wide_table(report.scores, "m").set_index("benchmark")
     assert table.loc["arc", "fp8@512"] == "0.460 ± 0.050 (-0.040, 92.0%)"  # paired: a finding
     assert table.loc["arc", "int8_sq@512"] == "0.460 ± 0.050 (-0.040 n.s., 92.0%)"  # no items: sqrt(2) x 0.05
+
+
+def test_the_pareto_front_keeps_what_nothing_beats_on_both_counts():
+    from ptq.report.plots import pareto_front
+
+    points = [(8.0, 1.03), (4.5, 1.30), (4.5, 1.60), (9.7, 1.02), (6.9, 1.29), (16.0, 1.0), (8.0, 1.05)]
+    assert [points[i] for i in pareto_front(points)] == [(4.5, 1.30), (6.9, 1.29), (8.0, 1.03), (9.7, 1.02), (16.0, 1.0)]
+    assert pareto_front([]) == []

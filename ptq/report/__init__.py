@@ -8,7 +8,10 @@ cli.py is the command line.
 
 Every `run.json` below the given paths is read; the report lands in DIR (default: `report/` under the
 first given folder, or beside the first given file) as `results.md` (also printed to stdout),
-`results.csv`, `results.html` and one `recovery_vs_bits_<model>.png` per model.
+`results.csv`, `results.html` and, per model, the plots that have something to show: `recovery_vs_bits_<model>.png`,
+`perplexity_vs_bits_<model>.png` (with 95% intervals and the Pareto front), `deltas_<model>.png` (each benchmark
+difference from BF16 with its interval) and `vs_calib_size_<model>.png` (when a recipe ran at several calibration
+sizes).
 
 Naming rules
 ------------

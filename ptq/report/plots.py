@@ -3,11 +3,137 @@
 from __future__ import annotations
 
 import io
+import math
 import re
+from typing import Dict, List, Tuple
 
 import pandas as pd
 
-from ptq.report.common import BF16
+from ptq.report.common import BF16, FIDELITY_METRIC
+
+Z_95 = 1.96
+# At most this many benchmark rows in the delta plot (the CSV has them all).
+MAX_DELTA_ROWS = 40
+
+
+def _figure(height: float = 4.4):
+    # The Agg canvas directly, so importing this module never changes the caller's pyplot backend.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(6.8, height), dpi=110)
+    FigureCanvasAgg(figure)
+    return figure, figure.add_subplot()
+
+
+def _png(figure) -> bytes:
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
+
+
+def pareto_front(points: List[Tuple[float, float]]) -> List[int]:
+    """Indices of the points no other point beats on both counts (lower x and lower y, one strictly), by x."""
+    order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
+    front, best = [], math.inf
+    for i in order:
+        if points[i][1] < best:
+            front.append(i)
+            best = points[i][1]
+    return front
+
+
+def plot_perplexity_vs_bits(summary: pd.DataFrame, model: str):
+    """PNG: perplexity ratio to BF16 (95% interval as error bars) against bits per weight, with the Pareto front
+    (fewer bits and a lower ratio); None when no finished variant has both."""
+    points = summary[(summary["model"] == model) & (summary["variant"] != BF16) & (summary["status"] == "finished")]
+    points = points[points["perplexity_ratio"].notna() & points["bits_per_weight"].notna()].reset_index(drop=True)
+    if points.empty:
+        return None
+    figure, axes = _figure()
+    low = (points["perplexity_ratio"] - points["perplexity_ratio_lo"]).fillna(0).clip(lower=0)
+    high = (points["perplexity_ratio_hi"] - points["perplexity_ratio"]).fillna(0).clip(lower=0)
+    axes.errorbar(points["bits_per_weight"], points["perplexity_ratio"], yerr=[low, high], fmt="o", color="tab:blue",
+                  ecolor="tab:blue", capsize=3, zorder=3, label="variant (95% interval)")
+    front = pareto_front(list(zip(points["bits_per_weight"], points["perplexity_ratio"])))
+    axes.step(points["bits_per_weight"].iloc[front], points["perplexity_ratio"].iloc[front], where="post",
+              color="tab:orange", linewidth=1.2, label="Pareto front")
+    for row in points.itertuples():
+        axes.annotate(row.variant, (row.bits_per_weight, row.perplexity_ratio), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
+    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_xlabel("bits per weight (checkpoint size vs BF16)")
+    axes.set_ylabel("perplexity ratio to BF16 (held-out text)")
+    axes.set_title(f"{model}: perplexity ratio vs bits per weight", fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(True, alpha=0.3)
+    return _png(figure)
+
+
+def plot_deltas(scores: pd.DataFrame, model: str):
+    """PNG: each variant's difference from BF16 on each benchmark, in % of BF16 (benchmarks of different scales side
+    by side), with its 95% interval (paired where per-item scores exist, else sqrt(2) x the variant's standard
+    error): grey where the interval holds 0, black where no error is known. None without such rows."""
+    rows = scores[(scores["model"] == model) & (scores["variant"] != BF16) & (scores["metric"] != FIDELITY_METRIC)
+                  & scores["delta"].notna() & scores["bf16"].notna() & (scores["bf16"] != 0)]
+    rows = rows.head(MAX_DELTA_ROWS).reset_index(drop=True)
+    if rows.empty:
+        return None
+    figure, axes = _figure(height=max(2.5, 0.28 * len(rows) + 1.2))
+    labels = [f"{v}  {b}/{m}" for v, b, m in zip(rows["variant"], rows["benchmark"], rows["metric"])]
+    for y, (delta, bf16, paired, own) in enumerate(zip(rows["delta"], rows["bf16"], rows["delta_stderr"], rows["stderr"])):
+        error = paired if not pd.isna(paired) else (math.sqrt(2) * own if not pd.isna(own) else math.nan)
+        relative = 100 * delta / abs(bf16)
+        if pd.isna(error):
+            axes.plot([relative], [y], "o", color="black")
+            continue
+        half = 100 * Z_95 * error / abs(bf16)
+        colour = "grey" if abs(relative) <= half else "tab:blue"
+        axes.errorbar([relative], [y], xerr=[[half], [half]], fmt="o", color=colour, ecolor=colour, capsize=3)
+    axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("difference from BF16, % of BF16\n(95% interval; grey: not significant; black: no error known)",
+                    fontsize=8)
+    axes.set_title(f"{model}: benchmark differences from BF16", fontsize=10)
+    axes.grid(True, axis="x", alpha=0.3)
+    return _png(figure)
+
+
+def plot_vs_calib_size(summary: pd.DataFrame, model: str):
+    """PNG: the perplexity ratio (95% interval) against calibration size, one line per recipe (with its algorithm
+    and KV cache) that a sweep ran at two sizes or more; None when none did."""
+    points = summary[(summary["model"] == model) & (summary["variant"] != BF16) & (summary["status"] == "finished")
+                     & summary["calib_size"].notna() & summary["perplexity_ratio"].notna()]
+    lines: Dict[str, pd.DataFrame] = {}
+    for name, group in points.assign(line=points["variant"].str.replace(r"@[^ ]+", "", regex=True)).groupby("line"):
+        if group["calib_size"].nunique() >= 2:
+            lines[name] = group.sort_values("calib_size")
+    if not lines:
+        return None
+    figure, axes = _figure()
+    for name, group in lines.items():
+        low = (group["perplexity_ratio"] - group["perplexity_ratio_lo"]).fillna(0).clip(lower=0)
+        high = (group["perplexity_ratio_hi"] - group["perplexity_ratio"]).fillna(0).clip(lower=0)
+        axes.errorbar(group["calib_size"], group["perplexity_ratio"], yerr=[low, high], marker="o", capsize=3, label=name)
+    axes.set_xscale("log", base=2)
+    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_xlabel("calibration samples")
+    axes.set_ylabel("perplexity ratio to BF16")
+    axes.set_title(f"{model}: perplexity ratio vs calibration size", fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(True, alpha=0.3)
+    return _png(figure)
+
+
+def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str) -> Dict[str, bytes]:
+    """Every plot of one model that has something to show: {file name: PNG}."""
+    made = {plot_file_name(model): plot_recovery_vs_bits(summary, model),
+            plot_file_name(model, "perplexity_vs_bits"): plot_perplexity_vs_bits(summary, model),
+            plot_file_name(model, "deltas"): plot_deltas(scores, model),
+            plot_file_name(model, "vs_calib_size"): plot_vs_calib_size(summary, model)}
+    return {name: png for name, png in made.items() if png is not None}
 
 
 def plot_recovery_vs_bits(summary: pd.DataFrame, model: str) -> bytes:
@@ -39,5 +165,5 @@ def plot_recovery_vs_bits(summary: pd.DataFrame, model: str) -> bytes:
     return buffer.getvalue()
 
 
-def plot_file_name(model: str) -> str:
-    return "recovery_vs_bits_" + re.sub(r"[^A-Za-z0-9._-]", "_", model) + ".png"
+def plot_file_name(model: str, kind: str = "recovery_vs_bits") -> str:
+    return f"{kind}_" + re.sub(r"[^A-Za-z0-9._-]", "_", model) + ".png"

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ptq.report.common import (BASELINE_STATUS, BF16, FIDELITY_METRIC, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
                                SUPERSEDED_COLUMNS)
-from ptq.report.plots import plot_file_name, plot_recovery_vs_bits
+from ptq.report.plots import model_plots
 from ptq.report.tables import Report, row_sort_key
 
 
@@ -160,7 +160,8 @@ def render_markdown(report: Report) -> str:
 
 
 def render_html(report: Report, plots: dict) -> str:
-    """Self-contained page: the tables of results.md plus the plots inlined as base64 PNG."""
+    """Self-contained page: the tables of results.md plus the plots inlined as base64 PNG (`plots`: model ->
+    {file name: PNG})."""
     def table(frame: pd.DataFrame, headers: Optional[Sequence[str]] = None) -> str:
         frame = frame.copy()
         if headers is not None:
@@ -174,10 +175,10 @@ def render_html(report: Report, plots: dict) -> str:
         body += [f"<h2>{html.escape(model)}</h2>", f"<p>{html.escape(_bf16_origin(report.scores, model))}</p>",
                  table(wide, _variant_headers(summary, wide.columns)),
                  f"<h3>{html.escape(model)}: summary</h3>", table(format_summary(summary))]
-        if model in plots:
-            encoded = base64.b64encode(plots[model]).decode("ascii")
-            body.append(f'<p><img alt="median recovery vs bits per weight, {html.escape(model)}" '
-                        f'src="data:image/png;base64,{encoded}"></p>')
+        for name, png in plots.get(model, {}).items():
+            encoded = base64.b64encode(png).decode("ascii")
+            what = name.rsplit(".", 1)[0].replace("_", " ")
+            body.append(f'<p><img alt="{html.escape(what)}" src="data:image/png;base64,{encoded}"></p>')
         superseded = report.superseded[report.superseded["model"] == model]
         if not superseded.empty:
             body += [f"<h3>{html.escape(model)}: superseded records</h3>", table(superseded[SUPERSEDED_COLUMNS])]
@@ -194,12 +195,12 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
     Markdown lines added at the end of both pages (the recommendation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(report) + ("\n".join(extra) + "\n" if extra else "")
-    plots = {model: plot_recovery_vs_bits(report.summary, model) for model in report.models}
+    plots = {model: model_plots(report.summary, report.scores, model) for model in report.models}
     written = []
-    for model, png in plots.items():
-        path = out_dir / plot_file_name(model)
-        path.write_bytes(png)
-        written.append(path)
+    for made in plots.values():
+        for name, png in made.items():
+            (out_dir / name).write_bytes(png)
+            written.append(out_dir / name)
     page = render_html(report, plots)
     if extra:
         page = page.replace("</body>", "<pre>" + html.escape("\n".join(extra)) + "</pre>\n</body>")
