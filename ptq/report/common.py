@@ -48,10 +48,14 @@ PROGRESS_THRESHOLD = 200
 TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 
 # delta_stderr: the standard error of the difference from BF16 over the items both scored (paired_items of them);
-# NaN where either side kept no per-item scores.
+# NaN where either side kept no per-item scores. delta_error: the difference's error the report judges by
+# (read.difference_error): the paired one, a fidelity row's own, or sqrt(2) x the variant's.
 SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "metric", "value", "stderr",
-                 "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items", "recovery",
-                 "status", "note", "source"]
+                 "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items", "delta_error",
+                 "recovery", "status", "note", "source"]
+
+# 95% two-sided normal quantile: intervals, "n.s." marks and the recommendation's bounds use this one value.
+Z_95 = 1.96
 
 # A point's fidelity figures in the summary: the perplexity ratio to BF16 with its 95% interval, the mean KL with
 # its standard error (ptq/fidelity.py).

@@ -9,9 +9,8 @@ from typing import Dict, List, Tuple
 
 import pandas as pd
 
-from ptq.report.common import BF16, FIDELITY_METRIC
+from ptq.report.common import BF16, FIDELITY_METRIC, Z_95
 
-Z_95 = 1.96
 # At most this many benchmark rows in the delta plot (the CSV has them all).
 MAX_DELTA_ROWS = 40
 
@@ -33,6 +32,13 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
+def _ratio_bars(points: pd.DataFrame) -> list:
+    """yerr for the perplexity ratio: distances to its 95% interval (0 where a record has none)."""
+    low = (points["perplexity_ratio"] - points["perplexity_ratio_lo"]).fillna(0).clip(lower=0)
+    high = (points["perplexity_ratio_hi"] - points["perplexity_ratio"]).fillna(0).clip(lower=0)
+    return [low, high]
+
+
 def pareto_front(points: List[Tuple[float, float]]) -> List[int]:
     """Indices of the points no other point beats on both counts (lower x and lower y, one strictly), by x."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
@@ -52,9 +58,7 @@ def plot_perplexity_vs_bits(summary: pd.DataFrame, model: str):
     if points.empty:
         return None
     figure, axes = _figure()
-    low = (points["perplexity_ratio"] - points["perplexity_ratio_lo"]).fillna(0).clip(lower=0)
-    high = (points["perplexity_ratio_hi"] - points["perplexity_ratio"]).fillna(0).clip(lower=0)
-    axes.errorbar(points["bits_per_weight"], points["perplexity_ratio"], yerr=[low, high], fmt="o", color="tab:blue",
+    axes.errorbar(points["bits_per_weight"], points["perplexity_ratio"], yerr=_ratio_bars(points), fmt="o", color="tab:blue",
                   ecolor="tab:blue", capsize=3, zorder=3, label="variant (95% interval)")
     front = pareto_front(list(zip(points["bits_per_weight"], points["perplexity_ratio"])))
     axes.step(points["bits_per_weight"].iloc[front], points["perplexity_ratio"].iloc[front], where="post",
@@ -82,8 +86,7 @@ def plot_deltas(scores: pd.DataFrame, model: str):
         return None
     figure, axes = _figure(height=max(2.5, 0.28 * len(rows) + 1.2))
     labels = [f"{v}  {b}/{m}" for v, b, m in zip(rows["variant"], rows["benchmark"], rows["metric"])]
-    for y, (delta, bf16, paired, own) in enumerate(zip(rows["delta"], rows["bf16"], rows["delta_stderr"], rows["stderr"])):
-        error = paired if not pd.isna(paired) else (math.sqrt(2) * own if not pd.isna(own) else math.nan)
+    for y, (delta, bf16, error) in enumerate(zip(rows["delta"], rows["bf16"], rows["delta_error"])):
         relative = 100 * delta / abs(bf16)
         if pd.isna(error):
             axes.plot([relative], [y], "o", color="black")
@@ -114,9 +117,8 @@ def plot_vs_calib_size(summary: pd.DataFrame, model: str):
         return None
     figure, axes = _figure()
     for name, group in lines.items():
-        low = (group["perplexity_ratio"] - group["perplexity_ratio_lo"]).fillna(0).clip(lower=0)
-        high = (group["perplexity_ratio_hi"] - group["perplexity_ratio"]).fillna(0).clip(lower=0)
-        axes.errorbar(group["calib_size"], group["perplexity_ratio"], yerr=[low, high], marker="o", capsize=3, label=name)
+        axes.errorbar(group["calib_size"], group["perplexity_ratio"], yerr=_ratio_bars(group), marker="o", capsize=3,
+                      label=name)
     axes.set_xscale("log", base=2)
     axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
     axes.set_xlabel("calibration samples")

@@ -131,6 +131,17 @@ def _items(items) -> Optional[Dict[int, float]]:
         return None
 
 
+def difference_error(metric: str, paired_se: float, own_se: float) -> float:
+    """The standard error of a difference from BF16, as the report judges it: from the per-item pairs where both
+    sides kept their items; a fidelity figure's own error (measured against BF16 on the same tokens, so already
+    the difference's); else sqrt(2) x the variant's own error (BF16's taken as the same size). NaN if unknown."""
+    if not math.isnan(paired_se) and paired_se > 0:
+        return paired_se
+    if math.isnan(own_se) or own_se <= 0:
+        return math.nan
+    return own_se if metric == FIDELITY_METRIC else math.sqrt(2.0) * own_se
+
+
 def paired_delta_stderr(items: Optional[Dict[int, float]], bf16_items: Optional[Dict[int, float]]) -> Tuple[float, int]:
     """(standard error of the mean per-item difference, items paired) over the items both scored; (NaN, 0)
     when either side has no per-item scores or fewer than two items are shared."""

@@ -13,16 +13,14 @@ higher median recovery). Everything else is listed with the reason it was left o
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional
 
 import pandas as pd
 
-from ptq.report.common import BF16, FIDELITY_METRIC
+from ptq.report.common import BF16, FIDELITY_METRIC, Z_95
 from ptq.report.tables import Report
 
-Z_95 = 1.96
 ENGINES = ("vLLM", "SGLang", "TensorRT-LLM")
 
 
@@ -54,11 +52,9 @@ def _loss_bound(row) -> tuple:
     """(relative loss, its upper 95% bound, whether an error was known) of one benchmark row against BF16."""
     sign = -1.0 if row.higher_is_better else 1.0
     loss = sign * row.delta / abs(row.bf16)
-    if not pd.isna(row.delta_stderr) and row.delta_stderr > 0:  # paired over the items both scored
-        return loss, loss + Z_95 * row.delta_stderr / abs(row.bf16), True
-    if pd.isna(row.stderr) or row.stderr <= 0:
+    if pd.isna(row.delta_error):
         return loss, loss, False
-    return loss, loss + Z_95 * math.sqrt(2.0) * row.stderr / abs(row.bf16), True
+    return loss, loss + Z_95 * row.delta_error / abs(row.bf16), True
 
 
 def judge(report: Report, model: str, budget: float) -> List[Verdict]:

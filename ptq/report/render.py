@@ -11,8 +11,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from ptq.report.common import (BASELINE_STATUS, BF16, FIDELITY_METRIC, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
-                               SUPERSEDED_COLUMNS)
+from ptq.report.common import (BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
+                               SUPERSEDED_COLUMNS, Z_95)
 from ptq.report.plots import model_plots
 from ptq.report.tables import Report, row_sort_key
 
@@ -21,30 +21,24 @@ def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
 
-# A difference from BF16 within this many standard errors is marked "n.s." (not a finding).
-Z_95 = 1.96
 
 
-def within_noise(delta: float, stderr: float, paired: bool) -> bool:
-    """Whether `delta` (variant - BF16) is within 95% noise. Fidelity figures are paired against BF16 on the same
-    tokens and their standard error is the difference's; a benchmark's is the variant's own, so the difference's
-    is taken as sqrt(2) times it (as if BF16's were the same size; per-item paired errors would be smaller)."""
-    if pd.isna(delta) or pd.isna(stderr) or stderr <= 0:
+def within_noise(delta: float, error: float) -> bool:
+    """Whether `delta` (variant - BF16) is within 95% noise, `error` being the difference's standard error."""
+    if pd.isna(delta) or pd.isna(error) or error <= 0:
         return False
-    return abs(delta) < Z_95 * stderr * (1.0 if paired else math.sqrt(2.0))
+    return abs(delta) < Z_95 * error
 
 
-def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan, paired: bool = True,
-                delta_stderr: float = math.nan) -> str:
-    """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`; parts that are undefined are left out. `delta_stderr`: the
-    difference's own standard error from per-item pairs, used instead of the variant's when known."""
+def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan,
+                delta_error: float = math.nan) -> str:
+    """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`: the value with its standard error, the difference from BF16 (n.s.
+    within 1.96 x `delta_error`, the difference's own error) and the recovery; undefined parts are left out."""
     if pd.isna(value):
         return ""
     details = []
     if not pd.isna(delta):
-        noise = within_noise(delta, delta_stderr, True) if not pd.isna(delta_stderr) else \
-            within_noise(delta, stderr, paired)
-        details.append(format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if noise else ""))
+        details.append(format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if within_noise(delta, delta_error) else ""))
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
     spread = f" ± {stderr:.3f}" if not pd.isna(stderr) and stderr > 0 else ""
@@ -65,11 +59,11 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
     grid = np.full((len(row_order), len(variants)), "", dtype=object)
     # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
-    for benchmark, metric, variant, value, delta, recovery, stderr, delta_se in zip(*(rows[c].tolist() for c in (
-            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr", "delta_stderr"))):
+    for benchmark, metric, variant, value, delta, recovery, stderr, error in zip(*(rows[c].tolist() for c in (
+            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr", "delta_error"))):
         # The BF16 column is the reference: its delta and recovery say nothing.
         cell = (format_cell(value, math.nan, math.nan, stderr) if variant == BF16
-                else format_cell(value, delta, recovery, stderr, paired=metric == FIDELITY_METRIC, delta_stderr=delta_se))
+                else format_cell(value, delta, recovery, stderr, error))
         position = row_position[(benchmark, metric)], column_position[variant]
         if variant == BF16 and grid[position]:
             continue  # BF16 measured several ways: the table shows the preferred one (the CSV has them all)

@@ -14,7 +14,7 @@ from ptq.report.common import (
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, fidelity_summary, paired_delta_stderr, record_calib_size, record_kv_cache, record_problem, record_scores,
+    as_number, as_timestamp, baseline_scores, difference_error, fidelity_summary, paired_delta_stderr, record_calib_size, record_kv_cache, record_problem, record_scores,
     section, served_by, status_note, variant_label, variant_sort_key,
 )
 
@@ -157,6 +157,8 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
               in zip(scores["variant"].tolist(), scores["items"].tolist(), scores["bf16_items"].tolist())]
     scores["delta_stderr"] = [se for se, _ in paired]
     scores["paired_items"] = [n for _, n in paired]
+    scores["delta_error"] = [math.nan if variant == BF16 else difference_error(metric, dse, se) for variant, metric, dse, se
+                             in zip(*(scores[c].tolist() for c in ("variant", "metric", "delta_stderr", "stderr")))]
     return scores.drop(columns=["items", "bf16_items"])
 
 
