@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -83,7 +84,8 @@ def _read_mmlu_csv(file: Path) -> List[dict]:
     for number, row in enumerate(rows, 2):
         options = [row[k] for k in sorted(choices)]
         items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": options,
-                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}")})
+                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}"),
+                      "subject": file.stem})
     return items
 
 
@@ -205,8 +207,27 @@ def _item_count(path: Path, kind: str, fmt: str) -> int:
     return len(read_benchmark(BenchmarkConfig(name="check", kind=kind, format=fmt), path))
 
 
-def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = None) -> Tuple[Path, int]:
-    """Normalise a local benchmark file into `work_dir` and write its lm-eval task file there: (task YAML, items).
+def stratified_indices(subjects: List[str], n: int, seed: int = 0) -> List[int]:
+    """`n` item indices spread evenly over the subjects (round robin over the subjects in name order, each
+    subject's items in a fixed random order), sorted; the first `n` when there is one subject."""
+    by_subject: Dict[str, List[int]] = {}
+    for index, subject in enumerate(subjects):
+        by_subject.setdefault(subject, []).append(index)
+    if len(by_subject) < 2:
+        return list(range(min(n, len(subjects))))
+    rng = random.Random(seed)
+    pools = [rng.sample(ids, len(ids)) for _, ids in sorted(by_subject.items())]
+    picked: List[int] = []
+    while len(picked) < min(n, len(subjects)):
+        for pool in pools:
+            if pool and len(picked) < n:
+                picked.append(pool.pop())
+    return sorted(picked)
+
+
+def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = None) -> Tuple[Path, List[str]]:
+    """Normalise a local benchmark file into `work_dir` and write its lm-eval task file there: (task YAML, the
+    subject of each item: one per file of a folder benchmark, "" otherwise).
 
     The task file includes the kind's template from evaluate/tasks/ and adds the data file (and, for
     generation, the benchmark's token budget)."""
@@ -226,7 +247,7 @@ def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = 
     out = work_dir / TASK_FILES_NAME / f"ptq_{bench.name}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(task, sort_keys=False))
-    return out, len(rows)
+    return out, [str(row.get("subject", "")) for row in rows]
 
 
 def load_tasks(cfg: EvalConfig, work_dir: Path):
@@ -240,17 +261,18 @@ def load_tasks(cfg: EvalConfig, work_dir: Path):
     tasks, names, samples, local = [], {}, {}, {}
     for bench in cfg.benchmarks:
         if bench.kind == "lm_eval":
-            key, count = bench.task or bench.name, None
+            key, subjects = bench.task or bench.name, None
             tasks.append(key)
         else:
-            _, count = task_file(bench, work_dir, cfg.data_dir)
+            _, subjects = task_file(bench, work_dir, cfg.data_dir)
             key = f"ptq_{bench.name}"
             local[key] = None
         names[key] = bench.name
-        # Per-benchmark item limits go through `samples` (the first n items of each task's test split).
+        # Per-benchmark item limits go through `samples`: the first n items of a one-subject set; spread evenly
+        # over the subjects of a folder of subjects (MMLU), so a limit never means "the first subject only".
         n = bench.limit or cfg.limit
         if n:
-            samples[key] = list(range(min(n, count) if count else n))
+            samples[key] = stratified_indices(subjects, n) if subjects is not None else list(range(n))
     manager = None
     if local:
         manager = TaskManager(include_path=str(work_dir / TASK_FILES_NAME), include_defaults=False)
@@ -300,7 +322,7 @@ def check_eval_config(cfg: EvalConfig) -> None:
 
 
 # Bump when what a fingerprint covers changes: cached BF16 baselines of another version are not reused.
-FINGERPRINT_VERSION = 1
+FINGERPRINT_VERSION = 2  # 2: a limit on a folder of subjects samples across them (stratified_indices)
 
 
 def _file_digest(path: Path) -> str:

@@ -62,7 +62,7 @@ def test_multiple_choice_layouts(tmp_path, local_files):
     mmlu.mkdir()
     (mmlu / "a_test.csv").write_text('question,choice0,choice1,choice2,choice3,answer\n"Q, with comma",w,x,y,z,3\n')
     assert read_multiple_choice(mmlu, "mmlu_csv") == [
-        {"query": "Question: Q, with comma\nAnswer:", "choices": ["w", "x", "y", "z"], "gold": 3}]
+        {"query": "Question: Q, with comma\nAnswer:", "choices": ["w", "x", "y", "z"], "gold": 3, "subject": "a_test"}]
     swag = tmp_path / "swag.txt"
     swag.write_text("Cooking: A man cracks an egg. he\n2\nflies away.\nsings.\npours it into a pan.\nreads.\n")
     assert read_multiple_choice(swag, "hellaswag_txt") == [
@@ -226,6 +226,31 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
     outputs = [json.loads(line) for line in (tmp_path / "work" / "samples-tiny.jsonl").read_text().splitlines()]
     assert [(o["benchmark"], o["doc_id"], o["target"]) for o in outputs] == [("math", 0, "7"), ("math", 1, "24")]
     assert all(isinstance(o["response"], list) and "exact_match" in o for o in outputs)
+
+
+def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
+    """MMLU-style: 25 items must not all come from the first file (abstract algebra)."""
+    from ptq.evaluation import load_tasks, stratified_indices
+
+    subjects = ["algebra"] * 10 + ["anatomy"] * 4 + ["astronomy"] * 10
+    picked = stratified_indices(subjects, 9)
+    assert picked == sorted(picked) and len(set(picked)) == 9 and picked == stratified_indices(subjects, 9)
+    assert [sum(subjects[i] == s for i in picked) for s in ("algebra", "anatomy", "astronomy")] == [3, 3, 3]
+    # A subject that runs out leaves its turns to the others; one subject keeps the first n.
+    assert [sum(subjects[i] == s for i in stratified_indices(subjects, 20)) for s in ("algebra", "anatomy", "astronomy")] == [8, 4, 8]
+    assert stratified_indices(["x"] * 5, 3) == [0, 1, 2] and stratified_indices(subjects, 100) == list(range(24))
+
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    for subject, count in (("abstract_algebra_test", 10), ("anatomy_test", 10), ("astronomy_test", 10)):
+        (folder / f"{subject}.csv").write_text(header + "".join(f"{subject} q{i},a,b,c,d,A\n" for i in range(count)))
+    cfg = EvalConfig(enabled=True, limit=6, benchmarks=[
+        BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))])
+    _, _, samples, _ = load_tasks(cfg, tmp_path / "work")
+    rows = [json.loads(line) for line in (tmp_path / "work" / "mmlu.jsonl").read_text().splitlines()]
+    assert sorted(rows[i]["subject"] for i in samples["ptq_mmlu"]) == ["abstract_algebra_test"] * 2 + [
+        "anatomy_test"] * 2 + ["astronomy_test"] * 2
 
 
 def test_per_item_scores_are_kept_only_where_their_mean_is_the_result():
