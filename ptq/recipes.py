@@ -4,6 +4,7 @@ quantized."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import fnmatch
 from typing import Dict, List, Optional, Tuple
 
@@ -56,7 +57,22 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
     if recipe.algorithm is not None or recipe.algorithm_args:
         cfg["algorithm"] = algorithm_config(recipe, cfg.get("algorithm"))
         _check_block_scale_search(recipe, cfg)
+    _check_rotation(recipe, cfg)
     return cfg
+
+
+def _check_rotation(recipe: RecipeConfig, cfg: Dict) -> None:
+    """A quantizer with `rotate` applies a Hadamard transform through the separate fast_hadamard_transform
+    package (a CUDA extension built from source); without it ModelOpt fails at the first calibration forward."""
+    rotated = [e["quantizer_name"] for e in cfg["quant_cfg"]
+               if isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate") and e.get("enable", True)]
+    if rotated and importlib.util.find_spec("fast_hadamard_transform") is None:
+        choice = f"recipe.kv_cache={recipe.kv_cache}" if recipe.kv_cache != "none" else f"recipe={recipe.name}"
+        raise ConfigError(
+            f"{choice} rotates {', '.join(rotated)} with a Hadamard transform, which needs the fast_hadamard_transform "
+            "package (not installed here; it builds from source against torch and CUDA: pip install "
+            "git+https://github.com/Dao-AILab/fast-hadamard-transform.git). Install it, or choose a KV cache "
+            "without rotation (recipe.kv_cache=nvfp4 or nvfp4_affine).")
 
 
 def _check_block_scale_search(recipe: RecipeConfig, cfg: Dict) -> None:

@@ -106,7 +106,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "model": cfg.model.name,
         "recipe": cfg.recipe.name,
         # The calibration choice when it is not the recipe's own (ptq/formats.py algorithm_tag), else None.
-        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args)) or None,
+        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args),
+                                   cfg.recipe.awq_block_size) or None,
         "kv_cache": cfg.recipe.kv_cache,
         "calib_size": cfg.calib.size,
         "calib_seq_len": cfg.calib.seq_len,
@@ -202,7 +203,8 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
     if not record:
         model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
         record = {"model": model.get("name"), "recipe": recipe.get("name"), "kv_cache": recipe.get("kv_cache"),
-                  "algorithm": algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args")) or None,
+                  "algorithm": algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args"),
+                                               recipe.get("awq_block_size")) or None,
                   "calib_size": calib.get("size"), "calib_seq_len": calib.get("seq_len"),
                   "hardware_profile": config.get("hardware", {}).get("name"),
                   "backend": config.get("backend", {}).get("name"), "output_dir": output_dir,

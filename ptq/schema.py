@@ -299,15 +299,15 @@ class RunConfig:
     detach: bool = False
 
 
-def _variant_suffix(method, args) -> str:
-    tag = algorithm_tag(method, OmegaConf.to_container(args) if OmegaConf.is_config(args) else args)
+def _variant_suffix(method, args, block_size=0) -> str:
+    tag = algorithm_tag(method, OmegaConf.to_container(args) if OmegaConf.is_config(args) else args, block_size)
     return f"-{tag}" if tag else ""
 
 
 def register_schemas() -> None:
     """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node.
-    Also `${ptq_variant:${recipe.algorithm},${recipe.algorithm_args}}`: '' for a recipe's own calibration,
-    else '-<tag>', so each calibration choice of a recipe gets its own output folder."""
+    Also `${ptq_variant:${recipe.algorithm},${recipe.algorithm_args},${recipe.awq_block_size}}`: '' for a recipe's
+    own calibration, else '-<tag>', so each calibration choice of a recipe gets its own output folder."""
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("ptq_variant"):
         OmegaConf.register_new_resolver("ptq_variant", _variant_suffix)

@@ -107,7 +107,10 @@ def test_a_block_scale_search_on_run_time_block_scales_is_refused(overrides):
 def test_tags_and_report_labels_name_the_choice():
     assert algorithm_tag(None, {}) == ""
     assert algorithm_tag("svdquant", {"lowrank": 64}) == "svdquant-lowrank64"
-    assert algorithm_export("awq_clip", "NVFP4") == "NVFP4_AWQ" and algorithm_export(None, "FP8") == "FP8"
+    assert algorithm_tag("awq_lite", {}, 32) == "awq_lite-block32" and algorithm_tag(None, {}, 16) == "block16"
+    assert algorithm_export("awq_lite", "NVFP4") == "NVFP4_AWQ" and algorithm_export(None, "FP8") == "FP8"
+    # Clipping alone leaves no pre-quantization scale, which is what ModelOpt's export calls NVFP4_AWQ.
+    assert algorithm_export("awq_clip", "NVFP4") == "NVFP4" and algorithm_export("awq_clip", "NVFP4_AWQ") == "NVFP4"
     record = {"recipe": "int8_sq", "algorithm": "alpha0.5", "kv_cache": "none", "calib_size": 32}
     assert variant_label(record) == "int8_sq/alpha0.5@32"
     assert variant_label({**record, "algorithm": None}) == "int8_sq@32"
