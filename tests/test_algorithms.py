@@ -68,6 +68,21 @@ def test_the_megatron_backend_refuses_an_algorithm():
                  Facts(cuda_available=True, local_model_ok=True))
 
 
+def test_a_rotating_kv_cache_needs_its_hadamard_package_before_anything_loads():
+    import importlib.util
+
+    cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=nvfp4_rotate", "hardware=h100"])
+    if importlib.util.find_spec("fast_hadamard_transform") is None:
+        with pytest.raises(ConfigError, match="recipe.kv_cache=nvfp4_rotate rotates .*k_bmm_quantizer.* fast_hadamard_transform"):
+            build_quant_config(cfg.recipe, [], None)
+    else:  # installed: the config is built, with its rotation
+        entries = build_quant_config(cfg.recipe, [], None)["quant_cfg"]
+        assert any(e["cfg"].get("rotate") for e in entries if isinstance(e.get("cfg"), dict))
+    cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=nvfp4", "hardware=h100"])
+    assert not any(isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate")
+                   for e in build_quant_config(cfg.recipe, [], None)["quant_cfg"] if e.get("enable", True))
+
+
 def test_settings_merge_into_the_configs_own_algorithm_or_replace_it():
     cfg, _ = compose_run(["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"])
     assert build_quant_config(cfg.recipe, ["*lm_head*"], None)["algorithm"] == {"method": "smoothquant", "alpha": 0.5}

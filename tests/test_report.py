@@ -397,11 +397,11 @@ def test_cli_writes_every_output(sweep, tmp_path):
     assert rows_of(csv, model="tiny", variant="nvfp4@512")["status"].tolist() == ["failed"]
     assert float(rows_of(csv, model="tiny", variant="fp8@512", benchmark="arc_easy")["recovery"].iloc[0]) == 0.9375
 
-    # Per model: recovery against bits and the benchmark differences; the perplexity ratio against bits where
-    # variants have both (the "other" records carry no sizes); "tiny" also ran int4_awq at two calibration sizes.
+    # Per model: the benchmark differences; recovery and the perplexity ratio against bits where variants have
+    # sizes (the "other" records carry none); "tiny" also ran int4_awq at two calibration sizes.
     plots = sorted(p.name for p in out.glob("*.png"))
-    assert plots == ["deltas_other.png", "deltas_tiny.png", "perplexity_vs_bits_tiny.png", "recovery_vs_bits_other.png",
-                     "recovery_vs_bits_tiny.png", "vs_calib_size_tiny.png"]
+    assert plots == ["deltas_other.png", "deltas_tiny.png", "perplexity_vs_bits_tiny.png", "recovery_vs_bits_tiny.png",
+                     "vs_calib_size_tiny.png"]
     assert all((out / name).read_bytes().startswith(PNG_MAGIC) for name in plots)
     page = (out / "results.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
@@ -561,3 +561,20 @@ def test_the_pareto_front_keeps_what_nothing_beats_on_both_counts():
     points = [(8.0, 1.03), (4.5, 1.30), (4.5, 1.60), (9.7, 1.02), (6.9, 1.29), (16.0, 1.0), (8.0, 1.05)]
     assert [points[i] for i in pareto_front(points)] == [(4.5, 1.30), (6.9, 1.29), (8.0, 1.03), (9.7, 1.02), (16.0, 1.0)]
     assert pareto_front([]) == []
+
+
+def test_a_crowded_scatter_names_only_its_pareto_front():
+    from ptq.report.plots import MAX_LABELS, _figure, _label, pareto_front
+
+    def names(count):
+        points = pd.DataFrame({"variant": [f"v{i}" for i in range(count)], "bits_per_weight": [4.0 + i % 5 for i in range(count)],
+                               "perplexity_ratio": [1.5 - 0.01 * i for i in range(count)]})
+        front = pareto_front(list(zip(points["bits_per_weight"], points["perplexity_ratio"])))
+        _, axes = _figure()
+        _label(axes, points, "perplexity_ratio", front)
+        return {t.get_text() for t in axes.texts}, {f"v{i}" for i in front}
+
+    few, _ = names(MAX_LABELS)
+    assert few == {f"v{i}" for i in range(MAX_LABELS)}
+    crowded, front = names(MAX_LABELS + 8)
+    assert crowded == front | {f"{MAX_LABELS + 8} variants; named: the Pareto front"} and len(front) < MAX_LABELS

@@ -13,6 +13,8 @@ from ptq.report.common import BF16, FIDELITY_METRIC, Z_95
 
 # At most this many benchmark rows in the delta plot (the CSV has them all).
 MAX_DELTA_ROWS = 40
+# Above this many variants a scatter plot names only the points on its Pareto front (the tables name them all).
+MAX_LABELS = 12
 
 
 def _figure(height: float = 4.4):
@@ -74,10 +76,20 @@ def plot_perplexity_vs_bits(summary: pd.DataFrame, model: str):
     front = pareto_front(list(zip(points["bits_per_weight"], points["perplexity_ratio"])))
     axes.step(points["bits_per_weight"].iloc[front], points["perplexity_ratio"].iloc[front], where="post",
               color="tab:orange", linewidth=1.2, label="Pareto front")
-    for row in points.itertuples():
-        axes.annotate(row.variant, (row.bits_per_weight, row.perplexity_ratio), textcoords="offset points",
-                      xytext=(4, 4), fontsize=7)
+    _label(axes, points, "perplexity_ratio", front)
     return _ratio_png(figure, axes, "bits per weight (checkpoint size vs BF16)", f"{model}: perplexity ratio vs bits per weight")
+
+
+def _label(axes, points: pd.DataFrame, column: str, front: List[int], scale: float = 1.0) -> None:
+    """Name each point, or only the Pareto front's when there are more than MAX_LABELS (said in a corner note)."""
+    named = range(len(points)) if len(points) <= MAX_LABELS else front
+    for i in named:
+        row = points.iloc[i]
+        axes.annotate(row["variant"], (row["bits_per_weight"], scale * row[column]), textcoords="offset points",
+                      xytext=(4, 4), fontsize=7)
+    if len(points) > MAX_LABELS:
+        axes.text(0.99, 0.01, f"{len(points)} variants; named: the Pareto front", transform=axes.transAxes,
+                  ha="right", va="bottom", fontsize=7, color="grey")
 
 
 def plot_deltas(scores: pd.DataFrame, model: str):
@@ -137,21 +149,18 @@ def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str) -> Dict
     return {name: png for name, png in made.items() if png is not None}
 
 
-def plot_recovery_vs_bits(summary: pd.DataFrame, model: str) -> bytes:
-    """PNG: median recovery (%) against bits per weight of the finished variants, BF16 at 16 bits / 100%."""
-    # The Agg canvas directly, so importing this module never changes the caller's pyplot backend.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
+def plot_recovery_vs_bits(summary: pd.DataFrame, model: str):
+    """PNG: median benchmark recovery (%) against bits per weight of the finished variants, BF16 at 16 bits /
+    100%; None when no variant has a benchmark recovery (evaluation off)."""
     points = summary[(summary["model"] == model) & (summary["variant"] != BF16) & (summary["status"] == "finished")]
-    points = points[points["median_recovery"].notna() & points["bits_per_weight"].notna()]
-    figure = Figure(figsize=(6.4, 4.4), dpi=110)
-    FigureCanvasAgg(figure)
-    axes = figure.add_subplot()
+    points = points[points["median_recovery"].notna() & points["bits_per_weight"].notna()].reset_index(drop=True)
+    if points.empty:
+        return None
+    figure, axes = _figure()
     axes.scatter(points["bits_per_weight"], 100 * points["median_recovery"], color="tab:blue", zorder=3)
-    for row in points.itertuples():
-        axes.annotate(row.variant, (row.bits_per_weight, 100 * row.median_recovery), textcoords="offset points",
-                      xytext=(4, 4), fontsize=8)
+    # Fewer bits and a higher recovery: the front of (bits, -recovery).
+    _label(axes, points, "median_recovery", pareto_front(list(zip(points["bits_per_weight"], -points["median_recovery"]))),
+           scale=100)
     axes.scatter([16], [100], marker="*", s=160, color="tab:red", zorder=3, label="bf16")
     axes.annotate(BF16, (16, 100), textcoords="offset points", xytext=(4, -12), fontsize=8)
     axes.axhline(100, color="grey", linewidth=0.8, linestyle="--")
@@ -160,10 +169,7 @@ def plot_recovery_vs_bits(summary: pd.DataFrame, model: str) -> bytes:
     axes.set_ylabel("median recovery vs BF16 (%)")
     axes.set_title(f"{model}: median recovery vs bits per weight (finished runs)", fontsize=10)
     axes.grid(True, alpha=0.3)
-    figure.tight_layout()
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png")
-    return buffer.getvalue()
+    return _png(figure)
 
 
 def plot_file_name(model: str, kind: str = "recovery_vs_bits") -> str:
