@@ -16,6 +16,7 @@ import functools
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -70,7 +71,28 @@ def _choices(values, where: str) -> List[str]:
     return values
 
 
-def _read_mmlu_csv(file: Path) -> List[dict]:
+QUESTION_PROMPT = "Question: {question}\nAnswer:"
+
+
+class _Fields(dict):
+    def __missing__(self, key):
+        raise KeyError(key)
+
+
+def _prompt(template: Optional[str], default: str, row: dict, where: str) -> str:
+    """An item's prompt: `template` (a format string over the item's fields) or the format's own `default`."""
+    try:
+        return (template or default).format_map(_Fields(row))
+    except KeyError as exc:
+        raise ConfigError(f"{where}: the template names the field {exc.args[0]!r}, which this item does not have "
+                          f"(fields: {', '.join(map(str, row)) or 'none'}); set the benchmark's template to use "
+                          "those.") from None
+    except (ValueError, IndexError, AttributeError) as exc:
+        raise ConfigError(f"{where}: the template {template!r} is not a usable format string ({exc}); write fields "
+                          "as {name} and literal braces as {{ }}.") from None
+
+
+def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
     try:
         rows = list(csv.DictReader(io.StringIO(read_text(file), newline="")))
     except csv.Error as exc:
@@ -83,44 +105,73 @@ def _read_mmlu_csv(file: Path) -> List[dict]:
     items = []
     for number, row in enumerate(rows, 2):
         options = [row[k] for k in sorted(choices)]
-        items.append({"query": f"Question: {row['question']}\nAnswer:", "choices": options,
+        items.append({"query": _prompt(template, QUESTION_PROMPT, row, f"{file}:{number}"), "choices": options,
                       "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}"),
                       "subject": file.stem})
     return items
 
 
-def read_multiple_choice(path: Path, fmt: str) -> List[dict]:
-    """Items {"query", "choices", "gold"} from one of the supported file layouts; any malformed item is an
-    error naming its file and line."""
+def _read_winogrande(path: Path) -> List[dict]:
+    """Partial-scoring items {"contexts", "continuation", "gold"}: the sentence up to its blank completed by each
+    option is a context; the rest of the sentence after the blank is the continuation scored under each."""
     items = []
-    if fmt == "arc_jsonl":
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        sentence = _field(row, "sentence", where, str)
+        if sentence.count("_") != 1:
+            raise ConfigError(f"{where}: the sentence must hold exactly one blank '_' (it holds {sentence.count('_')}).")
+        options = [str(_field(row, "option1", where)), str(_field(row, "option2", where))]
+        prefix, rest = sentence.split("_")
+        if not rest.strip():
+            raise ConfigError(f"{where}: nothing follows the blank, so there is no shared continuation to score.")
+        items.append({"contexts": [prefix + option for option in options], "continuation": rest.strip(),
+                      "gold": _gold_index(str(_field(row, "answer", where)), ["1", "2"], where)})
+    return items
+
+
+def read_multiple_choice(path: Path, fmt: str, template: Optional[str] = None) -> List[dict]:
+    """Items {"query", "choices", "gold"} from one of the supported file layouts ({"contexts", "continuation",
+    "gold"} for partial scoring); the prompt from `template` where given; any malformed item is an error naming
+    its file and line."""
+    items = []
+    if fmt == "winogrande_jsonl":
+        if template is not None:
+            raise ConfigError("format=winogrande_jsonl takes no template: each option completes the sentence's own "
+                              "beginning, and the rest of the sentence is scored.")
+        items = _read_winogrande(path)
+    elif fmt == "arc_jsonl":
         for number, row in read_jsonl(path):
             where = f"{path}:{number}"
             choices = _field(row, "choices", where, dict)
             labels, texts = choices.get("label"), _choices(choices.get("text"), where)
             if not isinstance(labels, list) or len(labels) != len(texts):
                 raise ConfigError(f"{where}: choices.label must list one label per choice.")
-            items.append({"query": f"Question: {_field(row, 'question', where, str)}\nAnswer:", "choices": texts,
+            if template is None:
+                _field(row, "question", where, str)
+            items.append({"query": _prompt(template, QUESTION_PROMPT, row, where), "choices": texts,
                           "gold": _gold_index(_field(row, "answerKey", where), [str(x) for x in labels], where)})
     elif fmt == "jsonl":
         for number, row in read_jsonl(path):
             where = f"{path}:{number}"
             choices = _choices(_field(row, "choices", where), where)
-            items.append({"query": f"Question: {_field(row, 'question', where, str)}\nAnswer:", "choices": choices,
+            if template is None:
+                _field(row, "question", where, str)
+            items.append({"query": _prompt(template, QUESTION_PROMPT, row, where), "choices": choices,
                           "gold": _gold_index(_field(row, "answer", where), list(LETTERS[: len(choices)]), where)})
     elif fmt == "mmlu_csv":
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
         if not files:
             raise ConfigError(f"{path} holds no .csv files; an mmlu_csv benchmark is a CSV file or a folder of them.")
         for file in files:
-            items += _read_mmlu_csv(file)
+            items += _read_mmlu_csv(file, template)
     elif fmt == "hellaswag_txt":
         rows = lines(read_text(path))
         if len(rows) % 6:
             raise ConfigError(f"{path}: {len(rows)} lines is not a multiple of 6 (context, gold index, 4 endings per item).")
         for start in range(0, len(rows), 6):
             context, gold, *endings = rows[start:start + 6]
-            items.append({"query": context, "choices": endings,
+            items.append({"query": _prompt(template, "{context}", {"context": context}, f"{path}:{start + 1}"),
+                          "choices": endings,
                           "gold": _gold_index(gold.strip(), ["0", "1", "2", "3"], f"{path}:{start + 2}")})
     else:
         raise ConfigError(f"format={fmt!r} is not a multiple-choice layout; choose one of: {', '.join(MC_FORMATS)}.")
@@ -129,15 +180,36 @@ def read_multiple_choice(path: Path, fmt: str) -> List[dict]:
     return items
 
 
-def read_generation(path: Path) -> List[dict]:
-    """Items {"question", "answer"} of a GSM8K-style JSONL; the answer reduced to its final number."""
+def read_generation(path: Path, template: Optional[str] = None) -> List[dict]:
+    """Items {"query", "answer"} of a GSM8K-style JSONL; the answer reduced to its final number."""
     rows = []
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
-        rows.append({"question": _field(row, "question", where, str), "answer": _final_number(str(_field(row, "answer", where)))})
+        if template is None:
+            _field(row, "question", where, str)
+        rows.append({"query": _prompt(template, QUESTION_PROMPT, row, where),
+                     "answer": _final_number(str(_field(row, "answer", where)))})
     if not rows:
         raise ConfigError(f"{path} holds no items.")
     return rows
+
+
+def read_last_words(path: Path) -> List[dict]:
+    """Items {"context", "target"} of a LAMBADA-style file: a JSONL of {"text"} (a .jsonl file) or one passage per
+    line; the target is the passage's last word with the space before it, the context everything before."""
+    if path.suffix == ".jsonl":
+        texts = [(f"{path}:{n}", _field(row, "text", f"{path}:{n}", str)) for n, row in read_jsonl(path)]
+    else:
+        texts = [(f"{path}:{n}", line) for n, line in enumerate(read_text(path).splitlines(), 1) if line.strip()]
+    items = []
+    for where, text in texts:
+        context, _, word = text.strip().rpartition(" ")
+        if not context or not word:
+            raise ConfigError(f"{where}: a passage needs at least two words (its last word is predicted from the rest).")
+        items.append({"context": context, "target": " " + word})
+    if not items:
+        raise ConfigError(f"{path} holds no passages.")
+    return items
 
 
 def read_documents(path: Path) -> List[dict]:
@@ -195,16 +267,25 @@ def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
 def read_benchmark(bench: BenchmarkConfig, path: Path) -> Optional[List[dict]]:
     """The normalised items of a local benchmark file (None for kind lm_eval), checked item by item."""
     if bench.kind == "multiple_choice":
-        return read_multiple_choice(path, bench.format)
+        return read_multiple_choice(path, bench.format, bench.template)
     if bench.kind == "generation":
-        return read_generation(path)
+        return read_generation(path, bench.template)
     if bench.kind == "perplexity":
         return read_documents(path)
+    if bench.kind == "last_word":
+        return read_last_words(path)
     return None
 
 
-def _item_count(path: Path, kind: str, fmt: str) -> int:
-    return len(read_benchmark(BenchmarkConfig(name="check", kind=kind, format=fmt), path))
+def _item_count(path: Path, kind: str, fmt: str, template: Optional[str] = None) -> int:
+    return len(read_benchmark(BenchmarkConfig(name="check", kind=kind, format=fmt, template=template), path))
+
+
+def task_template(bench: BenchmarkConfig) -> Path:
+    """The lm-eval task template a local benchmark's task file includes (evaluate/tasks/)."""
+    if bench.kind == "multiple_choice" and bench.format == "winogrande_jsonl":
+        return TASKS_DIR / "ptq_partial_choice.yaml"
+    return TASKS_DIR / f"ptq_{bench.kind}.yaml"
 
 
 def stratified_indices(subjects: List[str], n: int, seed: int = 0) -> List[int]:
@@ -239,8 +320,10 @@ def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = 
         raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind} has no local data; "
                           f"choose one of: {', '.join(k for k in KINDS if k != 'lm_eval')}.")
     data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
-    template = TASKS_DIR / f"ptq_{bench.kind}.yaml"
+    template = task_template(bench)
     task = {"include": str(template), "task": f"ptq_{bench.name}", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    if bench.kind == "multiple_choice":
+        task["target_delimiter"] = bench.delimiter
     if bench.kind == "generation":
         generation = yaml.safe_load(template.read_text())["generation_kwargs"]
         task["generation_kwargs"] = {**generation, "max_gen_toks": bench.max_gen_toks}
@@ -251,14 +334,15 @@ def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = 
 
 
 def load_tasks(cfg: EvalConfig, work_dir: Path):
-    """(tasks for lm-eval, {task name: benchmark name}, {task name: items to evaluate}, task manager).
+    """(tasks for lm-eval, {task name: benchmark name}, {task name: items to evaluate}, task manager,
+    {task name: the subject of each item} for local benchmarks of several subjects).
 
     Local benchmarks become Task objects, built by an lm-eval TaskManager over this run's task files only
     (indexing lm-eval's own few thousand task files takes seconds); benchmarks of kind lm_eval stay names,
     which simple_evaluate resolves through lm-eval's full index, built once per process."""
     from lm_eval.tasks import TaskManager
 
-    tasks, names, samples, local = [], {}, {}, {}
+    tasks, names, samples, local, by_subject = [], {}, {}, {}, {}
     for bench in cfg.benchmarks:
         if bench.kind == "lm_eval":
             key, subjects = bench.task or bench.name, None
@@ -268,6 +352,8 @@ def load_tasks(cfg: EvalConfig, work_dir: Path):
             key = f"ptq_{bench.name}"
             local[key] = None
         names[key] = bench.name
+        if subjects is not None and len(set(subjects)) > 1:
+            by_subject[key] = subjects
         # Per-benchmark item limits go through `samples`: the first n items of a one-subject set; spread evenly
         # over the subjects of a folder of subjects (MMLU), so a limit never means "the first subject only".
         n = bench.limit or cfg.limit
@@ -280,7 +366,7 @@ def load_tasks(cfg: EvalConfig, work_dir: Path):
         tasks += [built[key] for key in local]
     if len(tasks) > len(local):
         manager = _task_manager()
-    return tasks, names, samples, manager
+    return tasks, names, samples, manager, by_subject
 
 
 def check_eval_config(cfg: EvalConfig) -> None:
@@ -309,6 +395,9 @@ def check_eval_config(cfg: EvalConfig) -> None:
                               f"point the path at your data file, or {FETCH_HINT}.")
         if bench.kind == "multiple_choice" and bench.format not in MC_FORMATS:
             raise ConfigError(f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}.")
+        if bench.template is not None and bench.kind not in ("multiple_choice", "generation"):
+            raise ConfigError(f"eval benchmark {bench.name}: template applies to kinds multiple_choice and generation, "
+                              f"not {bench.kind}; remove it.")
         if bench.limit is not None and bench.limit < 1:
             raise ConfigError(f"eval benchmark {bench.name}: limit={bench.limit}; use a positive number of items, or null.")
     if cfg.limit is not None and cfg.limit < 1:
@@ -316,13 +405,13 @@ def check_eval_config(cfg: EvalConfig) -> None:
     for bench in cfg.benchmarks:  # every item read and checked now, not after the model is loaded
         if bench.kind != "lm_eval":
             try:  # the path exists: checked above
-                checked_once(_item_count, benchmark_path(bench, cfg.data_dir), bench.kind, bench.format)
+                checked_once(_item_count, benchmark_path(bench, cfg.data_dir), bench.kind, bench.format, bench.template)
             except ConfigError as exc:
                 raise ConfigError(f"eval benchmark {bench.name}: {exc}") from None
 
 
 # Bump when what a fingerprint covers changes: cached BF16 baselines of another version are not reused.
-FINGERPRINT_VERSION = 2  # 2: a limit on a folder of subjects samples across them (stratified_indices)
+FINGERPRINT_VERSION = 3  # 2: a limit on a folder of subjects samples across them; 3: prompt template, delimiter
 
 
 def _file_digest(path: Path) -> str:
@@ -346,12 +435,14 @@ def fingerprint(bench: BenchmarkConfig, cfg: EvalConfig, items: Optional[List[in
     from importlib import metadata
 
     local = bench.kind != "lm_eval"
-    template = TASKS_DIR / f"ptq_{bench.kind}.yaml"
+    template = task_template(bench)
     parts = {
         "version": FINGERPRINT_VERSION, "benchmark": bench.name, "kind": str(bench.kind),
         "format": str(bench.format) if bench.kind == "multiple_choice" else None,
         "data": data_digest(benchmark_path(bench, cfg.data_dir)) if local else (bench.task or bench.name),
         "template": checked_once(_file_digest, template) if local else None,
+        "prompt": bench.template if local else None,
+        "delimiter": bench.delimiter if bench.kind == "multiple_choice" else None,
         "items": items,  # the indices evaluated; None: all
         "num_fewshot": cfg.num_fewshot, "chat_template": cfg.apply_chat_template,
         "max_gen_toks": bench.max_gen_toks if bench.kind == "generation" else None,
@@ -373,8 +464,63 @@ def item_scores(samples: List[dict], metric: str, filt: str, value: float) -> Op
     return {"doc_ids": [d for d, _ in pairs], "scores": [round(v, 6) for _, v in pairs]}
 
 
-def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, dict]] = None) -> List[dict]:
-    prints = prints or {}
+# Metrics lm-eval aggregates as a ratio of sums over documents, (log-likelihood, count) per document, for which it
+# gives no standard error: value from the mean log-likelihood per unit.
+RATIO_METRICS = {"word_perplexity": lambda x: math.exp(-x), "byte_perplexity": lambda x: math.exp(-x),
+                 "bits_per_byte": lambda x: -x / math.log(2)}
+
+
+def ratio_stderr(samples: List[dict], metric: str, filt: str) -> Optional[float]:
+    """Jackknife standard error over documents of a ratio metric (word/byte perplexity, bits per byte) from lm-eval's
+    logged (log-likelihood, count) pairs; None with fewer than two documents or another metric."""
+    to_value = RATIO_METRICS.get(metric)
+    pairs = [s[metric] for s in samples if s.get("filter") == filt and isinstance(s.get(metric), (list, tuple))
+             and len(s[metric]) == 2]
+    if to_value is None or len(pairs) < 2:
+        return None
+    total_ll, total_n = sum(float(p[0]) for p in pairs), sum(float(p[1]) for p in pairs)
+    leave_one_out = [to_value((total_ll - float(ll)) / (total_n - float(n))) for ll, n in pairs if total_n - float(n) > 0]
+    k = len(leave_one_out)
+    if k < 2:
+        return None
+    mean = sum(leave_one_out) / k
+    return math.sqrt((k - 1) / k * sum((v - mean) ** 2 for v in leave_one_out))
+
+
+MACRO = "_macro"
+
+
+def subject_rows(row: dict, subjects: List[str]) -> List[dict]:
+    """One row per subject (benchmark `<name>:<subject>`, field `subject`), with that subject's items, from a row's
+    per-item scores ({"doc_ids", "scores"}) and each item's subject."""
+    groups: Dict[str, Tuple[List[int], List[float]]] = {}
+    for doc_id, score in zip(row["items"]["doc_ids"], row["items"]["scores"]):
+        ids, scores = groups.setdefault(subjects[doc_id], ([], []))
+        ids.append(doc_id)
+        scores.append(score)
+    out = []
+    for subject, (ids, scores) in sorted(groups.items()):
+        n, mean = len(scores), sum(scores) / len(scores)
+        var = sum((x - mean) ** 2 for x in scores) / (n - 1) if n > 1 else None
+        out.append({**row, "benchmark": f"{row['benchmark']}:{subject}", "subject": subject, "value": mean,
+                    "stderr": (var / n) ** 0.5 if var is not None else None, "items": {"doc_ids": ids, "scores": scores}})
+    return out
+
+
+def macro_row(row: dict, per_subject: List[dict]) -> dict:
+    """The unweighted mean over subjects (MMLU's usual figure) as a row of its own, metric `<metric>_macro`; its
+    standard error from the subjects' own (None when a subject has a single item)."""
+    values = [s["value"] for s in per_subject]
+    errors = [s["stderr"] for s in per_subject]
+    stderr = (sum(e * e for e in errors) ** 0.5 / len(errors)) if all(e is not None for e in errors) else None
+    keep = {k: v for k, v in row.items() if k not in ("items", "value", "stderr", "metric")}
+    return {**keep, "metric": row["metric"] + MACRO, "value": sum(values) / len(values), "stderr": stderr,
+            "subject_count": len(values)}
+
+
+def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, dict]] = None,
+             subjects: Optional[Dict[str, List[str]]] = None) -> List[dict]:
+    prints, subjects = prints or {}, subjects or {}
     logged = results.get("samples") or {}
     rows = []
     for task, metrics in results["results"].items():
@@ -384,6 +530,8 @@ def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, di
                 continue
             metric, filt = key.split(",", 1)
             stderr = metrics.get(f"{metric}_stderr,{filt}")
+            if not isinstance(stderr, (int, float)) and metric in RATIO_METRICS:
+                stderr = ratio_stderr(logged.get(task) or [], metric, filt)
             row = {"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
                    "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
                    "higher_is_better": bool(better.get(metric, True)), **prints.get(task, {})}
@@ -392,6 +540,11 @@ def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, di
             if items:
                 row["items"] = items
             rows.append(row)
+            if items and task in subjects:
+                # Per subject (each with its items, so the report pairs it with BF16's), and the macro average
+                # over subjects beside lm-eval's mean over items.
+                per_subject = subject_rows(row, subjects[task])
+                rows += per_subject + [macro_row(row, per_subject)]
     return sorted(rows, key=lambda r: (r["benchmark"], r["metric"]))
 
 
@@ -409,7 +562,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
-    tasks, names, samples, manager = load_tasks(cfg, work_dir)
+    tasks, names, samples, manager, subjects = load_tasks(cfg, work_dir)
     prints = {key: fingerprint(bench, cfg, samples.get(key)) for bench in cfg.benchmarks
               for key, name in names.items() if name == bench.name}
     log.info("Evaluating %s on %s", label, ", ".join(names.values()))
@@ -421,7 +574,7 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
                               apply_chat_template=cfg.apply_chat_template, log_samples=True,
                               bootstrap_iters=cfg.bootstrap_iters, verbosity="WARNING", task_manager=manager)
     _write_samples(results.get("samples") or {}, names, work_dir / f"samples-{_safe(label)}.jsonl")
-    return _flatten(results, names, prints)
+    return _flatten(results, names, prints, subjects)
 
 
 def _safe(label: str) -> str:

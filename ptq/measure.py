@@ -112,7 +112,9 @@ def compare(plan: Plan, model, tokenizer, baseline: Baseline, timer: StageTimer,
                 results = evaluation.run_benchmarks(model, tokenizer, cfg.eval, eval_work_dir(plan), cfg.recipe.name)
         else:
             results = baseline.scores
-        scores = {"suite": cfg.eval.suite, "results": results, "baseline": baseline.scores, **label}
+        # The items each benchmark was limited to (its own limit, else eval.limit; None: all), stated, not implied.
+        limits = {b.name: b.limit or cfg.eval.limit for b in cfg.eval.benchmarks}
+        scores = {"suite": cfg.eval.suite, "limits": limits, "results": results, "baseline": baseline.scores, **label}
     return fid, scores
 
 

@@ -16,12 +16,13 @@ from ptq.files import read_json
 from ptq.layout import RECORD_NAME
 
 PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors", "lm_eval")
-# Recorded only where installed (the megatron_bridge backend's stack).
-OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13")
+# Recorded only where installed (the megatron_bridge backend's stack; MLflow for tracking=mlflow).
+OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13",
+                     "mlflow-skinny", "mlflow")
 
 
-# Keys that change how or where a run is launched, not what it makes.
-NOT_IDENTITY = ("overwrite", "dry_run", "detach", "cluster", "cache_dir")
+# Keys that change how or where a run is launched, not what it makes (tracking: where it is reported).
+NOT_IDENTITY = ("overwrite", "dry_run", "detach", "cluster", "cache_dir", "tracking")
 
 
 def identity(config: dict) -> dict:

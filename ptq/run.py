@@ -24,6 +24,7 @@ from ptq.lock import OutputLock, describe, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, resume
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
+from ptq.tracking import check_tracking, track
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ def prepare(cfg: RunConfig, facts: Optional[Facts] = None, space: bool = True) -
     (ptq/inputs.py). Nothing is loaded or written."""
     plan = make_plan(cfg, facts or gather_facts(cfg))
     check_inputs(cfg, plan, space=space)
+    check_tracking(cfg)
     return plan
 
 
@@ -180,6 +182,9 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
         record["timings_s"] = timer.seconds
         record["finished_at"] = now()
         write_json_atomic(plan.record_path, record)
+        # The record is final: log it to the experiment tracker (tracking=mlflow). A failure there is a warning
+        # and a note in the record (record["tracking"]["error"]), never a failed run.
+        track(record, plan.cfg.tracking, plan.record_path)
     return record
 
 
@@ -240,10 +245,26 @@ def dry_run(plan: Plan) -> dict:
     return summary
 
 
+def inherited_limit_warning(cfg: RunConfig, overrides: Sequence[str]) -> Optional[str]:
+    """Benchmarks given on the command line still get the suite's eval.limit: said, with the fix, before the run."""
+    given = any(o.lstrip("+~").startswith("eval.benchmarks") for o in overrides)
+    if not (cfg.eval.enabled and given and cfg.eval.limit):
+        return None
+    cut = [b.name for b in cfg.eval.benchmarks if b.limit is None]
+    if not cut:
+        return None
+    return (f"eval.benchmarks comes from the command line, but eval.limit={cfg.eval.limit} of eval={cfg.eval.suite} "
+            f"still applies: {', '.join(cut)} will be cut to {cfg.eval.limit} items each. Pass eval.limit=null for "
+            "every item, or give each benchmark its own limit.")
+
+
 def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
     """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it, holding
     the output folder's lock from before its first write to the end."""
     plan = prepare(cfg)
+    inherited = inherited_limit_warning(cfg, overrides)
+    if inherited:
+        plan.warnings.append(inherited)
     for warning in plan.warnings:
         log.warning(warning)
     if cfg.dry_run:

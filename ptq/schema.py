@@ -8,6 +8,8 @@ setting.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Dict, List, Optional
@@ -61,6 +63,9 @@ class BenchmarkKind(StrEnum):
     multiple_choice = "multiple_choice"
     generation = "generation"
     perplexity = "perplexity"
+    # LAMBADA-style: each passage's last word predicted from the rest (accuracy: the greedy continuation is the
+    # word; perplexity of the word).
+    last_word = "last_word"
 
 
 class ExportedCheck(StrEnum):
@@ -75,6 +80,9 @@ class ChoiceFormat(StrEnum):
     jsonl = "jsonl"
     mmlu_csv = "mmlu_csv"
     hellaswag_txt = "hellaswag_txt"
+    # WinoGrande's layout ({sentence with "_", option1, option2, answer "1"|"2"}), scored by partial evaluation:
+    # each option completes its own prefix and the shared rest of the sentence is what is scored.
+    winogrande_jsonl = "winogrande_jsonl"
 
 
 SCORE_METHODS = tuple(ScoreMethod)
@@ -247,17 +255,24 @@ class FidelityConfig:
 @dataclass
 class BenchmarkConfig:
     name: str = MISSING
-    # lm_eval (a task name lm-eval knows; may need the Hub) | multiple_choice | generation | perplexity
+    # lm_eval (a task name lm-eval knows; may need the Hub) | multiple_choice | generation | perplexity | last_word
     kind: BenchmarkKind = MISSING
     # For lm_eval: the task name (default: `name`).
     task: Optional[str] = None
     # For local kinds: the data file (or folder of CSVs for mmlu_csv).
     path: Optional[str] = None
-    # multiple_choice layout: arc_jsonl | jsonl ({question, choices, answer}) | mmlu_csv | hellaswag_txt
+    # multiple_choice layout: arc_jsonl | jsonl ({question, choices, answer}) | mmlu_csv | hellaswag_txt |
+    # winogrande_jsonl (partial scoring)
     format: ChoiceFormat = ChoiceFormat.jsonl
     # Items evaluated from this benchmark (None: eval.limit).
     limit: Optional[int] = None
     max_gen_toks: int = 256
+    # The prompt of each item (multiple_choice and generation): a Python format string over the item's fields,
+    # e.g. "{passage}\nQuestion: {question}?\nAnswer:" (None: "Question: {question}\nAnswer:"; HellaSwag: the
+    # context). Checked on every item before the model is loaded.
+    template: Optional[str] = None
+    # What separates the prompt from each answer choice (lm-eval's target_delimiter).
+    delimiter: str = " "
 
 
 @dataclass
@@ -278,6 +293,23 @@ class EvalConfig:
 
 
 @dataclass
+class TrackingConfig:
+    # Experiment tracking (ptq/tracking.py): "none", or "mlflow": one MLflow run per point, logged once its run
+    # record is final (finished or failed). The run record stays the source of truth; a tracking failure is only
+    # noted in it (record["tracking"]["error"]). Checked before loading: ptq/tracking.py check_tracking.
+    backend: str = "none"
+    # MLflow tracking URI: sqlite:///<file> (local, offline), http(s)://<server>, ... A local store must lie
+    # under output_root or cache_dir.
+    tracking_uri: Optional[str] = None
+    experiment: str = "ptq-launcher"
+    # Where a new experiment keeps its artifacts (None: <store folder>/artifacts beside a local store, the
+    # server's choice for http(s)).
+    artifact_location: Optional[str] = None
+    # None: the output folder below output_root (<model>/<recipe>-kv_...-calib...).
+    run_name: Optional[str] = None
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = MISSING
     recipe: RecipeConfig = MISSING
@@ -288,6 +320,7 @@ class RunConfig:
     calib: CalibConfig = MISSING
     fidelity: FidelityConfig = MISSING
     eval: EvalConfig = MISSING
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_root: str = "runs"
     output_dir: str = MISSING
     # Where converted models and sampled calibration text are cached.
@@ -304,6 +337,28 @@ def _variant_suffix(method, args, block_size=0) -> str:
     return f"-{tag}" if tag else ""
 
 
+# What an evaluation's folder tag covers: settings that change what is measured (not where the files live, nor
+# the batch size). Named one by one so that a new schema field does not rename existing folders; a benchmark
+# setting is named only when it is not its default.
+EVAL_TAG_SETTINGS = ("limit", "num_fewshot", "apply_chat_template")
+EVAL_TAG_BENCHMARK_DEFAULTS = {"name": None, "kind": None, "task": None, "path": None, "format": "jsonl",
+                               "limit": None, "max_gen_toks": 256, "template": None, "delimiter": " "}
+
+
+def eval_tag(evaluation) -> str:
+    """'' when evaluation is off, else '-eval_<suite>_<6 hex digits>' over what the evaluation measures, so that
+    two evaluations of one checkpoint with different settings write two folders."""
+    settings = OmegaConf.to_container(evaluation, resolve=True) if OmegaConf.is_config(evaluation) else dict(evaluation)
+    if not settings.get("enabled"):
+        return ""
+    benchmarks = [{k: str(b.get(k)) for k, default in EVAL_TAG_BENCHMARK_DEFAULTS.items() if b.get(k) != default}
+                  for b in settings.get("benchmarks") or []]
+    measured = {"benchmarks": benchmarks, **{k: settings.get(k) for k in EVAL_TAG_SETTINGS}}
+    digest = hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode()).hexdigest()[:6]
+    suite = "".join(c if c.isalnum() or c in "_." else "_" for c in str(settings.get("suite") or "custom"))
+    return f"-eval_{suite}_{digest}"
+
+
 def register_schemas() -> None:
     """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node.
     Also `${ptq_variant:${recipe.algorithm},${recipe.algorithm_args},${recipe.awq_block_size}}`: '' for a recipe's
@@ -311,3 +366,5 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="run_schema", node=RunConfig)
     if not OmegaConf.has_resolver("ptq_variant"):
         OmegaConf.register_new_resolver("ptq_variant", _variant_suffix)
+    if not OmegaConf.has_resolver("ptq_eval"):
+        OmegaConf.register_new_resolver("ptq_eval", eval_tag)

@@ -105,7 +105,7 @@ def test_local_benchmarks_become_lm_eval_tasks_from_the_yaml_templates(tmp_path)
         BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc)),
         BenchmarkConfig(name="gsm", kind="generation", path=str(gsm), max_gen_toks=32),
         BenchmarkConfig(name="wiki", kind="perplexity", path=str(text))])
-    tasks, names, samples, manager = load_tasks(cfg, tmp_path / "work")
+    tasks, names, samples, manager, subjects = load_tasks(cfg, tmp_path / "work")
     by_name = {task.config.task: task for task in tasks}
     assert names == {"ptq_arc": "arc", "ptq_gsm": "gsm", "ptq_wiki": "wiki"} and set(by_name) == set(names)
     assert {k: t.config.output_type for k, t in by_name.items()} == {
@@ -172,6 +172,7 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
         assert records[recipe]["status"] == "finished", records[recipe].get("error")
     fp8 = records["fp8"]["evaluation"]
     assert {(r["benchmark"], r["metric"]) for r in fp8["results"]} >= {("arc", "acc"), ("arc", "acc_norm"), ("text", "word_perplexity")}
+    assert fp8["limits"] == {"arc": 4, "text": 2}  # each benchmark's limit, stated in the record
     # Accuracies keep their per-item scores (perplexities only where their aggregate is the items' mean).
     kept = {(r["benchmark"], r["metric"]) for r in fp8["results"] if "items" in r}
     assert {("arc", "acc"), ("arc", "acc_norm")} <= kept
@@ -247,7 +248,7 @@ def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
         (folder / f"{subject}.csv").write_text(header + "".join(f"{subject} q{i},a,b,c,d,A\n" for i in range(count)))
     cfg = EvalConfig(enabled=True, limit=6, benchmarks=[
         BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))])
-    _, _, samples, _ = load_tasks(cfg, tmp_path / "work")
+    _, _, samples, _, subjects = load_tasks(cfg, tmp_path / "work")
     rows = [json.loads(line) for line in (tmp_path / "work" / "mmlu.jsonl").read_text().splitlines()]
     assert sorted(rows[i]["subject"] for i in samples["ptq_mmlu"]) == ["abstract_algebra_test"] * 2 + [
         "anatomy_test"] * 2 + ["astronomy_test"] * 2
@@ -280,3 +281,185 @@ def test_a_benchmark_fingerprint_changes_with_what_was_measured(tmp_path):
     other.write_text(json.dumps({"question": "q2?", "choices": ["a", "b"], "answer": 1}) + "\n")
     moved = BenchmarkConfig(name="mc", kind="multiple_choice", format="jsonl", path=str(other))
     assert fingerprint(moved, cfg, None) != base  # other contents
+    for changed in ({"template": "Q: {question}\nA:"}, {"delimiter": ""}):  # another prompt
+        other_prompt = BenchmarkConfig(name="mc", kind="multiple_choice", format="jsonl", path=str(data), **changed)
+        assert fingerprint(other_prompt, cfg, None)["fingerprint"] != base["fingerprint"]
+
+
+# Items written for these tests, in the layouts of WinoGrande, BoolQ and LAMBADA.
+WINO_ROWS = [
+    {"sentence": "The trophy did not fit in the suitcase because the _ was too big.", "option1": "trophy",
+     "option2": "suitcase", "answer": "1"},
+    {"sentence": "Anna lent Maria her umbrella because _ had forgotten her own at home.", "option1": "Anna",
+     "option2": "Maria", "answer": "2"},
+    {"sentence": "The cat chased the mouse until the _ was too tired to run any further.", "option1": "cat",
+     "option2": "mouse", "answer": "2"},
+]
+PASSAGE_ROWS = [
+    {"passage": "Tomatoes are botanically fruits, though cooks treat them as vegetables.",
+     "question": "is a tomato a fruit", "choices": ["no", "yes"], "answer": 1},
+    {"passage": "Penguins are birds that cannot fly but swim very well.", "question": "can penguins fly",
+     "choices": ["no", "yes"], "answer": 0},
+]
+LAST_WORD_TEXT = ("She opened the door and the cold wind rushed into the room\n"
+                  "After the long walk home he finally sat down in his favourite chair\n"
+                  "The children built a castle of sand on the beach\n")
+
+
+def test_a_prompt_template_and_delimiter_shape_each_item_and_are_checked_before_loading(tmp_path):
+    data = tmp_path / "boolq.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PASSAGE_ROWS))
+    template = "{passage}\nQuestion: {question}?\nAnswer:"
+    items = read_multiple_choice(data, "jsonl", template)
+    assert items[0]["query"] == ("Tomatoes are botanically fruits, though cooks treat them as vegetables.\n"
+                                 "Question: is a tomato a fruit?\nAnswer:")
+    bench = BenchmarkConfig(name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=template,
+                            delimiter=" -> ")
+    tasks, *_ = load_tasks(EvalConfig(enabled=True, benchmarks=[bench]), tmp_path / "work")
+    assert tasks[0].config.target_delimiter == " -> "
+    assert tasks[0].doc_to_text(next(iter(tasks[0].test_docs()))) == items[0]["query"]
+    # A field the items lack, a broken format string, or a template on a kind without prompts: refused with the
+    # problem named (check_eval_config runs before any model is loaded).
+    for bad, message in (("{passage} {title}", "names the field 'title'.*fields: passage, question, choices, answer"),
+                         ("{passage", "not a usable format string")):
+        with pytest.raises(ConfigError, match=message):
+            check_eval_config(EvalConfig(enabled=True, benchmarks=[
+                BenchmarkConfig(name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=bad)]))
+    with pytest.raises(ConfigError, match="template applies to kinds multiple_choice and generation"):
+        check_eval_config(EvalConfig(enabled=True, benchmarks=[
+            BenchmarkConfig(name="t", kind="perplexity", path=str(data), template="{x}")]))
+    # Without a template the generic layout still needs its question.
+    with pytest.raises(ConfigError, match="no 'question' field"):
+        read_multiple_choice(data.parent / _write(tmp_path / "noq.jsonl", [{"choices": ["a", "b"], "answer": 0}]), "jsonl")
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path.name
+
+
+def test_winogrande_and_last_word_files_are_read_and_checked(tmp_path):
+    from ptq.evaluation import read_last_words
+
+    wino = tmp_path / "wino.jsonl"
+    _write(wino, WINO_ROWS)
+    items = read_multiple_choice(wino, "winogrande_jsonl")
+    assert items[0] == {"contexts": ["The trophy did not fit in the suitcase because the trophy",
+                                     "The trophy did not fit in the suitcase because the suitcase"],
+                        "continuation": "was too big.", "gold": 0}
+    assert [i["gold"] for i in items] == [0, 1, 1]
+    _write(tmp_path / "two.jsonl", [dict(WINO_ROWS[0], sentence="_ and _ again.")])
+    with pytest.raises(ConfigError, match="exactly one blank"):
+        read_multiple_choice(tmp_path / "two.jsonl", "winogrande_jsonl")
+    with pytest.raises(ConfigError, match="takes no template"):
+        read_multiple_choice(wino, "winogrande_jsonl", "{sentence}")
+    text = tmp_path / "lambada.txt"
+    text.write_text(LAST_WORD_TEXT)
+    words = read_last_words(text)
+    assert words[0] == {"context": "She opened the door and the cold wind rushed into the", "target": " room"}
+    jsonl = tmp_path / "lambada.jsonl"
+    _write(jsonl, [{"text": "one two three"}])
+    assert read_last_words(jsonl) == [{"context": "one two", "target": " three"}]
+    _write(jsonl, [{"text": "alone"}])
+    with pytest.raises(ConfigError, match="at least two words"):
+        read_last_words(jsonl)
+
+
+def test_partial_scoring_last_word_and_subject_scores_through_lm_eval(tiny_llama_dir, tmp_path):
+    """Real lm-eval on a small model: partial scoring compares the shared continuation after each option (checked
+    against the model's own log-likelihoods), last-word accuracy is per item, MMLU-style folders get per-subject
+    and macro-averaged scores."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptq.evaluation import run_benchmarks
+
+    wino = tmp_path / "wino.jsonl"
+    _write(wino, WINO_ROWS)
+    lambada = tmp_path / "lambada.txt"
+    lambada.write_text(LAST_WORD_TEXT)
+    folder = tmp_path / "mmlu"
+    folder.mkdir()
+    header = "question,choice0,choice1,choice2,choice3,answer\n"
+    for subject in ("anatomy_test", "astronomy_test"):
+        (folder / f"{subject}.csv").write_text(header + "".join(f"{subject} question {i}?,red,green,blue,white,B\n"
+                                                                for i in range(3)))
+    cfg = EvalConfig(enabled=True, bootstrap_iters=0, benchmarks=[
+        BenchmarkConfig(name="wino", kind="multiple_choice", format="winogrande_jsonl", path=str(wino)),
+        BenchmarkConfig(name="lambada", kind="last_word", path=str(lambada)),
+        BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))])
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
+    rows = {(r["benchmark"], r["metric"]): r for r in run_benchmarks(model, tokenizer, cfg, tmp_path / "work", "tiny")}
+    subjects = {(f"mmlu:{s}", m) for s in ("anatomy_test", "astronomy_test") for m in ("acc", "acc_norm")}
+    assert set(rows) == {("wino", "acc"), ("lambada", "acc"), ("lambada", "perplexity"), ("mmlu", "acc"),
+                         ("mmlu", "acc_norm"), ("mmlu", "acc_macro"), ("mmlu", "acc_norm_macro")} | subjects
+
+    def loglikelihood(context, continuation):
+        ids = tokenizer(context + continuation, return_tensors="pt").input_ids
+        start = len(tokenizer(context).input_ids)
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        return sum(logprobs[i - 1, ids[0, i]].item() for i in range(start, ids.shape[1]))
+
+    expected = []
+    for item in read_multiple_choice(wino, "winogrande_jsonl"):
+        scores = [loglikelihood(context, " " + item["continuation"]) for context in item["contexts"]]
+        expected.append(float(scores.index(max(scores)) == item["gold"]))
+    assert rows[("wino", "acc")]["items"]["scores"] == expected
+    lam = rows[("lambada", "acc")]
+    assert lam["items"]["doc_ids"] == [0, 1, 2] and set(lam["items"]["scores"]) <= {0.0, 1.0}
+    assert rows[("lambada", "perplexity")]["value"] > 1 and rows[("lambada", "perplexity")]["higher_is_better"] is False
+    mmlu = rows[("mmlu", "acc")]
+    anatomy, astronomy = rows[("mmlu:anatomy_test", "acc")], rows[("mmlu:astronomy_test", "acc")]
+    assert anatomy["subject"] == "anatomy_test" and anatomy["items"]["doc_ids"] == [0, 1, 2]
+    assert astronomy["items"]["doc_ids"] == [3, 4, 5]
+    assert anatomy["value"] == pytest.approx(sum(anatomy["items"]["scores"]) / 3)
+    assert (anatomy["value"] + astronomy["value"]) / 2 == pytest.approx(mmlu["value"])  # equal sizes: macro = micro
+    macro = rows[("mmlu", "acc_macro")]
+    assert macro["value"] == pytest.approx((anatomy["value"] + astronomy["value"]) / 2)
+    assert macro["subject_count"] == 2 and "items" not in macro and macro["fingerprint"] == mmlu["fingerprint"]
+
+
+def test_evaluation_settings_name_the_output_folder_and_an_inherited_limit_is_said():
+    from ptq.run import inherited_limit_warning
+
+    def folder(*overrides):
+        return compose_run(list(overrides))[1]["output_dir"]
+
+    assert folder().endswith("-calib32x256")  # evaluation off: no tag
+    quick = folder("eval=local_quick")
+    assert "-eval_local_quick_" in quick
+    assert folder("eval=local_quick", "eval.limit=5") != quick  # measures something else: another folder
+    assert folder("eval=local_quick", "eval.batch_size=4") == quick  # same measurement
+    assert folder("eval=local_quick", "eval.data_dir=/elsewhere") == quick  # same files, moved
+    assert folder("eval=local_quick", "eval.benchmarks.0.template='Q: {question}\\nA:'") != quick
+
+    given = ["eval=local_quick", "eval.benchmarks=[{name: boolq, kind: multiple_choice, path: /data/boolq.jsonl}]"]
+    cfg, _ = compose_run(given)
+    warning = inherited_limit_warning(cfg, given)
+    assert "eval.limit=100 of eval=local_quick still applies: boolq will be cut to 100 items" in warning
+    assert inherited_limit_warning(cfg, ["eval=local_quick"]) is None  # the suite's own benchmarks
+    cfg, _ = compose_run(given + ["eval.limit=null"])
+    assert inherited_limit_warning(cfg, given + ["eval.limit=null"]) is None
+
+
+def test_a_perplexity_over_documents_gets_a_jackknife_standard_error():
+    """lm-eval gives word/byte perplexity no standard error; the documents' (log-likelihood, words) pairs do."""
+    import math
+
+    from ptq.evaluation import ratio_stderr
+
+    docs = [(-20.0, 10), (-36.0, 12), (-12.0, 8), (-50.0, 20)]
+    samples = [{"filter": "none", "word_perplexity": d, "bits_per_byte": d} for d in docs]
+    se = ratio_stderr(samples, "word_perplexity", "none")
+    total = math.exp(118 / 50)
+    assert 0 < se < total
+    # Leave-one-out by hand.
+    values = [math.exp((118 + ll) / (50 - n)) for ll, n in docs]
+    mean = sum(values) / 4
+    assert se == pytest.approx(math.sqrt(3 / 4 * sum((v - mean) ** 2 for v in values)))
+    assert ratio_stderr(samples[:1], "word_perplexity", "none") is None  # one document: no error
+    assert ratio_stderr(samples, "acc", "none") is None
+    same = [{"filter": "none", "word_perplexity": (-20.0, 10)}] * 3  # identical documents: no spread
+    assert ratio_stderr(same, "word_perplexity", "none") == pytest.approx(0.0)

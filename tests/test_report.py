@@ -578,3 +578,26 @@ def test_a_crowded_scatter_names_only_its_pareto_front():
     assert few == {f"v{i}" for i in range(MAX_LABELS)}
     crowded, front = names(MAX_LABELS + 8)
     assert crowded == front | {f"{MAX_LABELS + 8} variants; named: the Pareto front"} and len(front) < MAX_LABELS
+
+
+def test_per_subject_rows_are_compared_in_the_csv_and_kept_out_of_tables_and_medians():
+    """An MMLU-style result comes with a row per subject (with its items) and a macro average: each subject is
+    paired with BF16's same subject in the long table; the model-card table, the median recovery and the
+    recommendation use the whole benchmark and its macro figure only."""
+    def result(whole, per_subject):
+        rows = [{"benchmark": "mmlu", "metric": "acc", "value": whole, "stderr": 0.05, "higher_is_better": True},
+                {"benchmark": "mmlu", "metric": "acc_macro", "value": whole, "stderr": 0.05, "higher_is_better": True}]
+        for subject, values in per_subject.items():
+            rows.append({"benchmark": f"mmlu:{subject}", "subject": subject, "metric": "acc", "value": sum(values) / 4,
+                         "stderr": 0.2, "higher_is_better": True, "items": {"doc_ids": [0, 1, 2, 3], "scores": values}})
+        return rows
+
+    bf16 = make_record("m", BF16, results=result(0.5, {"anatomy": [1, 1, 0, 0], "law": [1, 1, 0, 0]}))
+    fp8 = make_record("m", "fp8", results=result(0.5, {"anatomy": [0, 0, 0, 0], "law": [1, 1, 1, 1]}))
+    report = build_report([bf16, fp8])
+    anatomy = rows_of(report.scores, variant="fp8@512", benchmark="mmlu:anatomy").iloc[0]
+    assert anatomy["subject"] == "anatomy" and anatomy["delta"] == pytest.approx(-0.5) and anatomy["paired_items"] == 4
+    table = wide_table(report.scores, "m")
+    assert sorted(zip(table["benchmark"], table["metric"])) == [("mmlu", "acc"), ("mmlu", "acc_macro")]
+    # Subjects at 0% and 200% recovery would move a median over rows; over the whole and macro figures it is 100%.
+    assert rows_of(report.summary, variant="fp8@512")["median_recovery"].iloc[0] == pytest.approx(1.0)

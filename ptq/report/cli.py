@@ -13,6 +13,7 @@ from ptq.report.read import find_run_records, load_records, pending_points
 from ptq.report.recommend import parse_budget, recommend, render_recommendation
 from ptq.report.tables import build_report
 from ptq.report.render import write_report
+from ptq.tracking import log_files
 
 
 def default_out_dir(paths: Sequence[Path]) -> Path:
@@ -28,6 +29,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--budget", default=None,
                         help="recommend, per model and serving engine, the smallest checkpoint whose loss against BF16 "
                              "is within this budget at 95%% confidence (e.g. 1%%); writes recommendation.json too")
+    parser.add_argument("--mlflow-uri", default=None,
+                        help="also log the report's files as the artifacts of one MLflow run in this store, e.g. "
+                             "sqlite:///runs/mlflow/mlflow.db (the store of tracking=mlflow)")
+    parser.add_argument("--mlflow-experiment", default="ptq-launcher", help="its experiment (default: ptq-launcher)")
     args = parser.parse_args(argv)
     try:
         budget = parse_budget(args.budget) if args.budget is not None else None
@@ -58,4 +63,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     sys.stdout.write(markdown)
     print(f"{len(records)} records read, {len(skipped)} skipped; wrote {len(written)} files to {out_dir}",
           file=sys.stderr)
+    if args.mlflow_uri:
+        try:
+            logged = log_files(args.mlflow_uri, args.mlflow_experiment, written, run_name=f"report {out_dir.name}",
+                               tags={"records": str(len(records)), "report_dir": str(out_dir.resolve())})
+        except Exception as exc:  # noqa: BLE001 - the report is written; only its copy in MLflow is missing
+            print(f"MLflow: could not log the report to {args.mlflow_uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            return 1
+        print(f"MLflow: logged {len(logged['artifacts'])} files as run {logged['run_id']} of experiment "
+              f"{args.mlflow_experiment} at {logged['uri']}", file=sys.stderr)
     return 0

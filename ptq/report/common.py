@@ -50,7 +50,7 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 # delta_stderr: the standard error of the difference from BF16 over the items both scored (paired_items of them);
 # NaN where either side kept no per-item scores. delta_error: the difference's error the report judges by
 # (read.difference_error): the paired one, a fidelity row's own, or sqrt(2) x the variant's.
-SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "metric", "value", "stderr",
+SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "subject", "metric", "value", "stderr",
                  "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items", "delta_error",
                  "recovery", "status", "note", "source"]
 

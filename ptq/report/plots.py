@@ -97,7 +97,7 @@ def plot_deltas(scores: pd.DataFrame, model: str):
     by side), with its 95% interval (paired where per-item scores exist, else sqrt(2) x the variant's standard
     error): grey where the interval holds 0, black where no error is known. None without such rows."""
     rows = scores[(scores["model"] == model) & (scores["variant"] != BF16) & (scores["metric"] != FIDELITY_METRIC)
-                  & scores["delta"].notna() & scores["bf16"].notna() & (scores["bf16"] != 0)]
+                  & (scores["subject"] == "") & scores["delta"].notna() & scores["bf16"].notna() & (scores["bf16"] != 0)]
     rows = rows.head(MAX_DELTA_ROWS).reset_index(drop=True)
     if rows.empty:
         return None

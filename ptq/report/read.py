@@ -114,7 +114,9 @@ def _benchmark_entries(entries) -> List[dict]:
         seen.add((benchmark, metric))
         rows.append({"benchmark": benchmark, "metric": metric, "value": value,
                      "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
-                     "fingerprint": entry.get("fingerprint") or "", "items": _items(entry.get("items"))})
+                     "fingerprint": entry.get("fingerprint") or "", "items": _items(entry.get("items")),
+                     # A subject's share of a benchmark of several (MMLU's per-subject rows): CSV only.
+                     "subject": entry.get("subject") if isinstance(entry.get("subject"), str) else ""})
     return rows
 
 
@@ -168,7 +170,7 @@ def fidelity_fingerprint(record: dict) -> str:
 def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str,
                   stderr: float = math.nan) -> dict:
     return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": stderr,
-            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None}
+            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None, "subject": ""}
 
 
 def _bf16_fidelity_rows(fidelity: dict, fingerprint: str) -> List[dict]:

@@ -68,7 +68,7 @@ def judge(report: Report, model: str, budget: float) -> List[Verdict]:
         if point.status != "finished":
             verdict.reasons.append(f"{point.status}: {point.note}" if point.note else point.status)
             continue
-        rows = scores[(scores["variant"] == point.variant) & (scores["metric"] != FIDELITY_METRIC)
+        rows = scores[(scores["variant"] == point.variant) & (scores["metric"] != FIDELITY_METRIC) & (scores["subject"] == "")
                       & scores["bf16"].notna() & scores["delta"].notna()]
         unsure = []
         for row in rows.itertuples():

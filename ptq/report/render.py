@@ -51,7 +51,8 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     variants = list(dict.fromkeys(rows["variant"]))  # already in display order, BF16 first
     if BF16 not in variants:
         variants.insert(0, BF16)
-    rows = rows[rows["benchmark"] != ""]
+    # Per-subject rows (MMLU) stay in the CSV; the table shows each benchmark's whole and macro figures.
+    rows = rows[(rows["benchmark"] != "") & (rows["subject"] == "")]
     row_order = sorted(set(zip(rows["benchmark"].tolist(), rows["metric"].tolist())),
                        key=lambda r: (row_sort_key(*r), r))
     row_position = {row: i for i, row in enumerate(row_order)}

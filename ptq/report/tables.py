@@ -102,7 +102,7 @@ def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
         for score in baseline_scores(records[index]):
             rows.append({"model": model, **score, "bf16_source": FROM_EMBEDDED_BASELINE,
                          "status": BASELINE_STATUS, "source": source})
-    table = pd.DataFrame(rows, columns=["model", "benchmark", "metric", "value", "stderr", "higher_is_better",
+    table = pd.DataFrame(rows, columns=["model", "benchmark", "subject", "metric", "value", "stderr", "higher_is_better",
                                         "fingerprint", "items", "bf16_source", "status", "source"])
     # One BF16 value per way of measuring (fingerprint): results on other items or settings stay, as rows of
     # their own, and are compared only with variants measured the same way.
@@ -127,15 +127,16 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
         scores = record_scores(records[index])
         # A point without scores still gets a row, so failures stay visible in the CSV too.
         for score in scores or [{"benchmark": "", "metric": "", "value": np.nan, "stderr": np.nan,
-                                 "higher_is_better": True, "items": None}]:
+                                 "higher_is_better": True, "items": None, "subject": ""}]:
             rows.append({**identity, **score})
     quantized = pd.DataFrame(rows, columns=["model", "variant", "recipe", "kv_cache", "calib_size", "status",
-                                            "note", "source", "benchmark", "metric", "value", "stderr",
+                                            "note", "source", "benchmark", "subject", "metric", "value", "stderr",
                                             "higher_is_better", "fingerprint", "items"])
     # The BF16 run itself may be failed or unfinished: its point shows in the summary, not here.
     frames = [frame for frame in (bf16_rows, quantized) if not frame.empty]
     scores = pd.concat(frames, ignore_index=True) if frames else quantized.iloc[0:0]
     scores["fingerprint"] = scores["fingerprint"].astype(object).fillna("")
+    scores["subject"] = scores["subject"].astype(object).fillna("")
     reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "items", "bf16_source"]].rename(
         columns={"value": "bf16", "items": "bf16_items"})
     scores = scores.drop(columns=["bf16_source"], errors="ignore").merge(
@@ -190,7 +191,7 @@ def _order_scores(scores: pd.DataFrame) -> pd.DataFrame:
 def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
     # The median recovery is over benchmark results only; the fidelity figures (KL, perplexity ratio) have
     # columns of their own, with their uncertainty.
-    benchmarks = scores[scores["metric"] != FIDELITY_METRIC]
+    benchmarks = scores[(scores["metric"] != FIDELITY_METRIC) & (scores["subject"] == "")]
     medians = benchmarks.groupby(["model", "variant"])["recovery"].median().rename("median_recovery").reset_index()
     points = kept.copy()
     # A model compared only against embedded baselines still gets a BF16 line saying so.
