@@ -601,3 +601,23 @@ def test_per_subject_rows_are_compared_in_the_csv_and_kept_out_of_tables_and_med
     assert sorted(zip(table["benchmark"], table["metric"])) == [("mmlu", "acc"), ("mmlu", "acc_macro")]
     # Subjects at 0% and 200% recovery would move a median over rows; over the whole and macro figures it is 100%.
     assert rows_of(report.summary, variant="fp8@512")["median_recovery"].iloc[0] == pytest.approx(1.0)
+
+
+def test_one_recipe_evaluated_two_ways_is_two_columns_not_a_duplicate():
+    """Evaluation settings name the output folder (-eval_<suite>_<hash>): a second evaluation of a recipe is kept
+    beside the first, each column named by its tag; within one evaluation the older record is still superseded."""
+    def evaluated(tag, value, finished_at="2026-11-21T12:00:00+0000"):
+        record = make_record("m", "fp8", results=scores(arc__acc=value), finished_at=finished_at)
+        record["output_dir"] = f"runs/m/fp8-kv_none-calib512x512-{tag}"
+        return record
+
+    records = [make_record("m", BF16, results=scores(arc__acc=0.5)), evaluated("eval_local_quick_aaaaaa", 0.45),
+               evaluated("eval_local_quick_bbbbbb", 0.40),
+               evaluated("eval_local_quick_aaaaaa", 0.30, finished_at="2026-11-20T12:00:00+0000")]
+    report = build_report(records)
+    variants = set(report.summary["variant"])
+    assert {"fp8@512 [eval_local_quick_aaaaaa]", "fp8@512 [eval_local_quick_bbbbbb]"} <= variants
+    assert rows_of(report.scores, variant="fp8@512 [eval_local_quick_aaaaaa]")["value"].tolist() == [0.45]
+    assert len(report.superseded) == 1 and report.superseded["reason"].iloc[0].startswith("older duplicate")
+    # One evaluation only: the plain label, as before.
+    assert "fp8@512" in set(build_report(records[:2]).summary["variant"])

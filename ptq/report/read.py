@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -82,6 +83,17 @@ def variant_label(record: dict) -> str:
         layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
         label += f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
     return label
+
+
+EVAL_TAG = re.compile(r"-(eval_[A-Za-z0-9_.]+_[0-9a-f]{6})$")
+
+
+def record_eval_tag(record: dict) -> str:
+    """The evaluation settings' tag of the record's output folder (`eval_<suite>_<hash>`, conf/config.yaml), or ''
+    (evaluation off, or a folder named before evaluation settings named folders)."""
+    folder = record.get("output_dir")
+    match = EVAL_TAG.search(Path(folder).name) if isinstance(folder, str) and folder else None
+    return match.group(1) if match else ""
 
 
 def variant_sort_key(recipe: str, kv_cache: str, calib_size) -> tuple:

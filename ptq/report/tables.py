@@ -14,7 +14,7 @@ from ptq.report.common import (
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, difference_error, fidelity_summary, paired_delta_stderr, record_calib_size, record_kv_cache, record_problem, record_scores,
+    as_number, as_timestamp, baseline_scores, difference_error, fidelity_summary, paired_delta_stderr, record_calib_size, record_eval_tag, record_kv_cache, record_problem, record_scores,
     section, served_by, status_note, variant_label, variant_sort_key,
 )
 
@@ -41,6 +41,8 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
         calib = record_calib_size(record)
         rows.append({
             "index": index, "model": record["model"], "variant": variant_label(record),
+            # BF16's results are matched by fingerprint whatever the folder; a variant evaluated two ways is two.
+            "eval_tag": "" if record["recipe"] == BF16 else record_eval_tag(record),
             "recipe": record["recipe"], "kv_cache": record_kv_cache(record),
             "calib_size": np.nan if record["recipe"] == BF16 else as_number(calib),
             "status": status, "finished_at": finished_at,
@@ -54,21 +56,26 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             "served_by": served_by(record),
             "note": status_note(status, record.get("error")), "source": source,
         })
-    return pd.DataFrame(rows, columns=["index", "model", "variant", "recipe", "kv_cache", "calib_size", "status",
+    return pd.DataFrame(rows, columns=["index", "model", "variant", "eval_tag", "recipe", "kv_cache", "calib_size", "status",
                                        "finished_at", "time", "checkpoint_mb", "compression", "bits_per_weight",
                                        "calibrate_s", *FIDELITY_SUMMARY_COLUMNS, "served_by", "note", "source"])
 
 
 def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
-    """(kept, superseded): one record per (model, variant), finished before unfinished, newest first."""
+    """(kept, superseded): one record per (model, variant, evaluation settings), finished before unfinished, newest
+    first. A variant kept under several evaluation settings is named with each one's tag."""
     ordered = points.assign(finished=points["status"] == "finished").sort_values(
-        ["model", "variant", "finished", "time", "source"], ascending=[True, True, False, False, True],
+        ["model", "variant", "eval_tag", "finished", "time", "source"], ascending=[True, True, True, False, False, True],
         kind="stable")
-    duplicate = ordered.duplicated(["model", "variant"], keep="first")
-    kept, dropped = ordered[~duplicate], ordered[duplicate]
-    winners = kept[["model", "variant", "source", "finished"]].rename(
-        columns={"source": "kept", "finished": "kept_finished"})
-    dropped = dropped.merge(winners, on=["model", "variant"], how="left")
+    key = ["model", "variant", "eval_tag"]
+    duplicate = ordered.duplicated(key, keep="first")
+    kept, dropped = ordered[~duplicate].copy(), ordered[duplicate]
+    winners = kept[[*key, "source", "finished"]].rename(columns={"source": "kept", "finished": "kept_finished"})
+    dropped = dropped.merge(winners, on=key, how="left")
+    ways = kept.groupby(["model", "variant"])["eval_tag"].transform("nunique")
+    several = (ways > 1).to_numpy()
+    kept.loc[several, "variant"] = [f"{v} [{t or 'no eval'}]" for v, t in
+                                    zip(kept.loc[several, "variant"], kept.loc[several, "eval_tag"])]
     reasons = []
     for finished, kept_finished, finished_at, status, note in zip(*(dropped[c].tolist() for c in (
             "finished", "kept_finished", "finished_at", "status", "note"))):
