@@ -28,6 +28,7 @@ from urllib.request import url2pathname
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
 from ptq.schema import RunConfig, TrackingConfig
+from ptq.stats import paired_delta_stderr
 
 log = logging.getLogger(__name__)
 
@@ -181,19 +182,13 @@ def _figures(section, prefix: str) -> Dict[str, float]:
 
 
 def _paired_stderr(items, bf16_items) -> Tuple[Optional[float], int]:
-    """The standard error of the mean per-item difference over the items both scored (as the report pairs them,
-    ptq/report/read.py); None when fewer than two items pair."""
+    """The report's paired error of a difference from BF16 (ptq/stats.py), from two records' per-item scores."""
     def scores(entry):
         if not isinstance(entry, dict) or not isinstance(entry.get("doc_ids"), list):
             return {}
-        return dict(zip(entry["doc_ids"], entry.get("scores") or []))
-    mine, theirs = scores(items), scores(bf16_items)
-    shared = [i for i in mine if i in theirs]
-    if len(shared) < 2:
-        return None, len(shared)
-    diffs = [float(mine[i]) - float(theirs[i]) for i in shared]
-    mean = sum(diffs) / len(diffs)
-    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)), len(shared)
+        return dict(zip(entry["doc_ids"], (float(v) for v in entry.get("scores") or [])))
+    stderr, paired = paired_delta_stderr(scores(items), scores(bf16_items))
+    return (None if math.isnan(stderr) else stderr), paired
 
 
 def _evaluation_metrics(evaluation) -> Dict[str, float]:

@@ -156,20 +156,6 @@ def difference_error(metric: str, paired_se: float, own_se: float) -> float:
     return own_se if metric == FIDELITY_METRIC else math.sqrt(2.0) * own_se
 
 
-def paired_delta_stderr(items: Optional[Dict[int, float]], bf16_items: Optional[Dict[int, float]]) -> Tuple[float, int]:
-    """(standard error of the mean per-item difference, items paired) over the items both scored; (NaN, 0)
-    when either side has no per-item scores or fewer than two items are shared."""
-    if not items or not bf16_items:
-        return math.nan, 0
-    shared = sorted(items.keys() & bf16_items.keys())
-    if len(shared) < 2:
-        return math.nan, len(shared)
-    diffs = [items[i] - bf16_items[i] for i in shared]
-    mean = sum(diffs) / len(diffs)
-    var = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
-    return math.sqrt(var / len(diffs)), len(shared)
-
-
 def fidelity_fingerprint(record: dict) -> str:
     """What a record's fidelity figures were measured on (the held-out text and its sampling), "" if unknown."""
     settings = section(section(record, "config"), "fidelity")

@@ -14,9 +14,10 @@ from ptq.report.common import (
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, difference_error, fidelity_summary, paired_delta_stderr, record_calib_size, record_eval_tag, record_kv_cache, record_problem, record_scores,
+    as_number, as_timestamp, baseline_scores, difference_error, fidelity_summary, record_calib_size, record_eval_tag, record_kv_cache, record_problem, record_scores,
     section, served_by, status_note, variant_label, variant_sort_key,
 )
+from ptq.stats import paired_delta_stderr
 
 
 @dataclass
