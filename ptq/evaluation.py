@@ -92,6 +92,14 @@ def _prompt(template: Optional[str], default: str, row: dict, where: str) -> str
                           "as {name} and literal braces as {{ }}.") from None
 
 
+def _question_prompt(template: Optional[str], row: dict, where: str) -> str:
+    """The prompt of an item of a layout with a `question` field: the template, else "Question: ...\nAnswer:"
+    (which needs the question to be text)."""
+    if template is None:
+        _field(row, "question", where, str)
+    return _prompt(template, QUESTION_PROMPT, row, where)
+
+
 def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
     try:
         rows = list(csv.DictReader(io.StringIO(read_text(file), newline="")))
@@ -105,7 +113,7 @@ def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
     items = []
     for number, row in enumerate(rows, 2):
         options = [row[k] for k in sorted(choices)]
-        items.append({"query": _prompt(template, QUESTION_PROMPT, row, f"{file}:{number}"), "choices": options,
+        items.append({"query": _question_prompt(template, row, f"{file}:{number}"), "choices": options,
                       "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}"),
                       "subject": file.stem})
     return items
@@ -146,17 +154,13 @@ def read_multiple_choice(path: Path, fmt: str, template: Optional[str] = None) -
             labels, texts = choices.get("label"), _choices(choices.get("text"), where)
             if not isinstance(labels, list) or len(labels) != len(texts):
                 raise ConfigError(f"{where}: choices.label must list one label per choice.")
-            if template is None:
-                _field(row, "question", where, str)
-            items.append({"query": _prompt(template, QUESTION_PROMPT, row, where), "choices": texts,
+            items.append({"query": _question_prompt(template, row, where), "choices": texts,
                           "gold": _gold_index(_field(row, "answerKey", where), [str(x) for x in labels], where)})
     elif fmt == "jsonl":
         for number, row in read_jsonl(path):
             where = f"{path}:{number}"
             choices = _choices(_field(row, "choices", where), where)
-            if template is None:
-                _field(row, "question", where, str)
-            items.append({"query": _prompt(template, QUESTION_PROMPT, row, where), "choices": choices,
+            items.append({"query": _question_prompt(template, row, where), "choices": choices,
                           "gold": _gold_index(_field(row, "answer", where), list(LETTERS[: len(choices)]), where)})
     elif fmt == "mmlu_csv":
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
@@ -185,9 +189,7 @@ def read_generation(path: Path, template: Optional[str] = None) -> List[dict]:
     rows = []
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
-        if template is None:
-            _field(row, "question", where, str)
-        rows.append({"query": _prompt(template, QUESTION_PROMPT, row, where),
+        rows.append({"query": _question_prompt(template, row, where),
                      "answer": _final_number(str(_field(row, "answer", where)))})
     if not rows:
         raise ConfigError(f"{path} holds no items.")
