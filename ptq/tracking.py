@@ -28,7 +28,7 @@ from urllib.request import url2pathname
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
 from ptq.schema import RunConfig, TrackingConfig
-from ptq.stats import paired_delta_stderr
+from ptq.stats import item_scores_by_id, paired_delta_stderr
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,7 @@ def _figures(section, prefix: str) -> Dict[str, float]:
 
 def _paired_stderr(items, bf16_items) -> Tuple[Optional[float], int]:
     """The report's paired error of a difference from BF16 (ptq/stats.py), from two records' per-item scores."""
-    def scores(entry):
-        if not isinstance(entry, dict) or not isinstance(entry.get("doc_ids"), list):
-            return {}
-        return dict(zip(entry["doc_ids"], (float(v) for v in entry.get("scores") or [])))
-    stderr, paired = paired_delta_stderr(scores(items), scores(bf16_items))
+    stderr, paired = paired_delta_stderr(item_scores_by_id(items), item_scores_by_id(bf16_items))
     return (None if math.isnan(stderr) else stderr), paired
 
 
@@ -214,10 +210,9 @@ def _evaluation_metrics(evaluation) -> Dict[str, float]:
         metrics[f"{key}.bf16"] = float(bf16["value"])
         if _number(bf16.get("stderr")) is not None:
             metrics[f"{key}.bf16_stderr"] = float(bf16["stderr"])
-        if "delta" not in row:
-            metrics[f"{key}.delta"] = float(row["value"]) - float(bf16["value"])
+        metrics[f"{key}.delta"] = float(row["value"]) - float(bf16["value"])
         stderr, paired = _paired_stderr(row.get("items"), bf16.get("items"))
-        if stderr is not None and "delta_stderr" not in row:
+        if stderr is not None:
             metrics[f"{key}.delta_stderr"] = stderr
             metrics[f"{key}.paired_items"] = float(paired)
     return metrics

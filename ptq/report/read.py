@@ -9,7 +9,7 @@ import re
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
@@ -17,6 +17,7 @@ from ptq.report.common import (
     BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
     PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
 )
+from ptq.stats import item_scores_by_id
 
 
 def record_problem(obj) -> Optional[str]:
@@ -126,23 +127,10 @@ def _benchmark_entries(entries) -> List[dict]:
         seen.add((benchmark, metric))
         rows.append({"benchmark": benchmark, "metric": metric, "value": value,
                      "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
-                     "fingerprint": entry.get("fingerprint") or "", "items": _items(entry.get("items")),
+                     "fingerprint": entry.get("fingerprint") or "", "items": item_scores_by_id(entry.get("items")),
                      # A subject's share of a benchmark of several (MMLU's per-subject rows): CSV only.
                      "subject": entry.get("subject") if isinstance(entry.get("subject"), str) else ""})
     return rows
-
-
-def _items(items) -> Optional[Dict[int, float]]:
-    """Per-item scores of a result ({doc_id: score}), or None when the record has none (or they do not read)."""
-    if not isinstance(items, dict):
-        return None
-    ids, scores = items.get("doc_ids"), items.get("scores")
-    if not isinstance(ids, list) or not isinstance(scores, list) or len(ids) != len(scores) or not ids:
-        return None
-    try:
-        return {int(i): float(v) for i, v in zip(ids, scores)}
-    except (TypeError, ValueError):
-        return None
 
 
 def difference_error(metric: str, paired_se: float, own_se: float) -> float:
