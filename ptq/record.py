@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import platform
+import sys
 import time
 from contextlib import contextmanager
 from importlib import metadata
@@ -79,19 +80,37 @@ def read_record(output_dir) -> Optional[dict]:
     return read_json(Path(os.path.expanduser(str(output_dir))) / RECORD_NAME)
 
 
+def _cuda():
+    """torch.cuda when this process already imported torch and uses a GPU; None otherwise (never imports torch)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda
+
+
 class StageTimer:
-    """Wall time per named stage, in the order the stages ran."""
+    """Wall time per named stage, in the order the stages ran, and the peak GPU memory PyTorch allocated during
+    each stage (bytes, over all visible GPUs; stages that ran before the process touched a GPU have none)."""
 
     def __init__(self) -> None:
         self.seconds: Dict[str, float] = {}
+        self.peak_gpu_bytes: Dict[str, int] = {}
 
     @contextmanager
     def stage(self, name: str):
+        cuda = _cuda()
+        if cuda is not None:
+            for device in range(cuda.device_count()):
+                cuda.reset_peak_memory_stats(device)
         start = time.perf_counter()
         try:
             yield
         finally:
             self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+            cuda = _cuda()
+            if cuda is not None:
+                peak = sum(cuda.max_memory_allocated(device) for device in range(cuda.device_count()))
+                self.peak_gpu_bytes[name] = max(peak, self.peak_gpu_bytes.get(name, 0))
 
 
 def now() -> str:

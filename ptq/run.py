@@ -180,6 +180,8 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
         raise
     finally:
         record["timings_s"] = timer.seconds
+        if timer.peak_gpu_bytes:
+            record["peak_gpu_memory_bytes"] = timer.peak_gpu_bytes
         record["finished_at"] = now()
         write_json_atomic(plan.record_path, record)
         # The record is final: log it to the experiment tracker (tracking=mlflow). A failure there is a warning

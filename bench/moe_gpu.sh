@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Mixture-of-Experts and hybrid Mamba-MoE shapes on one GPU, through the launcher's command line:
+#
+#     bash bench/moe_gpu.sh prepare SHAPE         # a random-weight checkpoint of SHAPE (bench/random_checkpoint.py)
+#     bash bench/moe_gpu.sh point SHAPE RECIPE.. # one launch.py run per recipe (fidelity on, evaluation off)
+#     bash bench/moe_gpu.sh report               # timings.jsonl, the run records and peak memory into $PTQ_BENCH_OUT
+#
+# Shapes: nemotron3-nano-30b-a3b (31.6 B parameters, about 63 GB in BF16), qwen3-30b-a3b (30.5 B) and their
+# -tiny versions. Random weights exercise shapes, code paths, memory and time; their KL and perplexity figures
+# are not accuracy.
+#
+# Needs the launcher installed and: PTQ_WIKITEXT (WikiText-2's wiki.test.raw: its first half is the fidelity
+# text, the second calibrates), PTQ_TOKENIZER (a Hugging Face tokenizer folder, e.g. the converted SmolLM2).
+# Optional: PTQ_WORK (/tmp/ptq-moe: logs, outputs, cache), PTQ_MODELS ($PTQ_WORK/models: the BF16 checkpoints;
+# a 30B shape takes 61 GiB, so on a 64 GiB disk point it at a RAM disk such as /dev/shm), PTQ_BENCH_OUT
+# ($PTQ_WORK/out), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides). Every stage appends its
+# wall time to $PTQ_WORK/timings.jsonl; every point deletes its exported checkpoint after its record is written
+# unless PTQ_KEEP=1 (a 30B FP8 export is 32 GB).
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+WORK=${PTQ_WORK:-/tmp/ptq-moe}
+MODELS=${PTQ_MODELS:-$WORK/models}
+BENCH_OUT=${PTQ_BENCH_OUT:-$WORK/out}
+CACHE=$WORK/cache
+TEXT=$WORK/text
+mkdir -p "$WORK" "$MODELS" "$BENCH_OUT" "$TEXT"
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false TQDM_DISABLE=1
+
+# The launcher's model entry for each shape: the random checkpoint stands in for the published weights.
+model_args() {
+    case $1 in
+    nemotron3-nano*) echo "model=nemotron-3-nano-30b-a3b model.path=$MODELS/$1 model.name=$1-random model.hf_id=null" ;;
+    qwen3*) echo "model=qwen3-30b-a3b model.path=$MODELS/$1 model.name=$1-random model.hf_id=null model.layer_widths=[]" ;;
+    *) echo "moe_gpu: unknown shape $1" >&2; return 1 ;;
+    esac
+}
+
+timed() {
+    local label=$1 start end status
+    shift
+    start=$(date +%s.%N)
+    "$@" > "$WORK/$label.log" 2>&1
+    status=$?
+    end=$(date +%s.%N)
+    python3 -c "import json,sys; print(json.dumps({'label': sys.argv[1], 'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 2), 'exit': int(sys.argv[4])}))" \
+        "$label" "$start" "$end" "$status" >> "$WORK/timings.jsonl"
+    echo "moe_gpu: $label exit $status ($(python3 -c "print(round($end - $start, 1))") s)"
+}
+
+case ${1:-} in
+prepare)
+    shape=${2:?shape}
+    [ -f "$TEXT/calib.txt" ] || python3 -m bench.wikitext_halves "${PTQ_WIKITEXT:?set PTQ_WIKITEXT}" "$TEXT" || exit 1
+    timed "random-$shape" python3 -m bench.random_checkpoint --shape "$shape" --tokenizer "${PTQ_TOKENIZER:?set PTQ_TOKENIZER}" \
+        --out "$MODELS/$shape"
+    ;;
+point)
+    shape=${2:?shape}
+    shift 2
+    for recipe in "$@"; do
+        # shellcheck disable=SC2046,SC2086
+        timed "$shape-$recipe" python3 launch.py $(model_args "$shape") "recipe=$recipe" hardware=h200 eval=none \
+            "cache_dir=$CACHE" "output_root=$WORK/runs" "calib.dataset=$TEXT/calib.txt" "calib.size=${PTQ_CALIB:-256}" \
+            calib.seq_len=512 "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512 ${PTQ_EXTRA:-}
+        if [ "${PTQ_KEEP:-0}" != 1 ]; then
+            find "$WORK/runs" -maxdepth 3 -type d -name "checkpoint*" -path "*$shape-random/$recipe-*" -exec rm -rf {} +
+        fi
+    done
+    ;;
+report)
+    cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
+    python3 - "$WORK" "$BENCH_OUT" <<'PY'
+import json, sys
+from pathlib import Path
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+records = {}
+for path in sorted((work / "runs").glob("*/*/run.json")):
+    record = json.loads(path.read_text())
+    records[str(path.relative_to(work))] = {k: record.get(k) for k in (
+        "status", "error", "model", "recipe", "timings_s", "details", "fidelity", "validation", "size", "versions",
+        "hardware", "calibration", "started_at", "finished_at")}
+(out / "run-records.json").write_text(json.dumps(records, indent=1, default=str) + "\n")
+for name, r in records.items():
+    t = r["timings_s"] or {}
+    print(name, r["status"], {k: t[k] for k in t}, (r.get("error") or "")[:300])
+PY
+    ;;
+*)
+    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    exit 2
+    ;;
+esac
