@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ptq.errors import ConfigError
+from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.files import read_json
 from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
                          export_algos, unknown_candidates, uses_int4_blocks)
@@ -122,6 +123,7 @@ def _overlaps(a: Path, b: Path) -> bool:
 
 
 def _check_numbers(cfg: RunConfig) -> None:
+    _check_layer_kinds(cfg.recipe)
     if cfg.calib.size < 1:
         raise ConfigError(f"calib.size={cfg.calib.size}: calibration needs at least 1 sample; set calib.size=512 or another positive number.")
     if cfg.calib.seq_len < 1:
@@ -133,6 +135,14 @@ def _check_numbers(cfg: RunConfig) -> None:
             f"fidelity.samples={cfg.fidelity.samples}, fidelity.seq_len={cfg.fidelity.seq_len}: need at least 1 sample of 2 tokens, "
             "or fidelity=none to skip the check."
         )
+
+
+def _check_layer_kinds(recipe) -> None:
+    for kind, promise in recipe.layer_kinds.items():
+        if kind not in KINDS:
+            raise ConfigError(f"recipe.layer_kinds names {kind!r}, not a layer kind; use one of {', '.join(KINDS)}.")
+        if promise not in (QUANTIZED, BF16):
+            raise ConfigError(f"recipe.layer_kinds.{kind}={promise!r}; use {QUANTIZED} or {BF16}.")
 
 
 def _recipe_formats(recipe) -> List[str]:

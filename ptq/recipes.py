@@ -149,10 +149,40 @@ def _enabled(quantizer) -> bool:
     return bool(getattr(quantizer, "is_enabled", False))
 
 
+def fused_expert_layers(name: str, module) -> List[Tuple[str, object]]:
+    """The per-expert linear layers of one of ModelOpt's fused-experts wrappers (transformers 5 stores a MoE
+    layer's routed experts as 3-D tensors; ModelOpt gives each expert its own weight quantizers), named as the
+    export writes them: `<name>.<i>.gate_proj`/`up_proj`/`down_proj` (gated, e.g. Qwen3-MoE) or
+    `<name>.<i>.up_proj`/`down_proj` (non-gated, NemotronH), each with its weight quantizer. Empty for any other
+    module."""
+    first = getattr(module, "_first_proj_attr", None)
+    down = getattr(module, "down_proj_weight_quantizers", None)
+    firsts = getattr(module, f"{first}_weight_quantizers", None) if first else None
+    if firsts is None or down is None:
+        return []
+    first_names = ["gate_proj", "up_proj"] if getattr(module, "_is_gated", True) else [first]
+    layers = []
+    for index, (first_q, down_q) in enumerate(zip(firsts, down)):
+        layers += [(f"{name}.{index}.{proj}", first_q) for proj in first_names]
+        layers.append((f"{name}.{index}.down_proj", down_q))
+    return layers
+
+
 def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
-    """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly."""
+    """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly.
+    Fused routed experts count one layer per expert and projection (fused_expert_layers)."""
     quantized, excluded, unexpected = [], [], []
     for name, module in model.named_modules():
+        experts = fused_expert_layers(name, module)
+        for layer, quantizer in experts:
+            if _enabled(quantizer):
+                quantized.append(layer)
+            elif is_excluded(layer, patterns) or is_excluded(name, patterns):
+                excluded.append(layer)
+            else:
+                unexpected.append(layer)
+        if experts:
+            continue
         quantizer = getattr(module, "weight_quantizer", None)
         if isinstance(module, torch.nn.Embedding) or (quantizer is None and not isinstance(module, torch.nn.Linear)):
             continue  # embeddings stay in BF16 in every recipe; only linear-like layers are judged

@@ -144,6 +144,7 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
             validation = validate_checkpoint(
                 partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.export_quant_algo,
                 expect_kv_cache=plan.cfg.recipe.kv_cache, unexpected_bf16=result.unexpected_bf16,
+                layer_kind_promises=dict(plan.cfg.recipe.layer_kinds),
             )
             validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
             validation["passed"] = not validation["problems"]

@@ -140,6 +140,10 @@ class RecipeConfig:
     # {alpha: 0.5} (smoothquant), {lowrank: 64} (svdquant), {fp8_scale_sweep: true} (mse), {perc_damp: 0.05}
     # (gptq). With algorithm=None they adjust the config's own algorithm. Part of the output folder's name.
     algorithm_args: Dict[str, Any] = field(default_factory=dict)
+    # What the recipe promises per layer kind of MoE and hybrid models (ptq/layerkinds.py KINDS -> quantized or
+    # bf16), checked on the written checkpoint; kinds not named are not checked, except the router, Mamba's
+    # conv1d and embeddings, which every recipe leaves in BF16.
+    layer_kinds: Dict[str, str] = field(default_factory=dict)
     # Mixed precision (recipe=auto_quantize*, ptq/auto_quantize.py): ModelOpt config names each layer
     # group may take (BF16 is always a choice); non-empty means mtq.auto_quantize instead of modelopt_cfg.
     candidates: List[str] = field(default_factory=list)

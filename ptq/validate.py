@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 
 from safetensors import safe_open
 
+from ptq import layerkinds
 from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
@@ -58,14 +59,40 @@ def checkpoint_bytes(checkpoint: Path) -> int:
     return sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
 
 
+def export_names(modules: List[str], index: Dict[str, Dict]) -> List[str]:
+    """The names the export gave in-memory modules. transformers renames some models' top module when it saves
+    them (NemotronH: `model.layers.N` in memory, `backbone.layers.N` on disk): a name the index lacks is looked
+    up under the index's other top-level names, and kept as it is when none or several match."""
+    roots = sorted({name.split(".", 1)[0] for name in index})
+    out = []
+    for module in modules:
+        if f"{module}.weight" in index or "." not in module:
+            out.append(module)
+            continue
+        rest = module.split(".", 1)[1]
+        found = [f"{root}.{rest}" for root in roots if f"{root}.{rest}.weight" in index]
+        out.append(found[0] if len(found) == 1 else module)
+    return out
+
+
 def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect_quant_algo: Optional[str],
-                        expect_kv_cache: str, unexpected_bf16: List[str]) -> dict:
+                        expect_kv_cache: str, unexpected_bf16: List[str],
+                        layer_kind_promises: Optional[Dict[str, str]] = None) -> dict:
     """Problems make `passed` false. `expect_quantized`: module names whose weights must be quantized;
-    `unexpected_bf16`: modules the backend found unquantized though no exclude pattern names them."""
+    `unexpected_bf16`: modules the backend found unquantized though no exclude pattern names them;
+    `layer_kind_promises`: kind -> quantized/bf16 (ptq/layerkinds.py) the recipe promises."""
     problems: List[str] = []
     index = read_tensor_index(checkpoint)
     if not index:
         problems.append(f"no safetensors weights in {checkpoint}")
+    expect_quantized = export_names(expect_quantized, index)
+    unexpected_bf16 = export_names(unexpected_bf16, index)
+    kinds = layerkinds.summarize(index)
+    config_path = checkpoint / "config.json"
+    model_config = json.loads(config_path.read_text()) if config_path.exists() else {}
+    if expect_quantized or layer_kind_promises:
+        problems.extend(layerkinds.promise_problems(kinds, layer_kind_promises or {},
+                                                    layerkinds.expected_experts(model_config)))
     missing_scales, still_float = [], []
     for module in expect_quantized:
         weight = index.get(f"{module}.weight")
@@ -111,8 +138,7 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
             want_kv = None if expect_kv_cache == "none" else KV_CACHE_EXPORTS.get(expect_kv_cache, expect_kv_cache.upper())
             if (kv_algo or None) != want_kv:
                 problems.append(f"hf_quant_config.json says kv_cache_quant_algo={kv_algo}, the recipe expects {want_kv}")
-        config = json.loads((checkpoint / "config.json").read_text())
-        if config.get("quantization_config", {}).get("quant_method") != "modelopt":
+        if model_config.get("quantization_config", {}).get("quant_method") != "modelopt":
             problems.append("config.json has no quantization_config with quant_method=modelopt")
     return {
         "passed": not problems,
@@ -125,6 +151,8 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         # MIXED_PRECISION exports: how many layers carry each per-layer quant_algo.
         "layer_quant_algos": layer_algos,
         "tensors": len(index),
+        # Layer kind -> stored format -> layers and parameters (ptq/layerkinds.py), and routed experts per MoE layer.
+        "layer_kinds": kinds,
     }
 
 
