@@ -233,6 +233,9 @@ class CalibConfig:
     # 0 = choose from the device.
     batch_size: int = 0
     seed: int = 1234
+    # MoE models: routed experts that receive fewer calibration tokens than this are named in the record and
+    # a warning before export, with the calib.size that would cover them (ptq/moe.py).
+    expert_min_tokens: int = 8
 
 
 @dataclass

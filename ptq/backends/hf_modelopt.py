@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import sys
@@ -18,6 +19,8 @@ from ptq.backends.base import BackendResult, use_extension_cache
 from ptq.calib_data import token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
+from ptq.moe import ExpertCounter, coverage
+from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record import StageTimer
@@ -87,6 +90,8 @@ class Quantized:
     excluded: List[str] = field(default_factory=list)
     unexpected_bf16: List[str] = field(default_factory=list)
     auto_quantize: Optional[dict] = None
+    # Calibration tokens per routed expert (ptq/moe.py), for MoE models.
+    expert_coverage: Optional[dict] = None
 
 
 def prepare_quantization(plan: Plan, model):
@@ -117,10 +122,16 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
                               samples=cfg.calib.size, seq_len=cfg.calib.seq_len, seed=cfg.calib.seed,
                               cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE)
     device = next(model.parameters()).device
+    counter = ExpertCounter(model)
 
     def forward_loop(m):
-        for batch in tqdm(list(calib.split(batch_size)), desc=f"calibrating {cfg.recipe.name}", unit="batch"):
-            m(batch.to(device))
+        # Experts' tokens are counted on the first pass only (AWQ and GPTQ run the loop again).
+        with counter if counter and not counted else contextlib.nullcontext():
+            for batch in tqdm(list(calib.split(batch_size)), desc=f"calibrating {cfg.recipe.name}", unit="batch"):
+                m(batch.to(device))
+        counted.append(True)
+
+    counted: List[bool] = []
 
     out = Quantized()
     with timer.stage("calibrate"), torch.no_grad():
@@ -129,6 +140,17 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
         else:
             mtq.quantize(model, quant_cfg, forward_loop)
             out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
+    if counter and counted:
+        out.expert_coverage = coverage({name: c.tolist() for name, c in counter.counts.items()}, counter.top_k,
+                                       tokens=int(calib.numel()), samples=int(calib.shape[0]),
+                                       min_tokens=cfg.calib.expert_min_tokens)
+        message = coverage_warning(out.expert_coverage, cfg.calib.size)
+        if message:
+            log.warning(message)
+        else:
+            log.info("Every routed expert of %d MoE layers received at least %d calibration tokens (fewest %d)",
+                     out.expert_coverage["moe_layers"], cfg.calib.expert_min_tokens,
+                     out.expert_coverage["tokens_per_expert"]["min"])
     log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
              len(out.layers), len(out.excluded), len(out.unexpected_bf16))
     return out
@@ -187,6 +209,8 @@ class HFModelOptBackend:
             done = quantize(plan, model, tokenizer, checkpoint, quant_cfg, search, calib_bs, timer)
             if done.auto_quantize is not None:
                 details["auto_quantize"] = done.auto_quantize
+            if done.expert_coverage is not None:
+                details["expert_coverage"] = done.expert_coverage
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         export(plan, model, tokenizer, export_dir, timer)
         if fid is not None and plan.quantize and cfg.fidelity.exported:
