@@ -3,7 +3,9 @@ the quantization metadata matches the recipe, and nothing was silently left in B
 
 from __future__ import annotations
 
+import fnmatch
 import json
+import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -57,6 +59,68 @@ def read_tensor_index(checkpoint: Path) -> Dict[str, Dict]:
 
 def checkpoint_bytes(checkpoint: Path) -> int:
     return sum(p.stat().st_size for p in checkpoint.glob("*.safetensors"))
+
+
+# A module name or glob pattern; anything else in exclude_modules matches no module of any loader.
+_MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]-]+")
+# Layer kinds a serving engine's ModelOpt loader builds as (possibly quantized) linear layers: each one stored in
+# BF16 must be named by exclude_modules, or the loader expects scales it will not find.
+LOADER_LINEAR_KINDS = ("routed_expert", "shared_expert", "router", "mamba_in_proj", "mamba_out_proj", "attention",
+                       "mlp", "lm_head")
+
+
+def _repaired(entry: str) -> str:
+    head, _, tail = entry.partition("\x00")
+    if not tail:
+        return entry
+    return head + "*" if entry.endswith("*") else head.rstrip(".")
+
+
+def repair_exclude_modules(checkpoint: Path) -> List[str]:
+    """Fix a ModelOpt 0.47 export defect in place and return the entries it fixed (empty: nothing to fix).
+
+    For models whose weights transformers renames on save (NemotronH: `model.` -> `backbone.`), ModelOpt maps
+    the exclude_modules names with the same rename rules after appending a marker segment (`\x00modelopt_name_
+    sentinel`) that it strips afterwards; the `model` -> `backbone` rule also rewrites the marker, so it is never
+    stripped and every entry ends in `\x00backbone.pt_name_sentinel`. No loader then matches any exclude entry and
+    every layer left in BF16 would be loaded as quantized. The entries are cut at the marker (keeping a trailing
+    `*`) in hf_quant_config.json and in config.json's quantization_config."""
+    fixed: List[str] = []
+    for name, section in ((QUANT_CONFIG_NAME, "quantization"), ("config.json", "quantization_config")):
+        path = checkpoint / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text())
+        quantization = data.get(section)
+        if not isinstance(quantization, dict) or not quantization.get("exclude_modules"):
+            continue
+        entries = quantization["exclude_modules"]
+        repaired = [_repaired(e) for e in entries]
+        if repaired != entries:
+            fixed = [e for e in entries if "\x00" in e] or fixed
+            quantization["exclude_modules"] = repaired
+            mode = path.stat().st_mode & 0o777
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps(data, indent=4) + "\n")
+            tmp.chmod(mode)
+            tmp.replace(path)
+    return fixed
+
+
+def exclude_problems(exclude: List[str], index: Dict[str, Dict]) -> List[str]:
+    """exclude_modules must be module names or patterns, and must name every linear layer stored in BF16."""
+    problems = []
+    bad = [e for e in exclude if not _MODULE_PATTERN.fullmatch(e)]
+    if bad:
+        problems.append(f"{len(bad)} of {len(exclude)} exclude_modules entries in hf_quant_config.json are not module "
+                        f"names or patterns (a loader matches none of them): {[e.encode('unicode_escape').decode() for e in bad[:4]]}")
+    unnamed = [module for module, layer in layerkinds.layers(index).items()
+               if layer["kind"] in LOADER_LINEAR_KINDS and layer["format"] in FLOAT_DTYPES
+               and not any(fnmatch.fnmatchcase(module, e) for e in exclude)]
+    if unnamed:
+        problems.append(f"{len(unnamed)} layers are stored in BF16 but hf_quant_config.json's exclude_modules does not "
+                        f"name them, so a serving engine would load them as quantized: {unnamed[:6]}")
+    return problems
 
 
 def export_names(modules: List[str], index: Dict[str, Dict]) -> List[str]:
@@ -135,6 +199,8 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
             # ModelOpt's names mix case (FP8, NVFP4, fp8_pb_wo): compare without it.
             elif expect_quant_algo and str(quant_algo).upper() != expect_quant_algo.upper():
                 problems.append(f"hf_quant_config.json says quant_algo={quant_algo}, the recipe expects {expect_quant_algo}")
+            if quant_algo != MIXED_PRECISION:  # a mixed-precision loader reads quantized_layers instead
+                problems.extend(exclude_problems(list(quantization.get("exclude_modules") or []), index))
             want_kv = None if expect_kv_cache == "none" else KV_CACHE_EXPORTS.get(expect_kv_cache, expect_kv_cache.upper())
             if (kv_algo or None) != want_kv:
                 problems.append(f"hf_quant_config.json says kv_cache_quant_algo={kv_algo}, the recipe expects {want_kv}")

@@ -24,6 +24,7 @@ from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record import StageTimer
+from ptq.validate import repair_exclude_modules
 
 log = logging.getLogger(__name__)
 
@@ -156,8 +157,9 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
     return out
 
 
-def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) -> None:
-    """Write the model as a Hugging Face checkpoint: ModelOpt's unified format when quantized."""
+def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) -> List[str]:
+    """Write the model as a Hugging Face checkpoint: ModelOpt's unified format when quantized. Returns the
+    exclude_modules entries repaired after ModelOpt's export (ptq/validate.py repair_exclude_modules)."""
     with timer.stage("export"):
         export_dir.mkdir(parents=True, exist_ok=True)
         # The export writes unquantized tensors in the model's dtype: a model upcast to FP32 for
@@ -169,13 +171,20 @@ def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) ->
         for name, buf in model.named_buffers():
             if name in ranges:
                 buf.data = ranges[name]
+        fixed: List[str] = []
         if plan.quantize:
             from modelopt.torch.export import export_hf_checkpoint
 
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
+            fixed = repair_exclude_modules(export_dir)
+            if fixed:
+                log.warning("Repaired %d exclude_modules entries that ModelOpt's export wrote with its internal name "
+                            "marker still attached (e.g. %r); without the repair no serving engine would match them",
+                            len(fixed), fixed[0].encode("unicode_escape").decode())
         else:
             model.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
+    return fixed
 
 
 class HFModelOptBackend:
@@ -212,7 +221,9 @@ class HFModelOptBackend:
             if done.expert_coverage is not None:
                 details["expert_coverage"] = done.expert_coverage
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
-        export(plan, model, tokenizer, export_dir, timer)
+        repaired = export(plan, model, tokenizer, export_dir, timer)
+        if repaired:
+            details["exclude_modules_repaired"] = [e.encode("unicode_escape").decode() for e in repaired]
         if fid is not None and plan.quantize and cfg.fidelity.exported:
             # The export replaced the model's weights by their stored codes: it is spent (the AutoQuantize
             # search holds it too), and the read-back needs its memory.
