@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,9 @@ from ptq.plan import Facts, make_plan
 from ptq.schema import register_schemas
 
 REPO = Path(__file__).resolve().parents[1]
+# bench/ (random-weight checkpoints of real shapes) imports as a package from the checkout, however pytest is started.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
 CONF = REPO / "conf"
 # Public evaluation text kept beside the checkout (see README); tests fall back to
 # text the model samples itself when it is not there.
@@ -100,3 +104,22 @@ def tiny_llama_dir(tmp_path_factory, smollm2_dir):
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def _random_shape_dir(tmp_path_factory, smollm2_dir, shape: str) -> Path:
+    from bench.random_checkpoint import write
+
+    return write(shape, str(smollm2_dir), str(tmp_path_factory.mktemp(shape) / "model"), "cpu")
+
+
+@pytest.fixture(scope="session")
+def nemotron_tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight NemotronH with Nemotron 3 Nano's layer kinds (Mamba-2, attention, 16 routed experts + 1
+    shared, router) at small widths (bench/random_checkpoint.py, shape nemotron3-nano-tiny)."""
+    return _random_shape_dir(tmp_path_factory, smollm2_dir, "nemotron3-nano-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen3_moe_tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight Qwen3-MoE (16 gated routed experts, 4 active) at small widths (shape qwen3-moe-tiny)."""
+    return _random_shape_dir(tmp_path_factory, smollm2_dir, "qwen3-moe-tiny")

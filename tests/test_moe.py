@@ -1,0 +1,228 @@
+"""Mixture-of-Experts and hybrid Mamba-MoE models: layer kinds, recipe promises, expert coverage, and real
+ModelOpt quantization of tiny random-weight NemotronH (Nemotron 3 Nano's layer kinds) and Qwen3-MoE models."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from conftest import compose_run, load_tensors, plan_for, small_run_overrides
+from ptq import layerkinds
+from ptq.errors import ConfigError
+from ptq.moe import coverage, warning
+from ptq.validate import exclude_problems, export_names, repair_exclude_modules
+
+
+def entry(dtype, *shape):
+    return {"dtype": dtype, "shape": list(shape)}
+
+
+# A checkpoint index shaped like a NemotronH export: Mamba layer 0, MoE layer 1 with 2 routed experts in NVFP4,
+# attention layer 2 in BF16.
+INDEX = {
+    "backbone.embeddings.weight": entry("BF16", 64, 8),
+    "backbone.layers.0.mixer.in_proj.weight": entry("BF16", 40, 8),
+    "backbone.layers.0.mixer.out_proj.weight": entry("BF16", 8, 16),
+    "backbone.layers.0.mixer.conv1d.weight": entry("BF16", 24, 1, 4),
+    "backbone.layers.0.mixer.A_log": entry("BF16", 2),
+    "backbone.layers.0.norm.weight": entry("BF16", 8),
+    "backbone.layers.1.mixer.gate.weight": entry("BF16", 2, 8),
+    "backbone.layers.1.mixer.experts.0.up_proj.weight": entry("U8", 16, 4),
+    "backbone.layers.1.mixer.experts.0.up_proj.weight_scale": entry("F8_E4M3", 16, 1),
+    "backbone.layers.1.mixer.experts.0.up_proj.weight_scale_2": entry("F32"),
+    "backbone.layers.1.mixer.experts.1.up_proj.weight": entry("U8", 16, 4),
+    "backbone.layers.1.mixer.experts.1.up_proj.weight_scale": entry("F8_E4M3", 16, 1),
+    "backbone.layers.1.mixer.experts.1.up_proj.weight_scale_2": entry("F32"),
+    "backbone.layers.1.mixer.shared_experts.up_proj.weight": entry("F8_E4M3", 16, 8),
+    "backbone.layers.1.mixer.shared_experts.up_proj.weight_scale": entry("F32"),
+    "backbone.layers.2.mixer.q_proj.weight": entry("BF16", 8, 8),
+    "lm_head.weight": entry("BF16", 64, 8),
+}
+
+
+def test_layer_kinds_summarize_formats_parameters_and_experts():
+    summary = layerkinds.summarize(INDEX)
+    kinds = summary["kinds"]
+    assert list(kinds) == ["routed_expert", "shared_expert", "router", "mamba_in_proj", "mamba_out_proj",
+                           "mamba_conv1d", "attention", "embedding", "lm_head"]
+    # Two 4-bit codes per stored byte: 16 x 4 bytes hold a 16 x 8 weight.
+    assert kinds["routed_expert"] == {"NVFP4": {"layers": 2, "params": 2 * 16 * 8}}
+    assert kinds["shared_expert"] == {"FP8": {"layers": 1, "params": 128}}
+    assert kinds["mamba_conv1d"] == {"BF16": {"layers": 1, "params": 96}}
+    assert summary["experts"] == {"backbone.layers.1.mixer.experts": 2}
+    assert summary["params"] == sum(cell["params"] for formats in kinds.values() for cell in formats.values())
+
+
+def test_promises_are_checked_per_kind_and_experts_per_layer():
+    summary = layerkinds.summarize(INDEX)
+    conservative = {"routed_expert": "quantized", "shared_expert": "quantized", "mamba_in_proj": "bf16",
+                    "attention": "bf16", "lm_head": "bf16"}
+    assert layerkinds.promise_problems(summary, conservative, expected_experts=2) == []
+    aggressive = dict(conservative, mamba_in_proj="quantized")
+    [problem] = layerkinds.promise_problems(summary, aggressive, expected_experts=2)
+    assert problem.startswith("mamba_in_proj layers should be quantized but 1 in BF16")
+    # A model with 4 experts per layer whose export holds 2.
+    [problem] = layerkinds.promise_problems(summary, conservative, expected_experts=4)
+    assert "1 MoE layers do not hold all 4 routed experts" in problem
+    # The router stays BF16 under every recipe, promised or not.
+    quantized_router = dict(INDEX, **{"backbone.layers.1.mixer.gate.weight": entry("F8_E4M3", 2, 8)})
+    [problem] = layerkinds.promise_problems(layerkinds.summarize(quantized_router), {}, None)
+    assert problem.startswith("router layers should be left in BF16")
+
+
+def test_export_names_follow_the_checkpoints_top_level_name():
+    names = export_names(["model.layers.1.mixer.experts.0.up_proj", "model.layers.9.mixer.in_proj", "lm_head"], INDEX)
+    assert names == ["backbone.layers.1.mixer.experts.0.up_proj", "model.layers.9.mixer.in_proj", "lm_head"]
+
+
+def test_exclude_modules_with_modelopts_name_marker_are_repaired(tmp_path):
+    marker = "\x00backbone.pt_name_sentinel"
+    broken = [f"lm_head.{marker}", f"backbone.layers.0.{marker}*", f"backbone.layers.1.mixer.gate.{marker}"]
+    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8", "exclude_modules": broken}}))
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "modelopt", "exclude_modules": broken}}))
+    (tmp_path / "config.json").chmod(0o640)
+    index = {k: v for k, v in INDEX.items() if "layers.2" not in k and "experts" not in k and "shared" not in k}
+    problems = exclude_problems(broken, index)
+    assert "3 of 3 exclude_modules entries in hf_quant_config.json are not module names" in problems[0]
+    # None of the BF16 layers is named by a broken entry.
+    assert problems[1].startswith("4 layers are stored in BF16 but hf_quant_config.json's exclude_modules does not name them")
+
+    assert repair_exclude_modules(tmp_path) == broken
+    fixed = ["lm_head", "backbone.layers.0.*", "backbone.layers.1.mixer.gate"]
+    assert json.loads((tmp_path / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"] == fixed
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"]["exclude_modules"] == fixed
+    assert (tmp_path / "config.json").stat().st_mode & 0o777 == 0o640
+    assert exclude_problems(fixed, index) == []
+    assert repair_exclude_modules(tmp_path) == []
+
+
+def test_coverage_names_experts_without_tokens_and_the_size_that_covers_them():
+    counts = {"model.layers.1.mlp": [0, 40, 30, 2], "model.layers.3.mlp": [20, 20, 20, 12]}
+    summary = coverage(counts, {"model.layers.1.mlp": 2, "model.layers.3.mlp": 2}, tokens=36, samples=4, min_tokens=8)
+    assert summary["uncovered"] == ["model.layers.1.mlp.experts.0"]
+    assert summary["few_tokens"] == ["model.layers.1.mlp.experts.3"]
+    assert summary["tokens_per_expert"] == {"min": 0, "median": 20, "max": 40}
+    # The expert with none counts as half a token in 36: 8 tokens need 576 tokens, 16x the 4 samples.
+    assert summary["suggested_calib_size"] == 64
+    text = warning(summary, calib_size=4)
+    assert "1 routed experts received no calibration tokens and 1 fewer than 8" in text
+    assert "model.layers.1.mlp.experts.0" in text and "calib.size=64 (now 4)" in text
+    assert warning(coverage({"l": [9, 9]}, {"l": 1}, tokens=18, samples=1, min_tokens=8), 1) is None
+
+
+def test_a_promise_for_an_unknown_kind_is_refused_before_loading():
+    with pytest.raises(ConfigError, match="recipe.layer_kinds names 'mamba_inproj', not a layer kind"):
+        plan_for(["recipe=mamba_moe_fp8_conservative", "+recipe.layer_kinds.mamba_inproj=bf16"])
+    with pytest.raises(ConfigError, match=r"recipe.layer_kinds.attention='fp8'; use quantized or bf16"):
+        plan_for(["recipe=fp8", "recipe.layer_kinds.attention=fp8"])
+
+
+def test_the_moe_recipes_promise_what_conservative_and_aggressive_mean():
+    conservative, _ = compose_run(["recipe=mamba_moe_nvfp4_conservative"])
+    aggressive, _ = compose_run(["recipe=mamba_moe_fp8_aggressive"])
+    assert conservative.recipe.layer_kinds["mamba_in_proj"] == "bf16"
+    assert aggressive.recipe.layer_kinds["mamba_in_proj"] == "quantized"
+    assert all(r.recipe.layer_kinds[k] == "quantized" for r in (conservative, aggressive)
+               for k in ("routed_expert", "shared_expert"))
+
+
+# --- real ModelOpt quantization of tiny random-weight MoE models on the CPU -----------------------------------
+
+def nemotron_overrides(tmp_path, model_dir, recipe, *extra):
+    return small_run_overrides(tmp_path, "model=nemotron-3-nano-30b-a3b", f"model.path={model_dir}",
+                               "model.name=nemotron-tiny", "model.hf_id=null", f"recipe={recipe}", *extra)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe,mamba_format", [("mamba_moe_fp8_conservative", "BF16"),
+                                                 ("mamba_moe_fp8_aggressive", "FP8"), ("fp8", "FP8")])
+def test_nemotron_moe_quantizes_exports_and_validates_per_kind(recipe, mamba_format, nemotron_tiny_dir, tmp_path):
+    from ptq.run import run
+
+    record = run(*compose_run(nemotron_overrides(tmp_path, nemotron_tiny_dir, recipe)))
+    assert record["status"] == "finished", record.get("error")
+    validation = record["validation"]
+    assert validation["passed"], validation["problems"]
+    kinds = validation["layer_kinds"]["kinds"]
+    # Every one of the 16 routed experts of each of the 3 MoE layers, both projections, in FP8 with its own scale.
+    assert kinds["routed_expert"] == {"FP8": {"layers": 3 * 16 * 2, "params": 3 * 16 * 2 * 256 * 128}}
+    assert set(validation["layer_kinds"]["experts"].values()) == {16}
+    assert set(kinds["shared_expert"]) == {"FP8"}
+    assert set(kinds["mamba_in_proj"]) == set(kinds["mamba_out_proj"]) == {mamba_format}
+    assert set(kinds["attention"]) == ({"BF16"} if recipe.startswith("mamba_moe") else {"FP8"})
+    assert set(kinds["router"]) == set(kinds["mamba_conv1d"]) == set(kinds["lm_head"]) == {"BF16"}
+    checkpoint = Path(record["checkpoint"])
+    tensors = load_tensors(checkpoint, [f"backbone.layers.4.mixer.experts.{i}.down_proj.weight_scale" for i in range(16)])
+    assert len({float(t) for t in tensors.values()}) > 1  # each expert's own weight scale
+    # ModelOpt's export writes NemotronH's exclude_modules with its name marker attached; the launcher repairs them.
+    exclude = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
+    assert "lm_head" in exclude and all("\x00" not in e for e in exclude)
+    assert record["details"]["exclude_modules_repaired"]
+    # The checkpoint as written: every quantized layer's stored weight dequantizes to the source's.
+    written = record["fidelity"]["exported_checkpoint"]
+    assert written["problems"] == [] and written["layers"] == record["layers"]["quantized"]
+    coverage_record = record["details"]["expert_coverage"]
+    assert coverage_record["moe_layers"] == 3 and coverage_record["experts"] == 48
+    assert sum(map(sum, coverage_record["counts"].values())) == 3 * 2 * 4 * 64  # layers x top_k x tokens
+
+
+@pytest.mark.slow
+def test_an_expert_that_gets_no_calibration_tokens_is_reported(nemotron_tiny_dir, tmp_path, caplog):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ptq.run import run
+
+    # The router of layer 1 can never pick expert 3: its score correction bias is far below any sigmoid score.
+    model = AutoModelForCausalLM.from_pretrained(nemotron_tiny_dir, dtype=torch.bfloat16)
+    with torch.no_grad():
+        model.model.layers[1].mixer.gate.e_score_correction_bias[3] = -100.0
+    starved = tmp_path / "starved"
+    model.save_pretrained(starved)
+    AutoTokenizer.from_pretrained(nemotron_tiny_dir).save_pretrained(starved)
+
+    with caplog.at_level(logging.WARNING):
+        record = run(*compose_run(nemotron_overrides(tmp_path, starved, "mamba_moe_fp8_conservative")))
+    assert record["status"] == "finished", record.get("error")
+    summary = record["details"]["expert_coverage"]
+    assert "model.layers.1.mixer.experts.3" in summary["uncovered"]
+    assert summary["counts"]["model.layers.1.mixer"][3] == 0
+    assert summary["suggested_calib_size"] > 4
+    assert any("model.layers.1.mixer.experts.3" in r.getMessage() and "received no calibration tokens" in r.getMessage()
+               for r in caplog.records)
+    # Its weight scale still comes from its own weights, and the checkpoint validates.
+    assert record["validation"]["passed"], record["validation"]["problems"]
+    scale = load_tensors(Path(record["checkpoint"]), ["backbone.layers.1.mixer.experts.3.up_proj.weight_scale"])
+    assert float(next(iter(scale.values()))) > 0
+
+
+@pytest.mark.slow
+def test_qwen3_moe_gated_experts_export_per_expert(qwen3_moe_tiny_dir, tmp_path):
+    from ptq.run import run
+
+    overrides = small_run_overrides(tmp_path, "model=qwen3-30b-a3b", f"model.path={qwen3_moe_tiny_dir}",
+                                    "model.name=qwen3-moe-tiny", "model.hf_id=null", "model.layer_widths=[]", "recipe=fp8")
+    record = run(*compose_run(overrides))
+    assert record["status"] == "finished", record.get("error")
+    assert record["validation"]["passed"], record["validation"]["problems"]
+    kinds = record["validation"]["layer_kinds"]["kinds"]
+    # gate_up_proj is split on export: gate, up and down projections for each of 16 experts in 3 layers.
+    assert kinds["routed_expert"]["FP8"]["layers"] == 3 * 16 * 3
+    assert kinds["router"] == {"BF16": {"layers": 3, "params": 3 * 16 * 256}}
+    assert not record["details"].get("exclude_modules_repaired")
+    names = load_tensors(Path(record["checkpoint"]), ["model.layers.2.mlp.experts.15.gate_proj.weight"])
+    assert str(next(iter(names.values())).dtype) == "torch.float8_e4m3fn"
+
+
+def test_tiny_shapes_keep_the_published_layer_kinds():
+    from bench.random_checkpoint import MOE_SHAPES, NANO_PATTERN, moe_config
+
+    nano = moe_config("nemotron3-nano-30b-a3b")
+    assert NANO_PATTERN.count("M") == 23 and NANO_PATTERN.count("E") == 23 and NANO_PATTERN.count("*") == 6
+    assert (nano.n_routed_experts, nano.num_experts_per_tok, nano.hidden_size) == (128, 6, 2688)
+    tiny = moe_config("nemotron3-nano-tiny")
+    assert set(tiny.layers_block_type) == set(nano.layers_block_type) and tiny.use_mamba_kernels is False
+    assert MOE_SHAPES["qwen3-30b-a3b"][1]["num_experts"] == 128
