@@ -226,3 +226,27 @@ def test_tiny_shapes_keep_the_published_layer_kinds():
     tiny = moe_config("nemotron3-nano-tiny")
     assert set(tiny.layers_block_type) == set(nano.layers_block_type) and tiny.use_mamba_kernels is False
     assert MOE_SHAPES["qwen3-30b-a3b"][1]["num_experts"] == 128
+
+
+def test_report_shows_layer_kinds_per_variant():
+    import pandas as pd
+
+    from ptq.report.render import layer_kind_table
+    from ptq.report.tables import _layer_kinds
+
+    def record(quantized_mamba: bool) -> dict:
+        index = dict(INDEX)
+        if quantized_mamba:
+            index["backbone.layers.0.mixer.in_proj.weight"] = entry("F8_E4M3", 40, 8)
+        return {"validation": {"layer_kinds": layerkinds.summarize(index)}}
+
+    dense = {"validation": {"layer_kinds": layerkinds.summarize({"model.layers.0.mlp.up_proj.weight": entry("F8_E4M3", 8, 8)})}}
+    kept = pd.DataFrame({"index": [0, 1, 2], "model": ["nano", "nano", "llama"],
+                         "variant": ["conservative@256", "aggressive@256", "fp8@256"]})
+    rows = _layer_kinds([record(False), record(True), dense], kept)
+    assert set(rows["model"]) == {"nano"}  # a dense model gets no layer-kind table
+    table = layer_kind_table(rows, "nano").set_index("layer kind")
+    total = layerkinds.summarize(INDEX)["params"]
+    assert table.loc["mamba_in_proj", "conservative@256"] == f"BF16 1 ({100 * 320 / total:.1f}%)"
+    assert table.loc["mamba_in_proj", "aggressive@256"].startswith("FP8 1 (")
+    assert table.loc["routed_expert", "aggressive@256"].startswith("NVFP4 2 (")

@@ -68,3 +68,6 @@ SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "ke
 
 
 SKIPPED_COLUMNS = ["source", "reason"]
+# MoE and hybrid models: per variant, how many layers of each kind (ptq/layerkinds.py) are stored in each format,
+# and their share of the model's parameters.
+LAYER_KIND_COLUMNS = ["model", "variant", "kind", "format", "layers", "params", "share"]

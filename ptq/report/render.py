@@ -13,6 +13,7 @@ import pandas as pd
 
 from ptq.report.common import (BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
                                SUPERSEDED_COLUMNS, Z_95)
+from ptq.layerkinds import KINDS
 from ptq.report.plots import model_plots
 from ptq.report.tables import Report, row_sort_key
 
@@ -136,6 +137,24 @@ LEGEND = ("Cells: value ± standard error (delta vs BF16, recovery). Recovery = 
           "scores, sqrt(2) x the variant's own error), so it is not a finding.")
 
 
+def layer_kind_table(layer_kinds: pd.DataFrame, model: str) -> pd.DataFrame:
+    """Rows: layer kinds; columns: variants; cells: `FORMAT layers (share of parameters)` per stored format."""
+    rows = layer_kinds[layer_kinds["model"] == model]
+    if rows.empty:
+        return pd.DataFrame()
+    variants = list(dict.fromkeys(rows["variant"]))
+    kinds = [k for k in KINDS if k in set(rows["kind"])]
+    cells = {(kind, variant): [] for kind in kinds for variant in variants}
+    for kind, variant, fmt, layers, share in zip(*(rows[c].tolist() for c in ("kind", "variant", "format", "layers", "share"))):
+        cells[(kind, variant)].append(f"{fmt} {int(layers)} ({100 * share:.1f}%)")
+    table = pd.DataFrame({"layer kind": kinds, **{v: ["; ".join(cells[(k, v)]) for k in kinds] for v in variants}})
+    return table
+
+
+LAYER_KIND_NOTE = ("Layers of each kind stored in each format in the written checkpoint, with their share of the "
+                   "model's parameters (ptq/layerkinds.py; routed experts count one layer per expert and projection).")
+
+
 def render_markdown(report: Report) -> str:
     parts = ["# Quantization results", "", LEGEND]
     for model in report.models:
@@ -144,6 +163,9 @@ def render_markdown(report: Report) -> str:
         parts += ["", f"## {model}", "", _bf16_origin(report.scores, model), "",
                   markdown_table(wide, _variant_headers(summary, wide.columns)),
                   "", f"### {model}: summary", "", markdown_table(format_summary(summary))]
+        kinds = layer_kind_table(report.layer_kinds, model)
+        if not kinds.empty:
+            parts += ["", f"### {model}: layer kinds", "", LAYER_KIND_NOTE, "", markdown_table(kinds)]
         superseded = report.superseded[report.superseded["model"] == model]
         if not superseded.empty:
             parts += ["", f"### {model}: superseded records", ""]
@@ -170,6 +192,9 @@ def render_html(report: Report, plots: dict) -> str:
         body += [f"<h2>{html.escape(model)}</h2>", f"<p>{html.escape(_bf16_origin(report.scores, model))}</p>",
                  table(wide, _variant_headers(summary, wide.columns)),
                  f"<h3>{html.escape(model)}: summary</h3>", table(format_summary(summary))]
+        kinds = layer_kind_table(report.layer_kinds, model)
+        if not kinds.empty:
+            body += [f"<h3>{html.escape(model)}: layer kinds</h3>", f"<p>{html.escape(LAYER_KIND_NOTE)}</p>", table(kinds)]
         for name, png in plots.get(model, {}).items():
             encoded = base64.b64encode(png).decode("ascii")
             what = name.rsplit(".", 1)[0].replace("_", " ")
@@ -204,4 +229,7 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
         written.append(out_dir / name)
     report.scores.to_csv(out_dir / "results.csv", index=False)
     written.append(out_dir / "results.csv")
+    if not report.layer_kinds.empty:
+        report.layer_kinds.to_csv(out_dir / "layer_kinds.csv", index=False)
+        written.append(out_dir / "layer_kinds.csv")
     return markdown, written

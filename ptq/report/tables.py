@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 
 from ptq.report.common import (
-    BASELINE_STATUS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FIDELITY_SUMMARY_COLUMNS, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, SCORE_COLUMNS,
+    BASELINE_STATUS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FIDELITY_SUMMARY_COLUMNS, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
+    LAYER_KIND_COLUMNS, SCORE_COLUMNS,
     SKIPPED_COLUMNS, SUMMARY_COLUMNS, SUPERSEDED_COLUMNS,
 )
 from ptq.report.read import (
@@ -26,6 +27,7 @@ class Report:
     summary: pd.DataFrame
     superseded: pd.DataFrame
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
+    layer_kinds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAYER_KIND_COLUMNS))
 
     @property
     def models(self) -> List[str]:
@@ -196,6 +198,24 @@ def _order_scores(scores: pd.DataFrame) -> pd.DataFrame:
     return ordered.drop(columns=["_variant", "_row"]).reset_index(drop=True)
 
 
+def _layer_kinds(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
+    """kind -> format -> layers and parameter share per kept variant, from each record's validation (models with
+    routed experts or Mamba layers only: for dense models the summary's size columns say it all)."""
+    rows = []
+    for index, model, variant in _plain_rows(kept, ("index", "model", "variant")):
+        summary = section(section(records[index], "validation"), "layer_kinds")
+        kinds, total = section(summary, "kinds"), as_number(summary.get("params"))
+        if not any(k in kinds for k in ("routed_expert", "mamba_in_proj")) or not total or math.isnan(total):
+            continue
+        for kind, formats in kinds.items():
+            for fmt, cell in (formats if isinstance(formats, dict) else {}).items():
+                cell = cell if isinstance(cell, dict) else {}
+                params = as_number(cell.get("params"))
+                rows.append({"model": model, "variant": variant, "kind": kind, "format": fmt,
+                             "layers": as_number(cell.get("layers")), "params": params, "share": params / total})
+    return pd.DataFrame(rows, columns=LAYER_KIND_COLUMNS)
+
+
 def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
     # The median recovery is over benchmark results only; the fidelity figures (KL, perplexity ratio) have
     # columns of their own, with their uncertainty.
@@ -241,7 +261,7 @@ def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = Non
     bf16 = _bf16_values(usable, kept)
     scores = _order_scores(_score_rows(usable, kept, bf16))[SCORE_COLUMNS]
     return Report(scores=scores, summary=_summary(kept, scores, bf16), superseded=superseded,
-                  skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS))
+                  skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), layer_kinds=_layer_kinds(usable, kept))
 
 
 def scores_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
