@@ -3,6 +3,8 @@
 #
 #     bash bench/moe_gpu.sh prepare SHAPE         # a random-weight checkpoint of SHAPE (bench/random_checkpoint.py)
 #     bash bench/moe_gpu.sh point SHAPE RECIPE.. # one launch.py run per recipe (fidelity on, evaluation off)
+#     bash bench/moe_gpu.sh profile SHAPE RECIPE # time per layer kind (Mamba, MoE, attention) in a BF16 forward
+#                                                # and in RECIPE's calibration (bench/moe_profile.py)
 #     bash bench/moe_gpu.sh report               # timings.jsonl, the run records and peak memory into $PTQ_BENCH_OUT
 #
 # Shapes: nemotron3-nano-30b-a3b (31.6 B parameters, about 63 GB in BF16), qwen3-30b-a3b (30.5 B) and their
@@ -66,6 +68,13 @@ point)
             find "$WORK/runs" -maxdepth 3 -type d -name "checkpoint*" -path "*$shape-random/$recipe-*" -exec rm -rf {} +
         fi
     done
+    ;;
+profile)
+    shape=${2:?shape}
+    recipe=${3:?recipe}
+    group=$(model_args "$shape" | sed 's/^model=\([^ ]*\).*/\1/')
+    timed "profile-$shape-$recipe" python3 -m bench.moe_profile --model "$MODELS/$shape" --text "$TEXT/calib.txt" \
+        --recipe "$recipe" --model-group "$group" --samples 64 --seq-len 512 --batch 16 --out "$BENCH_OUT/profile-$shape-$recipe.json"
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
