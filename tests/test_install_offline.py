@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
+import site
 import subprocess
 import sys
 import tarfile
@@ -44,10 +45,19 @@ def make_wheel() -> bytes:
 
 @pytest.fixture(scope="module")
 def venv(tmp_path_factory):
-    """A fresh environment that sees this machine's packages (the launcher's dependencies) but not tinypkg."""
+    """A fresh environment that sees the packages of the environment running the tests (the launcher's
+    dependencies) but not tinypkg. `--system-site-packages` alone would show the base interpreter's packages
+    when the tests run inside a virtual environment, so the running environment's site folders are added
+    with a .pth file (processed like site folders: editable installs in them work too)."""
     path = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
-    return path / "bin" / "python"
+    python = path / "bin" / "python"
+    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                             capture_output=True, text=True, check=True).stdout.strip()
+    outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "outer-environment.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
+    return python
 
 
 def wheelhouse_in_parts(folder: Path, parts: int = 3) -> bytes:

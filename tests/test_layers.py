@@ -83,9 +83,11 @@ def test_the_check_for_function_local_imports_finds_one(tmp_path):
     assert _function_local_project_imports(sample, tmp_path) == ["sample.py:6 imports ptq.plan"]
 
 
-def test_planning_a_run_and_checking_sweep_points_import_no_torch():
+def test_planning_a_run_and_checking_sweep_points_import_no_torch(tmp_path):
     """Composing, planning and describing a run (dry runs) are cheap: torch, ModelOpt and transformers stay unimported
-    until a backend runs."""
+    until a backend runs. The runs are planned under a fresh output_root, so what earlier runs left in the
+    checkout's runs/ does not matter."""
+    root = f"output_root={tmp_path / 'runs'}"
     code = (
         "import sys\n"
         "from hydra import compose, initialize_config_dir\n"
@@ -96,7 +98,8 @@ def test_planning_a_run_and_checking_sweep_points_import_no_torch():
         "from ptq.backends import describe\n"
         "register_schemas()\n"
         f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
-        "    for overrides in ([], ['hardware=h100', 'recipe=nvfp4', 'dry_run=true'], ['recipe=int4_awq']):\n"
+        f"    for overrides in ([{root!r}], ['hardware=h100', 'recipe=nvfp4', 'dry_run=true', {root!r}],\n"
+        f"                      ['recipe=int4_awq', {root!r}]):\n"
         "        cfg = compose(config_name='config', overrides=overrides)\n"
         "        assert describe(prepare(OmegaConf.to_object(cfg)))[0].startswith('in process on ')\n"
         "        point = Point(index=0, overrides=overrides, config=OmegaConf.to_container(cfg, resolve=True),\n"
