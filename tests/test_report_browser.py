@@ -1,14 +1,13 @@
 """The HTML report opened in a real headless browser: its tables and plots are there and render.
 
-Driver: Selenium with Debian's chromium and chromium-driver, installed by scripts/headless-browser.sh (the way
-scripts/local-slurm.sh provides Slurm). One WebDriver session answers every question this test asks of the page
+Driver: Selenium with Debian's chromium and chromium-driver, installed beforehand by `bash scripts/test-services.sh
+up` (scripts/headless-browser.sh; the README's test command and .ci/run do it). One WebDriver session answers every question this test asks of the page
 loaded as a user opens it (file://): the DOM after load, the text the browser lays out, whether each <img> decoded
 (`complete`, natural size, `HTMLImageElement.decode()`), the console's errors (the browser log) and every request
 the page made (the DevTools performance log, which also lists requests that failed). `chromium --headless
 --dump-dom` gives the DOM only, and a screenshot says nothing about which image failed or what was fetched.
 
-Without root and apt-get (or a browser already installed) these tests skip with the reason; under CI=true they
-must run.
+Without that browser these tests skip, naming the step that installs it; under CI=true they fail instead.
 """
 
 from __future__ import annotations
@@ -44,9 +43,10 @@ def browser():
         from selenium.webdriver.chrome.service import Service
     except ImportError:
         _unavailable("selenium is not installed (pip install -e '.[test]')")
-    done = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=1200)
+    done = subprocess.run(["bash", str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        _unavailable(f"no headless browser: {done.stderr.strip()}")
+        _unavailable(f"no headless browser ({done.stderr.strip()}): install it with `bash scripts/test-services.sh up` "
+                      "(needs root and apt-get)")
     chromium, chromedriver = done.stdout.split()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
