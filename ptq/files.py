@@ -42,8 +42,21 @@ def read_json(path: Path) -> Optional[dict]:
     return data if isinstance(data, dict) else None
 
 
+def default_file_mode() -> int:
+    """The mode a new file gets here (0o666 less the process's umask)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def publish_folder(partial: Path, final: Path) -> None:
-    """Replace `final` with the complete folder `partial`; the final name appears only once it is complete."""
+    """Replace `final` with the complete folder `partial`; the final name appears only once it is complete.
+    Every file gets the mode a new file gets here: safetensors writes its files 0600 where the other writers
+    follow the umask, and a checkpoint others cannot read is no use on a shared file system."""
+    mode = default_file_mode()
+    for file in Path(partial).rglob("*"):
+        if file.is_file() and not file.is_symlink():
+            file.chmod(mode)
     if final.exists():
         retired = final.with_name(final.name + ".replaced")
         shutil.rmtree(retired, ignore_errors=True)

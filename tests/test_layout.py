@@ -17,3 +17,19 @@ def test_evaluate_folder_does_not_shadow_huggingface_evaluate():
     path, has_load = proc.stdout.split()
     assert "site-packages" in path and has_load == "True"
     assert not (REPO / "evaluate" / "__init__.py").exists()
+
+
+def test_a_published_folder_gives_every_file_the_same_mode(tmp_path):
+    import os
+
+    from ptq.files import default_file_mode, publish_folder
+
+    partial = tmp_path / "checkpoint.partial"
+    (partial / "sub").mkdir(parents=True)
+    for name, mode in (("model.safetensors", 0o600), ("config.json", 0o644), ("sub/tokenizer.json", 0o640)):
+        (partial / name).write_text("x")
+        os.chmod(partial / name, mode)
+    publish_folder(partial, tmp_path / "checkpoint")
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "checkpoint").rglob("*") if p.is_file()}
+    assert modes == {"model.safetensors": default_file_mode(), "config.json": default_file_mode(),
+                     "tokenizer.json": default_file_mode()}
