@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Dict, List
 
@@ -43,26 +44,113 @@ def tokens_from_texts(texts: List[str], tokenizer, samples: int, seq_len: int, s
     return _chunk(ids, samples, seq_len, source)
 
 
-def sample_from_model(model, tokenizer, samples: int, seq_len: int, seed: int, batch_size: int) -> torch.Tensor:
-    """Text the model writes itself, starting from its BOS token: needs no data set and no network."""
+def _row_generator(seed: int, row: int) -> torch.Generator:
+    # Each row draws from its own generator: a row's text does not depend on which rows share its batch, so a
+    # cached sample of many rows serves a request for fewer, and the two uses can be sampled in one pass.
+    return torch.Generator().manual_seed(seed * 1_000_003 + row)
+
+
+class _RowSampling:
+    """A logits processor that samples the next token of each row from its own generator (temperature 1, no
+    top-k/top-p: the model's own distribution) by the Gumbel-max trick, and reports progress per token. The
+    generation runs greedy, so the token it marks is the one taken."""
+
+    def __init__(self, generators: List[torch.Generator], progress, report) -> None:
+        self.generators, self.progress, self.report = generators, progress, report
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack([torch.rand(scores.shape[-1], generator=g) for g in self.generators])
+        gumbel = -torch.log(-torch.log(uniform.clamp_min(1e-20))).to(scores.device)
+        choice = (scores.float() + gumbel).argmax(dim=-1, keepdim=True)
+        marked = torch.full_like(scores, float("-inf"))
+        marked.scatter_(1, choice, 0.0)
+        self.progress.update(1)
+        self.report()
+        return marked
+
+
+def sample_rows(model, tokenizer, rows: List[tuple], seq_len: int, batch_size: int) -> torch.Tensor:
+    """[len(rows), seq_len] token ids the model writes itself from its BOS token, row (seed, index) drawn from
+    its own generator; a progress bar counts tokens, and the log says how far it got every 10%."""
+    from transformers import LogitsProcessorList
+
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     device = next(model.parameters()).device
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    rows = []
-    try:
-        for first in tqdm(range(0, samples, batch_size), desc="sampling text from the BF16 model", unit="batch"):
-            n = min(batch_size, samples - first)
-            prompt = torch.full((n, 1), start, dtype=torch.long, device=device)
-            out = model.generate(
-                prompt, do_sample=True, top_k=0, top_p=1.0, temperature=1.0,
-                max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                pad_token_id=tokenizer.pad_token_id, attention_mask=torch.ones_like(prompt),
+    steps = -(-len(rows) // batch_size) * (seq_len - 1)
+    began, logged = time.perf_counter(), [0]
+    out = []
+    with tqdm(total=steps, desc=f"sampling {len(rows)} x {seq_len} tokens of text from the BF16 model",
+              unit="token") as progress:
+        def report():
+            tenth = progress.n * 10 // max(steps, 1)
+            if tenth > logged[0]:
+                logged[0] = tenth
+                log.info("Sampling text: %d%% (%d of %d token steps) after %.0f s", tenth * 10, progress.n, steps,
+                         time.perf_counter() - began)
+
+        for first in range(0, len(rows), batch_size):
+            chunk = rows[first:first + batch_size]
+            prompt = torch.full((len(chunk), 1), start, dtype=torch.long, device=device)
+            sampler = _RowSampling([_row_generator(seed, row) for seed, row in chunk], progress, report)
+            generated = model.generate(
+                prompt, do_sample=False, num_beams=1, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                logits_processor=LogitsProcessorList([sampler]), pad_token_id=tokenizer.pad_token_id,
+                attention_mask=torch.ones_like(prompt), temperature=None, top_p=None, top_k=None,
             )
-            rows.append(out[:, :seq_len].cpu())
-    finally:
-        torch.random.set_rng_state(generator_state)
-    return torch.cat(rows)
+            out.append(generated[:, :seq_len].cpu())
+    return torch.cat(out)
+
+
+def _self_cache(cache_dir: str, model_id: str, seed: int) -> Path:
+    key = hashlib.sha256(f"self-v2|{model_id}|{seed}".encode()).hexdigest()[:16]
+    return Path(os.path.expanduser(cache_dir)) / "text" / f"self-{key}.pt"
+
+
+def _cached_rows(path: Path):
+    if not path.exists():
+        return None
+    try:
+        tokens = torch.load(path)
+    except Exception as exc:  # damaged: sample again and replace it
+        log.warning("Ignoring unreadable self-sampled text %s (%s)", path, exc)
+        return None
+    return tokens if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
+
+
+def self_sampled(model, tokenizer, *, model_id: str, cache_dir: str, requests: Dict[str, tuple],
+                 batch_size: int) -> Dict[str, torch.Tensor]:
+    """Text the model writes itself, for several uses at once: `requests` maps a use to (seed, samples,
+    seq_len); each use gets [samples, seq_len] tokens, the first rows of its seed's stream. One sampling pass
+    makes every row no cached sample holds (at the longest length asked for); a cached sample with at least as
+    many rows, each at least as long, serves a request by cutting it."""
+    out, missing = {}, {}
+    for use, (seed, samples, seq_len) in requests.items():
+        cached = _cached_rows(_self_cache(cache_dir, model_id, seed))
+        if cached is not None and cached.shape[0] >= samples and cached.shape[1] >= seq_len:
+            log.info("Using cached self-sampled text for %s (%d x %d tokens)", use, *cached.shape)
+            out[use] = cached[:samples, :seq_len]
+        else:
+            missing[use] = (seed, samples, seq_len, cached)
+    if not missing:
+        return out
+    # Per seed: every row up to the largest request, at the longest length asked for or cached.
+    streams: Dict[int, list] = {}
+    for seed, samples, seq_len, cached in missing.values():
+        have = (0, 0) if cached is None else tuple(cached.shape)
+        rows, length = streams.get(seed, (0, 0))
+        streams[seed] = (max(rows, samples, have[0]), max(length, seq_len, have[1]))
+    length = max(length for _, length in streams.values())
+    rows = [(seed, row) for seed, (count, _) in sorted(streams.items()) for row in range(count)]
+    tokens = sample_rows(model, tokenizer, rows, length, batch_size)
+    first = 0
+    for seed, (count, _) in sorted(streams.items()):
+        with atomic_path(_self_cache(cache_dir, model_id, seed)) as tmp:
+            torch.save(tokens[first:first + count].clone(), tmp)
+        streams[seed] = tokens[first:first + count]
+        first += count
+    for use, (seed, samples, seq_len, _) in missing.items():
+        out[use] = streams[seed][:samples, :seq_len]
+    return out
 
 
 # Token ids of text files, by (tokenizer, file version, samples, seq_len): the points of a sweep in one process
@@ -106,15 +194,8 @@ def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, s
                   cache_dir: str, sample_batch_size: int) -> torch.Tensor:
     """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name."""
     if spec == SELF:
-        key = hashlib.sha256(f"{model_id}|{samples}|{seq_len}|{seed}".encode()).hexdigest()[:16]
-        cached = Path(os.path.expanduser(cache_dir)) / "text" / f"self-{key}.pt"
-        if cached.exists():
-            log.info("Using cached self-sampled text %s", cached)
-            return torch.load(cached)
-        tokens = sample_from_model(model, tokenizer, samples, seq_len, seed, sample_batch_size)
-        with atomic_path(cached) as tmp:
-            torch.save(tokens, tmp)
-        return tokens
+        return self_sampled(model, tokenizer, model_id=model_id, cache_dir=cache_dir,
+                            requests={"text": (seed, samples, seq_len)}, batch_size=sample_batch_size)["text"]
     path = Path(os.path.expanduser(spec))
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         if not path.is_file():

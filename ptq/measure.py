@@ -23,7 +23,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from ptq import evaluation, exported, fidelity
-from ptq.calib_data import token_batches
+from ptq.calib_data import SELF, self_sampled, token_batches
 from ptq.formats import NO_CHECK
 from ptq.layout import EVAL_WORK_NAME
 from ptq.models import load_model
@@ -72,6 +72,12 @@ def bf16_baseline(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTim
     """
     cfg = plan.cfg
     base = Baseline(batch_size=cfg.fidelity.batch_size or min(batch_size, FIDELITY_MAX_BATCH))
+    if cfg.fidelity.enabled and cfg.fidelity.text == SELF and plan.quantize and cfg.calib.dataset == SELF:
+        # Both texts sampled from the model: one sampling pass writes both (cached for the later lookups).
+        with timer.stage("fidelity_text"):
+            self_sampled(model, tokenizer, model_id=checkpoint, cache_dir=cfg.cache_dir, batch_size=SAMPLE_BATCH_SIZE,
+                         requests={"fidelity": (cfg.fidelity.seed, cfg.fidelity.samples, cfg.fidelity.seq_len),
+                                   "calibration": (cfg.calib.seed, cfg.calib.size, cfg.calib.seq_len)})
     if cfg.fidelity.enabled:
         with timer.stage("fidelity_text"):
             base.tokens = token_batches(

@@ -41,3 +41,13 @@ def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, s
     text.write_text("other words. " * 20_000)  # a new version of the file (another size) is tokenized again
     second = calib_data.file_tokens(text, **args)
     assert len(calls) == 2 and not torch.equal(second, first)
+
+
+def test_cpu_threads_follow_affinity_and_slurm_unless_the_user_set_them():
+    from ptq.backends.base import cpu_threads
+
+    assert cpu_threads({}, affinity=2) == 2
+    assert cpu_threads({"SLURM_CPUS_PER_TASK": "1"}, affinity=16) == 1
+    assert cpu_threads({"SLURM_CPUS_PER_TASK": "64"}, affinity=4) == 4  # never more than the process may use
+    assert cpu_threads({"SLURM_CPUS_PER_TASK": ""}, affinity=3) == 3
+    assert cpu_threads({"OMP_NUM_THREADS": "8", "SLURM_CPUS_PER_TASK": "1"}, affinity=2) is None

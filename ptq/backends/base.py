@@ -58,3 +58,27 @@ def use_extension_cache(cache_dir: str, env: MutableMapping[str, str] = os.envir
            f"-py{sys.version_info.major}{sys.version_info.minor}")
     env[EXTENSIONS_VAR] = str(Path(os.path.expanduser(cache_dir)) / "torch_extensions" / key)
     return env[EXTENSIONS_VAR]
+
+
+def cpu_threads(env: MutableMapping[str, str] = os.environ, affinity: Optional[int] = None) -> Optional[int]:
+    """How many threads PyTorch should use on the CPU: the CPUs this process may run on (its affinity mask, as
+    taskset and cgroup-aware schedulers set it), no more than Slurm's cpus-per-task; None when OMP_NUM_THREADS
+    already says (the user's choice stands). PyTorch's own default counts the machine's cores, so two runs
+    sharing a node each take all of them and slow each other down many times over."""
+    if env.get("OMP_NUM_THREADS"):
+        return None
+    if affinity is None:
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    slurm = env.get("SLURM_CPUS_PER_TASK", "")
+    return max(1, min(affinity, int(slurm))) if slurm.isdigit() and int(slurm) > 0 else max(1, affinity)
+
+
+def limit_cpu_threads() -> Optional[int]:
+    """Set PyTorch's thread count to cpu_threads(); returns what it set (None: left alone)."""
+    threads = cpu_threads()
+    if threads is not None:
+        import torch
+
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+    return threads

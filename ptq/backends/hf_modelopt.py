@@ -15,7 +15,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptq.auto_quantize import AutoQuantizeSearch
-from ptq.backends.base import BackendResult, use_extension_cache
+from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
@@ -194,6 +194,7 @@ class HFModelOptBackend:
         """load -> BF16 baseline -> quantize (or search) -> compare in memory -> export -> compare the written file."""
         cfg = plan.cfg
         extensions = use_extension_cache(cfg.cache_dir)
+        threads = limit_cpu_threads()
         import_modelopt()
         if plan.quantize and not cfg.recipe.candidates:
             # The ModelOpt config, algorithm settings included, is checked before the model is loaded.
@@ -208,7 +209,7 @@ class HFModelOptBackend:
         quant_cfg, search = prepare_quantization(plan, model)
         calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
         details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size,
-                   "model_load": last_load(), "extensions_dir": extensions}
+                   "model_load": last_load(), "extensions_dir": extensions, "cpu_threads": threads}
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)
