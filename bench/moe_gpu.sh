@@ -15,7 +15,7 @@
 # text, the second calibrates), PTQ_TOKENIZER (a Hugging Face tokenizer folder, e.g. the converted SmolLM2).
 # Optional: PTQ_WORK (/tmp/ptq-moe: logs, outputs, cache), PTQ_MODELS ($PTQ_WORK/models: the BF16 checkpoints;
 # a 30B shape takes 61 GiB, so on a 64 GiB disk point it at a RAM disk such as /dev/shm), PTQ_BENCH_OUT
-# ($PTQ_WORK/out), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides). Every stage appends its
+# ($PTQ_WORK/out), PTQ_HARDWARE (h200), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides). Every stage appends its
 # wall time to $PTQ_WORK/timings.jsonl; every point deletes its exported checkpoint after its record is written
 # unless PTQ_KEEP=1 (a 30B FP8 export is 32 GB).
 set -uo pipefail
@@ -61,7 +61,7 @@ point)
     shift 2
     for recipe in "$@"; do
         # shellcheck disable=SC2046,SC2086
-        timed "$shape-$recipe" python3 launch.py $(model_args "$shape") "recipe=$recipe" hardware=h200 eval=none \
+        timed "$shape-$recipe" python3 launch.py $(model_args "$shape") "recipe=$recipe" "hardware=${PTQ_HARDWARE:-h200}" eval=none \
             "cache_dir=$CACHE" "output_root=$WORK/runs" "calib.dataset=$TEXT/calib.txt" "calib.size=${PTQ_CALIB:-256}" \
             calib.seq_len=512 "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 fidelity.seq_len=512 ${PTQ_EXTRA:-}
         if [ "${PTQ_KEEP:-0}" != 1 ]; then
