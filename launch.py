@@ -25,9 +25,9 @@ def main(cfg: DictConfig):
                      overrides=list(HydraConfig.get().overrides.task))
         return record["status"]
     except ConfigError as exc:
-        log.error("%s", exc)
-        if not sweeping:
+        if not sweeping:  # said once, as the exit message
             raise SystemExit(f"error: {exc}") from None
+        log.error("%s", exc)
         if not cfg.dry_run:
             # The point's folder says why it did not run, so the results table can show it.
             record_failure(OmegaConf.to_container(cfg, resolve=True), f"refused: {exc}")

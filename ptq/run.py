@@ -9,11 +9,11 @@ import signal
 import threading
 import traceback
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import List, Optional, Sequence
 
-from ptq.backends import describe as describe_run, get_backend
+from ptq.backends import check_before_run, describe as describe_run, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
@@ -41,8 +41,11 @@ class Terminated(BaseException):
 def prepare(cfg: RunConfig, facts: Optional[Facts] = None, space: bool = True) -> Plan:
     """The checked plan of `cfg`: the pure plan, then the files it reads and the folder it writes
     (ptq/inputs.py). Nothing is loaded or written."""
-    plan = make_plan(cfg, facts or gather_facts(cfg))
-    check_inputs(cfg, plan, space=space)
+    facts = facts or gather_facts(cfg)
+    if not space:
+        facts = replace(facts, output_free_bytes=None)
+    plan = make_plan(cfg, facts)
+    check_inputs(cfg, plan)
     check_tracking(cfg)
     return plan
 
@@ -78,16 +81,57 @@ def sigterm_raises():
         signal.signal(signal.SIGTERM, previous)
 
 
+# Loggers whose lines go to run.log only, not to the console: Python warnings (ModelOpt's and transformers'
+# UserWarnings, through logging.captureWarnings) and DeepSpeed's, which ModelOpt imports and which announces on
+# every CPU run that it found no GPU.
+LOG_ONLY = ("py.warnings", "DeepSpeed")
+
+
+class _LogOnly(logging.Filter):
+    """Hands a record to the open run.log's handler and keeps it from the logger's own (console) handlers;
+    records from before run.log opens (DeepSpeed announces itself when planning imports ModelOpt) wait for it.
+    A filter on the logger, not a handler: DeepSpeed creates its logger and console handler while it is being
+    imported, after this is in place."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.handler: Optional[logging.Handler] = None
+        self.held: List[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if self.handler is None:
+            self.held = self.held[-49:] + [record]
+        elif record.levelno >= self.handler.level:
+            self.handler.handle(record)
+        return False
+
+    def open(self, handler: logging.Handler) -> None:
+        self.handler = handler
+        for record in self.held:
+            handler.handle(record)
+        self.held = []
+
+
+_log_only = _LogOnly()
+for _name in LOG_ONLY:
+    logging.getLogger(_name).addFilter(_log_only)
+
+
 @contextmanager
 def run_log(output_dir: Path):
-    """The run's log lines also go to <output_dir>/run.log."""
+    """The run's log lines also go to <output_dir>/run.log; Python warnings and DeepSpeed's lines go there
+    only (LOG_ONLY)."""
     handler = logging.FileHandler(output_dir / LOG_NAME, encoding="utf-8")
     handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
+    _log_only.open(handler)
+    logging.captureWarnings(True)
     try:
         yield
     finally:
+        logging.captureWarnings(False)
+        _log_only.handler = None
         root.removeHandler(handler)
         handler.close()
 
@@ -284,6 +328,7 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
                               "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1).")
         log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
         return backend.run_worker(plan)
+    check_before_run(plan)  # the backend's own checks: a refusal here leaves no folder behind
     with OutputLock(plan.output_dir) as lock:
         if lock.taken_over is not None:
             log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, describe(lock.taken_over))

@@ -1,0 +1,40 @@
+"""What a user sees on the console: a refusal once, and library warnings in run.log only."""
+
+from __future__ import annotations
+
+import io
+import logging
+import subprocess
+import sys
+import warnings
+
+from conftest import REPO
+from ptq.run import run_log
+
+
+def test_a_refusal_is_printed_once(tmp_path):
+    done = subprocess.run([sys.executable, "launch.py", "calib.size=0", f"output_root={tmp_path}"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    said = done.stdout + done.stderr
+    assert said.count("calibration needs at least 1 sample") == 1, said
+    assert not any(tmp_path.iterdir())
+
+
+def test_library_warnings_go_to_run_log_only(tmp_path):
+    console = io.StringIO()
+    deepspeed = logging.getLogger("DeepSpeed")
+    handler = logging.StreamHandler(console)  # stands for the console handler DeepSpeed gives its logger
+    deepspeed.addHandler(handler)
+    try:
+        deepspeed.warning("Setting accelerator to CPU (said before the run's log opened)")
+        with run_log(tmp_path):
+            warnings.warn("a library's UserWarning", UserWarning)
+            deepspeed.warning("said during the run")
+            logging.getLogger("ptq.test").warning("the launcher's own line")
+    finally:
+        deepspeed.removeHandler(handler)
+    assert console.getvalue() == ""
+    text = (tmp_path / "run.log").read_text()
+    for line in ("Setting accelerator to CPU", "a library's UserWarning", "said during the run", "the launcher's own line"):
+        assert line in text
