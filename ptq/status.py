@@ -1,9 +1,10 @@
-"""State of every point of a Slurm sweep, from its manifest, the run records and Slurm.
+"""State of every point of a sweep, from its manifest, the run records and (for Slurm sweeps) Slurm.
 
     python -m ptq.status <sweep folder> [--json]
 
-The sweep folder is the one a `cluster=slurm` sweep prints (it holds sweep.json). Works while
-the sweep runs, after a detached launch, and after the launching shell is gone.
+The sweep folder holds sweep.json: the one a `cluster=slurm` sweep prints, or `<output_root>/sweeps/<date>_<time>`
+of a sweep run on this machine (`python launch.py -m ...`). Works while the sweep runs, after a detached
+launch, and after the launching shell is gone.
 """
 
 from __future__ import annotations
@@ -59,8 +60,8 @@ def _in_range(task: int, spec: str) -> bool:
 def sweep_status(sweep_dir: Path) -> List[dict]:
     manifest_path = sweep_dir / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise SystemExit(f"error: {manifest_path} not found; pass the folder a cluster=slurm sweep printed "
-                         "(<output_root>/sweeps/<date>_<time>).")
+        raise SystemExit(f"error: {manifest_path} not found; pass a sweep's folder "
+                         "(<output_root>/sweeps/<date>_<time>; a cluster=slurm sweep prints it).")
     manifest = read_json(manifest_path)
     if manifest is None or not isinstance(manifest.get("points"), list):
         raise SystemExit(f"error: {manifest_path} is not a sweep manifest (not JSON, or no list of points); it is "
@@ -82,7 +83,7 @@ def sweep_status(sweep_dir: Path) -> List[dict]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="State of each point of a Slurm sweep.")
+    parser = argparse.ArgumentParser(description="State of each point of a sweep (local or Slurm).")
     parser.add_argument("sweep_dir", type=Path)
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     args = parser.parse_args(argv)

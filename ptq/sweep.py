@@ -26,6 +26,8 @@ from ptq.run import prepare, record_failure
 from ptq.schema import RunConfig
 
 SUBMITTED, SKIPPED, REFUSED, RUNNING = "submitted", "skipped", "refused", "running"
+# A point of a sweep this process runs itself, one after another (Hydra's basic launcher).
+LOCAL = "local"
 
 
 @dataclass
@@ -191,9 +193,13 @@ def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state
             holder = (record or {}).get("holder") or {}
             return "dead", (f"run record says running, but its process is gone (host {holder.get('host', '?')}, "
                             f"PID {holder.get('pid', '?')}); the next run of this point starts it again")
+        if submitted == LOCAL:
+            return "running", "run record says running (local sweep)"
         return "running", f"run record says running; Slurm has no state for job {job_id}"
     if submitted == RUNNING:
         return "running", reason
+    if submitted == LOCAL:
+        return "pending", "waits for its turn in this local sweep (no run record yet)"
     return "unknown", f"Slurm has no state for job {job_id} and there is no run record yet"
 
 

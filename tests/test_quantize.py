@@ -184,3 +184,11 @@ def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):
     refused = json.loads((nvfp4_dir / "run.json").read_text())
     assert refused["status"] == "failed" and refused["error"].startswith("refused: ") and "CUDA" in refused["error"]
     assert sorted(p.name for p in nvfp4_dir.iterdir()) == ["run.json"]
+    # The sweep folder: a manifest that `python -m ptq.status` follows, and no empty per-point folders.
+    sweep = tmp_path / "sweep"
+    assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml", "sweep.json"]
+    status = subprocess.run([sys.executable, "-m", "ptq.status", str(sweep), "--json"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert status.returncode == 0, status.stderr
+    states = {row["point"]: row["state"] for row in json.loads(status.stdout)}
+    assert states == {"recipe=nvfp4": "failed", "recipe=fp8": "finished"}

@@ -38,3 +38,11 @@ def test_library_warnings_go_to_run_log_only(tmp_path):
     text = (tmp_path / "run.log").read_text()
     for line in ("Setting accelerator to CPU", "a library's UserWarning", "said during the run", "the launcher's own line"):
         assert line in text
+
+
+def test_a_dry_run_sweep_leaves_no_folders(tmp_path):
+    done = subprocess.run([sys.executable, "launch.py", "-m", "recipe=fp8,int8_sq", "dry_run=true",
+                           f"output_root={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "quantize with INT8_SMOOTHQUANT_CFG" in done.stdout + done.stderr
+    assert not (tmp_path / "runs" / "sweeps").exists()

@@ -4,12 +4,18 @@ when the launcher checks every point itself. Selected in conf/config.yaml (`over
 
 # No `from __future__ import annotations`: see ptq_slurm_launcher.py.
 from dataclasses import dataclass
-from typing import Sequence
+from pathlib import Path
+from typing import Any, List, Sequence
+
+from hydra.core.utils import filter_overrides
+from omegaconf import OmegaConf
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
 
 from hydra_plugins.ptq_slurm_launcher.composing import compose_all
+from ptq.layout import MANIFEST_NAME
+from ptq.sweep import LOCAL, Point, write_manifest
 
 
 @dataclass
@@ -26,4 +32,43 @@ class PtqSweeper(BasicSweeper):
         checks each point itself, refusing only the points that do not compose (the Slurm launcher), is left to."""
         if getattr(self.launcher, "checks_each_point", False):
             return
-        compose_all(self.hydra_context.config_loader, self.config, batch)
+        configs = compose_all(self.hydra_context.config_loader, self.config, batch)
+        if not self.config.dry_run:
+            self._local_manifest(batch, configs)
+
+    def _local_manifest(self, batch: Sequence[Sequence[str]], configs: List[Any]) -> None:
+        """A sweep run by this process (Hydra's basic launcher) gets a manifest too, so `python -m ptq.status`
+        follows it like a Slurm sweep: every point, its folder, and its state from its run record."""
+        points: List[Point] = getattr(self, "_points", [])
+        for overrides, cfg in zip(batch, configs):
+            config = {key: OmegaConf.to_container(cfg[key], resolve=True) for key in ("model", "recipe", "calib")}
+            config["output_dir"] = str(cfg.output_dir)
+            points.append(Point(index=len(points), overrides=list(overrides), config=config, state=LOCAL))
+        self._points = points
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, [filter_overrides(p.overrides) for p in points],
+                       pack=False, finished=False)
+
+    def sweep(self, arguments: List[str]) -> Any:
+        try:
+            return super().sweep(arguments)
+        finally:
+            if not getattr(self.launcher, "checks_each_point", False):
+                _remove_empty_folders(Path(str(self.config.hydra.sweep.dir)), bool(self.config.dry_run))
+
+
+def _remove_empty_folders(sweep_dir: Path, dry_run: bool) -> None:
+    """Hydra makes <sweep dir>/<job number>/ for every point of a local sweep; this launcher writes nothing
+    there (each point writes into its own output_dir), so the empty ones go. A dry run leaves no sweep folder
+    (Hydra's multirun.yaml is all it would hold), nor a `sweeps` folder it made."""
+    if not sweep_dir.is_dir():
+        return
+    for child in sweep_dir.iterdir():
+        if child.is_dir() and not any(child.iterdir()):
+            child.rmdir()
+    if dry_run and [c.name for c in sweep_dir.iterdir()] == ["multirun.yaml"]:
+        (sweep_dir / "multirun.yaml").unlink()
+    for folder in (sweep_dir, sweep_dir.parent):
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
