@@ -100,22 +100,40 @@ def _question_prompt(template: Optional[str], row: dict, where: str) -> str:
     return _prompt(template, QUESTION_PROMPT, row, where)
 
 
-def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
+def _csv_records(file: Path) -> Tuple[List[str], List[Tuple[int, List[str]]]]:
+    """(header, [(line the record starts on, fields)]) of a CSV file; blank lines are skipped."""
+    reader = csv.reader(io.StringIO(read_text(file), newline=""))
+    records = []
     try:
-        rows = list(csv.DictReader(io.StringIO(read_text(file), newline="")))
+        header = next(reader, [])
+        start = reader.line_num + 1
+        for fields in reader:
+            if fields:
+                records.append((start, fields))
+            start = reader.line_num + 1
     except csv.Error as exc:
         raise ConfigError(f"{file}: not a readable CSV ({exc}).") from None
-    columns = list(rows[0]) if rows else []
+    return header, records
+
+
+def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
+    header, records = _csv_records(file)
+    columns = header if records else []
     choices = [c for c in columns if c.startswith("choice")]
     if "question" not in columns or "answer" not in columns or len(choices) < 2:
         raise ConfigError(f"{file}: an MMLU CSV needs a header question,choice0,choice1,...,answer; it has "
                           f"{','.join(columns) or 'no header'}.")
     items = []
-    for number, row in enumerate(rows, 2):
+    for number, fields in records:
+        where = f"{file}:{number}"
+        if len(fields) != len(columns):  # csv.DictReader would drop extra fields, or fill missing ones with None
+            fix = ("a field that holds a comma must be quoted (\"a, b\"): quote it, or remove the extra field"
+                   if len(fields) > len(columns) else "give every column a field (an empty one is written ,,)")
+            raise ConfigError(f"{where} has {len(fields)} fields, the header {len(columns)} ({','.join(columns)}); {fix}.")
+        row = dict(zip(columns, fields))
         options = [row[k] for k in sorted(choices)]
-        items.append({"query": _question_prompt(template, row, f"{file}:{number}"), "choices": options,
-                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), f"{file}:{number}"),
-                      "subject": file.stem})
+        items.append({"query": _question_prompt(template, row, where), "choices": options,
+                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), where), "subject": file.stem})
     return items
 
 

@@ -40,6 +40,11 @@ class ExportFormat:
     smoothed: bool = False
     # Serving engines whose loaders read this quant_algo from a ModelOpt unified checkpoint (SERVING_SOURCE).
     serving: Tuple[str, ...] = ()
+    # Bits a quantized weight takes in the export, its share of the scales included: NVFP4 4 + one FP8 scale per
+    # 16, MXFP8 8 + one E8M0 scale per 32, INT4 AWQ 4 + one 32-bit scale per block (weight_bits takes the block
+    # size); 8 for the FP8 and INT8 formats. Measured on SmolLM2's exports (bench/results/algorithms-smollm2-h200/);
+    # ptq/plan.py estimates a checkpoint's size from it.
+    bits: float = 8.0
 
 
 VLLM, SGLANG, TRTLLM = "vLLM", "SGLang", "TensorRT-LLM"
@@ -58,16 +63,17 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
     "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8", smoothed=True, serving=(TRTLLM,)),
     "W8A16": ExportFormat("I8", None, weight_error_bound=0.04, serving=(TRTLLM,)),
     "INT8_WO": ExportFormat("I8", None, weight_error_bound=0.04, serving=(TRTLLM,)),
-    "W4A16_AWQ": ExportFormat("U8", None, smoothed=True, serving=(TRTLLM,)),
-    "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True, serving=(TRTLLM,)),
-    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25, serving=(VLLM, SGLANG, TRTLLM)),
-    "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True, serving=(TRTLLM,)),
-    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25, serving=(VLLM,)),
+    "W4A16_AWQ": ExportFormat("U8", None, smoothed=True, serving=(TRTLLM,), bits=4.25),
+    "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True, serving=(TRTLLM,), bits=4.25),
+    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25, serving=(VLLM, SGLANG, TRTLLM),
+                          bits=4.5),
+    "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True, serving=(TRTLLM,), bits=4.5),
+    "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25, serving=(VLLM,), bits=4.5),
     # SVDQuant: NVFP4 weights plus a BF16 low-rank branch per layer; ModelOpt's export writes it, no engine
     # above names it.
-    "NVFP4_SVD": ExportFormat("U8", "nvfp4", readback=False),
+    "NVFP4_SVD": ExportFormat("U8", "nvfp4", readback=False, bits=4.5),
     # MXFP8: FP8 values with one power-of-two (E8M0) scale per 32, weights and activations.
-    "MXFP8": ExportFormat("F8_E4M3", "mxfp8", readback=False, serving=(VLLM,)),
+    "MXFP8": ExportFormat("F8_E4M3", "mxfp8", readback=False, serving=(VLLM,), bits=8.25),
 }
 # Activation quantizations whose scale is calibrated and stored (`input_scale`); "fp8_dynamic" and "mxfp8" scale
 # each token or block at run time and store none.
@@ -93,6 +99,20 @@ def serving_engines(quant_algo: Optional[str], kv_cache_quant_algo: Optional[str
     return list(engines)
 # The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).
 STORED_WEIGHTS_CHECK = "stored weights"
+
+
+# INT4 AWQ exports store one 32-bit scale per block of weights (measured: 4.5 bits per weight at block 64, 5 at 32).
+AWQ_SCALE_BITS = 32
+
+
+def weight_bits(quant_algo: Optional[str], awq_block_size: Optional[int] = None) -> Optional[float]:
+    """Stored bits per quantized weight of an export of `quant_algo`, scales included (None: unknown format)."""
+    algo = str(quant_algo or "").upper()
+    if algo not in EXPORT_FORMATS:
+        return None
+    if awq_block_size and algo in ("W4A16_AWQ", "W4A8_AWQ"):
+        return 4 + AWQ_SCALE_BITS / awq_block_size
+    return EXPORT_FORMATS[algo].bits
 
 
 def export_algos(**where) -> Tuple[str, ...]:

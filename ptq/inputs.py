@@ -2,7 +2,7 @@
 
 `make_plan` (ptq/plan.py) is pure; this is its counterpart that reads the machine: calibration and held-out
 text (there, UTF-8, with enough bytes for the tokens asked), benchmark files (every item parsed), the
-source checkpoint's config.json and safetensors headers, and an output root that can be written. Exact
+source checkpoint's config.json and safetensors headers, and an output root and cache folder that can be written. Exact
 token counts come after the tokenizer is loaded (ptq/calib_data.py); the byte count here can only refuse
 requests that cannot be met (a token is at least one byte of text).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import struct
 from pathlib import Path
 from typing import Optional
@@ -84,31 +83,27 @@ def check_checkpoint(folder: Path) -> None:
         raise ConfigError(f"model.path={folder}: {'; '.join(problems[:3])}. Copy or convert the checkpoint again.")
 
 
-def check_output_root(output_dir: Path, need_bytes: int) -> None:
-    """The output folder can be created and written, with room for `need_bytes` (0: not checked)."""
-    existing = output_dir
-    while not existing.exists():
+def check_writable(folder: Path, key: str, value: str) -> None:
+    """`folder` (output_root's output folder, or cache_dir) is a folder that can be created and written."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
         existing = existing.parent
     if not existing.is_dir():
-        raise ConfigError(f"cannot create {output_dir}: {existing} is a file, not a folder; choose another output_root.")
+        where = f"{existing} is a file, not a folder" if existing == folder else \
+            f"cannot create {folder}: {existing} is a file, not a folder"
+        raise ConfigError(f"{key}={value}: {where}; choose another {key}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write below {existing} (read-only file system or no permission); choose another "
-                          "output_root.")
-    free = shutil.disk_usage(existing).free
-    if free < need_bytes:
-        raise ConfigError(f"{existing} has {free / 2**30:.2f} GiB free; the checkpoint needs at least "
-                          f"{need_bytes / 2**30:.2f} GiB; free space or choose another output_root.")
+        raise ConfigError(f"{key}={value}: cannot write below {existing} (read-only file system or no permission); "
+                          f"choose another {key}.")
 
 
-def min_checkpoint_bytes(cfg: RunConfig, plan: Plan) -> int:
-    """The least a checkpoint can take: 2 bytes a parameter in BF16, else half a byte (4-bit weights)."""
-    return int(cfg.model.params_b * 1e9 * (0.5 if plan.quantize else 2.0))
-
-
-def check_inputs(cfg: RunConfig, plan: Plan, space: bool = True) -> None:
-    """Everything a run reads or writes that can be checked without loading the model. `space`: check the
-    free space now (not for dry runs, nor for sweep points that run later, elsewhere)."""
-    check_output_root(plan.output_dir, min_checkpoint_bytes(cfg, plan) if space and not cfg.dry_run else 0)
+def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
+    """Everything a run reads or writes that can be checked without loading the model (the room for the
+    checkpoint is checked when planning, ptq/plan.py). `here`: the run runs on this machine (not a sweep point
+    that runs later elsewhere, whose cache_dir may be a node's own folder)."""
+    check_writable(plan.output_dir, "output_root", cfg.output_root)
+    if here:
+        check_writable(Path(os.path.expanduser(cfg.cache_dir)).resolve(), "cache_dir", cfg.cache_dir)
     if plan.source.kind == "local":
         check_checkpoint(Path(plan.source.location))
     if plan.quantize:

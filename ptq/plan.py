@@ -12,6 +12,8 @@ import json
 import math
 import os
 import re
+import shutil
+import struct
 from importlib import metadata
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,7 +23,7 @@ from ptq.errors import ConfigError
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.files import read_json
 from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
-                         export_algos, unknown_candidates, uses_int4_blocks)
+                         export_algos, unknown_candidates, uses_int4_blocks, weight_bits)
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record import config_differences, config_hash
 from ptq.schema import RunConfig
@@ -54,6 +56,19 @@ class Facts:
     gguf_path: Optional[str] = None
     # The run record already in the output folder, if any.
     existing_record: Optional[dict] = None
+    # Tokenizer files in a local model folder (TOKENIZER_FILES present); None: not a local folder, not looked at.
+    local_tokenizer_files: Optional[List[str]] = None
+    # The positions the model was trained for: max_position_embeddings of a local config.json, or the GGUF
+    # file's context_length (None: unknown, not checked).
+    max_positions: Optional[int] = None
+    # Parameters counted in a local checkpoint's safetensors headers (None: model.params_b is used).
+    local_params: Optional[int] = None
+    # Token embedding parameters (and the output layer's, when not tied), which every recipe leaves in BF16
+    # (None: unknown; the size estimate then counts every parameter in the recipe's format).
+    embedding_params: Optional[int] = None
+    # Free bytes on the file system the output folder goes to (None: not checked: dry runs, sweep points that
+    # run later elsewhere, pure planning tests).
+    output_free_bytes: Optional[int] = None
 
 
 @dataclass
@@ -122,12 +137,27 @@ def _overlaps(a: Path, b: Path) -> bool:
     return a == b or a in b.parents or b in a.parents
 
 
+# The most calibration tokens a run takes: 2**27 token ids are 1 GiB in memory (held whole, and with
+# calib.dataset=self generated one token at a time), 512 times the GPU profiles' 512 x 512 and 8 times a
+# 4096 x 4096 calibration. Calibration statistics settle long before (ModelOpt's examples use 512 samples).
+MAX_CALIB_TOKENS = 2**27
+# A calibration this many times the hardware profile's own (calib_size x calib_seq_len) is warned about.
+CALIB_WARN_FACTOR = 64
+
+
 def _check_numbers(cfg: RunConfig) -> None:
     _check_layer_kinds(cfg.recipe)
     if cfg.calib.size < 1:
         raise ConfigError(f"calib.size={cfg.calib.size}: calibration needs at least 1 sample; set calib.size=512 or another positive number.")
     if cfg.calib.seq_len < 1:
         raise ConfigError(f"calib.seq_len={cfg.calib.seq_len} must be positive (e.g. calib.seq_len=512).")
+    tokens = cfg.calib.size * cfg.calib.seq_len
+    if tokens > MAX_CALIB_TOKENS:
+        raise ConfigError(
+            f"calib.size={cfg.calib.size} x calib.seq_len={cfg.calib.seq_len} = {tokens:,} calibration tokens, more "
+            f"than the {MAX_CALIB_TOKENS:,} this launcher takes ({tokens * 8 / 2**30:,.0f} GiB of token ids in memory, each "
+            f"passed through the model{' and, with calib.dataset=self, first sampled from it one token at a time' if cfg.calib.dataset == 'self' else ''}"
+            "); calibration statistics settle within a few thousand samples. Set e.g. calib.size=512.")
     if cfg.calib.batch_size < 0:
         raise ConfigError(f"calib.batch_size={cfg.calib.batch_size} must be 0 (automatic) or positive.")
     if cfg.fidelity.enabled and (cfg.fidelity.samples < 1 or cfg.fidelity.seq_len < 2):
@@ -135,6 +165,19 @@ def _check_numbers(cfg: RunConfig) -> None:
             f"fidelity.samples={cfg.fidelity.samples}, fidelity.seq_len={cfg.fidelity.seq_len}: need at least 1 sample of 2 tokens, "
             "or fidelity=none to skip the check."
         )
+
+
+def _calibration_warning(cfg: RunConfig, warnings: List[str]) -> None:
+    """A calibration far larger than the hardware profile's own: said with the time it implies."""
+    hw, calib = cfg.hardware, cfg.calib
+    usual = hw.calib_size * hw.calib_seq_len
+    tokens = calib.size * calib.seq_len
+    if usual > 0 and tokens >= CALIB_WARN_FACTOR * usual:
+        sampling = " (and sampling the text, with calib.dataset=self)" if calib.dataset == "self" else ""
+        warnings.append(
+            f"calib.size={calib.size} x calib.seq_len={calib.seq_len} = {tokens:,} calibration tokens, {tokens / usual:,.0f} "
+            f"times the {hw.calib_size} x {hw.calib_seq_len} hardware={hw.name} calibrates on by default: calibration"
+            f"{sampling} takes about {tokens / usual:,.0f} times as long.")
 
 
 def _check_layer_kinds(recipe) -> None:
@@ -318,7 +361,16 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
                 f"model.path={model.path} is not a Hugging Face checkpoint folder ({facts.local_model_problem}); "
                 "point it at a folder written by save_pretrained, or set model.path=null to use model.hf_id."
             )
-        return ModelSource("local", str(Path(model.path).expanduser().resolve()))
+        folder = Path(model.path).expanduser().resolve()
+        files = facts.local_tokenizer_files
+        if files is not None and not any(f in TOKENIZER_VOCABULARIES or f.endswith(".tiktoken") for f in files):
+            raise ConfigError(
+                f"model.path={model.path} has no tokenizer: none of {', '.join(TOKENIZER_VOCABULARIES[:2])} (or "
+                f"{', '.join(TOKENIZER_VOCABULARIES[2:])}, *.tiktoken) is in it"
+                f"{' (it has ' + ', '.join(files) + ')' if files else ''}, and the run loads the tokenizer from the "
+                "checkpoint folder. Save the model's tokenizer there (tokenizer.json, tokenizer_config.json, "
+                f"special_tokens_map.json: AutoTokenizer.from_pretrained(<model id>).save_pretrained('{folder}')).")
+        return ModelSource("local", str(folder))
     if model.gguf_package:
         if not facts.gguf_path:
             raise ConfigError(
@@ -393,6 +445,106 @@ def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) 
             )
 
 
+# Folders the operating system owns: a run writes nothing in them or below them. /var itself is refused, and its
+# system parts, but not /var/tmp or /var/home (Fedora Atomic's /home); /tmp, /home, /root, /opt, /srv, /mnt and
+# site folders (/work, /scratch, /data) are left to the user.
+SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
+                  "/snap", "/sys", "/usr", "/var/backups", "/var/cache", "/var/lib", "/var/log", "/var/mail", "/var/spool")
+
+
+def system_folder(path: Path) -> Optional[str]:
+    """Why the resolved `path` belongs to the operating system (for a message), or None."""
+    if path.parent == path:
+        return f"the file system root {path}"
+    if path == Path("/var"):
+        return "the system folder /var"
+    for folder in map(Path, SYSTEM_FOLDERS):
+        if path == folder or folder in path.parents:
+            return f"{'' if path == folder else 'inside '}the system folder {folder}"
+    return None
+
+
+def _check_system_folders(output_root: Path, cache_dir: Path, cfg: RunConfig) -> None:
+    for key, value, path, example in (("output_root", cfg.output_root, output_root, "output_root=runs"),
+                                      ("cache_dir", cfg.cache_dir, cache_dir, "cache_dir=~/.cache/ptq-launcher")):
+        why = system_folder(path)
+        if why:
+            raise ConfigError(
+                f"{key}={value} is {why}, which belongs to the operating system; the launcher writes "
+                f"{'checkpoints and run records' if key == 'output_root' else 'converted models and sampled text'} "
+                f"only into folders of your own. Choose one, e.g. {example} or {key}=$HOME/ptq-"
+                f"{'runs' if key == 'output_root' else 'cache'}.")
+
+
+def _check_positions(cfg: RunConfig, facts: Facts, quantize: bool) -> None:
+    """Sequences no longer than the positions the model was trained for."""
+    limit = facts.max_positions
+    if not limit:
+        return
+    asked = [("calib.seq_len", cfg.calib.seq_len, cfg.calib.dataset, quantize),
+             ("fidelity.seq_len", cfg.fidelity.seq_len, cfg.fidelity.text, cfg.fidelity.enabled)]
+    for key, value, text, used in asked:
+        if used and value > limit:
+            sampling = "sampling text that long from the model is slow (one token at a time), and " if text == "self" else ""
+            raise ConfigError(
+                f"{key}={value} exceeds the {limit:,} positions {cfg.model.name} was trained for (its "
+                f"max_position_embeddings): {sampling}the model would be measured on positions it never saw. Set "
+                f"{key} to at most {limit:,} (e.g. {key}={min(512, limit)}).")
+
+
+# Bytes on top of the checkpoint's tensors: the tokenizer, config files, run record, log and the config copy.
+RUN_FILES_BYTES = 16_000_000
+
+
+def size_text(n: float) -> str:
+    """Bytes for a message: MB below a GB, with enough digits to tell 60 MB from 65 MB."""
+    if n >= 1e9:
+        return f"{n / 1e9:,.2f} GB"
+    return f"{n / 1e6:.1f} MB" if n >= 1e6 else f"{n / 1e3:.0f} kB"
+
+
+def count_text(n: float) -> str:
+    return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+
+def checkpoint_estimate(cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str],
+                        awq_block: Optional[int]) -> tuple:
+    """(bytes, how) of the exported checkpoint's tensors: the embeddings in BF16, every other parameter at the
+    recipe's stored bits per weight (ptq/formats.py weight_bits, scales included). Within 1-3% of SmolLM2's
+    measured exports; SVDQuant's low-rank branches are not counted."""
+    params = facts.local_params or int(cfg.model.params_b * 1e9)
+    if not quantize:
+        return params * 2, f"{count_text(params)} parameters in BF16"
+    recipe = cfg.recipe
+    if recipe.candidates:
+        bits = recipe.effective_bits or 4.0
+        name = f"a {bits:g}-bit budget"
+    else:
+        bits, name = weight_bits(export_algo, awq_block), export_algo
+        if bits is None:  # a format this launcher does not know: the least any format stores
+            bits, name = 4.0, f"{export_algo or recipe.name} (taken as 4 bits)"
+    bf16 = min(facts.embedding_params or 0, params)
+    size = int(bf16 * 2 + (params - bf16) * bits / 8)
+    how = f"{count_text(params - bf16)} parameters in {name} at {bits:g} bits per weight"
+    return size, how + (f", {count_text(bf16)} embedding parameters in BF16" if bf16 else "")
+
+
+def _check_space(cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str],
+                 awq_block: Optional[int]) -> None:
+    """Room for the checkpoint where the output folder goes. The export is written once, as checkpoint.partial,
+    and published by renaming it, so the checkpoint's own size (and the run's small files) is what it needs."""
+    free = facts.output_free_bytes
+    if free is None or cfg.dry_run:
+        return
+    size, how = checkpoint_estimate(cfg, facts, quantize, export_algo, awq_block)
+    need = int(size * 1.05) + RUN_FILES_BYTES
+    if free < need:
+        raise ConfigError(
+            f"output_root={cfg.output_root} has {size_text(free)} free; this run needs about {size_text(need)}: "
+            f"a checkpoint of {size_text(size)} ({cfg.model.name}: {how}), 5% and {size_text(RUN_FILES_BYTES)} for "
+            "the tokenizer and the run's files. Free space, or choose another output_root.")
+
+
 def resume(plan: Plan, record: Optional[dict]) -> None:
     """Skip a run whose record says finished with the same config; refuse to replace one of another config."""
     cfg = plan.cfg
@@ -443,6 +595,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
     _check_hardware(cfg, facts, warnings)
     check_algorithm(cfg)
+    _calibration_warning(cfg, warnings)
     recipe = cfg.recipe
     quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
@@ -456,8 +609,11 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     source = _model_source(cfg, facts, cache_dir)
     if source.converted_dir and not inside(Path(source.converted_dir).resolve(), cache_dir):
         raise ConfigError(f"the converted model {source.converted_dir} would land outside cache_dir={cache_dir}.")
+    _check_positions(cfg, facts, quantize)
     output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
-    _check_output_dir(output_dir, Path(os.path.expanduser(cfg.output_root)).resolve(), source)
+    output_root = Path(os.path.expanduser(cfg.output_root)).resolve()
+    _check_output_dir(output_dir, output_root, source)
+    _check_system_folders(output_root, cache_dir, cfg)
     measure = export_measurement(cfg)
     if measure.startswith("skip:"):
         warnings.append(measure[len("skip: "):])
@@ -475,6 +631,8 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         export_quant_algo=algorithm_export(recipe.algorithm, recipe.export_quant_algo),
     )
     resume(plan, facts.existing_record)
+    if plan.action == "run":
+        _check_space(cfg, facts, quantize, plan.export_quant_algo, awq_block)
     return plan
 
 
@@ -494,6 +652,111 @@ def export_measurement(cfg: RunConfig) -> str:
                 f"model ({need_gb:.0f} GB) on one GPU, and {cfg.hardware.name} offers {room_gb:.0f} GB of its "
                 f"{cfg.hardware.gpu_memory_gb:.0f} GB; set fidelity=none eval=none to silence this.")
     return "measure"
+
+
+# Files that hold a tokenizer's vocabulary (one is needed; a `*.tiktoken` file too), and the other tokenizer files.
+TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+                          "sentencepiece.bpe.model")
+TOKENIZER_FILES = TOKENIZER_VOCABULARIES + ("tokenizer_config.json", "special_tokens_map.json", "merges.txt")
+
+
+def tokenizer_files(folder: Path) -> List[str]:
+    """The tokenizer files in a model folder."""
+    found = [name for name in TOKENIZER_FILES if (folder / name).is_file()]
+    return found + sorted(p.name for p in folder.glob("*.tiktoken"))
+
+
+def model_shape(config: dict) -> dict:
+    """max_positions and embedding_params (Facts) of a Hugging Face config.json, where it says them."""
+    text = config.get("text_config", config)
+    shape = {}
+    positions = text.get("max_position_embeddings", text.get("n_positions"))
+    if isinstance(positions, int) and positions > 0:
+        shape["max_positions"] = positions
+    vocab, hidden = text.get("vocab_size"), text.get("hidden_size")
+    if isinstance(vocab, int) and isinstance(hidden, int):
+        tied = config.get("tie_word_embeddings", text.get("tie_word_embeddings", True))
+        shape["embedding_params"] = vocab * hidden * (1 if tied else 2)
+    return shape
+
+
+def safetensors_params(folder: Path) -> Optional[int]:
+    """Parameters in a folder's safetensors files, from their headers (None: none there, or a header that
+    cannot be read; ptq/inputs.py names the damage)."""
+    total, files = 0, sorted(folder.glob("*.safetensors"))
+    try:
+        for file in files:
+            with file.open("rb") as f:
+                (length,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(min(length, 100_000_000)))
+            total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
+    except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+        return None
+    return total or None
+
+
+_GGUF_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
+
+
+def gguf_shape(path: str) -> dict:
+    """max_positions and embedding_params (Facts) from a GGUF file's metadata: <arch>.context_length,
+    <arch>.embedding_length and the tokenizer's vocabulary size. Reads the header up to the tokenizer's
+    tokens (well under a millisecond), not the tensors; an unreadable file gives {}."""
+    found = {}
+    try:
+        with open(path, "rb") as f:
+            def read(fmt):
+                return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
+
+            def skip(kind):
+                if kind == 8:  # string
+                    f.seek(read("<Q"), 1)
+                elif kind == 9:  # array
+                    inner, count = read("<I"), read("<Q")
+                    if inner in _GGUF_SCALARS:
+                        f.seek(count * struct.calcsize(_GGUF_SCALARS[inner]), 1)
+                    else:
+                        for _ in range(count):
+                            skip(inner)
+                else:
+                    f.seek(struct.calcsize(_GGUF_SCALARS[kind]), 1)
+
+            if f.read(4) != b"GGUF" or read("<I") < 2:
+                return {}
+            read("<Q")  # tensor count
+            for _ in range(read("<Q")):
+                key, kind = f.read(read("<Q")).decode("utf-8", "replace"), read("<I")
+                name = key.rsplit(".", 1)[-1]
+                if name in ("context_length", "embedding_length", "vocab_size") and kind in _GGUF_SCALARS:
+                    found[name] = int(read(_GGUF_SCALARS[kind]))
+                elif key == "tokenizer.ggml.tokens" and kind == 9:
+                    read("<I")
+                    found.setdefault("vocab_size", read("<Q"))
+                    if "context_length" in found and "embedding_length" in found:
+                        break
+                    f.seek(-12, 1)
+                    skip(kind)
+                else:
+                    skip(kind)
+    except (OSError, KeyError, struct.error):
+        pass
+    shape = {}
+    if found.get("context_length"):
+        shape["max_positions"] = found["context_length"]
+    if found.get("vocab_size") and found.get("embedding_length"):
+        shape["embedding_params"] = found["vocab_size"] * found["embedding_length"]
+    return shape
+
+
+def free_bytes(folder: Path) -> Optional[int]:
+    """Free bytes on the file system `folder` would be created on (its nearest existing folder), or None."""
+    existing = folder
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    try:
+        return shutil.disk_usage(existing).free if existing.is_dir() else None
+    except OSError:
+        return None
 
 
 def _read_model_config(folder: Path):
@@ -527,7 +790,8 @@ def find_gguf(package: str, file: str) -> Optional[str]:
 
 
 def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
-    """Read what make_plan needs from the machine. Cheap: loads no model.
+    """Read what make_plan needs from the machine. Cheap: loads no model; reads a local model's config.json,
+    tokenizer file names and safetensors headers, the GGUF file's header, and the free space where the output goes.
 
     The GPUs are probed (which imports torch) only for a run that will use them here: not for CPU runs, dry
     runs, or points a sweep submits to other nodes (`probe_gpus=False`)."""
@@ -539,14 +803,23 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
 
         facts.cuda_available = torch.cuda.is_available()
         facts.gpu_count = torch.cuda.device_count() if facts.cuda_available else 0
+    shape = {}
     if cfg.model.path:
-        config, facts.local_model_problem = _read_model_config(Path(cfg.model.path).expanduser())
+        folder = Path(cfg.model.path).expanduser()
+        config, facts.local_model_problem = _read_model_config(folder)
         facts.local_model_ok = config is not None
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)
+            facts.local_tokenizer_files = tokenizer_files(folder)
+            facts.local_params = safetensors_params(folder)
+            shape = model_shape(config)
     if cfg.model.gguf_package:
         facts.gguf_path = find_gguf(cfg.model.gguf_package, cfg.model.gguf_file or "")
+        if facts.gguf_path and not cfg.model.path:
+            shape = gguf_shape(facts.gguf_path)
+    facts.max_positions, facts.embedding_params = shape.get("max_positions"), shape.get("embedding_params")
     output_dir = Path(os.path.expanduser(cfg.output_dir))
     facts.existing_record = read_json(output_dir / RECORD_NAME)
+    facts.output_free_bytes = free_bytes(output_dir.resolve())
     return facts
 

@@ -39,13 +39,14 @@ class Terminated(BaseException):
 
 
 def prepare(cfg: RunConfig, facts: Optional[Facts] = None, space: bool = True) -> Plan:
-    """The checked plan of `cfg`: the pure plan, then the files it reads and the folder it writes
-    (ptq/inputs.py). Nothing is loaded or written."""
+    """The checked plan of `cfg`: the pure plan, then the files it reads and the folders it writes
+    (ptq/inputs.py). Nothing is loaded or written. `space=False`: a sweep point that runs later, elsewhere: the
+    room for its checkpoint and its cache_dir are not judged from this machine."""
     facts = facts or gather_facts(cfg)
     if not space:
         facts = replace(facts, output_free_bytes=None)
     plan = make_plan(cfg, facts)
-    check_inputs(cfg, plan)
+    check_inputs(cfg, plan, here=space)
     check_tracking(cfg)
     return plan
 

@@ -5,18 +5,21 @@ the two in step)."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import struct
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, compose_run
+from conftest import GGUF_FACTS, GPU_FACTS, REPO, compose_run, plan_for
 from ptq.cluster import Request
 from ptq.errors import ConfigError
 from ptq.lock import OutputLock
+from ptq.plan import checkpoint_estimate, find_gguf, gguf_shape, system_folder
 from ptq.run import error_text, prepare, run
 from ptq.sweep import check_time_limit
 
@@ -27,9 +30,12 @@ def write(path: Path, data) -> Path:
     return path
 
 
-def model_folder(root: Path, config: str = '{"hidden_size": 64}', tensors: bytes = None) -> Path:
+def model_folder(root: Path, config: str = '{"hidden_size": 64}', tensors: bytes = None,
+                 tokenizer=("tokenizer.json", "tokenizer_config.json")) -> Path:
     folder = root / "model"
     write(folder / "config.json", config)
+    for name in tokenizer:
+        write(folder / name, "{}")
     if tensors is not None:
         write(folder / "model.safetensors", tensors)
     return folder
@@ -96,7 +102,36 @@ CASES = [
                                                                           fmt="hellaswag_txt"), "not a multiple of 6"),
     ("benchmark file that does not exist", lambda d: bench(d / "missing.jsonl"), "does not exist"),
     ("output_root that is a file", lambda d: [f"output_root={write(d / 'afile', 'x')}"], "is a file, not a folder"),
-    ("output_root without room for the checkpoint", lambda d: ["model.params_b=100000000"], "GiB free"),
+    ("output_root without room for the checkpoint", lambda d: ["model.params_b=100000000"],
+     "free; this run needs about"),
+    ("output_root at the file system root (`/`)", lambda d: ["output_root=/"],
+     "is the file system root /, which belongs to the operating system"),
+    ("output_root in a system folder (`/etc`, `/usr/...`, `/var/lib/...`)", lambda d: ["output_root=/etc"],
+     "is the system folder /etc, which belongs to the operating system"),
+    ("cache_dir in a system folder (`/proc/...`)", lambda d: ["cache_dir=/proc/ptq-cache"],
+     "is inside the system folder /proc"),
+    ("cache_dir that is a file", lambda d: [f"cache_dir={write(d / 'cfile', 'x')}"],
+     "cfile is a file, not a folder; choose another cache_dir"),
+    # Tests run as root, which may write anywhere a permission would stop a user: a folder that cannot be created
+    # under a file is the "cannot write" case that holds for root too (read-only: the test after the table).
+    ("cache_dir that cannot be created (below a file)", lambda d: [f"cache_dir={write(d / 'cfile', 'x') / 'cache'}"],
+     "cannot create"),
+    ("calib.seq_len beyond the positions of the default GGUF model (8192)", lambda d: ["calib.seq_len=10000"],
+     "calib.seq_len=10000 exceeds the 8,192 positions"),
+    ("calib.seq_len beyond max_position_embeddings of a local config.json", lambda d: [
+        f"model.path={model_folder(d, json.dumps({'hidden_size': 64, 'max_position_embeddings': 128}))}",
+        "calib.seq_len=256"], "exceeds the 128 positions"),
+    ("calib.size x calib.seq_len beyond 2^27 tokens (`calib.size=10000000`)", lambda d: ["calib.size=10000000"],
+     "more than the 134,217,728 this launcher takes"),
+    ("model.path with config.json only (no tokenizer)", lambda d: [f"model.path={model_folder(d, tokenizer=())}"],
+     "has no tokenizer: none of tokenizer.json, tokenizer.model"),
+    ("model.path with tokenizer_config.json but no vocabulary file", lambda d: [
+        f"model.path={model_folder(d, tokenizer=('tokenizer_config.json',))}"], "(it has tokenizer_config.json)"),
+    ("MMLU CSV row with more fields than the header", lambda d: bench(write(
+        d / "m.csv", 'question,choice0,choice1,answer\n"two\nlines",a,b,0\nq,a,b,0,extra\n'), fmt="mmlu_csv"),
+     "m.csv:4 has 5 fields, the header 4"),
+    ("MMLU CSV row with fewer fields than the header", lambda d: bench(write(
+        d / "m.csv", "question,choice0,choice1,answer\nq,a,0\n"), fmt="mmlu_csv"), "m.csv:2 has 3 fields, the header 4"),
 ]
 
 
@@ -109,6 +144,95 @@ def test_bad_input_is_refused_before_loading_and_writes_nothing(tmp_path, label,
     with pytest.raises(ConfigError) as refused:
         prepare(cfg)
     assert message in str(refused.value)
+    assert not (tmp_path / "runs").exists()
+    assert Path(cfg.output_dir) == Path("/") or not Path(cfg.output_dir).exists()  # e.g. nothing below /etc
+
+
+def test_a_cache_dir_on_a_read_only_file_system_is_refused(tmp_path, monkeypatch):
+    """As root, permissions stop nothing; a read-only file system does (os.access says so, also to root). Stood in
+    for here by os.access answering no for the cache's parent folder."""
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: Path(path) != parent and real_access(path, mode))
+    cfg, _ = compose_run([f"output_root={tmp_path / 'runs'}", f"cache_dir={parent / 'cache'}"])
+    with pytest.raises(ConfigError, match=r"cache_dir=.*cannot write below .*ro \(read-only file system or no "
+                                          r"permission\); choose another cache_dir"):
+        prepare(cfg)
+    assert not (tmp_path / "runs").exists() and not (parent / "cache").exists()
+
+
+@pytest.mark.parametrize("path", ["/tmp/x", "/home/u/runs", "/root/runs", "/work/main/runs", "/mnt/data", "/scratch/u",
+                                  "/data/runs", "/var/tmp/x", "/var/home/u", "/opt/ckpts", "/srv/x"])
+def test_user_folders_are_not_system_folders(path):
+    assert system_folder(Path(path)) is None
+
+
+@pytest.mark.parametrize("path", ["/", "/etc", "/etc/ptq", "/usr/local/runs", "/bin", "/sbin", "/lib64/x", "/boot",
+                                  "/proc/1", "/sys/x", "/dev/shm/x", "/var", "/var/lib/ptq", "/var/log/x", "/run/x"])
+def test_system_folders_are_refused(path):
+    assert system_folder(Path(path))
+
+
+# SmolLM2-135M's exports as measured (bench/results/algorithms-smollm2-h200/ and cpu-smollm2-sweep-intervals/:
+# size.checkpoint_bytes), against the plan's estimate from params_b and the embedding parameters the GGUF file names.
+MEASURED = [(["recipe=bf16"], 269_060_552), (["recipe=fp8"], 162_935_640), (["recipe=int8_sq"], 163_882_328),
+            (["recipe=int4_awq"], 116_599_768), (["recipe=int4_awq", "recipe.awq_block_size=16"], 136_506_976),
+            (["recipe=mxfp8", "hardware=h100"], 166_234_672), (["recipe=nvfp4", "hardware=h100"], 116_511_080),
+            (["recipe=auto_quantize", "recipe.effective_bits=4.8", "hardware=h100"], 120_427_680)]
+SMOLLM2_EMBEDDINGS = 49152 * 576
+
+
+@pytest.mark.parametrize("overrides,measured", MEASURED, ids=[" ".join(m[0]) for m in MEASURED])
+def test_the_checkpoint_size_estimate_is_within_3_percent_of_smollm2s_exports(overrides, measured):
+    facts = replace(GPU_FACTS, embedding_params=SMOLLM2_EMBEDDINGS)
+    plan = plan_for(overrides, facts)
+    size, how = checkpoint_estimate(plan.cfg, facts, plan.quantize, plan.export_quant_algo, plan.awq_block_size)
+    assert abs(size / measured - 1) < 0.03, (size, measured, how)
+
+
+def test_the_gguf_header_gives_positions_and_embeddings():
+    cfg, _ = compose_run([])
+    assert gguf_shape(find_gguf(cfg.model.gguf_package, cfg.model.gguf_file)) == {
+        "max_positions": 8192, "embedding_params": SMOLLM2_EMBEDDINGS}
+    assert gguf_shape(__file__) == {}
+
+
+@pytest.mark.parametrize("free,refused", [(60_000_000, True), (100_000_000, True), (180_000_000, True),
+                                          (200_000_000, False)])
+def test_free_space_is_checked_against_the_estimated_checkpoint(free, refused):
+    """Free space comes from Facts (gather_facts reads it), so the check is tested without filling a disk: SmolLM2's
+    FP8 checkpoint is 163 MB; a 100 MB disk was let through by the old check (0.06 GiB) and died in the export."""
+    facts = replace(GGUF_FACTS, embedding_params=SMOLLM2_EMBEDDINGS, output_free_bytes=free)
+    if not refused:
+        assert plan_for([], facts).action == "run"
+        return
+    with pytest.raises(ConfigError) as err:
+        plan_for([], facts)
+    assert f"has {free / 1e6:.1f} MB free; this run needs about 187.5 MB: a checkpoint of 163.3 MB" in str(err.value)
+    assert "106.7M parameters in FP8 at 8 bits per weight, 28.3M embedding parameters in BF16" in str(err.value)
+    assert plan_for(["dry_run=true"], facts).action == "run"  # a dry run does not check the room
+
+
+def test_a_sweep_point_planned_for_later_does_not_check_the_room(tmp_path):
+    cfg, _ = compose_run([f"output_root={tmp_path / 'runs'}", "model.params_b=100000000"])
+    assert prepare(cfg, space=False).action == "run"
+
+
+def test_a_calibration_far_beyond_the_hardwares_default_is_warned_about_with_its_time():
+    plan = plan_for(["calib.size=4096"])
+    assert any("4096 x calib.seq_len=256 = 1,048,576 calibration tokens, 128 times the 32 x 256 hardware=cpu "
+               "calibrates on by default: calibration (and sampling the text, with calib.dataset=self) takes about "
+               "128 times as long" in w for w in plan.warnings), plan.warnings
+    assert plan_for(["calib.size=512"]).warnings == []
+
+
+def test_a_bad_algorithm_setting_is_refused_before_the_run_takes_its_folder(tmp_path):
+    """ModelOpt's config class refuses the value (imported here, as a run does); the output folder, and the
+    output_root it would create, are not left behind."""
+    cfg, config = compose_run([f"output_root={tmp_path / 'runs'}", "recipe=int8_sq", "+recipe.algorithm_args.alpha=banana"])
+    with pytest.raises(ConfigError, match=r"recipe.algorithm_args=\{'alpha': 'banana'\} for smoothquant: alpha: "):
+        run(cfg, config)
     assert not (tmp_path / "runs").exists()
 
 

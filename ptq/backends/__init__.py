@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 
-from ptq.backends.base import Backend, BackendResult
+from ptq.backends.base import Backend, BackendResult, use_extension_cache
 from ptq.backends.describe import DESCRIBERS, describe
 from ptq.errors import ConfigError
 
@@ -27,4 +27,18 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
-__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "describe", "get_backend"]
+def check_before_run(plan) -> None:
+    """What a backend checks with its own stack before the run takes its output folder, so that a refusal leaves
+    nothing behind: the in-process backend builds its ModelOpt config, whose config classes check the values of
+    recipe.algorithm_args (`alpha=banana`), recipe.modelopt_cfg and a rotation's package. Imports torch and
+    ModelOpt (on a thread of their own, as the backend does), so real runs do it, not dry runs."""
+    cfg = plan.cfg
+    if cfg.backend.name != "hf_modelopt" or not plan.quantize or cfg.recipe.candidates:
+        return
+    backend = importlib.import_module(REGISTRY["hf_modelopt"].partition(":")[0])
+    use_extension_cache(cfg.cache_dir)
+    backend.import_modelopt()
+    importlib.import_module("ptq.recipes").build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+
+
+__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe", "get_backend"]
