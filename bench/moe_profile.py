@@ -13,11 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.recipes import build_quant_config  # noqa: E402
+from ptq.schema import register_schemas  # noqa: E402
 
 
 def sync(device) -> None:
@@ -74,9 +79,6 @@ class KindTimer:
 def quant_config(recipe: str, model_group: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
-
-    from ptq.recipes import build_quant_config
-    from ptq.schema import register_schemas
 
     register_schemas()
     conf = Path(__file__).resolve().parents[1] / "conf"
