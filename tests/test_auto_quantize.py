@@ -23,7 +23,7 @@ from ptq.validate import validate_checkpoint
 def test_recipe_name_carries_the_budget_so_a_budget_sweep_writes_one_folder_per_point():
     dirs = {compose_run(["recipe=auto_quantize_cpu", f"recipe.effective_bits={b}"])[1]["output_dir"] for b in (4.5, 6, 7.25)}
     assert len(dirs) == 3
-    assert any(d.endswith("smollm2-135m/auto_quantize_cpu_6.0b-kv_none-calib32x256") for d in dirs)
+    assert any(d.endswith("smollm2-135m/auto_quantize_cpu_6.0b-kv_none-calib16x128") for d in dirs)
     cfg, config = compose_run(["recipe=auto_quantize", "hardware=h100"])
     assert cfg.recipe.name == "auto_quantize_4.8b" and cfg.recipe.effective_bits == 4.8
     assert cfg.recipe.candidates == ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"] and cfg.recipe.formats == ["nvfp4", "fp8"]

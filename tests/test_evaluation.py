@@ -391,7 +391,8 @@ def test_partial_scoring_last_word_and_subject_scores_through_lm_eval(tiny_llama
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     rows = {(r["benchmark"], r["metric"]): r for r in run_benchmarks(model, tokenizer, cfg, tmp_path / "work", "tiny")}
-    subjects = {(f"mmlu:{s}", m) for s in ("anatomy_test", "astronomy_test") for m in ("acc", "acc_norm")}
+    # Named by subject, not by file (anatomy_test.csv): mmlu:anatomy.
+    subjects = {(f"mmlu:{s}", m) for s in ("anatomy", "astronomy") for m in ("acc", "acc_norm")}
     assert set(rows) == {("wino", "acc"), ("lambada", "acc"), ("lambada", "perplexity"), ("mmlu", "acc"),
                          ("mmlu", "acc_norm"), ("mmlu", "acc_macro"), ("mmlu", "acc_norm_macro")} | subjects
 
@@ -427,7 +428,7 @@ def test_evaluation_settings_name_the_output_folder_and_an_inherited_limit_is_sa
     def folder(*overrides):
         return compose_run(list(overrides))[1]["output_dir"]
 
-    assert folder().endswith("-calib32x256")  # evaluation off: no tag
+    assert folder().endswith("-calib16x128")  # evaluation off: no tag
     quick = folder("eval=local_quick")
     assert "-eval_local_quick_" in quick
     assert folder("eval=local_quick", "eval.limit=5") != quick  # measures something else: another folder

@@ -165,7 +165,7 @@ def test_cli_refuses_bad_input_before_loading_and_writes_nothing(tmp_path):
                            f"cache_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert "error: recipe=nvfp4" in proc.stderr and "CUDA" in proc.stderr
-    assert not (tmp_path / "runs" / "smollm2-135m" / "nvfp4-kv_none-calib32x256" / "run.json").exists()
+    assert not (tmp_path / "runs" / "smollm2-135m" / "nvfp4-kv_none-calib16x128" / "run.json").exists()
     # No model was loaded: loading the default model would first convert its GGUF file into the cache.
     assert not (tmp_path / "cache").exists()
 

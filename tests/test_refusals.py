@@ -221,9 +221,9 @@ def test_a_sweep_point_planned_for_later_does_not_check_the_room(tmp_path):
 
 def test_a_calibration_far_beyond_the_hardwares_default_is_warned_about_with_its_time():
     plan = plan_for(["calib.size=4096"])
-    assert any("4096 x calib.seq_len=256 = 1,048,576 calibration tokens, 128 times the 32 x 256 hardware=cpu "
+    assert any("4096 x calib.seq_len=128 = 524,288 calibration tokens, 256 times the 16 x 128 hardware=cpu "
                "calibrates on by default: calibration (and sampling the text, with calib.dataset=self) takes about "
-               "128 times as long" in w for w in plan.warnings), plan.warnings
+               "256 times as long" in w for w in plan.warnings), plan.warnings
     assert plan_for(["calib.size=512"]).warnings == []
 
 

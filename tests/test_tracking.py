@@ -100,7 +100,7 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
 
     run = client(uri).get_run(outcome["run_id"])
     # Named by the output folder below the output root.
-    assert run.info.status == "FINISHED" and run.info.run_name.startswith("smollm2-135m/fp8-kv_none-calib32x256")
+    assert run.info.status == "FINISHED" and run.info.run_name.startswith("smollm2-135m/fp8-kv_none-calib16x128")
     assert run.info.run_name == str(Path(record["output_dir"]).relative_to(tmp_path / "runs"))
     assert client(uri).get_experiment(run.info.experiment_id).name == "ptq-launcher"
 
