@@ -77,7 +77,7 @@ CASES = [
      "is not UTF-8 text"),
     ("calibration file that is empty", lambda d: [f"calib.dataset={write(d / 'c.txt', '')}"], "holds no text"),
     ("calibration file shorter than calib.size x calib.seq_len tokens", lambda d: [
-        f"calib.dataset={write(d / 'c.txt', 'short text')}"], "fewer than the 8,192 tokens"),
+        f"calib.dataset={write(d / 'c.txt', 'short text')}", "calib.size=32", "calib.seq_len=256"], "fewer than the 8,192 tokens"),
     ("calibration JSONL line without \"text\"", lambda d: [
         f"calib.dataset={write(d / 'c.jsonl', json.dumps({'body': 'x'}) + chr(10))}"], ':1 has no "text"'),
     ("calibration JSONL line that is not JSON", lambda d: [
