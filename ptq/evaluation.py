@@ -508,14 +508,21 @@ def ratio_stderr(samples: List[dict], metric: str, filt: str) -> Optional[float]
 
 
 MACRO = "_macro"
+# A data split's suffix on a subject file's stem (MMLU's `anatomy_test.csv`): not part of the subject's name.
+SPLIT_SUFFIX = re.compile(r"_(test|dev|val|validation|train)$")
+
+
+def subject_name(stem: str) -> str:
+    """The subject a file of a folder benchmark holds: its stem without the split (`anatomy_test` -> `anatomy`)."""
+    return SPLIT_SUFFIX.sub("", stem) or stem
 
 
 def subject_rows(row: dict, subjects: List[str]) -> List[dict]:
-    """One row per subject (benchmark `<name>:<subject>`, field `subject`), with that subject's items, from a row's
-    per-item scores ({"doc_ids", "scores"}) and each item's subject."""
+    """One row per subject (benchmark `<name>:<subject>`, field `subject`, named by subject_name), with that
+    subject's items, from a row's per-item scores ({"doc_ids", "scores"}) and each item's subject."""
     groups: Dict[str, Tuple[List[int], List[float]]] = {}
     for doc_id, score in zip(row["items"]["doc_ids"], row["items"]["scores"]):
-        ids, scores = groups.setdefault(subjects[doc_id], ([], []))
+        ids, scores = groups.setdefault(subject_name(subjects[doc_id]), ([], []))
         ids.append(doc_id)
         scores.append(score)
     out = []

@@ -27,13 +27,22 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 # Synthetic run records, shaped like the ones ptq/run.py writes
 
 
-def make_record(model, recipe, *, status="finished", kv_cache="none", calib_size=512,
+def make_record(model, recipe, *, status="finished", kv_cache="none", calib_size=512, seq_len=512,
                 finished_at="2026-11-21T12:00:00+0000", results=None, baseline=None, fidelity=None, size=None,
-                calibrate_s=None, error=None):
+                calibrate_s=None, error=None, fidelity_seq_len=None, fidelity_samples=32, calib_dataset="self",
+                output_dir=None):
+    """A run record as ptq/run.py writes it; its composed config holds the calibration and fidelity settings
+    (fidelity.seq_len defaults to calib.seq_len, as in conf/fidelity/default.yaml)."""
     record = {
         "status": status, "model": model, "recipe": recipe, "kv_cache": kv_cache, "calib_size": calib_size,
-        "calib_seq_len": 512, "output_dir": f"runs/{model}/{recipe}", "checkpoint": None, "config_hash": "0" * 16,
-        "config": {"model": {"name": model}, "recipe": {"name": recipe}}, "started_at": "2026-11-20T09:00:00+0000",
+        "calib_seq_len": seq_len, "output_dir": output_dir or f"runs/{model}/{recipe}", "checkpoint": None,
+        "config_hash": "0" * 16,
+        "config": {"model": {"name": model}, "recipe": {"name": recipe},
+                   "calib": {"dataset": calib_dataset, "size": calib_size, "seq_len": seq_len, "batch_size": 0,
+                             "seed": 1234},
+                   "fidelity": {"enabled": True, "text": "self", "samples": fidelity_samples,
+                                "seq_len": fidelity_seq_len or seq_len, "batch_size": 0, "seed": 4321}},
+        "started_at": "2026-11-20T09:00:00+0000",
     }
     if finished_at is not None:
         record["finished_at"] = finished_at
@@ -436,7 +445,11 @@ def test_results_measured_differently_are_not_compared():
     assert math.isnan(row["bf16"]) and math.isnan(row["recovery"]) and math.isnan(row["delta"])
     assert "not compared: no BF16 result measured on the same items" in row["note"]
     assert rows_of(report.scores, model="m", variant="bf16", benchmark="arc")["value"].tolist() == [0.26]
-    assert "%" not in wide_table(report.scores, "m").set_index("benchmark").loc["arc", "fp8@512"]
+    # A row per way of measuring, named by its fingerprint (these entries say nothing else): the variant's score
+    # stands in a row of its own, beside no BF16 value.
+    table = wide_table(report.scores, "m").set_index("benchmark")
+    assert table.loc["arc [#first-]", ["bf16", "fp8@512"]].tolist() == ["", "0.210 ± 0.010"]
+    assert table.loc["arc [#full-s]", ["bf16", "fp8@512"]].tolist() == ["0.260 ± 0.010", ""]
 
 
 def test_a_variant_is_compared_with_the_bf16_result_measured_the_same_way():
@@ -488,8 +501,8 @@ def test_fidelity_rows_carry_their_standard_errors():
     assert fp8["perplexity"] == pytest.approx(21.0 * 0.005)
     assert rows_of(report.scores, variant="int8_sq@512")["stderr"].isna().all()
     markdown = render_markdown(report)  # the summary keeps the fidelity figures apart, with their uncertainty
-    assert "| fp8@512 | finished |  | 1.050 [1.040, 1.060] | 0.040 ± 0.002 |" in markdown
-    assert "| int8_sq@512 | finished |  | 1.100 | 0.070 |" in markdown
+    assert "| fp8@512 | finished |  |  | 1.050 [1.040, 1.060] | 0.040 ± 0.002 | 512 tok x 32 |" in markdown
+    assert "| int8_sq@512 | finished |  |  | 1.100 | 0.070 | 512 tok x 32 |" in markdown
 
 
 def test_the_recommendation_picks_the_smallest_checkpoint_within_the_budget_with_confidence(tmp_path):
@@ -621,3 +634,214 @@ def test_one_recipe_evaluated_two_ways_is_two_columns_not_a_duplicate():
     assert len(report.superseded) == 1 and report.superseded["reason"].iloc[0].startswith("older duplicate")
     # One evaluation only: the plain label, as before.
     assert "fp8@512" in set(build_report(records[:2]).summary["variant"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Only like is compared with like (issue 24, item 4)
+
+
+def test_fidelity_is_shown_beside_the_bf16_measured_on_the_same_tokens():
+    """calib.seq_len sets fidelity.seq_len: BF16's perplexity at 128 tokens and fp8's at 256 are different rows, each
+    variant beside (and compared with) the BF16 value measured on its own tokens, never beside another."""
+    bf16 = make_record("m", BF16, seq_len=128, fidelity=fidelity(17.438, 0.0, 1.0, bf16_ppl=17.438))
+    fp8 = make_record("m", "fp8", calib_size=32, seq_len=256, fidelity=fidelity(24.711, 0.05, 0.9, bf16_ppl=23.75))
+    int8 = make_record("m", "int8_sq", calib_size=32, seq_len=128, fidelity=fidelity(18.0, 0.02, 0.95, bf16_ppl=17.438))
+    report = build_report([bf16, fp8, int8], ["bf16.json", "fp8.json", "int8.json"])
+    ppl = rows_of(report.scores, benchmark="perplexity")
+    reference = ppl[ppl["variant"] == BF16]
+    assert sorted(zip(reference["setting"], reference["value"], reference["bf16_source"])) == [
+        ("128 tok x 32", 17.438, "bf16 run"), ("256 tok x 32", 23.75, "embedded baseline")]
+    fp8_row = rows_of(ppl, variant="fp8@32x256").iloc[0]
+    assert fp8_row["bf16"] == 23.75 and fp8_row["delta"] == pytest.approx(24.711 - 23.75)
+    assert rows_of(ppl, variant="int8_sq@32x128")["bf16"].tolist() == [17.438]
+    # Every compared row's BF16 value is the BF16 row of its own fingerprint.
+    by_print = {(b, f): v for b, f, v in zip(*(report.scores.loc[report.scores["variant"] == BF16, c]
+                                               for c in ("benchmark", "fingerprint", "value")))}
+    compared = report.scores[(report.scores["variant"] != BF16) & report.scores["bf16"].notna()]
+    assert len(compared) == 6 and all(by_print[(b, f)] == v for b, f, v in zip(
+        compared["benchmark"], compared["fingerprint"], compared["bf16"]))
+    table = wide_table(report.scores, "m").set_index("benchmark")
+    assert table.loc["perplexity [256 tok x 32]", ["bf16", "fp8@32x256", "int8_sq@32x128"]].tolist() == [
+        "23.750", "24.711 (+0.961, 96.1%)", ""]
+    assert table.loc["perplexity [128 tok x 32]", ["bf16", "fp8@32x256", "int8_sq@32x128"]].tolist() == [
+        "17.438", "", "18.000 (+0.562, 96.9%)"]
+    assert "perplexity" not in table.index and "mean_kl_vs_bf16 [256 tok x 32]" in table.index
+    # Measured alike, one row as before.
+    alike = wide_table(build_report([bf16, int8]).scores, "m")
+    assert alike["benchmark"].tolist() == ["perplexity", "mean_kl_vs_bf16", "top1_agreement_vs_bf16"]
+
+
+def test_variant_labels_name_every_setting_in_which_a_models_variants_differ():
+    def point(recipe, seq_len=256, **kw):
+        return make_record("m", recipe, calib_size=32, seq_len=seq_len, fidelity=fidelity(21.0, 0.05, 0.9), **kw)
+
+    assert variant_label(point("fp8"), with_seq_len=True) == "fp8@32x256" and variant_label(point("fp8")) == "fp8@32"
+    assert variant_label(make_record("m", BF16), with_seq_len=True) == "bf16"
+    bf16 = make_record("m", BF16, seq_len=256, fidelity=fidelity(20.0, 0.0, 1.0))
+    report = build_report([bf16, point("fp8"), point("fp8", seq_len=128), point("int4_awq")])
+    # Another sequence length is another checkpoint, not an older duplicate; every variant of the model says its own.
+    assert report.summary["variant"].tolist() == ["bf16", "fp8@32x128", "fp8@32x256", "int4_awq@32x256"]
+    assert report.superseded.empty
+    assert report.summary["calib_seq_len"].tolist()[1:] == [128, 256, 256]
+    assert build_report([bf16, point("fp8"), point("int4_awq")]).summary["variant"].tolist() == [
+        "bf16", "fp8@32", "int4_awq@32"]
+    # Other calibration text: another checkpoint (not a duplicate), named by its text.
+    other_text = point("fp8", calib_dataset="/data/wikitext2/valid.txt")
+    assert set(build_report([bf16, point("fp8"), other_text, point("int4_awq")]).summary["variant"]) == {
+        "bf16", "fp8@32 [calib self seed 1234]", "fp8@32 [calib valid.txt seed 1234]", "int4_awq@32"}
+    # One checkpoint's settings, its fidelity measured on fewer sequences elsewhere: both kept, named by that.
+    fewer = point("fp8", fidelity_samples=16)
+    assert set(build_report([bf16, point("fp8"), fewer]).summary["variant"]) == {
+        "bf16", "fp8@32 [fidelity 256 tok x 32]", "fp8@32 [fidelity 256 tok x 16]"}
+
+
+def test_the_calibration_size_plot_draws_a_line_per_recipe_and_sequence_length():
+    from ptq.report.plots import calib_size_lines, vs_calib_size_figure
+
+    ratios = {128: {32: 1.10, 64: 1.05}, 256: {32: 1.04, 64: 1.02}}
+    records = [make_record("m", BF16, fidelity=fidelity(20.0, 0.0, 1.0))]
+    records += [make_record("m", "fp8", calib_size=size, seq_len=seq, fidelity=fidelity(20.0 * ratio, 0.05, 0.9))
+                for seq, by_size in ratios.items() for size, ratio in by_size.items()]
+    records.append(make_record("m", "int4_awq", calib_size=32, fidelity=fidelity(26.0, 0.2, 0.8)))  # one size: no line
+    summary = build_report(records).summary
+    lines = calib_size_lines(summary, "m")
+    assert sorted(lines) == ["fp8 (calib seq 128)", "fp8 (calib seq 256)"]
+    for seq in ratios:
+        line = lines[f"fp8 (calib seq {seq})"]
+        assert line["calib_seq_len"].tolist() == [seq, seq] and line["calib_size"].tolist() == [32, 64]
+        assert line["perplexity_ratio"].tolist() == pytest.approx(list(ratios[seq].values()))
+    axes = vs_calib_size_figure(summary, "m").axes[0]
+    drawn = {c.get_label(): c.lines[0].get_ydata().tolist() for c in axes.containers}
+    assert drawn.keys() == lines.keys()
+    assert drawn["fp8 (calib seq 128)"] == pytest.approx(list(ratios[128].values()))
+
+
+def test_perplexity_plot_labels_never_overlap_and_the_pareto_front_stands_out():
+    from matplotlib.text import Text
+
+    from ptq.report.plots import perplexity_vs_bits_figure
+
+    def point(recipe, calib, ratio, mb):
+        return make_record("m", recipe, calib_size=calib, fidelity=fidelity(20.0 * ratio, 0.05, 0.9), size=size(mb * 1_000_000))
+
+    # Five fp8 checkpoints of one size (one bits-per-weight) with nearly equal ratios: their names used to pile up.
+    records = [make_record("m", BF16, fidelity=fidelity(20.0, 0.0, 1.0))]
+    records += [point("fp8", calib, 1.010 + 0.001 * i, 110) for i, calib in enumerate((16, 32, 64, 128, 256))]
+    records += [point("int4_awq", 128, 1.30, 56), point("nvfp4", 128, 1.20, 57.5), point("int8_sq", 128, 1.02, 110)]
+    summary = build_report(records).summary
+    figure = perplexity_vs_bits_figure(summary, "m")
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    axes = figure.axes[0]
+    boxes = [Text.get_window_extent(text, renderer) for text in axes.texts]
+    named = [name for text in axes.texts for name in text.get_text().split("\n")]
+    assert sorted(named) == sorted(v for v in summary["variant"] if v != BF16)
+    assert not [(i, j) for i in range(len(boxes)) for j in range(i + 1, len(boxes)) if boxes[i].overlaps(boxes[j])]
+    # The front: its own line and markers, named in the legend.
+    front = [line for line in axes.lines if line.get_label().startswith("Pareto front")]
+    assert len(front) == 1 and front[0].get_marker() not in (None, "", "None")
+    assert front[0].get_color() != axes.containers[0].lines[0].get_color()
+    assert any(label.startswith("Pareto front") for label in axes.get_legend_handles_labels()[1])
+    bits = dict(zip(summary["variant"], summary["bits_per_weight"]))
+    assert front[0].get_xdata().tolist() == [bits["int4_awq@128"], bits["nvfp4@128"], bits["fp8@16"]]
+    assert front[0].get_ydata().tolist() == pytest.approx([1.30, 1.20, 1.010])
+
+
+def test_bf16_runs_evaluated_differently_are_both_kept_and_each_compared_with_its_like(tmp_path):
+    """A full-set BF16 run in one folder, a sweep's 300-item BF16 run in another: neither is an older duplicate of the
+    other; the CSV keeps both runs' rows, and each variant is compared with the BF16 measured its way."""
+    def results(values, how, items):
+        return [{"benchmark": name, "metric": "acc", "value": value, "stderr": 0.01, "higher_is_better": True,
+                 "fingerprint": f"{how}-{name}", "items": items} for name, value in values.items()]
+
+    full = results({"lambada": 0.40, "boolq": 0.62, "mmlu": 0.30}, "full", None)
+    quick = results({"lambada": 0.42, "boolq": 0.60, "mmlu": 0.33}, "quick", 300)
+    a, b, out = tmp_path / "A", tmp_path / "B", tmp_path / "out"
+    write_record(a, "m/bf16", make_record("m", BF16, results=full, finished_at="2026-11-20T12:00:00+0000",
+                                          output_dir=str(a / "m/bf16-kv_none-calib512x512-eval_local_full_aaaaaa")))
+    write_record(b, "m/bf16", make_record("m", BF16, results=quick,
+                                          output_dir=str(b / "m/bf16-kv_none-calib512x512-eval_local_quick_bbbbbb")))
+    write_record(b, "m/fp8", make_record("m", "fp8", baseline=quick,
+                                         results=results({"lambada": 0.40, "boolq": 0.59, "mmlu": 0.31}, "quick", 300),
+                                         output_dir=str(b / "m/fp8-kv_none-calib512x512-eval_local_quick_bbbbbb")))
+    assert main([str(a), str(b), "--out", str(out)]) == 0
+    markdown = (out / "results.md").read_text()
+    assert "superseded" not in markdown and "older duplicate" not in markdown
+    assert "| bf16 [eval_local_full_aaaaaa] | finished |" in markdown
+    assert "| bf16 [eval_local_quick_bbbbbb] | finished |" in markdown
+    csv = pd.read_csv(out / "results.csv", keep_default_na=False)
+    bf16 = rows_of(csv, variant=BF16)
+    assert sorted(zip(bf16["benchmark"], bf16["setting"], bf16["value"])) == sorted(
+        [(e["benchmark"], "all items", e["value"]) for e in full] + [(e["benchmark"], "300 items", e["value"]) for e in quick])
+    fp8 = rows_of(csv, variant="fp8@512")
+    assert dict(zip(fp8["benchmark"], fp8["bf16"].astype(float))) == {e["benchmark"]: e["value"] for e in quick}
+    # The table: a row per way of measuring; the variant's cell beside the 300-item BF16 value only.
+    assert "| lambada [300 items] | acc | 0.420 ± 0.010 | 0.400 ± 0.010 (-0.020 n.s., 95.2%) |" in markdown
+    assert "| lambada [all items] | acc | 0.400 ± 0.010 |  |" in markdown
+
+
+def test_the_worst_significant_loss_stands_beside_the_median_and_in_the_recovery_plot(tmp_path):
+    """A median over four benchmarks near 102% hides a 14.6% drop on one: the summary names it with its error and
+    share of BF16, the median carries its interval, and the recovery plot marks the drop."""
+    from ptq.report.plots import WORST_LABEL, recovery_vs_bits_figure
+    from ptq.report.render import write_report
+
+    bf16_scores = dict(arc_easy__acc=0.60, hellaswag__acc=0.45, piqa__acc=0.70, hellaswag__acc_norm=0.48)
+    int4_scores = dict(arc_easy__acc=0.61, hellaswag__acc=0.46, piqa__acc=0.715, hellaswag__acc_norm=0.41)
+    fp8_scores = dict(arc_easy__acc=0.59, hellaswag__acc=0.44, piqa__acc=0.70, hellaswag__acc_norm=0.475)
+    report = build_report([make_record("m", BF16, results=scores(**bf16_scores), size=size(200_000_000)),
+                           make_record("m", "int4_awq", results=scores(**int4_scores), size=size(60_000_000)),
+                           make_record("m", "fp8", results=scores(**fp8_scores), size=size(110_000_000))])
+    summary = report.summary.set_index("variant")
+    error = 2 ** 0.5 * 0.01  # no per-item scores: sqrt(2) x the variant's standard error
+    int4 = summary.loc["int4_awq@512"]
+    assert (int4["worst_benchmark"], int4["worst_metric"]) == ("hellaswag", "acc_norm")
+    assert int4["worst_delta"] == pytest.approx(0.41 - 0.48) and int4["worst_delta_error"] == pytest.approx(error)
+    assert int4["worst_relative"] == pytest.approx((0.41 - 0.48) / 0.48)
+    assert (int4["significant_losses"], int4["judged"]) == (1, 4)
+    recoveries = [int4_scores[k] / bf16_scores[k] for k in bf16_scores]
+    assert int4["median_recovery"] == pytest.approx(sorted(recoveries)[1:3] and sum(sorted(recoveries)[1:3]) / 2)
+    low = sorted((int4_scores[k] - 1.96 * error) / bf16_scores[k] for k in bf16_scores)
+    assert int4["median_recovery_lo"] == pytest.approx((low[1] + low[2]) / 2)
+    assert int4["median_recovery_lo"] < int4["median_recovery"] < int4["median_recovery_hi"]
+    assert summary.loc["fp8@512", "worst_benchmark"] == "" and summary.loc["fp8@512", "significant_losses"] == 0
+    markdown = render_markdown(report)
+    median = f"{100 * int4['median_recovery']:.1f}% [{100 * int4['median_recovery_lo']:.1f}, {100 * int4['median_recovery_hi']:.1f}]"
+    assert f"| int4_awq@512 | finished | {median} | hellaswag/acc_norm -0.070 ± 0.014 (-14.6% of BF16); 1 of 4 significant |" in markdown
+    assert "| none of 4 significant |" in markdown  # fp8's losses are all within noise
+    write_report(report, tmp_path / "out")
+    csv = pd.read_csv(tmp_path / "out" / "summary.csv", keep_default_na=False).set_index("variant")
+    assert csv.loc["int4_awq@512", "worst_benchmark"] == "hellaswag"
+    assert float(csv.loc["int4_awq@512", "worst_relative"]) == pytest.approx((0.41 - 0.48) / 0.48)
+    axes = recovery_vs_bits_figure(report.summary, "m").axes[0]
+    (worst,) = [container for container in axes.containers if container.get_label() == WORST_LABEL]
+    assert worst.lines[0].get_xdata().tolist() == [int4["bits_per_weight"]]
+    assert worst.lines[0].get_ydata().tolist() == pytest.approx([100 * 0.41 / 0.48])
+    (bar,) = worst.lines[2]  # its 95% interval: (delta -/+ 1.96 errors) / BF16
+    assert sorted(bar.get_segments()[0][:, 1]) == pytest.approx(
+        [100 * (0.41 - 1.96 * error) / 0.48, 100 * (0.41 + 1.96 * error) / 0.48])
+    assert any("hellaswag/acc_norm -14.6%" in text.get_text() for text in axes.texts)
+    assert WORST_LABEL in axes.get_legend_handles_labels()[1]
+
+
+def test_per_subject_rows_are_named_after_the_subject_not_its_file():
+    """ptq/evaluation.py names a subject row `mmlu:<subject>` (not after anatomy_test.csv); records written before
+    are read under the same names, so an old BF16 subject still pairs with a new variant's."""
+    from ptq.evaluation import subject_rows
+
+    row = {"benchmark": "mmlu", "metric": "acc", "value": 0.75, "stderr": 0.2, "higher_is_better": True,
+           "items": {"doc_ids": [0, 1, 2, 3], "scores": [1.0, 0.0, 1.0, 1.0]}}
+    named = subject_rows(row, ["abstract_algebra_test", "abstract_algebra_test", "anatomy_test", "anatomy_test"])
+    assert [(r["benchmark"], r["subject"], r["value"]) for r in named] == [
+        ("mmlu:abstract_algebra", "abstract_algebra", 0.5), ("mmlu:anatomy", "anatomy", 1.0)]
+
+    def subject(name, values):
+        return {"benchmark": f"mmlu:{name}", "subject": name, "metric": "acc", "value": sum(values) / 4, "stderr": 0.2,
+                "higher_is_better": True, "items": {"doc_ids": [0, 1, 2, 3], "scores": values}}
+
+    older_bf16 = make_record("m", BF16, results=[subject("anatomy_test", [1, 1, 0, 0])])
+    fp8 = make_record("m", "fp8", results=[subject("anatomy", [1, 0, 0, 0])])
+    scores_table = build_report([older_bf16, fp8]).scores
+    assert set(scores_table["benchmark"]) == {"mmlu:anatomy"} and set(scores_table["subject"]) == {"anatomy"}
+    paired = rows_of(scores_table, variant="fp8@512").iloc[0]
+    assert paired["bf16"] == 0.5 and paired["paired_items"] == 4

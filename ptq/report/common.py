@@ -50,9 +50,11 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 # delta_stderr: the standard error of the difference from BF16 over the items both scored (paired_items of them);
 # NaN where either side kept no per-item scores. delta_error: the difference's error the report judges by
 # (read.difference_error): the paired one, a fidelity row's own, or sqrt(2) x the variant's.
-SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "subject", "metric", "value", "stderr",
-                 "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items", "delta_error",
-                 "recovery", "status", "note", "source"]
+# setting: what the row was measured on, for a reader (`300 items`, `256 tok x 32`); fingerprint: the same exactly
+# (read.py): a row is compared only with a BF16 row of the same fingerprint.
+SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "subject", "metric", "setting",
+                 "value", "stderr", "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items",
+                 "delta_error", "recovery", "status", "note", "fingerprint", "source"]
 
 # 95% two-sided normal quantile: intervals, "n.s." marks and the recommendation's bounds use this one value.
 Z_95 = 1.96
@@ -61,8 +63,16 @@ Z_95 = 1.96
 # its standard error (ptq/fidelity.py).
 FIDELITY_SUMMARY_COLUMNS = ["perplexity_ratio", "perplexity_ratio_lo", "perplexity_ratio_hi", "mean_kl", "mean_kl_stderr"]
 
-SUMMARY_COLUMNS = ["model", "variant", "status", "median_recovery", *FIDELITY_SUMMARY_COLUMNS, "checkpoint_mb",
-                   "compression", "bits_per_weight", "calib_size", "calibrate_s", "served_by", "note", "source"]
+# A point's benchmark figures in the summary: the median recovery with its interval (the median of the rows' 95%
+# recovery bounds), and its worst significant loss (benchmark, metric, delta, its standard error, delta / BF16) out
+# of `significant_losses` among the `judged` rows (those with a known error).
+BENCHMARK_SUMMARY_COLUMNS = ["median_recovery", "median_recovery_lo", "median_recovery_hi", "worst_benchmark",
+                             "worst_metric", "worst_delta", "worst_delta_error", "worst_relative", "worst_recovery",
+                             "worst_recovery_lo", "worst_recovery_hi", "significant_losses", "judged"]
+
+SUMMARY_COLUMNS = ["model", "variant", "recipe", "status", *BENCHMARK_SUMMARY_COLUMNS, *FIDELITY_SUMMARY_COLUMNS,
+                   "checkpoint_mb", "compression", "bits_per_weight", "calib_size", "calib_seq_len", "fidelity_setting",
+                   "calibrate_s", "served_by", "note", "source"]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
 

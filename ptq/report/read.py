@@ -17,6 +17,7 @@ from ptq.report.common import (
     BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
     PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
 )
+from ptq.evaluation import subject_name
 from ptq.stats import item_scores_by_id
 
 
@@ -59,9 +60,11 @@ def record_kv_cache(record: dict) -> str:
     return kv if isinstance(kv, str) and kv else "none"
 
 
-def variant_label(record: dict) -> str:
-    """`<recipe>[/<algorithm>][+kv_<fmt>][@<calib_size>][ (<backend>[ <parallelism>])]`; the BF16 baseline is just
-    `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm, recipe.algorithm_args).
+def variant_label(record: dict, with_seq_len: bool = False) -> str:
+    """`<recipe>[/<algorithm>][+kv_<fmt>][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
+    baseline is just `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm,
+    recipe.algorithm_args); the calibration sequence length with `with_seq_len` (the report asks for it where a
+    model's variants differ in it: `fp8@32x256`, `fp8@32x128`).
 
     The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
     is its own variant, so both backends' checkpoints of one recipe stand side by side, and so is each
@@ -77,8 +80,11 @@ def variant_label(record: dict) -> str:
     if kv != "none":
         label += f"+kv_{kv}"
     calib = record_calib_size(record)
+    seq_len = record_calib_seq_len(record) if with_seq_len else math.nan
     if calib is not None and calib != "":
         label += f"@{calib}"
+    if not math.isnan(seq_len):
+        label += f"{'' if calib not in (None, '') else '@'}x{seq_len:g}"
     backend = record.get("backend")
     if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
         layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
@@ -97,11 +103,29 @@ def record_eval_tag(record: dict) -> str:
     return match.group(1) if match else ""
 
 
-def variant_sort_key(recipe: str, kv_cache: str, calib_size) -> tuple:
-    """BF16 first, then by recipe, KV-cache format and numeric calibration size (128 before 1024)."""
-    calib = as_number(calib_size)
+def record_calib_seq_len(record: dict) -> float:
+    """The calibration sequence length (tokens), NaN where the record has none."""
+    return as_number(record.get("calib_seq_len"))
+
+
+def calib_source(record: dict) -> str:
+    """What the calibration text was and its sampling, beyond size and sequence length: `<dataset> seed <n>`
+    ("" where the record's config has neither). Two checkpoints of one recipe calibrated on different text are
+    different variants."""
+    calib = section(section(record, "config"), "calib")
+    dataset, seed = calib.get("dataset"), calib.get("seed")
+    parts = [Path(str(dataset)).name] if dataset not in (None, "") else []
+    if seed is not None:
+        parts.append(f"seed {seed}")
+    return " ".join(parts)
+
+
+def variant_sort_key(recipe: str, kv_cache: str, calib_size, seq_len=math.nan) -> tuple:
+    """BF16 first, then by recipe, KV-cache format, numeric calibration size (128 before 1024) and calibration
+    sequence length."""
+    calib, seq = as_number(calib_size), as_number(seq_len)
     return (recipe != BF16, recipe, KV_CACHE_ORDER.get(kv_cache, len(KV_CACHE_ORDER)), kv_cache,
-            math.isnan(calib), 0.0 if math.isnan(calib) else calib)
+            math.isnan(calib), 0.0 if math.isnan(calib) else calib, math.isnan(seq), 0.0 if math.isnan(seq) else seq)
 
 
 def _higher_is_better(entry: dict) -> bool:
@@ -109,6 +133,29 @@ def _higher_is_better(entry: dict) -> bool:
     if isinstance(flag, bool):
         return flag
     return str(entry.get("metric", "")).lower() not in LOWER_IS_BETTER_METRICS
+
+
+def _subject_and_benchmark(entry: dict, benchmark: str) -> Tuple[str, str]:
+    """(subject, benchmark) of an entry; a per-subject row is named `<benchmark>:<subject>`, the subject as
+    ptq/evaluation.py names it now (records written before named it after the file: `mmlu:anatomy_test`)."""
+    subject = entry.get("subject") if isinstance(entry.get("subject"), str) else ""
+    if not subject:
+        return "", benchmark
+    name = subject_name(subject)
+    if benchmark.endswith(f":{subject}"):
+        benchmark = benchmark[: -len(subject)] + name
+    return name, benchmark
+
+
+def _items_setting(items) -> str:
+    """How many items a benchmark result covers, as a row's setting: `300 items`, `all items` (the record says it
+    evaluated every item) or "" (unknown: the record does not say)."""
+    scored = item_scores_by_id(items)
+    if scored:
+        return f"{len(scored)} items"
+    if isinstance(items, int) and not isinstance(items, bool):
+        return f"{items} items"
+    return ""
 
 
 def _benchmark_entries(entries) -> List[dict]:
@@ -122,14 +169,19 @@ def _benchmark_entries(entries) -> List[dict]:
         benchmark, metric, value = entry.get("benchmark"), entry.get("metric"), as_number(entry.get("value"))
         if not isinstance(benchmark, str) or not isinstance(metric, str) or math.isnan(value):
             continue
+        # A subject's share of a benchmark of several (MMLU's per-subject rows): CSV only.
+        subject, benchmark = _subject_and_benchmark(entry, benchmark)
         if (benchmark, metric) in seen:
             continue
         seen.add((benchmark, metric))
+        items = entry.get("items")
         rows.append({"benchmark": benchmark, "metric": metric, "value": value,
                      "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
-                     "fingerprint": entry.get("fingerprint") or "", "items": item_scores_by_id(entry.get("items")),
-                     # A subject's share of a benchmark of several (MMLU's per-subject rows): CSV only.
-                     "subject": entry.get("subject") if isinstance(entry.get("subject"), str) else ""})
+                     "fingerprint": entry.get("fingerprint") or "", "items": item_scores_by_id(items),
+                     # A fingerprinted result without a count evaluated every item (ptq/evaluation.py fingerprint).
+                     "setting": ("all items" if entry.get("fingerprint") and "items" in entry and items is None
+                                 else _items_setting(items)),
+                     "subject": subject})
     return rows
 
 
@@ -153,27 +205,42 @@ def fidelity_fingerprint(record: dict) -> str:
     return hashlib.sha256(json.dumps([settings[k] for k in keys], default=str).encode()).hexdigest()[:16]
 
 
-def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str,
+def fidelity_setting(record: dict) -> str:
+    """What the fidelity figures were measured on, for a reader: `256 tok x 32` (sequence length x sequences), the
+    held-out text's file name first unless the text is self-sampled (`test.txt, 256 tok x 32`); "" if unknown."""
+    settings = section(section(record, "config"), "fidelity")
+    seq_len, samples, text = settings.get("seq_len"), settings.get("samples"), settings.get("text")
+    if seq_len is None or samples is None:
+        return ""
+    size = f"{seq_len} tok x {samples}"
+    return size if text in (None, "", "self") else f"{Path(str(text)).name}, {size}"
+
+
+def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str, setting: str,
                   stderr: float = math.nan) -> dict:
     return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": stderr,
-            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None, "subject": ""}
+            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None, "setting": setting,
+            "subject": ""}
 
 
-def _bf16_fidelity_rows(fidelity: dict, fingerprint: str) -> List[dict]:
-    """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1."""
-    ppl = as_number(fidelity.get("bf16_perplexity"))
+def _bf16_fidelity_rows(record: dict) -> List[dict]:
+    """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1, each carrying
+    what they were measured on (a quantized record's BF16 perplexity is on its own held-out tokens)."""
+    ppl = as_number(section(record, "fidelity").get("bf16_perplexity"))
     if math.isnan(ppl):
         return []
-    return [_fidelity_row(PERPLEXITY, ppl, False, fingerprint), _fidelity_row(MEAN_KL, 0.0, False, fingerprint),
-            _fidelity_row(TOP1_AGREEMENT, 1.0, True, fingerprint)]
+    fingerprint, setting = fidelity_fingerprint(record), fidelity_setting(record)
+    return [_fidelity_row(PERPLEXITY, ppl, False, fingerprint, setting),
+            _fidelity_row(MEAN_KL, 0.0, False, fingerprint, setting),
+            _fidelity_row(TOP1_AGREEMENT, 1.0, True, fingerprint, setting)]
 
 
 def record_scores(record: dict) -> List[dict]:
     """Scores of the model a record describes: its evaluation results plus its fidelity figures."""
     rows = _benchmark_entries(section(record, "evaluation").get("results"))
-    fidelity, fingerprint = section(record, "fidelity"), fidelity_fingerprint(record)
+    fidelity, fingerprint, setting = section(record, "fidelity"), fidelity_fingerprint(record), fidelity_setting(record)
     if record.get("recipe") == BF16:
-        return rows + _bf16_fidelity_rows(fidelity, fingerprint)
+        return rows + _bf16_fidelity_rows(record)
     # Standard errors across the held-out sequences (ptq/fidelity.py); the perplexity's is that of its ratio to
     # BF16 on the same tokens (a paired difference), in perplexity units. Older records have none (NaN).
     ppl_se = as_number(fidelity.get("quantized_perplexity")) * as_number(fidelity.get("log_perplexity_ratio_stderr"))
@@ -183,14 +250,13 @@ def record_scores(record: dict) -> List[dict]:
     for benchmark, key, higher, stderr in figures:
         value = as_number(fidelity.get(key))
         if not math.isnan(value):
-            rows.append(_fidelity_row(benchmark, value, higher, fingerprint, stderr))
+            rows.append(_fidelity_row(benchmark, value, higher, fingerprint, setting, stderr))
     return rows
 
 
 def baseline_scores(record: dict) -> List[dict]:
     """BF16 scores a quantized record carries for comparison (evaluation baseline, BF16 fidelity)."""
-    return (_benchmark_entries(section(record, "evaluation").get("baseline"))
-            + _bf16_fidelity_rows(section(record, "fidelity"), fidelity_fingerprint(record)))
+    return _benchmark_entries(section(record, "evaluation").get("baseline")) + _bf16_fidelity_rows(record)
 
 
 NOTE_CHARS = 300

@@ -58,7 +58,7 @@ def _loss_bound(row) -> tuple:
 
 
 def judge(report: Report, model: str, budget: float) -> List[Verdict]:
-    summary = report.summary[(report.summary["model"] == model) & (report.summary["variant"] != BF16)]
+    summary = report.summary[(report.summary["model"] == model) & (report.summary["recipe"] != BF16)]
     scores = report.scores[report.scores["model"] == model]
     verdicts = []
     for point in summary.itertuples():

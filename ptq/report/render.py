@@ -15,7 +15,7 @@ from ptq.report.common import (BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDD
                                SUPERSEDED_COLUMNS, Z_95)
 from ptq.layerkinds import KINDS
 from ptq.report.plots import model_plots
-from ptq.report.tables import Report, row_sort_key
+from ptq.report.tables import Report, measured_names, row_sort_key
 
 
 def _fmt(x: float, spec: str) -> str:
@@ -47,48 +47,77 @@ def format_cell(value: float, delta: float, recovery: float, stderr: float = mat
 
 
 def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
-    """Model-card table of one model: rows benchmark/metric, columns BF16 then the variants, text cells."""
+    """Model-card table of one model: rows benchmark/metric, columns BF16 then the variants, text cells. A benchmark
+    measured in several ways (other items, other held-out tokens: other fingerprints) is a row per way, named with
+    its setting, so a variant's cell stands beside the BF16 value it was compared with, or beside none."""
     rows = scores[scores["model"] == model]
     variants = list(dict.fromkeys(rows["variant"]))  # already in display order, BF16 first
     if BF16 not in variants:
         variants.insert(0, BF16)
     # Per-subject rows (MMLU) stay in the CSV; the table shows each benchmark's whole and macro figures.
     rows = rows[(rows["benchmark"] != "") & (rows["subject"] == "")]
-    row_order = sorted(set(zip(rows["benchmark"].tolist(), rows["metric"].tolist())),
-                       key=lambda r: (row_sort_key(*r), r))
+    names = measured_names(rows)
+    keys = list(zip(rows["benchmark"].tolist(), rows["metric"].tolist(), rows["fingerprint"].tolist()))
+    label = dict(zip(keys, names))
+    row_order = sorted(set(keys), key=lambda r: (row_sort_key(*r[:2]), label[r], r))
     row_position = {row: i for i, row in enumerate(row_order)}
     column_position = {variant: j for j, variant in enumerate(variants)}
     # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
     grid = np.full((len(row_order), len(variants)), "", dtype=object)
     # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
-    for benchmark, metric, variant, value, delta, recovery, stderr, error in zip(*(rows[c].tolist() for c in (
-            "benchmark", "metric", "variant", "value", "delta", "recovery", "stderr", "delta_error"))):
+    for key, variant, value, delta, recovery, stderr, error in zip(keys, *(rows[c].tolist() for c in (
+            "variant", "value", "delta", "recovery", "stderr", "delta_error"))):
         # The BF16 column is the reference: its delta and recovery say nothing.
         cell = (format_cell(value, math.nan, math.nan, stderr) if variant == BF16
                 else format_cell(value, delta, recovery, stderr, error))
-        position = row_position[(benchmark, metric)], column_position[variant]
+        position = row_position[key], column_position[variant]
         if variant == BF16 and grid[position]:
-            continue  # BF16 measured several ways: the table shows the preferred one (the CSV has them all)
+            continue  # one BF16 value per way of measuring (tables._bf16_values keeps the newest run's)
         grid[position] = cell
-    labels = np.array(row_order, dtype=object).reshape(len(row_order), 2)
+    labels = np.array([(label[row], row[1]) for row in row_order], dtype=object).reshape(len(row_order), 2)
     return pd.DataFrame(np.hstack([labels, grid]), columns=["benchmark", "metric", *variants], dtype=object)
+
+
+def format_worst(benchmark: str, metric: str, delta: float, error: float, relative: float, losses: int,
+                 judged: int) -> str:
+    """`arc_easy/acc_norm -0.046 ± 0.010 (-14.6% of BF16); 1 of 3 significant`, `none of 3 significant`, or "" when
+    no difference had an error to judge it by."""
+    if not judged:
+        return ""
+    if not benchmark:
+        return f"none of {judged} significant"
+    return (f"{benchmark}/{metric} {delta:+.3f} ± {error:.3f} ({100 * relative:+.1f}% of BF16); "
+            f"{losses} of {judged} significant")
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Summary rows of one model as display text."""
+    def interval(r, lo, hi) -> str:
+        if pd.isna(r):
+            return ""
+        bounds = "" if pd.isna(lo) or pd.isna(hi) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+        return f"{100 * r:.1f}%{bounds}"
+
     return pd.DataFrame({
         "variant": summary["variant"],
         "status": summary["status"],
-        "median recovery": [_fmt(100 * r, ".1f") + "%" if not pd.isna(r) else "" for r in summary["median_recovery"]],
+        "median recovery": [interval(r, lo, hi) if v != BF16 else _fmt(100 * r, ".1f") + ("%" if not pd.isna(r) else "")
+                            for r, lo, hi, v in zip(summary["median_recovery"], summary["median_recovery_lo"],
+                                                    summary["median_recovery_hi"], summary["recipe"])],
+        "worst significant loss": [format_worst(*w) for w in zip(*(summary[c].tolist() for c in (
+            "worst_benchmark", "worst_metric", "worst_delta", "worst_delta_error", "worst_relative",
+            "significant_losses", "judged")))],
         "perplexity ratio": [_fmt(r, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if not (pd.isna(lo) or pd.isna(hi)) else "")
                              for r, lo, hi in zip(summary["perplexity_ratio"], summary["perplexity_ratio_lo"],
                                                   summary["perplexity_ratio_hi"])],
         "mean KL": [_fmt(k, ".3f") + (f" ± {e:.3f}" if not pd.isna(e) and not pd.isna(k) else "")
                     for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])],
+        "fidelity on": summary["fidelity_setting"].fillna(""),
         "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
         "compression": [_fmt(x, ".2f") + "x" if not pd.isna(x) else "" for x in summary["compression"]],
         "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],
         "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
+        "calib seq len": [_fmt(x, ".0f") for x in summary["calib_seq_len"]],
         "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
         "served by": summary["served_by"],
         "note": summary["note"],
@@ -121,17 +150,23 @@ def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
     origins = set(rows["bf16_source"])
     if not origins:
         return "BF16: no scores (no bf16 run and no embedded baseline)."
+    runs = list(dict.fromkeys(rows.loc[rows["bf16_source"] == FROM_BF16_RUN, "source"]))
+    named = ", ".join(f"`{run}`" for run in runs)
+    which = f"run {named}" if len(runs) == 1 else f"runs {named} (each row from the run that measured it that way)"
     if origins == {FROM_BF16_RUN}:
-        return f"BF16: from run `{rows['source'].iat[0]}`."
+        return f"BF16: from {which}."
     if origins == {FROM_EMBEDDED_BASELINE}:
         return "BF16: from the baselines embedded in the quantized records (no finished bf16 run)."
-    return (f"BF16: from run `{rows.loc[rows['bf16_source'] == FROM_BF16_RUN, 'source'].iat[0]}`, rows it lacks "
-            "from the baselines embedded in the quantized records.")
+    return f"BF16: from {which}, rows they lack from the baselines embedded in the quantized records."
 
 
 LEGEND = ("Cells: value ± standard error (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, "
-          "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Median recovery is "
-          "over the rows where recovery is defined. \"n.s.\": the difference from BF16 is within 1.96 standard errors "
+          "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Each cell is compared "
+          "only with the BF16 value in its own row: a benchmark measured in several ways (items, held-out tokens) has "
+          "a row per way, named with it (`perplexity [256 tok x 32]`). Median recovery is over the benchmark rows "
+          "where recovery is defined, with the median of their 95% bounds in brackets; beside it the worst "
+          "significant loss (delta ± standard error, as % of BF16), which a median can hide. "
+          "\"n.s.\": the difference from BF16 is within 1.96 standard errors "
           "(fidelity rows: errors across the held-out sequences, paired with BF16 on the same tokens; benchmark rows: "
           "the error of the per-item differences on the items both scored, or, for results kept without per-item "
           "scores, sqrt(2) x the variant's own error), so it is not a finding.")
@@ -229,6 +264,8 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
         written.append(out_dir / name)
     report.scores.to_csv(out_dir / "results.csv", index=False)
     written.append(out_dir / "results.csv")
+    report.summary.to_csv(out_dir / "summary.csv", index=False)
+    written.append(out_dir / "summary.csv")
     if not report.layer_kinds.empty:
         report.layer_kinds.to_csv(out_dir / "layer_kinds.csv", index=False)
         written.append(out_dir / "layer_kinds.csv")
