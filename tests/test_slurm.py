@@ -174,3 +174,27 @@ def test_packed_points_share_one_job(local_slurm, tiny_llama_dir, tmp_path):
     assert len({p["job_id"] for p in points}) == 1 and points[0]["job_id"] is not None
     runs = records(tmp_path / "runs")
     assert [runs[n]["status"] for n in ("fp8-kv_none-calib4x64", "int8_sq-kv_none-calib4x64")] == ["finished"] * 2
+
+
+def test_a_packed_job_starts_no_point_after_its_end_signal(local_slurm, tiny_llama_dir, tmp_path):
+    """Slurm's warning ahead of the time limit (submitit's USR2, sent here with scancel once the first point has
+    finished) ends the point in progress, and the points after it are recorded as not started instead of
+    starting. With a limit under 10 minutes (3 per point, 9 for the packed job) submitit counts any USR2 as the
+    time-out (no requeue)."""
+    wait_for_empty_queue()
+    launch(sweep_args(tmp_path, tiny_llama_dir, "recipe=fp8,int4_awq,int8_sq", "calib.size=8",
+                      "hydra.launcher.pack=true", "hydra.launcher.timeout_min=3", "hydra.launcher.signal_delay_s=30",
+                      "detach=true"))
+    [job] = {p["job_id"] for p in manifest(tmp_path / "runs")["points"]}
+    first = tmp_path / "runs" / "tiny" / "fp8-kv_none-calib8x64" / "run.json"
+    deadline = time.time() + 600
+    while not (first.exists() and json.loads(first.read_text()).get("status") == "finished"):
+        assert time.time() < deadline and job in squeue_ids(), "the first point did not finish"
+        time.sleep(0.5)
+    subprocess.run(["scancel", "--signal=USR2", job], check=True)
+    wait_for_empty_queue()
+    runs = records(tmp_path / "runs")
+    assert runs["fp8-kv_none-calib8x64"]["status"] == "finished"
+    last = runs["int8_sq-kv_none-calib8x64"]
+    assert last["status"] == "failed" and last["error"].startswith("not started: the packed Slurm job received SIGUSR2")
+    assert runs["int4_awq-kv_none-calib8x64"]["status"] == "failed"  # ended by the signal, or not started

@@ -15,6 +15,7 @@ Points' states are in `<sweep dir>/sweep.json`; `python -m ptq.status <sweep dir
 # sys.modules, and dataclasses with string annotations need that entry.
 import json
 import logging
+import signal
 import subprocess
 import time
 from dataclasses import dataclass, field
@@ -180,9 +181,43 @@ class PtqSlurmLauncher(SlurmLauncher):
         return jobs
 
     def run_points(self, points: List, singleton_state) -> List[JobReturn]:
-        """Inside one Slurm job: run several points one after another in this process (launcher["pack"])."""
-        return [self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state)
-                for overrides, index in points]
+        """Inside one Slurm job: run several points one after another in this process (launcher["pack"]).
+
+        Once Slurm signals that the job's end is near (submitit's signal ahead of the time limit, or a
+        preemption), no further point starts: submitit's handler still runs (it ends the point in progress,
+        which records itself as failed, or requeues the job), and every point not started gets a failed record
+        saying so, which the results table and `python -m ptq.status` show."""
+        stopping: List[int] = []
+        signum = _end_signal()
+        previous = signal.getsignal(signum)
+
+        def on_end(number, frame):
+            stopping.append(number)
+            if callable(previous):
+                previous(number, frame)
+
+        signal.signal(signum, on_end)
+        returns = []
+        try:
+            for overrides, index in points:
+                if stopping:
+                    returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name))
+                    continue
+                returns.append(self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state))
+        finally:
+            signal.signal(signum, previous)
+        return returns
+
+    def _not_started(self, overrides: List[str], signal_name: str) -> JobReturn:
+        reason = (f"not started: the packed Slurm job received {signal_name} (its time limit was near or it was "
+                  "preempted) before this point's turn; run the sweep again to run it")
+        try:
+            task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
+            record_failure(OmegaConf.to_container(task, resolve=True), reason)
+        except Exception as exc:  # the point's record is a courtesy; the job's answer below says it all
+            log.warning("Could not record a point that was not started (%s): %s", overrides, exc)
+        log.warning("%s: %s", " ".join(filter_overrides(overrides)), reason)
+        return JobReturn(overrides=overrides, status=JobStatus.COMPLETED, _return_value="not started")
 
     def _wait(self, points: List[Point], jobs: Dict[int, Any], poll_s: float) -> List[JobReturn]:
         """Wait for every job. Slurm's queue is read once per poll (squeue): a job that has left it is over, so a
@@ -245,6 +280,16 @@ class PtqSlurmLauncher(SlurmLauncher):
         if isinstance(result, list):  # a packed job returns one JobReturn per point, in submission order
             result = result[point.pack_position]
         return result
+
+
+def _end_signal() -> int:
+    """The signal submitit has Slurm send ahead of a job's end (SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL says)."""
+    try:
+        from submitit.core.job_environment import JobEnvironment
+
+        return JobEnvironment._usr_sig()
+    except (ImportError, AttributeError, RuntimeError):
+        return signal.SIGUSR2
 
 
 def _job_return(point: Point, value: str) -> JobReturn:
