@@ -105,7 +105,7 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
     assert client(uri).get_experiment(run.info.experiment_id).name == "ptq-launcher"
 
     params = run.data.params
-    assert params["recipe.name"] == "fp8" and params["calib.size"] == "32" and params["tracking.backend"] == "mlflow"
+    assert params["recipe.name"] == "fp8" and params["calib.size"] == "16" and params["tracking.backend"] == "mlflow"
     assert params["recipe.exclude"] == "[]" and params["eval.suite"] == "local_quick"
     assert len(params["model.exclude_modules"]) == MAX_PARAM_VALUE  # cut to MLflow's limit, not refused
 
