@@ -403,6 +403,7 @@ def _awq_block(cfg: RunConfig, facts: Facts, int4_candidates: bool) -> Optional[
 
 
 def _check_backend(cfg: RunConfig, warnings: List[str]) -> None:
+    _check_templates(cfg, warnings)
     if cfg.backend.name == "megatron_bridge":
         check_megatron_layout(cfg)
         check_megatron_calib(cfg)
@@ -411,6 +412,22 @@ def _check_backend(cfg: RunConfig, warnings: List[str]) -> None:
             f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "
             "and spreads a large model over the visible GPUs with device_map=auto."
         )
+
+
+def _check_templates(cfg: RunConfig, warnings: List[str]) -> None:
+    """A prompt template with a backslash followed by n: Hydra keeps `\\n` in a command-line override as those two
+    characters, so the prompt gets them literally where a newline was meant (BoolQ then scores differently)."""
+    if not cfg.eval.enabled:
+        return
+    for bench in cfg.eval.benchmarks:
+        for key in ("template", "delimiter"):
+            value = getattr(bench, key, None)
+            if isinstance(value, str) and "\\n" in value:
+                warnings.append(
+                    f"eval.benchmarks {bench.name}: its {key} {value!r} holds a backslash followed by n, which the "
+                    "prompt gets as those two characters, not a newline. On the command line write the newline "
+                    "itself, e.g. with bash's $'...' quoting ($'eval.benchmarks=[{... template: \"{passage}\\nAnswer:\"}]'), "
+                    "or put the benchmark in a YAML file of conf/eval/ where \"\\n\" in double quotes is a newline.")
 
 
 # Names that become folder names: one path component, no separators, not "." or "..".

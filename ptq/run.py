@@ -72,7 +72,15 @@ def sigterm_raises():
         yield
         return
 
+    owner = os.getpid()
+
     def handler(signum, frame):
+        if os.getpid() != owner:
+            # A forked worker (lm-eval's bootstrap pool, a DataLoader) inherited this handler: it must die of
+            # SIGTERM as its parent expects; raising here left one blocked and the run waiting on it.
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
         raise Terminated()
 
     signal.signal(signal.SIGTERM, handler)

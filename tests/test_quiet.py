@@ -46,3 +46,32 @@ def test_a_dry_run_sweep_leaves_no_folders(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quantize with INT8_SMOOTHQUANT_CFG" in done.stdout + done.stderr
     assert not (tmp_path / "runs" / "sweeps").exists()
+
+
+def test_a_forked_worker_dies_of_sigterm_instead_of_raising_the_runs_exception():
+    """lm-eval's bootstrap pool ends its workers with SIGTERM; forked inside a run, they inherit the run's
+    handler, which must not turn it into the run's Terminated exception there."""
+    import multiprocessing
+    import signal
+    import time
+
+    from ptq.run import sigterm_raises
+
+    with sigterm_raises():
+        worker = multiprocessing.get_context("fork").Process(target=time.sleep, args=(60,))
+        worker.start()
+        time.sleep(0.5)
+        worker.terminate()
+        worker.join(timeout=20)
+    assert worker.exitcode == -signal.SIGTERM
+
+
+def test_a_template_with_a_literal_backslash_n_is_warned_about():
+    from conftest import plan_for
+
+    literal = ('eval.benchmarks=[{name: boolq, kind: multiple_choice, format: jsonl, path: /x.jsonl, '
+               'template: "{passage}\\nQuestion: {question}?\\nAnswer:"}]')
+    real = literal.replace("\\n", "\n")
+    warned = [w for w in plan_for(["eval=local_quick", literal]).warnings if "backslash followed by n" in w]
+    assert len(warned) == 1 and "boolq" in warned[0] and "$'...'" in warned[0]
+    assert not [w for w in plan_for(["eval=local_quick", real]).warnings if "backslash followed by n" in w]
