@@ -23,6 +23,24 @@ def test_the_extension_build_cache_is_keyed_and_kept_under_cache_dir(tmp_path):
     assert use_extension_cache(str(tmp_path / "other"), {"TORCH_EXTENSIONS_DIR": "/mine"}) == "/mine"
 
 
+def test_each_cuda_architecture_list_builds_in_a_folder_of_its_own(tmp_path):
+    """The compile command depends on TORCH_CUDA_ARCH_LIST: processes that differ in it must not share a build
+    folder (ninja rebuilt the extensions whenever the command changed), and processes that agree must."""
+    cache = str(tmp_path / "cache")
+    plain = use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": "9.0"})
+    assert use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": "9.0"}) == plain
+    ptx = use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": "9.0+PTX"})
+    several = use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": "8.0;9.0 10.0"})
+    assert len({plain, ptx, several}) == 3 and "arch9.0+PTX" in ptx and "arch8.0_9.0_10.0" in several
+    env = {}
+    unset = use_extension_cache(cache, env)
+    if torch.cuda.is_available():  # set to the GPU's own architecture, as ModelOpt would, before anything builds
+        major, minor = torch.cuda.get_device_capability()
+        assert env["TORCH_CUDA_ARCH_LIST"] == f"{major}.{minor}" and unset == use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": f"{major}.{minor}"})
+    else:
+        assert "TORCH_CUDA_ARCH_LIST" not in env and unset.endswith(f"-archdefault-py{sys.version_info.major}{sys.version_info.minor}")
+
+
 def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, smollm2_dir, monkeypatch):
     from transformers import AutoTokenizer
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,8 +55,17 @@ def use_extension_cache(cache_dir: str, env: MutableMapping[str, str] = os.envir
     import torch
 
     arch = "".join(map(str, torch.cuda.get_device_capability())) if torch.cuda.is_available() else "none"
+    # The architectures nvcc compiles for come from TORCH_CUDA_ARCH_LIST, which ModelOpt sets to the GPU's own
+    # ("9.0") only when it is unset; where a process (or its parent) had it set differently, or torch's own
+    # default ("9.0+PTX") applied, the same build folder saw two compile commands and ninja rebuilt the
+    # extensions each time the command changed (3 of 13 processes on an H100). One value per GPU kind, set
+    # here, and any other value in the folder's name, keep every build key stable.
+    if arch != "none" and not env.get("TORCH_CUDA_ARCH_LIST"):
+        major, minor = torch.cuda.get_device_capability()
+        env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    arch_list = re.sub(r"[^0-9A-Za-z.+]+", "_", env.get("TORCH_CUDA_ARCH_LIST", "")) or "default"
     key = (f"torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda or 'none'}-sm{arch}"
-           f"-py{sys.version_info.major}{sys.version_info.minor}")
+           f"-arch{arch_list}-py{sys.version_info.major}{sys.version_info.minor}")
     env[EXTENSIONS_VAR] = str(Path(os.path.expanduser(cache_dir)) / "torch_extensions" / key)
     return env[EXTENSIONS_VAR]
 
