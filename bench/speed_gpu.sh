@@ -4,6 +4,7 @@
 #     bash bench/speed_gpu.sh prepare    # WikiText-2 halves, a random-weight Llama-3.2-1B-shaped checkpoint
 #     bash bench/speed_gpu.sh extensions # ModelOpt's CUDA extensions loaded by two fresh processes through the
 #                                        # launcher's build cache under cache_dir: the first builds, the second reuses
+#     bash bench/speed_gpu.sh extensions-stable  # 10 fresh processes, TORCH_CUDA_ARCH_LIST unset or set: one build
 #     bash bench/speed_gpu.sh packed     # 4 recipes as one `launch.py -m` process, then as 4 separate processes
 #     bash bench/speed_gpu.sh large      # Llama-3.1-8B shape: fp8 and nvfp4 with fidelity on (default check of
 #                                        # the written checkpoint)
@@ -52,6 +53,10 @@ timed() {
     echo "speed_gpu: $label exit $status ($(python3 -c "print(round($end - $start, 1))") s)"
 }
 
+# Loads ModelOpt's CUDA extensions in a fresh process through the launcher's build cache under $1.
+load='import time; from ptq.backends.base import use_extension_cache; import sys; print("dir", use_extension_cache(sys.argv[1]));
+from modelopt.torch.quantization import extensions as e; t = time.time(); e.get_cuda_ext(); e.get_cuda_ext_fp8(); print("load", round(time.time() - t, 2))'
+
 case ${1:-} in
 prepare)
     [ -f "${PTQ_WIKITEXT:-}" ] || { echo "speed_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; exit 1; }
@@ -60,10 +65,19 @@ prepare)
     ;;
 extensions)
     # What ModelOpt builds on the first fake-quantized forward of FP8 and of the other formats.
-    load='import time; from ptq.backends.base import use_extension_cache; import sys; print("dir", use_extension_cache(sys.argv[1]));
-from modelopt.torch.quantization import extensions as e; t = time.time(); e.get_cuda_ext(); e.get_cuda_ext_fp8(); print("load", round(time.time() - t, 2))'
     timed extensions-first python3 -c "$load" "$CACHE"
     timed extensions-second python3 -c "$load" "$CACHE"
+    ;;
+extensions-stable)
+    # Ten fresh processes load ModelOpt's extensions through the launcher's build cache, half with
+    # TORCH_CUDA_ARCH_LIST unset and half with it set to the GPU's own architecture (as ModelOpt sets it): after
+    # the first build none may compile again. Prints each process's load time and the ninja log's compile count.
+    for i in $(seq 1 10); do
+        if [ $((i % 2)) = 0 ]; then arch=$(python3 -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())"); else arch=""; fi
+        TORCH_CUDA_ARCH_LIST=$arch timed "extensions-stable-$i" python3 -c "$load" "$CACHE"
+        grep -h "^load" "$WORK/extensions-stable-$i.log"
+    done
+    echo "compile steps in the ninja logs: $(cat "$CACHE"/torch_extensions/*/*/.ninja_log 2>/dev/null | grep -vc '^#')"
     ;;
 packed)
     timed packed-4 python3 launch.py -m "${COMMON[@]}" $(shape_args llama3.2-1b) "recipe=$(IFS=,; echo "${RECIPES[*]}")" \
