@@ -7,6 +7,7 @@ orchestration test runs stand-in scripts (tests/megatron_standin/) under a real 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -373,6 +374,24 @@ def test_missing_megatron_packages_are_named_before_the_scripts_start(tmp_path):
     assert "megatron-bridge, megatron-core, transformer-engine" in done.stderr
     assert "pip install -e '.[megatron]'" in done.stderr and "install-offline.sh WHEELHOUSE --megatron" in done.stderr
     assert "must not start" not in done.stderr + done.stdout
+
+
+def test_a_mamba_model_also_needs_mamba_ssm_and_causal_conv1d(tmp_path):
+    """For models with Mamba layers the entry also asks for mamba-ssm and causal-conv1d (this machine has neither)
+    and names the script that builds their wheels."""
+    import subprocess
+
+    from ptq.backends.megatron_entry import MAMBA_ENV, MISSING_EXIT
+
+    (tmp_path / "quantize_utils.py").write_text("raise SystemExit('the script itself must not start')\n")
+    (tmp_path / "quantize.py").write_text("import quantize_utils\n")
+    argv = [sys.executable, str(ENTRY), str(tmp_path / "quantize.py")]
+    mamba = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, MAMBA_ENV: "1"})
+    assert mamba.returncode == MISSING_EXIT
+    assert "mamba-ssm, causal-conv1d, which Megatron-Bridge's scripts need" in mamba.stderr
+    assert "for this model (Mamba layers)" in mamba.stderr and "scripts/mamba-wheels.sh" in mamba.stderr
+    dense = subprocess.run(argv, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != MAMBA_ENV})
+    assert "mamba-ssm" not in dense.stderr and dense.returncode == MISSING_EXIT
 
 
 def test_a_failing_step_reports_the_end_of_its_output(tmp_path, monkeypatch):

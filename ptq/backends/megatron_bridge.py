@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
 from ptq.backends.base import BackendResult, use_extension_cache
-from ptq.backends.megatron_entry import FUSION_OFF_NOTE
+from ptq.backends.megatron_entry import FUSION_OFF_NOTE, MAMBA_ENV
 from ptq.backends.megatron_steps import (LOG_DIR, MEGATRON_CHECKPOINT, STEP_ENV, Step, build_steps, calib_dataset,
                                          check_scripts, model_id, write_calib_jsonl)
 from ptq.cluster import process_rank
@@ -136,6 +136,8 @@ class MegatronBridgeBackend:
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None) -> BackendResult:
         env = dict(os.environ if env is None else env)
         use_extension_cache(plan.cfg.cache_dir, env)  # the steps' ModelOpt builds its kernels there too
+        if plan.cfg.model.arch == "mamba_hybrid":
+            env[MAMBA_ENV] = "1"  # the entry checks mamba-ssm and causal-conv1d before the scripts start
         megatron_dir = plan.output_dir / MEGATRON_CHECKPOINT
         steps = build_steps(plan, megatron_dir, export_dir, env)
         check_scripts(plan, steps)
@@ -159,6 +161,8 @@ class MegatronBridgeBackend:
         """A process of rank > 0 in a multi-node job: take part in the distributed steps, write nothing else."""
         env = dict(os.environ if env is None else env)
         use_extension_cache(plan.cfg.cache_dir, env)
+        if plan.cfg.model.arch == "mamba_hybrid":
+            env[MAMBA_ENV] = "1"
         out = plan.output_dir
         steps = build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)
         check_scripts(plan, steps)

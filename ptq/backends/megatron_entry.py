@@ -27,15 +27,19 @@ FUSION_OFF_NOTE = "ptq: gradient_accumulation_fusion forced off (APEX's fused_we
 # What Megatron-Bridge's quantization scripts import (checked before they start, so a missing part is named).
 REQUIRED_MODULES = {"megatron.bridge": "megatron-bridge", "megatron.core": "megatron-core",
                     "transformer_engine": "transformer-engine", "modelopt": "nvidia-modelopt"}
+# What Megatron-Core's Mamba layers import besides (Nemotron-H, Nemotron 3): CUDA packages built from source
+# (scripts/mamba-wheels.sh). The launcher sets MAMBA_ENV=1 for models with Mamba layers.
+MAMBA_MODULES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
+MAMBA_ENV = "PTQ_MAMBA_MODEL"
 MISSING_EXIT = 3
 
 
-def missing_modules() -> list:
+def missing_modules(mamba: bool = False) -> list:
     """Distributions (pip names) of the modules the scripts need that this interpreter cannot find."""
     import importlib.util
 
     missing = []
-    for module, dist in REQUIRED_MODULES.items():
+    for module, dist in {**REQUIRED_MODULES, **(MAMBA_MODULES if mamba else {})}.items():
         try:
             found = importlib.util.find_spec(module) is not None
         except (ImportError, ValueError):
@@ -83,12 +87,16 @@ def main(argv) -> None:
     if not os.path.isfile(script):
         sys.exit(f"megatron_entry: {script} does not exist")
     if os.path.isfile(os.path.join(os.path.dirname(script), "quantize_utils.py")):  # Megatron-Bridge's folder
-        missing = missing_modules()
+        missing = missing_modules(mamba=os.environ.get(MAMBA_ENV) == "1")
         if missing:
-            print(f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need. Install "
-                  "them on a CUDA machine with Python 3.12: pip install -e '.[megatron]' in the launcher's checkout, or "
-                  "bash scripts/install-offline.sh WHEELHOUSE --megatron without internet (README: Megatron-Bridge "
-                  "backend); inside the NeMo container they are already there.", file=sys.stderr, flush=True)
+            mamba = [d for d in missing if d in MAMBA_MODULES.values()]
+            print(f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need"
+                  f"{' for this model (Mamba layers)' if mamba else ''}. Install them on a CUDA machine with Python "
+                  "3.12: pip install -e '.[megatron]' in the launcher's checkout, or bash scripts/install-offline.sh "
+                  "WHEELHOUSE --megatron without internet (README: Megatron-Bridge backend)"
+                  + ("; mamba-ssm and causal-conv1d compile against the installed torch: build their wheels on the "
+                     "GPU host with scripts/mamba-wheels.sh" if mamba else "")
+                  + "; inside the NeMo container they are already there.", file=sys.stderr, flush=True)
             sys.exit(MISSING_EXIT)
     if not apex_wgrad_available() and force_wgrad_fusion_off() and os.environ.get("RANK", "0") == "0":
         print(FUSION_OFF_NOTE, flush=True)
