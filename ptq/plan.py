@@ -499,7 +499,8 @@ def _check_positions(cfg: RunConfig, facts: Facts, quantize: bool) -> None:
     if not limit:
         return
     asked = [("calib.seq_len", cfg.calib.seq_len, cfg.calib.dataset, quantize),
-             ("fidelity.seq_len", cfg.fidelity.seq_len, cfg.fidelity.text, cfg.fidelity.enabled)]
+             ("fidelity.seq_len", cfg.fidelity.seq_len, cfg.fidelity.text, cfg.fidelity.enabled),
+             ("recover.seq_len", cfg.recover.seq_len, cfg.recover.text, cfg.recover.method != "none")]
     for key, value, text, used in asked:
         if used and value > limit:
             sampling = "sampling text that long from the model is slow (one token at a time), and " if text == "self" else ""
@@ -605,6 +606,49 @@ def check_algorithm(cfg: RunConfig) -> None:
             f"exports {quant or 'an unnamed format'}; it applies to recipes exporting {', '.join(applies)}.")
 
 
+def check_recover(cfg: RunConfig, quantize: bool) -> None:
+    """The `recover` group (training after PTQ, ptq/recover.py): numbers, a recipe to train, and training text
+    that is not the held-out fidelity text."""
+    rec = cfg.recover
+    if rec.method == "none":
+        return
+    where = f"recover={rec.method}"
+    if cfg.backend.name != "hf_modelopt":
+        raise ConfigError(f"{where} runs in process on the hf_modelopt backend only (Megatron-Bridge QAT is not wired "
+                          f"up yet); use backend=hf_modelopt, or recover=none.")
+    if not quantize:
+        raise ConfigError(f"{where} trains the quantized model, and recipe={cfg.recipe.name} quantizes nothing (no "
+                          "quantizers to train through); pick a quantized recipe (e.g. recipe=int4_awq) or recover=none.")
+    if rec.steps < 1:
+        raise ConfigError(f"recover.steps={rec.steps}: training needs at least 1 step; set e.g. recover.steps=100.")
+    if not rec.lr > 0 or not math.isfinite(rec.lr):
+        raise ConfigError(f"recover.lr={rec.lr} must be a positive learning rate; ModelOpt's QAT default is "
+                          "recover.lr=1e-5.")
+    if not 0 <= rec.warmup_ratio < 1:
+        raise ConfigError(f"recover.warmup_ratio={rec.warmup_ratio} must lie in [0, 1) (a share of the steps); "
+                          "ModelOpt's default is 0.05.")
+    if rec.batch_size < 0 or rec.samples < 0:
+        raise ConfigError(f"recover.batch_size={rec.batch_size}, recover.samples={rec.samples}: each must be 0 "
+                          "(automatic) or positive.")
+    if rec.seq_len < 2:
+        raise ConfigError(f"recover.seq_len={rec.seq_len}: training needs sequences of at least 2 tokens (e.g. "
+                          "recover.seq_len=512).")
+    if rec.method == "qad" and not rec.temperature > 0:
+        raise ConfigError(f"recover.temperature={rec.temperature} must be positive (1.0: the distributions as they are).")
+    if rec.text not in ("self",) and calib_text_path(rec.text) is None:
+        raise ConfigError(f"recover.text={rec.text}: give \"self\" (text sampled from the BF16 model) or a local .txt "
+                          "or .jsonl file.")
+    if cfg.fidelity.enabled:
+        same = (rec.seed == cfg.fidelity.seed if rec.text == "self" and cfg.fidelity.text == "self"
+                else calib_text_path(rec.text) is not None and calib_text_path(rec.text) == calib_text_path(cfg.fidelity.text))
+        if same:
+            what = (f"both sampled from the model with seed {rec.seed}" if rec.text == "self"
+                    else f"both {calib_text_path(rec.text)}")
+            raise ConfigError(f"recover.text and fidelity.text are the same text ({what}): the fidelity check must "
+                              "measure on text the training never saw. Give recover.text another file, or another "
+                              f"recover.seed (e.g. recover.seed={rec.seed + 1}) with recover.text=self.")
+
+
 def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     """Check `cfg` against `facts` and decide what the run will do. Pure: no I/O."""
     warnings: List[str] = []
@@ -620,6 +664,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
                           "for KV-cache quantization.")
     awq_block = _awq_block(cfg, facts, int4_candidates)
     _check_backend(cfg, warnings)
+    check_recover(cfg, quantize)
 
     _check_names(cfg)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()

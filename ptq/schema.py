@@ -85,6 +85,25 @@ class ChoiceFormat(StrEnum):
     winogrande_jsonl = "winogrande_jsonl"
 
 
+class RecoverMethod(StrEnum):
+    # Training after PTQ (ptq/recover.py): none, QAT (the task's own loss, ModelOpt's QATTrainer) or QAD
+    # (distillation from the BF16 model, ModelOpt's QADTrainer).
+    none = "none"
+    qat = "qat"
+    qad = "qad"
+
+
+class RecoverSchedule(StrEnum):  # transformers' lr_scheduler_type names
+    cosine = "cosine"
+    linear = "linear"
+    constant = "constant_with_warmup"
+
+
+class DistillLoss(StrEnum):
+    # KL divergence of the student's next-token distribution from the teacher's (ModelOpt's LogitsDistillationLoss).
+    logit_kl = "logit_kl"
+
+
 SCORE_METHODS = tuple(ScoreMethod)
 
 
@@ -260,6 +279,29 @@ class FidelityConfig:
 
 
 @dataclass
+class RecoverConfig:
+    # Recovery after PTQ, in process (ptq/recover.py): train the fake-quantized model with the calibrated scales
+    # kept. Defaults are ModelOpt's llm_qat example's: lr 1e-5, cosine schedule, 5% warmup.
+    method: RecoverMethod = RecoverMethod.none
+    steps: int = 100
+    lr: float = 1e-5
+    schedule: RecoverSchedule = RecoverSchedule.cosine
+    warmup_ratio: float = 0.05
+    # Sequences per step (0: 8 on the CPU, 16 on a GPU).
+    batch_size: int = 0
+    seq_len: int = 512
+    # Training text: "self" (sampled from the BF16 model with recover.seed) or a local .txt/.jsonl file; never
+    # the held-out fidelity text.
+    text: str = "self"
+    # Distinct sequences of training text (0: steps x batch_size, each seen once).
+    samples: int = 0
+    seed: int = 2468
+    # qad: softmax temperature of the distillation loss, and the loss itself.
+    temperature: float = 1.0
+    loss: DistillLoss = DistillLoss.logit_kl
+
+
+@dataclass
 class BenchmarkConfig:
     name: str = MISSING
     # lm_eval (a task name lm-eval knows; may need the Hub) | multiple_choice | generation | perplexity | last_word
@@ -327,6 +369,7 @@ class RunConfig:
     calib: CalibConfig = MISSING
     fidelity: FidelityConfig = MISSING
     eval: EvalConfig = MISSING
+    recover: RecoverConfig = field(default_factory=RecoverConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_root: str = "runs"
     output_dir: str = MISSING
@@ -366,6 +409,23 @@ def eval_tag(evaluation) -> str:
     return f"-eval_{suite}_{digest}"
 
 
+# What a recovery's folder tag covers besides method, steps and lr (named in the tag itself).
+RECOVER_TAG_SETTINGS = ("schedule", "warmup_ratio", "batch_size", "seq_len", "text", "samples", "seed", "temperature",
+                        "loss")
+
+
+def recover_tag(recover) -> str:
+    """'' without recovery, else '-<method><steps>_lr<lr>_<6 hex digits over the other settings>', so that PTQ and
+    each recovered point write their own folder."""
+    settings = OmegaConf.to_container(recover, resolve=True) if OmegaConf.is_config(recover) else dict(recover)
+    method = str(settings.get("method") or "none")
+    if method == "none":
+        return ""
+    rest = {k: str(settings.get(k)) for k in RECOVER_TAG_SETTINGS if not (method == "qat" and k in ("temperature", "loss"))}
+    digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6]
+    return f"-{method}{settings.get('steps')}_lr{float(settings.get('lr')):g}_{digest}"
+
+
 def register_schemas() -> None:
     """Register the run schema; conf/config.yaml lists it first so every group is merged into a typed node.
     Also `${ptq_variant:${recipe.algorithm},${recipe.algorithm_args},${recipe.awq_block_size}}`: '' for a recipe's
@@ -375,3 +435,5 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("ptq_variant", _variant_suffix)
     if not OmegaConf.has_resolver("ptq_eval"):
         OmegaConf.register_new_resolver("ptq_eval", eval_tag)
+    if not OmegaConf.has_resolver("ptq_recover"):
+        OmegaConf.register_new_resolver("ptq_recover", recover_tag)

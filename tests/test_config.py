@@ -21,7 +21,7 @@ def options(group):
 
 def test_groups_are_the_documented_ones():
     assert GROUPS == ["backend", "calib", "cluster", "eval", "fidelity", "hardware", "model", "parallelism", "recipe",
-                      "tracking"]
+                      "recover", "tracking"]
     assert set(options("recipe")) == {
         "bf16", "fp8", "fp8_blockwise", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
         "nvfp4_svdquant", "nvfp4_mse", "nvfp4_local_hessian", "w4a16_nvfp4", "mxfp8",
