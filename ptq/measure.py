@@ -135,16 +135,20 @@ def read_back(plan: Plan, export_dir: Path, timer: StageTimer, tokenizer_from: s
         return exported.load_exported(export_dir, cfg.hardware.device, _dtype(cfg.hardware.dtype), tokenizer_from)
 
 
-def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str) -> dict:
+def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str,
+                  weights_moved: Optional[str] = None) -> dict:
     """The check of the checkpoint as written that fidelity.exported_check asks for; the record says which ran.
 
     "weights": each quantized layer's stored weight against the source checkpoint's (`source`, the BF16 folder
     the model was loaded from). Where that cannot judge the export (AWQ and SmoothQuant fold factors into
-    other tensors; a source that is not a local folder), the full read-back runs and the record says why."""
+    other tensors; a source that is not a local folder; `weights_moved`: training after PTQ changed the weights, so
+    the source no longer holds them), the full read-back runs and the record says why."""
     cfg = plan.cfg
     fallback = None
     if cfg.fidelity.exported_check == "weights":
-        if Path(source).is_dir():
+        if weights_moved:
+            fallback = weights_moved
+        elif Path(source).is_dir():
             with timer.stage("check_exported"):
                 result = exported.check_stored_weights(export_dir, Path(source), cfg.hardware.device)
             if result.get("applicable"):

@@ -133,12 +133,23 @@ def last_load() -> dict:
     return dict(_last_load)
 
 
+def _key(source: ModelSource, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float) -> tuple:
+    return (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code, max_gpu_memory_gb)
+
+
+def kept_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0):
+    """The pristine BF16 model this process keeps for `load_model(..., reuse=True)` with these settings, or None.
+    Callers use it read-only (e.g. as a distillation teacher) and leave it as they found it."""
+    kept = _pristine.get(_key(source, device, dtype, trust_remote_code, max_gpu_memory_gb))
+    return kept[0] if kept else None
+
+
 def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, reuse: bool = False,
                max_gpu_memory_gb: float = 0.0):
     """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
     loaded with the same settings, or a fresh load that is kept for later runs when two copies fit.
     `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap)."""
-    key = (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code, max_gpu_memory_gb)
+    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb)
     start = time.perf_counter()
     if reuse and key in _pristine:
         model, tokenizer, checkpoint = _pristine[key]

@@ -218,6 +218,8 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
         record["layers"] = {"quantized": len(result.quantized_layers), "excluded": result.excluded_layers,
                             "unexpected_bf16": result.unexpected_bf16}
         record["details"] = result.details
+        if result.recovery is not None:
+            record["recovery"] = result.recovery
         if not validation["passed"]:
             raise ValidationFailed("checkpoint validation failed: " + "; ".join(validation["problems"]))
         publish_folder(partial, plan.checkpoint_dir)

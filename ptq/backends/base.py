@@ -27,6 +27,8 @@ class BackendResult:
     # {"suite", "results": [...], "baseline": [...]}: benchmark scores of this model and of BF16.
     evaluation: Optional[dict] = None
     details: dict = field(default_factory=dict)
+    # Training after PTQ (recover=qat|qad, ptq/recover.py): what it did, and the PTQ fidelity before it.
+    recovery: Optional[dict] = None
 
 
 class Backend(Protocol):

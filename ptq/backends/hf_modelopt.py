@@ -15,9 +15,10 @@ import torch
 from tqdm.auto import tqdm
 
 from ptq.auto_quantize import AutoQuantizeSearch
+from ptq import recover
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import token_batches
-from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
+from ptq.measure import SAMPLE_BATCH_SIZE, Baseline, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
@@ -191,7 +192,8 @@ class HFModelOptBackend:
     name = "hf_modelopt"
 
     def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
-        """load -> BF16 baseline -> quantize (or search) -> compare in memory -> export -> compare the written file."""
+        """load -> BF16 baseline -> quantize (or search) -> recover (recover=qat|qad) -> compare in memory -> export ->
+        compare the written file."""
         cfg = plan.cfg
         extensions = use_extension_cache(cfg.cache_dir)
         threads = limit_cpu_threads()
@@ -214,6 +216,11 @@ class HFModelOptBackend:
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)
 
+        # Training after PTQ: its text (sampled from the BF16 model for recover.text=self) and QAD's teacher are
+        # taken while the model is still BF16.
+        training = None
+        if cfg.recover.method != "none":
+            training = recover.prepare(plan, model, tokenizer, checkpoint, timer, sample_batch_size=SAMPLE_BATCH_SIZE)
         done = Quantized()
         if plan.quantize:
             done = quantize(plan, model, tokenizer, checkpoint, quant_cfg, search, calib_bs, timer)
@@ -221,6 +228,17 @@ class HFModelOptBackend:
                 details["auto_quantize"] = done.auto_quantize
             if done.expert_coverage is not None:
                 details["expert_coverage"] = done.expert_coverage
+        recovery = None
+        if training is not None:
+            ptq_fid = None
+            if baseline.reference is not None:  # the PTQ point's fidelity, on the same held-out tokens
+                with timer.stage("fidelity_before_recovery"):
+                    ptq_fid, _ = compare(plan, model, tokenizer, Baseline(tokens=baseline.tokens, batch_size=baseline.batch_size,
+                                                                          reference=baseline.reference),
+                                         StageTimer(), measured_on="PTQ, before recovery")
+            recovery = recover.train(plan, model, training, timer)
+            recovery["ptq_fidelity"] = ptq_fid
+            training = None  # drops a second copy of the teacher, if one was made
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if repaired:
@@ -230,7 +248,10 @@ class HFModelOptBackend:
             # search holds it too), and the read-back needs its memory.
             del model
             search = None
-            written = fid["exported_checkpoint"] = check_written(plan, export_dir, baseline, timer, source=checkpoint)
+            moved = (f"recover={cfg.recover.method} trained the weights after PTQ, so the source checkpoint no longer "
+                     "holds them" if recovery is not None else None)
+            written = fid["exported_checkpoint"] = check_written(plan, export_dir, baseline, timer, source=checkpoint,
+                                                                 weights_moved=moved)
             if "mean_kl" in written:
                 log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
                          written["mean_kl"], fid["mean_kl"])
@@ -239,4 +260,5 @@ class HFModelOptBackend:
                          "%d problems", written.get("layers", 0), written.get("max_relative_error"),
                          len(written.get("problems", [])))
         return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=done.layers, excluded_layers=done.excluded,
-                             unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details)
+                             unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details,
+                             recovery=recovery)

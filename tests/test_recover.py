@@ -1,0 +1,102 @@
+"""Recovery after PTQ (recover=qat|qad, ptq/recover.py): planning refusals, the output folder, and a real QAD run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
+from ptq.errors import ConfigError
+from ptq.run import run
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["recover=qad", "recover.steps=0"], "recover.steps=0"),
+    (["recover=qat", "recover.steps=-5"], "recover.steps=-5"),
+    (["recover=qat", "recover.lr=-1e-5"], "recover.lr=-1e-05"),
+    (["recover=qad", "recover.lr=0"], "recover.lr=0"),
+    (["recover=qad", "recover.warmup_ratio=1.5"], "recover.warmup_ratio=1.5"),
+    (["recover=qad", "recover.temperature=0"], "recover.temperature=0"),
+    (["recover=qat", "recover.batch_size=-1"], "recover.batch_size=-1"),
+    (["recover=qat", "recover.seq_len=1"], "recover.seq_len=1"),
+    (["recover=qad", "recipe=bf16"], "recipe=bf16 quantizes nothing"),
+    (["recover=qad", "recover.text=cnn_dailymail"], "recover.text=cnn_dailymail"),
+])
+def test_bad_recovery_settings_are_refused_when_planning(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        plan_for(overrides)
+    assert needle in str(err.value)
+
+
+def test_recovery_on_megatron_bridge_is_refused_when_planning():
+    with pytest.raises(ConfigError, match="hf_modelopt backend only"):
+        plan_for(["recover=qat", "backend=megatron_bridge", "hardware=h100", "calib.dataset=/data/a.txt"], GPU_FACTS)
+
+
+def test_training_on_the_fidelity_text_is_refused(tmp_path):
+    text = tmp_path / "text.txt"
+    text.write_text("some text\n")
+    with pytest.raises(ConfigError, match="the fidelity check must measure on text the training never saw"):
+        plan_for(["recover=qad", f"recover.text={text}", f"fidelity.text={text}"])
+    # The same sampled text: "self" with the fidelity seed.
+    with pytest.raises(ConfigError, match="recover.seed=4322"):
+        plan_for(["recover=qat", "recover.seed=4321"])
+    # Another seed, another file, or no fidelity check: planned.
+    plan_for(["recover=qat", "recover.seed=4322"])
+    plan_for(["recover=qad", f"recover.text={text}"])
+    plan_for(["recover=qad", f"recover.text={text}", f"fidelity.text={text}", "fidelity=none"])
+
+
+def test_recovered_points_get_their_own_folder():
+    ptq = plan_for(["recipe=int4_awq"]).output_dir
+    qad = plan_for(["recipe=int4_awq", "recover=qad", "recover.steps=20"]).output_dir
+    qad_lr = plan_for(["recipe=int4_awq", "recover=qad", "recover.steps=20", "recover.lr=1e-4"]).output_dir
+    qad_text = plan_for(["recipe=int4_awq", "recover=qad", "recover.steps=20", "recover.seed=7"]).output_dir
+    qat = plan_for(["recipe=int4_awq", "recover=qat", "recover.steps=20"]).output_dir
+    assert ptq.name == "int4_awq-kv_none-calib16x128"
+    assert qad.name.startswith("int4_awq-kv_none-calib16x128-qad20_lr1e-05_")
+    assert len({ptq, qad, qad_lr, qad_text, qat}) == 5
+    # recover=none keeps the folders of runs made before the group existed.
+    assert plan_for(["recipe=int4_awq", "recover=none"]).output_dir == ptq
+
+
+def test_recover_defaults_are_modelopts():
+    cfg, _ = compose_run(["recover=qad"])
+    assert (cfg.recover.lr, str(cfg.recover.schedule), cfg.recover.warmup_ratio) == (1e-5, "cosine", 0.05)
+    assert cfg.recover.seq_len == cfg.calib.seq_len
+    assert compose_run([])[0].recover.method == "none"
+
+
+@pytest.mark.slow
+def test_qad_lowers_the_held_out_kl_of_int4_awq(tmp_path, smollm2_dir):
+    """SmolLM2 quantized to INT4 AWQ, then 20 steps of QAD on text the BF16 model wrote (seed 2468): the mean KL
+    on the held-out fidelity text (another text) drops below the same run's PTQ KL, the export validates, and the
+    checkpoint as written scores like the trained model in memory."""
+    overrides = small_run_overrides(
+        tmp_path, f"model.path={smollm2_dir}", "recipe=int4_awq", "calib.size=8", "fidelity.samples=4",
+        "recover=qad", "recover.steps=20", "recover.batch_size=4", "recover.seq_len=64", "recover.lr=1e-4")
+    cfg, resolved = compose_run(overrides)
+    record = run(cfg, resolved)
+    assert record["status"] == "finished", record.get("error")
+    assert record["validation"]["passed"], record["validation"]["problems"]
+    rec = record["recovery"]
+    ptq_kl, recovered_kl = rec["ptq_fidelity"]["mean_kl"], record["fidelity"]["mean_kl"]
+    assert recovered_kl < ptq_kl, (ptq_kl, recovered_kl)
+    assert rec["method"] == "qad" and rec["steps"] == 20 and rec["tokens_seen"] == 20 * 4 * 64
+    assert rec["teacher"].startswith("the pristine BF16 model") or rec["teacher"].startswith("a second copy")
+    assert rec["text_source"].startswith("self") and rec["text_samples"] == 80
+    assert [p["step"] for p in rec["loss_curve"]] == list(range(1, 21))
+    assert all(p["loss"] >= 0 for p in rec["loss_curve"])
+    # The calibrated ranges are buffers: training leaves them as calibrated.
+    assert rec["scales"]["amax_buffers"] > 0 and rec["scales"]["moved"] == 0
+    assert record["timings_s"]["recover"] > 0
+    # The weights moved, so the written checkpoint is read back whole and measured, not compared with the source.
+    written = record["fidelity"]["exported_checkpoint"]
+    assert written["check"] == "full read-back"
+    assert written["mean_kl"] <= 1.5 * recovered_kl + 0.005
+    on_disk = json.loads((Path(record["output_dir"]) / "run.json").read_text())
+    assert on_disk["recovery"]["ptq_fidelity"]["mean_kl"] == ptq_kl
+    # ModelOpt's checkpointing patch, which its trainers turn on, is put back: nothing of it in the export.
+    assert not list((tmp_path / "runs").rglob("modelopt_state*.pth"))
