@@ -40,6 +40,9 @@ MOE_SHAPES = {
         n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=1856,
         moe_shared_expert_intermediate_size=3712, intermediate_size=1856, routed_scaling_factor=2.5,
         n_group=1, topk_group=1, norm_topk_prob=True, max_position_embeddings=8192)),
+    # Nano's widths and experts, its first 13 layers (6 Mamba-2, 5 MoE, 2 attention; 7.3 B parameters): the same
+    # per-layer work on a GPU of 80 GB, for timings per layer and every recipe's code path at full width.
+    "nemotron3-nano-13layers": ("nemotron_h", None),
     # Same layer kinds in the same order of appearance, 16 routed experts (2 active), small widths.
     "nemotron3-nano-tiny": ("nemotron_h", dict(
         hybrid_override_pattern="MEM*EME", hidden_size=256, vocab_size=49152, tie_word_embeddings=False,
@@ -58,6 +61,9 @@ MOE_SHAPES = {
         num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
         norm_topk_prob=True, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=4096)),
 }
+
+MOE_SHAPES["nemotron3-nano-13layers"] = ("nemotron_h", dict(MOE_SHAPES["nemotron3-nano-30b-a3b"][1],
+                                                             hybrid_override_pattern=NANO_PATTERN[:13]))
 
 SHAPES = sorted(set(DENSE_SHAPES) | set(MOE_SHAPES))
 
