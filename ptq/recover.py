@@ -164,7 +164,7 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
     bs = batch_size(plan)
     before = _ranges(model)
     # Train FP32 master weights: a BF16 weight cannot take steps of lr 1e-5 (they round away). The run's dtype
-    # comes back afterwards (the export writes BF16 anyway); the ranges keep the dtype they were calibrated in.
+    # comes back afterwards; the ranges keep the dtype they were calibrated in.
     run_dtype = next(model.parameters()).dtype
     buffer_dtypes = {name: buf.dtype for name, buf in model.named_buffers()}
     teacher = prepared.teacher
@@ -190,11 +190,14 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
             history = list(trainer.state.log_history)
             del trainer
             model.eval()
-            if run_dtype != torch.float32:
-                model.to(run_dtype)
-                for name, buf in model.named_buffers():
-                    if buf.dtype != buffer_dtypes.get(name, buf.dtype):
-                        buf.data = buf.data.to(buffer_dtypes[name])
+            with torch.no_grad():
+                # The export writes BF16 weights: the trained ones are rounded to BF16 here, so that the model
+                # measured in memory is the one written (on the CPU the run computes in FP32 on those values).
+                for p in model.parameters():
+                    p.data = p.data.to(torch.bfloat16).to(run_dtype)
+            for name, buf in model.named_buffers():
+                if buf.dtype != buffer_dtypes.get(name, buf.dtype):
+                    buf.data = buf.data.to(buffer_dtypes[name])
     finally:
         if teacher is not None:  # the kept pristine model is handed to later runs as it was
             for p, flag in zip(teacher.parameters(), grad_flags):
@@ -213,7 +216,7 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
         "tokens_seen": int(output.global_step) * bs * rec.seq_len, "text_samples": int(prepared.tokens.shape[0]),
         "text_source": prepared.text_source, "lr": rec.lr, "schedule": str(rec.schedule),
         "warmup_ratio": rec.warmup_ratio, "seed": rec.seed, "seconds": round(seconds, 3),
-        "train_dtype": "float32", "loss_curve": curve,
+        "train_dtype": "float32", "weights_rounded_to": "bfloat16", "loss_curve": curve,
         "scales": {"amax_buffers": len(before), "moved": len(moved), "moved_examples": moved[:3],
                    "note": "calibrated ranges are buffers, kept as calibrated; gradients pass the rounding straight "
                            "through to the weights"},

@@ -100,3 +100,25 @@ def test_qad_lowers_the_held_out_kl_of_int4_awq(tmp_path, smollm2_dir):
     assert on_disk["recovery"]["ptq_fidelity"]["mean_kl"] == ptq_kl
     # ModelOpt's checkpointing patch, which its trainers turn on, is put back: nothing of it in the export.
     assert not list((tmp_path / "runs").rglob("modelopt_state*.pth"))
+
+
+@pytest.mark.slow
+def test_qat_on_fp8_trains_and_the_export_is_read_back_whole(tmp_path, tiny_llama_dir):
+    """QAT (causal-LM loss) on a small Llama in FP8, text from a local file: the run finishes and validates, the
+    loss curve has a point per step, and the stored-weight check gives way to the full read-back, saying why."""
+    text = tmp_path / "train.txt"
+    text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(400)))
+    overrides = small_run_overrides(
+        tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qat",
+        "recover.steps=3", "recover.batch_size=2", "recover.seq_len=32", f"recover.text={text}")
+    cfg, resolved = compose_run(overrides)
+    record = run(cfg, resolved)
+    assert record["status"] == "finished", record.get("error")
+    assert record["validation"]["passed"], record["validation"]["problems"]
+    rec = record["recovery"]
+    assert rec["method"] == "qat" and rec["loss"] == "causal-LM cross-entropy" and "teacher" not in rec
+    assert rec["text_source"] == str(text.resolve()) and rec["tokens_seen"] == 3 * 2 * 32
+    assert [p["step"] for p in rec["loss_curve"]] == [1, 2, 3]
+    assert rec["scales"]["moved"] == 0
+    written = record["fidelity"]["exported_checkpoint"]
+    assert written["check"] == "full read-back" and "recover=qat trained the weights" in written["fallback_reason"]
