@@ -122,3 +122,32 @@ def test_qat_on_fp8_trains_and_the_export_is_read_back_whole(tmp_path, tiny_llam
     assert rec["scales"]["moved"] == 0
     written = record["fidelity"]["exported_checkpoint"]
     assert written["check"] == "full read-back" and "recover=qat trained the weights" in written["fallback_reason"]
+
+
+@pytest.mark.slow
+def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_path, tiny_llama_dir):
+    """QAD distils from the pristine BF16 model this process keeps (no copy) and hands it on unchanged: trainable
+    as before, and transformers' loading no longer patched by ModelOpt's trainer; without a kept model, from a
+    second copy made before quantizing."""
+    from transformers import PreTrainedModel
+
+    from ptq.models import kept_model
+    from ptq.plan import ModelSource
+
+    def qad(*extra):
+        overrides = small_run_overrides(
+            tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qad",
+            "recover.steps=2", "recover.batch_size=2", "recover.seq_len=32", *extra)
+        cfg, resolved = compose_run(overrides)
+        record = run(cfg, resolved)
+        assert record["status"] == "finished", record.get("error")
+        return record["recovery"]
+
+    kept = qad()
+    assert kept["teacher"].startswith("the pristine BF16 model this process keeps")
+    teacher = kept_model(ModelSource("local", str(tiny_llama_dir)), device="cpu", dtype="float32",
+                         trust_remote_code=False)
+    assert teacher is not None and all(p.requires_grad for p in teacher.parameters())
+    assert "_modelopt_cache" not in PreTrainedModel.__dict__
+    copied = qad("backend.reuse_loaded_model=false", "recover.seed=99")
+    assert copied["teacher"].startswith("a second copy of the BF16 model")
