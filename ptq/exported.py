@@ -437,8 +437,31 @@ def _scale_rows(algo: str, name: str, scale, shape, start: int, stop: int, block
     return scale[...]
 
 
-def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu", rows: int = 128,
-                         workers: int = 4) -> dict:
+class _InMemory:
+    """safetensors' slice interface (get_slice -> get_shape, [rows]) over tensors held in memory."""
+
+    def __init__(self, tensors: Dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def get_slice(self, name: str) -> "_InMemory._Slice":
+        return _InMemory._Slice(self.tensors[name])
+
+    class _Slice:
+        def __init__(self, tensor: torch.Tensor) -> None:
+            self.tensor = tensor
+
+        def get_shape(self) -> List[int]:
+            return list(self.tensor.shape)
+
+        def __getitem__(self, index):
+            return self.tensor[index]
+
+
+IN_MEMORY = Path("<in memory>")
+
+
+def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: str = "cpu", rows: int = 128,
+                         workers: int = 4, reference: Optional[Dict[str, torch.Tensor]] = None) -> dict:
     """Compare every quantized layer of an export, dequantized from its stored codes and scales, with the same
     weight of the source checkpoint, on `rows` rows of each (read from both files directly onto `device`).
 
@@ -449,6 +472,9 @@ def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu"
     activation scales (only that each is stored, finite and positive) nor KV-cache scales: the full read-back
     (`load_exported` and a fidelity comparison) does.
 
+    `reference`: the weights to compare with, by tensor name, instead of the source folder's (a model trained after
+    PTQ, whose weights the source no longer holds).
+
     Returns {"check": "stored weights", "applicable": bool, "reason": str (when not applicable; then use the
     full read-back), "layers": n, "rows_per_layer": rows, "formats": {quant_algo: layers},
     "max_relative_error": {quant_algo: worst}, "gain": [lowest, highest], "worst_layers": [{"layer",
@@ -456,7 +482,7 @@ def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu"
     """
     from safetensors import safe_open
 
-    export_dir, source_dir = Path(export_dir), Path(source_dir)
+    export_dir = Path(export_dir)
     quant = read_quant_config(export_dir)
     where = tensor_files(export_dir)
     by_module = _by_module(where)
@@ -474,12 +500,16 @@ def check_stored_weights(export_dir: Path, source_dir: Path, device: str = "cpu"
                             if smoothed else f"quant_algo {', '.join(unknown)} has no bound here" if unknown
                             else "layers store pre-quantization scales")
         return result
-    source = tensor_files(source_dir)
+    source = tensor_files(Path(source_dir)) if reference is None else {name: IN_MEMORY for name in reference}
+    if reference is not None:
+        result["reference"] = "the weights in memory"
     problems = result["problems"]
     stats = []
     with ExitStack() as stack:
         handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
-                   for file in sorted(set(where.values()) | set(source.values()))}
+                   for file in sorted(set(where.values()) | set(source.values())) if file != IN_MEMORY}
+        if reference is not None:
+            handles[IN_MEMORY] = _InMemory(reference)
 
         def read(name: str):  # the rows checked of one tensor (or layer), from the export and the source
             if name in by_module and "weight_scale" in by_module[name]:

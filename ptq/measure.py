@@ -136,21 +136,21 @@ def read_back(plan: Plan, export_dir: Path, timer: StageTimer, tokenizer_from: s
 
 
 def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str,
-                  weights_moved: Optional[str] = None) -> dict:
+                  trained: Optional[dict] = None) -> dict:
     """The check of the checkpoint as written that fidelity.exported_check asks for; the record says which ran.
 
     "weights": each quantized layer's stored weight against the source checkpoint's (`source`, the BF16 folder
     the model was loaded from). Where that cannot judge the export (AWQ and SmoothQuant fold factors into
-    other tensors; a source that is not a local folder; `weights_moved`: training after PTQ changed the weights, so
-    the source no longer holds them), the full read-back runs and the record says why."""
+    other tensors; a source that is not a local folder), the full read-back runs and the record says why.
+    `trained`: the weights as trained after PTQ (by tensor name, taken before the export), which the source no
+    longer holds: the stored weights are compared with them instead."""
     cfg = plan.cfg
     fallback = None
     if cfg.fidelity.exported_check == "weights":
-        if weights_moved:
-            fallback = weights_moved
-        elif Path(source).is_dir():
+        if trained is not None or Path(source).is_dir():
             with timer.stage("check_exported"):
-                result = exported.check_stored_weights(export_dir, Path(source), cfg.hardware.device)
+                result = exported.check_stored_weights(export_dir, None if trained is not None else Path(source),
+                                                       cfg.hardware.device, reference=trained)
             if result.get("applicable"):
                 return result
             fallback = result.get("reason", "the stored-weight check does not apply")

@@ -239,6 +239,11 @@ class HFModelOptBackend:
             recovery = recover.train(plan, model, training, timer)
             recovery["ptq_fidelity"] = ptq_fid
             training = None  # drops a second copy of the teacher, if one was made
+        # The weights moved: the stored-weight check compares the export with them (a BF16 copy on the host, taken
+        # before the export replaces them by their codes), not with the source checkpoint.
+        trained = None
+        if recovery is not None and cfg.fidelity.enabled and cfg.fidelity.exported and cfg.fidelity.exported_check == "weights":
+            trained = {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if repaired:
@@ -248,10 +253,9 @@ class HFModelOptBackend:
             # search holds it too), and the read-back needs its memory.
             del model
             search = None
-            moved = (f"recover={cfg.recover.method} trained the weights after PTQ, so the source checkpoint no longer "
-                     "holds them" if recovery is not None else None)
             written = fid["exported_checkpoint"] = check_written(plan, export_dir, baseline, timer, source=checkpoint,
-                                                                 weights_moved=moved)
+                                                                 trained=trained)
+            trained = None
             if "mean_kl" in written:
                 log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
                          written["mean_kl"], fid["mean_kl"])
