@@ -159,3 +159,12 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
     assert "_modelopt_cache" not in PreTrainedModel.__dict__
     copied = qad("backend.reuse_loaded_model=false", "recover.seed=99")
     assert copied["teacher"].startswith("a second copy of the BF16 model")
+
+
+def test_a_recovered_checkpoint_is_its_own_variant_in_the_report():
+    from ptq.report.read import variant_label
+
+    ptq = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "none"}}}
+    qad = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "qad", "steps": 20}}}
+    assert variant_label(ptq) == "int4_awq@16"
+    assert variant_label(qad) == "int4_awq+qad20@16"

@@ -61,7 +61,7 @@ def record_kv_cache(record: dict) -> str:
 
 
 def variant_label(record: dict, with_seq_len: bool = False) -> str:
-    """`<recipe>[/<algorithm>][+kv_<fmt>][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
+    """`<recipe>[/<algorithm>][+kv_<fmt>][+<qat|qad><steps>][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
     baseline is just `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm,
     recipe.algorithm_args); the calibration sequence length with `with_seq_len` (the report asks for it where a
     model's variants differ in it: `fp8@32x256`, `fp8@32x128`).
@@ -79,6 +79,10 @@ def variant_label(record: dict, with_seq_len: bool = False) -> str:
     kv = record_kv_cache(record)
     if kv != "none":
         label += f"+kv_{kv}"
+    # Training after PTQ (recover=qat|qad) makes another checkpoint of the recipe: `+qad20`.
+    recover = ((record.get("config") or {}).get("recover") or {}) if isinstance(record.get("config"), dict) else {}
+    if isinstance(recover, dict) and recover.get("method") not in (None, "", "none"):
+        label += f"+{recover['method']}{recover.get('steps', '')}"
     calib = record_calib_size(record)
     seq_len = record_calib_seq_len(record) if with_seq_len else math.nan
     if calib is not None and calib != "":
