@@ -174,7 +174,8 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
         output_dir=str(work), max_steps=rec.steps, per_device_train_batch_size=bs, learning_rate=rec.lr,
         lr_scheduler_type=str(rec.schedule), warmup_steps=rec.warmup_ratio, logging_steps=1, save_strategy="no",
         report_to="none", use_cpu=cfg.hardware.device == "cpu", seed=rec.seed, data_seed=rec.seed,
-        remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch", disable_tqdm=False)
+        remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch", disable_tqdm=False,
+        include_num_input_tokens_seen="all")
     common = {"model": model, "args": args, "train_dataset": _Rows(prepared.tokens), "data_collator": default_data_collator}
     start = time.perf_counter()
     try:
@@ -188,6 +189,7 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
                 trainer = QATTrainer(**common)
             output = trainer.train()
             history = list(trainer.state.log_history)
+            tokens_seen = int(trainer.state.num_input_tokens_seen)
             del trainer
             model.eval()
             with torch.no_grad():
@@ -213,7 +215,7 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
         "trainer": f"modelopt.torch.quantization.plugins.transformers_trainer.{'QADTrainer' if rec.method == 'qad' else 'QATTrainer'}",
         "loss": "logit KL to the BF16 model (ModelOpt LogitsDistillationLoss)" if rec.method == "qad" else "causal-LM cross-entropy",
         "steps": int(output.global_step), "batch_size": bs, "seq_len": rec.seq_len,
-        "tokens_seen": int(output.global_step) * bs * rec.seq_len, "text_samples": int(prepared.tokens.shape[0]),
+        "tokens_seen": tokens_seen, "text_samples": int(prepared.tokens.shape[0]),
         "text_source": prepared.text_source, "lr": rec.lr, "schedule": str(rec.schedule),
         "warmup_ratio": rec.warmup_ratio, "seed": rec.seed, "seconds": round(seconds, 3),
         "train_dtype": "float32", "weights_rounded_to": "bfloat16", "loss_curve": curve,

@@ -112,14 +112,16 @@ def test_qat_on_fp8_trains_and_the_stored_weights_match_the_trained_ones(tmp_pat
     text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(400)))
     overrides = small_run_overrides(
         tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qat",
-        "recover.steps=3", "recover.batch_size=2", "recover.seq_len=32", f"recover.text={text}", "recover.lr=1e-2")
+        "recover.steps=3", "recover.batch_size=2", "recover.seq_len=32", f"recover.text={text}", "recover.lr=1e-2",
+        "recover.samples=5")
     cfg, resolved = compose_run(overrides)
     record = run(cfg, resolved)
     assert record["status"] == "finished", record.get("error")
     assert record["validation"]["passed"], record["validation"]["problems"]
     rec = record["recovery"]
     assert rec["method"] == "qat" and rec["loss"] == "causal-LM cross-entropy" and "teacher" not in rec
-    assert rec["text_source"] == str(text.resolve()) and rec["tokens_seen"] == 3 * 2 * 32
+    # 5 sequences in batches of 2: the third step takes the last one alone.
+    assert rec["text_source"] == str(text.resolve()) and rec["text_samples"] == 5 and rec["tokens_seen"] == 5 * 32
     assert [p["step"] for p in rec["loss_curve"]] == [1, 2, 3]
     assert rec["scales"]["moved"] == 0
     # The weights moved: the stored weights are compared with the trained ones held in memory, not the source's.
