@@ -6,11 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
+from transformers import PreTrainedModel
 
 from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
 from ptq.errors import ConfigError
 from ptq.exported import check_stored_weights
 from ptq.formats import STORED_WEIGHTS_CHECK
+from ptq.models import kept_model
+from ptq.plan import ModelSource
+from ptq.report.read import variant_label
 from ptq.run import run
 
 
@@ -139,11 +143,6 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
     """QAD distils from the pristine BF16 model this process keeps (no copy) and hands it on unchanged: trainable
     as before, and transformers' loading no longer patched by ModelOpt's trainer; without a kept model, from a
     second copy made before quantizing."""
-    from transformers import PreTrainedModel
-
-    from ptq.models import kept_model
-    from ptq.plan import ModelSource
-
     def qad(*extra):
         overrides = small_run_overrides(
             tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qad",
@@ -164,8 +163,6 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
 
 
 def test_a_recovered_checkpoint_is_its_own_variant_in_the_report():
-    from ptq.report.read import variant_label
-
     ptq = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "none"}}}
     qad = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "qad", "steps": 20}}}
     assert variant_label(ptq) == "int4_awq@16"
