@@ -148,7 +148,7 @@ def test_the_html_report_renders_its_tables_and_plots_in_a_browser(browser, swee
     summary = {row[0]: row for row in cells(browser, "//h3[.='tiny: summary']/following-sibling::table[1]")[1:]}
     assert summary["nvfp4@512"][1] == "failed"
     assert summary["nvfp4@512"][-1] == "failed: torch.OutOfMemoryError: CUDA out of memory."
-    assert summary["fp8@512"][1:3] == ["finished", "91.9%"]
+    assert summary["fp8@512"][1:3] == ["finished", "91.9% [84.8, 99.0]"]
     other = cells(browser, "//h2[.='other']/following-sibling::table[1]")
     assert other[0] == ["benchmark", "metric", "bf16", "fp8@256", "int8_sq@256"]
 

@@ -203,14 +203,22 @@ class PtqSlurmLauncher(SlurmLauncher):
                 if stopping:
                     returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name))
                     continue
-                returns.append(self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state))
+                try:
+                    returns.append(self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state))
+                except Exception:
+                    if not stopping:
+                        raise
+                    # The signal's exception came while Hydra was still setting the point up, outside the run
+                    # that would have recorded it: the point did not get to run.
+                    returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name, interrupted=True))
         finally:
             signal.signal(signum, previous)
         return returns
 
-    def _not_started(self, overrides: List[str], signal_name: str) -> JobReturn:
+    def _not_started(self, overrides: List[str], signal_name: str, interrupted: bool = False) -> JobReturn:
+        when = "while this point was being set up" if interrupted else "before this point's turn"
         reason = (f"not started: the packed Slurm job received {signal_name} (its time limit was near or it was "
-                  "preempted) before this point's turn; run the sweep again to run it")
+                  f"preempted) {when}; run the sweep again to run it")
         try:
             task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
             record_failure(OmegaConf.to_container(task, resolve=True), reason)
