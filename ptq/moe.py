@@ -122,5 +122,4 @@ def warning(summary: dict, calib_size: int) -> Optional[str]:
     return (f"{len(summary['uncovered'])} routed experts received no calibration tokens and "
             f"{len(summary['few_tokens'])} fewer than {summary['min_tokens']} ({named}) out of {summary['experts']}; "
             f"{summary['scales']}. About calib.size={summary['suggested_calib_size']} (now {calib_size}) would give "
-            "each of them enough tokens, or +recipe.algorithm_args.moe_calib_experts_ratio=1.0 routes every "
-            "calibration token through every expert.")
+            "each of them enough tokens.")
