@@ -133,23 +133,22 @@ def self_sampled(model, tokenizer, *, model_id: str, cache_dir: str, requests: D
             missing[use] = (seed, samples, seq_len, cached)
     if not missing:
         return out
-    # Per seed: every row up to the largest request, at the longest length asked for or cached.
-    streams: Dict[int, list] = {}
+    # Per seed: every row up to the largest request or cached sample; all at the longest length asked or cached.
+    counts: Dict[int, int] = {}
+    length = 0
     for seed, samples, seq_len, cached in missing.values():
-        have = (0, 0) if cached is None else tuple(cached.shape)
-        rows, length = streams.get(seed, (0, 0))
-        streams[seed] = (max(rows, samples, have[0]), max(length, seq_len, have[1]))
-    length = max(length for _, length in streams.values())
-    rows = [(seed, row) for seed, (count, _) in sorted(streams.items()) for row in range(count)]
-    tokens = sample_rows(model, tokenizer, rows, length, batch_size)
-    first = 0
-    for seed, (count, _) in sorted(streams.items()):
+        have_rows, have_length = (0, 0) if cached is None else tuple(cached.shape)
+        counts[seed] = max(counts.get(seed, 0), samples, have_rows)
+        length = max(length, seq_len, have_length)
+    seeds = sorted(counts)
+    tokens = sample_rows(model, tokenizer, [(seed, row) for seed in seeds for row in range(counts[seed])], length,
+                         batch_size)
+    sampled = dict(zip(seeds, tokens.split([counts[seed] for seed in seeds])))
+    for seed, rows in sampled.items():
         with atomic_path(_self_cache(cache_dir, model_id, seed)) as tmp:
-            torch.save(tokens[first:first + count].clone(), tmp)
-        streams[seed] = tokens[first:first + count]
-        first += count
+            torch.save(rows.clone(), tmp)
     for use, (seed, samples, seq_len, _) in missing.items():
-        out[use] = streams[seed][:samples, :seq_len]
+        out[use] = sampled[seed][:samples, :seq_len]
     return out
 
 

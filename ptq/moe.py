@@ -46,7 +46,9 @@ def _expert_count(block) -> int:
 
 class ExpertCounter:
     """Counts, per MoE layer, the routing slots each expert receives while active (a forward pre-hook on each
-    layer's experts module, which transformers 5 calls as experts(hidden_states, top_k_index, top_k_weights))."""
+    layer's experts module, which transformers 5 calls as experts(hidden_states, top_k_index, top_k_weights)).
+    Only the first `with` block counts: calibration algorithms that run the forward loop again (AWQ, GPTQ) would
+    count the same tokens twice; `passes` says how many blocks ran."""
 
     def __init__(self, model) -> None:
         self.blocks = moe_blocks(model)
@@ -54,6 +56,7 @@ class ExpertCounter:
                                                 for name, b in self.blocks.items()}
         self.top_k = {name: int(b.gate.top_k) for name, b in self.blocks.items()}
         self._handles: list = []
+        self.passes = 0
 
     def __bool__(self) -> bool:
         return bool(self.blocks)
@@ -67,14 +70,16 @@ class ExpertCounter:
         return count
 
     def __enter__(self) -> "ExpertCounter":
-        for name, block in self.blocks.items():
-            self._handles.append(block.experts.register_forward_pre_hook(self._hook(name), with_kwargs=True))
+        if not self.passes:
+            for name, block in self.blocks.items():
+                self._handles.append(block.experts.register_forward_pre_hook(self._hook(name), with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self.passes += 1
 
 
 def coverage(counts: Dict[str, List[int]], top_k: Dict[str, int], tokens: int, samples: int,

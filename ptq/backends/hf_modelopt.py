@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import importlib
 import logging
 import sys
@@ -18,7 +18,7 @@ from ptq.auto_quantize import AutoQuantizeSearch
 from ptq import recover
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import token_batches
-from ptq.measure import SAMPLE_BATCH_SIZE, Baseline, bf16_baseline, check_written, compare
+from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import last_load, load_model
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
@@ -127,13 +127,9 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
     counter = ExpertCounter(model)
 
     def forward_loop(m):
-        # Experts' tokens are counted on the first pass only (AWQ and GPTQ run the loop again).
-        with counter if counter and not counted else contextlib.nullcontext():
+        with counter:  # experts' tokens, counted on the first pass only
             for batch in tqdm(list(calib.split(batch_size)), desc=f"calibrating {cfg.recipe.name}", unit="batch"):
                 m(batch.to(device))
-        counted.append(True)
-
-    counted: List[bool] = []
 
     out = Quantized()
     with timer.stage("calibrate"), torch.no_grad():
@@ -142,7 +138,7 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
         else:
             mtq.quantize(model, quant_cfg, forward_loop)
             out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
-    if counter and counted:
+    if counter and counter.passes:
         out.expert_coverage = coverage({name: c.tolist() for name, c in counter.counts.items()}, counter.top_k,
                                        tokens=int(calib.numel()), samples=int(calib.shape[0]),
                                        min_tokens=cfg.calib.expert_min_tokens)
@@ -233,8 +229,8 @@ class HFModelOptBackend:
             ptq_fid = None
             if baseline.reference is not None:  # the PTQ point's fidelity, on the same held-out tokens
                 with timer.stage("fidelity_before_recovery"):
-                    ptq_fid, _ = compare(plan, model, tokenizer, Baseline(tokens=baseline.tokens, batch_size=baseline.batch_size,
-                                                                          reference=baseline.reference),
+                    # Fidelity only: the benchmarks are scored once, after recovery.
+                    ptq_fid, _ = compare(plan, model, tokenizer, dataclasses.replace(baseline, scores=None),
                                          StageTimer(), measured_on="PTQ, before recovery")
             recovery = recover.train(plan, model, training, timer)
             recovery["ptq_fidelity"] = ptq_fid
