@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 
 @contextmanager
@@ -65,3 +66,31 @@ def publish_folder(partial: Path, final: Path) -> None:
         shutil.rmtree(retired, ignore_errors=True)
     else:
         partial.rename(final)
+
+
+def nearest_existing(path: Path) -> Path:
+    """`path` itself if it exists, else the nearest of its parents that does (where creating it would start)."""
+    existing = Path(path)
+    while not existing.exists() and existing.parent != existing:
+        existing = existing.parent
+    return existing
+
+
+def safetensors_header(file: Path) -> Tuple[int, int, dict]:
+    """(file size, header length, header) of a safetensors file, read without its tensors. Raises OSError when the
+    file cannot be read and ValueError saying what is wrong (the text follows the file's name in a message)."""
+    size = file.stat().st_size
+    with file.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"is {size} bytes, too short for a safetensors header")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise ValueError(f"is truncated: its header alone claims {length:,} bytes of a {size:,}-byte file")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError as exc:
+            raise ValueError(f"has a damaged header: {exc}") from exc
+    if not isinstance(header, dict):
+        raise ValueError(f"has a damaged header: a JSON {type(header).__name__}, not an object")
+    return size, length, header

@@ -9,14 +9,13 @@ requests that cannot be met (a token is at least one byte of text).
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from pathlib import Path
 from typing import Optional
 
 from ptq.errors import ConfigError
 from ptq.evaluation import check_eval_config
+from ptq.files import nearest_existing, safetensors_header
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig
 from ptq.textfiles import checked_once, read_texts
@@ -48,21 +47,11 @@ def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]
 def safetensors_problem(file: Path) -> Optional[str]:
     """What is wrong with a safetensors file's header (None when it is whole), without reading its tensors."""
     try:
-        size = file.stat().st_size
-        with file.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return f"{file.name} is {size} bytes, too short for a safetensors header"
-            (length,) = struct.unpack("<Q", head)
-            if 8 + length > size:
-                return f"{file.name} is truncated: its header alone claims {length:,} bytes of a {size:,}-byte file"
-            header = json.loads(f.read(length))
+        size, length, header = safetensors_header(file)
     except OSError as exc:
         return f"{file.name} cannot be read: {exc}"
     except ValueError as exc:
-        return f"{file.name} has a damaged header: {exc}"
-    if not isinstance(header, dict):
-        return f"{file.name} has a damaged header: a JSON {type(header).__name__}, not an object"
+        return f"{file.name} {exc}"
     ends = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -85,9 +74,7 @@ def check_checkpoint(folder: Path) -> None:
 
 def check_writable(folder: Path, key: str, value: str) -> None:
     """`folder` (output_root's output folder, or cache_dir) is a folder that can be created and written."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     if not existing.is_dir():
         where = f"{existing} is a file, not a folder" if existing == folder else \
             f"cannot create {folder}: {existing} is a file, not a folder"

@@ -21,7 +21,7 @@ from typing import List, Optional
 
 from ptq.errors import ConfigError
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
-from ptq.files import read_json
+from ptq.files import nearest_existing, read_json, safetensors_header
 from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
                          export_algos, unknown_candidates, uses_int4_blocks, weight_bits)
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
@@ -745,14 +745,12 @@ def model_shape(config: dict) -> dict:
 def safetensors_params(folder: Path) -> Optional[int]:
     """Parameters in a folder's safetensors files, from their headers (None: none there, or a header that
     cannot be read; ptq/inputs.py names the damage)."""
-    total, files = 0, sorted(folder.glob("*.safetensors"))
+    total = 0
     try:
-        for file in files:
-            with file.open("rb") as f:
-                (length,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(min(length, 100_000_000)))
+        for file in sorted(folder.glob("*.safetensors")):
+            _, _, header = safetensors_header(file)
             total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
-    except (OSError, ValueError, TypeError, KeyError, AttributeError, struct.error):
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
         return None
     return total or None
 
@@ -812,9 +810,7 @@ def gguf_shape(path: str) -> dict:
 
 def free_bytes(folder: Path) -> Optional[int]:
     """Free bytes on the file system `folder` would be created on (its nearest existing folder), or None."""
-    existing = folder
-    while not existing.exists() and existing.parent != existing:
-        existing = existing.parent
+    existing = nearest_existing(folder)
     try:
         return shutil.disk_usage(existing).free if existing.is_dir() else None
     except OSError:
