@@ -28,12 +28,4 @@ python3 launch.py -m hardware=${PTQ_HARDWARE:-h100} eval=local_quick eval.data_d
     "$@" 2>&1 | grep -v "real_accelerator\|it/s\]\|s/it\]" | tail -40
 echo "gpu_sweep: sweep took $((SECONDS - start)) s"
 python3 -m ptq.report "$PTQ_RUNS" --out "$BENCH_OUT/report" > /dev/null 2> "$BENCH_OUT/report.log" || tail "$BENCH_OUT/report.log"
-python3 - "$PTQ_RUNS" "$BENCH_OUT" <<'PY'
-import json, sys
-from pathlib import Path
-runs, out = Path(sys.argv[1]), Path(sys.argv[2])
-records = {str(p.parent.relative_to(runs)): json.loads(p.read_text()) for p in sorted(runs.glob("*/*/run.json"))}
-(out / "run-records.json").write_text(json.dumps(records, indent=1) + "\n")
-for name, r in records.items():
-    print(name, r["status"], (r.get("error") or "")[:200], r.get("timings_s"))
-PY
+python3 -m bench.records "$PTQ_RUNS" "$BENCH_OUT"

@@ -5,7 +5,8 @@
 #     bash bench/moe_gpu.sh point SHAPE RECIPE.. # one launch.py run per recipe (fidelity on, evaluation off)
 #     bash bench/moe_gpu.sh profile SHAPE RECIPE # time per layer kind (Mamba, MoE, attention) in a BF16 forward
 #                                                # and in RECIPE's calibration (bench/moe_profile.py)
-#     bash bench/moe_gpu.sh report               # timings.jsonl, the run records and peak memory into $PTQ_BENCH_OUT
+#     bash bench/moe_gpu.sh report               # timings.jsonl and the whole run records (bench/records.py:
+#                                                # timings, peak GPU memory, layer kinds, expert coverage) into $PTQ_BENCH_OUT
 #
 # Shapes: nemotron3-nano-30b-a3b (31.6 B parameters, about 63 GB in BF16), qwen3-30b-a3b (30.5 B) and their
 # -tiny versions. Random weights exercise shapes, code paths, memory and time; their KL and perplexity figures
@@ -37,17 +38,9 @@ model_args() {
     esac
 }
 
-timed() {
-    local label=$1 start end status
-    shift
-    start=$(date +%s.%N)
-    "$@" > "$WORK/$label.log" 2>&1
-    status=$?
-    end=$(date +%s.%N)
-    python3 -c "import json,sys; print(json.dumps({'label': sys.argv[1], 'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 2), 'exit': int(sys.argv[4])}))" \
-        "$label" "$start" "$end" "$status" >> "$WORK/timings.jsonl"
-    echo "moe_gpu: $label exit $status ($(python3 -c "print(round($end - $start, 1))") s)"
-}
+BENCH_NAME=moe_gpu
+# shellcheck source=bench/timed.sh
+source bench/timed.sh
 
 case ${1:-} in
 prepare)
@@ -78,22 +71,7 @@ profile)
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
-    python3 - "$WORK" "$BENCH_OUT" <<'PY'
-import json, sys
-from pathlib import Path
-
-work, out = Path(sys.argv[1]), Path(sys.argv[2])
-records = {}
-for path in sorted((work / "runs").glob("*/*/run.json")):
-    record = json.loads(path.read_text())
-    records[str(path.relative_to(work))] = {k: record.get(k) for k in (
-        "status", "error", "model", "recipe", "timings_s", "details", "fidelity", "validation", "size", "versions",
-        "hardware", "calibration", "started_at", "finished_at")}
-(out / "run-records.json").write_text(json.dumps(records, indent=1, default=str) + "\n")
-for name, r in records.items():
-    t = r["timings_s"] or {}
-    print(name, r["status"], {k: t[k] for k in t}, (r.get("error") or "")[:300])
-PY
+    python3 -m bench.records "$WORK/runs" "$BENCH_OUT"
     ;;
 *)
     sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'

@@ -40,18 +40,9 @@ shape_args() {
     esac
 }
 
-# timed LABEL COMMAND...: run, append {"label", "seconds", "exit"} to timings.jsonl
-timed() {
-    local label=$1 start end status
-    shift
-    start=$(date +%s.%N)
-    "$@" > "$WORK/$label.log" 2>&1
-    status=$?
-    end=$(date +%s.%N)
-    python3 -c "import json,sys; print(json.dumps({'label': sys.argv[1], 'seconds': round(float(sys.argv[3]) - float(sys.argv[2]), 2), 'exit': int(sys.argv[4])}))" \
-        "$label" "$start" "$end" "$status" >> "$WORK/timings.jsonl"
-    echo "speed_gpu: $label exit $status ($(python3 -c "print(round($end - $start, 1))") s)"
-}
+BENCH_NAME=speed_gpu
+# shellcheck source=bench/timed.sh
+source bench/timed.sh
 
 # Loads ModelOpt's CUDA extensions in a fresh process through the launcher's build cache under $1.
 load='import time; from ptq.backends.base import use_extension_cache; import sys; print("dir", use_extension_cache(sys.argv[1]));
