@@ -13,12 +13,15 @@ from typing import Iterator, Optional, Tuple
 
 @contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """A temporary name beside `path` to write to; renamed onto `path` only if the block finishes."""
+    """A temporary name beside `path` to write to; renamed onto `path` only if the block finishes. A file it
+    replaces keeps its mode."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         yield tmp
+        if path.exists():
+            tmp.chmod(path.stat().st_mode & 0o7777)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from safetensors import safe_open
 
 from ptq import layerkinds
+from ptq.files import write_text_atomic
 from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
@@ -99,11 +100,7 @@ def repair_exclude_modules(checkpoint: Path) -> List[str]:
         if repaired != entries:
             fixed = [e for e in entries if "\x00" in e] or fixed
             quantization["exclude_modules"] = repaired
-            mode = path.stat().st_mode & 0o777
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps(data, indent=4) + "\n")
-            tmp.chmod(mode)
-            tmp.replace(path)
+            write_text_atomic(path, json.dumps(data, indent=4) + "\n")
     return fixed
 
 
