@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pandas as pd
 
 from ptq.layout import RECORD_NAME
 
@@ -58,6 +59,14 @@ SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchm
 
 # 95% two-sided normal quantile: intervals, "n.s." marks and the recommendation's bounds use this one value.
 Z_95 = 1.96
+
+
+def within_noise(delta: float, error: float) -> bool:
+    """Whether `delta` (variant - BF16) is within 95% noise, `error` being the difference's standard error (the
+    one rule of the tables' "n.s." marks and the summary's significant losses)."""
+    if pd.isna(delta) or pd.isna(error) or error <= 0:
+        return False
+    return abs(delta) < Z_95 * error
 
 # A point's fidelity figures in the summary: the perplexity ratio to BF16 with its 95% interval, the mean KL with
 # its standard error (ptq/fidelity.py).

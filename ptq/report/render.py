@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from ptq.report.common import (BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
-                               SUPERSEDED_COLUMNS, Z_95)
+                               SUPERSEDED_COLUMNS, within_noise)
 from ptq.layerkinds import KINDS
 from ptq.report.plots import model_plots
 from ptq.report.tables import Report, measured_names, row_sort_key
@@ -22,13 +22,6 @@ def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
 
-
-
-def within_noise(delta: float, error: float) -> bool:
-    """Whether `delta` (variant - BF16) is within 95% noise, `error` being the difference's standard error."""
-    if pd.isna(delta) or pd.isna(error) or error <= 0:
-        return False
-    return abs(delta) < Z_95 * error
 
 
 def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
@@ -12,7 +13,7 @@ import pandas as pd
 from ptq.report.common import (
     BASELINE_STATUS, BENCHMARK_SUMMARY_COLUMNS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FIDELITY_SUMMARY_COLUMNS,
     FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, LAYER_KIND_COLUMNS, SCORE_COLUMNS, SKIPPED_COLUMNS, SUMMARY_COLUMNS,
-    SUPERSEDED_COLUMNS, Z_95,
+    SUPERSEDED_COLUMNS, Z_95, within_noise,
 )
 from ptq.report.read import (
     as_number, as_timestamp, baseline_scores, calib_source, difference_error, fidelity_fingerprint, fidelity_setting,
@@ -317,12 +318,6 @@ def _recovery_bounds(value: float, bf16: float, error: float, higher_is_better: 
 _SUMMARY_INPUTS = ("benchmark", "metric", "value", "bf16", "delta", "delta_error", "recovery", "higher_is_better")
 
 
-def _median(values: List[float]) -> float:
-    ordered = sorted(values)
-    middle = len(ordered) // 2
-    return ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
-
-
 def _benchmark_summary(rows: List[tuple]) -> dict:
     """Median recovery over a point's benchmark rows (tuples of _SUMMARY_INPUTS) with its interval, and its worst
     significant loss.
@@ -337,19 +332,19 @@ def _benchmark_summary(rows: List[tuple]) -> dict:
     defined = [row for row in rows if not math.isnan(row[6])]
     if not defined:
         return out
-    out["median_recovery"] = _median([row[6] for row in defined])
+    out["median_recovery"] = statistics.median([row[6] for row in defined])
     bounds = [_recovery_bounds(value, bf16, error, higher)
               for _, _, value, bf16, _, error, _, higher in defined]
     if all(not math.isnan(low) for low, _ in bounds):
-        out["median_recovery_lo"] = _median([low for low, _ in bounds])
-        out["median_recovery_hi"] = _median([high for _, high in bounds])
+        out["median_recovery_lo"] = statistics.median([low for low, _ in bounds])
+        out["median_recovery_hi"] = statistics.median([high for _, high in bounds])
     worst = None
     for benchmark, metric, value, bf16, delta, error, recovery, higher in defined:
         if math.isnan(error) or error <= 0 or math.isnan(delta):
             continue
         out["judged"] += 1
         loss = (-delta if higher else delta) / abs(bf16)
-        if abs(delta) < Z_95 * error or loss <= 0:
+        if within_noise(delta, error) or loss <= 0:
             continue
         out["significant_losses"] += 1
         if worst is None or loss > worst[0]:
