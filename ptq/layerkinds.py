@@ -22,7 +22,8 @@ ALWAYS_BF16 = ("router", "mamba_conv1d", "embedding")
 _EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<index>\d+)\.")
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value"}
 _MLP = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj"}
-_FLOAT = {"BF16", "F16", "F32"}
+# safetensors dtypes of weights left unquantized (stored_format names them as they are).
+FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
 def kind_of(module: str) -> str:
@@ -54,8 +55,8 @@ def kind_of(module: str) -> str:
 def stored_format(module: str, index: Mapping[str, Mapping]) -> str:
     """The number format `module`'s weight is stored in, read from its dtype and the scales beside it."""
     dtype = index[f"{module}.weight"]["dtype"]
-    if dtype in _FLOAT:
-        return "BF16" if dtype == "BF16" else dtype
+    if dtype in FLOAT_DTYPES:
+        return dtype
     if dtype.startswith("F8"):
         return "FP8"
     if dtype == "U8":
@@ -110,9 +111,9 @@ def promise_problems(summary: dict, promises: Mapping[str, str], expected_expert
     for kind, want in wanted.items():
         formats = summary["kinds"].get(kind, {})
         if want == BF16:
-            wrong = {fmt: cell["layers"] for fmt, cell in formats.items() if fmt not in _FLOAT and fmt != "BF16"}
+            wrong = {fmt: cell["layers"] for fmt, cell in formats.items() if fmt not in FLOAT_DTYPES}
         else:
-            wrong = {fmt: cell["layers"] for fmt, cell in formats.items() if fmt in _FLOAT or fmt == "BF16"}
+            wrong = {fmt: cell["layers"] for fmt, cell in formats.items() if fmt in FLOAT_DTYPES}
         if wrong:
             counts = ", ".join(f"{n} in {fmt}" for fmt, n in sorted(wrong.items()))
             problems.append(f"{kind} layers should be {'left in BF16' if want == BF16 else 'quantized'} but {counts}")

@@ -16,7 +16,7 @@ from ptq.files import write_text_atomic
 from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
-FLOAT_DTYPES = {"BF16", "F16", "F32"}
+FLOAT_DTYPES = layerkinds.FLOAT_DTYPES
 # Weight dtype (safetensors names) a layer of each per-layer quant_algo must hold in a mixed-precision export.
 WEIGHT_DTYPES = {algo: fmt.weight_dtype for algo, fmt in EXPORT_FORMATS.items()}
 
