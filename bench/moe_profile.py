@@ -76,6 +76,27 @@ class KindTimer:
         return out
 
 
+def coverage_curve(model, tokens, batch: int, device, min_tokens: int = 8) -> list:
+    """Experts short of tokens after each batch of a BF16 pass: one row per sample count (what a calibration of
+    that many samples, of this text, would have given each routed expert)."""
+    from ptq.moe import ExpertCounter
+
+    rows = []
+    with ExpertCounter(model) as counter:
+        if not counter:
+            return rows
+        done = 0
+        for chunk in tokens.split(batch):
+            model(chunk.to(device))
+            done += len(chunk)
+            every = torch.cat([c for c in counter.counts.values()])
+            rows.append({"samples": done, "tokens": done * tokens.shape[1], "experts": len(every),
+                         "no_tokens": int((every == 0).sum()), "below_min": int((every < min_tokens).sum()),
+                         "min_tokens": min_tokens, "min": int(every.min()), "median": int(every.median()),
+                         "max": int(every.max())})
+    return rows
+
+
 def quant_config(recipe: str, model_group: str):
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -96,6 +117,9 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--coverage-samples", type=int, default=0,
+                        help="also count the tokens each routed expert receives in a BF16 pass over up to this many "
+                             "samples, snapshot after every batch (how coverage grows with calib.size)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -106,6 +130,8 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), return_tensors="pt").input_ids[0]
     tokens = ids[: args.samples * args.seq_len].view(args.samples, args.seq_len)
+    available = len(ids) // args.seq_len
+    coverage_tokens = ids[: min(args.coverage_samples, available) * args.seq_len].view(-1, args.seq_len)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map=device.type).eval()
 
     def forward(m):
@@ -117,6 +143,9 @@ def main() -> None:
               "versions": {"torch": torch.__version__}}
     with torch.no_grad():
         forward(model)  # warm-up: kernels, allocator
+        if len(coverage_tokens):
+            result["coverage_by_samples"] = coverage_curve(model, coverage_tokens, args.batch, device)
+            print("coverage", json.dumps(result["coverage_by_samples"]), flush=True)
         for label, run in (("bf16_forward", lambda: forward(model)),
                            ("calibrate", lambda: mtq.quantize(model, quant_config(args.recipe, args.model_group), forward))):
             timer = KindTimer(model, device)
