@@ -845,3 +845,75 @@ def test_per_subject_rows_are_named_after_the_subject_not_its_file():
     assert set(scores_table["benchmark"]) == {"mmlu:anatomy"} and set(scores_table["subject"]) == {"anatomy"}
     paired = rows_of(scores_table, variant="fp8@512").iloc[0]
     assert paired["bf16"] == 0.5 and paired["paired_items"] == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Training after PTQ (recover=qat|qad) against its PTQ point
+
+
+def trained(record, method="qad", steps=20, lr=1e-5):
+    record["config"]["recover"] = {"method": method, "steps": steps, "lr": lr, "schedule": "cosine"}
+    return record
+
+
+def fid_with_interval(ratio, ratio_halfwidth, kl, kl_stderr):
+    out = fidelity(20.0 * ratio, kl, 0.8)
+    out["perplexity_ratio_ci95"] = [ratio - ratio_halfwidth, ratio + ratio_halfwidth]
+    out["mean_kl_stderr"] = kl_stderr
+    return out
+
+
+def test_training_after_ptq_is_shown_against_its_ptq_point_with_the_share_of_the_gap_closed(tmp_path):
+    ptq = make_record("m", "nvfp4", fidelity=fid_with_interval(1.6, 0.02, 0.40, 0.01))
+    short = trained(make_record("m", "nvfp4", fidelity=fid_with_interval(1.3, 0.02, 0.20, 0.01)), steps=20)
+    long = trained(make_record("m", "nvfp4", fidelity=fid_with_interval(1.2, 0.02, 0.10, 0.01)), steps=100)
+    other_lr = trained(make_record("m", "nvfp4", fidelity=fid_with_interval(1.7, 0.02, 0.50, 0.01)), steps=100,
+                       lr=1e-3)
+    report = build_report([ptq, short, long, other_lr])
+    # Four points, none superseded: the training settings (steps, lr) make different points.
+    assert report.superseded.empty
+    table = report.training
+    assert len(table) == 3 and set(table["ptq_variant"]) == {"nvfp4@512"}
+    row = table[(table["steps"] == 20)].iloc[0]
+    assert row["variant"] == "nvfp4+qad20@512"
+    assert row["kl_gap_closed"] == pytest.approx(0.5)  # 0.40 -> 0.20 of a gap of 0.40 to BF16's 0
+    # delta method: sqrt(0.01^2 + (1 - 0.5)^2 0.01^2) / 0.40
+    stderr = math.sqrt(0.01 ** 2 + 0.25 * 0.01 ** 2) / 0.40
+    assert row["kl_gap_closed_lo"] == pytest.approx(0.5 - 1.96 * stderr)
+    assert row["ppl_gap_closed"] == pytest.approx(0.5)  # 1.6 -> 1.3 of a gap of 0.6 to 1
+    assert not row["worse_than_ptq"]
+    # Same steps, another learning rate: the labels name the learning rate, and the worse one is flagged.
+    hundred = table[table["steps"] == 100]
+    assert sorted(hundred["variant"]) == ["nvfp4+qad100@512 [lr 0.001]", "nvfp4+qad100@512 [lr 1e-05]"]
+    bad = hundred[hundred["lr"] == 1e-3].iloc[0]
+    assert bad["worse_than_ptq"] and bad["kl_gap_closed"] == pytest.approx(-0.25)
+    assert "worse than PTQ" in bad["note"]
+    markdown = render_markdown(report)
+    assert "### m: training after PTQ" in markdown and "WORSE:" in markdown and "50% [" in markdown
+    from ptq.report import write_report
+    _, written = write_report(report, tmp_path / "out")
+    names = {p.name for p in written}
+    assert {"training.csv", "training_m.png"} <= names
+    assert (tmp_path / "out" / "training_m.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_ptq_gap_within_noise_has_no_share_to_close_and_a_lone_trained_point_says_what_is_missing():
+    ptq = make_record("m", "fp8", fidelity=fid_with_interval(1.01, 0.03, 0.004, 0.003))
+    closer = trained(make_record("m", "fp8", fidelity=fid_with_interval(1.0, 0.03, 0.002, 0.003)))
+    row = build_report([ptq, closer]).training.iloc[0]
+    assert math.isnan(row["kl_gap_closed"]) and math.isnan(row["ppl_gap_closed"])
+    assert "within noise" in row["note"]
+    lone = build_report([trained(make_record("m", "int4_awq", fidelity=fid_with_interval(1.1, 0.01, 0.1, 0.01)))])
+    assert lone.training.iloc[0]["note"].startswith("no finished PTQ point")
+
+
+def test_benchmark_losses_closed_by_training_count_only_rows_where_ptq_lost_beyond_noise():
+    base = make_record("m", BF16, results=scores(arc__acc=0.60, hs__acc=0.50))
+    ptq = make_record("m", "nvfp4", results=scores(arc__acc=0.50, hs__acc=0.495),
+                      fidelity=fid_with_interval(1.5, 0.02, 0.3, 0.01))
+    after = trained(make_record("m", "nvfp4", results=scores(arc__acc=0.56, hs__acc=0.50),
+                                fidelity=fid_with_interval(1.2, 0.02, 0.1, 0.01)))
+    row = build_report([base, ptq, after]).training.iloc[0]
+    # arc lost 0.10 (beyond noise) and got 0.06 back; hs lost 0.005, within noise, so it is not counted.
+    assert row["benchmarks_closed"] == 1
+    assert row["benchmark_gap_closed"] == pytest.approx(0.6)

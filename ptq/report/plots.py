@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import math
 import re
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
+import numpy as np
 import pandas as pd
 
 from ptq.report.common import BF16, FIDELITY_METRIC, Z_95
@@ -266,12 +267,53 @@ def plot_vs_calib_size(summary: pd.DataFrame, model: str):
     return _png(vs_calib_size_figure(summary, model))
 
 
-def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str) -> Dict[str, bytes]:
+def training_figure(training: pd.DataFrame, model: str):
+    """Mean KL and perplexity ratio against training steps (0: the PTQ point), a line per PTQ variant, method and
+    learning rate, with 95% error bars; None when nothing of `model` was trained."""
+    rows = training[(training["model"] == model) & (training["ptq_variant"] != "")]
+    rows = rows[rows["mean_kl"].notna() | rows["perplexity_ratio"].notna()]
+    if rows.empty:
+        return None
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(11, 4.4), dpi=110)
+    FigureCanvasAgg(figure)
+    kl_axes, ppl_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
+    for (ptq, method, lr), group in rows.groupby(["ptq_variant", "method", "lr"], sort=True, dropna=False):
+        group = group.sort_values("steps")
+        first = group.iloc[0]
+        steps = [0, *group["steps"].tolist()]
+        label = f"{ptq} {method} lr {lr:g}"
+        kl = [first["ptq_mean_kl"], *group["mean_kl"].tolist()]
+        kl_error = [np.nan, *(Z_95 * group["mean_kl_stderr"]).tolist()]
+        kl_axes.errorbar(steps, kl, yerr=np.nan_to_num(kl_error), fmt="o-", capsize=3, label=label)
+        ppl = [first["ptq_perplexity_ratio"], *group["perplexity_ratio"].tolist()]
+        ppl_axes.plot(steps, ppl, "o-", label=label)
+    kl_axes.axhline(0, color="grey", linewidth=0.8, linestyle="--")
+    ppl_axes.axhline(1, color="grey", linewidth=0.8, linestyle="--")
+    for axes, what in ((kl_axes, "mean KL vs BF16 (95% error bars)"), (ppl_axes, "perplexity ratio to BF16")):
+        axes.set_xlabel("training steps after PTQ (0: PTQ)")
+        axes.set_ylabel(what)
+        axes.grid(True, alpha=0.3)
+    kl_axes.set_title(f"{model}: held-out fidelity during training after PTQ", fontsize=10)
+    ppl_axes.legend(fontsize=7)
+    return figure
+
+
+def plot_training(training: Optional[pd.DataFrame], model: str):
+    """PNG of training_figure, or None."""
+    return None if training is None else _png(training_figure(training, model))
+
+
+def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str,
+                training: Optional[pd.DataFrame] = None) -> Dict[str, bytes]:
     """Every plot of one model that has something to show: {file name: PNG}."""
     made = {plot_file_name(model): plot_recovery_vs_bits(summary, model),
             plot_file_name(model, "perplexity_vs_bits"): plot_perplexity_vs_bits(summary, model),
             plot_file_name(model, "deltas"): plot_deltas(scores, model),
-            plot_file_name(model, "vs_calib_size"): plot_vs_calib_size(summary, model)}
+            plot_file_name(model, "vs_calib_size"): plot_vs_calib_size(summary, model),
+            plot_file_name(model, "training"): plot_training(training, model)}
     return {name: png for name, png in made.items() if png is not None}
 
 

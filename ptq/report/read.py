@@ -60,7 +60,20 @@ def record_kv_cache(record: dict) -> str:
     return kv if isinstance(kv, str) and kv else "none"
 
 
-def variant_label(record: dict, with_seq_len: bool = False) -> str:
+def record_recover(record: dict) -> dict:
+    """The record's training-after-PTQ settings (config.recover), {} when it had none (recover=none)."""
+    recover = section(section(record, "config"), "recover")
+    return recover if recover.get("method") not in (None, "", "none") else {}
+
+
+def recover_key(recover: dict) -> str:
+    """A short hash of the training settings ("" for none): points trained differently are different points."""
+    if not recover:
+        return ""
+    return hashlib.sha256(json.dumps(recover, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool = True) -> str:
     """`<recipe>[/<algorithm>][+kv_<fmt>][+<qat|qad><steps>][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
     baseline is just `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm,
     recipe.algorithm_args); the calibration sequence length with `with_seq_len` (the report asks for it where a
@@ -79,9 +92,10 @@ def variant_label(record: dict, with_seq_len: bool = False) -> str:
     kv = record_kv_cache(record)
     if kv != "none":
         label += f"+kv_{kv}"
-    # Training after PTQ (recover=qat|qad) makes another checkpoint of the recipe: `+qad20`.
-    recover = ((record.get("config") or {}).get("recover") or {}) if isinstance(record.get("config"), dict) else {}
-    if isinstance(recover, dict) and recover.get("method") not in (None, "", "none"):
+    # Training after PTQ (recover=qat|qad) makes another checkpoint of the recipe: `+qad20` (left out with
+    # `with_recover=False`: the label of the PTQ point it started from).
+    recover = record_recover(record)
+    if recover and with_recover:
         label += f"+{recover['method']}{recover.get('steps', '')}"
     calib = record_calib_size(record)
     seq_len = record_calib_seq_len(record) if with_seq_len else math.nan

@@ -183,6 +183,40 @@ LAYER_KIND_NOTE = ("Layers of each kind stored in each format in the written che
                    "model's parameters (ptq/layerkinds.py; routed experts count one layer per expert and projection).")
 
 
+TRAINING_NOTE = ("Training after PTQ against the PTQ checkpoint it started from: the share of the PTQ gap to BF16 "
+                 "that the training closed (1 = back to BF16, 0 = unchanged, below 0 = worse), with its 95% interval; "
+                 "benchmarks: the median share over the rows where PTQ lost beyond noise (ptq/report/training.py). "
+                 "The held-out fidelity text is kept apart from the training text.")
+
+
+def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The training table of one model as display text (empty when nothing was trained)."""
+    rows = training[training["model"] == model]
+
+    def share(x, lo, hi) -> str:
+        if pd.isna(x):
+            return ""
+        return f"{100 * x:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]" if not (pd.isna(lo) or pd.isna(hi)) else f"{100 * x:.0f}%"
+
+    return pd.DataFrame({
+        "variant": rows["variant"],
+        "from PTQ": rows["ptq_variant"],
+        "method": rows["method"],
+        "steps": [_fmt(x, ".0f") for x in rows["steps"]],
+        "lr": [_fmt(x, "g") for x in rows["lr"]],
+        "mean KL (PTQ → trained)": [f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" + (f" ± {e:.3f}" if not pd.isna(e) else "")
+                                    for a, b, e in zip(rows["ptq_mean_kl"], rows["mean_kl"], rows["mean_kl_stderr"])],
+        "KL gap closed": [share(*x) for x in zip(rows["kl_gap_closed"], rows["kl_gap_closed_lo"], rows["kl_gap_closed_hi"])],
+        "perplexity ratio (PTQ → trained)": [f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" for a, b in
+                                             zip(rows["ptq_perplexity_ratio"], rows["perplexity_ratio"])],
+        "ppl gap closed": [share(*x) for x in zip(rows["ppl_gap_closed"], rows["ppl_gap_closed_lo"],
+                                                  rows["ppl_gap_closed_hi"])],
+        "benchmarks gap closed": [f"{100 * x:.0f}% (median of {n})" if not pd.isna(x) else ""
+                                  for x, n in zip(rows["benchmark_gap_closed"], rows["benchmarks_closed"])],
+        "note": [("WORSE: " if w else "") + n for w, n in zip(rows["worse_than_ptq"], rows["note"])],
+    })
+
+
 def render_markdown(report: Report) -> str:
     parts = ["# Quantization results", "", LEGEND]
     for model in report.models:
@@ -194,6 +228,9 @@ def render_markdown(report: Report) -> str:
         kinds = layer_kind_table(report.layer_kinds, model)
         if not kinds.empty:
             parts += ["", f"### {model}: layer kinds", "", LAYER_KIND_NOTE, "", markdown_table(kinds)]
+        trained = training_rows(report.training, model)
+        if not trained.empty:
+            parts += ["", f"### {model}: training after PTQ", "", TRAINING_NOTE, "", markdown_table(trained)]
         superseded = report.superseded[report.superseded["model"] == model]
         if not superseded.empty:
             parts += ["", f"### {model}: superseded records", ""]
@@ -223,6 +260,10 @@ def render_html(report: Report, plots: dict) -> str:
         kinds = layer_kind_table(report.layer_kinds, model)
         if not kinds.empty:
             body += [f"<h3>{html.escape(model)}: layer kinds</h3>", f"<p>{html.escape(LAYER_KIND_NOTE)}</p>", table(kinds)]
+        trained = training_rows(report.training, model)
+        if not trained.empty:
+            body += [f"<h3>{html.escape(model)}: training after PTQ</h3>", f"<p>{html.escape(TRAINING_NOTE)}</p>",
+                     table(trained)]
         for name, png in plots.get(model, {}).items():
             encoded = base64.b64encode(png).decode("ascii")
             what = name.rsplit(".", 1)[0].replace("_", " ")
@@ -243,7 +284,7 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
     Markdown lines added at the end of both pages (the recommendation)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     markdown = render_markdown(report) + ("\n".join(extra) + "\n" if extra else "")
-    plots = {model: model_plots(report.summary, report.scores, model) for model in report.models}
+    plots = {model: model_plots(report.summary, report.scores, model, report.training) for model in report.models}
     written = []
     for made in plots.values():
         for name, png in made.items():
@@ -262,4 +303,7 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
     if not report.layer_kinds.empty:
         report.layer_kinds.to_csv(out_dir / "layer_kinds.csv", index=False)
         written.append(out_dir / "layer_kinds.csv")
+    if not report.training.empty:
+        report.training.to_csv(out_dir / "training.csv", index=False)
+        written.append(out_dir / "training.csv")
     return markdown, written

@@ -18,8 +18,9 @@ from ptq.report.common import (
 from ptq.report.read import (
     as_number, as_timestamp, baseline_scores, calib_source, difference_error, fidelity_fingerprint, fidelity_setting,
     fidelity_summary, record_calib_seq_len, record_calib_size, record_eval_tag, record_kv_cache, record_problem,
-    record_scores, section, served_by, status_note, variant_label, variant_sort_key,
+    record_recover, record_scores, recover_key, section, served_by, status_note, variant_label, variant_sort_key,
 )
+from ptq.report.training import TRAINING_COLUMNS, training_table
 from ptq.stats import paired_delta_stderr
 
 
@@ -30,6 +31,8 @@ class Report:
     superseded: pd.DataFrame
     skipped: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=SKIPPED_COLUMNS))
     layer_kinds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAYER_KIND_COLUMNS))
+    # Training after PTQ against the PTQ point it started from (ptq/report/training.py).
+    training: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TRAINING_COLUMNS))
 
     @property
     def models(self) -> List[str]:
@@ -48,6 +51,7 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
         # What the checkpoint is made from (BF16 makes none: its calibration settings mean nothing) and how it was
         # measured (evaluation settings, fidelity text and sampling): records that differ in any are different points.
         seq_len = math.nan if bf16 else record_calib_seq_len(record)
+        recover = record_recover(record)
         rows.append({
             "index": index, "model": record["model"], "base": variant_label(record),
             "base_seq": variant_label(record, with_seq_len=True),
@@ -67,17 +71,22 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             **fidelity_summary(record),
             "served_by": served_by(record),
             "note": status_note(status, record.get("error")), "source": source,
+            # Training after PTQ: its settings make another point of the recipe; `ptq_base` is the PTQ point's label.
+            "recover_key": recover_key(recover), "ptq_base": variant_label(record, with_recover=False),
+            "recover_method": recover.get("method", ""), "recover_steps": as_number(recover.get("steps")),
+            "recover_lr": as_number(recover.get("lr")),
         })
     return pd.DataFrame(rows, columns=["index", "model", "base", "base_seq", "eval_tag", "fidelity_fp",
                                        "fidelity_setting", "recipe", "kv_cache", "calib_size", "calib_seq_len",
                                        "seq_key", "calib_source", "status", "finished_at", "time", "checkpoint_mb",
                                        "compression", "bits_per_weight", "calibrate_s", *FIDELITY_SUMMARY_COLUMNS,
-                                       "served_by", "note", "source"])
+                                       "served_by", "note", "source", "recover_key", "ptq_base",
+                                       "recover_method", "recover_steps", "recover_lr"])
 
 
 # Records that agree on all of these are one point measured again (the newest finished one is used); records that
 # differ in any are different points, each kept and named by what differs (see _name_points).
-POINT_KEY = ["model", "base", "seq_key", "calib_source", "eval_tag", "fidelity_fp"]
+POINT_KEY = ["model", "base", "seq_key", "calib_source", "eval_tag", "fidelity_fp", "recover_key"]
 
 
 def _name_points(kept: pd.DataFrame) -> List[str]:
@@ -106,8 +115,13 @@ def _name_points(kept: pd.DataFrame) -> List[str]:
         tags = {kept["eval_tag"].iat[i] for i in members}
         prints = {kept["fidelity_fp"].iat[i] for i in members}
         settings = {kept["fidelity_setting"].iat[i] for i in members}
+        trainings = {kept["recover_key"].iat[i] for i in members}
         for i in members:
             parts = []
+            if len(trainings) > 1:  # the label names method and steps; the learning rate (or the rest) tells apart
+                lrs = {kept["recover_lr"].iat[i] for i in members}
+                parts.append(f"lr {kept['recover_lr'].iat[i]:g}" if len(lrs) == len(members)
+                             else f"training #{kept['recover_key'].iat[i][:6] or 'none'}")
             if len(texts) > 1:
                 parts.append(f"calib {kept['calib_source'].iat[i] or 'unknown'}")
             if len(tags) > 1:
@@ -413,7 +427,8 @@ def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = Non
     bf16 = _bf16_values(usable, kept)
     scores = _order_scores(_score_rows(usable, kept, bf16), kept)[SCORE_COLUMNS]
     return Report(scores=scores, summary=_summary(kept, scores, bf16), superseded=superseded,
-                  skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), layer_kinds=_layer_kinds(usable, kept))
+                  skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), layer_kinds=_layer_kinds(usable, kept),
+                  training=training_table(kept, scores))
 
 
 def scores_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
