@@ -905,6 +905,12 @@ def test_a_ptq_gap_within_noise_has_no_share_to_close_and_a_lone_trained_point_s
     assert "within noise" in row["note"]
     lone = build_report([trained(make_record("m", "int4_awq", fidelity=fid_with_interval(1.1, 0.01, 0.1, 0.01)))])
     assert lone.training.iloc[0]["note"].startswith("no finished PTQ point")
+    # A trained run's own fidelity before training (the same held-out tokens) stands in for a missing PTQ point.
+    own = trained(make_record("m", "int4_awq", fidelity=fid_with_interval(1.1, 0.01, 0.1, 0.01)))
+    own["recovery"] = {"ptq_fidelity": fid_with_interval(1.2, 0.01, 0.2, 0.01)}
+    row = build_report([own]).training.iloc[0]
+    assert row["ptq_variant"] == "(same run, before training)"
+    assert row["kl_gap_closed"] == pytest.approx(0.5) and row["ppl_gap_closed"] == pytest.approx(0.5)
 
 
 def test_benchmark_losses_closed_by_training_count_only_rows_where_ptq_lost_beyond_noise():

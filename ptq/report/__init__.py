@@ -11,7 +11,8 @@ first given folder, or beside the first given file) as `results.md` (also printe
 `results.csv`, `summary.csv`, `results.html` and, per model, the plots that have something to show: `recovery_vs_bits_<model>.png`,
 `perplexity_vs_bits_<model>.png` (with 95% intervals and the Pareto front), `deltas_<model>.png` (each benchmark
 difference from BF16 with its interval) and `vs_calib_size_<model>.png` (when a recipe ran at several calibration
-sizes).
+sizes). Points trained after PTQ (recover=qat|qad) are also set against the PTQ point they started from in
+`training.csv`, a "training after PTQ" table and `training_<model>.png` (training.py).
 
 Naming rules
 ------------

@@ -75,13 +75,17 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             "recover_key": recover_key(recover), "ptq_base": variant_label(record, with_recover=False),
             "recover_method": recover.get("method", ""), "recover_steps": as_number(recover.get("steps")),
             "recover_lr": as_number(recover.get("lr")),
+            # The same run's fidelity before training, on the same held-out tokens (recovery.ptq_fidelity).
+            **{f"own_ptq_{k}": v for k, v in fidelity_summary(
+                {"fidelity": section(record, "recovery").get("ptq_fidelity")}).items()},
         })
     return pd.DataFrame(rows, columns=["index", "model", "base", "base_seq", "eval_tag", "fidelity_fp",
                                        "fidelity_setting", "recipe", "kv_cache", "calib_size", "calib_seq_len",
                                        "seq_key", "calib_source", "status", "finished_at", "time", "checkpoint_mb",
                                        "compression", "bits_per_weight", "calibrate_s", *FIDELITY_SUMMARY_COLUMNS,
                                        "served_by", "note", "source", "recover_key", "ptq_base",
-                                       "recover_method", "recover_steps", "recover_lr"])
+                                       "recover_method", "recover_steps", "recover_lr",
+                                       *(f"own_ptq_{c}" for c in FIDELITY_SUMMARY_COLUMNS)])
 
 
 # Records that agree on all of these are one point measured again (the newest finished one is used); records that

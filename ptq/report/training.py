@@ -11,13 +11,15 @@ perplexity ratio 1, a benchmark's BF16 score):
 Its standard error comes from both points' errors by the delta method, treating the two as independent (they
 are measured on the same held-out tokens or items, so this overstates the error rather than hiding it). Where
 the PTQ point's own gap is within noise there is nothing to close: the share is left out and the note says so.
-A trained point whose held-out KL or perplexity ratio is worse than its PTQ point's beyond noise is flagged.
+A trained point with no PTQ point of its own is set against the fidelity its own run measured before training
+(`recovery.ptq_fidelity`, the same held-out tokens; no benchmarks). A trained point whose held-out KL or perplexity ratio is worse than its PTQ point's beyond noise is flagged.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
+from collections import namedtuple
 from typing import Optional, Tuple
 
 import pandas as pd
@@ -92,6 +94,11 @@ def _interval(share: float, stderr: float) -> Tuple[float, float]:
 SHARED = ["model", "seq_key", "calib_source", "eval_tag", "fidelity_fp"]
 
 
+# The PTQ side of a trained point without a PTQ point of its own: the run's fidelity before training.
+SAME_RUN = "(same run, before training)"
+_OwnPtq = namedtuple("_OwnPtq", "variant mean_kl mean_kl_stderr perplexity_ratio perplexity_ratio_lo perplexity_ratio_hi")
+
+
 def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     """One row per trained point of `kept` (tables._select's points) against its PTQ point; empty when nothing
     was trained."""
@@ -109,6 +116,12 @@ def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
                "worse_than_ptq": False, "note": ""}
         if point.status != "finished":
             out["note"] = point.note or point.status
+        if ptq is None and not math.isnan(point.own_ptq_mean_kl):
+            # No PTQ point of its own in the records: the run's fidelity before training, on the same tokens.
+            ptq = _OwnPtq(variant=SAME_RUN, mean_kl=point.own_ptq_mean_kl, mean_kl_stderr=point.own_ptq_mean_kl_stderr,
+                          perplexity_ratio=point.own_ptq_perplexity_ratio,
+                          perplexity_ratio_lo=point.own_ptq_perplexity_ratio_lo,
+                          perplexity_ratio_hi=point.own_ptq_perplexity_ratio_hi)
         if ptq is None:
             out.update(ptq_variant="", note=out["note"] or "no finished PTQ point with the same settings to compare with")
             rows.append(out)
