@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -40,5 +42,19 @@ def main(cfg: DictConfig):
         return "failed"
 
 
+def recipe_file_shortcut(argv):
+    """`recipe=<file.yaml>` (a ModelOpt recipe file, e.g. the modelopt_recipe.yaml written beside a checkpoint) means
+    `recipe=modelopt recipe.modelopt_recipe=<file>`; every other argument is left as it is."""
+    out = []
+    for arg in argv:
+        key, _, value = arg.partition("=")
+        if key == "recipe" and value.endswith((".yaml", ".yml")) and "," not in value:
+            out += ["recipe=modelopt", f"recipe.modelopt_recipe={os.path.abspath(os.path.expanduser(value))}"]
+        else:
+            out.append(arg)
+    return out
+
+
 if __name__ == "__main__":
+    sys.argv[1:] = recipe_file_shortcut(sys.argv[1:])
     main()

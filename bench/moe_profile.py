@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.moe import ExpertCounter  # noqa: E402
 from ptq.recipes import build_quant_config  # noqa: E402
 from ptq.schema import register_schemas  # noqa: E402
 
@@ -79,8 +80,6 @@ class KindTimer:
 def coverage_curve(model, tokens, batch: int, device, min_tokens: int = 8) -> list:
     """Experts short of tokens after each batch of a BF16 pass: one row per sample count (what a calibration of
     that many samples, of this text, would have given each routed expert)."""
-    from ptq.moe import ExpertCounter
-
     rows = []
     with ExpertCounter(model) as counter:
         if not counter:

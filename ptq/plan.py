@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
+from ptq import recipe_files
 from ptq.errors import ConfigError
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.files import nearest_existing, read_json, safetensors_header
@@ -194,13 +195,33 @@ def _recipe_formats(recipe) -> List[str]:
     return list(recipe.formats)
 
 
+def check_recipe_file(cfg: RunConfig) -> None:
+    """recipe=modelopt: a ModelOpt PTQ recipe file that exists, run in process, as the recipe's only config."""
+    recipe = cfg.recipe
+    if recipe.name == "modelopt" and not recipe.modelopt_recipe:
+        shipped = recipe_files.shipped_recipes()
+        raise ConfigError("recipe=modelopt runs a ModelOpt recipe file: name it with recipe.modelopt_recipe=<path in "
+                          "ModelOpt's recipe library or a file>" + (f", e.g. {', '.join(shipped[:4])}" if shipped else "")
+                          + " (or `python launch.py recipe=<file.yaml>`).")
+    if not recipe.modelopt_recipe:
+        return
+    if recipe.modelopt_cfg is not None:
+        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and "
+                          f"recipe.modelopt_recipe={recipe.modelopt_recipe}; a recipe is one config: set one of them to null.")
+    if cfg.backend.name != "hf_modelopt":
+        raise ConfigError(f"recipe.modelopt_recipe={recipe.modelopt_recipe} with backend={cfg.backend.name}: "
+                          "Megatron-Bridge's quantize step takes its own format names (--export-quant-cfg), not ModelOpt "
+                          "recipe files; use backend=hf_modelopt, or a recipe of this launcher with recipe.megatron_cfg.")
+    recipe_files.check(recipe.modelopt_recipe)
+
+
 def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
     """A mixed-precision recipe (recipe.candidates): known candidates the hardware can calibrate and a
     budget they can meet. Returns whether a candidate stores INT4 weights in blocks (AWQ block size)."""
     recipe, hw = cfg.recipe, cfg.hardware
     names = list(recipe.candidates)
-    if recipe.modelopt_cfg is not None:
-        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and recipe.candidates; "
+    if recipe.modelopt_cfg is not None or recipe.modelopt_recipe:
+        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg or recipe.modelopt_recipe} and recipe.candidates; "
                           "a recipe is one config or a search over several: set recipe.modelopt_cfg=null or recipe.candidates=[].")
     unknown = unknown_candidates(names)
     if unknown:
@@ -591,9 +612,10 @@ def check_algorithm(cfg: RunConfig) -> None:
     if recipe.candidates:
         raise ConfigError(f"{what} does not apply to recipe={recipe.name}: AutoQuantize calibrates every candidate with "
                           "its own config's algorithm. Remove it, or sweep a one-format recipe (e.g. recipe=nvfp4).")
-    if recipe.modelopt_cfg is None:
+    if recipe.modelopt_cfg is None and not recipe.modelopt_recipe:
         raise ConfigError(f"{what} does not apply to recipe={recipe.name}, which quantizes nothing; pick a quantized recipe.")
-    if method is None:
+    if method is None or recipe.modelopt_recipe:
+        # A recipe file's formats are known once ModelOpt loads it: its config class checks the method's settings.
         return
     if method not in ALGORITHMS:
         raise ConfigError(f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
@@ -658,7 +680,8 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     check_algorithm(cfg)
     _calibration_warning(cfg, warnings)
     recipe = cfg.recipe
-    quantize = recipe.modelopt_cfg is not None or bool(recipe.candidates)
+    check_recipe_file(cfg)
+    quantize = recipe.modelopt_cfg is not None or bool(recipe.modelopt_recipe) or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
         raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe "
                           "for KV-cache quantization.")

@@ -10,6 +10,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 
+from ptq import recipe_files
 from ptq.errors import ConfigError
 from ptq.formats import KV_CACHE_CONFIGS, algorithm_tag
 from ptq.schema import RecipeConfig
@@ -28,11 +29,41 @@ def set_block_size(entry_cfg, block: int) -> None:
             sizes[key] = block
 
 
+def load_recipe_file(ref: str) -> Dict:
+    """The quantize section ({quant_cfg, algorithm}) of a ModelOpt PTQ recipe file, through ModelOpt's own loader
+    (which resolves `$import` units and validates every field); a ConfigError names what is wrong with it."""
+    from modelopt.recipe import load_recipe
+
+    path = recipe_files.check(ref)
+    try:
+        loaded = load_recipe(path)
+    except Exception as exc:  # pydantic's ValidationError, ValueError: an unknown field, a bad value, a missing unit
+        first = str(exc).strip().splitlines()
+        raise ConfigError(f"recipe.modelopt_recipe={ref}: ModelOpt's recipe loader refuses {path}: "
+                          f"{' '.join(first[:6])}. Fix the file.") from None
+    quantize = loaded.quantize.model_dump()
+    return {"quant_cfg": quantize["quant_cfg"], "algorithm": quantize.get("algorithm")}
+
+
+def _kv_entries(entries: List[Dict]) -> List[str]:
+    """The enabled entries of a config that quantize the KV cache (ModelOpt's `*[kv]_bmm_quantizer` quantizers)."""
+    return [e["quantizer_name"] for e in entries
+            if "bmm_quantizer" in str(e.get("quantizer_name", "")) and e.get("enable", True) is not False]
+
+
 def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_block_size: Optional[int]) -> Dict:
-    """The ModelOpt config dict for `recipe`, with the run's options applied in ModelOpt's list form."""
+    """The ModelOpt config dict for `recipe`, with the run's options applied in ModelOpt's list form: a ModelOpt
+    config constant (recipe.modelopt_cfg) or a ModelOpt recipe file (recipe.modelopt_recipe)."""
     import modelopt.torch.quantization as mtq
 
-    base = getattr(mtq, recipe.modelopt_cfg or "", None)
+    if recipe.modelopt_recipe:
+        base = load_recipe_file(recipe.modelopt_recipe)
+        if recipe.kv_cache != "none" and _kv_entries(base["quant_cfg"]):
+            raise ConfigError(f"recipe.kv_cache={recipe.kv_cache} with recipe.modelopt_recipe={recipe.modelopt_recipe}, "
+                              f"which quantizes the KV cache itself ({', '.join(_kv_entries(base['quant_cfg']))}): "
+                              "leave recipe.kv_cache=none, or pick the recipe file of the KV-cache format you want.")
+    else:
+        base = getattr(mtq, recipe.modelopt_cfg or "", None)
     if not isinstance(base, dict):
         raise ConfigError(
             f"recipe.modelopt_cfg={recipe.modelopt_cfg!r} is not a config of the installed ModelOpt "
@@ -52,8 +83,11 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
         kv = getattr(mtq, KV_CACHE_CONFIGS[recipe.kv_cache])
         cfg = mtq.update_quant_cfg_with_kv_cache_quant(cfg, copy.deepcopy(kv["quant_cfg"]))
         entries = cfg["quant_cfg"]
+    # A recipe file written by an earlier run holds these already: not added twice.
+    present = {e.get("quantizer_name") for e in entries if e.get("enable") is False and not e.get("cfg")}
     for pattern in exclude_patterns:
-        entries.append({"quantizer_name": module_pattern_to_quantizer_pattern(pattern), "enable": False})
+        if module_pattern_to_quantizer_pattern(pattern) not in present:
+            entries.append({"quantizer_name": module_pattern_to_quantizer_pattern(pattern), "enable": False})
     if recipe.algorithm is not None or recipe.algorithm_args:
         cfg["algorithm"] = algorithm_config(recipe, cfg.get("algorithm"))
         _check_block_scale_search(recipe, cfg)
@@ -130,6 +164,30 @@ def algorithm_config(recipe: RecipeConfig, own) -> Dict:
         settings = ", ".join(k for k in cls.model_fields if k not in ("method", "layerwise", "moe_calib_experts_ratio"))
         raise ConfigError(f"recipe.algorithm_args={args} for {method}: {problems}. {cls.__name__} takes: {settings}.") from None
     return merged
+
+
+def formats_of(quant_cfg: Dict) -> List[str]:
+    """The number formats the enabled quantizers of a ModelOpt config compute in (ptq/formats.py's names: fp8,
+    nvfp4, mxfp8, mxfp4, int8, int4), to check against what the hardware can calibrate."""
+    found = []
+    for entry in quant_cfg["quant_cfg"]:
+        cfgs = entry.get("cfg")
+        if entry.get("enable") is False or cfgs is None:
+            continue
+        for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
+            if not isinstance(cfg, dict) or cfg.get("enable") is False:
+                continue
+            bits, blocks = cfg.get("num_bits"), cfg.get("block_sizes") or {}
+            bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
+            scale = blocks.get("scale_bits")
+            scale = tuple(scale) if isinstance(scale, (list, tuple)) else scale
+            name = {(4, 3): "fp8", (5, 2): "fp8", (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
+                    8: "int8", 4: "int4"}.get(bits)
+            if name == "fp8" and scale == (8, 0):
+                name = "mxfp8"
+            if name and name not in found:
+                found.append(name)
+    return found
 
 
 def disabled_patterns(quant_cfg: Dict) -> List[str]:

@@ -17,6 +17,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, OmegaConf
 
+from ptq import recipe_files
 from ptq.formats import algorithm_tag
 
 
@@ -137,6 +138,10 @@ class RecipeConfig:
     name: str = MISSING
     # Name of the config constant in modelopt.torch.quantization; None = BF16 baseline.
     modelopt_cfg: Optional[str] = None
+    # Or a ModelOpt PTQ recipe file (recipe=modelopt, ptq/recipe_files.py): its path in the installed
+    # modelopt_recipes library (general/ptq/fp8_default-kv_fp8) or a file of the user's, such as the
+    # modelopt_recipe.yaml every quantized checkpoint folder holds. Loaded with ModelOpt's own loader.
+    modelopt_recipe: Optional[str] = None
     # The same recipe's name in Megatron-Bridge's `--export-quant-cfg` (None: not offered there).
     megatron_cfg: Optional[str] = None
     # Number formats the recipe computes in; checked against `hardware.calibrate`.
@@ -435,5 +440,7 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("ptq_variant", _variant_suffix)
     if not OmegaConf.has_resolver("ptq_eval"):
         OmegaConf.register_new_resolver("ptq_eval", eval_tag)
+    if not OmegaConf.has_resolver("ptq_recipe_name"):
+        OmegaConf.register_new_resolver("ptq_recipe_name", recipe_files.recipe_name)
     if not OmegaConf.has_resolver("ptq_recover"):
         OmegaConf.register_new_resolver("ptq_recover", recover_tag)

@@ -26,7 +26,7 @@ def test_groups_are_the_documented_ones():
         "bf16", "fp8", "fp8_blockwise", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
         "nvfp4_svdquant", "nvfp4_mse", "nvfp4_local_hessian", "w4a16_nvfp4", "mxfp8",
         "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
-        "auto_quantize", "auto_quantize_awq", "auto_quantize_cpu",
+        "auto_quantize", "auto_quantize_awq", "auto_quantize_cpu", "modelopt",
     }
     assert set(options("model")) == {"smollm2-135m", "llama3.2-1b", "qwen3-8b", "qwen3-30b-a3b", "nemotron-h-8b",
                                      "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"}

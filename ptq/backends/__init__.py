@@ -38,7 +38,14 @@ def check_before_run(plan) -> None:
     backend = importlib.import_module(REGISTRY["hf_modelopt"].partition(":")[0])
     use_extension_cache(cfg.cache_dir)
     backend.import_modelopt()
-    importlib.import_module("ptq.recipes").build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    recipes = importlib.import_module("ptq.recipes")
+    quant_cfg = recipes.build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    if cfg.recipe.modelopt_recipe:  # a recipe file's formats are known only now, from its loaded entries
+        cannot = [f for f in recipes.formats_of(quant_cfg) if f not in cfg.hardware.calibrate]
+        if cannot:
+            raise ConfigError(f"recipe.modelopt_recipe={cfg.recipe.modelopt_recipe} computes in {', '.join(cannot)}, which "
+                              f"ModelOpt cannot calibrate on hardware={cfg.hardware.name} (it calibrates "
+                              f"{', '.join(cfg.hardware.calibrate)}); run it on a GPU hardware option, or pick another recipe.")
 
 
 __all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe", "get_backend"]

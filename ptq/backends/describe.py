@@ -12,7 +12,8 @@ from ptq.plan import Plan
 def in_process(plan: Plan) -> List[str]:
     cfg = plan.cfg
     block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
-    how = cfg.recipe.modelopt_cfg or "nothing (BF16)"
+    how = cfg.recipe.modelopt_cfg or (f"ModelOpt recipe {cfg.recipe.modelopt_recipe}" if cfg.recipe.modelopt_recipe
+                                      else "nothing (BF16)")
     if cfg.recipe.candidates:
         how = (f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
                f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from importlib import metadata
+
 import dataclasses
 import importlib
 import logging
@@ -23,6 +25,7 @@ from ptq.models import last_load, load_model
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
+from ptq import recipe_files
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record import StageTimer
 from ptq.validate import repair_exclude_modules
@@ -242,6 +245,12 @@ class HFModelOptBackend:
             trained = {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         repaired = export(plan, model, tokenizer, export_dir, timer)
+        if quant_cfg is not None:
+            # What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
+            applied = recipe_files.applied_recipe(quant_cfg, f"{cfg.recipe.name} as applied to {cfg.model.name} by "
+                                                  f"ptq-launcher (nvidia-modelopt {metadata.version('nvidia-modelopt')})")
+            recipe_files.write_applied(export_dir, applied)
+            details["applied_recipe"] = applied
         if repaired:
             details["exclude_modules_repaired"] = [e.encode("unicode_escape").decode() for e in repaired]
         if fid is not None and plan.quantize and cfg.fidelity.exported:
