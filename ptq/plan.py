@@ -614,8 +614,8 @@ def check_algorithm(cfg: RunConfig) -> None:
                           "its own config's algorithm. Remove it, or sweep a one-format recipe (e.g. recipe=nvfp4).")
     if recipe.modelopt_cfg is None and not recipe.modelopt_recipe:
         raise ConfigError(f"{what} does not apply to recipe={recipe.name}, which quantizes nothing; pick a quantized recipe.")
-    if method is None or recipe.modelopt_recipe:
-        # A recipe file's formats are known once ModelOpt loads it: its config class checks the method's settings.
+    if method is None or (recipe.modelopt_recipe and not recipe.export_quant_algo):
+        # A bare recipe file's formats are known once ModelOpt loads it: its config class checks the method's settings.
         return
     if method not in ALGORITHMS:
         raise ConfigError(f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "

@@ -63,22 +63,32 @@ def shipped_recipes(kind: str = "ptq") -> List[str]:
     names = []
     for path in sorted(library.rglob("*")):
         if path.suffix in SUFFIXES and f"/{kind}/" in f"/{path.relative_to(library).as_posix()}":
-            if "configs/" not in path.relative_to(library).as_posix():
+            if "configs/" not in path.relative_to(library).as_posix() and _typed(path) == kind:
                 names.append(path.relative_to(library).with_suffix("").as_posix())
     return names
+
+
+def _typed(path: Path) -> Optional[str]:
+    try:
+        return recipe_type(path)
+    except ConfigError:
+        return None
 
 
 def recipe_type(path: Path) -> Optional[str]:
     """`metadata.recipe_type` of a recipe file (ptq, auto_quantize, ...), None when it has none."""
     import yaml
 
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:  # a recipe may be several YAML documents (ModelOpt's units put their `imports` in a first one)
+        documents = list(yaml.safe_load_all(path.read_text(encoding="utf-8")))
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"recipe.modelopt_recipe={path}: cannot be read as YAML ({exc}); fix or replace the file.")
-    metadata = data.get("metadata") if isinstance(data, dict) else None
-    value = metadata.get("recipe_type") if isinstance(metadata, dict) else None
-    return str(value) if value is not None else None
+    for data in documents:
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        value = metadata.get("recipe_type") if isinstance(metadata, dict) else None
+        if value is not None:
+            return str(value)
+    return None
 
 
 def check(ref: str) -> Path:

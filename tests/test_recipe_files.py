@@ -71,10 +71,12 @@ def test_modelopt_loads_a_shipped_recipe_and_the_launcher_checks_its_formats_and
     from ptq.recipes import build_quant_config, formats_of
 
     cfg, _ = compose_run(["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}"])
-    quant_cfg = build_quant_config(cfg.recipe, ["*lm_head*"], None)
+    quant_cfg = build_quant_config(cfg.recipe, ["*lm_head*", "*my_layer*"], None)
     assert formats_of(quant_cfg) == ["fp8"]
     assert quant_cfg["algorithm"] == "max"
-    assert quant_cfg["quant_cfg"][-1] == {"quantizer_name": "*lm_head*", "enable": False}
+    # The model's exclusions are added once: lm_head is in the file's own disabled list already.
+    assert quant_cfg["quant_cfg"][-1] == {"quantizer_name": "*my_layer*", "enable": False}
+    assert sum(e["quantizer_name"] == "*lm_head*" for e in quant_cfg["quant_cfg"]) == 1
     # The file quantizes the KV cache itself: asking for another KV format on top is refused.
     cfg, _ = compose_run(["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "recipe.kv_cache=nvfp4"])
     with pytest.raises(ConfigError, match="quantizes the KV cache itself"):
@@ -117,3 +119,22 @@ def test_running_the_written_recipe_file_again_reproduces_the_checkpoint_bit_for
     made = {p.name: p.read_bytes() for p in Path(first["checkpoint"]).glob("*.safetensors")}
     remade = {p.name: p.read_bytes() for p in Path(again["checkpoint"]).glob("*.safetensors")}
     assert made and made == remade
+
+
+def test_a_recipe_of_ours_that_modelopt_ships_as_a_file_runs_that_file_and_it_equals_the_constant():
+    import modelopt.torch.quantization as mtq
+    from modelopt.torch.quantization.config import QuantizeConfig
+
+    from ptq.recipes import load_recipe_file
+
+    cfg, resolved = compose_run(["recipe=w4a16_nvfp4"])
+    assert cfg.recipe.modelopt_recipe == "general/ptq/nvfp4_weight_only-kv_fp16" and cfg.recipe.modelopt_cfg is None
+    assert "/w4a16_nvfp4-kv_none-" in resolved["output_dir"]
+    shipped = QuantizeConfig(**load_recipe_file(cfg.recipe.modelopt_recipe)).model_dump()
+    assert shipped == QuantizeConfig(**mtq.W4A16_NVFP4_CFG).model_dump()
+
+
+def test_shipped_recipe_units_are_not_offered_as_recipes():
+    names = recipe_files.shipped_recipes()
+    assert names and all("disabled_quantizers" not in n and not n.endswith(".quant_cfg") for n in names)
+    assert all(recipe_files.recipe_type(recipe_files.resolve(n)) == "ptq" for n in names)
