@@ -923,3 +923,14 @@ def test_benchmark_losses_closed_by_training_count_only_rows_where_ptq_lost_beyo
     # arc lost 0.10 (beyond noise) and got 0.06 back; hs lost 0.005, within noise, so it is not counted.
     assert row["benchmarks_closed"] == 1
     assert row["benchmark_gap_closed"] == pytest.approx(0.6)
+
+
+def test_each_variant_links_the_recipe_file_written_beside_its_checkpoint():
+    made = make_record("m", "fp8", fidelity=fidelity(21.0, 0.03, 0.9))
+    made["checkpoint"] = "/runs/m/fp8/checkpoint"
+    made["details"] = {"applied_recipe": {"metadata": {"recipe_type": "ptq"}, "quantize": {"quant_cfg": []}}}
+    older = make_record("m", "int8_sq", fidelity=fidelity(21.0, 0.03, 0.9))  # a record from before recipe files
+    report = build_report([made, older])
+    files = dict(zip(report.summary["variant"], report.summary["recipe_file"]))
+    assert files == {"fp8@512": "/runs/m/fp8/checkpoint/modelopt_recipe.yaml", "int8_sq@512": "", BF16: ""}
+    assert "[modelopt_recipe.yaml](/runs/m/fp8/checkpoint/modelopt_recipe.yaml)" in render_markdown(report)

@@ -81,7 +81,7 @@ BENCHMARK_SUMMARY_COLUMNS = ["median_recovery", "median_recovery_lo", "median_re
 
 SUMMARY_COLUMNS = ["model", "variant", "recipe", "status", *BENCHMARK_SUMMARY_COLUMNS, *FIDELITY_SUMMARY_COLUMNS,
                    "checkpoint_mb", "compression", "bits_per_weight", "calib_size", "calib_seq_len", "fidelity_setting",
-                   "calibrate_s", "served_by", "note", "source"]
+                   "calibrate_s", "served_by", "recipe_file", "note", "source"]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
 

@@ -13,6 +13,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
+from ptq.recipe_files import WRITTEN_NAME
 from ptq.report.common import (
     BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
     PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
@@ -58,6 +59,14 @@ def record_calib_size(record: dict):
 def record_kv_cache(record: dict) -> str:
     kv = record.get("kv_cache")
     return kv if isinstance(kv, str) and kv else "none"
+
+
+def recipe_file(record: dict) -> str:
+    """The recipe file written beside the record's checkpoint (the configuration ModelOpt applied), "" when none."""
+    checkpoint = record.get("checkpoint")
+    if not isinstance(checkpoint, str) or not checkpoint or not section(record, "details").get("applied_recipe"):
+        return ""
+    return str(Path(checkpoint) / WRITTEN_NAME)
 
 
 def record_recover(record: dict) -> dict:

@@ -113,6 +113,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
         "calib seq len": [_fmt(x, ".0f") for x in summary["calib_seq_len"]],
         "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
         "served by": summary["served_by"],
+        "recipe file": [f"[{Path(f).name}]({f})" if f else "" for f in summary["recipe_file"].fillna("")],
         "note": summary["note"],
     })
 

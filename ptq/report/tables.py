@@ -18,7 +18,7 @@ from ptq.report.common import (
 from ptq.report.read import (
     as_number, as_timestamp, baseline_scores, calib_source, difference_error, fidelity_fingerprint, fidelity_setting,
     fidelity_summary, record_calib_seq_len, record_calib_size, record_eval_tag, record_kv_cache, record_problem,
-    record_recover, record_scores, recover_key, section, served_by, status_note, variant_label, variant_sort_key,
+    record_recover, record_scores, recipe_file, recover_key, section, served_by, status_note, variant_label, variant_sort_key,
 )
 from ptq.report.training import TRAINING_COLUMNS, training_table
 from ptq.stats import paired_delta_stderr
@@ -69,7 +69,7 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
             "bits_per_weight": as_number(size.get("bits_per_weight")),
             "calibrate_s": as_number(timings.get("calibrate")),
             **fidelity_summary(record),
-            "served_by": served_by(record),
+            "served_by": served_by(record), "recipe_file": recipe_file(record),
             "note": status_note(status, record.get("error")), "source": source,
             # Training after PTQ: its settings make another point of the recipe; `ptq_base` is the PTQ point's label.
             "recover_key": recover_key(recover), "ptq_base": variant_label(record, with_recover=False),
@@ -83,7 +83,7 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
                                        "fidelity_setting", "recipe", "kv_cache", "calib_size", "calib_seq_len",
                                        "seq_key", "calib_source", "status", "finished_at", "time", "checkpoint_mb",
                                        "compression", "bits_per_weight", "calibrate_s", *FIDELITY_SUMMARY_COLUMNS,
-                                       "served_by", "note", "source", "recover_key", "ptq_base",
+                                       "served_by", "recipe_file", "note", "source", "recover_key", "ptq_base",
                                        "recover_method", "recover_steps", "recover_lr",
                                        *(f"own_ptq_{c}" for c in FIDELITY_SUMMARY_COLUMNS)])
 
@@ -386,7 +386,7 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
     if baseline_only:
         extra = pd.DataFrame({"model": baseline_only, "variant": BF16, "recipe": BF16, "kv_cache": "none",
                               "calib_size": np.nan, "calib_seq_len": np.nan, "fidelity_setting": "",
-                              "status": BASELINE_STATUS, "compression": 1.0, "bits_per_weight": 16.0, "served_by": "",
+                              "status": BASELINE_STATUS, "compression": 1.0, "bits_per_weight": 16.0, "served_by": "", "recipe_file": "",
                               **{c: np.nan for c in FIDELITY_SUMMARY_COLUMNS},
                               "note": "no bf16 run: BF16 scores from baselines embedded in quantized records",
                               "source": ""})
