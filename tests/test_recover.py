@@ -167,3 +167,20 @@ def test_a_recovered_checkpoint_is_its_own_variant_in_the_report():
     qad = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "qad", "steps": 20}}}
     assert variant_label(ptq) == "int4_awq@16"
     assert variant_label(qad) == "int4_awq+qad20@16"
+
+
+def test_a_sweep_over_recovery_settings_launches_the_plain_ptq_point_once(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    done = subprocess.run([sys.executable, "launch.py", "-m", "recipe=int4_awq", "recover=none,qad",
+                           "recover.steps=10,20", "dry_run=true", f"output_root={tmp_path}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    # recover=none ignores recover.steps: 2 x 2 combinations are 3 checkpoints (PTQ, QAD 10, QAD 20).
+    assert "Launching 3 jobs locally" in out
+    assert "it is the point recipe=int4_awq recover=none recover.steps=10" in out
+    assert out.count("then QAD for") == 2

@@ -3,6 +3,7 @@ composition per distinct set of config-group choices (composing.py) instead of o
 when the launcher checks every point itself. Selected in conf/config.yaml (`override hydra/sweeper: ptq`)."""
 
 # No `from __future__ import annotations`: see ptq_slurm_launcher.py.
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence
@@ -23,10 +24,33 @@ class PtqSweeperConf(BasicSweeperConf):
     _target_: str = "hydra_plugins.ptq_slurm_launcher.ptq_sweeper.PtqSweeper"
 
 
+log = logging.getLogger(__name__)
+
 ConfigStore.instance().store(group="hydra/sweeper", name="ptq", node=PtqSweeperConf, provider="ptq-launcher")
 
 
 class PtqSweeper(BasicSweeper):
+    def get_job_batch(self) -> Sequence[Sequence[str]]:
+        """The next batch, without points that would write into the folder of an earlier point: the same checkpoint
+        asked for twice, as when `recover=none,qad recover.steps=10,20` gives recover=none once per step count
+        (settings of a stage that does not run do not name folders). The Slurm launcher refuses such points with
+        a record of their own instead."""
+        batch = super().get_job_batch()
+        if getattr(self.launcher, "checks_each_point", False):
+            return batch
+        seen = getattr(self, "_folders", {})
+        self._folders = seen
+        kept = []
+        for overrides, cfg in zip(batch, compose_all(self.hydra_context.config_loader, self.config, batch)):
+            folder = str(cfg.output_dir)
+            if folder in seen:
+                log.info("Not launching %s: it is the point %s again (same output folder %s)",
+                         " ".join(overrides), " ".join(seen[folder]), folder)
+                continue
+            seen[folder] = list(overrides)
+            kept.append(overrides)
+        return kept
+
     def validate_batch_is_legal(self, batch: Sequence[Sequence[str]]) -> None:
         """Every point composes (raises Hydra's error for the first that does not). A launcher that composes and
         checks each point itself, refusing only the points that do not compose (the Slurm launcher), is left to."""
