@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass
 from typing import Dict, Mapping, Optional
 
+from ptq.backend_spec import spec_of
 from ptq.schema import RunConfig
 
 # Host memory beyond the weights: Python, CUDA context, tokenizer, calibration data.
@@ -45,14 +46,15 @@ class Request:
 
 def derived_request(cfg: RunConfig) -> Request:
     """Resources a point needs, from hardware, parallelism, model and backend (before overrides)."""
-    model, hw, par = cfg.model, cfg.hardware, cfg.parallelism
+    model, hw = cfg.model, cfg.hardware
     bf16_gb = model.params_b * 2  # 2 bytes a parameter
     if hw.device == "cpu":
         return Request(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2,
                        mem_gb=math.ceil(model.params_b * 4 * CPU_MEM_COPIES + CPU_BASE_MEM_GB),
                        timeout_min=60 + math.ceil(model.params_b * 60))
-    if cfg.backend.name == "megatron_bridge":
-        nodes, gpus = par.nodes, par.gpus_per_node
+    layout = spec_of(cfg).slurm_layout(cfg)
+    if layout is not None:  # the backend's parallel layout fixes the GPUs
+        nodes, gpus = layout
     else:
         # One process spreads the model over the node's GPUs (device_map=auto).
         nodes = 1
@@ -82,7 +84,7 @@ def check_request(cfg: RunConfig, request: Request) -> Optional[str]:
     if cfg.hardware.device == "cuda" and request.gpus_per_node < 1:
         return (f"hardware={cfg.hardware.name} needs GPUs but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
                 "remove that setting or set it to at least 1.")
-    if cfg.backend.name == "megatron_bridge":
+    if not spec_of(cfg).one_process:
         world = par.nodes * par.gpus_per_node
         got = request.nodes * request.gpus_per_node
         if got != world:

@@ -13,6 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
+from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
 from ptq.evaluation import check_eval_config
 from ptq.files import nearest_existing, safetensors_header
@@ -95,6 +96,6 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
         check_checkpoint(Path(plan.source.location))
     if plan.quantize:
         check_text(cfg.calib.dataset, cfg.calib.size, cfg.calib.seq_len, "calib.dataset")
-    if cfg.fidelity.enabled and (cfg.backend.name == "hf_modelopt" or plan.measure_export):
+    if cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")
     check_eval_config(cfg.eval)

@@ -20,11 +20,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from ptq import recipe_files
+from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.files import nearest_existing, read_json, safetensors_header
 from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
-                         export_algos, unknown_candidates, uses_int4_blocks, weight_bits)
+                         unknown_candidates, uses_int4_blocks, weight_bits)
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record import config_differences, config_hash
 from ptq.schema import RunConfig
@@ -208,7 +209,7 @@ def check_recipe_file(cfg: RunConfig) -> None:
     if recipe.modelopt_cfg is not None:
         raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and "
                           f"recipe.modelopt_recipe={recipe.modelopt_recipe}; a recipe is one config: set one of them to null.")
-    if cfg.backend.name != "hf_modelopt":
+    if not spec_of(cfg).recipe_files:
         raise ConfigError(f"recipe.modelopt_recipe={recipe.modelopt_recipe} with backend={cfg.backend.name}: "
                           "Megatron-Bridge's quantize step takes its own format names (--export-quant-cfg), not ModelOpt "
                           "recipe files; use backend=hf_modelopt, or a recipe of this launcher with recipe.megatron_cfg.")
@@ -284,7 +285,7 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
     cap = cfg.backend.max_gpu_memory_gb
     if cap < 0:
         raise ConfigError(f"backend.max_gpu_memory_gb={cap} must be 0 (no cap) or a positive number of GiB per GPU.")
-    if cap and cfg.backend.name == "hf_modelopt" and hw.device == "cuda" and facts.gpu_count:
+    if cap and spec_of(cfg).gpu_memory_cap and hw.device == "cuda" and facts.gpu_count:
         need = cfg.model.params_b * 2e9 / 2**30
         if need > cap * facts.gpu_count:
             raise ConfigError(
@@ -300,57 +301,6 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
 
 
-# The quant_algo values ModelOpt's Megatron-Core export (export_mcore_gpt_to_hf, which Megatron-Bridge's
-# export.py calls) writes (ptq/formats.py). tests/test_megatron.py reads the installed ModelOpt's source to
-# notice when this changes.
-MEGATRON_EXPORT_ALGOS = export_algos(megatron_export=True)
-
-
-def check_megatron_layout(cfg: RunConfig) -> None:
-    """Refuse recipes and parallel layouts Megatron-Bridge cannot run or export, before anything is submitted."""
-    par, model, recipe = cfg.parallelism, cfg.model, cfg.recipe
-    if recipe.algorithm is not None or recipe.algorithm_args:
-        raise ConfigError(
-            f"recipe.algorithm / recipe.algorithm_args apply to backend=hf_modelopt: backend=megatron_bridge calibrates "
-            f"with the config its --export-quant-cfg {recipe.megatron_cfg} names. Remove them, or use backend=hf_modelopt.")
-    if recipe.megatron_cfg is None:
-        raise ConfigError(
-            f"recipe={recipe.name} has no Megatron-Bridge --export-quant-cfg name, so backend=megatron_bridge cannot run it; "
-            "use backend=hf_modelopt or a recipe such as fp8, nvfp4, fp8_blockwise or mamba_moe_nvfp4_conservative."
-        )
-    algo = recipe.export_quant_algo
-    if algo is not None and algo.upper() not in MEGATRON_EXPORT_ALGOS:
-        raise ConfigError(
-            f"recipe={recipe.name} exports as {algo}, which ModelOpt's Megatron-Core export cannot write (it writes "
-            f"{', '.join(MEGATRON_EXPORT_ALGOS)}; SmoothQuant and AWQ scales are refused or dropped). Quantize this "
-            "recipe with backend=hf_modelopt, or use recipe=fp8, nvfp4 or fp8_blockwise with backend=megatron_bridge."
-        )
-    if cfg.hardware.device != "cuda":
-        raise ConfigError(f"backend=megatron_bridge runs on CUDA GPUs under torchrun; hardware={cfg.hardware.name} has none "
-                          "(choose e.g. hardware=h100).")
-    sizes = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "etp": par.etp, "nodes": par.nodes, "gpus_per_node": par.gpus_per_node}
-    bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-    if bad:
-        raise ConfigError(f"parallelism.{', '.join(bad)}: every size must be at least 1.")
-    world = par.nodes * par.gpus_per_node
-    if world % (par.tp * par.pp):
-        raise ConfigError(
-            f"parallelism={par.name}: tp x pp = {par.tp * par.pp} does not divide the world size "
-            f"{par.nodes} nodes x {par.gpus_per_node} GPUs = {world}; change tp/pp or the GPU count."
-        )
-    if world % (par.pp * par.ep * par.etp):
-        raise ConfigError(
-            f"parallelism={par.name}: pp x ep x etp = {par.pp * par.ep * par.etp} does not divide the world size {world}; "
-            "Megatron places each expert-parallel group inside one pipeline stage."
-        )
-    if model.num_experts and model.num_experts % par.ep:
-        raise ConfigError(f"parallelism.ep={par.ep} does not divide the {model.num_experts} experts of {model.name}.")
-    if par.ep > 1 and model.arch == "dense":
-        raise ConfigError(f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} is dense (use ep=1).")
-    if model.mamba_ngroups and model.mamba_ngroups % par.tp:
-        raise ConfigError(f"parallelism.tp={par.tp} does not divide the {model.mamba_ngroups} Mamba groups of {model.name}.")
-
-
 def calib_text_path(spec: str) -> Optional[Path]:
     """The local text file a calibration/fidelity `dataset` names, or None ("self" or a dataset name)."""
     if spec == "self":
@@ -359,19 +309,6 @@ def calib_text_path(spec: str) -> Optional[Path]:
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         return path.resolve()
     return None
-
-
-def check_megatron_calib(cfg: RunConfig) -> None:
-    """Megatron-Bridge's quantize.py calibrates on text it reads itself: a file or a dataset name (a file is
-    checked with every other input, ptq/inputs.py)."""
-    spec = cfg.calib.dataset
-    if spec == "self":
-        raise ConfigError(
-            "calib.dataset=self samples calibration text from the BF16 model in this process, which "
-            "backend=megatron_bridge does not load: give a local .txt or .jsonl file (e.g. "
-            "calib.dataset=/data/wikitext-2/valid.txt) or a dataset name ModelOpt knows (e.g. cnn_dailymail, "
-            "which needs the Hugging Face Hub)."
-        )
 
 
 def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
@@ -415,24 +352,18 @@ def _awq_block(cfg: RunConfig, facts: Facts, int4_candidates: bool) -> Optional[
         return None
     widths = list(cfg.model.layer_widths) or facts.local_layer_widths
     requested = recipe.awq_block_size
-    if cfg.backend.name == "megatron_bridge":
-        # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself.
-        if requested not in (0, 128):
-            raise ConfigError(f"recipe.awq_block_size={requested}: backend=megatron_bridge always uses 128; remove the override.")
-        requested = 128
+    fixed = spec_of(cfg).awq_block  # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself
+    if fixed is not None:
+        if requested not in (0, fixed):
+            raise ConfigError(f"recipe.awq_block_size={requested}: backend={cfg.backend.name} always uses {fixed}; "
+                              "remove the override.")
+        requested = fixed
     return choose_awq_block_size(requested, widths, cfg.model.name)
 
 
 def _check_backend(cfg: RunConfig, warnings: List[str]) -> None:
     _check_templates(cfg, warnings)
-    if cfg.backend.name == "megatron_bridge":
-        check_megatron_layout(cfg)
-        check_megatron_calib(cfg)
-    if cfg.backend.name == "hf_modelopt" and (cfg.parallelism.tp, cfg.parallelism.pp, cfg.parallelism.ep) != (1, 1, 1):
-        warnings.append(
-            f"parallelism={cfg.parallelism.name} is ignored by the hf_modelopt backend, which runs one process "
-            "and spreads a large model over the visible GPUs with device_map=auto."
-        )
+    spec_of(cfg).check(cfg, warnings)
 
 
 def _check_templates(cfg: RunConfig, warnings: List[str]) -> None:
@@ -635,7 +566,7 @@ def check_recover(cfg: RunConfig, quantize: bool) -> None:
     if rec.method == "none":
         return
     where = f"recover={rec.method}"
-    if cfg.backend.name != "hf_modelopt":
+    if not spec_of(cfg).recovery:
         raise ConfigError(f"{where} runs in process on the hf_modelopt backend only (Megatron-Bridge QAT is not wired "
                           f"up yet); use backend=hf_modelopt, or recover=none.")
     if not quantize:
@@ -699,7 +630,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     output_root = Path(os.path.expanduser(cfg.output_root)).resolve()
     _check_output_dir(output_dir, output_root, source)
     _check_system_folders(output_root, cache_dir, cfg)
-    measure = export_measurement(cfg)
+    measure = spec_of(cfg).export_measurement(cfg)
     if measure.startswith("skip:"):
         warnings.append(measure[len("skip: "):])
     plan = Plan(
@@ -719,24 +650,6 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     if plan.action == "run":
         _check_space(cfg, facts, quantize, plan.export_quant_algo, awq_block)
     return plan
-
-
-# Share of one GPU the BF16 model may take when a Megatron-Bridge export is measured (the rest: activations,
-# the fidelity reference's log-probabilities, lm-eval's batches).
-MEASURE_GPU_SHARE = 0.8
-
-
-def export_measurement(cfg: RunConfig) -> str:
-    """For the Megatron-Bridge backend: "measure", "off" (fidelity and eval disabled), or "skip: <why>"."""
-    if cfg.backend.name != "megatron_bridge" or not (cfg.fidelity.enabled or cfg.eval.enabled):
-        return "off"
-    need_gb = cfg.model.params_b * 2
-    room_gb = cfg.hardware.gpu_memory_gb * MEASURE_GPU_SHARE
-    if cfg.hardware.device == "cuda" and room_gb and need_gb > room_gb:
-        return (f"skip: fidelity and eval of the exported checkpoint are skipped: reading it back needs the BF16 "
-                f"model ({need_gb:.0f} GB) on one GPU, and {cfg.hardware.name} offers {room_gb:.0f} GB of its "
-                f"{cfg.hardware.gpu_memory_gb:.0f} GB; set fidelity=none eval=none to silence this.")
-    return "measure"
 
 
 # Files that hold a tokenizer's vocabulary (one is needed; a `*.tiktoken` file too), and the other tokenizer files.

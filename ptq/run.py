@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ptq.backend_spec import spec_of
 from ptq.backends import check_before_run, describe as describe_run, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
@@ -333,12 +334,11 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
     rank = process_rank(os.environ)
     if rank:
         # Every task of a multi-node job runs this; only the first keeps the record and the checkpoint.
-        backend = get_backend(cfg.backend.name)
-        if not hasattr(backend, "run_worker"):
+        if spec_of(cfg).one_process:
             raise ConfigError(f"backend={cfg.backend.name} runs in one process, but this is rank {rank} of a job with "
                               "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1).")
         log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
-        return backend.run_worker(plan)
+        return get_backend(cfg.backend.name).run_worker(plan)
     check_before_run(plan)  # the backend's own checks: a refusal here leaves no folder behind
     with OutputLock(plan.output_dir) as lock:
         if lock.taken_over is not None:

@@ -110,3 +110,37 @@ def test_planning_a_run_and_checking_sweep_points_import_no_torch(tmp_path):
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+BACKEND_NAMES = ("hf_modelopt", "megatron_bridge")
+
+
+def _backend_name_comparisons(path: Path, root: Path = REPO) -> list:
+    """`<x> == "<backend>"`, `backend.name != ...` and `hasattr(backend, ...)` in a module: what only
+    ptq/backends/ and ptq/backend_spec.py may ask."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+            parts = [node.left, *node.comparators]
+            names = {p.value for p in parts if isinstance(p, ast.Constant)} & set(BACKEND_NAMES)
+            attribute = any(isinstance(p, ast.Attribute) and p.attr == "name" and isinstance(p.value, ast.Attribute)
+                            and p.value.attr == "backend" for p in parts)
+            if names or attribute:
+                found.append(f"{path.relative_to(root)}:{node.lineno}")
+        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr" and node.args
+                and isinstance(node.args[0], ast.Name) and node.args[0].id == "backend"):
+            found.append(f"{path.relative_to(root)}:{node.lineno}")
+    return found
+
+
+def test_no_module_outside_the_backends_compares_a_backends_name():
+    outside = [p for p in SOURCES if "ptq/backends/" not in p.as_posix() and not p.as_posix().endswith("ptq/backend_spec.py")]
+    assert [hit for path in outside for hit in _backend_name_comparisons(path)] == []
+
+
+def test_the_check_for_backend_name_comparisons_finds_them(tmp_path):
+    sample = tmp_path / "sample.py"
+    sample.write_text("def f(cfg, backend):\n    if cfg.backend.name == x:\n        pass\n"
+                      "    if y != 'megatron_bridge':\n        pass\n    return hasattr(backend, 'run_worker')\n")
+    assert _backend_name_comparisons(sample, tmp_path) == ["sample.py:2", "sample.py:4", "sample.py:6"]

@@ -186,7 +186,7 @@ def test_the_megatron_export_formats_match_the_installed_modelopt():
     ModelOpt release changes that, this fails and MEGATRON_EXPORT_ALGOS needs another look."""
     import modelopt.torch.export as mtex
 
-    from ptq.plan import MEGATRON_EXPORT_ALGOS
+    from ptq.backend_spec import MEGATRON_EXPORT_ALGOS
 
     source = (Path(mtex.__file__).parent / "unified_export_megatron.py").read_text()
     assert "SmoothQuant/AWQ are not yet supported" in source
@@ -348,7 +348,7 @@ def test_megatron_export_is_read_back_measured_and_tabulated_beside_the_in_proce
 
 
 def test_export_is_measured_only_when_the_bf16_model_fits_one_gpu():
-    from ptq.plan import export_measurement
+    from ptq.backend_spec import export_measurement
 
     super_plan = plan_for(SUPER)
     assert not super_plan.measure_export

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
+from ptq import backend_spec
 from ptq.layout import RECORD_NAME
 
 
@@ -15,7 +16,7 @@ BF16 = "bf16"
 
 FIDELITY_METRIC = "fidelity"
 
-DEFAULT_BACKEND = "hf_modelopt"
+DEFAULT_BACKEND = backend_spec.DEFAULT
 
 
 PERPLEXITY = "perplexity"
