@@ -23,8 +23,11 @@ log = logging.getLogger("ptq")
 def main(cfg: DictConfig):
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
     try:
-        record = run(OmegaConf.to_object(cfg), OmegaConf.to_container(cfg, resolve=True),
-                     overrides=list(HydraConfig.get().overrides.task))
+        record = run(
+            OmegaConf.to_object(cfg),
+            OmegaConf.to_container(cfg, resolve=True),
+            overrides=list(HydraConfig.get().overrides.task),
+        )
         return record["status"]
     except ConfigError as exc:
         if not sweeping:  # said once, as the exit message

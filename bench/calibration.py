@@ -34,12 +34,34 @@ from ptq.schema import register_schemas  # noqa: E402
 
 SHAPES = {
     # hidden, intermediate, layers, heads, kv heads, vocab (published model configs)
-    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True),
-    "llama3.2-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True),
-    "llama3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False, rope_theta=500000.0),
+    "smollm2-135m": dict(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    ),
+    "llama3.2-1b": dict(
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=True,
+    ),
+    "llama3.1-8b": dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        rope_theta=500000.0,
+    ),
 }
 
 
@@ -129,7 +151,9 @@ def profile_calibration(base, quant_cfg, tokens, batch_size, device):
         "cuda_launches": count.get("cudaLaunchKernel", 0) + count.get("cuLaunchKernel", 0),
         "self_cpu_s": round(sum(e.self_cpu_time_total for e in events) / 1e6, 3),
         "self_device_s": round(device_total, 3),
-        "top_self_cpu_ops": [{"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1)} for e in by_cpu],
+        "top_self_cpu_ops": [
+            {"op": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1)} for e in by_cpu
+        ],
     }
 
 
@@ -156,16 +180,29 @@ def markdown(result) -> str:
             f"| {row['warmup_s']:.1f} | {row['peak_gpu_gib']:.2f} | {row['export_s']:.2f} | {row['export_mb']:.0f} | {row.get('export_error', '')[:60]} |"
         )
     if result.get("batch_sweep"):
-        lines += ["", "## Calibration / forward ratio against batch size", "",
-                  "| recipe | batch | BF16 forward s | calibrate s | ratio |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## Calibration / forward ratio against batch size",
+            "",
+            "| recipe | batch | BF16 forward s | calibrate s | ratio |",
+            "|---|---|---|---|---|",
+        ]
         for row in result["batch_sweep"]:
-            lines.append(f"| {row['recipe']} | {row['batch_size']} | {row['bf16_forward_s']:.3f} | {row['calibrate_s']:.3f} | {row['ratio']:.1f}x |")
+            lines.append(
+                f"| {row['recipe']} | {row['batch_size']} | {row['bf16_forward_s']:.3f} | {row['calibrate_s']:.3f} | {row['ratio']:.1f}x |"
+            )
     if result.get("profile"):
         p = result["profile"]
-        lines += ["", f"## Where {p['recipe']} calibration time goes (batch {p['batch_size']})", "",
-                  f"{p['batches']} batches; {p['aten_item_calls']} `aten::item` device-to-host reads, "
-                  f"{p['cuda_launches']} kernel launches; self CPU time {p['self_cpu_s']} s vs device time {p['self_device_s']} s.", "",
-                  "| op | calls | self CPU ms |", "|---|---|---|"]
+        lines += [
+            "",
+            f"## Where {p['recipe']} calibration time goes (batch {p['batch_size']})",
+            "",
+            f"{p['batches']} batches; {p['aten_item_calls']} `aten::item` device-to-host reads, "
+            f"{p['cuda_launches']} kernel launches; self CPU time {p['self_cpu_s']} s vs device time {p['self_device_s']} s.",
+            "",
+            "| op | calls | self CPU ms |",
+            "|---|---|---|",
+        ]
         lines += [f"| {o['op']} | {o['calls']} | {o['self_cpu_ms']} |" for o in p["top_self_cpu_ops"]]
     return "\n".join(lines) + "\n"
 
@@ -189,10 +226,17 @@ def main():
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     result = {
-        "shape": args.shape, "samples": args.samples, "seq_len": args.seq_len, "batch_size": args.batch_size,
-        "environment": {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-                        "versions": versions(), "host_cpus": os.cpu_count()},
-        "recipes": [], "batch_sweep": [],
+        "shape": args.shape,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "batch_size": args.batch_size,
+        "environment": {
+            "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+            "versions": versions(),
+            "host_cpus": os.cpu_count(),
+        },
+        "recipes": [],
+        "batch_sweep": [],
     }
 
     def save():
@@ -219,8 +263,9 @@ def main():
             # not during max calibration: pay both on a one-layer model before timing.
             warm = copy.deepcopy(tiny)
             row["warmup_s"] = calibrate(warm, quant_cfg, tokens[:2, :64], 2, device) + timed(
-                lambda: forward_all(warm, tokens[:2, :64], 2, device), device)
-            del warm
+                lambda: forward_all(warm, tokens[:2, :64], 2, device), device
+            )
+            warm = None
             model = copy.deepcopy(base)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -232,12 +277,14 @@ def main():
             row["fake_quant_forward_vs_bf16"] = fq / result["bf16_forward_s"]
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    row["export_s"] = timed(lambda: export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp), device)
+                    row["export_s"] = timed(
+                        lambda: export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=tmp), device
+                    )
                     row["export_mb"] = sum(p.stat().st_size for p in Path(tmp).glob("*.safetensors")) / 2**20
                 except Exception as exc:  # recorded, not fatal: the table shows which exports fail
                     row["export_s"], row["export_mb"] = 0.0, 0.0
                     row["export_error"] = f"{type(exc).__name__}: {exc}"
-            del model
+            model = None
         except Exception as exc:
             row["error"] = f"{type(exc).__name__}: {exc}"
         result["recipes"].append(row)
@@ -252,7 +299,13 @@ def main():
                 c = calibrate(copy.deepcopy(base), quant_cfg, tokens, bs, device)
                 row = {"recipe": recipe, "batch_size": bs, "bf16_forward_s": f, "calibrate_s": c, "ratio": c / f}
             except torch.cuda.OutOfMemoryError:
-                row = {"recipe": recipe, "batch_size": bs, "bf16_forward_s": float("nan"), "calibrate_s": float("nan"), "ratio": float("nan")}
+                row = {
+                    "recipe": recipe,
+                    "batch_size": bs,
+                    "bf16_forward_s": float("nan"),
+                    "calibrate_s": float("nan"),
+                    "ratio": float("nan"),
+                }
                 torch.cuda.empty_cache()
             result["batch_sweep"].append(row)
             print(json.dumps(row), flush=True)
@@ -260,8 +313,11 @@ def main():
 
     if args.profile_recipe:
         quant_cfg, _ = recipe_config(args.profile_recipe, hardware, args.shape)
-        result["profile"] = {"recipe": args.profile_recipe, "batch_size": args.batch_size,
-                             **profile_calibration(base, quant_cfg, tokens, args.batch_size, device)}
+        result["profile"] = {
+            "recipe": args.profile_recipe,
+            "batch_size": args.batch_size,
+            **profile_calibration(base, quant_cfg, tokens, args.batch_size, device),
+        }
         save()
     print(markdown(result))
 

@@ -1,6 +1,6 @@
 """Results collector time for many run records (default 10,000), in-process and through the CLI.
 
-    python bench/collector.py --records 10000 --out bench/results/collector.json
+python bench/collector.py --records 10000 --out bench/results/collector.json
 """
 
 from __future__ import annotations
@@ -28,16 +28,33 @@ def synthetic_record(i: int, rng: random.Random) -> dict:
     recipe = "bf16" if i % 50 == i % 400 else RECIPES[i % len(RECIPES)]
     calib = [128, 256, 512, 1024][(i // 7) % 4]
     status = "failed" if i % 97 == 0 else "finished"
-    scores = [{"benchmark": b, "metric": m, "value": rng.uniform(0.2, 0.8), "stderr": 0.01, "higher_is_better": True}
-              for b, m in BENCHMARKS]
-    record = {"status": status, "model": model, "recipe": recipe, "kv_cache": "none", "calib_size": calib,
-              "calib_seq_len": 512, "finished_at": f"2026-11-{1 + i % 28:02d}T10:00:00+0000",
-              "size": {"bf16_bytes": 2_000_000_000, "checkpoint_bytes": rng.randint(500_000_000, 1_100_000_000),
-                       "compression": 2.0, "bits_per_weight": rng.uniform(4, 9)},
-              "timings_s": {"calibrate": rng.uniform(1, 100)},
-              "fidelity": {"bf16_perplexity": 10.0, "quantized_perplexity": rng.uniform(10, 12), "mean_kl": 0.05,
-                           "top1_agreement": 0.9},
-              "evaluation": {"results": scores, "baseline": scores}}
+    scores = [
+        {"benchmark": b, "metric": m, "value": rng.uniform(0.2, 0.8), "stderr": 0.01, "higher_is_better": True}
+        for b, m in BENCHMARKS
+    ]
+    record = {
+        "status": status,
+        "model": model,
+        "recipe": recipe,
+        "kv_cache": "none",
+        "calib_size": calib,
+        "calib_seq_len": 512,
+        "finished_at": f"2026-11-{1 + i % 28:02d}T10:00:00+0000",
+        "size": {
+            "bf16_bytes": 2_000_000_000,
+            "checkpoint_bytes": rng.randint(500_000_000, 1_100_000_000),
+            "compression": 2.0,
+            "bits_per_weight": rng.uniform(4, 9),
+        },
+        "timings_s": {"calibrate": rng.uniform(1, 100)},
+        "fidelity": {
+            "bf16_perplexity": 10.0,
+            "quantized_perplexity": rng.uniform(10, 12),
+            "mean_kl": 0.05,
+            "top1_agreement": 0.9,
+        },
+        "evaluation": {"results": scores, "baseline": scores},
+    }
     if status == "failed":
         record["error"] = "RuntimeError: out of memory"
     return record
@@ -48,7 +65,6 @@ def main():
     parser.add_argument("--records", type=int, default=10_000)
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
-
 
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,16 +81,26 @@ def main():
         render_markdown(report)
         built = time.perf_counter()
         cli_start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "ptq.report", str(root), "--out", str(Path(tmp) / "report")],
-                              cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "ptq.report", str(root), "--out", str(Path(tmp) / "report")],
+            cwd=Path(__file__).resolve().parents[1],
+            capture_output=True,
+            text=True,
+        )
         cli = time.perf_counter() - cli_start
         assert proc.returncode == 0, proc.stderr[-2000:]
     result = {
-        "records": args.records, "models": 50,
-        "find_and_parse_s": round(loaded - start, 3), "build_and_render_s": round(built - loaded, 3),
-        "cli_total_s": round(cli, 3), "score_rows": int(len(report.scores)),
-        "environment": {"cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-                        "python": platform.python_version()},
+        "records": args.records,
+        "models": 50,
+        "find_and_parse_s": round(loaded - start, 3),
+        "build_and_render_s": round(built - loaded, 3),
+        "cli_total_s": round(cli, 3),
+        "score_rows": int(len(report.scores)),
+        "environment": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+        },
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

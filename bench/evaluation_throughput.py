@@ -23,8 +23,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibration import SHAPES, build_model, recipe_config, sync, versions  # noqa: E402
-from ptq.evaluation import run_benchmarks  # noqa: E402
-from ptq.evaluation import read_multiple_choice  # noqa: E402
+from ptq.evaluation import (
+    read_multiple_choice,  # noqa: E402
+    run_benchmarks,  # noqa: E402
+)
 from ptq.schema import BenchmarkConfig, EvalConfig  # noqa: E402
 
 
@@ -57,7 +59,6 @@ def main():
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     if args.model_path:
@@ -68,8 +69,12 @@ def main():
         model = build_model(args.random_shape, device, dtype)
     items = read_multiple_choice(Path(args.mc_file), "arc_jsonl")[: args.items]
     tokens = count_tokens(tokenizer, items)
-    cfg = EvalConfig(enabled=True, limit=args.items, bootstrap_iters=0,
-                     benchmarks=[BenchmarkConfig(name="mc", kind="multiple_choice", format="arc_jsonl", path=args.mc_file)])
+    cfg = EvalConfig(
+        enabled=True,
+        limit=args.items,
+        bootstrap_iters=0,
+        benchmarks=[BenchmarkConfig(name="mc", kind="multiple_choice", format="arc_jsonl", path=args.mc_file)],
+    )
     work = Path(os.environ.get("TMPDIR", "/tmp")) / "ptq-bench-eval"
 
     # Plain forward over the same token count: rows of the mean request length, batch 32.
@@ -88,8 +93,9 @@ def main():
     bf16_s, bf16_rows = timed_eval(model, tokenizer, cfg, work)
     import modelopt.torch.quantization as mtq
 
-    quant_cfg, _ = recipe_config(args.recipe, "h100" if device.type == "cuda" else "cpu",
-                                 args.random_shape or "smollm2-135m")
+    quant_cfg, _ = recipe_config(
+        args.recipe, "h100" if device.type == "cuda" else "cpu", args.random_shape or "smollm2-135m"
+    )
     qmodel = copy.deepcopy(model)
     with torch.no_grad():
         mtq.quantize(qmodel, quant_cfg, lambda m: m(ids[:8].to(device)))
@@ -97,11 +103,19 @@ def main():
     quant_s, quant_rows = timed_eval(qmodel, tokenizer, cfg, work)
     result = {
         "device": torch.cuda.get_device_name(0) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
-        "versions": versions(), "model": args.model_path or f"random {args.random_shape}", "items": len(items),
-        "tokens": tokens, "plain_forward_s": forward_s, "plain_forward_tok_s": tokens / forward_s,
-        "bf16_eval_s": bf16_s, "bf16_eval_tok_s": tokens / bf16_s,
-        f"{args.recipe}_eval_s": quant_s, f"{args.recipe}_eval_tok_s": tokens / quant_s,
-        "bf16_scores": bf16_rows, f"{args.recipe}_scores": quant_rows, "host": platform.node(),
+        "versions": versions(),
+        "model": args.model_path or f"random {args.random_shape}",
+        "items": len(items),
+        "tokens": tokens,
+        "plain_forward_s": forward_s,
+        "plain_forward_tok_s": tokens / forward_s,
+        "bf16_eval_s": bf16_s,
+        "bf16_eval_tok_s": tokens / bf16_s,
+        f"{args.recipe}_eval_s": quant_s,
+        f"{args.recipe}_eval_tok_s": tokens / quant_s,
+        "bf16_scores": bf16_rows,
+        f"{args.recipe}_scores": quant_rows,
+        "host": platform.node(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2) + "\n")

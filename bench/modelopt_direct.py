@@ -50,6 +50,7 @@ def main() -> None:
     from modelopt.torch.export import export_hf_checkpoint
     from modelopt.torch.utils.dataset_utils import get_max_batch_size
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     stage("imports")
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -57,7 +58,7 @@ def main() -> None:
     stage("load")
 
     ids = tokenizer(Path(args.text).read_text(encoding="utf-8"), add_special_tokens=False)["input_ids"]
-    calib = torch.tensor(ids[:args.samples * args.seq_len]).view(args.samples, args.seq_len)
+    calib = torch.tensor(ids[: args.samples * args.seq_len]).view(args.samples, args.seq_len)
     stage("tokenize")
 
     batch = max(1, min(get_max_batch_size(model, max_sample_length=args.seq_len), args.samples))

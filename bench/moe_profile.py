@@ -37,8 +37,14 @@ def mixers(model):
     layers = model.model.layers
     types = getattr(config, "layers_block_type", None)
     if types:  # NemotronH: one mixer per layer, of the kind the pattern says
-        names = {"linear_attention": "mamba", "mamba": "mamba", "moe": "moe", "full_attention": "attention",
-                 "attention": "attention", "mlp": "mlp"}
+        names = {
+            "linear_attention": "mamba",
+            "mamba": "mamba",
+            "moe": "moe",
+            "full_attention": "attention",
+            "attention": "attention",
+            "mlp": "mlp",
+        }
         return [(names.get(kind, kind), layer.mixer) for kind, layer in zip(types, layers)]
     parts = []
     for layer in layers:
@@ -58,12 +64,14 @@ class KindTimer:
         def hook(*_):
             sync(self.device)
             self._start[id(module)] = time.perf_counter()
+
         return hook
 
     def _post(self, kind, module):
         def hook(*_):
             sync(self.device)
             self.seconds[kind] += time.perf_counter() - self._start.pop(id(module))
+
         return hook
 
     def remove(self) -> None:
@@ -72,8 +80,10 @@ class KindTimer:
 
     def shares(self, total: float) -> dict:
         out = {kind: {"seconds": round(s, 3), "share": round(s / total, 4)} for kind, s in sorted(self.seconds.items())}
-        out["other"] = {"seconds": round(total - sum(self.seconds.values()), 3),
-                        "share": round(1 - sum(self.seconds.values()) / total, 4)}
+        out["other"] = {
+            "seconds": round(total - sum(self.seconds.values()), 3),
+            "share": round(1 - sum(self.seconds.values()) / total, 4),
+        }
         return out
 
 
@@ -89,10 +99,19 @@ def coverage_curve(model, tokens, batch: int, device, min_tokens: int = 8) -> li
             model(chunk.to(device))
             done += len(chunk)
             every = torch.cat([c for c in counter.counts.values()])
-            rows.append({"samples": done, "tokens": done * tokens.shape[1], "experts": len(every),
-                         "no_tokens": int((every == 0).sum()), "below_min": int((every < min_tokens).sum()),
-                         "min_tokens": min_tokens, "min": int(every.min()), "median": int(every.median()),
-                         "max": int(every.max())})
+            rows.append(
+                {
+                    "samples": done,
+                    "tokens": done * tokens.shape[1],
+                    "experts": len(every),
+                    "no_tokens": int((every == 0).sum()),
+                    "below_min": int((every < min_tokens).sum()),
+                    "min_tokens": min_tokens,
+                    "min": int(every.min()),
+                    "median": int(every.median()),
+                    "max": int(every.max()),
+                }
+            )
     return rows
 
 
@@ -116,9 +135,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--coverage-samples", type=int, default=0,
-                        help="also count the tokens each routed expert receives in a BF16 pass over up to this many "
-                             "samples, snapshot after every batch (how coverage grows with calib.size)")
+    parser.add_argument(
+        "--coverage-samples",
+        type=int,
+        default=0,
+        help="also count the tokens each routed expert receives in a BF16 pass over up to this many "
+        "samples, snapshot after every batch (how coverage grows with calib.size)",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -137,16 +160,24 @@ def main() -> None:
         for batch in tokens.split(args.batch):
             m(batch.to(device))
 
-    result = {"model": args.model, "recipe": args.recipe, "samples": args.samples, "seq_len": args.seq_len,
-              "batch": args.batch, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "versions": {"torch": torch.__version__}}
+    result = {
+        "model": args.model,
+        "recipe": args.recipe,
+        "samples": args.samples,
+        "seq_len": args.seq_len,
+        "batch": args.batch,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "versions": {"torch": torch.__version__},
+    }
     with torch.no_grad():
         forward(model)  # warm-up: kernels, allocator
         if len(coverage_tokens):
             result["coverage_by_samples"] = coverage_curve(model, coverage_tokens, args.batch, device)
             print("coverage", json.dumps(result["coverage_by_samples"]), flush=True)
-        for label, run in (("bf16_forward", lambda: forward(model)),
-                           ("calibrate", lambda: mtq.quantize(model, quant_config(args.recipe, args.model_group), forward))):
+        for label, run in (
+            ("bf16_forward", lambda: forward(model)),
+            ("calibrate", lambda: mtq.quantize(model, quant_config(args.recipe, args.model_group), forward)),
+        ):
             timer = KindTimer(model, device)
             sync(device)
             start = time.perf_counter()

@@ -33,37 +33,111 @@ COMPLETE = ".complete"
 NANO_PATTERN = "MEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEM*EMEMEMEM*EMEMEMEME"
 
 MOE_SHAPES = {
-    "nemotron3-nano-30b-a3b": ("nemotron_h", dict(
-        hybrid_override_pattern=NANO_PATTERN, hidden_size=2688, vocab_size=131072, tie_word_embeddings=False,
-        num_attention_heads=32, num_key_value_heads=2, head_dim=128,
-        mamba_num_heads=64, mamba_head_dim=64, ssm_state_size=128, n_groups=8, conv_kernel=4, chunk_size=128,
-        n_routed_experts=128, n_shared_experts=1, num_experts_per_tok=6, moe_intermediate_size=1856,
-        moe_shared_expert_intermediate_size=3712, intermediate_size=1856, routed_scaling_factor=2.5,
-        n_group=1, topk_group=1, norm_topk_prob=True, max_position_embeddings=8192)),
+    "nemotron3-nano-30b-a3b": (
+        "nemotron_h",
+        dict(
+            hybrid_override_pattern=NANO_PATTERN,
+            hidden_size=2688,
+            vocab_size=131072,
+            tie_word_embeddings=False,
+            num_attention_heads=32,
+            num_key_value_heads=2,
+            head_dim=128,
+            mamba_num_heads=64,
+            mamba_head_dim=64,
+            ssm_state_size=128,
+            n_groups=8,
+            conv_kernel=4,
+            chunk_size=128,
+            n_routed_experts=128,
+            n_shared_experts=1,
+            num_experts_per_tok=6,
+            moe_intermediate_size=1856,
+            moe_shared_expert_intermediate_size=3712,
+            intermediate_size=1856,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            max_position_embeddings=8192,
+        ),
+    ),
     # Nano's widths and experts, its first 13 layers (6 Mamba-2, 5 MoE, 2 attention; 7.3 B parameters): the same
     # per-layer work on a GPU of 80 GB, for timings per layer and every recipe's code path at full width.
     "nemotron3-nano-13layers": ("nemotron_h", None),
     # Same layer kinds in the same order of appearance, 16 routed experts (2 active), small widths.
-    "nemotron3-nano-tiny": ("nemotron_h", dict(
-        hybrid_override_pattern="MEM*EME", hidden_size=256, vocab_size=49152, tie_word_embeddings=False,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-        mamba_num_heads=8, mamba_head_dim=32, ssm_state_size=16, n_groups=2, conv_kernel=4, chunk_size=64,
-        n_routed_experts=16, n_shared_experts=1, num_experts_per_tok=2, moe_intermediate_size=128,
-        moe_shared_expert_intermediate_size=256, intermediate_size=256, routed_scaling_factor=2.5,
-        n_group=1, topk_group=1, norm_topk_prob=True, max_position_embeddings=4096)),
-    "qwen3-30b-a3b": ("qwen3_moe", dict(
-        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-        norm_topk_prob=True, vocab_size=151936, tie_word_embeddings=False, rope_theta=1000000.0,
-        max_position_embeddings=40960)),
-    "qwen3-moe-tiny": ("qwen3_moe", dict(
-        hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4,
-        norm_topk_prob=True, vocab_size=49152, tie_word_embeddings=False, max_position_embeddings=4096)),
+    "nemotron3-nano-tiny": (
+        "nemotron_h",
+        dict(
+            hybrid_override_pattern="MEM*EME",
+            hidden_size=256,
+            vocab_size=49152,
+            tie_word_embeddings=False,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            mamba_num_heads=8,
+            mamba_head_dim=32,
+            ssm_state_size=16,
+            n_groups=2,
+            conv_kernel=4,
+            chunk_size=64,
+            n_routed_experts=16,
+            n_shared_experts=1,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            moe_shared_expert_intermediate_size=256,
+            intermediate_size=256,
+            routed_scaling_factor=2.5,
+            n_group=1,
+            topk_group=1,
+            norm_topk_prob=True,
+            max_position_embeddings=4096,
+        ),
+    ),
+    "qwen3-30b-a3b": (
+        "qwen3_moe",
+        dict(
+            hidden_size=2048,
+            intermediate_size=6144,
+            moe_intermediate_size=768,
+            num_hidden_layers=48,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+            head_dim=128,
+            num_experts=128,
+            num_experts_per_tok=8,
+            norm_topk_prob=True,
+            vocab_size=151936,
+            tie_word_embeddings=False,
+            rope_theta=1000000.0,
+            max_position_embeddings=40960,
+        ),
+    ),
+    "qwen3-moe-tiny": (
+        "qwen3_moe",
+        dict(
+            hidden_size=256,
+            intermediate_size=512,
+            moe_intermediate_size=128,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=64,
+            num_experts=16,
+            num_experts_per_tok=4,
+            norm_topk_prob=True,
+            vocab_size=49152,
+            tie_word_embeddings=False,
+            max_position_embeddings=4096,
+        ),
+    ),
 }
 
-MOE_SHAPES["nemotron3-nano-13layers"] = ("nemotron_h", dict(MOE_SHAPES["nemotron3-nano-30b-a3b"][1],
-                                                             hybrid_override_pattern=NANO_PATTERN[:13]))
+MOE_SHAPES["nemotron3-nano-13layers"] = (
+    "nemotron_h",
+    dict(MOE_SHAPES["nemotron3-nano-30b-a3b"][1], hybrid_override_pattern=NANO_PATTERN[:13]),
+)
 
 SHAPES = sorted(set(DENSE_SHAPES) | set(MOE_SHAPES))
 
@@ -123,7 +197,9 @@ def write(shape: str, tokenizer_dir: str, out: str, device: str) -> Path:
         return target
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     if len(tokenizer) > vocab_size(shape):
-        raise SystemExit(f"the tokenizer of {tokenizer_dir} has {len(tokenizer)} tokens, more than {shape}'s vocabulary")
+        raise SystemExit(
+            f"the tokenizer of {tokenizer_dir} has {len(tokenizer)} tokens, more than {shape}'s vocabulary"
+        )
     model = build_model(shape, torch.device(device), torch.bfloat16)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)

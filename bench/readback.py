@@ -108,8 +108,12 @@ def environment() -> dict:
     if torch.cuda.is_available():
         env["device"] = torch.cuda.get_device_name()
         try:
-            env["driver"] = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                           capture_output=True, text=True, timeout=30).stdout.strip()
+            env["driver"] = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+            ).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             env["driver"] = None
     return env
@@ -172,8 +176,11 @@ def read_back(module, export_dir: Path, device: str, tokens, fid_bs: int, ref, p
     stage = Stages(parts)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with timed_attr(AutoModelForCausalLM, "from_pretrained", parts, "from_pretrained"), \
-            timed_attr(module, "simulate", parts, "simulate"), stage("load"):
+    with (
+        timed_attr(AutoModelForCausalLM, "from_pretrained", parts, "from_pretrained"),
+        timed_attr(module, "simulate", parts, "simulate"),
+        stage("load"),
+    ):
         model, _, sim = module.load_exported(export_dir, device, torch.bfloat16)
     with stage("compare"):
         figures = fidelity.compare(model, tokens, fid_bs, ref, desc="read-back vs BF16")
@@ -267,8 +274,9 @@ def tamper(export_dir: Path) -> str:
         with safe_open(str(file), framework="pt") as f:
             names = list(f.keys())
             metadata = f.metadata()
-        target = next((n for n in names if n.endswith("layers.1.mlp.down_proj.weight_scale_2")), None) or \
-            next((n for n in names if n.endswith("layers.1.mlp.down_proj.weight_scale")), None)
+        target = next((n for n in names if n.endswith("layers.1.mlp.down_proj.weight_scale_2")), None) or next(
+            (n for n in names if n.endswith("layers.1.mlp.down_proj.weight_scale")), None
+        )
         if target:
             tensors = {}
             with safe_open(str(file), framework="pt") as f:
@@ -331,8 +339,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    record = {"environment": environment(), "argv": sys.argv[1:],
-              "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")}}
+    record = {
+        "environment": environment(),
+        "argv": sys.argv[1:],
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "work")},
+    }
 
     def save():
         out.write_text(json.dumps(record, indent=1) + "\n")

@@ -40,11 +40,27 @@ def wait_for(predicate, timeout: float, step: float = 0.2):
 
 def one(fault: str, model: str, text: str, work: Path) -> dict:
     root = work / fault
-    args = [sys.executable, "launch.py", "-m", "cluster=slurm", f"model.path={model}", "model.name=tiny",
-            "model.gguf_package=null", "model.layer_widths=[]", f"calib.dataset={text}", "calib.seq_len=64",
-            "calib.size=64", f"fidelity.text={text}", "fidelity.samples=32", "fidelity.seq_len=256",
-            f"output_root={root}", f"cache_dir={work / 'cache'}", "recipe=int8_sq",
-            "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4"]
+    args = [
+        sys.executable,
+        "launch.py",
+        "-m",
+        "cluster=slurm",
+        f"model.path={model}",
+        "model.name=tiny",
+        "model.gguf_package=null",
+        "model.layer_widths=[]",
+        f"calib.dataset={text}",
+        "calib.seq_len=64",
+        "calib.size=64",
+        f"fidelity.text={text}",
+        "fidelity.samples=32",
+        "fidelity.seq_len=256",
+        f"output_root={root}",
+        f"cache_dir={work / 'cache'}",
+        "recipe=int8_sq",
+        "hydra.launcher.cpus_per_task=2",
+        "hydra.launcher.mem_gb=4",
+    ]
     sweep = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     running = wait_for(lambda: record(root).get("status") == "running" and record(root), timeout=600)
     if not running:
@@ -59,8 +75,14 @@ def one(fault: str, model: str, text: str, work: Path) -> dict:
     failed = wait_for(lambda: record(root).get("status") == "failed" and record(root), timeout=900)
     seconds = round(time.time() - start, 1) if failed else None
     output, _ = sweep.communicate(timeout=900)
-    return {"fault": fault, "slurm_job": holder.get("slurm_job"), "recorded_after_s": seconds,
-            "error": (failed or {}).get("error"), "sweep_exit": sweep.returncode, "sweep_tail": output[-600:]}
+    return {
+        "fault": fault,
+        "slurm_job": holder.get("slurm_job"),
+        "recorded_after_s": seconds,
+        "error": (failed or {}).get("error"),
+        "sweep_exit": sweep.returncode,
+        "sweep_tail": output[-600:],
+    }
 
 
 def main() -> None:
@@ -72,8 +94,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = [one(fault, args.tiny_model, args.text, Path(tmp)) for fault in ("scancel", "kill9")]
     slurm = subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip()
-    out = {"machine": f"{platform.node()}, {os.cpu_count()} CPUs", "slurm": slurm, "python": platform.python_version(),
-           "poll_s": 5.0, "results": results}
+    out = {
+        "machine": f"{platform.node()}, {os.cpu_count()} CPUs",
+        "slurm": slurm,
+        "python": platform.python_version(),
+        "poll_s": 5.0,
+        "results": results,
+    }
     Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
     for r in results:
         print(r["fault"], r.get("recorded_after_s"), r.get("error"))

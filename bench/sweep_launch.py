@@ -38,9 +38,18 @@ def run(args, **kw):
 
 
 def point_args(model: Path, root: Path, text: str):
-    return [f"model.path={model}", "model.name=tiny", "model.gguf_package=null", "model.layer_widths=[]",
-            f"calib.dataset={text}", "calib.seq_len=64", f"fidelity.text={text}", "fidelity.samples=2",
-            "fidelity.seq_len=64", f"output_root={root}"]
+    return [
+        f"model.path={model}",
+        "model.name=tiny",
+        "model.gguf_package=null",
+        "model.layer_widths=[]",
+        f"calib.dataset={text}",
+        "calib.seq_len=64",
+        f"fidelity.text={text}",
+        "fidelity.samples=2",
+        "fidelity.seq_len=64",
+        f"output_root={root}",
+    ]
 
 
 def main():
@@ -66,24 +75,46 @@ def main():
     recipes = (RECIPES * args.jobs)[: args.jobs]
     direct_s = 0.0
     for i, recipe in enumerate(recipes):
-        seconds, _ = run([py, "launch.py", f"recipe={recipe}", f"calib.size={i + 1}"]
-                         + point_args(args.tiny_model, work / "direct", args.text))
+        seconds, _ = run(
+            [py, "launch.py", f"recipe={recipe}", f"calib.size={i + 1}"]
+            + point_args(args.tiny_model, work / "direct", args.text)
+        )
         direct_s += seconds
     sweep_points = [f"recipe={','.join(dict.fromkeys(recipes))}"] if len(set(recipes)) == len(recipes) else None
     assert sweep_points, "use --jobs <= 4 so each point is one recipe"
-    slurm_s, _ = run([py, "launch.py", "-m", "cluster=slurm", *sweep_points, "calib.size=1",
-                      "hydra.launcher.cpus_per_task=2", "hydra.launcher.mem_gb=4", "hydra.launcher.poll_s=1"]
-                     + point_args(args.tiny_model, work / "slurm", args.text))
+    slurm_s, _ = run(
+        [
+            py,
+            "launch.py",
+            "-m",
+            "cluster=slurm",
+            *sweep_points,
+            "calib.size=1",
+            "hydra.launcher.cpus_per_task=2",
+            "hydra.launcher.mem_gb=4",
+            "hydra.launcher.poll_s=1",
+        ]
+        + point_args(args.tiny_model, work / "slurm", args.text)
+    )
     result = {
         "device": f"{platform.processor() or platform.machine()}, {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()} cores, one-node Slurm from scripts/local-slurm.sh",
-        "versions": {"python": platform.python_version(),
-                     **{n: metadata.version(n) for n in ("hydra-core", "hydra-submitit-launcher", "submitit", "torch", "nvidia-modelopt")},
-                     "slurm": subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip()},
+        "versions": {
+            "python": platform.python_version(),
+            **{
+                n: metadata.version(n)
+                for n in ("hydra-core", "hydra-submitit-launcher", "submitit", "torch", "nvidia-modelopt")
+            },
+            "slurm": subprocess.run(["sinfo", "--version"], capture_output=True, text=True).stdout.strip(),
+        },
         "dry_run_100_points_s": round(dry_s, 2),
         "dry_run_compose_and_plan_s": checked,
         "detached_submit_100_points_s": round(submit_s, 2),
-        "per_job": {"points": args.jobs, "direct_sequential_s": round(direct_s, 2), "slurm_sweep_s": round(slurm_s, 2),
-                    "overhead_per_job_s": round((slurm_s - direct_s) / args.jobs, 2)},
+        "per_job": {
+            "points": args.jobs,
+            "direct_sequential_s": round(direct_s, 2),
+            "slurm_sweep_s": round(slurm_s, 2),
+            "overhead_per_job_s": round((slurm_s - direct_s) / args.jobs, 2),
+        },
     }
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result, indent=2))

@@ -88,7 +88,9 @@ def launch(args, log_path: Path) -> float:
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     start = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.run([sys.executable, "launch.py", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.run(
+            [sys.executable, "launch.py", *args], cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env
+        )
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"launch.py {' '.join(args)} failed (exit {proc.returncode}); see {log_path}")
@@ -106,14 +108,18 @@ def point_records(root: Path, recipes) -> dict:
         if record.get("status") != "finished":
             raise SystemExit(f"{paths[0]} did not finish: {record.get('error')}")
         fmt = "%Y-%m-%dT%H:%M:%S%z"
-        run_s = (datetime.strptime(record["finished_at"], fmt) - datetime.strptime(record["started_at"], fmt)).total_seconds()
+        run_s = (
+            datetime.strptime(record["finished_at"], fmt) - datetime.strptime(record["started_at"], fmt)
+        ).total_seconds()
         timings = record.get("timings_s", {})
         out[recipe] = {
             "run_s": run_s,  # whole seconds (the record's timestamps)
             "stages_s": timings,
             "stages_total_s": round(sum(timings.values()), 2),
             "model_load": record.get("details", {}).get("model_load"),
-            "fidelity": {k: record["fidelity"][k] for k in ("perplexity_ratio", "mean_kl")} if record.get("fidelity") else None,
+            "fidelity": {k: record["fidelity"][k] for k in ("perplexity_ratio", "mean_kl")}
+            if record.get("fidelity")
+            else None,
         }
     return out
 
@@ -125,19 +131,26 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--fidelity-samples", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--max-other-cpu-s", type=float, default=10.0,
-                        help="run a mode again when other processes took more CPU time than this meanwhile")
+    parser.add_argument(
+        "--max-other-cpu-s",
+        type=float,
+        default=10.0,
+        help="run a mode again when other processes took more CPU time than this meanwhile",
+    )
     parser.add_argument("--extra", nargs="*", default=[], help="more overrides for every launch (e.g. model=...)")
     parser.add_argument("--work", default=None, help="folder for the runs (default: a temporary folder)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "sweep-packing-cpu.json"))
     args = parser.parse_args()
 
-
     recipes = args.recipes.split(",")
     work = Path(args.work or tempfile.mkdtemp(prefix="sweep-packing-"))
     work.mkdir(parents=True, exist_ok=True)
-    sizes = [f"calib.size={args.calib_size}", f"calib.seq_len={args.seq_len}",
-             f"fidelity.samples={args.fidelity_samples}", *args.extra]
+    sizes = [
+        f"calib.size={args.calib_size}",
+        f"calib.seq_len={args.seq_len}",
+        f"fidelity.samples={args.fidelity_samples}",
+        *args.extra,
+    ]
 
     print(f"warm-up (fills the shared caches) in {work}", flush=True)
     warm = launch([f"recipe={recipes[0]}", *sizes, f"output_root={work / 'warmup'}"], work / "warmup.log")
@@ -157,7 +170,13 @@ def main() -> None:
         load_before = load_average()
         (busy_before, steal_before), ours_before = cpu_times(), children_cpu_seconds()
         if mode == "packed":
-            cmd = ["-m", f"recipe={','.join(recipes)}", *sizes, f"output_root={root}", f"hydra.sweep.dir={root / 'sweep'}"]
+            cmd = [
+                "-m",
+                f"recipe={','.join(recipes)}",
+                *sizes,
+                f"output_root={root}",
+                f"hydra.sweep.dir={root / 'sweep'}",
+            ]
             wall = launch(cmd, work / f"{root.name}.log")
             process_s = None
             commands = [cmd]
@@ -175,30 +194,56 @@ def main() -> None:
         stolen = round(steal - steal_before, 1) if steal is not None and steal_before is not None else None
         clean = (others or 0) <= args.max_other_cpu_s and (stolen or 0) <= args.max_other_cpu_s
         if not clean and attempt < 3:
-            print(f"{mode} #{r}: other processes took {others} CPU s and the hypervisor {stolen} s meanwhile; "
-                  "running it again", flush=True)
+            print(
+                f"{mode} #{r}: other processes took {others} CPU s and the hypervisor {stolen} s meanwhile; "
+                "running it again",
+                flush=True,
+            )
             queue.insert(0, (mode, r))
             continue
-        runs.append({"mode": mode, "repeat": r, "attempt": attempt, "clean": clean, "waited_for_quiet_s": waited,
-                     "wall_s": round(wall, 2), "process_s": process_s, "points": points,
-                     "cpu_s": round(ours, 1), "other_processes_cpu_s": others, "stolen_cpu_s": stolen,
-                     "load_average_before": load_before, "load_average_after": load_average(),
-                     "commands": [" ".join(["python launch.py", *c]) for c in commands]})
-        print(f"{mode} #{r}: {wall:.1f} s (CPU {ours:.0f} s; other processes {others} s, stolen {stolen} s)", flush=True)
+        runs.append(
+            {
+                "mode": mode,
+                "repeat": r,
+                "attempt": attempt,
+                "clean": clean,
+                "waited_for_quiet_s": waited,
+                "wall_s": round(wall, 2),
+                "process_s": process_s,
+                "points": points,
+                "cpu_s": round(ours, 1),
+                "other_processes_cpu_s": others,
+                "stolen_cpu_s": stolen,
+                "load_average_before": load_before,
+                "load_average_after": load_average(),
+                "commands": [" ".join(["python launch.py", *c]) for c in commands],
+            }
+        )
+        print(
+            f"{mode} #{r}: {wall:.1f} s (CPU {ours:.0f} s; other processes {others} s, stolen {stolen} s)", flush=True
+        )
 
     packed = [x["wall_s"] for x in runs if x["mode"] == "packed"]
     separate = [x["wall_s"] for x in runs if x["mode"] == "separate"]
     summary = {
-        "packed_wall_s": packed, "separate_wall_s": separate,
-        "packed_median_s": statistics.median(packed), "separate_median_s": statistics.median(separate),
+        "packed_wall_s": packed,
+        "separate_wall_s": separate,
+        "packed_median_s": statistics.median(packed),
+        "separate_median_s": statistics.median(separate),
         "separate_over_packed": round(statistics.median(separate) / statistics.median(packed), 3),
         "saved_s": round(statistics.median(separate) - statistics.median(packed), 1),
     }
     result = {
         "benchmark": "sweep packing: K recipe points in one process vs K processes",
-        "recipes": recipes, "overrides": sizes, "warmup_s": round(warm, 1), "max_other_cpu_s": args.max_other_cpu_s,
-        "device": {"cpu": cpu_name(), **hardware_info()}, "versions": package_versions(),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "summary": summary, "runs": runs,
+        "recipes": recipes,
+        "overrides": sizes,
+        "warmup_s": round(warm, 1),
+        "max_other_cpu_s": args.max_other_cpu_s,
+        "device": {"cpu": cpu_name(), **hardware_info()},
+        "versions": package_versions(),
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "summary": summary,
+        "runs": runs,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -239,12 +284,18 @@ def markdown(result: dict) -> str:
             st = p["stages_s"]
             proc = f"{run['process_s'][recipe]:.1f}" if run["process_s"] else "–"
             frm = (p["model_load"] or {}).get("from", "?")
-            lines.append(f"| {recipe} | {mode} | {proc} | {p['run_s']:.0f} | {st.get('load', 0):.2f} | "
-                         f"{st.get('fidelity_reference', 0):.2f} | {st.get('calibrate', 0):.1f} | {frm} |")
+            lines.append(
+                f"| {recipe} | {mode} | {proc} | {p['run_s']:.0f} | {st.get('load', 0):.2f} | "
+                f"{st.get('fidelity_reference', 0):.2f} | {st.get('calibrate', 0):.1f} | {frm} |"
+            )
     others = ", ".join(f"{x['mode']} {x.get('other_processes_cpu_s')}/{x.get('stolen_cpu_s')}" for x in result["runs"])
-    lines += ["", f"CPU seconds other processes / the hypervisor (stolen) took while each mode ran, in run order: "
-              f"{others} (near 0: the timings are clean; the machine is shared, and a mode above "
-              f"{result['max_other_cpu_s']} s was run again).", ""]
+    lines += [
+        "",
+        f"CPU seconds other processes / the hypervisor (stolen) took while each mode ran, in run order: "
+        f"{others} (near 0: the timings are clean; the machine is shared, and a mode above "
+        f"{result['max_other_cpu_s']} s was run again).",
+        "",
+    ]
     return "\n".join(lines)
 
 

@@ -24,7 +24,13 @@ from typing import Dict, List, Tuple
 from ptq.errors import ConfigError
 from ptq.formats import BF16, CANDIDATES
 from ptq.plan import Plan
-from ptq.recipes import classify_layers, disabled_patterns, is_excluded, module_pattern_to_quantizer_pattern, set_block_size
+from ptq.recipes import (
+    classify_layers,
+    disabled_patterns,
+    is_excluded,
+    module_pattern_to_quantizer_pattern,
+    set_block_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +52,10 @@ class AutoQuantizeSearch:
         for name in recipe.candidates:
             base = getattr(mtq, name, None)
             if not isinstance(base, dict):
-                raise ConfigError(f"recipe.candidates names {name}, which the installed ModelOpt does not define; "
-                                  f"choose from {', '.join(CANDIDATES)}.")
+                raise ConfigError(
+                    f"recipe.candidates names {name}, which the installed ModelOpt does not define; "
+                    f"choose from {', '.join(CANDIDATES)}."
+                )
             # The layers each candidate leaves alone on purpose (lm_head, routers, ...) stay BF16 here too:
             # AutoQuantize ignores such name patterns in its formats and would otherwise search them.
             patterns += [p for p in disabled_patterns(base) if p not in patterns]
@@ -62,8 +70,9 @@ class AutoQuantizeSearch:
         self.excluded_patterns = patterns
         # Exact module names (no wildcards): they are both kept out of the search and out of the
         # budget's denominator; ModelOpt would otherwise count them as 16-bit weights.
-        self.excluded = [n for n, m in model.named_modules()
-                         if isinstance(m, torch.nn.Linear) and is_excluded(n, patterns)]
+        self.excluded = [
+            n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_excluded(n, patterns)
+        ]
 
     def _steps(self, samples: int, batch_size: int) -> Tuple[int, int, int]:
         """(calibration steps, score steps, score samples). ModelOpt counts both in batches of the same
@@ -79,13 +88,28 @@ class AutoQuantizeSearch:
 
         cfg = self.plan.cfg
         source = Path(os.path.expanduser(self.plan.source.converted_dir or self.plan.source.location))
-        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in source.glob("*")
-                       if f.suffix in (".safetensors", ".bin", ".json")) if source.is_dir() else []
+        files = (
+            sorted(
+                (f.name, f.stat().st_size, f.stat().st_mtime_ns)
+                for f in source.glob("*")
+                if f.suffix in (".safetensors", ".bin", ".json")
+            )
+            if source.is_dir()
+            else []
+        )
         key = {
-            "model": str(source), "files": files, "revision": getattr(model.config, "_commit_hash", None),
-            "device": cfg.hardware.device, "dtype": cfg.hardware.dtype, "modelopt": modelopt.__version__,
-            "torch": torch.__version__, "candidates": [repr(c) for _, c in self.candidates], "excluded": self.excluded,
-            "method": self.method, "batch_size": batch_size, "steps": list(steps),
+            "model": str(source),
+            "files": files,
+            "revision": getattr(model.config, "_commit_hash", None),
+            "device": cfg.hardware.device,
+            "dtype": cfg.hardware.dtype,
+            "modelopt": modelopt.__version__,
+            "torch": torch.__version__,
+            "candidates": [repr(c) for _, c in self.candidates],
+            "excluded": self.excluded,
+            "method": self.method,
+            "batch_size": batch_size,
+            "steps": list(steps),
             "calib": hashlib.sha1(calib.cpu().contiguous().numpy().tobytes()).hexdigest(),
         }
         digest = hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:20]
@@ -137,10 +161,18 @@ class AutoQuantizeSearch:
                 warnings.filterwarnings("ignore", message="Checkpoint .* does not exist")
                 warnings.filterwarnings("ignore", message="Per-rank checkpoint")
                 model, state = mtq.auto_quantize(
-                    model, constraints=constraints, quantization_formats=[cfg for _, cfg in self.candidates],
-                    data_loader=list(calib.split(batch_size)), forward_step=forward_step, loss_func=loss_func,
-                    disabled_layers=list(self.excluded) or None, num_calib_steps=calib_steps,
-                    num_score_steps=score_steps, method=self.method, verbose=False, checkpoint=str(work),
+                    model,
+                    constraints=constraints,
+                    quantization_formats=[cfg for _, cfg in self.candidates],
+                    data_loader=list(calib.split(batch_size)),
+                    forward_step=forward_step,
+                    loss_func=loss_func,
+                    disabled_layers=list(self.excluded) or None,
+                    num_calib_steps=calib_steps,
+                    num_score_steps=score_steps,
+                    method=self.method,
+                    verbose=False,
+                    checkpoint=str(work),
                 )
         except BaseException:
             work.unlink(missing_ok=True)
@@ -170,9 +202,16 @@ class AutoQuantizeSearch:
         (quantized, excluded, unexpected_bf16, record)."""
         recipe = self.plan.cfg.recipe
         calib_steps, score_steps, score_samples = self._steps(calib.shape[0], batch_size)
-        log.info("AutoQuantize: %s under %.2f effective bits, %s scores on %d samples, %d calibration steps, "
-                 "%d layers kept in BF16 by pattern", ", ".join(n for n, _ in self.candidates), recipe.effective_bits,
-                 self.method, score_samples, calib_steps, len(self.excluded))
+        log.info(
+            "AutoQuantize: %s under %.2f effective bits, %s scores on %d samples, %d calibration steps, "
+            "%d layers kept in BF16 by pattern",
+            ", ".join(n for n, _ in self.candidates),
+            recipe.effective_bits,
+            self.method,
+            score_samples,
+            calib_steps,
+            len(self.excluded),
+        )
         model, state, state_path, reused = self._search(model, calib, batch_size, calib_steps, score_steps)
         assignment = self._assignment(state)
         achieved = float(state["best"]["constraints"]["effective_bits"])
@@ -181,10 +220,17 @@ class AutoQuantizeSearch:
         for label in assignment.values():
             counts[label] = counts.get(label, 0) + 1
         if not satisfied or achieved > recipe.effective_bits + 1e-6:
-            log.warning("AutoQuantize could not meet the budget: %.3f effective bits for %.3f asked",
-                        achieved, recipe.effective_bits)
-        log.info("AutoQuantize chose %s (%.3f effective bits for a budget of %.3f)",
-                 ", ".join(f"{v} {k}" for k, v in sorted(counts.items())), achieved, recipe.effective_bits)
+            log.warning(
+                "AutoQuantize could not meet the budget: %.3f effective bits for %.3f asked",
+                achieved,
+                recipe.effective_bits,
+            )
+        log.info(
+            "AutoQuantize chose %s (%.3f effective bits for a budget of %.3f)",
+            ", ".join(f"{v} {k}" for k, v in sorted(counts.items())),
+            achieved,
+            recipe.effective_bits,
+        )
 
         # A layer the search left in BF16 is unquantized on purpose, like one an exclude pattern names.
         kept_bf16 = [f"{n}.weight_quantizer" for n, label in assignment.items() if label == BF16]

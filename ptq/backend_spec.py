@@ -29,7 +29,8 @@ def check_megatron_layout(cfg: RunConfig) -> None:
     if recipe.algorithm is not None or recipe.algorithm_args:
         raise ConfigError(
             f"recipe.algorithm / recipe.algorithm_args apply to backend=hf_modelopt: backend=megatron_bridge calibrates "
-            f"with the config its --export-quant-cfg {recipe.megatron_cfg} names. Remove them, or use backend=hf_modelopt.")
+            f"with the config its --export-quant-cfg {recipe.megatron_cfg} names. Remove them, or use backend=hf_modelopt."
+        )
     if recipe.megatron_cfg is None:
         raise ConfigError(
             f"recipe={recipe.name} has no Megatron-Bridge --export-quant-cfg name, so backend=megatron_bridge cannot run it; "
@@ -43,9 +44,18 @@ def check_megatron_layout(cfg: RunConfig) -> None:
             "recipe with backend=hf_modelopt, or use recipe=fp8, nvfp4 or fp8_blockwise with backend=megatron_bridge."
         )
     if cfg.hardware.device != "cuda":
-        raise ConfigError(f"backend=megatron_bridge runs on CUDA GPUs under torchrun; hardware={cfg.hardware.name} has none "
-                          "(choose e.g. hardware=h100).")
-    sizes = {"tp": par.tp, "pp": par.pp, "ep": par.ep, "etp": par.etp, "nodes": par.nodes, "gpus_per_node": par.gpus_per_node}
+        raise ConfigError(
+            f"backend=megatron_bridge runs on CUDA GPUs under torchrun; hardware={cfg.hardware.name} has none "
+            "(choose e.g. hardware=h100)."
+        )
+    sizes = {
+        "tp": par.tp,
+        "pp": par.pp,
+        "ep": par.ep,
+        "etp": par.etp,
+        "nodes": par.nodes,
+        "gpus_per_node": par.gpus_per_node,
+    }
     bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
     if bad:
         raise ConfigError(f"parallelism.{', '.join(bad)}: every size must be at least 1.")
@@ -63,9 +73,13 @@ def check_megatron_layout(cfg: RunConfig) -> None:
     if model.num_experts and model.num_experts % par.ep:
         raise ConfigError(f"parallelism.ep={par.ep} does not divide the {model.num_experts} experts of {model.name}.")
     if par.ep > 1 and model.arch == "dense":
-        raise ConfigError(f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} is dense (use ep=1).")
+        raise ConfigError(
+            f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} is dense (use ep=1)."
+        )
     if model.mamba_ngroups and model.mamba_ngroups % par.tp:
-        raise ConfigError(f"parallelism.tp={par.tp} does not divide the {model.mamba_ngroups} Mamba groups of {model.name}.")
+        raise ConfigError(
+            f"parallelism.tp={par.tp} does not divide the {model.mamba_ngroups} Mamba groups of {model.name}."
+        )
 
 
 def check_megatron_calib(cfg: RunConfig) -> None:
@@ -93,9 +107,11 @@ def export_measurement(cfg: RunConfig) -> str:
     need_gb = cfg.model.params_b * 2
     room_gb = cfg.hardware.gpu_memory_gb * MEASURE_GPU_SHARE
     if cfg.hardware.device == "cuda" and room_gb and need_gb > room_gb:
-        return (f"skip: fidelity and eval of the exported checkpoint are skipped: reading it back needs the BF16 "
-                f"model ({need_gb:.0f} GB) on one GPU, and {cfg.hardware.name} offers {room_gb:.0f} GB of its "
-                f"{cfg.hardware.gpu_memory_gb:.0f} GB; set fidelity=none eval=none to silence this.")
+        return (
+            f"skip: fidelity and eval of the exported checkpoint are skipped: reading it back needs the BF16 "
+            f"model ({need_gb:.0f} GB) on one GPU, and {cfg.hardware.name} offers {room_gb:.0f} GB of its "
+            f"{cfg.hardware.gpu_memory_gb:.0f} GB; set fidelity=none eval=none to silence this."
+        )
     return "measure"
 
 
@@ -142,12 +158,28 @@ class BackendSpec:
 
 
 SPECS: Dict[str, BackendSpec] = {
-    "hf_modelopt": BackendSpec(name="hf_modelopt", one_process=True, measures_in_memory=True, recipe_files=True,
-                               recovery=True, gpu_memory_cap=True, awq_block=None, check=_hf_check,
-                               export_measurement=_off),
-    "megatron_bridge": BackendSpec(name="megatron_bridge", one_process=False, measures_in_memory=False,
-                                   recipe_files=False, recovery=False, gpu_memory_cap=False, awq_block=128,
-                                   check=_megatron_check, export_measurement=export_measurement),
+    "hf_modelopt": BackendSpec(
+        name="hf_modelopt",
+        one_process=True,
+        measures_in_memory=True,
+        recipe_files=True,
+        recovery=True,
+        gpu_memory_cap=True,
+        awq_block=None,
+        check=_hf_check,
+        export_measurement=_off,
+    ),
+    "megatron_bridge": BackendSpec(
+        name="megatron_bridge",
+        one_process=False,
+        measures_in_memory=False,
+        recipe_files=False,
+        recovery=False,
+        gpu_memory_cap=False,
+        awq_block=128,
+        check=_megatron_check,
+        export_measurement=export_measurement,
+    ),
 }
 
 

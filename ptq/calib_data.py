@@ -79,23 +79,38 @@ def sample_rows(model, tokenizer, rows: List[tuple], seq_len: int, batch_size: i
     steps = -(-len(rows) // batch_size) * (seq_len - 1)
     began, logged = time.perf_counter(), [0]
     out = []
-    with tqdm(total=steps, desc=f"sampling {len(rows)} x {seq_len} tokens of text from the BF16 model",
-              unit="token") as progress:
+    with tqdm(
+        total=steps, desc=f"sampling {len(rows)} x {seq_len} tokens of text from the BF16 model", unit="token"
+    ) as progress:
+
         def report():
             tenth = progress.n * 10 // max(steps, 1)
             if tenth > logged[0]:
                 logged[0] = tenth
-                log.info("Sampling text: %d%% (%d of %d token steps) after %.0f s", tenth * 10, progress.n, steps,
-                         time.perf_counter() - began)
+                log.info(
+                    "Sampling text: %d%% (%d of %d token steps) after %.0f s",
+                    tenth * 10,
+                    progress.n,
+                    steps,
+                    time.perf_counter() - began,
+                )
 
         for first in range(0, len(rows), batch_size):
-            chunk = rows[first:first + batch_size]
+            chunk = rows[first : first + batch_size]
             prompt = torch.full((len(chunk), 1), start, dtype=torch.long, device=device)
             sampler = _RowSampling([_row_generator(seed, row) for seed, row in chunk], progress, report)
             generated = model.generate(
-                prompt, do_sample=False, num_beams=1, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
-                logits_processor=LogitsProcessorList([sampler]), pad_token_id=tokenizer.pad_token_id,
-                attention_mask=torch.ones_like(prompt), temperature=None, top_p=None, top_k=None,
+                prompt,
+                do_sample=False,
+                num_beams=1,
+                max_new_tokens=seq_len - 1,
+                min_new_tokens=seq_len - 1,
+                logits_processor=LogitsProcessorList([sampler]),
+                pad_token_id=tokenizer.pad_token_id,
+                attention_mask=torch.ones_like(prompt),
+                temperature=None,
+                top_p=None,
+                top_k=None,
             )
             out.append(generated[:, :seq_len].cpu())
     return torch.cat(out)
@@ -117,8 +132,9 @@ def _cached_rows(path: Path):
     return tokens if isinstance(tokens, torch.Tensor) and tokens.dim() == 2 else None
 
 
-def self_sampled(model, tokenizer, *, model_id: str, cache_dir: str, requests: Dict[str, tuple],
-                 batch_size: int) -> Dict[str, torch.Tensor]:
+def self_sampled(
+    model, tokenizer, *, model_id: str, cache_dir: str, requests: Dict[str, tuple], batch_size: int
+) -> Dict[str, torch.Tensor]:
     """Text the model writes itself, for several uses at once: `requests` maps a use to (seed, samples,
     seq_len); each use gets [samples, seq_len] tokens, the first rows of its seed's stream. One sampling pass
     makes every row no cached sample holds (at the longest length asked for); a cached sample with at least as
@@ -141,8 +157,9 @@ def self_sampled(model, tokenizer, *, model_id: str, cache_dir: str, requests: D
         counts[seed] = max(counts.get(seed, 0), samples, have_rows)
         length = max(length, seq_len, have_length)
     seeds = sorted(counts)
-    tokens = sample_rows(model, tokenizer, [(seed, row) for seed in seeds for row in range(counts[seed])], length,
-                         batch_size)
+    tokens = sample_rows(
+        model, tokenizer, [(seed, row) for seed in seeds for row in range(counts[seed])], length, batch_size
+    )
     sampled = dict(zip(seeds, tokens.split([counts[seed] for seed in seeds])))
     for seed, rows in sampled.items():
         with atomic_path(_self_cache(cache_dir, model_id, seed)) as tmp:
@@ -189,18 +206,37 @@ def _remember(key: str, tokens: torch.Tensor) -> torch.Tensor:
     return tokens
 
 
-def token_batches(spec: str, *, model, tokenizer, model_id: str, samples: int, seq_len: int, seed: int,
-                  cache_dir: str, sample_batch_size: int) -> torch.Tensor:
+def token_batches(
+    spec: str,
+    *,
+    model,
+    tokenizer,
+    model_id: str,
+    samples: int,
+    seq_len: int,
+    seed: int,
+    cache_dir: str,
+    sample_batch_size: int,
+) -> torch.Tensor:
     """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name."""
     if spec == SELF:
-        return self_sampled(model, tokenizer, model_id=model_id, cache_dir=cache_dir,
-                            requests={"text": (seed, samples, seq_len)}, batch_size=sample_batch_size)["text"]
+        return self_sampled(
+            model,
+            tokenizer,
+            model_id=model_id,
+            cache_dir=cache_dir,
+            requests={"text": (seed, samples, seq_len)},
+            batch_size=sample_batch_size,
+        )["text"]
     path = Path(os.path.expanduser(spec))
     if path.suffix in (".txt", ".jsonl", ".raw") or path.exists():
         if not path.is_file():
-            raise ConfigError(f"calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or \"self\".")
-        return file_tokens(path, tokenizer=tokenizer, model_id=model_id, samples=samples, seq_len=seq_len,
-                           cache_dir=cache_dir)
+            raise ConfigError(
+                f'calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or "self".'
+            )
+        return file_tokens(
+            path, tokenizer=tokenizer, model_id=model_id, samples=samples, seq_len=seq_len, cache_dir=cache_dir
+        )
     from modelopt.torch.utils.dataset_utils import get_dataset_samples
 
     try:

@@ -49,9 +49,14 @@ def derived_request(cfg: RunConfig) -> Request:
     model, hw = cfg.model, cfg.hardware
     bf16_gb = model.params_b * 2  # 2 bytes a parameter
     if hw.device == "cpu":
-        return Request(nodes=1, gpus_per_node=0, tasks_per_node=1, cpus_per_task=2,
-                       mem_gb=math.ceil(model.params_b * 4 * CPU_MEM_COPIES + CPU_BASE_MEM_GB),
-                       timeout_min=60 + math.ceil(model.params_b * 60))
+        return Request(
+            nodes=1,
+            gpus_per_node=0,
+            tasks_per_node=1,
+            cpus_per_task=2,
+            mem_gb=math.ceil(model.params_b * 4 * CPU_MEM_COPIES + CPU_BASE_MEM_GB),
+            timeout_min=60 + math.ceil(model.params_b * 60),
+        )
     layout = spec_of(cfg).slurm_layout(cfg)
     if layout is not None:  # the backend's parallel layout fixes the GPUs
         nodes, gpus = layout
@@ -60,37 +65,59 @@ def derived_request(cfg: RunConfig) -> Request:
         nodes = 1
         per_gpu = hw.gpu_memory_gb * GPU_WEIGHT_SHARE if hw.gpu_memory_gb else 48
         gpus = min(8, max(1, math.ceil(bf16_gb / per_gpu)))
-    return Request(nodes=nodes, gpus_per_node=gpus, tasks_per_node=1, cpus_per_task=CPUS_PER_GPU * gpus,
-                   mem_gb=math.ceil(bf16_gb * 1.5 / nodes) + BASE_HOST_MEM_GB,
-                   timeout_min=60 + math.ceil(model.params_b * 2))
+    return Request(
+        nodes=nodes,
+        gpus_per_node=gpus,
+        tasks_per_node=1,
+        cpus_per_task=CPUS_PER_GPU * gpus,
+        mem_gb=math.ceil(bf16_gb * 1.5 / nodes) + BASE_HOST_MEM_GB,
+        timeout_min=60 + math.ceil(model.params_b * 2),
+    )
 
 
 # The resource keys of hydra.launcher (hydra-submitit-launcher's Slurm schema) that, left unset, are derived
 # per point; and the sbatch options passed through as set.
 REQUEST_KEYS = ("nodes", "gpus_per_node", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min")
-PASSED_THROUGH = ("partition", "account", "qos", "constraint", "exclude", "comment", "gres", "cpus_per_gpu",
-                  "gpus_per_task", "mem_per_gpu", "mem_per_cpu")
+PASSED_THROUGH = (
+    "partition",
+    "account",
+    "qos",
+    "constraint",
+    "exclude",
+    "comment",
+    "gres",
+    "cpus_per_gpu",
+    "gpus_per_task",
+    "mem_per_gpu",
+    "mem_per_cpu",
+)
 
 
 def request_for(cfg: RunConfig, launcher: Mapping) -> Request:
     """The derived request with the values set in `launcher` (hydra.launcher) on top."""
     derived = derived_request(cfg)
-    return Request(**{key: getattr(derived, key) if launcher.get(key) is None else launcher[key] for key in REQUEST_KEYS})
+    return Request(
+        **{key: getattr(derived, key) if launcher.get(key) is None else launcher[key] for key in REQUEST_KEYS}
+    )
 
 
 def check_request(cfg: RunConfig, request: Request) -> Optional[str]:
     """Why `request` cannot run this point (None if it can). Catches settings that undercut the layout."""
     par = cfg.parallelism
     if cfg.hardware.device == "cuda" and request.gpus_per_node < 1:
-        return (f"hardware={cfg.hardware.name} needs GPUs but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
-                "remove that setting or set it to at least 1.")
+        return (
+            f"hardware={cfg.hardware.name} needs GPUs but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
+            "remove that setting or set it to at least 1."
+        )
     if not spec_of(cfg).one_process:
         world = par.nodes * par.gpus_per_node
         got = request.nodes * request.gpus_per_node
         if got != world:
-            return (f"parallelism={par.name} runs on {par.nodes} node(s) x {par.gpus_per_node} GPUs = {world}, but the Slurm "
-                    f"request is {request.nodes} x {request.gpus_per_node} = {got}; drop the hydra.launcher.nodes/"
-                    "gpus_per_node settings or change the parallelism.")
+            return (
+                f"parallelism={par.name} runs on {par.nodes} node(s) x {par.gpus_per_node} GPUs = {world}, but the Slurm "
+                f"request is {request.nodes} x {request.gpus_per_node} = {got}; drop the hydra.launcher.nodes/"
+                "gpus_per_node settings or change the parallelism."
+            )
     for key in ("nodes", "tasks_per_node", "cpus_per_task", "mem_gb", "timeout_min"):
         if getattr(request, key) < 1:
             return f"hydra.launcher.{key}={getattr(request, key)} must be at least 1."

@@ -10,10 +10,10 @@ template per kind serves every format. Any task name lm-eval knows works too (ki
 from __future__ import annotations
 
 import csv
-import io
 import fcntl
 import functools
 import hashlib
+import io
 import json
 import logging
 import math
@@ -30,8 +30,8 @@ import yaml
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic, write_text_atomic
 from ptq.plan import SAFE_NAME
-from ptq.textfiles import checked_once, lines, read_jsonl, read_text
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
+from ptq.textfiles import checked_once, lines, read_jsonl, read_text
 
 log = logging.getLogger(__name__)
 
@@ -53,15 +53,20 @@ def _gold_index(answer, labels: List[str], where: str) -> int:
     if isinstance(answer, int) or (isinstance(answer, str) and answer.strip().isdigit()):
         index = int(answer)
         if not 0 <= index < len(labels):
-            raise ConfigError(f"{where}: answer {answer!r} is outside the {len(labels)} choices (indices 0-{len(labels) - 1}).")
+            raise ConfigError(
+                f"{where}: answer {answer!r} is outside the {len(labels)} choices (indices 0-{len(labels) - 1})."
+            )
         return index
     raise ConfigError(f"{where}: answer {answer!r} is neither an index nor one of the labels {labels}.")
 
 
 def _field(row: dict, key: str, where: str, kind=None):
     if key not in row or (kind is not None and not isinstance(row[key], kind)):
-        raise ConfigError(f"{where}: no {key!r} field" + (f" of type {kind.__name__}" if kind else "") +
-                          f" (fields: {', '.join(row) or 'none'}).")
+        raise ConfigError(
+            f"{where}: no {key!r} field"
+            + (f" of type {kind.__name__}" if kind else "")
+            + f" (fields: {', '.join(row) or 'none'})."
+        )
     return row[key]
 
 
@@ -84,12 +89,16 @@ def _prompt(template: Optional[str], default: str, row: dict, where: str) -> str
     try:
         return (template or default).format_map(_Fields(row))
     except KeyError as exc:
-        raise ConfigError(f"{where}: the template names the field {exc.args[0]!r}, which this item does not have "
-                          f"(fields: {', '.join(map(str, row)) or 'none'}); set the benchmark's template to use "
-                          "those.") from None
+        raise ConfigError(
+            f"{where}: the template names the field {exc.args[0]!r}, which this item does not have "
+            f"(fields: {', '.join(map(str, row)) or 'none'}); set the benchmark's template to use "
+            "those."
+        ) from None
     except (ValueError, IndexError, AttributeError) as exc:
-        raise ConfigError(f"{where}: the template {template!r} is not a usable format string ({exc}); write fields "
-                          "as {name} and literal braces as {{ }}.") from None
+        raise ConfigError(
+            f"{where}: the template {template!r} is not a usable format string ({exc}); write fields "
+            "as {name} and literal braces as {{ }}."
+        ) from None
 
 
 def _question_prompt(template: Optional[str], row: dict, where: str) -> str:
@@ -121,19 +130,32 @@ def _read_mmlu_csv(file: Path, template: Optional[str] = None) -> List[dict]:
     columns = header if records else []
     choices = [c for c in columns if c.startswith("choice")]
     if "question" not in columns or "answer" not in columns or len(choices) < 2:
-        raise ConfigError(f"{file}: an MMLU CSV needs a header question,choice0,choice1,...,answer; it has "
-                          f"{','.join(columns) or 'no header'}.")
+        raise ConfigError(
+            f"{file}: an MMLU CSV needs a header question,choice0,choice1,...,answer; it has "
+            f"{','.join(columns) or 'no header'}."
+        )
     items = []
     for number, fields in records:
         where = f"{file}:{number}"
         if len(fields) != len(columns):  # csv.DictReader would drop extra fields, or fill missing ones with None
-            fix = ("a field that holds a comma must be quoted (\"a, b\"): quote it, or remove the extra field"
-                   if len(fields) > len(columns) else "give every column a field (an empty one is written ,,)")
-            raise ConfigError(f"{where} has {len(fields)} fields, the header {len(columns)} ({','.join(columns)}); {fix}.")
+            fix = (
+                'a field that holds a comma must be quoted ("a, b"): quote it, or remove the extra field'
+                if len(fields) > len(columns)
+                else "give every column a field (an empty one is written ,,)"
+            )
+            raise ConfigError(
+                f"{where} has {len(fields)} fields, the header {len(columns)} ({','.join(columns)}); {fix}."
+            )
         row = dict(zip(columns, fields))
         options = [row[k] for k in sorted(choices)]
-        items.append({"query": _question_prompt(template, row, where), "choices": options,
-                      "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), where), "subject": file.stem})
+        items.append(
+            {
+                "query": _question_prompt(template, row, where),
+                "choices": options,
+                "gold": _gold_index(row["answer"], list(LETTERS[: len(options)]), where),
+                "subject": file.stem,
+            }
+        )
     return items
 
 
@@ -145,13 +167,20 @@ def _read_winogrande(path: Path) -> List[dict]:
         where = f"{path}:{number}"
         sentence = _field(row, "sentence", where, str)
         if sentence.count("_") != 1:
-            raise ConfigError(f"{where}: the sentence must hold exactly one blank '_' (it holds {sentence.count('_')}).")
+            raise ConfigError(
+                f"{where}: the sentence must hold exactly one blank '_' (it holds {sentence.count('_')})."
+            )
         options = [str(_field(row, "option1", where)), str(_field(row, "option2", where))]
         prefix, rest = sentence.split("_")
         if not rest.strip():
             raise ConfigError(f"{where}: nothing follows the blank, so there is no shared continuation to score.")
-        items.append({"contexts": [prefix + option for option in options], "continuation": rest.strip(),
-                      "gold": _gold_index(str(_field(row, "answer", where)), ["1", "2"], where)})
+        items.append(
+            {
+                "contexts": [prefix + option for option in options],
+                "continuation": rest.strip(),
+                "gold": _gold_index(str(_field(row, "answer", where)), ["1", "2"], where),
+            }
+        )
     return items
 
 
@@ -162,8 +191,10 @@ def read_multiple_choice(path: Path, fmt: str, template: Optional[str] = None) -
     items = []
     if fmt == "winogrande_jsonl":
         if template is not None:
-            raise ConfigError("format=winogrande_jsonl takes no template: each option completes the sentence's own "
-                              "beginning, and the rest of the sentence is scored.")
+            raise ConfigError(
+                "format=winogrande_jsonl takes no template: each option completes the sentence's own "
+                "beginning, and the rest of the sentence is scored."
+            )
         items = _read_winogrande(path)
     elif fmt == "arc_jsonl":
         for number, row in read_jsonl(path):
@@ -172,14 +203,24 @@ def read_multiple_choice(path: Path, fmt: str, template: Optional[str] = None) -
             labels, texts = choices.get("label"), _choices(choices.get("text"), where)
             if not isinstance(labels, list) or len(labels) != len(texts):
                 raise ConfigError(f"{where}: choices.label must list one label per choice.")
-            items.append({"query": _question_prompt(template, row, where), "choices": texts,
-                          "gold": _gold_index(_field(row, "answerKey", where), [str(x) for x in labels], where)})
+            items.append(
+                {
+                    "query": _question_prompt(template, row, where),
+                    "choices": texts,
+                    "gold": _gold_index(_field(row, "answerKey", where), [str(x) for x in labels], where),
+                }
+            )
     elif fmt == "jsonl":
         for number, row in read_jsonl(path):
             where = f"{path}:{number}"
             choices = _choices(_field(row, "choices", where), where)
-            items.append({"query": _question_prompt(template, row, where), "choices": choices,
-                          "gold": _gold_index(_field(row, "answer", where), list(LETTERS[: len(choices)]), where)})
+            items.append(
+                {
+                    "query": _question_prompt(template, row, where),
+                    "choices": choices,
+                    "gold": _gold_index(_field(row, "answer", where), list(LETTERS[: len(choices)]), where),
+                }
+            )
     elif fmt == "mmlu_csv":
         files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
         if not files:
@@ -189,12 +230,18 @@ def read_multiple_choice(path: Path, fmt: str, template: Optional[str] = None) -
     elif fmt == "hellaswag_txt":
         rows = lines(read_text(path))
         if len(rows) % 6:
-            raise ConfigError(f"{path}: {len(rows)} lines is not a multiple of 6 (context, gold index, 4 endings per item).")
+            raise ConfigError(
+                f"{path}: {len(rows)} lines is not a multiple of 6 (context, gold index, 4 endings per item)."
+            )
         for start in range(0, len(rows), 6):
-            context, gold, *endings = rows[start:start + 6]
-            items.append({"query": _prompt(template, "{context}", {"context": context}, f"{path}:{start + 1}"),
-                          "choices": endings,
-                          "gold": _gold_index(gold.strip(), ["0", "1", "2", "3"], f"{path}:{start + 2}")})
+            context, gold, *endings = rows[start : start + 6]
+            items.append(
+                {
+                    "query": _prompt(template, "{context}", {"context": context}, f"{path}:{start + 1}"),
+                    "choices": endings,
+                    "gold": _gold_index(gold.strip(), ["0", "1", "2", "3"], f"{path}:{start + 2}"),
+                }
+            )
     else:
         raise ConfigError(f"format={fmt!r} is not a multiple-choice layout; choose one of: {', '.join(MC_FORMATS)}.")
     if not items:
@@ -207,8 +254,12 @@ def read_generation(path: Path, template: Optional[str] = None) -> List[dict]:
     rows = []
     for number, row in read_jsonl(path):
         where = f"{path}:{number}"
-        rows.append({"query": _question_prompt(template, row, where),
-                     "answer": _final_number(str(_field(row, "answer", where)))})
+        rows.append(
+            {
+                "query": _question_prompt(template, row, where),
+                "answer": _final_number(str(_field(row, "answer", where))),
+            }
+        )
     if not rows:
         raise ConfigError(f"{path} holds no items.")
     return rows
@@ -225,7 +276,9 @@ def read_last_words(path: Path) -> List[dict]:
     for where, text in texts:
         context, _, word = text.strip().rpartition(" ")
         if not context or not word:
-            raise ConfigError(f"{where}: a passage needs at least two words (its last word is predicted from the rest).")
+            raise ConfigError(
+                f"{where}: a passage needs at least two words (its last word is predicted from the rest)."
+            )
         items.append({"context": context, "target": " " + word})
     if not items:
         raise ConfigError(f"{path} holds no passages.")
@@ -269,8 +322,10 @@ def _split_documents(text: str, max_chars: int = 4000) -> List[str]:
     return [d for d in docs if d.strip()]
 
 
-FETCH_HINT = ("get the files with `bash scripts/fetch-evaldata.sh DIR` on a machine with internet access (it checks "
-              "their checksums), then set PTQ_EVALDATA=DIR or eval.data_dir=DIR")
+FETCH_HINT = (
+    "get the files with `bash scripts/fetch-evaldata.sh DIR` on a machine with internet access (it checks "
+    "their checksums), then set PTQ_EVALDATA=DIR or eval.data_dir=DIR"
+)
 
 
 def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
@@ -279,8 +334,10 @@ def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
     if path.is_absolute():
         return path
     if not data_dir:
-        raise ConfigError(f"eval benchmark {bench.name} reads {bench.path} from eval.data_dir, which is not set: "
-                          f"{FETCH_HINT} (or eval=none to skip benchmarks).")
+        raise ConfigError(
+            f"eval benchmark {bench.name} reads {bench.path} from eval.data_dir, which is not set: "
+            f"{FETCH_HINT} (or eval=none to skip benchmarks)."
+        )
     return Path(os.path.expanduser(data_dir)) / path
 
 
@@ -337,11 +394,17 @@ def task_file(bench: BenchmarkConfig, work_dir: Path, data_dir: Optional[str] = 
         raise ConfigError(f"eval benchmark {bench.name}: path {path} does not exist; set eval.benchmarks[...].path.")
     rows = read_benchmark(bench, path)
     if rows is None:
-        raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind} has no local data; "
-                          f"choose one of: {', '.join(k for k in KINDS if k != 'lm_eval')}.")
+        raise ConfigError(
+            f"eval benchmark {bench.name}: kind={bench.kind} has no local data; "
+            f"choose one of: {', '.join(k for k in KINDS if k != 'lm_eval')}."
+        )
     data = _write_jsonl(rows, work_dir / f"{bench.name}.jsonl")
     template = task_template(bench)
-    task = {"include": str(template), "task": f"ptq_{bench.name}", "dataset_kwargs": {"data_files": {"test": str(data)}}}
+    task = {
+        "include": str(template),
+        "task": f"ptq_{bench.name}",
+        "dataset_kwargs": {"data_files": {"test": str(data)}},
+    }
     if bench.kind == "multiple_choice":
         task["target_delimiter"] = bench.delimiter
     if bench.kind == "generation":
@@ -402,24 +465,40 @@ def check_eval_config(cfg: EvalConfig) -> None:
     names = [b.name for b in cfg.benchmarks]
     unsafe = [n for n in names if not SAFE_NAME.match(str(n))]
     if unsafe:
-        raise ConfigError(f"eval benchmark name {unsafe[0]!r} becomes a file name of the run: use one plain name "
-                          "(letters, digits and . _ + @ = -, no '/' and no '..').")
+        raise ConfigError(
+            f"eval benchmark name {unsafe[0]!r} becomes a file name of the run: use one plain name "
+            "(letters, digits and . _ + @ = -, no '/' and no '..')."
+        )
     if len(set(names)) != len(names):
         raise ConfigError(f"eval.benchmarks has duplicate names {names}; give each benchmark its own name.")
     for bench in cfg.benchmarks:
         if bench.kind not in KINDS:
-            raise ConfigError(f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}.")
+            raise ConfigError(
+                f"eval benchmark {bench.name}: kind={bench.kind!r} is unknown; choose one of: {', '.join(KINDS)}."
+            )
         if bench.kind != "lm_eval" and not benchmark_path(bench, cfg.data_dir).exists():
-            where = f" under eval.data_dir={cfg.data_dir}" if not Path(os.path.expanduser(bench.path or "")).is_absolute() else ""
-            raise ConfigError(f"eval benchmark {bench.name}: {benchmark_path(bench, cfg.data_dir)} does not exist{where}; "
-                              f"point the path at your data file, or {FETCH_HINT}.")
+            where = (
+                f" under eval.data_dir={cfg.data_dir}"
+                if not Path(os.path.expanduser(bench.path or "")).is_absolute()
+                else ""
+            )
+            raise ConfigError(
+                f"eval benchmark {bench.name}: {benchmark_path(bench, cfg.data_dir)} does not exist{where}; "
+                f"point the path at your data file, or {FETCH_HINT}."
+            )
         if bench.kind == "multiple_choice" and bench.format not in MC_FORMATS:
-            raise ConfigError(f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}.")
+            raise ConfigError(
+                f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}."
+            )
         if bench.template is not None and bench.kind not in ("multiple_choice", "generation"):
-            raise ConfigError(f"eval benchmark {bench.name}: template applies to kinds multiple_choice and generation, "
-                              f"not {bench.kind}; remove it.")
+            raise ConfigError(
+                f"eval benchmark {bench.name}: template applies to kinds multiple_choice and generation, "
+                f"not {bench.kind}; remove it."
+            )
         if bench.limit is not None and bench.limit < 1:
-            raise ConfigError(f"eval benchmark {bench.name}: limit={bench.limit}; use a positive number of items, or null.")
+            raise ConfigError(
+                f"eval benchmark {bench.name}: limit={bench.limit}; use a positive number of items, or null."
+            )
     if cfg.limit is not None and cfg.limit < 1:
         raise ConfigError(f"eval.limit={cfg.limit}: use a positive number of items per benchmark, or null for all.")
     for bench in cfg.benchmarks:  # every item read and checked now, not after the model is loaded
@@ -457,14 +536,17 @@ def fingerprint(bench: BenchmarkConfig, cfg: EvalConfig, items: Optional[List[in
     local = bench.kind != "lm_eval"
     template = task_template(bench)
     parts = {
-        "version": FINGERPRINT_VERSION, "benchmark": bench.name, "kind": str(bench.kind),
+        "version": FINGERPRINT_VERSION,
+        "benchmark": bench.name,
+        "kind": str(bench.kind),
         "format": str(bench.format) if bench.kind == "multiple_choice" else None,
         "data": data_digest(benchmark_path(bench, cfg.data_dir)) if local else (bench.task or bench.name),
         "template": checked_once(_file_digest, template) if local else None,
         "prompt": bench.template if local else None,
         "delimiter": bench.delimiter if bench.kind == "multiple_choice" else None,
         "items": items,  # the indices evaluated; None: all
-        "num_fewshot": cfg.num_fewshot, "chat_template": cfg.apply_chat_template,
+        "num_fewshot": cfg.num_fewshot,
+        "chat_template": cfg.apply_chat_template,
         "max_gen_toks": bench.max_gen_toks if bench.kind == "generation" else None,
         "lm_eval": metadata.version("lm_eval"),
     }
@@ -476,8 +558,11 @@ def item_scores(samples: List[dict], metric: str, filt: str, value: float) -> Op
     """{"doc_ids", "scores"}: one metric's per-item scores from lm-eval's logged samples, when the aggregate is
     their mean (accuracy, exact match: checked against `value`); None otherwise (perplexities aggregate
     differently, and a per-item difference would not add up to the table's)."""
-    pairs = [(s["doc_id"], float(s[metric])) for s in samples
-             if s.get("filter") == filt and isinstance(s.get(metric), (int, float, bool))]
+    pairs = [
+        (s["doc_id"], float(s[metric]))
+        for s in samples
+        if s.get("filter") == filt and isinstance(s.get(metric), (int, float, bool))
+    ]
     if not pairs or abs(sum(v for _, v in pairs) / len(pairs) - value) > 1e-6:
         return None
     pairs.sort()
@@ -486,20 +571,28 @@ def item_scores(samples: List[dict], metric: str, filt: str, value: float) -> Op
 
 # Metrics lm-eval aggregates as a ratio of sums over documents, (log-likelihood, count) per document, for which it
 # gives no standard error: value from the mean log-likelihood per unit.
-RATIO_METRICS = {"word_perplexity": lambda x: math.exp(-x), "byte_perplexity": lambda x: math.exp(-x),
-                 "bits_per_byte": lambda x: -x / math.log(2)}
+RATIO_METRICS = {
+    "word_perplexity": lambda x: math.exp(-x),
+    "byte_perplexity": lambda x: math.exp(-x),
+    "bits_per_byte": lambda x: -x / math.log(2),
+}
 
 
 def ratio_stderr(samples: List[dict], metric: str, filt: str) -> Optional[float]:
     """Jackknife standard error over documents of a ratio metric (word/byte perplexity, bits per byte) from lm-eval's
     logged (log-likelihood, count) pairs; None with fewer than two documents or another metric."""
     to_value = RATIO_METRICS.get(metric)
-    pairs = [s[metric] for s in samples if s.get("filter") == filt and isinstance(s.get(metric), (list, tuple))
-             and len(s[metric]) == 2]
+    pairs = [
+        s[metric]
+        for s in samples
+        if s.get("filter") == filt and isinstance(s.get(metric), (list, tuple)) and len(s[metric]) == 2
+    ]
     if to_value is None or len(pairs) < 2:
         return None
     total_ll, total_n = sum(float(p[0]) for p in pairs), sum(float(p[1]) for p in pairs)
-    leave_one_out = [to_value((total_ll - float(ll)) / (total_n - float(n))) for ll, n in pairs if total_n - float(n) > 0]
+    leave_one_out = [
+        to_value((total_ll - float(ll)) / (total_n - float(n))) for ll, n in pairs if total_n - float(n) > 0
+    ]
     k = len(leave_one_out)
     if k < 2:
         return None
@@ -529,8 +622,16 @@ def subject_rows(row: dict, subjects: List[str]) -> List[dict]:
     for subject, (ids, scores) in sorted(groups.items()):
         n, mean = len(scores), sum(scores) / len(scores)
         var = sum((x - mean) ** 2 for x in scores) / (n - 1) if n > 1 else None
-        out.append({**row, "benchmark": f"{row['benchmark']}:{subject}", "subject": subject, "value": mean,
-                    "stderr": (var / n) ** 0.5 if var is not None else None, "items": {"doc_ids": ids, "scores": scores}})
+        out.append(
+            {
+                **row,
+                "benchmark": f"{row['benchmark']}:{subject}",
+                "subject": subject,
+                "value": mean,
+                "stderr": (var / n) ** 0.5 if var is not None else None,
+                "items": {"doc_ids": ids, "scores": scores},
+            }
+        )
     return out
 
 
@@ -541,12 +642,21 @@ def macro_row(row: dict, per_subject: List[dict]) -> dict:
     errors = [s["stderr"] for s in per_subject]
     stderr = (sum(e * e for e in errors) ** 0.5 / len(errors)) if all(e is not None for e in errors) else None
     keep = {k: v for k, v in row.items() if k not in ("items", "value", "stderr", "metric")}
-    return {**keep, "metric": row["metric"] + MACRO, "value": sum(values) / len(values), "stderr": stderr,
-            "subject_count": len(values)}
+    return {
+        **keep,
+        "metric": row["metric"] + MACRO,
+        "value": sum(values) / len(values),
+        "stderr": stderr,
+        "subject_count": len(values),
+    }
 
 
-def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, dict]] = None,
-             subjects: Optional[Dict[str, List[str]]] = None) -> List[dict]:
+def _flatten(
+    results: dict,
+    names: Dict[str, str],
+    prints: Optional[Dict[str, dict]] = None,
+    subjects: Optional[Dict[str, List[str]]] = None,
+) -> List[dict]:
     prints, subjects = prints or {}, subjects or {}
     logged = results.get("samples") or {}
     rows = []
@@ -559,9 +669,14 @@ def _flatten(results: dict, names: Dict[str, str], prints: Optional[Dict[str, di
             stderr = metrics.get(f"{metric}_stderr,{filt}")
             if not isinstance(stderr, (int, float)) and metric in RATIO_METRICS:
                 stderr = ratio_stderr(logged.get(task) or [], metric, filt)
-            row = {"benchmark": names.get(task, task), "metric": metric if filt in ("none", "last-number") else key,
-                   "value": float(value), "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
-                   "higher_is_better": bool(better.get(metric, True)), **prints.get(task, {})}
+            row = {
+                "benchmark": names.get(task, task),
+                "metric": metric if filt in ("none", "last-number") else key,
+                "value": float(value),
+                "stderr": float(stderr) if isinstance(stderr, (int, float)) else None,
+                "higher_is_better": bool(better.get(metric, True)),
+                **prints.get(task, {}),
+            }
             # Per-item scores, so a comparison with BF16 on the same items can be paired (ptq/report).
             items = item_scores(logged.get(task) or [], metric, filt, float(value))
             if items:
@@ -590,16 +705,28 @@ def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str
     from lm_eval.models.huggingface import HFLM
 
     tasks, names, samples, manager, subjects = load_tasks(cfg, work_dir)
-    prints = {key: fingerprint(bench, cfg, samples.get(key)) for bench in cfg.benchmarks
-              for key, name in names.items() if name == bench.name}
+    prints = {
+        key: fingerprint(bench, cfg, samples.get(key))
+        for bench in cfg.benchmarks
+        for key, name in names.items()
+        if name == bench.name
+    }
     log.info("Evaluating %s on %s", label, ", ".join(names.values()))
     # lm-eval's automatic batch size probes with full-length batches: minutes per probe on a CPU.
     on_cpu = next(model.parameters()).device.type == "cpu"
     batch_size = cfg.batch_size or (CPU_BATCH_SIZE if on_cpu else "auto")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_batch_size=64)
-    results = simple_evaluate(model=lm, tasks=tasks, num_fewshot=cfg.num_fewshot or None, samples=samples or None,
-                              apply_chat_template=cfg.apply_chat_template, log_samples=True,
-                              bootstrap_iters=cfg.bootstrap_iters, verbosity="WARNING", task_manager=manager)
+    results = simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=cfg.num_fewshot or None,
+        samples=samples or None,
+        apply_chat_template=cfg.apply_chat_template,
+        log_samples=True,
+        bootstrap_iters=cfg.bootstrap_iters,
+        verbosity="WARNING",
+        task_manager=manager,
+    )
     _write_samples(results.get("samples") or {}, names, work_dir / f"samples-{_safe(label)}.jsonl")
     return _flatten(results, names, prints, subjects)
 
@@ -615,9 +742,19 @@ def _write_samples(samples: Dict[str, List[dict]], names: Dict[str, str], path: 
     for task, items in samples.items():
         for item in items:
             metrics = {m: item.get(m) for m in item.get("metrics", []) if isinstance(item.get(m), (int, float, bool))}
-            lines.append(json.dumps({"benchmark": names.get(task, task), "doc_id": item.get("doc_id"),
-                                     "filter": item.get("filter"), "target": item.get("target"),
-                                     "response": item.get("filtered_resps"), **metrics}, default=str))
+            lines.append(
+                json.dumps(
+                    {
+                        "benchmark": names.get(task, task),
+                        "doc_id": item.get("doc_id"),
+                        "filter": item.get("filter"),
+                        "target": item.get("target"),
+                        "response": item.get("filtered_resps"),
+                        **metrics,
+                    },
+                    default=str,
+                )
+            )
     if lines:
         write_text_atomic(path, "\n".join(lines) + "\n")
 
@@ -639,13 +776,19 @@ def baseline_key(model_id: str, cfg: EvalConfig) -> str:
     from importlib import metadata
 
     data = [data_digest(benchmark_path(b, cfg.data_dir)) if b.kind != "lm_eval" else None for b in cfg.benchmarks]
-    key = {"model": model_id, "eval": asdict(cfg), "fingerprint": FINGERPRINT_VERSION, "data": data,
-           "lm_eval": metadata.version("lm_eval")}
+    key = {
+        "model": model_id,
+        "eval": asdict(cfg),
+        "fingerprint": FINGERPRINT_VERSION,
+        "data": data,
+        "lm_eval": metadata.version("lm_eval"),
+    }
     return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def cached_baseline(model, tokenizer, cfg: EvalConfig, *, model_id: str, model_name: str, cache_dir: str,
-                    work_dir: Path) -> List[dict]:
+def cached_baseline(
+    model, tokenizer, cfg: EvalConfig, *, model_id: str, model_name: str, cache_dir: str, work_dir: Path
+) -> List[dict]:
     """BF16 scores for (model, evaluation settings), evaluated once and shared by every run that asks.
 
     A file lock makes concurrent jobs of a sweep wait for the first one instead of evaluating twice.

@@ -53,6 +53,7 @@ QUANT_LEAVES = {"weight", "weight_scale", "weight_scale_2", "input_scale", "pre_
 @dataclass
 class Simulation:
     """What was rebuilt from the checkpoint, for the run record."""
+
     layers: Dict[str, str] = field(default_factory=dict)  # module -> quant_algo
     kv_cache_quant_algo: Optional[str] = None
     not_simulated: List[str] = field(default_factory=list)
@@ -61,8 +62,12 @@ class Simulation:
         counts: Dict[str, int] = {}
         for algo in self.layers.values():
             counts[algo] = counts.get(algo, 0) + 1
-        return {"layers": len(self.layers), "formats": counts, "kv_cache_quant_algo": self.kv_cache_quant_algo,
-                "not_simulated": self.not_simulated}
+        return {
+            "layers": len(self.layers),
+            "formats": counts,
+            "kv_cache_quant_algo": self.kv_cache_quant_algo,
+            "not_simulated": self.not_simulated,
+        }
 
 
 def read_quant_config(export_dir: Path) -> dict:
@@ -77,8 +82,10 @@ def layer_formats(quant: dict, module_names: List[str]) -> Dict[str, dict]:
     """{module: {"quant_algo", "group_size"}} for every module the checkpoint stores quantized."""
     algo = (quant.get("quant_algo") or "").upper()
     if algo == MIXED_PRECISION:
-        return {name: {"quant_algo": (cfg.get("quant_algo") or "").upper(), "group_size": cfg.get("group_size")}
-                for name, cfg in quant.get("quantized_layers", {}).items()}
+        return {
+            name: {"quant_algo": (cfg.get("quant_algo") or "").upper(), "group_size": cfg.get("group_size")}
+            for name, cfg in quant.get("quantized_layers", {}).items()
+        }
     return {name: {"quant_algo": algo, "group_size": quant.get("group_size")} for name in module_names}
 
 
@@ -147,7 +154,7 @@ def nvfp4_fake_quant(x: torch.Tensor, global_scale: torch.Tensor, block: int) ->
     g = global_scale.float().to(x.device)
     scale = blocks.abs().amax(-1, keepdim=True) / (E2M1_MAX * g)
     scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-    scale = scale.clamp(min=2 ** -9, max=FP8_MAX).to(torch.float8_e4m3fn).float() * g
+    scale = scale.clamp(min=2**-9, max=FP8_MAX).to(torch.float8_e4m3fn).float() * g
     scaled = blocks / scale
     magnitude = scaled.abs()
     bounds = _table("bounds", x.device)
@@ -168,8 +175,10 @@ def dequantize_weight(algo: str, t: Dict[str, torch.Tensor], group_size: Optiona
             block = group_size or FP8_BLOCK
             tiles = (-(-out // block), -(-inp // block))
             if scale.numel() != tiles[0] * tiles[1]:
-                raise ConfigError(f"FP8 block scales of {tuple(scale.shape)} do not tile a {out}x{inp} weight in "
-                                  f"{block}x{block} blocks")
+                raise ConfigError(
+                    f"FP8 block scales of {tuple(scale.shape)} do not tile a {out}x{inp} weight in "
+                    f"{block}x{block} blocks"
+                )
             scale = scale.reshape(tiles).repeat_interleave(block, 0).repeat_interleave(block, 1)[:out, :inp]
         elif scale.numel() > 1:  # one scale per output channel
             scale = scale.reshape(-1, 1)
@@ -268,7 +277,7 @@ def _read_ahead(keys: List[str], read: Callable, workers: int):
     from concurrent.futures import ThreadPoolExecutor
 
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="read-back") as pool:
-        pending = [pool.submit(read, key) for key in keys[:2 * workers]]
+        pending = [pool.submit(read, key) for key in keys[: 2 * workers]]
         for i, key in enumerate(keys):
             result = pending[i].result()
             pending[i] = None
@@ -282,8 +291,13 @@ def unreadable_formats(export_dir: Path) -> List[str]:
     quant = read_quant_config(Path(export_dir))
     by_module = _by_module(tensor_files(Path(export_dir)))
     quantized = [m for m, t in by_module.items() if "weight_scale" in t]
-    return sorted({f["quant_algo"] for m, f in layer_formats(quant, quantized).items()
-                   if m in by_module and f["quant_algo"] not in SUPPORTED})
+    return sorted(
+        {
+            f["quant_algo"]
+            for m, f in layer_formats(quant, quantized).items()
+            if m in by_module and f["quant_algo"] not in SUPPORTED
+        }
+    )
 
 
 def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
@@ -305,7 +319,9 @@ def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
     sim.kv_cache_quant_algo = quant.get("kv_cache_quant_algo")
     if sim.kv_cache_quant_algo:
         sim.not_simulated.append(f"KV cache ({sim.kv_cache_quant_algo})")
-    unsupported = sorted({f["quant_algo"] for m, f in formats.items() if m in by_module and f["quant_algo"] not in SUPPORTED})
+    unsupported = sorted(
+        {f["quant_algo"] for m, f in formats.items() if m in by_module and f["quant_algo"] not in SUPPORTED}
+    )
     if unsupported:
         raise ConfigError(
             f"{export_dir}: quant_algo {', '.join(unsupported)} cannot be simulated here (supported: "
@@ -321,21 +337,28 @@ def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
                 "layer; only linear layers can be simulated (fused MoE experts are not)."
             )
     with ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
-                   for file in sorted({where[t] for m in quantized for t in by_module[m].values()})}
+        handles = {
+            file: stack.enter_context(safe_open(str(file), framework="pt"))
+            for file in sorted({where[t] for m in quantized for t in by_module[m].values()})
+        }
 
         def read(name: str) -> Dict[str, torch.Tensor]:  # one layer's tensors, onto its weight's device
             device = modules[name].weight.device
-            return {leaf: handles[where[tensor]].get_tensor(tensor).to(device)
-                    for leaf, tensor in by_module[name].items() if leaf in QUANT_LEAVES}
+            return {
+                leaf: handles[where[tensor]].get_tensor(tensor).to(device)
+                for leaf, tensor in by_module[name].items()
+                if leaf in QUANT_LEAVES
+            }
 
         for name, stored in _read_ahead(quantized, read, workers):
             module = modules[name]
             algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
             weight = dequantize_weight(algo, stored, group, module.weight.dtype)
             if weight.shape != module.weight.shape:
-                raise ConfigError(f"{export_dir}: {name} dequantizes to {tuple(weight.shape)}, the model expects "
-                                  f"{tuple(module.weight.shape)}.")
+                raise ConfigError(
+                    f"{export_dir}: {name} dequantizes to {tuple(weight.shape)}, the model expects "
+                    f"{tuple(module.weight.shape)}."
+                )
             with torch.no_grad():
                 module.weight.copy_(weight)
             del weight
@@ -369,8 +392,9 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     quantized = {m for m, t in _by_module(where).items() if "weight_scale" in t}
     # The codes and scales of quantized layers are left to `simulate`: through transformers they would be read
     # once more, converted on the CPU (FP8 to BF16) or found mismatched, only to be overwritten.
-    plain = [name for name in where
-             if not (name.rpartition(".")[0] in quantized and name.rpartition(".")[2] in QUANT_LEAVES)]
+    plain = [
+        name for name in where if not (name.rpartition(".")[0] in quantized and name.rpartition(".")[2] in QUANT_LEAVES)
+    ]
     with warnings.catch_warnings(), ExitStack() as stack:
         warnings.simplefilter("ignore")
         from transformers.utils import logging as hf_logging
@@ -382,8 +406,9 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
         try:
             # device_map puts every tensor on `device` as it is read (no copy of the model in CPU memory), and
             # the weights not in state_dict are initialised there, not on the CPU.
-            model = _causal_lm_class(config).from_pretrained(None, config=config, dtype=dtype, state_dict=state_dict,
-                                                             device_map={"": _device(device)})
+            model = _causal_lm_class(config).from_pretrained(
+                None, config=config, dtype=dtype, state_dict=state_dict, device_map={"": _device(device)}
+            )
         finally:
             hf_logging.set_verbosity(verbosity)
         del state_dict
@@ -395,7 +420,11 @@ def load_exported(export_dir: Path, device: str, dtype: torch.dtype, tokenizer_f
     sim = simulate(model, export_dir)
     log.info("Exported checkpoint %s read back: %s", export_dir, sim.summary())
     has_tokenizer = any((export_dir / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json"))
-    return model, AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from), sim
+    return (
+        model,
+        AutoTokenizer.from_pretrained(export_dir if has_tokenizer or not tokenizer_from else tokenizer_from),
+        sim,
+    )
 
 
 # The stored-weight check (`check_stored_weights`): what it can judge, and how closely. A layer's dequantized
@@ -431,7 +460,7 @@ def _scale_rows(algo: str, name: str, scale, shape, start: int, stop: int, block
         whole = scale[...]
         if whole.numel() != tiles[0] * tiles[1]:
             return whole  # dequantize_weight says what is wrong with it
-        return whole.reshape(tiles)[start // tile:-(-stop // tile)]
+        return whole.reshape(tiles)[start // tile : -(-stop // tile)]
     if name == "weight_scale" and len(dims) >= 1 and dims[0] == shape[0] and shape[0] > 1:
         return scale[start:stop]
     return scale[...]
@@ -460,8 +489,14 @@ class _InMemory:
 IN_MEMORY = Path("<in memory>")
 
 
-def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: str = "cpu", rows: int = 128,
-                         workers: int = 4, reference: Optional[Dict[str, torch.Tensor]] = None) -> dict:
+def check_stored_weights(
+    export_dir: Path,
+    source_dir: Optional[Path],
+    device: str = "cpu",
+    rows: int = 128,
+    workers: int = 4,
+    reference: Optional[Dict[str, torch.Tensor]] = None,
+) -> dict:
     """Compare every quantized layer of an export, dequantized from its stored codes and scales, with the same
     weight of the source checkpoint, on `rows` rows of each (read from both files directly onto `device`).
 
@@ -488,17 +523,31 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
     by_module = _by_module(where)
     quantized = [m for m, t in by_module.items() if "weight_scale" in t]
     formats = layer_formats(quant, quantized)
-    result = {"check": STORED_WEIGHTS_CHECK, "applicable": True, "layers": len(quantized), "rows_per_layer": rows,
-              "formats": {}, "max_relative_error": {}, "gain": None, "worst_layers": [], "plain_tensors": 0,
-              "input_scales": 0, "problems": []}
+    result = {
+        "check": STORED_WEIGHTS_CHECK,
+        "applicable": True,
+        "layers": len(quantized),
+        "rows_per_layer": rows,
+        "formats": {},
+        "max_relative_error": {},
+        "gain": None,
+        "worst_layers": [],
+        "plain_tensors": 0,
+        "input_scales": 0,
+        "problems": [],
+    }
     algos = {formats.get(m, {}).get("quant_algo") for m in quantized}
     smoothed = sorted(a for a in algos if a in SMOOTHED)
     unknown = sorted(str(a) for a in algos if a not in WEIGHT_ERROR_BOUNDS and a not in SMOOTHED)
     if smoothed or unknown or any("pre_quant_scale" in by_module[m] for m in quantized):
         result["applicable"] = False
-        result["reason"] = (f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
-                            if smoothed else f"quant_algo {', '.join(unknown)} has no bound here" if unknown
-                            else "layers store pre-quantization scales")
+        result["reason"] = (
+            f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
+            if smoothed
+            else f"quant_algo {', '.join(unknown)} has no bound here"
+            if unknown
+            else "layers store pre-quantization scales"
+        )
         return result
     source = tensor_files(Path(source_dir)) if reference is None else {name: IN_MEMORY for name in reference}
     if reference is not None:
@@ -506,8 +555,11 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
     problems = result["problems"]
     stats = []
     with ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
-                   for file in sorted(set(where.values()) | set(source.values())) if file != IN_MEMORY}
+        handles = {
+            file: stack.enter_context(safe_open(str(file), framework="pt"))
+            for file in sorted(set(where.values()) | set(source.values()))
+            if file != IN_MEMORY
+        }
         if reference is not None:
             handles[IN_MEMORY] = _InMemory(reference)
 
@@ -523,8 +575,9 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
                     stored = {"weight": weight[start:stop].to(device)}
                     for leaf, tensor in tensors.items():
                         if leaf != "weight":
-                            stored[leaf] = _scale_rows(algo, leaf, handles[where[tensor]].get_slice(tensor), shape,
-                                                       start, stop, group).to(device)
+                            stored[leaf] = _scale_rows(
+                                algo, leaf, handles[where[tensor]].get_slice(tensor), shape, start, stop, group
+                            ).to(device)
                     ref = None
                     if tensors["weight"] in source:
                         ref = handles[source[tensors["weight"]]].get_slice(tensors["weight"])[start:stop].to(device)
@@ -536,8 +589,9 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
                 return "plain", None
             if not stored.get_shape():
                 return "plain", [(stored[...].to(device), ref[...].to(device))]
-            return "plain", [(stored[a:b].to(device), ref[a:b].to(device))
-                             for a, b in _row_chunks(stored.get_shape()[0], rows)]
+            return "plain", [
+                (stored[a:b].to(device), ref[a:b].to(device)) for a, b in _row_chunks(stored.get_shape()[0], rows)
+            ]
 
         plain = [n for n in where if n.rpartition(".")[0] not in quantized]
         for name, (kind, parts) in _read_ahead(quantized + plain, read, workers):
@@ -547,9 +601,11 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
                 err = sum(float((s.float() - r.float()).square().sum()) for s, r in parts)
                 norm = sum(float(r.float().square().sum()) for _, r in parts)
                 result["plain_tensors"] += 1
-                if err > (PLAIN_ERROR_BOUND ** 2) * norm:
-                    problems.append(f"{name} is stored unquantized but differs from the source (relative error "
-                                    f"{(err / max(norm, 1e-30)) ** 0.5:.3f})")
+                if err > (PLAIN_ERROR_BOUND**2) * norm:
+                    problems.append(
+                        f"{name} is stored unquantized but differs from the source (relative error "
+                        f"{(err / max(norm, 1e-30)) ** 0.5:.3f})"
+                    )
                 continue
             algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
             result["formats"][algo] = result["formats"].get(algo, 0) + 1
@@ -561,8 +617,9 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
                 weight = dequantize_weight(algo, stored, group, torch.float32)
                 ref = ref.float()
                 if weight.shape != ref.shape:
-                    problems.append(f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has "
-                                    f"{tuple(ref.shape)}")
+                    problems.append(
+                        f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has {tuple(ref.shape)}"
+                    )
                     break
                 err += float((weight - ref).square().sum())
                 dot += float((weight * ref).sum())
@@ -573,9 +630,11 @@ def check_stored_weights(export_dir: Path, source_dir: Optional[Path], device: s
                 worst = result["max_relative_error"].get(algo, 0.0)
                 result["max_relative_error"][algo] = max(worst, rel)
                 if abs(gain - 1) > WEIGHT_GAIN_TOLERANCE or rel > WEIGHT_ERROR_BOUNDS[algo]:
-                    problems.append(f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
-                                    f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
-                                    f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes")
+                    problems.append(
+                        f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
+                        f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
+                        f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes"
+                    )
             if algo in STATIC_INPUT:
                 scale = parts[0][0].get("input_scale")
                 if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):

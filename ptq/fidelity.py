@@ -30,7 +30,7 @@ class Reference:
 
 def _batches(tokens: torch.Tensor, batch_size: int):
     for start in range(0, tokens.shape[0], batch_size):
-        yield tokens[start:start + batch_size]
+        yield tokens[start : start + batch_size]
 
 
 @torch.no_grad()
@@ -81,7 +81,9 @@ def _mean_and_stderr(values: List[float]) -> tuple:
     return mean, math.sqrt(var / n)
 
 
-def compare(model, tokens: torch.Tensor, batch_size: int, ref: Reference, desc: str = "fidelity: quantized vs BF16") -> dict:
+def compare(
+    model, tokens: torch.Tensor, batch_size: int, ref: Reference, desc: str = "fidelity: quantized vs BF16"
+) -> dict:
     """Perplexity ratio, mean KL(BF16 || quantized) and top-1 agreement over `tokens`, with their uncertainty.
 
     Tokens of one sequence are not independent, so the uncertainty is taken across sequences: each sequence
@@ -122,14 +124,25 @@ def compare(model, tokens: torch.Tensor, batch_size: int, ref: Reference, desc: 
         "mean_kl_stderr": _mean_and_stderr(per_kl)[1],
         "top1_agreement": agree / count,
         "top1_agreement_stderr": _mean_and_stderr(per_top1)[1],
-        "per_sequence": {"kl": [round(v, 6) for v in per_kl], "top1_agreement": [round(v, 6) for v in per_top1],
-                         "log_perplexity_ratio": [round(v, 6) for v in per_log_ratio]},
+        "per_sequence": {
+            "kl": [round(v, 6) for v in per_kl],
+            "top1_agreement": [round(v, 6) for v in per_top1],
+            "log_perplexity_ratio": [round(v, 6) for v in per_log_ratio],
+        },
     }
 
 
 def reference_only(ref: Reference) -> dict:
     """The figures for a BF16 run: it is its own reference."""
     ppl = math.exp(ref.nll / ref.tokens)
-    return {"tokens": ref.tokens, "bf16_perplexity": ppl, "quantized_perplexity": ppl,
-            "perplexity_ratio": 1.0, "perplexity_ratio_ci95": [1.0, 1.0], "mean_kl": 0.0, "mean_kl_stderr": 0.0,
-            "top1_agreement": 1.0, "top1_agreement_stderr": 0.0}
+    return {
+        "tokens": ref.tokens,
+        "bf16_perplexity": ppl,
+        "quantized_perplexity": ppl,
+        "perplexity_ratio": 1.0,
+        "perplexity_ratio_ci95": [1.0, 1.0],
+        "mean_kl": 0.0,
+        "mean_kl_stderr": 0.0,
+        "top1_agreement": 1.0,
+        "top1_agreement_stderr": 0.0,
+    }

@@ -49,15 +49,19 @@ class ExportFormat:
 
 VLLM, SGLANG, TRTLLM = "vLLM", "SGLang", "TensorRT-LLM"
 # Where `serving` comes from: the engines' ModelOpt loaders and quantization documentation, read 2026-11.
-SERVING_SOURCE = ("vLLM's ModelOpt loader (FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, "
-                  "MIXED_PRECISION), SGLang's modelopt_fp8 / modelopt_fp4 / modelopt_mixed, TensorRT-LLM's ModelOpt "
-                  "checkpoint formats; documentation and loader code as of 2026-11")
+SERVING_SOURCE = (
+    "vLLM's ModelOpt loader (FP8, FP8_PER_CHANNEL_PER_TOKEN, FP8_PB_WO, NVFP4, W4A16_NVFP4, MXFP8, "
+    "MIXED_PRECISION), SGLang's modelopt_fp8 / modelopt_fp4 / modelopt_mixed, TensorRT-LLM's ModelOpt "
+    "checkpoint formats; documentation and loader code as of 2026-11"
+)
 
 EXPORT_FORMATS: Dict[str, ExportFormat] = {
-    "FP8": ExportFormat("F8_E4M3", "fp8", megatron_export=True, weight_error_bound=0.08,
-                        serving=(VLLM, SGLANG, TRTLLM)),
-    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, weight_error_bound=0.08,
-                                              serving=(VLLM, TRTLLM)),
+    "FP8": ExportFormat(
+        "F8_E4M3", "fp8", megatron_export=True, weight_error_bound=0.08, serving=(VLLM, SGLANG, TRTLLM)
+    ),
+    "FP8_PER_CHANNEL_PER_TOKEN": ExportFormat(
+        "F8_E4M3", "fp8_dynamic", readback=False, weight_error_bound=0.08, serving=(VLLM, TRTLLM)
+    ),
     "FP8_PB_WO": ExportFormat("F8_E4M3", None, megatron_export=True, weight_error_bound=0.08, serving=(VLLM, TRTLLM)),
     "FP8_PB_REAL": ExportFormat("F8_E4M3", "fp8_dynamic", readback=False, megatron_export=True, serving=(TRTLLM,)),
     "W8A8_SQ_PER_CHANNEL": ExportFormat("I8", "int8", smoothed=True, serving=(TRTLLM,)),
@@ -65,8 +69,9 @@ EXPORT_FORMATS: Dict[str, ExportFormat] = {
     "INT8_WO": ExportFormat("I8", None, weight_error_bound=0.04, serving=(TRTLLM,)),
     "W4A16_AWQ": ExportFormat("U8", None, smoothed=True, serving=(TRTLLM,), bits=4.25),
     "W4A8_AWQ": ExportFormat("U8", "fp8", smoothed=True, serving=(TRTLLM,), bits=4.25),
-    "NVFP4": ExportFormat("U8", "nvfp4", megatron_export=True, weight_error_bound=0.25, serving=(VLLM, SGLANG, TRTLLM),
-                          bits=4.5),
+    "NVFP4": ExportFormat(
+        "U8", "nvfp4", megatron_export=True, weight_error_bound=0.25, serving=(VLLM, SGLANG, TRTLLM), bits=4.5
+    ),
     "NVFP4_AWQ": ExportFormat("U8", "nvfp4", smoothed=True, serving=(TRTLLM,), bits=4.5),
     "W4A16_NVFP4": ExportFormat("U8", None, megatron_export=True, weight_error_bound=0.25, serving=(VLLM,), bits=4.5),
     # SVDQuant: NVFP4 weights plus a BF16 low-rank branch per layer; ModelOpt's export writes it, no engine
@@ -92,11 +97,16 @@ KV_CACHE_SERVING = {"FP8": (VLLM, TRTLLM), "NVFP4": (TRTLLM,)}
 def serving_engines(quant_algo: Optional[str], kv_cache_quant_algo: Optional[str] = None) -> List[str]:
     """Engines whose ModelOpt loaders take a checkpoint of these formats (and its KV cache), per SERVING_SOURCE."""
     algo = str(quant_algo or "").upper()
-    engines = MIXED_PRECISION_SERVING if algo == MIXED_PRECISION else (
-        EXPORT_FORMATS[algo].serving if algo in EXPORT_FORMATS else ())
+    engines = (
+        MIXED_PRECISION_SERVING
+        if algo == MIXED_PRECISION
+        else (EXPORT_FORMATS[algo].serving if algo in EXPORT_FORMATS else ())
+    )
     if kv_cache_quant_algo:
         engines = tuple(e for e in engines if e in KV_CACHE_SERVING.get(str(kv_cache_quant_algo).upper(), ()))
     return list(engines)
+
+
 # The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).
 STORED_WEIGHTS_CHECK = "stored weights"
 
@@ -124,8 +134,12 @@ def export_algos(**where) -> Tuple[str, ...]:
 CUDA_ONLY_FORMATS = ("nvfp4", "mxfp8")
 # recipe.kv_cache -> the ModelOpt config that adds KV-cache quantizers (affine: with a per-channel bias;
 # rotate: keys rotated by a Hadamard transform before they are quantized).
-KV_CACHE_CONFIGS = {"fp8": "FP8_KV_CFG", "nvfp4": "NVFP4_KV_CFG", "nvfp4_affine": "NVFP4_AFFINE_KV_CFG",
-                    "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG"}
+KV_CACHE_CONFIGS = {
+    "fp8": "FP8_KV_CFG",
+    "nvfp4": "NVFP4_KV_CFG",
+    "nvfp4_affine": "NVFP4_AFFINE_KV_CFG",
+    "nvfp4_rotate": "NVFP4_KV_ROTATE_CFG",
+}
 # The number format a KV-cache choice computes in (checked against hardware.calibrate).
 KV_CACHE_FORMATS = {"fp8": "fp8", "nvfp4": "nvfp4", "nvfp4_affine": "nvfp4", "nvfp4_rotate": "nvfp4"}
 # The kv_cache_quant_algo ModelOpt's export writes for each (its get_kv_cache_dtype tells FP8, NVFP4 and
@@ -185,28 +199,53 @@ class Algorithm:
     exports_as: Tuple[Tuple[str, str], ...] = ()
 
 
-_WEIGHT_SCALED = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PB_WO", "W8A8_SQ_PER_CHANNEL", "INT8_WO", "W8A16",
-                  "W4A16_AWQ", "W4A8_AWQ", "NVFP4", "W4A16_NVFP4")
+_WEIGHT_SCALED = (
+    "FP8",
+    "FP8_PER_CHANNEL_PER_TOKEN",
+    "FP8_PB_WO",
+    "W8A8_SQ_PER_CHANNEL",
+    "INT8_WO",
+    "W8A16",
+    "W4A16_AWQ",
+    "W4A8_AWQ",
+    "NVFP4",
+    "W4A16_NVFP4",
+)
 _AWQ_EXPORTS = (("NVFP4", "NVFP4_AWQ"),)
 ALGORITHMS: Dict[str, Algorithm] = {
     "max": Algorithm("scales from the largest magnitude seen in calibration", _WEIGHT_SCALED + ("NVFP4_AWQ",)),
-    "mse": Algorithm("weight scales searched to minimise the squared rounding error (fp8_scale_sweep: NVFP4's "
-                     "FP8 block scales too)", _WEIGHT_SCALED),
-    "local_hessian": Algorithm("NVFP4 weight block scales searched against a per-block Hessian of the layer's "
-                               "inputs", ("NVFP4", "W4A16_NVFP4")),
-    "smoothquant": Algorithm("activation outliers moved into the weights by per-channel factors (alpha)",
-                             ("W8A8_SQ_PER_CHANNEL",)),
-    "awq_lite": Algorithm("AWQ: per-channel weight scales searched on the calibration activations (alpha_step)",
-                          ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
+    "mse": Algorithm(
+        "weight scales searched to minimise the squared rounding error (fp8_scale_sweep: NVFP4's FP8 block scales too)",
+        _WEIGHT_SCALED,
+    ),
+    "local_hessian": Algorithm(
+        "NVFP4 weight block scales searched against a per-block Hessian of the layer's inputs", ("NVFP4", "W4A16_NVFP4")
+    ),
+    "smoothquant": Algorithm(
+        "activation outliers moved into the weights by per-channel factors (alpha)", ("W8A8_SQ_PER_CHANNEL",)
+    ),
+    "awq_lite": Algorithm(
+        "AWQ: per-channel weight scales searched on the calibration activations (alpha_step)",
+        ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"),
+        _AWQ_EXPORTS,
+    ),
     # Clipping alone leaves no pre-quantization scale, and ModelOpt's export names NVFP4_AWQ only by that scale:
     # an NVFP4 model clipped this way is written as plain NVFP4 (measured on an H200, ModelOpt 0.47).
-    "awq_clip": Algorithm("AWQ: weight clipping ratios searched per block", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"),
-                          (("NVFP4_AWQ", "NVFP4"),)),
+    "awq_clip": Algorithm(
+        "AWQ: weight clipping ratios searched per block",
+        ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"),
+        (("NVFP4_AWQ", "NVFP4"),),
+    ),
     "awq_full": Algorithm("AWQ: scales, then clipping", ("W4A16_AWQ", "W4A8_AWQ", "NVFP4", "NVFP4_AWQ"), _AWQ_EXPORTS),
-    "gptq": Algorithm("GPTQ: weights rounded column by column, each error spread over the columns not yet rounded",
-                      ("W4A16_AWQ", "NVFP4", "W4A16_NVFP4")),
-    "svdquant": Algorithm("SVDQuant: a BF16 low-rank branch (lowrank) takes the outliers, the rest is NVFP4",
-                          ("NVFP4",), (("NVFP4", "NVFP4_SVD"),)),
+    "gptq": Algorithm(
+        "GPTQ: weights rounded column by column, each error spread over the columns not yet rounded",
+        ("W4A16_AWQ", "NVFP4", "W4A16_NVFP4"),
+    ),
+    "svdquant": Algorithm(
+        "SVDQuant: a BF16 low-rank branch (lowrank) takes the outliers, the rest is NVFP4",
+        ("NVFP4",),
+        (("NVFP4", "NVFP4_SVD"),),
+    ),
 }
 
 

@@ -33,15 +33,17 @@ def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]
     if path is None:
         return None
     if not path.is_file():
-        raise ConfigError(f"{key}={spec}: {path} is not a file; give a .txt or .jsonl file, \"self\", or a dataset name.")
+        raise ConfigError(f'{key}={spec}: {path} is not a file; give a .txt or .jsonl file, "self", or a dataset name.')
     size = checked_once(text_bytes, path)
     need = samples * seq_len
     if size == 0:
         raise ConfigError(f"{key}={spec}: {path} holds no text.")
     if size < need:
-        raise ConfigError(f"{key}={spec}: {path} holds {size:,} bytes of text, fewer than the {need:,} tokens asked "
-                          f"({samples} x {seq_len}; a token takes at least one byte): give a longer file, or fewer "
-                          "samples or a shorter sequence length.")
+        raise ConfigError(
+            f"{key}={spec}: {path} holds {size:,} bytes of text, fewer than the {need:,} tokens asked "
+            f"({samples} x {seq_len}; a token takes at least one byte): give a longer file, or fewer "
+            "samples or a shorter sequence length."
+        )
     return size
 
 
@@ -77,12 +79,17 @@ def check_writable(folder: Path, key: str, value: str) -> None:
     """`folder` (output_root's output folder, or cache_dir) is a folder that can be created and written."""
     existing = nearest_existing(folder)
     if not existing.is_dir():
-        where = f"{existing} is a file, not a folder" if existing == folder else \
-            f"cannot create {folder}: {existing} is a file, not a folder"
+        where = (
+            f"{existing} is a file, not a folder"
+            if existing == folder
+            else f"cannot create {folder}: {existing} is a file, not a folder"
+        )
         raise ConfigError(f"{key}={value}: {where}; choose another {key}.")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key}={value}: cannot write below {existing} (read-only file system or no permission); "
-                          f"choose another {key}.")
+        raise ConfigError(
+            f"{key}={value}: cannot write below {existing} (read-only file system or no permission); "
+            f"choose another {key}."
+        )
 
 
 def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:

@@ -12,8 +12,19 @@ from __future__ import annotations
 import re
 from typing import Dict, List, Mapping, Optional
 
-KINDS = ("routed_expert", "shared_expert", "router", "mamba_in_proj", "mamba_out_proj", "mamba_conv1d",
-         "attention", "mlp", "embedding", "lm_head", "other")
+KINDS = (
+    "routed_expert",
+    "shared_expert",
+    "router",
+    "mamba_in_proj",
+    "mamba_out_proj",
+    "mamba_conv1d",
+    "attention",
+    "mlp",
+    "embedding",
+    "lm_head",
+    "other",
+)
 QUANTIZED, BF16 = "quantized", "bf16"
 # Kinds no recipe quantizes: the router decides which experts run, conv1d is a depthwise convolution ModelOpt's
 # linear-layer recipes leave alone, and embeddings are looked up, not multiplied.
@@ -99,7 +110,11 @@ def summarize(index: Mapping[str, Mapping]) -> dict:
         if match:
             experts.setdefault(match["layer"], set()).add(int(match["index"]))
     ordered = {kind: kinds[kind] for kind in KINDS if kind in kinds}
-    return {"kinds": ordered, "params": total, "experts": {layer: len(found) for layer, found in sorted(experts.items())}}
+    return {
+        "kinds": ordered,
+        "params": total,
+        "experts": {layer: len(found) for layer, found in sorted(experts.items())},
+    }
 
 
 def promise_problems(summary: dict, promises: Mapping[str, str], expected_experts: Optional[int]) -> List[str]:

@@ -43,8 +43,12 @@ def slurm_job() -> Optional[str]:
 
 def holder_info() -> dict:
     """Who this process is, as a lock and a run record name it."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "slurm_job": slurm_job(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "slurm_job": slurm_job(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
 
 
 def pid_alive(pid: int) -> bool:
@@ -102,6 +106,7 @@ def live_holder(output_dir: Path) -> Optional[dict]:
 @dataclass
 class OutputLock:
     """`with OutputLock(output_dir):` holds the folder for the block; refuses at once if a live run holds it."""
+
     output_dir: Path
     holder: dict = field(default_factory=holder_info)
     taken_over: Optional[dict] = None

@@ -42,6 +42,7 @@ EXPORTED = "exported checkpoint"
 @dataclass
 class Baseline:
     """What the BF16 model gave, kept for the comparisons after it is quantized or dropped."""
+
     # Fidelity: the held-out tokens, the BF16 reference on them, and the batch size both passes use.
     tokens: Optional[torch.Tensor] = None
     reference: Optional[fidelity.Reference] = None
@@ -63,8 +64,9 @@ def eval_work_dir(plan: Plan) -> Path:
     return plan.output_dir / EVAL_WORK_NAME
 
 
-def bf16_baseline(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *, batch_size: int,
-                  reuse_reference: bool = False) -> Baseline:
+def bf16_baseline(
+    plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *, batch_size: int, reuse_reference: bool = False
+) -> Baseline:
     """The held-out tokens, the BF16 reference and the BF16 benchmark scores of the loaded BF16 `model`.
 
     `reuse_reference`: this process computed the reference of the same model, tokens and batching for an
@@ -75,29 +77,62 @@ def bf16_baseline(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTim
     if cfg.fidelity.enabled and cfg.fidelity.text == SELF and plan.quantize and cfg.calib.dataset == SELF:
         # Both texts sampled from the model: one sampling pass writes both (cached for the later lookups).
         with timer.stage("fidelity_text"):
-            self_sampled(model, tokenizer, model_id=checkpoint, cache_dir=cfg.cache_dir, batch_size=SAMPLE_BATCH_SIZE,
-                         requests={"fidelity": (cfg.fidelity.seed, cfg.fidelity.samples, cfg.fidelity.seq_len),
-                                   "calibration": (cfg.calib.seed, cfg.calib.size, cfg.calib.seq_len)})
+            self_sampled(
+                model,
+                tokenizer,
+                model_id=checkpoint,
+                cache_dir=cfg.cache_dir,
+                batch_size=SAMPLE_BATCH_SIZE,
+                requests={
+                    "fidelity": (cfg.fidelity.seed, cfg.fidelity.samples, cfg.fidelity.seq_len),
+                    "calibration": (cfg.calib.seed, cfg.calib.size, cfg.calib.seq_len),
+                },
+            )
     if cfg.fidelity.enabled:
         with timer.stage("fidelity_text"):
             base.tokens = token_batches(
-                cfg.fidelity.text, model=model, tokenizer=tokenizer, model_id=checkpoint,
-                samples=cfg.fidelity.samples, seq_len=cfg.fidelity.seq_len, seed=cfg.fidelity.seed,
-                cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE,
+                cfg.fidelity.text,
+                model=model,
+                tokenizer=tokenizer,
+                model_id=checkpoint,
+                samples=cfg.fidelity.samples,
+                seq_len=cfg.fidelity.seq_len,
+                seed=cfg.fidelity.seed,
+                cache_dir=cfg.cache_dir,
+                sample_batch_size=SAMPLE_BATCH_SIZE,
             )
         with timer.stage("fidelity_reference"):
-            base.reference = fidelity.cached_reference(model, base.tokens, base.batch_size, enabled=reuse_reference,
-                                                       model_key=(checkpoint, cfg.hardware.device, cfg.hardware.dtype))
+            base.reference = fidelity.cached_reference(
+                model,
+                base.tokens,
+                base.batch_size,
+                enabled=reuse_reference,
+                model_key=(checkpoint, cfg.hardware.device, cfg.hardware.dtype),
+            )
     if cfg.eval.enabled:
         with timer.stage("eval_baseline"):
-            base.scores = evaluation.cached_baseline(model, tokenizer, cfg.eval, model_id=checkpoint,
-                                                     model_name=cfg.model.name, cache_dir=cfg.cache_dir,
-                                                     work_dir=eval_work_dir(plan))
+            base.scores = evaluation.cached_baseline(
+                model,
+                tokenizer,
+                cfg.eval,
+                model_id=checkpoint,
+                model_name=cfg.model.name,
+                cache_dir=cfg.cache_dir,
+                work_dir=eval_work_dir(plan),
+            )
     return base
 
 
-def compare(plan: Plan, model, tokenizer, baseline: Baseline, timer: StageTimer, *, quantized: bool = True,
-            measured_on: Optional[str] = None) -> Tuple[Optional[dict], Optional[dict]]:
+def compare(
+    plan: Plan,
+    model,
+    tokenizer,
+    baseline: Baseline,
+    timer: StageTimer,
+    *,
+    quantized: bool = True,
+    measured_on: Optional[str] = None,
+) -> Tuple[Optional[dict], Optional[dict]]:
     """(fidelity, evaluation) of `model` against the BF16 `baseline`; a BF16 run (`quantized=False`) is its own
     reference and its own scores. `measured_on` labels what was measured (e.g. the exported checkpoint)."""
     cfg = plan.cfg
@@ -107,11 +142,17 @@ def compare(plan: Plan, model, tokenizer, baseline: Baseline, timer: StageTimer,
         with timer.stage("fidelity"):
             if quantized:
                 desc = f"fidelity: {measured_on or 'quantized'} vs BF16"
-                fid = {**fidelity.compare(model, baseline.tokens, baseline.batch_size, baseline.reference, desc=desc), **label}
+                fid = {
+                    **fidelity.compare(model, baseline.tokens, baseline.batch_size, baseline.reference, desc=desc),
+                    **label,
+                }
             else:
                 fid = fidelity.reference_only(baseline.reference)
-        log.info("Fidelity%s: %s", f" ({measured_on})" if measured_on else "",
-                 {k: round(v, 4) for k, v in fid.items() if isinstance(v, float)})
+        log.info(
+            "Fidelity%s: %s",
+            f" ({measured_on})" if measured_on else "",
+            {k: round(v, 4) for k, v in fid.items() if isinstance(v, float)},
+        )
     if baseline.scores is not None:
         if quantized:
             with timer.stage("eval"):
@@ -135,8 +176,9 @@ def read_back(plan: Plan, export_dir: Path, timer: StageTimer, tokenizer_from: s
         return exported.load_exported(export_dir, cfg.hardware.device, _dtype(cfg.hardware.dtype), tokenizer_from)
 
 
-def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str,
-                  trained: Optional[dict] = None) -> dict:
+def check_written(
+    plan: Plan, export_dir: Path, baseline: Baseline, timer: StageTimer, source: str, trained: Optional[dict] = None
+) -> dict:
     """The check of the checkpoint as written that fidelity.exported_check asks for; the record says which ran.
 
     "weights": each quantized layer's stored weight against the source checkpoint's (`source`, the BF16 folder
@@ -149,8 +191,9 @@ def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: Stage
     if cfg.fidelity.exported_check == "weights":
         if trained is not None or Path(source).is_dir():
             with timer.stage("check_exported"):
-                result = exported.check_stored_weights(export_dir, None if trained is not None else Path(source),
-                                                       cfg.hardware.device, reference=trained)
+                result = exported.check_stored_weights(
+                    export_dir, None if trained is not None else Path(source), cfg.hardware.device, reference=trained
+                )
             if result.get("applicable"):
                 return result
             fallback = result.get("reason", "the stored-weight check does not apply")
@@ -159,9 +202,12 @@ def check_written(plan: Plan, export_dir: Path, baseline: Baseline, timer: Stage
     unreadable = exported.unreadable_formats(export_dir)
     if unreadable:
         # Neither check can judge these layers here: the record says so, and the in-memory figures stand alone.
-        return {"check": NO_CHECK, "reason": f"quant_algo {', '.join(unreadable)} can be neither read back nor checked "
-                                             f"layer by layer here ({fallback or 'fidelity.exported_check=full'}); the "
-                                             "fidelity figures are the model's in memory"}
+        return {
+            "check": NO_CHECK,
+            "reason": f"quant_algo {', '.join(unreadable)} can be neither read back nor checked "
+            f"layer by layer here ({fallback or 'fidelity.exported_check=full'}); the "
+            "fidelity figures are the model's in memory",
+        }
     written = measure_written(plan, export_dir, baseline, timer, tokenizer_from=source)
     return {"check": "full read-back", **written, **({"fallback_reason": fallback} if fallback else {})}
 
@@ -192,8 +238,13 @@ def measure_export(plan: Plan, export_dir: Path, timer: StageTimer, batch_size: 
     import modelopt.torch.quantization  # noqa: F401
 
     with timer.stage("load_bf16"):
-        model, tokenizer, checkpoint = load_model(plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
-                                                  trust_remote_code=cfg.model.trust_remote_code, reuse=False)
+        model, tokenizer, checkpoint = load_model(
+            plan.source,
+            device=cfg.hardware.device,
+            dtype=cfg.hardware.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            reuse=False,
+        )
     baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=batch_size)
     del model
     free_memory()

@@ -137,15 +137,24 @@ def _key(source: ModelSource, device: str, dtype: str, trust_remote_code: bool, 
     return (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code, max_gpu_memory_gb)
 
 
-def kept_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0):
+def kept_model(
+    source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0
+):
     """The pristine BF16 model this process keeps for `load_model(..., reuse=True)` with these settings, or None.
     Callers use it read-only (e.g. as a distillation teacher) and leave it as they found it."""
     kept = _pristine.get(_key(source, device, dtype, trust_remote_code, max_gpu_memory_gb))
     return kept[0] if kept else None
 
 
-def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, reuse: bool = False,
-               max_gpu_memory_gb: float = 0.0):
+def load_model(
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    reuse: bool = False,
+    max_gpu_memory_gb: float = 0.0,
+):
     """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
     loaded with the same settings, or a fresh load that is kept for later runs when two copies fit.
     `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap)."""
@@ -166,17 +175,26 @@ def load_model(source: ModelSource, *, device: str, dtype: str, trust_remote_cod
             return model, tokenizer, checkpoint
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
         load_counts["copy"] += 1
-        _note(**{"from": "copy", "seconds": round(time.perf_counter() - start, 3), "kept": True, "reason": why,
-                 "devices": placement(model)})
+        _note(
+            **{
+                "from": "copy",
+                "seconds": round(time.perf_counter() - start, 3),
+                "kept": True,
+                "reason": why,
+                "devices": placement(model),
+            }
+        )
         log.info("Using a copy of the BF16 model loaded earlier in this process (%.1f s)", time.perf_counter() - start)
         return model, tokenizer, checkpoint
     if _pristine:
         clear_model_cache()  # another model or other settings: free the kept one before loading
-    model, tokenizer, checkpoint = _load_from_disk(source, device=device, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                   max_gpu_memory_gb=max_gpu_memory_gb)
+    model, tokenizer, checkpoint = _load_from_disk(
+        source, device=device, dtype=dtype, trust_remote_code=trust_remote_code, max_gpu_memory_gb=max_gpu_memory_gb
+    )
     load_counts["disk"] += 1
-    _note(**{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False,
-             "devices": placement(model)})
+    _note(
+        **{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False, "devices": placement(model)}
+    )
     if not reuse:
         return model, tokenizer, checkpoint
     fits, why = room_for_a_copy(model)
@@ -208,7 +226,9 @@ def placement(model) -> Dict[str, int]:
     return {device: round(n / 1e6, 1) for device, n in sorted(counts.items())}
 
 
-def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0):
+def _load_from_disk(
+    source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     checkpoint = resolve_checkpoint(source)
@@ -223,8 +243,10 @@ def _load_from_disk(source: ModelSource, *, device: str, dtype: str, trust_remot
     model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
     off_gpu = sorted({str(p.device) for p in model.parameters() if p.device.type != "cuda"}) if device == "cuda" else []
     if off_gpu:
-        raise RuntimeError(f"{checkpoint} did not fit on the GPUs (parts went to {', '.join(off_gpu)}); raise "
-                           "backend.max_gpu_memory_gb or use more GPUs.")
+        raise RuntimeError(
+            f"{checkpoint} did not fit on the GPUs (parts went to {', '.join(off_gpu)}); raise "
+            "backend.max_gpu_memory_gb or use more GPUs."
+        )
     model.eval()
     if model.config.architectures is None:
         # ModelOpt's export reads the architecture name from the config.

@@ -17,10 +17,12 @@ from typing import Dict, List, Optional
 
 import torch
 
-SCALES_NOTE = ("each projection's input (activation) scale is shared by all experts of its layer and was calibrated "
-               "on every token routed in that layer; an expert that received no tokens gets its weight scale from "
-               "its own weights when the checkpoint is exported (ModelOpt's fallback), and no per-expert algorithm "
-               "statistics (AWQ, GPTQ, SmoothQuant)")
+SCALES_NOTE = (
+    "each projection's input (activation) scale is shared by all experts of its layer and was calibrated "
+    "on every token routed in that layer; an expert that received no tokens gets its weight scale from "
+    "its own weights when the checkpoint is exported (ModelOpt's fallback), and no per-expert algorithm "
+    "statistics (AWQ, GPTQ, SmoothQuant)"
+)
 
 
 def moe_blocks(model) -> Dict[str, torch.nn.Module]:
@@ -52,8 +54,9 @@ class ExpertCounter:
 
     def __init__(self, model) -> None:
         self.blocks = moe_blocks(model)
-        self.counts: Dict[str, torch.Tensor] = {name: torch.zeros(_expert_count(b), dtype=torch.long)
-                                                for name, b in self.blocks.items()}
+        self.counts: Dict[str, torch.Tensor] = {
+            name: torch.zeros(_expert_count(b), dtype=torch.long) for name, b in self.blocks.items()
+        }
         self.top_k = {name: int(b.gate.top_k) for name, b in self.blocks.items()}
         self._handles: list = []
         self.passes = 0
@@ -67,6 +70,7 @@ class ExpertCounter:
             if isinstance(index, torch.Tensor):
                 found = torch.bincount(index.reshape(-1).to(torch.long), minlength=len(self.counts[name]))
                 self.counts[name] += found[: len(self.counts[name])].cpu()
+
         return count
 
     def __enter__(self) -> "ExpertCounter":
@@ -82,8 +86,7 @@ class ExpertCounter:
         self.passes += 1
 
 
-def coverage(counts: Dict[str, List[int]], top_k: Dict[str, int], tokens: int, samples: int,
-             min_tokens: int) -> dict:
+def coverage(counts: Dict[str, List[int]], top_k: Dict[str, int], tokens: int, samples: int, min_tokens: int) -> dict:
     """What the record keeps about expert coverage. `counts`: layer -> tokens per expert; `tokens`: calibration
     tokens that passed each layer (samples x seq_len); experts below `min_tokens` are named, and
     `suggested_calib_size` is the calib.size at which each would reach `min_tokens` if it kept the share of
@@ -108,7 +111,8 @@ def coverage(counts: Dict[str, List[int]], top_k: Dict[str, int], tokens: int, s
         "calibration_tokens": tokens,
         "min_tokens": min_tokens,
         "tokens_per_expert": {"min": all_counts[0], "median": all_counts[len(all_counts) // 2], "max": all_counts[-1]}
-        if all_counts else {},
+        if all_counts
+        else {},
         "experts": len(all_counts),
         "uncovered": uncovered,
         "few_tokens": few,
@@ -124,7 +128,9 @@ def warning(summary: dict, calib_size: int) -> Optional[str]:
     if not short:
         return None
     named = ", ".join(short[:6]) + (f" and {len(short) - 6} more" if len(short) > 6 else "")
-    return (f"{len(summary['uncovered'])} routed experts received no calibration tokens and "
-            f"{len(summary['few_tokens'])} fewer than {summary['min_tokens']} ({named}) out of {summary['experts']}; "
-            f"{summary['scales']}. About calib.size={summary['suggested_calib_size']} (now {calib_size}) would give "
-            "each of them enough tokens.")
+    return (
+        f"{len(summary['uncovered'])} routed experts received no calibration tokens and "
+        f"{len(summary['few_tokens'])} fewer than {summary['min_tokens']} ({named}) out of {summary['experts']}; "
+        f"{summary['scales']}. About calib.size={summary['suggested_calib_size']} (now {calib_size}) would give "
+        "each of them enough tokens."
+    )

@@ -14,18 +14,27 @@ import os
 import re
 import shutil
 import struct
-from importlib import metadata
 from dataclasses import asdict, dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
 from ptq import recipe_files
 from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
-from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.files import nearest_existing, read_json, safetensors_header
-from ptq.formats import (ALGORITHMS, CANDIDATES, CUDA_ONLY_FORMATS, KV_CACHE_FORMATS, algorithm_export, candidate_formats,
-                         unknown_candidates, uses_int4_blocks, weight_bits)
+from ptq.formats import (
+    ALGORITHMS,
+    CANDIDATES,
+    CUDA_ONLY_FORMATS,
+    KV_CACHE_FORMATS,
+    algorithm_export,
+    candidate_formats,
+    unknown_candidates,
+    uses_int4_blocks,
+    weight_bits,
+)
+from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record import config_differences, config_hash
 from ptq.schema import RunConfig
@@ -111,7 +120,9 @@ def layer_widths_from_config(config: dict) -> List[int]:
 def choose_awq_block_size(requested: int, widths: List[int], model_name: str) -> int:
     """The AWQ block size to use: `requested`, checked, or the largest that divides every width."""
     if requested < 0:
-        raise ConfigError(f"recipe.awq_block_size={requested} is negative; use 0 (automatic) or one of {AWQ_BLOCK_CHOICES}.")
+        raise ConfigError(
+            f"recipe.awq_block_size={requested} is negative; use 0 (automatic) or one of {AWQ_BLOCK_CHOICES}."
+        )
     if not widths:
         return requested or AWQ_BLOCK_CHOICES[0]
     common = 0
@@ -127,7 +138,11 @@ def choose_awq_block_size(requested: int, widths: List[int], model_name: str) ->
         return valid[0]
     bad = [w for w in widths if w % requested]
     if bad:
-        hint = f"valid: {', '.join(map(str, valid))}, or 0 to pick automatically" if valid else "no block size fits; use another recipe"
+        hint = (
+            f"valid: {', '.join(map(str, valid))}, or 0 to pick automatically"
+            if valid
+            else "no block size fits; use another recipe"
+        )
         raise ConfigError(
             f"recipe.awq_block_size={requested} does not divide the input width {bad[0]} of {model_name}'s layers, "
             f"so the INT4 export would fail after calibration ({hint})."
@@ -150,7 +165,9 @@ CALIB_WARN_FACTOR = 64
 def _check_numbers(cfg: RunConfig) -> None:
     _check_layer_kinds(cfg.recipe)
     if cfg.calib.size < 1:
-        raise ConfigError(f"calib.size={cfg.calib.size}: calibration needs at least 1 sample; set calib.size=512 or another positive number.")
+        raise ConfigError(
+            f"calib.size={cfg.calib.size}: calibration needs at least 1 sample; set calib.size=512 or another positive number."
+        )
     if cfg.calib.seq_len < 1:
         raise ConfigError(f"calib.seq_len={cfg.calib.seq_len} must be positive (e.g. calib.seq_len=512).")
     tokens = cfg.calib.size * cfg.calib.seq_len
@@ -159,7 +176,8 @@ def _check_numbers(cfg: RunConfig) -> None:
             f"calib.size={cfg.calib.size} x calib.seq_len={cfg.calib.seq_len} = {tokens:,} calibration tokens, more "
             f"than the {MAX_CALIB_TOKENS:,} this launcher takes ({tokens * 8 / 2**30:,.0f} GiB of token ids in memory, each "
             f"passed through the model{' and, with calib.dataset=self, first sampled from it one token at a time' if cfg.calib.dataset == 'self' else ''}"
-            "); calibration statistics settle within a few thousand samples. Set e.g. calib.size=512.")
+            "); calibration statistics settle within a few thousand samples. Set e.g. calib.size=512."
+        )
     if cfg.calib.batch_size < 0:
         raise ConfigError(f"calib.batch_size={cfg.calib.batch_size} must be 0 (automatic) or positive.")
     if cfg.fidelity.enabled and (cfg.fidelity.samples < 1 or cfg.fidelity.seq_len < 2):
@@ -179,7 +197,8 @@ def _calibration_warning(cfg: RunConfig, warnings: List[str]) -> None:
         warnings.append(
             f"calib.size={calib.size} x calib.seq_len={calib.seq_len} = {tokens:,} calibration tokens, {tokens / usual:,.0f} "
             f"times the {hw.calib_size} x {hw.calib_seq_len} hardware={hw.name} calibrates on by default: calibration"
-            f"{sampling} takes about {tokens / usual:,.0f} times as long.")
+            f"{sampling} takes about {tokens / usual:,.0f} times as long."
+        )
 
 
 def _check_layer_kinds(recipe) -> None:
@@ -201,18 +220,25 @@ def check_recipe_file(cfg: RunConfig) -> None:
     recipe = cfg.recipe
     if recipe.name == "modelopt" and not recipe.modelopt_recipe:
         shipped = recipe_files.shipped_recipes()
-        raise ConfigError("recipe=modelopt runs a ModelOpt recipe file: name it with recipe.modelopt_recipe=<path in "
-                          "ModelOpt's recipe library or a file>" + (f", e.g. {', '.join(shipped[:4])}" if shipped else "")
-                          + " (or `python launch.py recipe=<file.yaml>`).")
+        raise ConfigError(
+            "recipe=modelopt runs a ModelOpt recipe file: name it with recipe.modelopt_recipe=<path in "
+            "ModelOpt's recipe library or a file>"
+            + (f", e.g. {', '.join(shipped[:4])}" if shipped else "")
+            + " (or `python launch.py recipe=<file.yaml>`)."
+        )
     if not recipe.modelopt_recipe:
         return
     if recipe.modelopt_cfg is not None:
-        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and "
-                          f"recipe.modelopt_recipe={recipe.modelopt_recipe}; a recipe is one config: set one of them to null.")
+        raise ConfigError(
+            f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg} and "
+            f"recipe.modelopt_recipe={recipe.modelopt_recipe}; a recipe is one config: set one of them to null."
+        )
     if not spec_of(cfg).recipe_files:
-        raise ConfigError(f"recipe.modelopt_recipe={recipe.modelopt_recipe} with backend={cfg.backend.name}: "
-                          "Megatron-Bridge's quantize step takes its own format names (--export-quant-cfg), not ModelOpt "
-                          "recipe files; use backend=hf_modelopt, or a recipe of this launcher with recipe.megatron_cfg.")
+        raise ConfigError(
+            f"recipe.modelopt_recipe={recipe.modelopt_recipe} with backend={cfg.backend.name}: "
+            "Megatron-Bridge's quantize step takes its own format names (--export-quant-cfg), not ModelOpt "
+            "recipe files; use backend=hf_modelopt, or a recipe of this launcher with recipe.megatron_cfg."
+        )
     recipe_files.check(recipe.modelopt_recipe)
 
 
@@ -222,18 +248,23 @@ def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
     recipe, hw = cfg.recipe, cfg.hardware
     names = list(recipe.candidates)
     if recipe.modelopt_cfg is not None or recipe.modelopt_recipe:
-        raise ConfigError(f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg or recipe.modelopt_recipe} and recipe.candidates; "
-                          "a recipe is one config or a search over several: set recipe.modelopt_cfg=null or recipe.candidates=[].")
+        raise ConfigError(
+            f"recipe={recipe.name} sets both recipe.modelopt_cfg={recipe.modelopt_cfg or recipe.modelopt_recipe} and recipe.candidates; "
+            "a recipe is one config or a search over several: set recipe.modelopt_cfg=null or recipe.candidates=[]."
+        )
     unknown = unknown_candidates(names)
     if unknown:
-        raise ConfigError(f"recipe.candidates names {', '.join(unknown)}, which this launcher cannot search over; "
-                          f"choose from: {', '.join(CANDIDATES)}.")
+        raise ConfigError(
+            f"recipe.candidates names {', '.join(unknown)}, which this launcher cannot search over; "
+            f"choose from: {', '.join(CANDIDATES)}."
+        )
     cannot = [n for n in names if any(f not in hw.calibrate for f in CANDIDATES[n].formats)]
     if cannot:
         usable = [n for n in CANDIDATES if all(f in hw.calibrate for f in CANDIDATES[n].formats)]
         # Suggest the candidates that can stay, plus the most compressed one this hardware calibrates.
-        usable = list(dict.fromkeys([n for n in names if n not in cannot]
-                                    + sorted(usable, key=lambda n: CANDIDATES[n].bits)[:1]))
+        usable = list(
+            dict.fromkeys([n for n in names if n not in cannot] + sorted(usable, key=lambda n: CANDIDATES[n].bits)[:1])
+        )
         gpu = " (NVFP4 and MX formats need a CUDA GPU)" if hw.device == "cpu" else ""
         raise ConfigError(
             f"recipe={recipe.name} searches over {', '.join(cannot)}, which computes in "
@@ -242,8 +273,10 @@ def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
             f"e.g. recipe=auto_quantize_cpu or 'recipe.candidates=[{','.join(usable)}]'."
         )
     if sorted(recipe.formats) != sorted(candidate_formats(names)):
-        warnings.append(f"recipe.formats={list(recipe.formats)} does not match the candidates' formats "
-                        f"{candidate_formats(names)}; the checks use the candidates'.")
+        warnings.append(
+            f"recipe.formats={list(recipe.formats)} does not match the candidates' formats "
+            f"{candidate_formats(names)}; the checks use the candidates'."
+        )
     bits = recipe.effective_bits
     lowest = min(names, key=lambda n: CANDIDATES[n].bits)
     low = CANDIDATES[lowest].bits
@@ -256,13 +289,19 @@ def check_auto_quantize(cfg: RunConfig, warnings: List[str]) -> bool:
             f"in BF16: use recipe=bf16 for that). Set e.g. recipe.effective_bits={example}."
         )
     if recipe.kv_cache != "none":
-        raise ConfigError(f"recipe.kv_cache={recipe.kv_cache}: AutoQuantize switches output (KV-cache) quantizers off "
-                          f"while it searches, and this launcher does not add them back yet; set recipe.kv_cache=none.")
+        raise ConfigError(
+            f"recipe.kv_cache={recipe.kv_cache}: AutoQuantize switches output (KV-cache) quantizers off "
+            f"while it searches, and this launcher does not add them back yet; set recipe.kv_cache=none."
+        )
     if recipe.score_size < 1:
-        raise ConfigError(f"recipe.score_size={recipe.score_size}: scoring needs at least 1 sample (e.g. recipe.score_size=16).")
+        raise ConfigError(
+            f"recipe.score_size={recipe.score_size}: scoring needs at least 1 sample (e.g. recipe.score_size=16)."
+        )
     if recipe.score_size > cfg.calib.size:
-        warnings.append(f"recipe.score_size={recipe.score_size} exceeds calib.size={cfg.calib.size}: "
-                        f"the sensitivity scores use all {cfg.calib.size} calibration samples.")
+        warnings.append(
+            f"recipe.score_size={recipe.score_size} exceeds calib.size={cfg.calib.size}: "
+            f"the sensitivity scores use all {cfg.calib.size} calibration samples."
+        )
     return uses_int4_blocks(names)
 
 
@@ -274,14 +313,20 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
     cannot = [f for f in formats if f not in hw.calibrate]
     if cannot:
         needs_cuda = any(f in CUDA_ONLY_FORMATS for f in cannot)
-        why = " NVFP4 and MX formats need a CUDA GPU (ModelOpt's fake quantization for them runs only there)." if needs_cuda and hw.device == "cpu" else ""
+        why = (
+            " NVFP4 and MX formats need a CUDA GPU (ModelOpt's fake quantization for them runs only there)."
+            if needs_cuda and hw.device == "cpu"
+            else ""
+        )
         raise ConfigError(
             f"recipe={recipe.name}{' with recipe.kv_cache=' + recipe.kv_cache if recipe.kv_cache != 'none' else ''} computes in "
             f"{', '.join(cannot)}, which hardware={hw.name} cannot calibrate (it can: {', '.join(hw.calibrate) or 'nothing'}).{why} "
             f"Choose a GPU hardware option (e.g. hardware=h100) on a GPU machine, or a recipe that uses {', '.join(hw.calibrate) or 'no quantization'}."
         )
     if hw.device == "cuda" and not facts.cuda_available and not cfg.dry_run:  # a dry run may plan GPU work anywhere
-        raise ConfigError(f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here.")
+        raise ConfigError(
+            f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here."
+        )
     cap = cfg.backend.max_gpu_memory_gb
     if cap < 0:
         raise ConfigError(f"backend.max_gpu_memory_gb={cap} must be 0 (no cap) or a positive number of GiB per GPU.")
@@ -295,7 +340,9 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
             )
     unserved = [f for f in formats if f not in hw.serve]
     if unserved and hw.serve:
-        target = "Blackwell (hardware=b200 or gb200)" if any(f in CUDA_ONLY_FORMATS for f in unserved) else "other hardware"
+        target = (
+            "Blackwell (hardware=b200 or gb200)" if any(f in CUDA_ONLY_FORMATS for f in unserved) else "other hardware"
+        )
         warnings.append(
             f"{', '.join(unserved)} calibrates on {hw.name} but has no native kernels there: the checkpoint needs {target} to be served."
         )
@@ -327,7 +374,8 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
                 f"{', '.join(TOKENIZER_VOCABULARIES[2:])}, *.tiktoken) is in it"
                 f"{' (it has ' + ', '.join(files) + ')' if files else ''}, and the run loads the tokenizer from the "
                 "checkpoint folder. Save the model's tokenizer there (tokenizer.json, tokenizer_config.json, "
-                f"special_tokens_map.json: AutoTokenizer.from_pretrained(<model id>).save_pretrained('{folder}')).")
+                f"special_tokens_map.json: AutoTokenizer.from_pretrained(<model id>).save_pretrained('{folder}'))."
+            )
         return ModelSource("local", str(folder))
     if model.gguf_package:
         if not facts.gguf_path:
@@ -347,16 +395,20 @@ def _awq_block(cfg: RunConfig, facts: Facts, int4_candidates: bool) -> Optional[
     recipe = cfg.recipe
     if not (recipe.awq or int4_candidates):
         if recipe.awq_block_size:
-            raise ConfigError(f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not "
-                              f"recipe={recipe.name}; remove it.")
+            raise ConfigError(
+                f"recipe.awq_block_size only applies to AWQ recipes (int4_awq, w4a8_awq), not "
+                f"recipe={recipe.name}; remove it."
+            )
         return None
     widths = list(cfg.model.layer_widths) or facts.local_layer_widths
     requested = recipe.awq_block_size
     fixed = spec_of(cfg).awq_block  # Megatron-Bridge's quantize.py sets the AWQ block size to 128 itself
     if fixed is not None:
         if requested not in (0, fixed):
-            raise ConfigError(f"recipe.awq_block_size={requested}: backend={cfg.backend.name} always uses {fixed}; "
-                              "remove the override.")
+            raise ConfigError(
+                f"recipe.awq_block_size={requested}: backend={cfg.backend.name} always uses {fixed}; "
+                "remove the override."
+            )
         requested = fixed
     return choose_awq_block_size(requested, widths, cfg.model.name)
 
@@ -379,7 +431,8 @@ def _check_templates(cfg: RunConfig, warnings: List[str]) -> None:
                     f"eval.benchmarks {bench.name}: its {key} {value!r} holds a backslash followed by n, which the "
                     "prompt gets as those two characters, not a newline. On the command line write the newline "
                     "itself, e.g. with bash's $'...' quoting ($'eval.benchmarks=[{... template: \"{passage}\\nAnswer:\"}]'), "
-                    "or put the benchmark in a YAML file of conf/eval/ where \"\\n\" in double quotes is a newline.")
+                    'or put the benchmark in a YAML file of conf/eval/ where "\\n" in double quotes is a newline.'
+                )
 
 
 # Names that become folder names: one path component, no separators, not "." or "..".
@@ -389,8 +442,10 @@ SAFE_NAME = re.compile(r"^(?!\.{1,2}$)[A-Za-z0-9][A-Za-z0-9._+@=-]*$")
 def _check_names(cfg: RunConfig) -> None:
     for key, value in (("model.name", cfg.model.name), ("recipe.name", cfg.recipe.name)):
         if not SAFE_NAME.match(str(value)):
-            raise ConfigError(f"{key}={value!r} names a folder of the output (and cache), so it must be one plain name: "
-                              "letters, digits and . _ + @ = -, no '/' and no '..' (e.g. model.name=my-model).")
+            raise ConfigError(
+                f"{key}={value!r} names a folder of the output (and cache), so it must be one plain name: "
+                "letters, digits and . _ + @ = -, no '/' and no '..' (e.g. model.name=my-model)."
+            )
 
 
 def inside(path: Path, root: Path) -> bool:
@@ -405,8 +460,10 @@ def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) 
             f"output_dir={output_dir} is not inside output_root={output_root}; a run writes only below its output root. "
             "Set output_root to the folder you want (each run gets a subfolder), or an output_dir below it."
         )
-    for label, src in (("model.path", source.location if source.kind == "local" else None),
-                       ("the converted model cache", source.converted_dir)):
+    for label, src in (
+        ("model.path", source.location if source.kind == "local" else None),
+        ("the converted model cache", source.converted_dir),
+    ):
         if src and _overlaps(output_dir, Path(src)):
             raise ConfigError(
                 f"output_dir={output_dir} overlaps {label} {src}; the source checkpoint is never written to: "
@@ -417,8 +474,28 @@ def _check_output_dir(output_dir: Path, output_root: Path, source: ModelSource) 
 # Folders the operating system owns: a run writes nothing in them or below them. /var itself is refused, and its
 # system parts, but not /var/tmp or /var/home (Fedora Atomic's /home); /tmp, /home, /root, /opt, /srv, /mnt and
 # site folders (/work, /scratch, /data) are left to the user.
-SYSTEM_FOLDERS = ("/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64", "/libx32", "/proc", "/run", "/sbin",
-                  "/snap", "/sys", "/usr", "/var/backups", "/var/cache", "/var/lib", "/var/log", "/var/mail", "/var/spool")
+SYSTEM_FOLDERS = (
+    "/bin",
+    "/boot",
+    "/dev",
+    "/etc",
+    "/lib",
+    "/lib32",
+    "/lib64",
+    "/libx32",
+    "/proc",
+    "/run",
+    "/sbin",
+    "/snap",
+    "/sys",
+    "/usr",
+    "/var/backups",
+    "/var/cache",
+    "/var/lib",
+    "/var/log",
+    "/var/mail",
+    "/var/spool",
+)
 
 
 def system_folder(path: Path) -> Optional[str]:
@@ -434,15 +511,18 @@ def system_folder(path: Path) -> Optional[str]:
 
 
 def _check_system_folders(output_root: Path, cache_dir: Path, cfg: RunConfig) -> None:
-    for key, value, path, example in (("output_root", cfg.output_root, output_root, "output_root=runs"),
-                                      ("cache_dir", cfg.cache_dir, cache_dir, "cache_dir=~/.cache/ptq-launcher")):
+    for key, value, path, example in (
+        ("output_root", cfg.output_root, output_root, "output_root=runs"),
+        ("cache_dir", cfg.cache_dir, cache_dir, "cache_dir=~/.cache/ptq-launcher"),
+    ):
         why = system_folder(path)
         if why:
             raise ConfigError(
                 f"{key}={value} is {why}, which belongs to the operating system; the launcher writes "
                 f"{'checkpoints and run records' if key == 'output_root' else 'converted models and sampled text'} "
                 f"only into folders of your own. Choose one, e.g. {example} or {key}=$HOME/ptq-"
-                f"{'runs' if key == 'output_root' else 'cache'}.")
+                f"{'runs' if key == 'output_root' else 'cache'}."
+            )
 
 
 def _check_positions(cfg: RunConfig, facts: Facts, quantize: bool) -> None:
@@ -450,16 +530,21 @@ def _check_positions(cfg: RunConfig, facts: Facts, quantize: bool) -> None:
     limit = facts.max_positions
     if not limit:
         return
-    asked = [("calib.seq_len", cfg.calib.seq_len, cfg.calib.dataset, quantize),
-             ("fidelity.seq_len", cfg.fidelity.seq_len, cfg.fidelity.text, cfg.fidelity.enabled),
-             ("recover.seq_len", cfg.recover.seq_len, cfg.recover.text, cfg.recover.method != "none")]
+    asked = [
+        ("calib.seq_len", cfg.calib.seq_len, cfg.calib.dataset, quantize),
+        ("fidelity.seq_len", cfg.fidelity.seq_len, cfg.fidelity.text, cfg.fidelity.enabled),
+        ("recover.seq_len", cfg.recover.seq_len, cfg.recover.text, cfg.recover.method != "none"),
+    ]
     for key, value, text, used in asked:
         if used and value > limit:
-            sampling = "sampling text that long from the model is slow (one token at a time), and " if text == "self" else ""
+            sampling = (
+                "sampling text that long from the model is slow (one token at a time), and " if text == "self" else ""
+            )
             raise ConfigError(
                 f"{key}={value} exceeds the {limit:,} positions {cfg.model.name} was trained for (its "
                 f"max_position_embeddings): {sampling}the model would be measured on positions it never saw. Set "
-                f"{key} to at most {limit:,} (e.g. {key}={min(512, limit)}).")
+                f"{key} to at most {limit:,} (e.g. {key}={min(512, limit)})."
+            )
 
 
 # Bytes on top of the checkpoint's tensors: the tokenizer, config files, run record, log and the config copy.
@@ -477,8 +562,9 @@ def count_text(n: float) -> str:
     return f"{n / 1e9:,.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
 
 
-def checkpoint_estimate(cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str],
-                        awq_block: Optional[int]) -> tuple:
+def checkpoint_estimate(
+    cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str], awq_block: Optional[int]
+) -> tuple:
     """(bytes, how) of the exported checkpoint's tensors: the embeddings in BF16, every other parameter at the
     recipe's stored bits per weight (ptq/formats.py weight_bits, scales included). Within 1-3% of SmolLM2's
     measured exports; SVDQuant's low-rank branches are not counted."""
@@ -499,8 +585,9 @@ def checkpoint_estimate(cfg: RunConfig, facts: Facts, quantize: bool, export_alg
     return size, how + (f", {count_text(bf16)} embedding parameters in BF16" if bf16 else "")
 
 
-def _check_space(cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str],
-                 awq_block: Optional[int]) -> None:
+def _check_space(
+    cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Optional[str], awq_block: Optional[int]
+) -> None:
     """Room for the checkpoint where the output folder goes. The export is written once, as checkpoint.partial,
     and published by renaming it, so the checkpoint's own size (and the run's small files) is what it needs."""
     free = facts.output_free_bytes
@@ -512,7 +599,8 @@ def _check_space(cfg: RunConfig, facts: Facts, quantize: bool, export_algo: Opti
         raise ConfigError(
             f"output_root={cfg.output_root} has {size_text(free)} free; this run needs about {size_text(need)}: "
             f"a checkpoint of {size_text(size)} ({cfg.model.name}: {how}), 5% and {size_text(RUN_FILES_BYTES)} for "
-            "the tokenizer and the run's files. Free space, or choose another output_root.")
+            "the tokenizer and the run's files. Free space, or choose another output_root."
+        )
 
 
 def resume(plan: Plan, record: Optional[dict]) -> None:
@@ -528,8 +616,10 @@ def resume(plan: Plan, record: Optional[dict]) -> None:
             "it is not replaced silently: pass overwrite=true to replace it, or set output_root to another folder."
         )
     plan.action = "skip"
-    plan.skip_reason = (f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
-                        "skipping it (pass overwrite=true to run it again).")
+    plan.skip_reason = (
+        f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
+        "skipping it (pass overwrite=true to run it again)."
+    )
 
 
 def check_algorithm(cfg: RunConfig) -> None:
@@ -541,22 +631,29 @@ def check_algorithm(cfg: RunConfig) -> None:
         return
     what = f"recipe.algorithm={method}" if method is not None else f"recipe.algorithm_args={args}"
     if recipe.candidates:
-        raise ConfigError(f"{what} does not apply to recipe={recipe.name}: AutoQuantize calibrates every candidate with "
-                          "its own config's algorithm. Remove it, or sweep a one-format recipe (e.g. recipe=nvfp4).")
+        raise ConfigError(
+            f"{what} does not apply to recipe={recipe.name}: AutoQuantize calibrates every candidate with "
+            "its own config's algorithm. Remove it, or sweep a one-format recipe (e.g. recipe=nvfp4)."
+        )
     if recipe.modelopt_cfg is None and not recipe.modelopt_recipe:
-        raise ConfigError(f"{what} does not apply to recipe={recipe.name}, which quantizes nothing; pick a quantized recipe.")
+        raise ConfigError(
+            f"{what} does not apply to recipe={recipe.name}, which quantizes nothing; pick a quantized recipe."
+        )
     if method is None or (recipe.modelopt_recipe and not recipe.export_quant_algo):
         # A bare recipe file's formats are known once ModelOpt loads it: its config class checks the method's settings.
         return
     if method not in ALGORITHMS:
-        raise ConfigError(f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
-                          f"{', '.join(ALGORITHMS)} (or null for the recipe's own).")
+        raise ConfigError(
+            f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
+            f"{', '.join(ALGORITHMS)} (or null for the recipe's own)."
+        )
     quant = (recipe.export_quant_algo or "").upper()
     applies = ALGORITHMS[method].applies_to
     if quant not in applies:
         raise ConfigError(
             f"recipe.algorithm={method} ({ALGORITHMS[method].does}) does not apply to recipe={recipe.name}, which "
-            f"exports {quant or 'an unnamed format'}; it applies to recipes exporting {', '.join(applies)}.")
+            f"exports {quant or 'an unnamed format'}; it applies to recipes exporting {', '.join(applies)}."
+        )
 
 
 def check_recover(cfg: RunConfig, quantize: bool) -> None:
@@ -567,39 +664,61 @@ def check_recover(cfg: RunConfig, quantize: bool) -> None:
         return
     where = f"recover={rec.method}"
     if not spec_of(cfg).recovery:
-        raise ConfigError(f"{where} runs in process on the hf_modelopt backend only (Megatron-Bridge QAT is not wired "
-                          f"up yet); use backend=hf_modelopt, or recover=none.")
+        raise ConfigError(
+            f"{where} runs in process on the hf_modelopt backend only (Megatron-Bridge QAT is not wired "
+            f"up yet); use backend=hf_modelopt, or recover=none."
+        )
     if not quantize:
-        raise ConfigError(f"{where} trains the quantized model, and recipe={cfg.recipe.name} quantizes nothing (no "
-                          "quantizers to train through); pick a quantized recipe (e.g. recipe=int4_awq) or recover=none.")
+        raise ConfigError(
+            f"{where} trains the quantized model, and recipe={cfg.recipe.name} quantizes nothing (no "
+            "quantizers to train through); pick a quantized recipe (e.g. recipe=int4_awq) or recover=none."
+        )
     if rec.steps < 1:
         raise ConfigError(f"recover.steps={rec.steps}: training needs at least 1 step; set e.g. recover.steps=100.")
     if not rec.lr > 0 or not math.isfinite(rec.lr):
-        raise ConfigError(f"recover.lr={rec.lr} must be a positive learning rate; ModelOpt's QAT default is "
-                          "recover.lr=1e-5.")
+        raise ConfigError(
+            f"recover.lr={rec.lr} must be a positive learning rate; ModelOpt's QAT default is recover.lr=1e-5."
+        )
     if not 0 <= rec.warmup_ratio < 1:
-        raise ConfigError(f"recover.warmup_ratio={rec.warmup_ratio} must lie in [0, 1) (a share of the steps); "
-                          "ModelOpt's default is 0.05.")
+        raise ConfigError(
+            f"recover.warmup_ratio={rec.warmup_ratio} must lie in [0, 1) (a share of the steps); "
+            "ModelOpt's default is 0.05."
+        )
     if rec.batch_size < 0 or rec.samples < 0:
-        raise ConfigError(f"recover.batch_size={rec.batch_size}, recover.samples={rec.samples}: each must be 0 "
-                          "(automatic) or positive.")
+        raise ConfigError(
+            f"recover.batch_size={rec.batch_size}, recover.samples={rec.samples}: each must be 0 "
+            "(automatic) or positive."
+        )
     if rec.seq_len < 2:
-        raise ConfigError(f"recover.seq_len={rec.seq_len}: training needs sequences of at least 2 tokens (e.g. "
-                          "recover.seq_len=512).")
+        raise ConfigError(
+            f"recover.seq_len={rec.seq_len}: training needs sequences of at least 2 tokens (e.g. recover.seq_len=512)."
+        )
     if rec.method == "qad" and not rec.temperature > 0:
-        raise ConfigError(f"recover.temperature={rec.temperature} must be positive (1.0: the distributions as they are).")
+        raise ConfigError(
+            f"recover.temperature={rec.temperature} must be positive (1.0: the distributions as they are)."
+        )
     if rec.text not in ("self",) and calib_text_path(rec.text) is None:
-        raise ConfigError(f"recover.text={rec.text}: give \"self\" (text sampled from the BF16 model) or a local .txt "
-                          "or .jsonl file.")
+        raise ConfigError(
+            f'recover.text={rec.text}: give "self" (text sampled from the BF16 model) or a local .txt or .jsonl file.'
+        )
     if cfg.fidelity.enabled:
-        same = (rec.seed == cfg.fidelity.seed if rec.text == "self" and cfg.fidelity.text == "self"
-                else calib_text_path(rec.text) is not None and calib_text_path(rec.text) == calib_text_path(cfg.fidelity.text))
+        same = (
+            rec.seed == cfg.fidelity.seed
+            if rec.text == "self" and cfg.fidelity.text == "self"
+            else calib_text_path(rec.text) is not None
+            and calib_text_path(rec.text) == calib_text_path(cfg.fidelity.text)
+        )
         if same:
-            what = (f"both sampled from the model with seed {rec.seed}" if rec.text == "self"
-                    else f"both {calib_text_path(rec.text)}")
-            raise ConfigError(f"recover.text and fidelity.text are the same text ({what}): the fidelity check must "
-                              "measure on text the training never saw. Give recover.text another file, or another "
-                              f"recover.seed (e.g. recover.seed={rec.seed + 1}) with recover.text=self.")
+            what = (
+                f"both sampled from the model with seed {rec.seed}"
+                if rec.text == "self"
+                else f"both {calib_text_path(rec.text)}"
+            )
+            raise ConfigError(
+                f"recover.text and fidelity.text are the same text ({what}): the fidelity check must "
+                "measure on text the training never saw. Give recover.text another file, or another "
+                f"recover.seed (e.g. recover.seed={rec.seed + 1}) with recover.text=self."
+            )
 
 
 def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
@@ -614,8 +733,10 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     check_recipe_file(cfg)
     quantize = recipe.modelopt_cfg is not None or bool(recipe.modelopt_recipe) or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
-        raise ConfigError("recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe "
-                          "for KV-cache quantization.")
+        raise ConfigError(
+            "recipe=bf16 quantizes nothing, so recipe.kv_cache must stay none; pick a quantized recipe "
+            "for KV-cache quantization."
+        )
     awq_block = _awq_block(cfg, facts, int4_candidates)
     _check_backend(cfg, warnings)
     check_recover(cfg, quantize)
@@ -632,7 +753,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     _check_system_folders(output_root, cache_dir, cfg)
     measure = spec_of(cfg).export_measurement(cfg)
     if measure.startswith("skip:"):
-        warnings.append(measure[len("skip: "):])
+        warnings.append(measure[len("skip: ") :])
     plan = Plan(
         measure_export=measure == "measure",
         cfg=cfg,
@@ -653,8 +774,14 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
 
 
 # Files that hold a tokenizer's vocabulary (one is needed; a `*.tiktoken` file too), and the other tokenizer files.
-TOKENIZER_VOCABULARIES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
-                          "sentencepiece.bpe.model")
+TOKENIZER_VOCABULARIES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+    "sentencepiece.bpe.model",
+)
 TOKENIZER_FILES = TOKENIZER_VOCABULARIES + ("tokenizer_config.json", "special_tokens_map.json", "merges.txt")
 
 
@@ -701,6 +828,7 @@ def gguf_shape(path: str) -> dict:
     found = {}
     try:
         with open(path, "rb") as f:
+
             def read(fmt):
                 return struct.unpack(fmt, f.read(struct.calcsize(fmt)))[0]
 
@@ -816,4 +944,3 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
     facts.existing_record = read_json(output_dir / RECORD_NAME)
     facts.output_free_bytes = free_bytes(output_dir.resolve())
     return facts
-

@@ -48,11 +48,16 @@ def resolve(ref: str) -> Path:
                 return library / candidate
     shipped = shipped_recipes()
     close = [name for name in shipped if Path(ref).stem.split("-")[0] in name][:8] or shipped[:8]
-    where = (f"ModelOpt's shipped PTQ recipes include {', '.join(close)}" if shipped else
-             "no ModelOpt recipe library is installed (nvidia-modelopt >= 0.45 ships one)")
-    raise ConfigError(f"recipe.modelopt_recipe={ref}: no such recipe file here or in ModelOpt's recipe library; {where}. "
-                      "Name a shipped recipe by its path in the library (e.g. general/ptq/fp8_default-kv_fp8) or give "
-                      "the path of a recipe file.")
+    where = (
+        f"ModelOpt's shipped PTQ recipes include {', '.join(close)}"
+        if shipped
+        else "no ModelOpt recipe library is installed (nvidia-modelopt >= 0.45 ships one)"
+    )
+    raise ConfigError(
+        f"recipe.modelopt_recipe={ref}: no such recipe file here or in ModelOpt's recipe library; {where}. "
+        "Name a shipped recipe by its path in the library (e.g. general/ptq/fp8_default-kv_fp8) or give "
+        "the path of a recipe file."
+    )
 
 
 def shipped_recipes(kind: str = "ptq") -> List[str]:
@@ -96,9 +101,11 @@ def check(ref: str) -> Path:
     path = resolve(ref)
     kind = recipe_type(path)
     if kind != "ptq":
-        raise ConfigError(f"recipe.modelopt_recipe={ref} is a{'n' if (kind or 'x')[0] in 'aeiou' else ''} "
-                          f"{kind or 'untyped'} recipe ({path}); this recipe group runs PTQ recipes (metadata.recipe_type: "
-                          "ptq). For mixed precision use recipe=auto_quantize.")
+        raise ConfigError(
+            f"recipe.modelopt_recipe={ref} is a{'n' if (kind or 'x')[0] in 'aeiou' else ''} "
+            f"{kind or 'untyped'} recipe ({path}); this recipe group runs PTQ recipes (metadata.recipe_type: "
+            "ptq). For mixed precision use recipe=auto_quantize."
+        )
     return path
 
 
@@ -141,8 +148,10 @@ def write_applied(folder: Path, recipe: dict) -> Path:
     import yaml
 
     target = folder / WRITTEN_NAME
-    text = ("# The quantization configuration this checkpoint was made with, as a ModelOpt PTQ recipe\n"
-            "# (modelopt.recipe.load_recipe reads it; `python launch.py recipe=<this file>` runs it again).\n"
-            + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120))
+    text = (
+        "# The quantization configuration this checkpoint was made with, as a ModelOpt PTQ recipe\n"
+        "# (modelopt.recipe.load_recipe reads it; `python launch.py recipe=<this file>` runs it again).\n"
+        + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)
+    )
     target.write_text(text, encoding="utf-8")
     return target

@@ -4,8 +4,8 @@ quantized."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import fnmatch
+import importlib.util
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -39,16 +39,21 @@ def load_recipe_file(ref: str) -> Dict:
         loaded = load_recipe(path)
     except Exception as exc:  # pydantic's ValidationError, ValueError: an unknown field, a bad value, a missing unit
         first = str(exc).strip().splitlines()
-        raise ConfigError(f"recipe.modelopt_recipe={ref}: ModelOpt's recipe loader refuses {path}: "
-                          f"{' '.join(first[:6])}. Fix the file.") from None
+        raise ConfigError(
+            f"recipe.modelopt_recipe={ref}: ModelOpt's recipe loader refuses {path}: "
+            f"{' '.join(first[:6])}. Fix the file."
+        ) from None
     quantize = loaded.quantize.model_dump()
     return {"quant_cfg": quantize["quant_cfg"], "algorithm": quantize.get("algorithm")}
 
 
 def _kv_entries(entries: List[Dict]) -> List[str]:
     """The enabled entries of a config that quantize the KV cache (ModelOpt's `*[kv]_bmm_quantizer` quantizers)."""
-    return [e["quantizer_name"] for e in entries
-            if "bmm_quantizer" in str(e.get("quantizer_name", "")) and e.get("enable", True) is not False]
+    return [
+        e["quantizer_name"]
+        for e in entries
+        if "bmm_quantizer" in str(e.get("quantizer_name", "")) and e.get("enable", True) is not False
+    ]
 
 
 def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_block_size: Optional[int]) -> Dict:
@@ -59,9 +64,11 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
     if recipe.modelopt_recipe:
         base = load_recipe_file(recipe.modelopt_recipe)
         if recipe.kv_cache != "none" and _kv_entries(base["quant_cfg"]):
-            raise ConfigError(f"recipe.kv_cache={recipe.kv_cache} with recipe.modelopt_recipe={recipe.modelopt_recipe}, "
-                              f"which quantizes the KV cache itself ({', '.join(_kv_entries(base['quant_cfg']))}): "
-                              "leave recipe.kv_cache=none, or pick the recipe file of the KV-cache format you want.")
+            raise ConfigError(
+                f"recipe.kv_cache={recipe.kv_cache} with recipe.modelopt_recipe={recipe.modelopt_recipe}, "
+                f"which quantizes the KV cache itself ({', '.join(_kv_entries(base['quant_cfg']))}): "
+                "leave recipe.kv_cache=none, or pick the recipe file of the KV-cache format you want."
+            )
     else:
         base = getattr(mtq, recipe.modelopt_cfg or "", None)
     if not isinstance(base, dict):
@@ -98,15 +105,19 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
 def _check_rotation(recipe: RecipeConfig, cfg: Dict) -> None:
     """A quantizer with `rotate` applies a Hadamard transform through the separate fast_hadamard_transform
     package (a CUDA extension built from source); without it ModelOpt fails at the first calibration forward."""
-    rotated = [e["quantizer_name"] for e in cfg["quant_cfg"]
-               if isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate") and e.get("enable", True)]
+    rotated = [
+        e["quantizer_name"]
+        for e in cfg["quant_cfg"]
+        if isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate") and e.get("enable", True)
+    ]
     if rotated and importlib.util.find_spec("fast_hadamard_transform") is None:
         choice = f"recipe.kv_cache={recipe.kv_cache}" if recipe.kv_cache != "none" else f"recipe={recipe.name}"
         raise ConfigError(
             f"{choice} rotates {', '.join(rotated)} with a Hadamard transform, which needs the fast_hadamard_transform "
             "package (not installed here; it builds from source against torch and CUDA: pip install "
             "git+https://github.com/Dao-AILab/fast-hadamard-transform.git). Install it, or choose a KV cache "
-            "without rotation (recipe.kv_cache=nvfp4 or nvfp4_affine).")
+            "without rotation (recipe.kv_cache=nvfp4 or nvfp4_affine)."
+        )
 
 
 def _check_block_scale_search(recipe: RecipeConfig, cfg: Dict) -> None:
@@ -114,16 +125,24 @@ def _check_block_scale_search(recipe: RecipeConfig, cfg: Dict) -> None:
     scales; with dynamic block scales (NVFP4_DEFAULT_CFG, W4A16_NVFP4_CFG) the scales are recomputed from the
     weights at every use and the search changes nothing (on SmolLM2 the mean KL came out identical to max)."""
     algorithm = cfg["algorithm"]
-    if not (algorithm["method"] == "local_hessian" or (algorithm["method"] == "mse" and algorithm.get("fp8_scale_sweep"))):
+    if not (
+        algorithm["method"] == "local_hessian" or (algorithm["method"] == "mse" and algorithm.get("fp8_scale_sweep"))
+    ):
         return
-    dynamic = [e for e in cfg["quant_cfg"] if e.get("quantizer_name") == "*weight_quantizer"
-               and isinstance(e.get("cfg"), dict) and (e["cfg"].get("block_sizes") or {}).get("type") == "dynamic"]
+    dynamic = [
+        e
+        for e in cfg["quant_cfg"]
+        if e.get("quantizer_name") == "*weight_quantizer"
+        and isinstance(e.get("cfg"), dict)
+        and (e["cfg"].get("block_sizes") or {}).get("type") == "dynamic"
+    ]
     if dynamic:
         raise ConfigError(
             f"recipe={recipe.name} with {algorithm_tag(recipe.algorithm, dict(recipe.algorithm_args))}: "
             f"{recipe.modelopt_cfg} computes its NVFP4 weight block scales at run time, so a search of stored block "
             "scales has nothing to set. Use recipe=nvfp4_mse or recipe=nvfp4_local_hessian (static weight block "
-            "scales, ModelOpt's own configs for these searches).")
+            "scales, ModelOpt's own configs for these searches)."
+        )
 
 
 def _algorithm_classes() -> Dict[str, type]:
@@ -148,21 +167,29 @@ def algorithm_config(recipe: RecipeConfig, own) -> Dict:
     args = dict(recipe.algorithm_args)
     method = recipe.algorithm or own.get("method")
     if method is None:
-        raise ConfigError(f"recipe.algorithm_args={args}: {recipe.modelopt_cfg} calibrates nothing (its scales are "
-                          "computed at run time); set recipe.algorithm too, or remove the arguments.")
+        raise ConfigError(
+            f"recipe.algorithm_args={args}: {recipe.modelopt_cfg} calibrates nothing (its scales are "
+            "computed at run time); set recipe.algorithm too, or remove the arguments."
+        )
     merged = {**own, **args} if method == own.get("method") else {"method": method, **args}
     classes = _algorithm_classes()
     if method not in classes:
-        raise ConfigError(f"recipe.algorithm={method} is not an algorithm of the installed ModelOpt; it has "
-                          f"{', '.join(sorted(classes))}.")
+        raise ConfigError(
+            f"recipe.algorithm={method} is not an algorithm of the installed ModelOpt; it has "
+            f"{', '.join(sorted(classes))}."
+        )
     cls = classes[method]
     try:
         cls(**merged)
     except Exception as exc:  # pydantic's ValidationError: unknown setting, wrong type, out of range
-        problems = "; ".join(f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}" for e in
-                             getattr(exc, "errors", lambda: [])()) or str(exc)
+        problems = "; ".join(
+            f"{'.'.join(str(x) for x in e.get('loc', ()))}: {e.get('msg')}"
+            for e in getattr(exc, "errors", lambda: [])()
+        ) or str(exc)
         settings = ", ".join(k for k in cls.model_fields if k not in ("method", "layerwise", "moe_calib_experts_ratio"))
-        raise ConfigError(f"recipe.algorithm_args={args} for {method}: {problems}. {cls.__name__} takes: {settings}.") from None
+        raise ConfigError(
+            f"recipe.algorithm_args={args} for {method}: {problems}. {cls.__name__} takes: {settings}."
+        ) from None
     return merged
 
 
@@ -181,8 +208,13 @@ def formats_of(quant_cfg: Dict) -> List[str]:
             bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
             scale = blocks.get("scale_bits")
             scale = tuple(scale) if isinstance(scale, (list, tuple)) else scale
-            name = {(4, 3): "fp8", (5, 2): "fp8", (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
-                    8: "int8", 4: "int4"}.get(bits)
+            name = {
+                (4, 3): "fp8",
+                (5, 2): "fp8",
+                (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
+                8: "int8",
+                4: "int4",
+            }.get(bits)
             if name == "fp8" and scale == (8, 0):
                 name = "mxfp8"
             if name and name not in found:
@@ -192,8 +224,11 @@ def formats_of(quant_cfg: Dict) -> List[str]:
 
 def disabled_patterns(quant_cfg: Dict) -> List[str]:
     """Quantizer patterns the config switches off explicitly (not the leading catch-all '*')."""
-    return [e["quantizer_name"] for e in quant_cfg["quant_cfg"]
-            if e.get("enable") is False and e.get("quantizer_name") not in ("*", None)]
+    return [
+        e["quantizer_name"]
+        for e in quant_cfg["quant_cfg"]
+        if e.get("enable") is False and e.get("quantizer_name") not in ("*", None)
+    ]
 
 
 def is_excluded(module_name: str, patterns: List[str]) -> bool:
@@ -255,8 +290,11 @@ def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
 
 def check_awq_widths(model, block: int, patterns) -> None:
     """The plan checked the widths it knew; this checks the real layers before calibration starts."""
-    bad = [(n, m.in_features) for n, m in model.named_modules()
-           if isinstance(m, torch.nn.Linear) and not is_excluded(n, patterns) and m.in_features % block]
+    bad = [
+        (n, m.in_features)
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and not is_excluded(n, patterns) and m.in_features % block
+    ]
     if bad:
         name, width = bad[0]
         raise ConfigError(

@@ -16,10 +16,25 @@ from typing import Dict, Optional
 from ptq.files import read_json
 from ptq.layout import RECORD_NAME
 
-PACKAGES = ("torch", "transformers", "nvidia-modelopt", "hydra-core", "omegaconf", "accelerate", "safetensors", "lm_eval")
+PACKAGES = (
+    "torch",
+    "transformers",
+    "nvidia-modelopt",
+    "hydra-core",
+    "omegaconf",
+    "accelerate",
+    "safetensors",
+    "lm_eval",
+)
 # Recorded only where installed (the megatron_bridge backend's stack; MLflow for tracking=mlflow).
-OPTIONAL_PACKAGES = ("megatron-core", "megatron-bridge", "transformer-engine", "transformer-engine-cu13",
-                     "mlflow-skinny", "mlflow")
+OPTIONAL_PACKAGES = (
+    "megatron-core",
+    "megatron-bridge",
+    "transformer-engine",
+    "transformer-engine-cu13",
+    "mlflow-skinny",
+    "mlflow",
+)
 
 
 # Keys that change how or where a run is launched, not what it makes (tracking: where it is reported).
@@ -37,6 +52,7 @@ def config_hash(config: dict) -> str:
 
 def config_differences(old: dict, new: dict, limit: int = 6) -> list:
     """Dotted keys whose values differ between two composed configs (identity keys only)."""
+
     def flat(d, prefix=""):
         out = {}
         for k, v in d.items():
@@ -45,6 +61,7 @@ def config_differences(old: dict, new: dict, limit: int = 6) -> list:
             else:
                 out[f"{prefix}{k}"] = v
         return out
+
     a, b = flat(identity(old)), flat(identity(new))
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))[:limit]
 

@@ -51,6 +51,7 @@ GPU_BATCH_SIZE = 16
 @dataclass
 class Prepared:
     """What training needs from the BF16 model, taken before it is quantized."""
+
     tokens: torch.Tensor
     text_source: str
     teacher: Optional[torch.nn.Module] = None
@@ -87,15 +88,21 @@ def _teacher(plan: Plan, model):
     """(teacher, how it was obtained) for QAD: the pristine BF16 model this process keeps, or a second copy."""
     cfg = plan.cfg
     if cfg.backend.reuse_loaded_model:
-        kept = kept_model(plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
-                          trust_remote_code=cfg.model.trust_remote_code, max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb)
+        kept = kept_model(
+            plan.source,
+            device=cfg.hardware.device,
+            dtype=cfg.hardware.dtype,
+            trust_remote_code=cfg.model.trust_remote_code,
+            max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
+        )
         if kept is not None and kept is not model:
             return kept, "the pristine BF16 model this process keeps (no second copy)"
     fits, why = room_for_a_copy(model)
     if not fits:
         raise ConfigError(
             f"recover=qad distils from the BF16 model, which must stay in memory beside the model being trained, and "
-            f"no second copy fits ({why}). Use recover=qat (no teacher), or a machine with more memory.")
+            f"no second copy fits ({why}). Use recover=qat (no teacher), or a machine with more memory."
+        )
     log.info("QAD teacher: a second copy of the BF16 model (%s)", why)
     return copy.deepcopy(model), f"a second copy of the BF16 model, made for QAD ({why})"
 
@@ -106,9 +113,17 @@ def prepare(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *,
     rec = plan.cfg.recover
     rows = rec.samples or rec.steps * batch_size(plan)
     with timer.stage("recover_text"):
-        tokens = token_batches(rec.text, model=model, tokenizer=tokenizer, model_id=checkpoint, samples=rows,
-                               seq_len=rec.seq_len, seed=rec.seed, cache_dir=plan.cfg.cache_dir,
-                               sample_batch_size=sample_batch_size)
+        tokens = token_batches(
+            rec.text,
+            model=model,
+            tokenizer=tokenizer,
+            model_id=checkpoint,
+            samples=rows,
+            seq_len=rec.seq_len,
+            seed=rec.seed,
+            cache_dir=plan.cfg.cache_dir,
+            sample_batch_size=sample_batch_size,
+        )
     prepared = Prepared(tokens=tokens, text_source=text_source(plan))
     if rec.method == "qad":
         prepared.teacher, prepared.teacher_source = _teacher(plan, model)
@@ -148,16 +163,22 @@ def _hf_checkpointing_as_found():
 
 
 def _loss_curve(history: List[dict]) -> List[dict]:
-    return [{"step": int(h["step"]), "loss": float(h["loss"]),
-             **({"lr": float(h["learning_rate"])} if "learning_rate" in h else {}),
-             **({"grad_norm": float(h["grad_norm"])} if "grad_norm" in h else {})}
-            for h in history if "loss" in h and "step" in h]
+    return [
+        {
+            "step": int(h["step"]),
+            "loss": float(h["loss"]),
+            **({"lr": float(h["learning_rate"])} if "learning_rate" in h else {}),
+            **({"grad_norm": float(h["grad_norm"])} if "grad_norm" in h else {}),
+        }
+        for h in history
+        if "loss" in h and "step" in h
+    ]
 
 
 def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
     """Train the fake-quantized `model` in place (QAT or QAD); returns what the run record keeps under "recovery"."""
-    from transformers import TrainingArguments, default_data_collator
     from modelopt.torch.quantization.plugins.transformers_trainer import QADTrainer, QATTrainer
+    from transformers import TrainingArguments, default_data_collator
 
     cfg = plan.cfg
     rec = cfg.recover
@@ -171,20 +192,40 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
     grad_flags = [p.requires_grad for p in teacher.parameters()] if teacher is not None else []
     work = Path(tempfile.mkdtemp(prefix="recover-", dir=plan.output_dir))
     args = TrainingArguments(
-        output_dir=str(work), max_steps=rec.steps, per_device_train_batch_size=bs, learning_rate=rec.lr,
-        lr_scheduler_type=str(rec.schedule), warmup_steps=rec.warmup_ratio, logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=cfg.hardware.device == "cpu", seed=rec.seed, data_seed=rec.seed,
-        remove_unused_columns=False, dataloader_num_workers=0, optim="adamw_torch", disable_tqdm=False,
-        include_num_input_tokens_seen="all")
-    common = {"model": model, "args": args, "train_dataset": _Rows(prepared.tokens), "data_collator": default_data_collator}
+        output_dir=str(work),
+        max_steps=rec.steps,
+        per_device_train_batch_size=bs,
+        learning_rate=rec.lr,
+        lr_scheduler_type=str(rec.schedule),
+        warmup_steps=rec.warmup_ratio,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=cfg.hardware.device == "cpu",
+        seed=rec.seed,
+        data_seed=rec.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        optim="adamw_torch",
+        disable_tqdm=False,
+        include_num_input_tokens_seen="all",
+    )
+    common = {
+        "model": model,
+        "args": args,
+        "train_dataset": _Rows(prepared.tokens),
+        "data_collator": default_data_collator,
+    }
     start = time.perf_counter()
     try:
         with timer.stage("recover"), _hf_checkpointing_as_found():
             if run_dtype != torch.float32:
                 model.float()
             if rec.method == "qad":
-                trainer = QADTrainer(**common, distill_args={"teacher_model": teacher, "criterion": "logits_loss",
-                                                             "temperature": rec.temperature})
+                trainer = QADTrainer(
+                    **common,
+                    distill_args={"teacher_model": teacher, "criterion": "logits_loss", "temperature": rec.temperature},
+                )
             else:
                 trainer = QATTrainer(**common)
             output = trainer.train()
@@ -213,21 +254,43 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
     record = {
         "method": str(rec.method),
         "trainer": f"modelopt.torch.quantization.plugins.transformers_trainer.{'QADTrainer' if rec.method == 'qad' else 'QATTrainer'}",
-        "loss": "logit KL to the BF16 model (ModelOpt LogitsDistillationLoss)" if rec.method == "qad" else "causal-LM cross-entropy",
-        "steps": int(output.global_step), "batch_size": bs, "seq_len": rec.seq_len,
-        "tokens_seen": tokens_seen, "text_samples": int(prepared.tokens.shape[0]),
-        "text_source": prepared.text_source, "lr": rec.lr, "schedule": str(rec.schedule),
-        "warmup_ratio": rec.warmup_ratio, "seed": rec.seed, "seconds": round(seconds, 3),
-        "train_dtype": "float32", "weights_rounded_to": "bfloat16", "loss_curve": curve,
-        "scales": {"amax_buffers": len(before), "moved": len(moved), "moved_examples": moved[:3],
-                   "note": "calibrated ranges are buffers, kept as calibrated; gradients pass the rounding straight "
-                           "through to the weights"},
+        "loss": "logit KL to the BF16 model (ModelOpt LogitsDistillationLoss)"
+        if rec.method == "qad"
+        else "causal-LM cross-entropy",
+        "steps": int(output.global_step),
+        "batch_size": bs,
+        "seq_len": rec.seq_len,
+        "tokens_seen": tokens_seen,
+        "text_samples": int(prepared.tokens.shape[0]),
+        "text_source": prepared.text_source,
+        "lr": rec.lr,
+        "schedule": str(rec.schedule),
+        "warmup_ratio": rec.warmup_ratio,
+        "seed": rec.seed,
+        "seconds": round(seconds, 3),
+        "train_dtype": "float32",
+        "weights_rounded_to": "bfloat16",
+        "loss_curve": curve,
+        "scales": {
+            "amax_buffers": len(before),
+            "moved": len(moved),
+            "moved_examples": moved[:3],
+            "note": "calibrated ranges are buffers, kept as calibrated; gradients pass the rounding straight "
+            "through to the weights",
+        },
     }
     if rec.method == "qad":
         record.update(temperature=rec.temperature, teacher=prepared.teacher_source)
     if torch.cuda.is_available() and cfg.hardware.device == "cuda":
         record["peak_gpu_memory_bytes"] = timer.peak_gpu_bytes.get("recover")
     if curve:
-        log.info("Recovery (%s): %d steps, %d tokens, loss %.4f -> %.4f in %.0f s", rec.method, record["steps"],
-                 record["tokens_seen"], curve[0]["loss"], curve[-1]["loss"], seconds)
+        log.info(
+            "Recovery (%s): %d steps, %d tokens, loss %.4f -> %.4f in %.0f s",
+            rec.method,
+            record["steps"],
+            record["tokens_seen"],
+            curve[0]["loss"],
+            curve[-1]["loss"],
+            seconds,
+        )
     return record

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ptq.backend_spec import spec_of
-from ptq.backends import check_before_run, describe as describe_run, get_backend
+from ptq.backends import check_before_run, get_backend
+from ptq.backends import describe as describe_run
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
-from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
+from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, describe, live_holder
@@ -68,7 +69,9 @@ def sigterm_raises():
     previous = signal.getsignal(signal.SIGTERM)
     # Inside a Slurm job, submitit installs a SIGTERM handler that only logs ("bypass"): scancel would then
     # end the run with SIGKILL after KillWait, leaving nothing recorded. Take SIGTERM over from it too.
-    submitit_bypass = getattr(previous, "__name__", "") == "bypass" and "submitit" in getattr(previous, "__module__", "")
+    submitit_bypass = getattr(previous, "__name__", "") == "bypass" and "submitit" in getattr(
+        previous, "__module__", ""
+    )
     if threading.current_thread() is not threading.main_thread() or not (previous == signal.SIG_DFL or submitit_bypass):
         yield
         return
@@ -162,8 +165,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "model": cfg.model.name,
         "recipe": cfg.recipe.name,
         # The calibration choice when it is not the recipe's own (ptq/formats.py algorithm_tag), else None.
-        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args),
-                                   cfg.recipe.awq_block_size) or None,
+        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args), cfg.recipe.awq_block_size)
+        or None,
         "kv_cache": cfg.recipe.kv_cache,
         "calib_size": cfg.calib.size,
         "calib_seq_len": cfg.calib.seq_len,
@@ -173,8 +176,11 @@ def _summary(plan: Plan, config: dict) -> dict:
         "checkpoint": None,
         "config_hash": config_hash(asdict(cfg)),
         "config": config,
-        "plan": {"source": plan.source.__dict__, "awq_block_size": plan.awq_block_size,
-                 "exclude_patterns": plan.exclude_patterns},
+        "plan": {
+            "source": plan.source.__dict__,
+            "awq_block_size": plan.awq_block_size,
+            "exclude_patterns": plan.exclude_patterns,
+        },
         "warnings": plan.warnings,
         "versions": package_versions(),
         "hardware": hardware_info(),
@@ -196,17 +202,23 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
         result = get_backend(plan.cfg.backend.name).run(plan, partial, timer)
         with timer.stage("validate"):
             validation = validate_checkpoint(
-                partial, expect_quantized=result.quantized_layers, expect_quant_algo=plan.export_quant_algo,
-                expect_kv_cache=plan.cfg.recipe.kv_cache, unexpected_bf16=result.unexpected_bf16,
+                partial,
+                expect_quantized=result.quantized_layers,
+                expect_quant_algo=plan.export_quant_algo,
+                expect_kv_cache=plan.cfg.recipe.kv_cache,
+                unexpected_bf16=result.unexpected_bf16,
                 layer_kind_promises=dict(plan.cfg.recipe.layer_kinds),
             )
             validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
             validation["passed"] = not validation["problems"]
         record["validation"] = validation
         # Which serving engines load this checkpoint's formats (ptq/formats.py, facts with their source and date).
-        record["serving"] = {"engines": serving_engines(validation.get("quant_algo"), validation.get("kv_cache_quant_algo")),
-                             "quant_algo": validation.get("quant_algo"),
-                             "kv_cache_quant_algo": validation.get("kv_cache_quant_algo"), "source": SERVING_SOURCE}
+        record["serving"] = {
+            "engines": serving_engines(validation.get("quant_algo"), validation.get("kv_cache_quant_algo")),
+            "quant_algo": validation.get("quant_algo"),
+            "kv_cache_quant_algo": validation.get("kv_cache_quant_algo"),
+            "source": SERVING_SOURCE,
+        }
         record["fidelity"] = result.fidelity
         record["evaluation"] = result.evaluation
         size = checkpoint_bytes(partial)
@@ -216,8 +228,11 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
             "compression": round(result.bf16_bytes / size, 4) if size else None,
             "bits_per_weight": round(16 * size / result.bf16_bytes, 3) if result.bf16_bytes else None,
         }
-        record["layers"] = {"quantized": len(result.quantized_layers), "excluded": result.excluded_layers,
-                            "unexpected_bf16": result.unexpected_bf16}
+        record["layers"] = {
+            "quantized": len(result.quantized_layers),
+            "excluded": result.excluded_layers,
+            "unexpected_bf16": result.unexpected_bf16,
+        }
         record["details"] = result.details
         if result.recovery is not None:
             record["recovery"] = result.recovery
@@ -266,13 +281,23 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
         return None
     if not record:
         model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
-        record = {"model": model.get("name"), "recipe": recipe.get("name"), "kv_cache": recipe.get("kv_cache"),
-                  "algorithm": algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args"),
-                                               recipe.get("awq_block_size")) or None,
-                  "calib_size": calib.get("size"), "calib_seq_len": calib.get("seq_len"),
-                  "hardware_profile": config.get("hardware", {}).get("name"),
-                  "backend": config.get("backend", {}).get("name"), "output_dir": output_dir,
-                  "checkpoint": None, "config": config, "started_at": None}
+        record = {
+            "model": model.get("name"),
+            "recipe": recipe.get("name"),
+            "kv_cache": recipe.get("kv_cache"),
+            "algorithm": algorithm_tag(
+                recipe.get("algorithm"), recipe.get("algorithm_args"), recipe.get("awq_block_size")
+            )
+            or None,
+            "calib_size": calib.get("size"),
+            "calib_seq_len": calib.get("seq_len"),
+            "hardware_profile": config.get("hardware", {}).get("name"),
+            "backend": config.get("backend", {}).get("name"),
+            "output_dir": output_dir,
+            "checkpoint": None,
+            "config": config,
+            "started_at": None,
+        }
     record.update(status="failed", error=reason, finished_at=now(), **extra)
     write_json_atomic(path, record)
     return record
@@ -281,8 +306,10 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
 def _inside_root(config: dict) -> bool:
     """A failed record goes only into an output_dir inside output_root (a refused path stays untouched)."""
     try:
-        return inside(Path(os.path.expanduser(str(config["output_dir"]))).resolve(),
-                      Path(os.path.expanduser(str(config["output_root"]))).resolve())
+        return inside(
+            Path(os.path.expanduser(str(config["output_dir"]))).resolve(),
+            Path(os.path.expanduser(str(config["output_root"]))).resolve(),
+        )
     except (KeyError, TypeError, OSError):
         return False
 
@@ -291,14 +318,22 @@ def dry_run(plan: Plan) -> dict:
     """What the run would do, printed; nothing is loaded, launched or written."""
     holder = live_holder(plan.output_dir)
     if holder is not None:
-        action, commands = "running", [f"running: {plan.output_dir} is being written by {describe(holder)}; "
-                                       "a real run would be refused"]
+        action, commands = (
+            "running",
+            [f"running: {plan.output_dir} is being written by {describe(holder)}; a real run would be refused"],
+        )
     elif plan.action == "skip":
         action, commands = "skip", [f"skip: {plan.skip_reason}"]
     else:
         action, commands = "run", describe_run(plan)
-    summary = {"status": "dry_run", "output_dir": str(plan.output_dir), "action": action,
-               "skip_reason": plan.skip_reason, "warnings": plan.warnings, "commands": commands}
+    summary = {
+        "status": "dry_run",
+        "output_dir": str(plan.output_dir),
+        "action": action,
+        "skip_reason": plan.skip_reason,
+        "warnings": plan.warnings,
+        "commands": commands,
+    }
     for line in commands:
         print(line)
     return summary
@@ -312,9 +347,11 @@ def inherited_limit_warning(cfg: RunConfig, overrides: Sequence[str]) -> Optiona
     cut = [b.name for b in cfg.eval.benchmarks if b.limit is None]
     if not cut:
         return None
-    return (f"eval.benchmarks comes from the command line, but eval.limit={cfg.eval.limit} of eval={cfg.eval.suite} "
-            f"still applies: {', '.join(cut)} will be cut to {cfg.eval.limit} items each. Pass eval.limit=null for "
-            "every item, or give each benchmark its own limit.")
+    return (
+        f"eval.benchmarks comes from the command line, but eval.limit={cfg.eval.limit} of eval={cfg.eval.suite} "
+        f"still applies: {', '.join(cut)} will be cut to {cfg.eval.limit} items each. Pass eval.limit=null for "
+        "every item, or give each benchmark its own limit."
+    )
 
 
 def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
@@ -335,8 +372,10 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
     if rank:
         # Every task of a multi-node job runs this; only the first keeps the record and the checkpoint.
         if spec_of(cfg).one_process:
-            raise ConfigError(f"backend={cfg.backend.name} runs in one process, but this is rank {rank} of a job with "
-                              "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1).")
+            raise ConfigError(
+                f"backend={cfg.backend.name} runs in one process, but this is rank {rank} of a job with "
+                "several tasks; give it one task (hydra.launcher.tasks_per_node=1 hydra.launcher.nodes=1)."
+            )
         log.info("Rank %d: taking part in the distributed steps of %s", rank, plan.output_dir)
         return get_backend(cfg.backend.name).run_worker(plan)
     check_before_run(plan)  # the backend's own checks: a refusal here leaves no folder behind
@@ -354,6 +393,10 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
         with run_log(plan.output_dir), sigterm_raises():
             log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
             record = execute(plan, config, holder=lock.holder)
-    log.info("Finished: checkpoint %s (%.2fx smaller than BF16), record %s",
-             record["checkpoint"], record["size"]["compression"] or 0, plan.record_path)
+    log.info(
+        "Finished: checkpoint %s (%.2fx smaller than BF16), record %s",
+        record["checkpoint"],
+        record["size"]["compression"] or 0,
+        plan.record_path,
+    )
     return record

@@ -396,8 +396,17 @@ def _variant_suffix(method, args, block_size=0) -> str:
 # the batch size). Named one by one so that a new schema field does not rename existing folders; a benchmark
 # setting is named only when it is not its default.
 EVAL_TAG_SETTINGS = ("limit", "num_fewshot", "apply_chat_template")
-EVAL_TAG_BENCHMARK_DEFAULTS = {"name": None, "kind": None, "task": None, "path": None, "format": "jsonl",
-                               "limit": None, "max_gen_toks": 256, "template": None, "delimiter": " "}
+EVAL_TAG_BENCHMARK_DEFAULTS = {
+    "name": None,
+    "kind": None,
+    "task": None,
+    "path": None,
+    "format": "jsonl",
+    "limit": None,
+    "max_gen_toks": 256,
+    "template": None,
+    "delimiter": " ",
+}
 
 
 def eval_tag(evaluation) -> str:
@@ -406,8 +415,10 @@ def eval_tag(evaluation) -> str:
     settings = OmegaConf.to_container(evaluation, resolve=True) if OmegaConf.is_config(evaluation) else dict(evaluation)
     if not settings.get("enabled"):
         return ""
-    benchmarks = [{k: str(b.get(k)) for k, default in EVAL_TAG_BENCHMARK_DEFAULTS.items() if b.get(k) != default}
-                  for b in settings.get("benchmarks") or []]
+    benchmarks = [
+        {k: str(b.get(k)) for k, default in EVAL_TAG_BENCHMARK_DEFAULTS.items() if b.get(k) != default}
+        for b in settings.get("benchmarks") or []
+    ]
     measured = {"benchmarks": benchmarks, **{k: settings.get(k) for k in EVAL_TAG_SETTINGS}}
     digest = hashlib.sha256(json.dumps(measured, sort_keys=True, default=str).encode()).hexdigest()[:6]
     suite = "".join(c if c.isalnum() or c in "_." else "_" for c in str(settings.get("suite") or "custom"))
@@ -415,8 +426,17 @@ def eval_tag(evaluation) -> str:
 
 
 # What a recovery's folder tag covers besides method, steps and lr (named in the tag itself).
-RECOVER_TAG_SETTINGS = ("schedule", "warmup_ratio", "batch_size", "seq_len", "text", "samples", "seed", "temperature",
-                        "loss")
+RECOVER_TAG_SETTINGS = (
+    "schedule",
+    "warmup_ratio",
+    "batch_size",
+    "seq_len",
+    "text",
+    "samples",
+    "seed",
+    "temperature",
+    "loss",
+)
 
 
 def recover_tag(recover) -> str:
@@ -426,7 +446,9 @@ def recover_tag(recover) -> str:
     method = str(settings.get("method") or "none")
     if method == "none":
         return ""
-    rest = {k: str(settings.get(k)) for k in RECOVER_TAG_SETTINGS if not (method == "qat" and k in ("temperature", "loss"))}
+    rest = {
+        k: str(settings.get(k)) for k in RECOVER_TAG_SETTINGS if not (method == "qat" and k in ("temperature", "loss"))
+    }
     digest = hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()[:6]
     return f"-{method}{settings.get('steps')}_lr{float(settings.get('lr')):g}_{digest}"
 

@@ -16,11 +16,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ptq.sweep import point_state, summarize, varying_overrides
 from ptq.files import read_json
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
 from ptq.record import read_record
+from ptq.sweep import point_state, summarize, varying_overrides
 
 
 def slurm_states(job_ids: List[str]) -> Dict[str, str]:
@@ -44,7 +44,7 @@ def slurm_states(job_ids: List[str]) -> Dict[str, str]:
         if job_id not in states and "_" in job_id:
             array, task = job_id.split("_", 1)
             for key, state in list(states.items()):
-                if key.startswith(f"{array}_[") and _in_range(int(task), key[len(array) + 2:-1]):
+                if key.startswith(f"{array}_[") and _in_range(int(task), key[len(array) + 2 : -1]):
                     states[job_id] = state
     return states
 
@@ -60,12 +60,16 @@ def _in_range(task: int, spec: str) -> bool:
 def sweep_status(sweep_dir: Path) -> List[dict]:
     manifest_path = sweep_dir / MANIFEST_NAME
     if not manifest_path.is_file():
-        raise SystemExit(f"error: {manifest_path} not found; pass a sweep's folder "
-                         "(<output_root>/sweeps/<date>_<time>; a cluster=slurm sweep prints it).")
+        raise SystemExit(
+            f"error: {manifest_path} not found; pass a sweep's folder "
+            "(<output_root>/sweeps/<date>_<time>; a cluster=slurm sweep prints it)."
+        )
     manifest = read_json(manifest_path)
     if manifest is None or not isinstance(manifest.get("points"), list):
-        raise SystemExit(f"error: {manifest_path} is not a sweep manifest (not JSON, or no list of points); it is "
-                         "rewritten when the sweep is launched again with the same overrides.")
+        raise SystemExit(
+            f"error: {manifest_path} is not a sweep manifest (not JSON, or no list of points); it is "
+            "rewritten when the sweep is launched again with the same overrides."
+        )
     points = manifest["points"]
     slurm = slurm_states([p["job_id"] for p in points if p.get("job_id")])
     labels = varying_overrides([p["overrides"] for p in points])
@@ -75,10 +79,19 @@ def sweep_status(sweep_dir: Path) -> List[dict]:
         alive = None
         if record and record.get("status") == "running":
             alive = live_holder(Path(p["output_dir"]).expanduser()) is not None
-        state, detail = point_state(p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""),
-                                    p.get("job_id"), alive)
-        rows.append({"index": p["index"], "point": label, "job": p.get("job_id") or "-",
-                     "state": state, "detail": detail, "output_dir": p.get("output_dir")})
+        state, detail = point_state(
+            p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""), p.get("job_id"), alive
+        )
+        rows.append(
+            {
+                "index": p["index"],
+                "point": label,
+                "job": p.get("job_id") or "-",
+                "state": state,
+                "detail": detail,
+                "output_dir": p.get("output_dir"),
+            }
+        )
     return rows
 
 

@@ -90,9 +90,11 @@ def check_time_limit(request: Request, launcher: Mapping) -> Optional[str]:
     margin = int(launcher.get("signal_delay_s", 120))
     if request.timeout_min * 60 <= margin + MIN_RUN_S:
         least = (margin + MIN_RUN_S) // 60 + 1
-        return (f"hydra.launcher.timeout_min={request.timeout_min} leaves no time to run: Slurm warns the job "
-                f"hydra.launcher.signal_delay_s={margin} s before its limit; set timeout_min to at least {least} "
-                "(or leave it unset: it is derived from the model size).")
+        return (
+            f"hydra.launcher.timeout_min={request.timeout_min} leaves no time to run: Slurm warns the job "
+            f"hydra.launcher.signal_delay_s={margin} s before its limit; set timeout_min to at least {least} "
+            "(or leave it unset: it is derived from the model size)."
+        )
     return None
 
 
@@ -104,8 +106,10 @@ def refuse_shared_folders(points: List[Point]) -> None:
             continue
         folder = str(Path(point.config["output_dir"]).expanduser().resolve())
         if folder in seen:
-            point.refuse(f"writes into the same output_dir as point #{seen[folder]} ({folder}); "
-                         "add the swept key to output_dir or give each point its own output_root.")
+            point.refuse(
+                f"writes into the same output_dir as point #{seen[folder]} ({folder}); "
+                "add the swept key to output_dir or give each point its own output_root."
+            )
             point.record_refusal = False  # that folder is the other point's
         else:
             seen[folder] = point.index
@@ -145,31 +149,55 @@ def _identity(config: Optional[dict]) -> Dict[str, Any]:
     """What the results table needs to list a point that has no run record yet."""
     if not config:
         return {}
-    return {"model": config["model"]["name"], "recipe": config["recipe"]["name"], "kv_cache": config["recipe"]["kv_cache"],
-            "calib_size": config["calib"]["size"], "calib_seq_len": config["calib"]["seq_len"]}
+    return {
+        "model": config["model"]["name"],
+        "recipe": config["recipe"]["name"],
+        "kv_cache": config["recipe"]["kv_cache"],
+        "calib_size": config["calib"]["size"],
+        "calib_seq_len": config["calib"]["seq_len"],
+    }
 
 
-def write_manifest(path: Path, sweep_dir: Path, points: List[Point], labels: List[List[str]], pack: bool,
-                   finished: bool) -> None:
+def write_manifest(
+    path: Path, sweep_dir: Path, points: List[Point], labels: List[List[str]], pack: bool, finished: bool
+) -> None:
     """`labels`: each point's overrides as the user wrote them (Hydra's own removed)."""
-    write_json_atomic(path, {
-        "sweep_dir": str(sweep_dir),
-        "written_at": now(),
-        "waited_to_end": finished,
-        "pack": pack,
-        "points": [{"index": p.index, "overrides": label, "state": p.state, "reason": p.reason,
-                    "job_id": p.job_id, "output_dir": (p.config or {}).get("output_dir"),
-                    "request": p.request.as_dict() if p.request else None, **_identity(p.config)}
-                   for p, label in zip(points, labels)],
-    })
+    write_json_atomic(
+        path,
+        {
+            "sweep_dir": str(sweep_dir),
+            "written_at": now(),
+            "waited_to_end": finished,
+            "pack": pack,
+            "points": [
+                {
+                    "index": p.index,
+                    "overrides": label,
+                    "state": p.state,
+                    "reason": p.reason,
+                    "job_id": p.job_id,
+                    "output_dir": (p.config or {}).get("output_dir"),
+                    "request": p.request.as_dict() if p.request else None,
+                    **_identity(p.config),
+                }
+                for p, label in zip(points, labels)
+            ],
+        },
+    )
 
 
 # What `python -m ptq.status` shows for a point, from the manifest, the run record and Slurm.
 SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "RESIZING", "SUSPENDED"}
 
 
-def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state: Optional[str],
-                job_id: Optional[str], alive: Optional[bool] = None) -> (str, str):
+def point_state(
+    submitted: str,
+    reason: str,
+    record: Optional[dict],
+    slurm_state: Optional[str],
+    job_id: Optional[str],
+    alive: Optional[bool] = None,
+) -> (str, str):
     """(state, detail) of one point. `submitted` is the manifest's word: submitted | skipped | refused | running.
     `alive`: whether the process holding the point's folder still runs (ptq/lock.py), None when unknown."""
     if submitted == "refused":
@@ -191,8 +219,10 @@ def point_state(submitted: str, reason: str, record: Optional[dict], slurm_state
     if status == "running":
         if alive is False:
             holder = (record or {}).get("holder") or {}
-            return "dead", (f"run record says running, but its process is gone (host {holder.get('host', '?')}, "
-                            f"PID {holder.get('pid', '?')}); the next run of this point starts it again")
+            return "dead", (
+                f"run record says running, but its process is gone (host {holder.get('host', '?')}, "
+                f"PID {holder.get('pid', '?')}); the next run of this point starts it again"
+            )
         if submitted == LOCAL:
             return "running", "run record says running (local sweep)"
         return "running", f"run record says running; Slurm has no state for job {job_id}"

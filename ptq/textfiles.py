@@ -4,8 +4,8 @@ its file and line. Imports only ptq.errors."""
 from __future__ import annotations
 
 import bz2
-import json
 import functools
+import json
 from pathlib import Path
 from typing import Callable, Iterator, List, Tuple
 
@@ -16,7 +16,9 @@ def read_text(path: Path) -> str:
     """The whole file as text (`.bz2` decompressed), refusing anything that is not UTF-8."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path} is not a file" + (" (it is a folder)" if path.is_dir() else " (it does not exist)") + ".")
+        raise ConfigError(
+            f"{path} is not a file" + (" (it is a folder)" if path.is_dir() else " (it does not exist)") + "."
+        )
     try:
         data = bz2.decompress(path.read_bytes()) if path.suffix == ".bz2" else path.read_bytes()
     except (OSError, ValueError) as exc:
@@ -25,8 +27,10 @@ def read_text(path: Path) -> str:
         return data.decode("utf-8-sig")  # a leading byte-order mark is not text
     except UnicodeDecodeError as exc:
         line = data[: exc.start].count(b"\n") + 1
-        raise ConfigError(f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {data[exc.start:exc.start + 1]!r}); "
-                          "give a text file (a binary or otherwise encoded file would be read as garbage).") from None
+        raise ConfigError(
+            f"{path} is not UTF-8 text (line {line}, byte {exc.start}: {data[exc.start : exc.start + 1]!r}); "
+            "give a text file (a binary or otherwise encoded file would be read as garbage)."
+        ) from None
 
 
 def lines(text: str) -> List[str]:
@@ -46,9 +50,13 @@ def read_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
         try:
             row = json.loads(line)
         except ValueError as exc:
-            raise ConfigError(f"{path}:{number} is not valid JSON ({exc}); each line must be one JSON object.") from None
+            raise ConfigError(
+                f"{path}:{number} is not valid JSON ({exc}); each line must be one JSON object."
+            ) from None
         if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{number} is a JSON {type(row).__name__}, not an object; each line must be one object.")
+            raise ConfigError(
+                f"{path}:{number} is a JSON {type(row).__name__}, not an object; each line must be one object."
+            )
         yield number, row
 
 
@@ -60,7 +68,7 @@ def read_texts(path: Path) -> List[str]:
     texts = []
     for number, row in read_jsonl(path):
         if not isinstance(row.get("text"), str):
-            raise ConfigError(f"{path}:{number} has no \"text\" string; each JSONL line must be {{\"text\": \"...\"}}.")
+            raise ConfigError(f'{path}:{number} has no "text" string; each JSONL line must be {{"text": "..."}}.')
         texts.append(row["text"])
     return texts
 

@@ -48,12 +48,13 @@ SKIPPED_FIGURES = ("per_sequence", "worst_layers", "items", "subjects")
 
 # ----------------------------------------------------------------------------------------------- checking
 
+
 def local_store(uri: str) -> Optional[Path]:
     """The local file or folder an MLflow tracking URI stores into (resolved), or None for a remote store."""
     parsed = urlparse(uri)
     if parsed.scheme == "sqlite":
         # sqlite:///relative/path, sqlite:////absolute/path (SQLAlchemy's form)
-        path = unquote(uri[len("sqlite:///"):]) if uri.startswith("sqlite:///") else ""
+        path = unquote(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else ""
         return Path(os.path.expanduser(path)).resolve() if path and path != ":memory:" else None
     if parsed.scheme == "file":
         return Path(url2pathname(parsed.path)).expanduser().resolve()
@@ -96,32 +97,45 @@ def check_tracking(cfg: RunConfig) -> None:
     """Refuse a tracking setting that cannot work, before any model is loaded; the message names the fix."""
     settings = cfg.tracking
     if settings.backend not in BACKENDS:
-        raise ConfigError(f"tracking.backend={settings.backend} is unknown; choose tracking=none or tracking=mlflow "
-                          f"(conf/tracking/).")
+        raise ConfigError(
+            f"tracking.backend={settings.backend} is unknown; choose tracking=none or tracking=mlflow (conf/tracking/)."
+        )
     if settings.backend == "none":
         return
     uri = settings.tracking_uri
     if not uri:
-        raise ConfigError("tracking=mlflow needs tracking.tracking_uri, e.g. "
-                          "tracking.tracking_uri=sqlite:///runs/mlflow/mlflow.db (the default of conf/tracking/mlflow.yaml).")
+        raise ConfigError(
+            "tracking=mlflow needs tracking.tracking_uri, e.g. "
+            "tracking.tracking_uri=sqlite:///runs/mlflow/mlflow.db (the default of conf/tracking/mlflow.yaml)."
+        )
     scheme = _scheme(uri)
     needed = ["mlflow"] + (["sqlalchemy", "alembic"] if scheme == "sqlite" else [])
     missing = [name for name in needed if importlib.util.find_spec(name) is None]
     if missing:
-        raise ConfigError(f"tracking=mlflow with tracking.tracking_uri={uri} needs the Python package(s) "
-                          f"{', '.join(missing)}, which are not installed: run {INSTALL}; or set tracking=none.")
+        raise ConfigError(
+            f"tracking=mlflow with tracking.tracking_uri={uri} needs the Python package(s) "
+            f"{', '.join(missing)}, which are not installed: run {INSTALL}; or set tracking=none."
+        )
     if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in ("1", "true"):
-        raise ConfigError(f"tracking.tracking_uri={uri} is MLflow's file store, which MLflow 3 keeps in maintenance "
-                          "mode and refuses; use a local SQLite store instead, e.g. "
-                          "tracking.tracking_uri=sqlite:///runs/mlflow/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true).")
+        raise ConfigError(
+            f"tracking.tracking_uri={uri} is MLflow's file store, which MLflow 3 keeps in maintenance "
+            "mode and refuses; use a local SQLite store instead, e.g. "
+            "tracking.tracking_uri=sqlite:///runs/mlflow/mlflow.db (or set MLFLOW_ALLOW_FILE_STORE=true)."
+        )
     if scheme in DATABASES and scheme != "sqlite" and not settings.artifact_location:
-        raise ConfigError(f"tracking.tracking_uri={uri} is a database without a server: set "
-                          "tracking.artifact_location (else MLflow writes artifacts to ./mlruns in the working folder).")
+        raise ConfigError(
+            f"tracking.tracking_uri={uri} is a database without a server: set "
+            "tracking.artifact_location (else MLflow writes artifacts to ./mlruns in the working folder)."
+        )
     if not settings.experiment or len(settings.experiment) > MAX_EXPERIMENT_NAME:
-        raise ConfigError(f"tracking.experiment={settings.experiment!r} must be a name of 1 to {MAX_EXPERIMENT_NAME} "
-                          "characters, e.g. tracking.experiment=ptq-launcher.")
-    roots = [("output_root", Path(os.path.expanduser(cfg.output_root)).resolve()),
-             ("cache_dir", Path(os.path.expanduser(cfg.cache_dir)).resolve())]
+        raise ConfigError(
+            f"tracking.experiment={settings.experiment!r} must be a name of 1 to {MAX_EXPERIMENT_NAME} "
+            "characters, e.g. tracking.experiment=ptq-launcher."
+        )
+    roots = [
+        ("output_root", Path(os.path.expanduser(cfg.output_root)).resolve()),
+        ("cache_dir", Path(os.path.expanduser(cfg.cache_dir)).resolve()),
+    ]
     for key, value in (("tracking.tracking_uri", uri), ("tracking.artifact_location", settings.artifact_location)):
         path = local_store(value) if value else None
         if path is not None and not _inside(path, roots):
@@ -129,10 +143,12 @@ def check_tracking(cfg: RunConfig) -> None:
                 f"{key}={value} stores into {path}, outside output_root={roots[0][1]} and cache_dir={roots[1][1]}; "
                 "a run writes only below those. Put the store below one of them, e.g. "
                 f"{key}={'sqlite:///' if key.endswith('uri') else ''}{roots[0][1]}/mlflow/"
-                f"{'mlflow.db' if key.endswith('uri') else 'artifacts'}, or use a tracking server (http://host:5000).")
+                f"{'mlflow.db' if key.endswith('uri') else 'artifacts'}, or use a tracking server (http://host:5000)."
+            )
 
 
 # ----------------------------------------------------------------------------------------- what is logged
+
 
 def _key(name: str) -> str:
     """A param, metric or tag key MLflow accepts: letters, digits, _ - . space and colon, no '..', at most 250
@@ -193,7 +209,9 @@ def _evaluation_metrics(evaluation) -> Dict[str, float]:
     metrics: Dict[str, float] = {}
     if not isinstance(evaluation, dict):
         return metrics
-    baseline = {(r.get("benchmark"), r.get("metric")): r for r in evaluation.get("baseline") or [] if isinstance(r, dict)}
+    baseline = {
+        (r.get("benchmark"), r.get("metric")): r for r in evaluation.get("baseline") or [] if isinstance(r, dict)
+    }
     for row in evaluation.get("results") or []:
         if not isinstance(row, dict) or _number(row.get("value")) is None:
             continue
@@ -240,17 +258,25 @@ def record_tags(record: dict) -> Dict[str, str]:
     """What the run was, as MLflow tags (searchable in the UI: tags.recipe = 'fp8')."""
     hardware = record.get("hardware") or {}
     tags = {
-        "model": record.get("model"), "recipe": record.get("recipe"), "algorithm": record.get("algorithm") or "default",
-        "kv_cache": record.get("kv_cache"), "status": record.get("status"), "hardware": record.get("hardware_profile"),
-        "backend": record.get("backend"), "calib": f"{record.get('calib_size')}x{record.get('calib_seq_len')}",
-        "config_hash": record.get("config_hash"), "output_dir": record.get("output_dir"),
-        "checkpoint": record.get("checkpoint"), "host": hardware.get("host"),
+        "model": record.get("model"),
+        "recipe": record.get("recipe"),
+        "algorithm": record.get("algorithm") or "default",
+        "kv_cache": record.get("kv_cache"),
+        "status": record.get("status"),
+        "hardware": record.get("hardware_profile"),
+        "backend": record.get("backend"),
+        "calib": f"{record.get('calib_size')}x{record.get('calib_seq_len')}",
+        "config_hash": record.get("config_hash"),
+        "output_dir": record.get("output_dir"),
+        "checkpoint": record.get("checkpoint"),
+        "host": hardware.get("host"),
         "gpus": ", ".join(hardware.get("gpus") or []) or None,
         "quant_algo": (record.get("serving") or {}).get("quant_algo"),
         "serving_engines": ", ".join((record.get("serving") or {}).get("engines") or []) or None,
         "eval_suite": (record.get("evaluation") or {}).get("suite"),
-        "validation": None if not record.get("validation") else
-        ("passed" if record["validation"].get("passed") else "failed"),
+        "validation": None
+        if not record.get("validation")
+        else ("passed" if record["validation"].get("passed") else "failed"),
         "error": record.get("error"),
     }
     for package, version in (record.get("versions") or {}).items():
@@ -303,8 +329,12 @@ def _log_values(client, run_id: str, params: Dict[str, str], metrics: Dict[str, 
     from mlflow.entities import Metric, Param, RunTag
 
     stamp = int(time.time() * 1000)
-    client.log_batch(run_id, metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
-                     params=[Param(k, v) for k, v in params.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, v, stamp, 0) for k, v in metrics.items()],
+        params=[Param(k, v) for k, v in params.items()],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
 
 
 def _end_failed(client, run_id: str) -> None:
@@ -323,11 +353,18 @@ def log_record(record: dict, settings: TrackingConfig) -> dict:
     uri = normalized_uri(settings.tracking_uri)
     client = _client(uri)
     experiment_id = _experiment_id(client, settings)
-    run = client.create_run(experiment_id, start_time=_millis(record.get("started_at")),
-                            run_name=_run_name(record, settings))
+    run = client.create_run(
+        experiment_id, start_time=_millis(record.get("started_at")), run_name=_run_name(record, settings)
+    )
     run_id = run.info.run_id
-    where = {"backend": "mlflow", "uri": uri, "experiment": settings.experiment, "experiment_id": experiment_id,
-             "run_id": run_id, "artifact_uri": run.info.artifact_uri}
+    where = {
+        "backend": "mlflow",
+        "uri": uri,
+        "experiment": settings.experiment,
+        "experiment_id": experiment_id,
+        "run_id": run_id,
+        "artifact_uri": run.info.artifact_uri,
+    }
     finished = record.get("status") == "finished"
     try:
         config = record.get("config") or {}
@@ -348,12 +385,16 @@ def track(record: dict, settings: TrackingConfig, record_path: Optional[Path] = 
         return None
     try:
         outcome = log_record(record, settings)
-        log.info("Logged to MLflow: run %s in experiment %s at %s", outcome["run_id"], settings.experiment,
-                 outcome["uri"])
+        log.info(
+            "Logged to MLflow: run %s in experiment %s at %s", outcome["run_id"], settings.experiment, outcome["uri"]
+        )
     except Exception as exc:  # noqa: BLE001 - whatever MLflow raises, the run is not failed by it
         text = str(exc).strip().splitlines()[0][:500] if str(exc).strip() else ""
-        outcome = {"backend": settings.backend, "uri": settings.tracking_uri,
-                   "error": f"{type(exc).__name__}: {text}" if text else type(exc).__name__}
+        outcome = {
+            "backend": settings.backend,
+            "uri": settings.tracking_uri,
+            "error": f"{type(exc).__name__}: {text}" if text else type(exc).__name__,
+        }
         log.warning("Experiment tracking failed; the run record is unaffected: %s", outcome["error"])
     record["tracking"] = outcome
     if record_path is not None:
@@ -364,8 +405,9 @@ def track(record: dict, settings: TrackingConfig, record_path: Optional[Path] = 
     return outcome
 
 
-def log_files(uri: str, experiment: str, files: Iterable[Path], run_name: str = "report",
-              tags: Optional[Dict[str, str]] = None) -> dict:
+def log_files(
+    uri: str, experiment: str, files: Iterable[Path], run_name: str = "report", tags: Optional[Dict[str, str]] = None
+) -> dict:
     """Log files (a report's tables, plots, recommendation) as the artifacts of one MLflow run; returns where."""
     settings = TrackingConfig(backend="mlflow", tracking_uri=uri, experiment=experiment, run_name=run_name)
     uri = normalized_uri(uri)

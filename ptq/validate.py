@@ -30,7 +30,9 @@ def check_layer_map(layers, expect_quantized: List[str], index: Dict[str, Dict])
     problems = []
     unlisted = sorted(set(expect_quantized) - set(layers))
     if unlisted:
-        problems.append(f"{len(unlisted)} quantized layers are missing from hf_quant_config.json's quantized_layers: {unlisted[:8]}")
+        problems.append(
+            f"{len(unlisted)} quantized layers are missing from hf_quant_config.json's quantized_layers: {unlisted[:8]}"
+        )
     unscaled, wrong_dtype = [], []
     for module, layer_cfg in sorted(layers.items()):
         weight = index.get(f"{module}.weight")
@@ -41,9 +43,13 @@ def check_layer_map(layers, expect_quantized: List[str], index: Dict[str, Dict])
         if weight["dtype"] in FLOAT_DTYPES or (want and weight["dtype"] != want):
             wrong_dtype.append(f"{module} ({(layer_cfg or {}).get('quant_algo')}: {weight['dtype']})")
     if unscaled:
-        problems.append(f"{len(unscaled)} layers listed in quantized_layers have no quantized weight and scale: {unscaled[:8]}")
+        problems.append(
+            f"{len(unscaled)} layers listed in quantized_layers have no quantized weight and scale: {unscaled[:8]}"
+        )
     if wrong_dtype:
-        problems.append(f"{len(wrong_dtype)} layers listed in quantized_layers hold weights of the wrong dtype: {wrong_dtype[:8]}")
+        problems.append(
+            f"{len(wrong_dtype)} layers listed in quantized_layers hold weights of the wrong dtype: {wrong_dtype[:8]}"
+        )
     return problems
 
 
@@ -66,8 +72,16 @@ def checkpoint_bytes(checkpoint: Path) -> int:
 _MODULE_PATTERN = re.compile(r"[A-Za-z0-9_.*?\[\]-]+")
 # Layer kinds a serving engine's ModelOpt loader builds as (possibly quantized) linear layers: each one stored in
 # BF16 must be named by exclude_modules, or the loader expects scales it will not find.
-LOADER_LINEAR_KINDS = ("routed_expert", "shared_expert", "router", "mamba_in_proj", "mamba_out_proj", "attention",
-                       "mlp", "lm_head")
+LOADER_LINEAR_KINDS = (
+    "routed_expert",
+    "shared_expert",
+    "router",
+    "mamba_in_proj",
+    "mamba_out_proj",
+    "attention",
+    "mlp",
+    "lm_head",
+)
 
 
 def _repaired(entry: str) -> str:
@@ -109,14 +123,22 @@ def exclude_problems(exclude: List[str], index: Dict[str, Dict]) -> List[str]:
     problems = []
     bad = [e for e in exclude if not _MODULE_PATTERN.fullmatch(e)]
     if bad:
-        problems.append(f"{len(bad)} of {len(exclude)} exclude_modules entries in hf_quant_config.json are not module "
-                        f"names or patterns (a loader matches none of them): {[e.encode('unicode_escape').decode() for e in bad[:4]]}")
-    unnamed = [module for module, layer in layerkinds.layers(index).items()
-               if layer["kind"] in LOADER_LINEAR_KINDS and layer["format"] in FLOAT_DTYPES
-               and not any(fnmatch.fnmatchcase(module, e) for e in exclude)]
+        problems.append(
+            f"{len(bad)} of {len(exclude)} exclude_modules entries in hf_quant_config.json are not module "
+            f"names or patterns (a loader matches none of them): {[e.encode('unicode_escape').decode() for e in bad[:4]]}"
+        )
+    unnamed = [
+        module
+        for module, layer in layerkinds.layers(index).items()
+        if layer["kind"] in LOADER_LINEAR_KINDS
+        and layer["format"] in FLOAT_DTYPES
+        and not any(fnmatch.fnmatchcase(module, e) for e in exclude)
+    ]
     if unnamed:
-        problems.append(f"{len(unnamed)} layers are stored in BF16 but hf_quant_config.json's exclude_modules does not "
-                        f"name them, so a serving engine would load them as quantized: {unnamed[:6]}")
+        problems.append(
+            f"{len(unnamed)} layers are stored in BF16 but hf_quant_config.json's exclude_modules does not "
+            f"name them, so a serving engine would load them as quantized: {unnamed[:6]}"
+        )
     return problems
 
 
@@ -136,9 +158,15 @@ def export_names(modules: List[str], index: Dict[str, Dict]) -> List[str]:
     return out
 
 
-def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect_quant_algo: Optional[str],
-                        expect_kv_cache: str, unexpected_bf16: List[str],
-                        layer_kind_promises: Optional[Dict[str, str]] = None) -> dict:
+def validate_checkpoint(
+    checkpoint: Path,
+    *,
+    expect_quantized: List[str],
+    expect_quant_algo: Optional[str],
+    expect_kv_cache: str,
+    unexpected_bf16: List[str],
+    layer_kind_promises: Optional[Dict[str, str]] = None,
+) -> dict:
     """Problems make `passed` false. `expect_quantized`: module names whose weights must be quantized;
     `unexpected_bf16`: modules the backend found unquantized though no exclude pattern names them;
     `layer_kind_promises`: kind -> quantized/bf16 (ptq/layerkinds.py) the recipe promises."""
@@ -152,8 +180,9 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
     config_path = checkpoint / "config.json"
     model_config = json.loads(config_path.read_text()) if config_path.exists() else {}
     if expect_quantized or layer_kind_promises:
-        problems.extend(layerkinds.promise_problems(kinds, layer_kind_promises or {},
-                                                    layerkinds.expected_experts(model_config)))
+        problems.extend(
+            layerkinds.promise_problems(kinds, layer_kind_promises or {}, layerkinds.expected_experts(model_config))
+        )
     missing_scales, still_float = [], []
     for module in expect_quantized:
         weight = index.get(f"{module}.weight")
@@ -165,11 +194,15 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
         elif weight["dtype"] in FLOAT_DTYPES:
             still_float.append(module)
     if missing_scales:
-        problems.append(f"{len(missing_scales)} layers meant to be quantized have no weight scale: {missing_scales[:8]}")
+        problems.append(
+            f"{len(missing_scales)} layers meant to be quantized have no weight scale: {missing_scales[:8]}"
+        )
     if still_float:
         problems.append(f"{len(still_float)} layers meant to be quantized still hold float weights: {still_float[:8]}")
     if unexpected_bf16:
-        problems.append(f"{len(unexpected_bf16)} layers were left in BF16 though no exclude pattern names them: {unexpected_bf16[:8]}")
+        problems.append(
+            f"{len(unexpected_bf16)} layers were left in BF16 though no exclude pattern names them: {unexpected_bf16[:8]}"
+        )
 
     quant_algo = kv_algo = None
     layer_algos = None
@@ -192,15 +225,23 @@ def validate_checkpoint(checkpoint: Path, *, expect_quantized: List[str], expect
                 # A search that picked one format for every quantized layer: ModelOpt then writes that
                 # format's quant_algo (and exclude_modules) like a single-format recipe.
                 if not quant_algo:
-                    problems.append("hf_quant_config.json names no quant_algo, the recipe expects a mixed-precision export")
+                    problems.append(
+                        "hf_quant_config.json names no quant_algo, the recipe expects a mixed-precision export"
+                    )
             # ModelOpt's names mix case (FP8, NVFP4, fp8_pb_wo): compare without it.
             elif expect_quant_algo and str(quant_algo).upper() != expect_quant_algo.upper():
-                problems.append(f"hf_quant_config.json says quant_algo={quant_algo}, the recipe expects {expect_quant_algo}")
+                problems.append(
+                    f"hf_quant_config.json says quant_algo={quant_algo}, the recipe expects {expect_quant_algo}"
+                )
             if quant_algo != MIXED_PRECISION:  # a mixed-precision loader reads quantized_layers instead
                 problems.extend(exclude_problems(list(quantization.get("exclude_modules") or []), index))
-            want_kv = None if expect_kv_cache == "none" else KV_CACHE_EXPORTS.get(expect_kv_cache, expect_kv_cache.upper())
+            want_kv = (
+                None if expect_kv_cache == "none" else KV_CACHE_EXPORTS.get(expect_kv_cache, expect_kv_cache.upper())
+            )
             if (kv_algo or None) != want_kv:
-                problems.append(f"hf_quant_config.json says kv_cache_quant_algo={kv_algo}, the recipe expects {want_kv}")
+                problems.append(
+                    f"hf_quant_config.json says kv_cache_quant_algo={kv_algo}, the recipe expects {want_kv}"
+                )
         if model_config.get("quantization_config", {}).get("quant_method") != "modelopt":
             problems.append("config.json has no quantization_config with quant_method=modelopt")
     return {
@@ -237,6 +278,8 @@ def export_fidelity_problems(fidelity: Optional[dict], tolerance: float) -> List
     limit = tolerance * in_memory + EXPORT_KL_SLACK
     if on_disk <= limit:
         return []
-    return [f"the exported checkpoint, read back from disk, has mean KL {on_disk:.4f} vs BF16 where the model "
-            f"in memory had {in_memory:.4f} (limit {limit:.4f}): the written codes or scales do not reproduce the "
-            "calibrated model"]
+    return [
+        f"the exported checkpoint, read back from disk, has mean KL {on_disk:.4f} vs BF16 where the model "
+        f"in memory had {in_memory:.4f} (limit {limit:.4f}): the written codes or scales do not reproduce the "
+        "calibrated model"
+    ]

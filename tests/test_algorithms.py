@@ -7,15 +7,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import GGUF_FACTS as GGUF
+from conftest import GPU_FACTS as GPU
+from conftest import compose_run, plan_for, small_run_overrides
 
-from conftest import GGUF_FACTS as GGUF, GPU_FACTS as GPU, compose_run, plan_for, small_run_overrides
 from ptq.errors import ConfigError
 from ptq.formats import ALGORITHMS, EXPORT_FORMATS, algorithm_export, algorithm_tag
 from ptq.plan import Facts
 from ptq.recipes import _algorithm_classes, algorithm_config, build_quant_config
 from ptq.report import variant_label
 from ptq.run import run
-
 
 
 def test_every_algorithm_is_one_of_the_installed_modelopt_and_names_known_formats():
@@ -26,37 +27,48 @@ def test_every_algorithm_is_one_of_the_installed_modelopt_and_names_known_format
         assert all(a in algorithm.applies_to and b in EXPORT_FORMATS for a, b in algorithm.exports_as), name
 
 
-@pytest.mark.parametrize("overrides, folder", [
-    (["recipe=fp8"], "fp8-kv_none-calib"),
-    (["recipe=fp8", "recipe.algorithm=mse"], "fp8-mse-kv_none-calib"),
-    (["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"], "int8_sq-alpha0.5-kv_none-calib"),
-    (["recipe=nvfp4", "hardware=h100", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
-     "nvfp4-mse-fp8_scale_sweepon-kv_none-calib"),
-])
+@pytest.mark.parametrize(
+    "overrides, folder",
+    [
+        (["recipe=fp8"], "fp8-kv_none-calib"),
+        (["recipe=fp8", "recipe.algorithm=mse"], "fp8-mse-kv_none-calib"),
+        (["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"], "int8_sq-alpha0.5-kv_none-calib"),
+        (
+            ["recipe=nvfp4", "hardware=h100", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
+            "nvfp4-mse-fp8_scale_sweepon-kv_none-calib",
+        ),
+    ],
+)
 def test_each_calibration_choice_has_its_own_output_folder(overrides, folder):
     plan = plan_for(overrides, GPU if "hardware=h100" in overrides else GGUF)
     assert plan.output_dir.name.startswith(folder)
 
 
-@pytest.mark.parametrize("overrides, export", [
-    (["recipe=nvfp4", "recipe.algorithm=awq_lite"], "NVFP4_AWQ"),
-    (["recipe=nvfp4", "recipe.algorithm=svdquant"], "NVFP4_SVD"),
-    (["recipe=nvfp4", "recipe.algorithm=gptq"], "NVFP4"),
-    (["recipe=w4a16_nvfp4", "recipe.algorithm=local_hessian"], "W4A16_NVFP4"),
-    (["recipe=int4_awq", "recipe.algorithm=gptq"], "W4A16_AWQ"),
-])
+@pytest.mark.parametrize(
+    "overrides, export",
+    [
+        (["recipe=nvfp4", "recipe.algorithm=awq_lite"], "NVFP4_AWQ"),
+        (["recipe=nvfp4", "recipe.algorithm=svdquant"], "NVFP4_SVD"),
+        (["recipe=nvfp4", "recipe.algorithm=gptq"], "NVFP4"),
+        (["recipe=w4a16_nvfp4", "recipe.algorithm=local_hessian"], "W4A16_NVFP4"),
+        (["recipe=int4_awq", "recipe.algorithm=gptq"], "W4A16_AWQ"),
+    ],
+)
 def test_the_export_format_an_algorithm_leads_to_is_what_validation_expects(overrides, export):
     assert plan_for(["hardware=h100"] + overrides, GPU).export_quant_algo == export
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["recipe=fp8", "recipe.algorithm=smoothquant"], "does not apply to recipe=fp8, which exports FP8"),
-    (["recipe=fp8", "recipe.algorithm=awq_lite"], "it applies to recipes exporting W4A16_AWQ"),
-    (["recipe=int8_sq", "recipe.algorithm=svdquant"], "does not apply to recipe=int8_sq"),
-    (["recipe=fp8", "recipe.algorithm=magic"], "recipe.algorithm=magic is not a calibration algorithm"),
-    (["recipe=bf16", "recipe.algorithm=max"], "which quantizes nothing"),
-    (["recipe=auto_quantize_cpu", "recipe.algorithm=mse"], "AutoQuantize calibrates every candidate"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["recipe=fp8", "recipe.algorithm=smoothquant"], "does not apply to recipe=fp8, which exports FP8"),
+        (["recipe=fp8", "recipe.algorithm=awq_lite"], "it applies to recipes exporting W4A16_AWQ"),
+        (["recipe=int8_sq", "recipe.algorithm=svdquant"], "does not apply to recipe=int8_sq"),
+        (["recipe=fp8", "recipe.algorithm=magic"], "recipe.algorithm=magic is not a calibration algorithm"),
+        (["recipe=bf16", "recipe.algorithm=max"], "which quantizes nothing"),
+        (["recipe=auto_quantize_cpu", "recipe.algorithm=mse"], "AutoQuantize calibrates every candidate"),
+    ],
+)
 def test_an_algorithm_a_recipe_cannot_take_is_refused_when_planning(overrides, message):
     with pytest.raises(ConfigError, match=message):
         plan_for(overrides)
@@ -64,8 +76,10 @@ def test_an_algorithm_a_recipe_cannot_take_is_refused_when_planning(overrides, m
 
 def test_the_megatron_backend_refuses_an_algorithm():
     with pytest.raises(ConfigError, match="apply to backend=hf_modelopt"):
-        plan_for(["backend=megatron_bridge", "hardware=h100", "model=llama3.2-1b", "recipe=fp8", "recipe.algorithm=mse"],
-                 Facts(cuda_available=True, local_model_ok=True))
+        plan_for(
+            ["backend=megatron_bridge", "hardware=h100", "model=llama3.2-1b", "recipe=fp8", "recipe.algorithm=mse"],
+            Facts(cuda_available=True, local_model_ok=True),
+        )
 
 
 def test_a_rotating_kv_cache_needs_its_hadamard_package_before_anything_loads():
@@ -73,14 +87,19 @@ def test_a_rotating_kv_cache_needs_its_hadamard_package_before_anything_loads():
 
     cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=nvfp4_rotate", "hardware=h100"])
     if importlib.util.find_spec("fast_hadamard_transform") is None:
-        with pytest.raises(ConfigError, match="recipe.kv_cache=nvfp4_rotate rotates .*k_bmm_quantizer.* fast_hadamard_transform"):
+        with pytest.raises(
+            ConfigError, match="recipe.kv_cache=nvfp4_rotate rotates .*k_bmm_quantizer.* fast_hadamard_transform"
+        ):
             build_quant_config(cfg.recipe, [], None)
     else:  # installed: the config is built, with its rotation
         entries = build_quant_config(cfg.recipe, [], None)["quant_cfg"]
         assert any(e["cfg"].get("rotate") for e in entries if isinstance(e.get("cfg"), dict))
     cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=nvfp4", "hardware=h100"])
-    assert not any(isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate")
-                   for e in build_quant_config(cfg.recipe, [], None)["quant_cfg"] if e.get("enable", True))
+    assert not any(
+        isinstance(e.get("cfg"), dict) and e["cfg"].get("rotate")
+        for e in build_quant_config(cfg.recipe, [], None)["quant_cfg"]
+        if e.get("enable", True)
+    )
 
 
 def test_settings_merge_into_the_configs_own_algorithm_or_replace_it():
@@ -94,21 +113,38 @@ def test_settings_merge_into_the_configs_own_algorithm_or_replace_it():
     assert build_quant_config(cfg.recipe, [], None)["algorithm"] == "max"  # ModelOpt's own entry, untouched
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["recipe=int8_sq", "+recipe.algorithm_args.alpah=0.5"], r"alpah: Extra inputs are not permitted.*SmoothQuantCalibConfig takes: alpha"),
-    (["recipe=fp8", "recipe.algorithm=mse", "+recipe.algorithm_args.step_size=fast"], r"step_size: Input should be a valid number"),
-    (["recipe=mxfp8", "hardware=h100", "+recipe.algorithm_args.alpha=0.5"], "MXFP8_DEFAULT_CFG calibrates nothing"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            ["recipe=int8_sq", "+recipe.algorithm_args.alpah=0.5"],
+            r"alpah: Extra inputs are not permitted.*SmoothQuantCalibConfig takes: alpha",
+        ),
+        (
+            ["recipe=fp8", "recipe.algorithm=mse", "+recipe.algorithm_args.step_size=fast"],
+            r"step_size: Input should be a valid number",
+        ),
+        (["recipe=mxfp8", "hardware=h100", "+recipe.algorithm_args.alpha=0.5"], "MXFP8_DEFAULT_CFG calibrates nothing"),
+    ],
+)
 def test_a_bad_setting_names_itself_and_the_methods_settings(overrides, message):
     cfg, _ = compose_run(overrides)
     with pytest.raises(ConfigError, match=message):
-        algorithm_config(cfg.recipe, __import__("modelopt.torch.quantization", fromlist=["x"]).__dict__[cfg.recipe.modelopt_cfg].get("algorithm"))
+        algorithm_config(
+            cfg.recipe,
+            __import__("modelopt.torch.quantization", fromlist=["x"])
+            .__dict__[cfg.recipe.modelopt_cfg]
+            .get("algorithm"),
+        )
 
 
-@pytest.mark.parametrize("overrides", [
-    ["recipe=nvfp4", "recipe.algorithm=local_hessian"],
-    ["recipe=w4a16_nvfp4", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
-])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["recipe=nvfp4", "recipe.algorithm=local_hessian"],
+        ["recipe=w4a16_nvfp4", "recipe.algorithm=mse", "+recipe.algorithm_args.fp8_scale_sweep=true"],
+    ],
+)
 def test_a_block_scale_search_on_run_time_block_scales_is_refused(overrides):
     """Measured on an H200: on NVFP4_DEFAULT_CFG both searches gave the mean KL of max calibration to every digit."""
     cfg, _ = compose_run(["hardware=h100"] + overrides)
@@ -132,8 +168,16 @@ def test_tags_and_report_labels_name_the_choice():
 
 
 def test_a_bad_setting_stops_the_run_before_the_model_is_loaded(tiny_llama_dir, tmp_path):
-    cfg, config = compose_run(small_run_overrides(tmp_path, "recipe=int8_sq", "+recipe.algorithm_args.alpah=0.5",
-                                                  f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"))
+    cfg, config = compose_run(
+        small_run_overrides(
+            tmp_path,
+            "recipe=int8_sq",
+            "+recipe.algorithm_args.alpah=0.5",
+            f"model.path={tiny_llama_dir}",
+            "model.name=tiny-llama",
+            "model.layer_widths=[]",
+        )
+    )
     with pytest.raises(ConfigError, match="alpah"):
         run(cfg, config)
     # Checked before the run takes its folder: no record, no folder, not even output_root.
@@ -144,8 +188,12 @@ def test_algorithms_run_and_export_on_the_cpu(tiny_llama_dir, tmp_path):
     """Real ModelOpt calibration with other algorithms than the recipe's own: each point its own folder and record."""
     base = [f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"]
     records = {}
-    for extra in (["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"], ["recipe=int4_awq", "recipe.algorithm=gptq"],
-                  ["recipe=fp8", "recipe.algorithm=mse"], ["recipe=fp8"]):
+    for extra in (
+        ["recipe=int8_sq", "+recipe.algorithm_args.alpha=0.5"],
+        ["recipe=int4_awq", "recipe.algorithm=gptq"],
+        ["recipe=fp8", "recipe.algorithm=mse"],
+        ["recipe=fp8"],
+    ):
         cfg, config = compose_run(small_run_overrides(tmp_path, *extra, *base))
         record = run(cfg, config)
         assert record["status"] == "finished", record.get("error")
@@ -155,14 +203,18 @@ def test_algorithms_run_and_export_on_the_cpu(tiny_llama_dir, tmp_path):
     assert sq["algorithm"] == "alpha0.5" and gptq["algorithm"] == "gptq" and mse["algorithm"] == "mse"
     assert fp8["algorithm"] is None
     for record, algo in ((sq, "W8A8_SQ_PER_CHANNEL"), (gptq, "W4A16_AWQ"), (mse, "FP8")):
-        quant = json.loads((tmp_path / record["checkpoint"] / "hf_quant_config.json").read_text()
-                           if not record["checkpoint"].startswith("/") else
-                           open(f"{record['checkpoint']}/hf_quant_config.json").read())
+        quant = json.loads(
+            (tmp_path / record["checkpoint"] / "hf_quant_config.json").read_text()
+            if not record["checkpoint"].startswith("/")
+            else open(f"{record['checkpoint']}/hf_quant_config.json").read()
+        )
         assert quant["quantization"]["quant_algo"] == algo
     # MSE searched the weight scales: its weights round differently from max calibration's.
     assert mse["fidelity"]["mean_kl"] != fp8["fidelity"]["mean_kl"]
     # Each record names the engines that load its checkpoint.
-    assert fp8["serving"]["engines"] == ["vLLM", "SGLang", "TensorRT-LLM"] and sq["serving"]["engines"] == ["TensorRT-LLM"]
+    assert fp8["serving"]["engines"] == ["vLLM", "SGLang", "TensorRT-LLM"] and sq["serving"]["engines"] == [
+        "TensorRT-LLM"
+    ]
 
 
 def test_serving_engines_follow_the_export_and_its_kv_cache():

@@ -10,18 +10,20 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import GPU_FACTS as GPU
+from conftest import compose_run, plan_for, small_run_overrides
 from safetensors import safe_open
 
-from conftest import GPU_FACTS as GPU, compose_run, plan_for, small_run_overrides
-from ptq.formats import CANDIDATES
 from ptq.errors import ConfigError
+from ptq.formats import CANDIDATES
 from ptq.run import run
 from ptq.validate import validate_checkpoint
 
 
-
 def test_recipe_name_carries_the_budget_so_a_budget_sweep_writes_one_folder_per_point():
-    dirs = {compose_run(["recipe=auto_quantize_cpu", f"recipe.effective_bits={b}"])[1]["output_dir"] for b in (4.5, 6, 7.25)}
+    dirs = {
+        compose_run(["recipe=auto_quantize_cpu", f"recipe.effective_bits={b}"])[1]["output_dir"] for b in (4.5, 6, 7.25)
+    }
     assert len(dirs) == 3
     assert any(d.endswith("smollm2-135m/auto_quantize_cpu_6.0b-kv_none-calib16x128") for d in dirs)
     cfg, config = compose_run(["recipe=auto_quantize", "hardware=h100"])
@@ -47,7 +49,11 @@ def test_budget_must_lie_between_the_lowest_candidate_and_16_bits():
     assert plan_for(["recipe=auto_quantize_cpu", "recipe.effective_bits=4"]).quantize  # all INT4 is allowed
     with pytest.raises(ConfigError) as err:
         plan_for(["recipe=auto_quantize_cpu", "recipe.effective_bits=3.5"])
-    assert "at least 4" in str(err.value) and "INT4_AWQ_CFG" in str(err.value) and "recipe.effective_bits=" in str(err.value)
+    assert (
+        "at least 4" in str(err.value)
+        and "INT4_AWQ_CFG" in str(err.value)
+        and "recipe.effective_bits=" in str(err.value)
+    )
     with pytest.raises(ConfigError, match="recipe=bf16"):
         plan_for(["recipe=auto_quantize_cpu", "recipe.effective_bits=16"])
     with pytest.raises(ConfigError, match="at least 4.5"):  # NVFP4 costs 4.5 bits (FP8 scale per 16 values)
@@ -67,8 +73,16 @@ def test_other_auto_quantize_settings_are_checked():
         plan_for(["recipe=auto_quantize", "backend=megatron_bridge", "hardware=h100"], GPU)
     # INT4 candidates get the AWQ block size that divides SmolLM2's widths; FP8-only searches need none.
     assert plan_for(["recipe=auto_quantize_cpu"]).awq_block_size == 64
-    assert plan_for(["recipe=auto_quantize_cpu", "recipe.candidates=[FP8_DEFAULT_CFG,INT8_WEIGHT_ONLY_CFG]",
-                     "recipe.effective_bits=10"]).awq_block_size is None
+    assert (
+        plan_for(
+            [
+                "recipe=auto_quantize_cpu",
+                "recipe.candidates=[FP8_DEFAULT_CFG,INT8_WEIGHT_ONLY_CFG]",
+                "recipe.effective_bits=10",
+            ]
+        ).awq_block_size
+        is None
+    )
     warned = plan_for(["recipe=auto_quantize_cpu", "calib.size=4"])
     assert any("score_size=16 exceeds calib.size=4" in w for w in warned.warnings)
 
@@ -97,15 +111,33 @@ def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
     validates, the record holds the per-layer choice, and a lower budget buys more INT4 layers."""
     records = {}
     for bits in (4.5, 7):
-        cfg, config = compose_run(small_run_overrides(
-            tmp_path, "recipe=auto_quantize_cpu", f"recipe.effective_bits={bits}", "recipe.score_size=4",
-            f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"))
+        cfg, config = compose_run(
+            small_run_overrides(
+                tmp_path,
+                "recipe=auto_quantize_cpu",
+                f"recipe.effective_bits={bits}",
+                "recipe.score_size=4",
+                f"model.path={tiny_llama_dir}",
+                "model.name=tiny-llama",
+                "model.layer_widths=[]",
+            )
+        )
         records[bits] = run(cfg, config)
     low, high = records[4.5], records[7]
     assert low["output_dir"] != high["output_dir"] and low["recipe"] == "auto_quantize_cpu_4.5b"
-    decoder_layers = {f"model.layers.{i}.{m}" for i in range(2) for m in
-                      ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                       "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+    decoder_layers = {
+        f"model.layers.{i}.{m}"
+        for i in range(2)
+        for m in (
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+        )
+    }
     for bits, record in records.items():
         assert record["status"] == "finished", record.get("error")
         assert record["validation"]["passed"], record["validation"]["problems"]
@@ -127,10 +159,14 @@ def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
         if len({f for f in search["assignment"].values() if f != "bf16"}) > 1:
             assert quant["quant_algo"] == "MIXED_PRECISION"
             assert set(quant["quantized_layers"]) == set(quantized)
-            assert {quant["quantized_layers"][n]["quant_algo"] for n in quantized
-                    if search["assignment"][n] == "int4_awq"} <= {"W4A16_AWQ"}
+            assert {
+                quant["quantized_layers"][n]["quant_algo"] for n in quantized if search["assignment"][n] == "int4_awq"
+            } <= {"W4A16_AWQ"}
         assert record["fidelity"]["mean_kl"] > 0
-    int4 = {b: sum(f == "int4_awq" for f in r["details"]["auto_quantize"]["assignment"].values()) for b, r in records.items()}
+    int4 = {
+        b: sum(f == "int4_awq" for f in r["details"]["auto_quantize"]["assignment"].values())
+        for b, r in records.items()
+    }
     assert low["details"]["auto_quantize"]["assignment"] != high["details"]["auto_quantize"]["assignment"]
     assert int4[4.5] > int4[7]
     assert low["details"]["auto_quantize"]["effective_bits"] < high["details"]["auto_quantize"]["effective_bits"]
@@ -150,19 +186,32 @@ def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
     del doc["quantization"]["quantized_layers"][dropped]
     quant_file.write_text(json.dumps(doc))
     quantized = [n for n, f in mixed["details"]["auto_quantize"]["assignment"].items() if f != "bf16"]
-    result = validate_checkpoint(tampered, expect_quantized=quantized, expect_quant_algo="MIXED_PRECISION",
-                                 expect_kv_cache="none", unexpected_bf16=[])
+    result = validate_checkpoint(
+        tampered,
+        expect_quantized=quantized,
+        expect_quant_algo="MIXED_PRECISION",
+        expect_kv_cache="none",
+        unexpected_bf16=[],
+    )
     assert not result["passed"] and dropped in " ".join(result["problems"])
 
 
 @pytest.mark.slow
 def test_kl_div_scores_work_too(tiny_llama_dir, tmp_path):
-    cfg, config = compose_run(small_run_overrides(
-        tmp_path, "recipe=auto_quantize_cpu", "recipe.effective_bits=6", "recipe.score_method=kl_div",
-        "recipe.score_size=4", f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"))
+    cfg, config = compose_run(
+        small_run_overrides(
+            tmp_path,
+            "recipe=auto_quantize_cpu",
+            "recipe.effective_bits=6",
+            "recipe.score_method=kl_div",
+            "recipe.score_size=4",
+            f"model.path={tiny_llama_dir}",
+            "model.name=tiny-llama",
+            "model.layer_widths=[]",
+        )
+    )
     record = run(cfg, config)
     assert record["status"] == "finished" and record["validation"]["passed"], record["validation"]["problems"]
     search = record["details"]["auto_quantize"]
     assert search["method"] == "kl_div" and search["effective_bits"] <= 6
     assert len(search["assignment"]) == 14
-

@@ -7,11 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
-
+from conftest import CONF, REPO, compose_dict, compose_run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
-from conftest import CONF, REPO, compose_dict, compose_run
 from ptq.cluster import check_request, derived_request, request_for, sbatch_parameters
 from ptq.sweep import point_state, varying_overrides
 
@@ -53,9 +52,16 @@ def test_gpu_requests_grow_with_the_model():
 
 
 def test_megatron_request_follows_the_parallel_layout():
-    cfg, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "backend=megatron_bridge",
-                                   "model=nemotron-3-super-120b-a12b", "parallelism=tp8_pp2_ep8",
-                                   "recipe=mamba_moe_nvfp4_conservative"])
+    cfg, launcher = compose_slurm(
+        [
+            "cluster=slurm",
+            "hardware=h100",
+            "backend=megatron_bridge",
+            "model=nemotron-3-super-120b-a12b",
+            "parallelism=tp8_pp2_ep8",
+            "recipe=mamba_moe_nvfp4_conservative",
+        ]
+    )
     request = request_for(cfg, launcher)
     assert (request.nodes, request.gpus_per_node, request.tasks_per_node) == (2, 8, 1)
     params = sbatch_parameters(launcher, request, "job")
@@ -65,9 +71,16 @@ def test_megatron_request_follows_the_parallel_layout():
 
 
 def test_overrides_win_and_bad_ones_are_refused():
-    cfg, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "hydra.launcher.mem_gb=500",
-                                   "hydra.launcher.partition=gpu", "hydra.launcher.gres=gpu:h100:1",
-                                   "+hydra.launcher.additional_parameters.mail-type=END"])
+    cfg, launcher = compose_slurm(
+        [
+            "cluster=slurm",
+            "hardware=h100",
+            "hydra.launcher.mem_gb=500",
+            "hydra.launcher.partition=gpu",
+            "hydra.launcher.gres=gpu:h100:1",
+            "+hydra.launcher.additional_parameters.mail-type=END",
+        ]
+    )
     request = request_for(cfg, launcher)
     assert request.mem_gb == 500 and request.timeout_min == derived_request(cfg).timeout_min
     params = sbatch_parameters(launcher, request, "job")
@@ -76,8 +89,16 @@ def test_overrides_win_and_bad_ones_are_refused():
 
     no_gpu, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "hydra.launcher.gpus_per_node=0"])
     assert "needs GPUs" in check_request(no_gpu, request_for(no_gpu, launcher))
-    megatron, launcher = compose_slurm(["cluster=slurm", "hardware=h100", "backend=megatron_bridge", "model=qwen3-30b-a3b",
-                                        "parallelism=tp8_ep8", "hydra.launcher.gpus_per_node=4"])
+    megatron, launcher = compose_slurm(
+        [
+            "cluster=slurm",
+            "hardware=h100",
+            "backend=megatron_bridge",
+            "model=qwen3-30b-a3b",
+            "parallelism=tp8_ep8",
+            "hydra.launcher.gpus_per_node=4",
+        ]
+    )
     assert "request is 1 x 4 = 4" in check_request(megatron, request_for(megatron, launcher))
 
 
@@ -100,17 +121,20 @@ def test_pyxis_runs_tasks_in_the_container():
     assert launcher["python"] == "python"
 
 
-@pytest.mark.parametrize("manifest,record,slurm,expected", [
-    ("refused", None, None, "refused"),
-    ("skipped", None, None, "finished"),
-    ("submitted", None, "PENDING", "pending"),
-    ("submitted", {"status": "running"}, "RUNNING", "running"),
-    ("submitted", {"status": "finished", "checkpoint": "c"}, "COMPLETED", "finished"),
-    ("submitted", {"status": "failed", "error": "boom"}, "COMPLETED", "failed"),
-    ("submitted", {"status": "running"}, "CANCELLED by 0", "failed"),
-    ("submitted", None, "OUT_OF_MEMORY", "failed"),
-    ("submitted", None, None, "unknown"),
-])
+@pytest.mark.parametrize(
+    "manifest,record,slurm,expected",
+    [
+        ("refused", None, None, "refused"),
+        ("skipped", None, None, "finished"),
+        ("submitted", None, "PENDING", "pending"),
+        ("submitted", {"status": "running"}, "RUNNING", "running"),
+        ("submitted", {"status": "finished", "checkpoint": "c"}, "COMPLETED", "finished"),
+        ("submitted", {"status": "failed", "error": "boom"}, "COMPLETED", "failed"),
+        ("submitted", {"status": "running"}, "CANCELLED by 0", "failed"),
+        ("submitted", None, "OUT_OF_MEMORY", "failed"),
+        ("submitted", None, None, "unknown"),
+    ],
+)
 def test_point_state(manifest, record, slurm, expected):
     state, detail = point_state(manifest, "why", record, slurm, "12_3")
     assert state == expected
@@ -119,17 +143,24 @@ def test_point_state(manifest, record, slurm, expected):
 
 
 def test_varying_overrides_keep_the_swept_keys():
-    labels = varying_overrides([["recipe=fp8", "calib.size=4", "cluster=slurm"],
-                                ["recipe=int8_sq", "calib.size=4", "cluster=slurm"]])
+    labels = varying_overrides(
+        [["recipe=fp8", "calib.size=4", "cluster=slurm"], ["recipe=int8_sq", "calib.size=4", "cluster=slurm"]]
+    )
     assert labels == ["recipe=fp8", "recipe=int8_sq"]
 
 
 @pytest.mark.slow
 def test_named_sweep_and_command_line_precedence(tmp_path):
     """`sweep=cpu_recipes` is 4 recipes x 2 sizes; a recipe given on the command line replaces its list."""
+
     def points(*extra):
-        out = subprocess.run([sys.executable, "launch.py", "-m", "sweep=cpu_recipes", "dry_run=true",
-                              f"output_root={tmp_path}", *extra], cwd=REPO, capture_output=True, text=True, timeout=300)
+        out = subprocess.run(
+            [sys.executable, "launch.py", "-m", "sweep=cpu_recipes", "dry_run=true", f"output_root={tmp_path}", *extra],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert out.returncode == 0, out.stderr[-3000:]
         return [line for line in out.stdout.splitlines() if "calibrate on" in line]
 
@@ -157,8 +188,14 @@ def test_a_dry_run_previews_a_resume_and_points_that_are_running(tmp_path):
     point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
     assert check_point(point, True, launcher).state == SUBMITTED
     out = Path(point.config["output_dir"])
-    write_json_atomic(out / "run.json", {"status": "finished", "config_hash": config_hash(asdict(point.cfg)),
-                                         "finished_at": "2026-11-30T12:00:00+0000"})
+    write_json_atomic(
+        out / "run.json",
+        {
+            "status": "finished",
+            "config_hash": config_hash(asdict(point.cfg)),
+            "finished_at": "2026-11-30T12:00:00+0000",
+        },
+    )
     point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
     assert check_point(point, True, launcher).state == SKIPPED
     (out / "run.json").unlink()

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from conftest import CONF, compose_dict, compose_run
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf.errors import ConfigKeyError, ValidationError
 
-from conftest import CONF, compose_dict, compose_run
 from ptq.errors import ConfigError
 from ptq.plan import Facts, make_plan
 from ptq.recipes import build_quant_config, disabled_patterns
@@ -20,16 +20,52 @@ def options(group):
 
 
 def test_groups_are_the_documented_ones():
-    assert GROUPS == ["backend", "calib", "cluster", "eval", "fidelity", "hardware", "model", "parallelism", "recipe",
-                      "recover", "tracking"]
+    assert GROUPS == [
+        "backend",
+        "calib",
+        "cluster",
+        "eval",
+        "fidelity",
+        "hardware",
+        "model",
+        "parallelism",
+        "recipe",
+        "recover",
+        "tracking",
+    ]
     assert set(options("recipe")) == {
-        "bf16", "fp8", "fp8_blockwise", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "nvfp4", "nvfp4_awq",
-        "nvfp4_svdquant", "nvfp4_mse", "nvfp4_local_hessian", "w4a16_nvfp4", "mxfp8",
-        "mamba_moe_fp8_aggressive", "mamba_moe_fp8_conservative", "mamba_moe_nvfp4_aggressive", "mamba_moe_nvfp4_conservative",
-        "auto_quantize", "auto_quantize_awq", "auto_quantize_cpu", "modelopt",
+        "bf16",
+        "fp8",
+        "fp8_blockwise",
+        "fp8_pc_pt",
+        "int8_sq",
+        "int4_awq",
+        "w4a8_awq",
+        "nvfp4",
+        "nvfp4_awq",
+        "nvfp4_svdquant",
+        "nvfp4_mse",
+        "nvfp4_local_hessian",
+        "w4a16_nvfp4",
+        "mxfp8",
+        "mamba_moe_fp8_aggressive",
+        "mamba_moe_fp8_conservative",
+        "mamba_moe_nvfp4_aggressive",
+        "mamba_moe_nvfp4_conservative",
+        "auto_quantize",
+        "auto_quantize_awq",
+        "auto_quantize_cpu",
+        "modelopt",
     }
-    assert set(options("model")) == {"smollm2-135m", "llama3.2-1b", "qwen3-8b", "qwen3-30b-a3b", "nemotron-h-8b",
-                                     "nemotron-3-nano-30b-a3b", "nemotron-3-super-120b-a12b"}
+    assert set(options("model")) == {
+        "smollm2-135m",
+        "llama3.2-1b",
+        "qwen3-8b",
+        "qwen3-30b-a3b",
+        "nemotron-h-8b",
+        "nemotron-3-nano-30b-a3b",
+        "nemotron-3-super-120b-a12b",
+    }
     assert set(options("hardware")) == {"cpu", "a100", "h100", "h200", "b200", "gb200"}
 
 
@@ -73,8 +109,15 @@ def test_calibration_sizes_follow_the_hardware_unless_set():
 
 
 def test_output_dir_separates_sweep_points():
-    dirs = {compose_run(o)[1]["output_dir"] for o in (
-        ["recipe=fp8"], ["recipe=int8_sq"], ["recipe=fp8", "recipe.kv_cache=fp8"], ["recipe=fp8", "calib.size=128"])}
+    dirs = {
+        compose_run(o)[1]["output_dir"]
+        for o in (
+            ["recipe=fp8"],
+            ["recipe=int8_sq"],
+            ["recipe=fp8", "recipe.kv_cache=fp8"],
+            ["recipe=fp8", "calib.size=128"],
+        )
+    }
     assert len(dirs) == 4
 
 
@@ -118,11 +161,14 @@ def test_awq_block_size_reaches_the_modelopt_config():
     assert int4_cfg["block_sizes"][-1] == 64
     # The library's own constant is untouched (deep copy).
     import modelopt.torch.quantization as mtq
+
     assert _weight_entry(mtq.W4A8_AWQ_BETA_CFG)["cfg"][0]["block_sizes"][-1] == 128
 
 
 def test_options_become_config_entries():
-    cfg, _ = compose_run(["recipe=fp8", "recipe.kv_cache=fp8", "recipe.exclude=[*mlp.down_proj*]", "recipe.algorithm=max"])
+    cfg, _ = compose_run(
+        ["recipe=fp8", "recipe.kv_cache=fp8", "recipe.exclude=[*mlp.down_proj*]", "recipe.algorithm=max"]
+    )
     quant_cfg = build_quant_config(cfg.recipe, ["*lm_head*", "*mlp.down_proj*"], None)
     names = [e["quantizer_name"] for e in quant_cfg["quant_cfg"]]
     assert "*[kv]_bmm_quantizer" in names

@@ -10,27 +10,46 @@ import sys
 import threading
 
 import pytest
-
 from conftest import REPO, compose_run, small_run_overrides
-from ptq.evaluation import (_final_number, _split_documents, cached_baseline, check_eval_config,
-                            read_multiple_choice, load_tasks)
+
 from ptq.errors import ConfigError
+from ptq.evaluation import (
+    _final_number,
+    _split_documents,
+    cached_baseline,
+    check_eval_config,
+    load_tasks,
+    read_multiple_choice,
+)
 from ptq.report import build_report
 from ptq.run import run
 from ptq.schema import BenchmarkConfig, EvalConfig
 
 ARC_ROWS = [
-    {"question": "Which gas do plants take in for photosynthesis?",
-     "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]}, "answerKey": "B"},
-    {"question": "What is frozen water called?",
-     "choices": {"text": ["steam", "ice", "sand", "salt"], "label": ["1", "2", "3", "4"]}, "answerKey": "2"},
-    {"question": "Which planet is closest to the Sun?",
-     "choices": {"text": ["Mercury", "Mars", "Jupiter", "Neptune"], "label": ["A", "B", "C", "D"]}, "answerKey": "A"},
-    {"question": "What do bees make?",
-     "choices": {"text": ["milk", "silk", "honey", "wool"], "label": ["A", "B", "C", "D"]}, "answerKey": "C"},
+    {
+        "question": "Which gas do plants take in for photosynthesis?",
+        "choices": {"text": ["oxygen", "carbon dioxide", "helium", "neon"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "B",
+    },
+    {
+        "question": "What is frozen water called?",
+        "choices": {"text": ["steam", "ice", "sand", "salt"], "label": ["1", "2", "3", "4"]},
+        "answerKey": "2",
+    },
+    {
+        "question": "Which planet is closest to the Sun?",
+        "choices": {"text": ["Mercury", "Mars", "Jupiter", "Neptune"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "A",
+    },
+    {
+        "question": "What do bees make?",
+        "choices": {"text": ["milk", "silk", "honey", "wool"], "label": ["A", "B", "C", "D"]},
+        "answerKey": "C",
+    },
 ]
 TEXT = "\n".join(
-    f"The river town {i} had a market on Saturdays , where farmers sold apples , bread and cheese to visitors ." for i in range(60)
+    f"The river town {i} had a market on Saturdays , where farmers sold apples , bread and cheese to visitors ."
+    for i in range(60)
 )
 
 
@@ -44,9 +63,14 @@ def local_files(tmp_path):
 
 
 def eval_overrides(arc, text):
-    return ["eval=local_quick", "eval.suite=test_suite", "eval.limit=4", "eval.bootstrap_iters=0",
-            f"eval.benchmarks=[{{name: arc, kind: multiple_choice, format: arc_jsonl, path: '{arc}'}},"
-            f"{{name: text, kind: perplexity, path: '{text}', limit: 2}}]"]
+    return [
+        "eval=local_quick",
+        "eval.suite=test_suite",
+        "eval.limit=4",
+        "eval.bootstrap_iters=0",
+        f"eval.benchmarks=[{{name: arc, kind: multiple_choice, format: arc_jsonl, path: '{arc}'}},"
+        f"{{name: text, kind: perplexity, path: '{text}', limit: 2}}]",
+    ]
 
 
 def test_multiple_choice_layouts(tmp_path, local_files):
@@ -55,18 +79,28 @@ def test_multiple_choice_layouts(tmp_path, local_files):
     assert [i["gold"] for i in items] == [1, 1, 0, 2]
     assert items[0]["query"].startswith("Question: Which gas") and items[0]["choices"][1] == "carbon dioxide"
     generic = tmp_path / "mc.jsonl"
-    generic.write_text(json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "B"}) + "\n"
-                       + json.dumps({"question": "1+1?", "choices": ["2", "5"], "answer": 0}) + "\n")
+    generic.write_text(
+        json.dumps({"question": "2+2?", "choices": ["3", "4"], "answer": "B"})
+        + "\n"
+        + json.dumps({"question": "1+1?", "choices": ["2", "5"], "answer": 0})
+        + "\n"
+    )
     assert [i["gold"] for i in read_multiple_choice(generic, "jsonl")] == [1, 0]
     mmlu = tmp_path / "mmlu"
     mmlu.mkdir()
     (mmlu / "a_test.csv").write_text('question,choice0,choice1,choice2,choice3,answer\n"Q, with comma",w,x,y,z,3\n')
     assert read_multiple_choice(mmlu, "mmlu_csv") == [
-        {"query": "Question: Q, with comma\nAnswer:", "choices": ["w", "x", "y", "z"], "gold": 3, "subject": "a_test"}]
+        {"query": "Question: Q, with comma\nAnswer:", "choices": ["w", "x", "y", "z"], "gold": 3, "subject": "a_test"}
+    ]
     swag = tmp_path / "swag.txt"
     swag.write_text("Cooking: A man cracks an egg. he\n2\nflies away.\nsings.\npours it into a pan.\nreads.\n")
     assert read_multiple_choice(swag, "hellaswag_txt") == [
-        {"query": "Cooking: A man cracks an egg. he", "choices": ["flies away.", "sings.", "pours it into a pan.", "reads."], "gold": 2}]
+        {
+            "query": "Cooking: A man cracks an egg. he",
+            "choices": ["flies away.", "sings.", "pours it into a pan.", "reads."],
+            "gold": 2,
+        }
+    ]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"question": "q", "choices": ["a", "b"], "answer": "Z"}) + "\n")
     with pytest.raises(ConfigError, match="answer 'Z'"):
@@ -82,9 +116,13 @@ def test_generation_answers_and_documents():
 
 def test_bad_benchmarks_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
-        check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="perplexity", path="/nope.txt")]))
+        check_eval_config(
+            EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="perplexity", path="/nope.txt")])
+        )
     with pytest.raises(ConfigError, match="kind='quiz'"):
-        check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="quiz", path=str(tmp_path))]))
+        check_eval_config(
+            EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="quiz", path=str(tmp_path))])
+        )
     with pytest.raises(ConfigError, match="duplicate"):
         check_eval_config(EvalConfig(enabled=True, benchmarks=[BenchmarkConfig(name="x", kind="lm_eval")] * 2))
     with pytest.raises(ConfigError, match="empty"):
@@ -95,21 +133,36 @@ def test_local_benchmarks_become_lm_eval_tasks_from_the_yaml_templates(tmp_path)
     """Each local benchmark gets a task file that includes its kind's template in evaluate/tasks/; lm-eval's
     TaskManager builds the tasks from those files, with this run's data and limits."""
     arc = tmp_path / "arc.jsonl"
-    arc.write_text("".join(json.dumps({"question": f"q{i}?", "choices": {"label": ["A", "B"], "text": ["yes", "no"]},
-                                       "answerKey": "B"}) + "\n" for i in range(3)))
+    arc.write_text(
+        "".join(
+            json.dumps(
+                {"question": f"q{i}?", "choices": {"label": ["A", "B"], "text": ["yes", "no"]}, "answerKey": "B"}
+            )
+            + "\n"
+            for i in range(3)
+        )
+    )
     gsm = tmp_path / "gsm.jsonl"
     gsm.write_text(json.dumps({"question": "1+1?", "answer": "so #### 2"}) + "\n")
     text = tmp_path / "wiki.txt"
     text.write_text("One line of text.\nAnother line.\n")
-    cfg = EvalConfig(enabled=True, limit=2, benchmarks=[
-        BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc)),
-        BenchmarkConfig(name="gsm", kind="generation", path=str(gsm), max_gen_toks=32),
-        BenchmarkConfig(name="wiki", kind="perplexity", path=str(text))])
+    cfg = EvalConfig(
+        enabled=True,
+        limit=2,
+        benchmarks=[
+            BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc)),
+            BenchmarkConfig(name="gsm", kind="generation", path=str(gsm), max_gen_toks=32),
+            BenchmarkConfig(name="wiki", kind="perplexity", path=str(text)),
+        ],
+    )
     tasks, names, samples, manager, subjects = load_tasks(cfg, tmp_path / "work")
     by_name = {task.config.task: task for task in tasks}
     assert names == {"ptq_arc": "arc", "ptq_gsm": "gsm", "ptq_wiki": "wiki"} and set(by_name) == set(names)
     assert {k: t.config.output_type for k, t in by_name.items()} == {
-        "ptq_arc": "multiple_choice", "ptq_gsm": "generate_until", "ptq_wiki": "loglikelihood_rolling"}
+        "ptq_arc": "multiple_choice",
+        "ptq_gsm": "generate_until",
+        "ptq_wiki": "loglikelihood_rolling",
+    }
     assert samples == {"ptq_arc": [0, 1], "ptq_gsm": [0], "ptq_wiki": [0]}
     arc_docs = list(by_name["ptq_arc"].test_docs())
     assert len(arc_docs) == 3 and arc_docs[0]["gold"] == 1 and arc_docs[0]["choices"] == ["yes", "no"]
@@ -123,16 +176,27 @@ def test_local_benchmarks_become_lm_eval_tasks_from_the_yaml_templates(tmp_path)
 def test_a_suite_without_its_data_folder_says_how_to_get_the_files(tmp_path):
     """A new user with no evaluation files: the run stops before loading and names the fetch script."""
     env = {k: v for k, v in os.environ.items() if k != "PTQ_EVALDATA"}
-    proc = subprocess.run([sys.executable, "launch.py", "eval=local_quick", f"output_root={tmp_path}"], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "eval=local_quick", f"output_root={tmp_path}"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "eval.data_dir, which is not set" in proc.stderr and "scripts/fetch-evaldata.sh" in proc.stderr
     assert "Loading" not in proc.stderr and not list(tmp_path.rglob("run.json"))
 
 
 def test_eval_suite_with_missing_data_is_refused_before_loading(tmp_path):
-    proc = subprocess.run([sys.executable, "launch.py", "eval=local_quick", "eval.data_dir=/no/such/folder",
-                           f"output_root={tmp_path}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "eval=local_quick", "eval.data_dir=/no/such/folder", f"output_root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0 and "does not exist" in proc.stderr and "eval.data_dir" in proc.stderr
 
 
@@ -143,15 +207,26 @@ def test_bf16_baseline_is_evaluated_once_under_concurrency(tiny_llama_dir, tmp_p
 
     arc, _ = local_files
     caplog.set_level(logging.INFO, logger="ptq")
-    cfg = EvalConfig(enabled=True, limit=2, bootstrap_iters=0,
-                     benchmarks=[BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc))])
+    cfg = EvalConfig(
+        enabled=True,
+        limit=2,
+        bootstrap_iters=0,
+        benchmarks=[BenchmarkConfig(name="arc", kind="multiple_choice", format="arc_jsonl", path=str(arc))],
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     models = [AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32) for _ in range(2)]
     results = [None, None]
 
     def job(i):
-        results[i] = cached_baseline(models[i], tokenizer, cfg, model_id=str(tiny_llama_dir), model_name="tiny",
-                                     cache_dir=str(tmp_path / "cache"), work_dir=tmp_path / f"work{i}")
+        results[i] = cached_baseline(
+            models[i],
+            tokenizer,
+            cfg,
+            model_id=str(tiny_llama_dir),
+            model_name="tiny",
+            cache_dir=str(tmp_path / "cache"),
+            work_dir=tmp_path / f"work{i}",
+        )
 
     threads = [threading.Thread(target=job, args=(i,)) for i in range(2)]
     for t in threads:
@@ -168,10 +243,16 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
     arc, text = local_files
     records = {}
     for recipe in ("bf16", "fp8", "int8_sq"):
-        records[recipe] = run(*compose_run(small_run_overrides(tmp_path, f"recipe={recipe}", *eval_overrides(arc, text))))
+        records[recipe] = run(
+            *compose_run(small_run_overrides(tmp_path, f"recipe={recipe}", *eval_overrides(arc, text)))
+        )
         assert records[recipe]["status"] == "finished", records[recipe].get("error")
     fp8 = records["fp8"]["evaluation"]
-    assert {(r["benchmark"], r["metric"]) for r in fp8["results"]} >= {("arc", "acc"), ("arc", "acc_norm"), ("text", "word_perplexity")}
+    assert {(r["benchmark"], r["metric"]) for r in fp8["results"]} >= {
+        ("arc", "acc"),
+        ("arc", "acc_norm"),
+        ("text", "word_perplexity"),
+    }
     assert fp8["limits"] == {"arc": 4, "text": 2}  # each benchmark's limit, stated in the record
     # Accuracies keep their per-item scores (perplexities only where their aggregate is the items' mean).
     kept = {(r["benchmark"], r["metric"]) for r in fp8["results"] if "items" in r}
@@ -180,8 +261,13 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
     assert "eval_baseline" in records["int8_sq"]["timings_s"] and "eval" in records["int8_sq"]["timings_s"]
 
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "ptq.report", str(tmp_path / "runs"), "--out", str(out)],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "ptq.report", str(tmp_path / "runs"), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     markdown = (out / "results.md").read_text()
     assert "bf16" in markdown and "fp8@4" in markdown and "int8_sq@4" in markdown
@@ -190,7 +276,9 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
     # Recovery by hand: the quantized word perplexity against BF16's, inverted (lower is better).
     report = build_report([json.loads(p.read_text()) for p in (tmp_path / "runs").rglob("run.json")])
     scores = report.scores
-    row = scores[(scores.variant == "fp8@4") & (scores.benchmark == "text") & (scores.metric == "word_perplexity")].iloc[0]
+    row = scores[
+        (scores.variant == "fp8@4") & (scores.benchmark == "text") & (scores.metric == "word_perplexity")
+    ].iloc[0]
     bf16_ppl = next(r["value"] for r in records["bf16"]["evaluation"]["results"] if r["metric"] == "word_perplexity")
     fp8_ppl = next(r["value"] for r in fp8["results"] if r["metric"] == "word_perplexity")
     assert row["value"] == pytest.approx(fp8_ppl) and row["bf16"] == pytest.approx(bf16_ppl)
@@ -208,12 +296,24 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
     from ptq.evaluation import run_benchmarks
 
     data = tmp_path / "math.jsonl"
-    data.write_text("\n".join(json.dumps(r) for r in [
-        {"question": "Tom has 3 apples and buys 4 more. How many apples does he have?", "answer": "3 + 4 = 7\n#### 7"},
-        {"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "#### 24"},
-    ]) + "\n")
-    cfg = EvalConfig(enabled=True, bootstrap_iters=0, benchmarks=[
-        BenchmarkConfig(name="math", kind="generation", path=str(data), max_gen_toks=8)])
+    data.write_text(
+        "\n".join(
+            json.dumps(r)
+            for r in [
+                {
+                    "question": "Tom has 3 apples and buys 4 more. How many apples does he have?",
+                    "answer": "3 + 4 = 7\n#### 7",
+                },
+                {"question": "A box holds 12 eggs. How many eggs are in 2 boxes?", "answer": "#### 24"},
+            ]
+        )
+        + "\n"
+    )
+    cfg = EvalConfig(
+        enabled=True,
+        bootstrap_iters=0,
+        benchmarks=[BenchmarkConfig(name="math", kind="generation", path=str(data), max_gen_toks=8)],
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     rows = run_benchmarks(model, tokenizer, cfg, tmp_path / "work", "tiny")
@@ -238,7 +338,9 @@ def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
     assert picked == sorted(picked) and len(set(picked)) == 9 and picked == stratified_indices(subjects, 9)
     assert [sum(subjects[i] == s for i in picked) for s in ("algebra", "anatomy", "astronomy")] == [3, 3, 3]
     # A subject that runs out leaves its turns to the others; one subject keeps the first n.
-    assert [sum(subjects[i] == s for i in stratified_indices(subjects, 20)) for s in ("algebra", "anatomy", "astronomy")] == [8, 4, 8]
+    assert [
+        sum(subjects[i] == s for i in stratified_indices(subjects, 20)) for s in ("algebra", "anatomy", "astronomy")
+    ] == [8, 4, 8]
     assert stratified_indices(["x"] * 5, 3) == [0, 1, 2] and stratified_indices(subjects, 100) == list(range(24))
 
     folder = tmp_path / "mmlu"
@@ -246,20 +348,27 @@ def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
     header = "question,choice0,choice1,choice2,choice3,answer\n"
     for subject, count in (("abstract_algebra_test", 10), ("anatomy_test", 10), ("astronomy_test", 10)):
         (folder / f"{subject}.csv").write_text(header + "".join(f"{subject} q{i},a,b,c,d,A\n" for i in range(count)))
-    cfg = EvalConfig(enabled=True, limit=6, benchmarks=[
-        BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))])
+    cfg = EvalConfig(
+        enabled=True,
+        limit=6,
+        benchmarks=[BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))],
+    )
     _, _, samples, _, subjects = load_tasks(cfg, tmp_path / "work")
     rows = [json.loads(line) for line in (tmp_path / "work" / "mmlu.jsonl").read_text().splitlines()]
-    assert sorted(rows[i]["subject"] for i in samples["ptq_mmlu"]) == ["abstract_algebra_test"] * 2 + [
-        "anatomy_test"] * 2 + ["astronomy_test"] * 2
+    assert (
+        sorted(rows[i]["subject"] for i in samples["ptq_mmlu"])
+        == ["abstract_algebra_test"] * 2 + ["anatomy_test"] * 2 + ["astronomy_test"] * 2
+    )
 
 
 def test_per_item_scores_are_kept_only_where_their_mean_is_the_result():
     from ptq.evaluation import item_scores
 
-    samples = [{"doc_id": 1, "filter": "none", "acc": 0.0, "word_perplexity": (-10.0, 4)},
-               {"doc_id": 0, "filter": "none", "acc": 1.0, "word_perplexity": (-30.0, 5)},
-               {"doc_id": 0, "filter": "other", "acc": 0.0}]
+    samples = [
+        {"doc_id": 1, "filter": "none", "acc": 0.0, "word_perplexity": (-10.0, 4)},
+        {"doc_id": 0, "filter": "none", "acc": 1.0, "word_perplexity": (-30.0, 5)},
+        {"doc_id": 0, "filter": "other", "acc": 0.0},
+    ]
     assert item_scores(samples, "acc", "none", 0.5) == {"doc_ids": [0, 1], "scores": [1.0, 0.0]}
     assert item_scores(samples, "acc", "none", 0.7) is None  # aggregated some other way
     assert item_scores(samples, "word_perplexity", "none", 50.0) is None  # not a number per item
@@ -288,22 +397,44 @@ def test_a_benchmark_fingerprint_changes_with_what_was_measured(tmp_path):
 
 # Items written for these tests, in the layouts of WinoGrande, BoolQ and LAMBADA.
 WINO_ROWS = [
-    {"sentence": "The trophy did not fit in the suitcase because the _ was too big.", "option1": "trophy",
-     "option2": "suitcase", "answer": "1"},
-    {"sentence": "Anna lent Maria her umbrella because _ had forgotten her own at home.", "option1": "Anna",
-     "option2": "Maria", "answer": "2"},
-    {"sentence": "The cat chased the mouse until the _ was too tired to run any further.", "option1": "cat",
-     "option2": "mouse", "answer": "2"},
+    {
+        "sentence": "The trophy did not fit in the suitcase because the _ was too big.",
+        "option1": "trophy",
+        "option2": "suitcase",
+        "answer": "1",
+    },
+    {
+        "sentence": "Anna lent Maria her umbrella because _ had forgotten her own at home.",
+        "option1": "Anna",
+        "option2": "Maria",
+        "answer": "2",
+    },
+    {
+        "sentence": "The cat chased the mouse until the _ was too tired to run any further.",
+        "option1": "cat",
+        "option2": "mouse",
+        "answer": "2",
+    },
 ]
 PASSAGE_ROWS = [
-    {"passage": "Tomatoes are botanically fruits, though cooks treat them as vegetables.",
-     "question": "is a tomato a fruit", "choices": ["no", "yes"], "answer": 1},
-    {"passage": "Penguins are birds that cannot fly but swim very well.", "question": "can penguins fly",
-     "choices": ["no", "yes"], "answer": 0},
+    {
+        "passage": "Tomatoes are botanically fruits, though cooks treat them as vegetables.",
+        "question": "is a tomato a fruit",
+        "choices": ["no", "yes"],
+        "answer": 1,
+    },
+    {
+        "passage": "Penguins are birds that cannot fly but swim very well.",
+        "question": "can penguins fly",
+        "choices": ["no", "yes"],
+        "answer": 0,
+    },
 ]
-LAST_WORD_TEXT = ("She opened the door and the cold wind rushed into the room\n"
-                  "After the long walk home he finally sat down in his favourite chair\n"
-                  "The children built a castle of sand on the beach\n")
+LAST_WORD_TEXT = (
+    "She opened the door and the cold wind rushed into the room\n"
+    "After the long walk home he finally sat down in his favourite chair\n"
+    "The children built a castle of sand on the beach\n"
+)
 
 
 def test_a_prompt_template_and_delimiter_shape_each_item_and_are_checked_before_loading(tmp_path):
@@ -311,26 +442,44 @@ def test_a_prompt_template_and_delimiter_shape_each_item_and_are_checked_before_
     data.write_text("".join(json.dumps(r) + "\n" for r in PASSAGE_ROWS))
     template = "{passage}\nQuestion: {question}?\nAnswer:"
     items = read_multiple_choice(data, "jsonl", template)
-    assert items[0]["query"] == ("Tomatoes are botanically fruits, though cooks treat them as vegetables.\n"
-                                 "Question: is a tomato a fruit?\nAnswer:")
-    bench = BenchmarkConfig(name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=template,
-                            delimiter=" -> ")
+    assert items[0]["query"] == (
+        "Tomatoes are botanically fruits, though cooks treat them as vegetables.\n"
+        "Question: is a tomato a fruit?\nAnswer:"
+    )
+    bench = BenchmarkConfig(
+        name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=template, delimiter=" -> "
+    )
     tasks, *_ = load_tasks(EvalConfig(enabled=True, benchmarks=[bench]), tmp_path / "work")
     assert tasks[0].config.target_delimiter == " -> "
     assert tasks[0].doc_to_text(next(iter(tasks[0].test_docs()))) == items[0]["query"]
     # A field the items lack, a broken format string, or a template on a kind without prompts: refused with the
     # problem named (check_eval_config runs before any model is loaded).
-    for bad, message in (("{passage} {title}", "names the field 'title'.*fields: passage, question, choices, answer"),
-                         ("{passage", "not a usable format string")):
+    for bad, message in (
+        ("{passage} {title}", "names the field 'title'.*fields: passage, question, choices, answer"),
+        ("{passage", "not a usable format string"),
+    ):
         with pytest.raises(ConfigError, match=message):
-            check_eval_config(EvalConfig(enabled=True, benchmarks=[
-                BenchmarkConfig(name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=bad)]))
+            check_eval_config(
+                EvalConfig(
+                    enabled=True,
+                    benchmarks=[
+                        BenchmarkConfig(
+                            name="boolq", kind="multiple_choice", format="jsonl", path=str(data), template=bad
+                        )
+                    ],
+                )
+            )
     with pytest.raises(ConfigError, match="template applies to kinds multiple_choice and generation"):
-        check_eval_config(EvalConfig(enabled=True, benchmarks=[
-            BenchmarkConfig(name="t", kind="perplexity", path=str(data), template="{x}")]))
+        check_eval_config(
+            EvalConfig(
+                enabled=True, benchmarks=[BenchmarkConfig(name="t", kind="perplexity", path=str(data), template="{x}")]
+            )
+        )
     # Without a template the generic layout still needs its question.
     with pytest.raises(ConfigError, match="no 'question' field"):
-        read_multiple_choice(data.parent / _write(tmp_path / "noq.jsonl", [{"choices": ["a", "b"], "answer": 0}]), "jsonl")
+        read_multiple_choice(
+            data.parent / _write(tmp_path / "noq.jsonl", [{"choices": ["a", "b"], "answer": 0}]), "jsonl"
+        )
 
 
 def _write(path, rows):
@@ -344,9 +493,14 @@ def test_winogrande_and_last_word_files_are_read_and_checked(tmp_path):
     wino = tmp_path / "wino.jsonl"
     _write(wino, WINO_ROWS)
     items = read_multiple_choice(wino, "winogrande_jsonl")
-    assert items[0] == {"contexts": ["The trophy did not fit in the suitcase because the trophy",
-                                     "The trophy did not fit in the suitcase because the suitcase"],
-                        "continuation": "was too big.", "gold": 0}
+    assert items[0] == {
+        "contexts": [
+            "The trophy did not fit in the suitcase because the trophy",
+            "The trophy did not fit in the suitcase because the suitcase",
+        ],
+        "continuation": "was too big.",
+        "gold": 0,
+    }
     assert [i["gold"] for i in items] == [0, 1, 1]
     _write(tmp_path / "two.jsonl", [dict(WINO_ROWS[0], sentence="_ and _ again.")])
     with pytest.raises(ConfigError, match="exactly one blank"):
@@ -382,19 +536,36 @@ def test_partial_scoring_last_word_and_subject_scores_through_lm_eval(tiny_llama
     folder.mkdir()
     header = "question,choice0,choice1,choice2,choice3,answer\n"
     for subject in ("anatomy_test", "astronomy_test"):
-        (folder / f"{subject}.csv").write_text(header + "".join(f"{subject} question {i}?,red,green,blue,white,B\n"
-                                                                for i in range(3)))
-    cfg = EvalConfig(enabled=True, bootstrap_iters=0, benchmarks=[
-        BenchmarkConfig(name="wino", kind="multiple_choice", format="winogrande_jsonl", path=str(wino)),
-        BenchmarkConfig(name="lambada", kind="last_word", path=str(lambada)),
-        BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder))])
+        (folder / f"{subject}.csv").write_text(
+            header + "".join(f"{subject} question {i}?,red,green,blue,white,B\n" for i in range(3))
+        )
+    cfg = EvalConfig(
+        enabled=True,
+        bootstrap_iters=0,
+        benchmarks=[
+            BenchmarkConfig(name="wino", kind="multiple_choice", format="winogrande_jsonl", path=str(wino)),
+            BenchmarkConfig(name="lambada", kind="last_word", path=str(lambada)),
+            BenchmarkConfig(name="mmlu", kind="multiple_choice", format="mmlu_csv", path=str(folder)),
+        ],
+    )
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32).eval()
     rows = {(r["benchmark"], r["metric"]): r for r in run_benchmarks(model, tokenizer, cfg, tmp_path / "work", "tiny")}
     # Named by subject, not by file (anatomy_test.csv): mmlu:anatomy.
     subjects = {(f"mmlu:{s}", m) for s in ("anatomy", "astronomy") for m in ("acc", "acc_norm")}
-    assert set(rows) == {("wino", "acc"), ("lambada", "acc"), ("lambada", "perplexity"), ("mmlu", "acc"),
-                         ("mmlu", "acc_norm"), ("mmlu", "acc_macro"), ("mmlu", "acc_norm_macro")} | subjects
+    assert (
+        set(rows)
+        == {
+            ("wino", "acc"),
+            ("lambada", "acc"),
+            ("lambada", "perplexity"),
+            ("mmlu", "acc"),
+            ("mmlu", "acc_norm"),
+            ("mmlu", "acc_macro"),
+            ("mmlu", "acc_norm_macro"),
+        }
+        | subjects
+    )
 
     def loglikelihood(context, continuation):
         ids = tokenizer(context + continuation, return_tensors="pt").input_ids

@@ -12,12 +12,19 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import compose_run, small_run_overrides
 from safetensors.torch import load_file, save_file
 
-from conftest import compose_run, small_run_overrides
 from ptq.errors import ConfigError
-from ptq.exported import (check_stored_weights, dequantize_weight, load_exported, nvfp4_fake_quant, read_tensors,
-                          unpack_int4, unreadable_formats)
+from ptq.exported import (
+    check_stored_weights,
+    dequantize_weight,
+    load_exported,
+    nvfp4_fake_quant,
+    read_tensors,
+    unpack_int4,
+    unreadable_formats,
+)
 from ptq.run import run
 from ptq.validate import export_fidelity_problems
 
@@ -43,7 +50,9 @@ def test_fp8_block_scales_match_modelopts_blockwise_quantization():
     weight = torch.randn(200, 300)  # neither side a multiple of 128: the edge tiles are partial
     packed, scale = FP8QTensor.quantize(weight, block_sizes={-1: 128, -2: 128})
     assert tuple(scale.shape) == (2, 3)
-    mine = dequantize_weight("FP8_PB_WO", {"weight": packed._quantized_data, "weight_scale": scale}, None, torch.float32)
+    mine = dequantize_weight(
+        "FP8_PB_WO", {"weight": packed._quantized_data, "weight_scale": scale}, None, torch.float32
+    )
     theirs = packed.dequantize(torch.float32, scale=scale, block_sizes={-1: 128, -2: 128})
     assert torch.equal(mine, theirs)
     assert 0 < (mine - weight).norm() / weight.norm() < 0.05
@@ -108,8 +117,10 @@ def _export(model_dir: Path, modelopt_cfg: str, out: Path) -> Path:
 @pytest.fixture(scope="module")
 def tiny_exports(tiny_llama_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("tiny-exports")
-    return {cfg: _export(tiny_llama_dir, cfg, tmp / cfg)
-            for cfg in ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT4_AWQ_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG")}
+    return {
+        cfg: _export(tiny_llama_dir, cfg, tmp / cfg)
+        for cfg in ("FP8_DEFAULT_CFG", "NVFP4_DEFAULT_CFG", "INT4_AWQ_CFG", "FP8_PER_CHANNEL_PER_TOKEN_CFG")
+    }
 
 
 def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny_llama_dir):
@@ -123,7 +134,8 @@ def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny
     for name in sim.layers:  # quantized: ModelOpt's own dequantization of the stored codes and scales
         codes, scale, scale_2 = (stored[f"{name}.{leaf}"] for leaf in ("weight", "weight_scale", "weight_scale_2"))
         expected = NVFP4QTensor(torch.Size([codes.shape[0], codes.shape[1] * 2]), torch.float32, codes).dequantize(
-            dtype=torch.bfloat16, scale=scale, double_scale=scale_2, block_sizes={-1: 16})
+            dtype=torch.bfloat16, scale=scale, double_scale=scale_2, block_sizes={-1: 16}
+        )
         assert torch.equal(params[f"{name}.weight"], expected), name
     plain = [n for n in stored if n.rpartition(".")[0] not in sim.layers]
     assert "model.embed_tokens.weight" in plain and "lm_head.weight" in plain
@@ -135,8 +147,9 @@ def test_the_model_read_back_holds_exactly_the_stored_numbers(tiny_exports, tiny
 
 
 @pytest.mark.parametrize("cfg, changed", [("FP8_DEFAULT_CFG", "weight_scale"), ("NVFP4_DEFAULT_CFG", "weight_scale_2")])
-def test_the_stored_weight_check_passes_an_export_and_names_a_layer_with_a_wrong_scale(tiny_exports, tiny_llama_dir,
-                                                                                     tmp_path, cfg, changed):
+def test_the_stored_weight_check_passes_an_export_and_names_a_layer_with_a_wrong_scale(
+    tiny_exports, tiny_llama_dir, tmp_path, cfg, changed
+):
     good = check_stored_weights(tiny_exports[cfg], tiny_llama_dir)
     algo = "FP8" if cfg.startswith("FP8") else "NVFP4"
     assert good["applicable"] and good["problems"] == []
@@ -154,8 +167,9 @@ def test_the_stored_weight_check_passes_an_export_and_names_a_layer_with_a_wrong
     save_file(tensors, str(broken / "model.safetensors"), metadata={"format": "pt"})
     bad = check_stored_weights(broken, tiny_llama_dir)
     assert len(bad["problems"]) == 2
-    found = re.match(rf"model.layers.1.mlp.down_proj \({algo}\): the stored weight is ([0-9.]+) x the source",
-                     bad["problems"][0])
+    found = re.match(
+        rf"model.layers.1.mlp.down_proj \({algo}\): the stored weight is ([0-9.]+) x the source", bad["problems"][0]
+    )
     assert found and 3.9 < float(found.group(1)) < 4.1, bad["problems"][0]
     assert bad["problems"][1].startswith("model.norm.weight is stored unquantized but differs from the source")
 
@@ -201,7 +215,9 @@ def test_corrupted_scales_are_visible_in_the_read_back_model(fp8_checkpoint, tmp
 
     model, tokenizer, sim = load_exported(fp8_checkpoint, "cpu", torch.float32)
     assert sim.summary()["formats"] == {"FP8": 210}
-    tokens = tokenizer("The capital of France is Paris. The river that flows through it is the", return_tensors="pt").input_ids
+    tokens = tokenizer(
+        "The capital of France is Paris. The river that flows through it is the", return_tensors="pt"
+    ).input_ids
     good = _logprobs(model, tokens)
     bad_model, _, _ = load_exported(broken, "cpu", torch.float32)
     bad = _logprobs(bad_model, tokens)

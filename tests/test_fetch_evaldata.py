@@ -10,19 +10,22 @@ import subprocess
 from pathlib import Path
 
 import pytest
-
 from conftest import EVALDATA, REPO
 
 SCRIPT = REPO / "scripts" / "fetch-evaldata.sh"
-pytestmark = pytest.mark.skipif(not (EVALDATA / "arc_easy" / "ARC-Easy-Test.jsonl").is_file(),
-                                reason="needs a local copy of the evaluation files (PTQ_EVALDATA) to build the mirror from")
+pytestmark = pytest.mark.skipif(
+    not (EVALDATA / "arc_easy" / "ARC-Easy-Test.jsonl").is_file(),
+    reason="needs a local copy of the evaluation files (PTQ_EVALDATA) to build the mirror from",
+)
 
 
 def script_sources() -> dict:
     """Folder in the mirror -> (owner/repo/commit/path prefix), read from the script itself."""
     text = SCRIPT.read_text()
-    return {key: text.split(f'{key}="', 1)[1].split('"', 1)[0]
-            for key in ("WIKITEXT_RAW", "WIKITEXT", "HELLASWAG", "MMLU", "SHAKESPEARE", "ARC")}
+    return {
+        key: text.split(f'{key}="', 1)[1].split('"', 1)[0]
+        for key in ("WIKITEXT_RAW", "WIKITEXT", "HELLASWAG", "MMLU", "SHAKESPEARE", "ARC")
+    }
 
 
 def build_mirror(root: Path) -> None:
@@ -46,10 +49,20 @@ def build_mirror(root: Path) -> None:
     with (EVALDATA / "arc_easy" / "ARC-Easy-Test.jsonl").open() as rows, official.open("w") as out:
         for line in rows:
             item = json.loads(line)
-            choices = [{"text": t, "label": label, "para": "evidence"}
-                       for t, label in zip(item["choices"]["text"], item["choices"]["label"])]
-            out.write(json.dumps({"id": item["id"], "question": {"stem": item["question"], "choices": choices},
-                                  "answerKey": item["answerKey"]}) + "\n")
+            choices = [
+                {"text": t, "label": label, "para": "evidence"}
+                for t, label in zip(item["choices"]["text"], item["choices"]["label"])
+            ]
+            out.write(
+                json.dumps(
+                    {
+                        "id": item["id"],
+                        "question": {"stem": item["question"], "choices": choices},
+                        "answerKey": item["answerKey"],
+                    }
+                )
+                + "\n"
+            )
 
 
 def fetch(mirror: Path, dest: Path) -> subprocess.CompletedProcess:

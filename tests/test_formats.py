@@ -10,8 +10,15 @@ import modelopt.torch.export.model_config as model_config
 import modelopt.torch.export.quant_utils as quant_utils
 import modelopt.torch.quantization as mtq
 
-from ptq.formats import (CANDIDATES, EXPORT_FORMATS, KV_CACHE_CONFIGS, KV_CACHE_EXPORTS, KV_CACHE_FORMATS, MIXED_PRECISION,
-                         export_algos)
+from ptq.formats import (
+    CANDIDATES,
+    EXPORT_FORMATS,
+    KV_CACHE_CONFIGS,
+    KV_CACHE_EXPORTS,
+    KV_CACHE_FORMATS,
+    MIXED_PRECISION,
+    export_algos,
+)
 
 
 def modelopt_quant_algos() -> set:

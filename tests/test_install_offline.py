@@ -14,7 +14,6 @@ from pathlib import Path
 
 import pytest
 
-
 pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
 
 REPO = Path(__file__).resolve().parents[1]
@@ -52,11 +51,16 @@ def venv(tmp_path_factory):
     path = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(path)], check=True)
     python = path / "bin" / "python"
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     outer = [p for p in site.getsitepackages() if Path(p).is_dir()]
     (Path(purelib) / "outer-environment.pth").write_text(
-        "".join(f"import site; site.addsitedir({p!r})\n" for p in outer))
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in outer)
+    )
     return python
 
 
@@ -65,15 +69,16 @@ def wheelhouse_in_parts(folder: Path, parts: int = 3) -> bytes:
     data = make_wheel()
     size = len(data) // parts + 1
     for i in range(parts):
-        (folder / f"{WHEEL}.part{i:02d}").write_bytes(data[i * size:(i + 1) * size])
+        (folder / f"{WHEEL}.part{i:02d}").write_bytes(data[i * size : (i + 1) * size])
     (folder / f"{WHEEL}.sha256").write_text(f"{hashlib.sha256(data).hexdigest()}  {WHEEL}\n")
     return data
 
 
 def install(wheelhouse: Path, python: Path, home: Path, *options: str) -> subprocess.CompletedProcess:
     env = {"PATH": "/usr/bin:/bin", "PYTHON": str(python), "PTQ_HOME": str(home), "HOME": str(home)}
-    return subprocess.run(["bash", str(SCRIPT), str(wheelhouse), *options], capture_output=True, text=True, env=env,
-                          timeout=600)
+    return subprocess.run(
+        ["bash", str(SCRIPT), str(wheelhouse), *options], capture_output=True, text=True, env=env, timeout=600
+    )
 
 
 def test_parts_are_joined_checked_and_installed(tmp_path, venv):

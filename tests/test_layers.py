@@ -13,14 +13,27 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 # Code of the project that may import ptq: the package, the entry point, the Slurm plugin, the benchmarks.
-SOURCES = [*sorted((REPO / "ptq").rglob("*.py")), REPO / "launch.py",
-           *sorted((REPO / "hydra_plugins" / "ptq_slurm_launcher").glob("*.py")), *sorted((REPO / "bench").glob("*.py"))]
+SOURCES = [
+    *sorted((REPO / "ptq").rglob("*.py")),
+    REPO / "launch.py",
+    *sorted((REPO / "hydra_plugins" / "ptq_slurm_launcher").glob("*.py")),
+    *sorted((REPO / "bench").glob("*.py")),
+]
 
 
 def lint_imports(root: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(root)}
-    return subprocess.run([sys.executable, "-c", "import sys; from importlinter.cli import lint_imports_command; "
-                           "sys.exit(lint_imports_command())"], cwd=root, env=env, capture_output=True, text=True)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from importlinter.cli import lint_imports_command; sys.exit(lint_imports_command())",
+        ],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
 
 
 def contract_layers() -> list:
@@ -78,8 +91,10 @@ def test_no_function_imports_the_projects_own_modules():
 
 def test_the_check_for_function_local_imports_finds_one(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("import os\nfrom ptq.errors import ConfigError\n\n\ndef f():\n    from ptq.plan import make_plan\n"
-                      "    import json\n    return make_plan, ConfigError, os, json\n")
+    sample.write_text(
+        "import os\nfrom ptq.errors import ConfigError\n\n\ndef f():\n    from ptq.plan import make_plan\n"
+        "    import json\n    return make_plan, ConfigError, os, json\n"
+    )
     assert _function_local_project_imports(sample, tmp_path) == ["sample.py:6 imports ptq.plan"]
 
 
@@ -121,26 +136,51 @@ def _backend_name_comparisons(path: Path, root: Path = REPO) -> list:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     found = []
     for node in ast.walk(tree):
-        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops):
+        if isinstance(node, ast.Compare) and any(
+            isinstance(op, (ast.Eq, ast.NotEq, ast.In, ast.NotIn)) for op in node.ops
+        ):
             parts = [node.left, *node.comparators]
             names = {p.value for p in parts if isinstance(p, ast.Constant)} & set(BACKEND_NAMES)
-            attribute = any(isinstance(p, ast.Attribute) and p.attr == "name" and isinstance(p.value, ast.Attribute)
-                            and p.value.attr == "backend" for p in parts)
+            attribute = any(
+                isinstance(p, ast.Attribute)
+                and p.attr == "name"
+                and isinstance(p.value, ast.Attribute)
+                and p.value.attr == "backend"
+                for p in parts
+            )
             if names or attribute:
                 found.append(f"{path.relative_to(root)}:{node.lineno}")
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "hasattr" and node.args
-                and isinstance(node.args[0], ast.Name) and node.args[0].id == "backend"):
+        if (
+            isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Name)
+            and node.func.id == "hasattr"
+            and node.args
+            and isinstance(node.args[0], ast.Name)
+            and node.args[0].id == "backend"
+        ):
             found.append(f"{path.relative_to(root)}:{node.lineno}")
     return found
 
 
 def test_no_module_outside_the_backends_compares_a_backends_name():
-    outside = [p for p in SOURCES if "ptq/backends/" not in p.as_posix() and not p.as_posix().endswith("ptq/backend_spec.py")]
+    outside = [
+        p for p in SOURCES if "ptq/backends/" not in p.as_posix() and not p.as_posix().endswith("ptq/backend_spec.py")
+    ]
     assert [hit for path in outside for hit in _backend_name_comparisons(path)] == []
 
 
 def test_the_check_for_backend_name_comparisons_finds_them(tmp_path):
     sample = tmp_path / "sample.py"
-    sample.write_text("def f(cfg, backend):\n    if cfg.backend.name == x:\n        pass\n"
-                      "    if y != 'megatron_bridge':\n        pass\n    return hasattr(backend, 'run_worker')\n")
+    sample.write_text(
+        "def f(cfg, backend):\n    if cfg.backend.name == x:\n        pass\n"
+        "    if y != 'megatron_bridge':\n        pass\n    return hasattr(backend, 'run_worker')\n"
+    )
     assert _backend_name_comparisons(sample, tmp_path) == ["sample.py:2", "sample.py:4", "sample.py:6"]
+
+
+def test_the_code_is_formatted_and_passes_the_linter():
+    """`ruff format` and `ruff check` as configured in pyproject.toml (line length 120; pyflakes, pycodestyle,
+    import order): run `ruff format . && ruff check --fix .` before committing when this fails."""
+    for command in (["format", "--check", "."], ["check", "."]):
+        done = subprocess.run([sys.executable, "-m", "ruff", *command], cwd=REPO, capture_output=True, text=True)
+        assert done.returncode == 0, f"ruff {' '.join(command)}:\n{done.stdout}{done.stderr}"

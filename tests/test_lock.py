@@ -28,9 +28,16 @@ def test_a_second_lock_on_a_held_folder_is_refused_naming_the_holder(tmp_path):
 
 
 def test_a_lock_left_by_a_killed_process_is_taken_over(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import sys, time; from ptq.lock import OutputLock; "
-                              f"OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)"],
-                             stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from ptq.lock import OutputLock; "
+            f"OutputLock({str(tmp_path)!r}).acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert child.stdout.readline().strip() == "held"
     assert live_holder(tmp_path)["pid"] == child.pid
     child.kill()
@@ -84,8 +91,12 @@ def test_a_failed_record_is_written_for_the_ended_job_even_while_its_heartbeat_i
     out = tmp_path / "runs" / "m" / "fp8"
     out.mkdir(parents=True)
     (out / LOCK_NAME).write_text(json.dumps({"host": "node7", "pid": 4242, "slurm_job": "77_3"}))
-    config = {"output_root": str(tmp_path / "runs"), "output_dir": str(out), "model": {"name": "m"},
-              "recipe": {"name": "fp8"}}
+    config = {
+        "output_root": str(tmp_path / "runs"),
+        "output_dir": str(out),
+        "model": {"name": "m"},
+        "recipe": {"name": "fp8"},
+    }
     assert record_failure(config, "Slurm job 80_0 ended CANCELLED") is None  # another job's live folder
     assert not (out / "run.json").exists()
     record = record_failure(config, "Slurm job 77_3 ended CANCELLED", ended_job="77_3")

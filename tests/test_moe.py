@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import compose_run, load_tensors, plan_for, small_run_overrides
+
 from ptq import layerkinds
 from ptq.errors import ConfigError
 from ptq.moe import coverage, warning
@@ -46,8 +46,17 @@ INDEX = {
 def test_layer_kinds_summarize_formats_parameters_and_experts():
     summary = layerkinds.summarize(INDEX)
     kinds = summary["kinds"]
-    assert list(kinds) == ["routed_expert", "shared_expert", "router", "mamba_in_proj", "mamba_out_proj",
-                           "mamba_conv1d", "attention", "embedding", "lm_head"]
+    assert list(kinds) == [
+        "routed_expert",
+        "shared_expert",
+        "router",
+        "mamba_in_proj",
+        "mamba_out_proj",
+        "mamba_conv1d",
+        "attention",
+        "embedding",
+        "lm_head",
+    ]
     # Two 4-bit codes per stored byte: 16 x 4 bytes hold a 16 x 8 weight.
     assert kinds["routed_expert"] == {"NVFP4": {"layers": 2, "params": 2 * 16 * 8}}
     assert kinds["shared_expert"] == {"FP8": {"layers": 1, "params": 128}}
@@ -58,8 +67,13 @@ def test_layer_kinds_summarize_formats_parameters_and_experts():
 
 def test_promises_are_checked_per_kind_and_experts_per_layer():
     summary = layerkinds.summarize(INDEX)
-    conservative = {"routed_expert": "quantized", "shared_expert": "quantized", "mamba_in_proj": "bf16",
-                    "attention": "bf16", "lm_head": "bf16"}
+    conservative = {
+        "routed_expert": "quantized",
+        "shared_expert": "quantized",
+        "mamba_in_proj": "bf16",
+        "attention": "bf16",
+        "lm_head": "bf16",
+    }
     assert layerkinds.promise_problems(summary, conservative, expected_experts=2) == []
     aggressive = dict(conservative, mamba_in_proj="quantized")
     [problem] = layerkinds.promise_problems(summary, aggressive, expected_experts=2)
@@ -81,14 +95,20 @@ def test_export_names_follow_the_checkpoints_top_level_name():
 def test_exclude_modules_with_modelopts_name_marker_are_repaired(tmp_path):
     marker = "\x00backbone.pt_name_sentinel"
     broken = [f"lm_head.{marker}", f"backbone.layers.0.{marker}*", f"backbone.layers.1.mixer.gate.{marker}"]
-    (tmp_path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8", "exclude_modules": broken}}))
-    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "modelopt", "exclude_modules": broken}}))
+    (tmp_path / "hf_quant_config.json").write_text(
+        json.dumps({"quantization": {"quant_algo": "FP8", "exclude_modules": broken}})
+    )
+    (tmp_path / "config.json").write_text(
+        json.dumps({"quantization_config": {"quant_method": "modelopt", "exclude_modules": broken}})
+    )
     (tmp_path / "config.json").chmod(0o640)
     index = {k: v for k, v in INDEX.items() if "layers.2" not in k and "experts" not in k and "shared" not in k}
     problems = exclude_problems(broken, index)
     assert "3 of 3 exclude_modules entries in hf_quant_config.json are not module names" in problems[0]
     # None of the BF16 layers is named by a broken entry.
-    assert problems[1].startswith("4 layers are stored in BF16 but hf_quant_config.json's exclude_modules does not name them")
+    assert problems[1].startswith(
+        "4 layers are stored in BF16 but hf_quant_config.json's exclude_modules does not name them"
+    )
 
     assert repair_exclude_modules(tmp_path) == broken
     fixed = ["lm_head", "backbone.layers.0.*", "backbone.layers.1.mixer.gate"]
@@ -125,20 +145,32 @@ def test_the_moe_recipes_promise_what_conservative_and_aggressive_mean():
     aggressive, _ = compose_run(["recipe=mamba_moe_fp8_aggressive"])
     assert conservative.recipe.layer_kinds["mamba_in_proj"] == "bf16"
     assert aggressive.recipe.layer_kinds["mamba_in_proj"] == "quantized"
-    assert all(r.recipe.layer_kinds[k] == "quantized" for r in (conservative, aggressive)
-               for k in ("routed_expert", "shared_expert"))
+    assert all(
+        r.recipe.layer_kinds[k] == "quantized"
+        for r in (conservative, aggressive)
+        for k in ("routed_expert", "shared_expert")
+    )
 
 
 # --- real ModelOpt quantization of tiny random-weight MoE models on the CPU -----------------------------------
 
+
 def nemotron_overrides(tmp_path, model_dir, recipe, *extra):
-    return small_run_overrides(tmp_path, "model=nemotron-3-nano-30b-a3b", f"model.path={model_dir}",
-                               "model.name=nemotron-tiny", "model.hf_id=null", f"recipe={recipe}", *extra)
+    return small_run_overrides(
+        tmp_path,
+        "model=nemotron-3-nano-30b-a3b",
+        f"model.path={model_dir}",
+        "model.name=nemotron-tiny",
+        "model.hf_id=null",
+        f"recipe={recipe}",
+        *extra,
+    )
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe,mamba_format", [("mamba_moe_fp8_conservative", "BF16"),
-                                                 ("mamba_moe_fp8_aggressive", "FP8"), ("fp8", "FP8")])
+@pytest.mark.parametrize(
+    "recipe,mamba_format", [("mamba_moe_fp8_conservative", "BF16"), ("mamba_moe_fp8_aggressive", "FP8"), ("fp8", "FP8")]
+)
 def test_nemotron_moe_quantizes_exports_and_validates_per_kind(recipe, mamba_format, nemotron_tiny_dir, tmp_path):
     from ptq.run import run
 
@@ -155,7 +187,9 @@ def test_nemotron_moe_quantizes_exports_and_validates_per_kind(recipe, mamba_for
     assert set(kinds["attention"]) == ({"BF16"} if recipe.startswith("mamba_moe") else {"FP8"})
     assert set(kinds["router"]) == set(kinds["mamba_conv1d"]) == set(kinds["lm_head"]) == {"BF16"}
     checkpoint = Path(record["checkpoint"])
-    tensors = load_tensors(checkpoint, [f"backbone.layers.4.mixer.experts.{i}.down_proj.weight_scale" for i in range(16)])
+    tensors = load_tensors(
+        checkpoint, [f"backbone.layers.4.mixer.experts.{i}.down_proj.weight_scale" for i in range(16)]
+    )
     assert len({float(t) for t in tensors.values()}) > 1  # each expert's own weight scale
     # ModelOpt's export writes NemotronH's exclude_modules with its name marker attached; the launcher repairs them.
     exclude = json.loads((checkpoint / "hf_quant_config.json").read_text())["quantization"]["exclude_modules"]
@@ -191,8 +225,10 @@ def test_an_expert_that_gets_no_calibration_tokens_is_reported(nemotron_tiny_dir
     assert "model.layers.1.mixer.experts.3" in summary["uncovered"]
     assert summary["counts"]["model.layers.1.mixer"][3] == 0
     assert summary["suggested_calib_size"] > 4
-    assert any("model.layers.1.mixer.experts.3" in r.getMessage() and "received no calibration tokens" in r.getMessage()
-               for r in caplog.records)
+    assert any(
+        "model.layers.1.mixer.experts.3" in r.getMessage() and "received no calibration tokens" in r.getMessage()
+        for r in caplog.records
+    )
     # Its weight scale still comes from its own weights, and the checkpoint validates.
     assert record["validation"]["passed"], record["validation"]["problems"]
     scale = load_tensors(Path(record["checkpoint"]), ["backbone.layers.1.mixer.experts.3.up_proj.weight_scale"])
@@ -203,8 +239,15 @@ def test_an_expert_that_gets_no_calibration_tokens_is_reported(nemotron_tiny_dir
 def test_qwen3_moe_gated_experts_export_per_expert(qwen3_moe_tiny_dir, tmp_path):
     from ptq.run import run
 
-    overrides = small_run_overrides(tmp_path, "model=qwen3-30b-a3b", f"model.path={qwen3_moe_tiny_dir}",
-                                    "model.name=qwen3-moe-tiny", "model.hf_id=null", "model.layer_widths=[]", "recipe=fp8")
+    overrides = small_run_overrides(
+        tmp_path,
+        "model=qwen3-30b-a3b",
+        f"model.path={qwen3_moe_tiny_dir}",
+        "model.name=qwen3-moe-tiny",
+        "model.hf_id=null",
+        "model.layer_widths=[]",
+        "recipe=fp8",
+    )
     record = run(*compose_run(overrides))
     assert record["status"] == "finished", record.get("error")
     assert record["validation"]["passed"], record["validation"]["problems"]
@@ -240,9 +283,18 @@ def test_report_shows_layer_kinds_per_variant():
             index["backbone.layers.0.mixer.in_proj.weight"] = entry("F8_E4M3", 40, 8)
         return {"validation": {"layer_kinds": layerkinds.summarize(index)}}
 
-    dense = {"validation": {"layer_kinds": layerkinds.summarize({"model.layers.0.mlp.up_proj.weight": entry("F8_E4M3", 8, 8)})}}
-    kept = pd.DataFrame({"index": [0, 1, 2], "model": ["nano", "nano", "llama"],
-                         "variant": ["conservative@256", "aggressive@256", "fp8@256"]})
+    dense = {
+        "validation": {
+            "layer_kinds": layerkinds.summarize({"model.layers.0.mlp.up_proj.weight": entry("F8_E4M3", 8, 8)})
+        }
+    }
+    kept = pd.DataFrame(
+        {
+            "index": [0, 1, 2],
+            "model": ["nano", "nano", "llama"],
+            "variant": ["conservative@256", "aggressive@256", "fp8@256"],
+        }
+    )
     rows = _layer_kinds([record(False), record(True), dense], kept)
     assert set(rows["model"]) == {"nano"}  # a dense model gets no layer-kind table
     table = layer_kind_table(rows, "nano").set_index("layer kind")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, compose_run, load_tensors, small_run_overrides
+
 from ptq import models
 from ptq.run import run
 
@@ -22,8 +22,9 @@ pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minu
 
 
 def tiny(tmp_path, tiny_llama_dir, *extra, root="runs"):
-    overrides = small_run_overrides(tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama",
-                                    "model.layer_widths=[]", *extra)
+    overrides = small_run_overrides(
+        tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]", *extra
+    )
     # small_run_overrides puts every run under tmp_path/runs; a second root keeps the separate-load runs apart.
     return [o.replace(str(tmp_path / "runs"), str(tmp_path / root)) for o in overrides]
 
@@ -38,8 +39,9 @@ def empty_model_cache():
 def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ptq")
     before = dict(models.load_counts)
-    packed = {recipe: run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}")))
-              for recipe in ("fp8", "int4_awq")}
+    packed = {
+        recipe: run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}"))) for recipe in ("fp8", "int4_awq")
+    }
     assert models.load_counts["disk"] - before["disk"] == 1  # two runs, one load
     assert models.load_counts["copy"] - before["copy"] == 1
     assert packed["fp8"]["details"]["model_load"]["from"] == "disk" and packed["fp8"]["details"]["model_load"]["kept"]
@@ -47,7 +49,9 @@ def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, 
     assert "Keeping the BF16 model for later runs" in caplog.text
     # The BF16 fidelity reference is computed once too.
     assert "Using the BF16 fidelity reference computed earlier" in caplog.text
-    assert all(r["fidelity"]["bf16_perplexity"] == packed["fp8"]["fidelity"]["bf16_perplexity"] for r in packed.values())
+    assert all(
+        r["fidelity"]["bf16_perplexity"] == packed["fp8"]["fidelity"]["bf16_perplexity"] for r in packed.values()
+    )
 
     # Each run's quantized copy is gone once the run is over (nothing pins it: see import_modelopt).
     gc.collect()
@@ -56,7 +60,7 @@ def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, 
         assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "weight_quantizer")]
 
     # The pristine model is untouched by quantizing the copies: no quantizers, the checkpoint's weights.
-    (pristine, _, _), = models._pristine.values()
+    ((pristine, _, _),) = models._pristine.values()
     assert not any(hasattr(m, "weight_quantizer") or hasattr(m, "input_quantizer") for m in pristine.modules())
     assert all(type(m) is torch.nn.Linear for n, m in pristine.named_modules() if n.endswith("_proj"))
     original = load_tensors(tiny_llama_dir)
@@ -66,8 +70,11 @@ def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, 
     # The same recipes with the model loaded afresh for each run give the same checkpoints and numbers.
     models.clear_model_cache()
     for recipe in ("fp8", "int4_awq"):
-        alone = run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false",
-                                      root="alone")))
+        alone = run(
+            *compose_run(
+                tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false", root="alone")
+            )
+        )
         assert alone["details"]["model_load"]["from"] == "disk" and not models._pristine
         assert alone["fidelity"] == packed[recipe]["fidelity"]
         a, b = load_tensors(Path(alone["checkpoint"])), load_tensors(Path(packed[recipe]["checkpoint"]))
@@ -78,7 +85,9 @@ def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, 
 def test_switch_off_loads_every_run(tiny_llama_dir, tmp_path):
     before = models.load_counts["disk"]
     for recipe in ("fp8", "int8_sq"):
-        record = run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false")))
+        record = run(
+            *compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false"))
+        )
         assert record["status"] == "finished"
     assert models.load_counts["disk"] - before == 2 and not models._pristine
 
@@ -98,9 +107,18 @@ def test_no_copy_is_kept_when_two_do_not_fit(tiny_llama_dir, tmp_path, caplog, m
 def test_a_hydra_sweep_loads_the_model_once(tiny_llama_dir, tmp_path):
     """`launch.py -m`: Hydra's basic launcher runs the points in one process, so the second point gets a copy."""
     proc = subprocess.run(
-        [sys.executable, "launch.py", "-m", "recipe=fp8,int8_sq", *tiny(tmp_path, tiny_llama_dir),
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "launch.py",
+            "-m",
+            "recipe=fp8,int8_sq",
+            *tiny(tmp_path, tiny_llama_dir),
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr
@@ -112,4 +130,3 @@ def test_a_hydra_sweep_loads_the_model_once(tiny_llama_dir, tmp_path):
         assert record["status"] == "finished"
         loads[recipe] = record["details"]["model_load"]["from"]
     assert loads == {"fp8": "disk", "int8_sq": "copy"}
-

@@ -7,11 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import REPO, compose_run, plan_for
+
 from ptq.errors import ConfigError
 from ptq.plan import Facts, choose_awq_block_size, layer_widths_from_config
-
 
 
 def test_default_plan_runs_fp8_on_cpu_from_the_gguf_package():
@@ -70,7 +69,9 @@ def test_widths_come_from_a_local_config_json(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     facts = Facts(local_model_ok=True, local_layer_widths=[576, 1536])
     with pytest.raises(ConfigError, match="awq_block_size=128"):
-        plan_for([f"model.path={tmp_path}", "model.layer_widths=[]", "recipe=int4_awq", "recipe.awq_block_size=128"], facts)
+        plan_for(
+            [f"model.path={tmp_path}", "model.layer_widths=[]", "recipe=int4_awq", "recipe.awq_block_size=128"], facts
+        )
 
 
 @pytest.mark.parametrize("relation", ["same", "inside", "contains"])
@@ -78,18 +79,23 @@ def test_output_never_overlaps_the_source_checkpoint(tmp_path, relation):
     source = tmp_path / "model"
     output = {"same": source, "inside": source / "quantized", "contains": tmp_path}[relation]
     with pytest.raises(ConfigError, match="never written to"):
-        plan_for([f"model.path={source}", f"output_dir={output}", f"output_root={tmp_path.parent}"],
-                 Facts(local_model_ok=True))
+        plan_for(
+            [f"model.path={source}", f"output_dir={output}", f"output_root={tmp_path.parent}"],
+            Facts(local_model_ok=True),
+        )
 
 
-@pytest.mark.parametrize("override,message", [
-    ("model.name=../../../../tmp/escaped", "model.name='../../../../tmp/escaped' names a folder"),
-    ("recipe.name=a/b", "recipe.name='a/b' names a folder"),
-    ("model.name=..", "model.name='..' names a folder"),
-    ("output_dir=/", "output_dir=/ is not inside output_root"),
-    ("output_dir=/tmp/elsewhere", "output_dir=/tmp/elsewhere is not inside output_root"),
-    ("output_dir=${output_root}", "is not inside output_root"),
-])
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("model.name=../../../../tmp/escaped", "model.name='../../../../tmp/escaped' names a folder"),
+        ("recipe.name=a/b", "recipe.name='a/b' names a folder"),
+        ("model.name=..", "model.name='..' names a folder"),
+        ("output_dir=/", "output_dir=/ is not inside output_root"),
+        ("output_dir=/tmp/elsewhere", "output_dir=/tmp/elsewhere is not inside output_root"),
+        ("output_dir=${output_root}", "is not inside output_root"),
+    ],
+)
 def test_paths_that_leave_their_root_are_refused(override, message):
     with pytest.raises(ConfigError) as refused:
         plan_for([override])
@@ -106,19 +112,31 @@ def test_missing_gguf_package_names_the_install_command():
         plan_for([], Facts(gguf_path=None))
 
 
-@pytest.mark.parametrize("override,key", [("calib.size=0", "calib.size=0"), ("calib.seq_len=-1", "calib.seq_len"),
-                                          ("calib.batch_size=-2", "calib.batch_size"), ("fidelity.samples=0", "fidelity.samples"),
-                                          ])
+@pytest.mark.parametrize(
+    "override,key",
+    [
+        ("calib.size=0", "calib.size=0"),
+        ("calib.seq_len=-1", "calib.seq_len"),
+        ("calib.batch_size=-2", "calib.batch_size"),
+        ("fidelity.samples=0", "fidelity.samples"),
+    ],
+)
 def test_bad_numbers(override, key):
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         plan_for([override])
 
 
-@pytest.mark.parametrize("override,choices", [
-    ("recipe.kv_cache=int2", "none, fp8, nvfp4, nvfp4_affine, nvfp4_rotate"), ("model.arch=rnn", "dense, moe, mamba_hybrid"),
-    ("backend.name=vllm", "hf_modelopt, megatron_bridge"), ("hardware.device=tpu", "cpu, cuda"),
-    ("hardware.dtype=int8", "float32, bfloat16, float16"), ("recipe.score_method=hessian", "gradient, kl_div"),
-])
+@pytest.mark.parametrize(
+    "override,choices",
+    [
+        ("recipe.kv_cache=int2", "none, fp8, nvfp4, nvfp4_affine, nvfp4_rotate"),
+        ("model.arch=rnn", "dense, moe, mamba_hybrid"),
+        ("backend.name=vllm", "hf_modelopt, megatron_bridge"),
+        ("hardware.device=tpu", "cpu, cuda"),
+        ("hardware.dtype=int8", "float32, bfloat16, float16"),
+        ("recipe.score_method=hessian", "gradient, kl_div"),
+    ],
+)
 def test_closed_choices_are_refused_when_hydra_composes(override, choices):
     """Closed choices are enums in the schema: Hydra refuses another value before any planning, naming the valid ones."""
     from omegaconf.errors import ValidationError
@@ -154,15 +172,32 @@ def test_finished_output_of_another_config_is_refused_not_skipped():
     same = {"status": "finished", "config_hash": config_hash(asdict(cfg)), "config": resolved}
     assert plan_for([], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
     # Launch settings are not part of what a run makes: a Slurm re-run of a local point still skips it.
-    assert plan_for(["cluster=slurm", "hydra.launcher.mem_gb=9"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
+    assert (
+        plan_for(["cluster=slurm", "hydra.launcher.mem_gb=9"], Facts(gguf_path="/x.gguf", existing_record=same)).action
+        == "skip"
+    )
     with pytest.raises(ConfigError, match=r"different config \(differs in: fidelity.samples\).*overwrite=true"):
         plan_for(["fidelity.samples=4"], Facts(gguf_path="/x.gguf", existing_record=same))
-    assert plan_for(["fidelity.samples=4", "overwrite=true"], Facts(gguf_path="/x.gguf", existing_record=same)).action == "run"
+    assert (
+        plan_for(["fidelity.samples=4", "overwrite=true"], Facts(gguf_path="/x.gguf", existing_record=same)).action
+        == "run"
+    )
 
 
 def test_cli_refuses_bad_input_before_loading_and_writes_nothing(tmp_path):
-    proc = subprocess.run([sys.executable, "launch.py", "recipe=nvfp4", f"output_root={tmp_path / 'runs'}",
-                           f"cache_dir={tmp_path / 'cache'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "recipe=nvfp4",
+            f"output_root={tmp_path / 'runs'}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "error: recipe=nvfp4" in proc.stderr and "CUDA" in proc.stderr
     assert not (tmp_path / "runs" / "smollm2-135m" / "nvfp4-kv_none-calib16x128" / "run.json").exists()
@@ -180,8 +215,13 @@ def test_dry_run_of_the_in_process_backend_describes_it_and_writes_nothing(tmp_p
 
 
 def test_cli_unknown_option_lists_choices(tmp_path):
-    proc = subprocess.run([sys.executable, "launch.py", "hardware=h300", f"output_root={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "hardware=h300", f"output_root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode != 0
     assert "hardware/h300" in proc.stderr and "h100" in proc.stderr and "gb200" in proc.stderr
 
@@ -191,7 +231,9 @@ def test_a_gpu_memory_cap_too_small_for_the_weights_is_refused_before_loading():
     base = ["model=llama3.2-1b", "hardware=h200", "model.hf_id=meta-llama/Llama-3.2-1B"]
     # 1.24 B parameters are 2.3 GiB in BF16: 1.5 GiB on each of two GPUs holds them, on one GPU it does not.
     assert plan_for(base + ["backend.max_gpu_memory_gb=1.5"], two_gpus).action == "run"
-    with pytest.raises(ConfigError, match=r"max_gpu_memory_gb=1.5 on 1 GPU\(s\) leaves 1.5 GiB .* 2.3 GiB .* at least 3"):
+    with pytest.raises(
+        ConfigError, match=r"max_gpu_memory_gb=1.5 on 1 GPU\(s\) leaves 1.5 GiB .* 2.3 GiB .* at least 3"
+    ):
         plan_for(base + ["backend.max_gpu_memory_gb=1.5"], Facts(cuda_available=True, gpu_count=1))
     with pytest.raises(ConfigError, match="must be 0 \\(no cap\\) or a positive number"):
         plan_for(base + ["backend.max_gpu_memory_gb=-1"], two_gpus)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_overrides
+
 from ptq.errors import ConfigError
 from ptq.run import run
 
@@ -56,7 +56,9 @@ def check_export(record: dict, recipe: str, layer: str, out_features: int, in_fe
     # model measured in memory.
     written = fid["exported_checkpoint"]
     if written["check"] == "stored weights":
-        assert written["applicable"] and written["problems"] == [] and written["layers"] == record["layers"]["quantized"]
+        assert (
+            written["applicable"] and written["problems"] == [] and written["layers"] == record["layers"]["quantized"]
+        )
         assert all(0 < error < 0.1 for error in written["max_relative_error"].values())
     else:
         assert written["check"] == "full read-back" and "fallback_reason" in written
@@ -69,8 +71,15 @@ def check_export(record: dict, recipe: str, layer: str, out_features: int, in_fe
 
 @pytest.mark.parametrize("recipe", CPU_RECIPES)
 def test_tiny_llama_quantizes_and_exports(recipe, tiny_llama_dir, tmp_path):
-    cfg, config = compose_run(small_run_overrides(tmp_path, f"recipe={recipe}", f"model.path={tiny_llama_dir}",
-                                                  "model.name=tiny-llama", "model.layer_widths=[]"))
+    cfg, config = compose_run(
+        small_run_overrides(
+            tmp_path,
+            f"recipe={recipe}",
+            f"model.path={tiny_llama_dir}",
+            "model.name=tiny-llama",
+            "model.layer_widths=[]",
+        )
+    )
     record = run(cfg, config)
     assert record["details"]["awq_block_size"] == (128 if "awq" in recipe else None)
     check_export(record, recipe, "model.layers.1.mlp.down_proj", 128, 384, record["details"]["awq_block_size"])
@@ -78,8 +87,11 @@ def test_tiny_llama_quantizes_and_exports(recipe, tiny_llama_dir, tmp_path):
 
 
 def test_fp8_weights_dequantize_to_the_originals(tiny_llama_dir, tmp_path):
-    cfg, config = compose_run(small_run_overrides(tmp_path, "recipe=fp8", f"model.path={tiny_llama_dir}",
-                                                  "model.name=tiny-llama", "model.layer_widths=[]"))
+    cfg, config = compose_run(
+        small_run_overrides(
+            tmp_path, "recipe=fp8", f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"
+        )
+    )
     record = run(cfg, config)
     exported = load_tensors(Path(record["checkpoint"]))
     original = load_tensors(tiny_llama_dir)
@@ -118,8 +130,9 @@ def test_bf16_recipe_and_fp8_kv_cache(smollm2_dir, tmp_path):
 
 def test_finished_run_is_skipped_and_overwrite_reruns(tiny_llama_dir, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="ptq")
-    overrides = small_run_overrides(tmp_path, "recipe=fp8", f"model.path={tiny_llama_dir}", "model.name=tiny-llama",
-                                    "model.layer_widths=[]")
+    overrides = small_run_overrides(
+        tmp_path, "recipe=fp8", f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]"
+    )
     first = run(*compose_run(overrides))
     again = run(*compose_run(overrides))
     assert again["finished_at"] == first["finished_at"]
@@ -132,8 +145,14 @@ def test_finished_run_is_skipped_and_overwrite_reruns(tiny_llama_dir, tmp_path, 
 def test_failure_mid_run_leaves_a_failed_record_and_no_finished_checkpoint(tiny_llama_dir, tmp_path):
     # The config claims widths an AWQ block of 128 divides, but the real layers are 128 and 384:
     # 256 does not divide them, so the check on the loaded model fails before calibration.
-    overrides = small_run_overrides(tmp_path, "recipe=int4_awq", f"model.path={tiny_llama_dir}", "model.name=tiny-llama",
-                                    "model.layer_widths=[256]", "recipe.awq_block_size=256")
+    overrides = small_run_overrides(
+        tmp_path,
+        "recipe=int4_awq",
+        f"model.path={tiny_llama_dir}",
+        "model.name=tiny-llama",
+        "model.layer_widths=[256]",
+        "recipe.awq_block_size=256",
+    )
     with pytest.raises(ConfigError, match="does not divide the input width"):
         run(*compose_run(overrides))
     out = next((tmp_path / "runs" / "tiny-llama").iterdir())
@@ -145,17 +164,37 @@ def test_failure_mid_run_leaves_a_failed_record_and_no_finished_checkpoint(tiny_
 
 def test_source_checkpoint_is_untouched(tiny_llama_dir, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()}
-    run(*compose_run(small_run_overrides(tmp_path, "recipe=int8_sq", f"model.path={tiny_llama_dir}",
-                                         "model.name=tiny-llama", "model.layer_widths=[]")))
+    run(
+        *compose_run(
+            small_run_overrides(
+                tmp_path,
+                "recipe=int8_sq",
+                f"model.path={tiny_llama_dir}",
+                "model.name=tiny-llama",
+                "model.layer_widths=[]",
+            )
+        )
+    )
     assert {p.name: p.stat().st_mtime_ns for p in tiny_llama_dir.iterdir()} == before
 
 
 def test_launch_py_runs_end_to_end_with_self_sampled_calibration(smollm2_dir, tmp_path):
     """The README's main command, shrunk: offline default data (text the model samples itself)."""
     proc = subprocess.run(
-        [sys.executable, "launch.py", f"output_root={tmp_path / 'runs'}", f"cache_dir={TEST_CACHE}",
-         "calib.size=4", "calib.seq_len=32", "fidelity.samples=2", "fidelity.seq_len=32"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "launch.py",
+            f"output_root={tmp_path / 'runs'}",
+            f"cache_dir={TEST_CACHE}",
+            "calib.size=4",
+            "calib.seq_len=32",
+            "fidelity.samples=2",
+            "fidelity.seq_len=32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((tmp_path / "runs" / "smollm2-135m" / "fp8-kv_none-calib4x32" / "run.json").read_text())
@@ -169,10 +208,21 @@ def test_launch_py_runs_end_to_end_with_self_sampled_calibration(smollm2_dir, tm
 def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):
     """Hydra multirun: an impossible point (nvfp4 on the CPU) is refused and the others still run."""
     proc = subprocess.run(
-        [sys.executable, "launch.py", "-m", "recipe=nvfp4,fp8", *small_run_overrides(tmp_path),
-         f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "model.layer_widths=[]",
-         f"hydra.sweep.dir={tmp_path / 'sweep'}"],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "launch.py",
+            "-m",
+            "recipe=nvfp4,fp8",
+            *small_run_overrides(tmp_path),
+            f"model.path={tiny_llama_dir}",
+            "model.name=tiny-llama",
+            "model.layer_widths=[]",
+            f"hydra.sweep.dir={tmp_path / 'sweep'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     output = proc.stdout + proc.stderr  # Hydra's job log goes to stdout in a sweep
@@ -187,8 +237,13 @@ def test_sweep_finishes_the_points_that_can_run(tiny_llama_dir, tmp_path):
     # The sweep folder: a manifest that `python -m ptq.status` follows, and no empty per-point folders.
     sweep = tmp_path / "sweep"
     assert sorted(p.name for p in sweep.iterdir()) == ["multirun.yaml", "sweep.json"]
-    status = subprocess.run([sys.executable, "-m", "ptq.status", str(sweep), "--json"], cwd=REPO, capture_output=True,
-                            text=True, timeout=120)
+    status = subprocess.run(
+        [sys.executable, "-m", "ptq.status", str(sweep), "--json"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert status.returncode == 0, status.stderr
     states = {row["point"]: row["state"] for row in json.loads(status.stdout)}
     assert states == {"recipe=nvfp4": "failed", "recipe=fp8": "finished"}

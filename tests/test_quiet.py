@@ -9,12 +9,18 @@ import sys
 import warnings
 
 from conftest import REPO
+
 from ptq.run import run_log
 
 
 def test_a_refusal_is_printed_once(tmp_path):
-    done = subprocess.run([sys.executable, "launch.py", "calib.size=0", f"output_root={tmp_path}"], cwd=REPO,
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "launch.py", "calib.size=0", f"output_root={tmp_path}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 1
     said = done.stdout + done.stderr
     assert said.count("calibration needs at least 1 sample") == 1, said
@@ -36,13 +42,23 @@ def test_library_warnings_go_to_run_log_only(tmp_path):
         deepspeed.removeHandler(handler)
     assert console.getvalue() == ""
     text = (tmp_path / "run.log").read_text()
-    for line in ("Setting accelerator to CPU", "a library's UserWarning", "said during the run", "the launcher's own line"):
+    for line in (
+        "Setting accelerator to CPU",
+        "a library's UserWarning",
+        "said during the run",
+        "the launcher's own line",
+    ):
         assert line in text
 
 
 def test_a_dry_run_sweep_leaves_no_folders(tmp_path):
-    done = subprocess.run([sys.executable, "launch.py", "-m", "recipe=fp8,int8_sq", "dry_run=true",
-                           f"output_root={tmp_path / 'runs'}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "launch.py", "-m", "recipe=fp8,int8_sq", "dry_run=true", f"output_root={tmp_path / 'runs'}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "quantize with INT8_SMOOTHQUANT_CFG" in done.stdout + done.stderr
     assert not (tmp_path / "runs" / "sweeps").exists()
@@ -69,8 +85,10 @@ def test_a_forked_worker_dies_of_sigterm_instead_of_raising_the_runs_exception()
 def test_a_template_with_a_literal_backslash_n_is_warned_about():
     from conftest import plan_for
 
-    literal = ('eval.benchmarks=[{name: boolq, kind: multiple_choice, format: jsonl, path: /x.jsonl, '
-               'template: "{passage}\\nQuestion: {question}?\\nAnswer:"}]')
+    literal = (
+        "eval.benchmarks=[{name: boolq, kind: multiple_choice, format: jsonl, path: /x.jsonl, "
+        'template: "{passage}\\nQuestion: {question}?\\nAnswer:"}]'
+    )
     real = literal.replace("\\n", "\n")
     warned = [w for w in plan_for(["eval=local_quick", literal]).warnings if "backslash followed by n" in w]
     assert len(warned) == 1 and "boolq" in warned[0] and "$'...'" in warned[0]

@@ -7,8 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import GPU_FACTS, REPO, compose_run, plan_for, small_run_overrides
+
 from ptq import recipe_files
 from ptq.errors import ConfigError
 
@@ -34,16 +34,25 @@ def test_a_users_file_is_named_by_its_name_and_content_so_an_edit_gets_its_own_f
     assert recipe_files.recipe_name(str(mine)) != first
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (["recipe=modelopt"], "recipe=modelopt runs a ModelOpt recipe file: name it with recipe.modelopt_recipe="),
-    (["recipe=modelopt", "recipe.modelopt_recipe=general/ptq/no_such_recipe"], "no such recipe file"),
-    (["recipe=modelopt", "recipe.modelopt_recipe=general/auto_quantize/nvfp4_fp8_at_5p4bits"],
-     "is an auto_quantize recipe"),
-    (["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "recipe.modelopt_cfg=FP8_DEFAULT_CFG"],
-     "sets both recipe.modelopt_cfg=FP8_DEFAULT_CFG and recipe.modelopt_recipe"),
-    (["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "backend=megatron_bridge", "hardware=h100"],
-     "Megatron-Bridge's quantize step takes its own format names"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["recipe=modelopt"], "recipe=modelopt runs a ModelOpt recipe file: name it with recipe.modelopt_recipe="),
+        (["recipe=modelopt", "recipe.modelopt_recipe=general/ptq/no_such_recipe"], "no such recipe file"),
+        (
+            ["recipe=modelopt", "recipe.modelopt_recipe=general/auto_quantize/nvfp4_fp8_at_5p4bits"],
+            "is an auto_quantize recipe",
+        ),
+        (
+            ["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "recipe.modelopt_cfg=FP8_DEFAULT_CFG"],
+            "sets both recipe.modelopt_cfg=FP8_DEFAULT_CFG and recipe.modelopt_recipe",
+        ),
+        (
+            ["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "backend=megatron_bridge", "hardware=h100"],
+            "Megatron-Bridge's quantize step takes its own format names",
+        ),
+    ],
+)
 def test_bad_recipe_file_settings_are_refused_when_planning(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         plan_for(overrides, GPU_FACTS)
@@ -62,7 +71,10 @@ def test_recipe_equals_a_file_is_the_shortcut_for_recipe_modelopt(tmp_path):
 
     file = tmp_path / "r.yaml"
     assert recipe_file_shortcut([f"recipe={file}", "calib.size=8"]) == [
-        "recipe=modelopt", f"recipe.modelopt_recipe={file}", "calib.size=8"]
+        "recipe=modelopt",
+        f"recipe.modelopt_recipe={file}",
+        "calib.size=8",
+    ]
     assert recipe_file_shortcut(["recipe=fp8", "recipe.kv_cache=fp8"]) == ["recipe=fp8", "recipe.kv_cache=fp8"]
 
 
@@ -115,6 +127,7 @@ def test_running_the_written_recipe_file_again_reproduces_the_checkpoint_bit_for
 
     def applied(record):
         return QuantizeConfig(**record["details"]["applied_recipe"]["quantize"]).model_dump()
+
     assert applied(again) == applied(first)
     made = {p.name: p.read_bytes() for p in Path(first["checkpoint"]).glob("*.safetensors")}
     remade = {p.name: p.read_bytes() for p in Path(again["checkpoint"]).glob("*.safetensors")}

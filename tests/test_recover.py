@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
 from transformers import PreTrainedModel
 
-from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
 from ptq.errors import ConfigError
 from ptq.exported import check_stored_weights
 from ptq.formats import STORED_WEIGHTS_CHECK
@@ -18,18 +18,21 @@ from ptq.report.read import variant_label
 from ptq.run import run
 
 
-@pytest.mark.parametrize("overrides, needle", [
-    (["recover=qad", "recover.steps=0"], "recover.steps=0"),
-    (["recover=qat", "recover.steps=-5"], "recover.steps=-5"),
-    (["recover=qat", "recover.lr=-1e-5"], "recover.lr=-1e-05"),
-    (["recover=qad", "recover.lr=0"], "recover.lr=0"),
-    (["recover=qad", "recover.warmup_ratio=1.5"], "recover.warmup_ratio=1.5"),
-    (["recover=qad", "recover.temperature=0"], "recover.temperature=0"),
-    (["recover=qat", "recover.batch_size=-1"], "recover.batch_size=-1"),
-    (["recover=qat", "recover.seq_len=1"], "recover.seq_len=1"),
-    (["recover=qad", "recipe=bf16"], "recipe=bf16 quantizes nothing"),
-    (["recover=qad", "recover.text=cnn_dailymail"], "recover.text=cnn_dailymail"),
-])
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["recover=qad", "recover.steps=0"], "recover.steps=0"),
+        (["recover=qat", "recover.steps=-5"], "recover.steps=-5"),
+        (["recover=qat", "recover.lr=-1e-5"], "recover.lr=-1e-05"),
+        (["recover=qad", "recover.lr=0"], "recover.lr=0"),
+        (["recover=qad", "recover.warmup_ratio=1.5"], "recover.warmup_ratio=1.5"),
+        (["recover=qad", "recover.temperature=0"], "recover.temperature=0"),
+        (["recover=qat", "recover.batch_size=-1"], "recover.batch_size=-1"),
+        (["recover=qat", "recover.seq_len=1"], "recover.seq_len=1"),
+        (["recover=qad", "recipe=bf16"], "recipe=bf16 quantizes nothing"),
+        (["recover=qad", "recover.text=cnn_dailymail"], "recover.text=cnn_dailymail"),
+    ],
+)
 def test_bad_recovery_settings_are_refused_when_planning(overrides, needle):
     with pytest.raises(ConfigError) as err:
         plan_for(overrides)
@@ -81,8 +84,17 @@ def test_qad_lowers_the_held_out_kl_of_int4_awq(tmp_path, smollm2_dir):
     on the held-out fidelity text (another text) drops below the same run's PTQ KL, the export validates, and the
     checkpoint as written scores like the trained model in memory."""
     overrides = small_run_overrides(
-        tmp_path, f"model.path={smollm2_dir}", "recipe=int4_awq", "calib.size=8", "fidelity.samples=4",
-        "recover=qad", "recover.steps=20", "recover.batch_size=4", "recover.seq_len=64", "recover.lr=1e-4")
+        tmp_path,
+        f"model.path={smollm2_dir}",
+        "recipe=int4_awq",
+        "calib.size=8",
+        "fidelity.samples=4",
+        "recover=qad",
+        "recover.steps=20",
+        "recover.batch_size=4",
+        "recover.seq_len=64",
+        "recover.lr=1e-4",
+    )
     cfg, resolved = compose_run(overrides)
     record = run(cfg, resolved)
     assert record["status"] == "finished", record.get("error")
@@ -115,9 +127,18 @@ def test_qat_on_fp8_trains_and_the_stored_weights_match_the_trained_ones(tmp_pat
     text = tmp_path / "train.txt"
     text.write_text("".join(f"Line {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n" for i in range(400)))
     overrides = small_run_overrides(
-        tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qat",
-        "recover.steps=3", "recover.batch_size=2", "recover.seq_len=32", f"recover.text={text}", "recover.lr=1e-2",
-        "recover.samples=5")
+        tmp_path,
+        f"model.path={tiny_llama_dir}",
+        "model.name=tiny-llama",
+        "recipe=fp8",
+        "recover=qat",
+        "recover.steps=3",
+        "recover.batch_size=2",
+        "recover.seq_len=32",
+        f"recover.text={text}",
+        "recover.lr=1e-2",
+        "recover.samples=5",
+    )
     cfg, resolved = compose_run(overrides)
     record = run(cfg, resolved)
     assert record["status"] == "finished", record.get("error")
@@ -143,10 +164,19 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
     """QAD distils from the pristine BF16 model this process keeps (no copy) and hands it on unchanged: trainable
     as before, and transformers' loading no longer patched by ModelOpt's trainer; without a kept model, from a
     second copy made before quantizing."""
+
     def qad(*extra):
         overrides = small_run_overrides(
-            tmp_path, f"model.path={tiny_llama_dir}", "model.name=tiny-llama", "recipe=fp8", "recover=qad",
-            "recover.steps=2", "recover.batch_size=2", "recover.seq_len=32", *extra)
+            tmp_path,
+            f"model.path={tiny_llama_dir}",
+            "model.name=tiny-llama",
+            "recipe=fp8",
+            "recover=qad",
+            "recover.steps=2",
+            "recover.batch_size=2",
+            "recover.seq_len=32",
+            *extra,
+        )
         cfg, resolved = compose_run(overrides)
         record = run(cfg, resolved)
         assert record["status"] == "finished", record.get("error")
@@ -154,8 +184,9 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
 
     kept = qad()
     assert kept["teacher"].startswith("the pristine BF16 model this process keeps")
-    teacher = kept_model(ModelSource("local", str(tiny_llama_dir)), device="cpu", dtype="float32",
-                         trust_remote_code=False)
+    teacher = kept_model(
+        ModelSource("local", str(tiny_llama_dir)), device="cpu", dtype="float32", trust_remote_code=False
+    )
     assert teacher is not None and all(p.requires_grad for p in teacher.parameters())
     assert "_modelopt_cache" not in PreTrainedModel.__dict__
     copied = qad("backend.reuse_loaded_model=false", "recover.seed=99")
@@ -175,9 +206,22 @@ def test_a_sweep_over_recovery_settings_launches_the_plain_ptq_point_once(tmp_pa
 
     from conftest import REPO
 
-    done = subprocess.run([sys.executable, "launch.py", "-m", "recipe=int4_awq", "recover=none,qad",
-                           "recover.steps=10,20", "dry_run=true", f"output_root={tmp_path}"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "launch.py",
+            "-m",
+            "recipe=int4_awq",
+            "recover=none,qad",
+            "recover.steps=10,20",
+            "dry_run=true",
+            f"output_root={tmp_path}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     out = done.stdout + done.stderr
     assert done.returncode == 0, out
     # recover=none ignores recover.steps: 2 x 2 combinations are 3 checkpoints (PTQ, QAD 10, QAD 20).

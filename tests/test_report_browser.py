@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_report import PNG_MAGIC, REPO, sweep  # noqa: F401  (sweep: the fixture of synthetic run records)
 
 pytestmark = pytest.mark.slow  # installs a browser on first use
@@ -45,8 +44,10 @@ def browser():
         _unavailable("selenium is not installed (pip install -e '.[test]')")
     done = subprocess.run(["bash", str(SCRIPT), "--check"], capture_output=True, text=True, timeout=60)
     if done.returncode != 0:
-        _unavailable(f"no headless browser ({done.stderr.strip()}): install it with `bash scripts/test-services.sh up` "
-                      "(needs root and apt-get)")
+        _unavailable(
+            f"no headless browser ({done.stderr.strip()}): install it with `bash scripts/test-services.sh up` "
+            "(needs root and apt-get)"
+        )
     chromium, chromedriver = done.stdout.split()
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
@@ -89,10 +90,12 @@ def open_page(driver, path: Path) -> dict:
         "references": driver.execute_script(
             "return [...document.querySelectorAll('[src],[href],[srcset],[data],[poster]')].flatMap(e => "
             "['src', 'href', 'srcset', 'data', 'poster'].filter(a => e.hasAttribute(a))"
-            ".map(a => e.tagName.toLowerCase() + ' ' + a + '=' + e.getAttribute(a).slice(0, 40)))"),
+            ".map(a => e.tagName.toLowerCase() + ' ' + a + '=' + e.getAttribute(a).slice(0, 40)))"
+        ),
         "style_sheets": driver.execute_script(
             "return [...document.styleSheets].map(s => { let text = null; try { text = [...s.cssRules]"
-            ".map(r => r.cssText).join(' '); } catch (e) {} return [s.href, text]; })"),
+            ".map(r => r.cssText).join(' '); } catch (e) {} return [s.href, text]; })"
+        ),
     }
 
 
@@ -100,8 +103,11 @@ def problems(page: dict) -> list:
     """Everything that says the page did not load whole and self-contained; [] when it did."""
     found = [f"console error: {e}" for e in page["errors"]]
     found += [f"fetched: {url[:80]}" for url in page["requests"] if url != page["url"] and not url.startswith("data:")]
-    found += [f"points outside the page: {ref}" for ref in page["references"]
-              if not ref.split("=", 1)[1].startswith(("data:", "#"))]
+    found += [
+        f"points outside the page: {ref}"
+        for ref in page["references"]
+        if not ref.split("=", 1)[1].startswith(("data:", "#"))
+    ]
     found += [f"style sheet from {href}" for href, _ in page["style_sheets"] if href is not None]
     found += ["url() in a style sheet" for _, text in page["style_sheets"] if "url(" in (text or "")]
     for image in page["images"]:
@@ -121,15 +127,22 @@ def cells(driver, xpath: str) -> list:
     from selenium.webdriver.common.by import By
 
     (table,) = driver.find_elements(By.XPATH, xpath)
-    return [[cell.text for cell in row.find_elements(By.XPATH, "./th|./td")]
-            for row in table.find_elements(By.TAG_NAME, "tr")]
+    return [
+        [cell.text for cell in row.find_elements(By.XPATH, "./th|./td")]
+        for row in table.find_elements(By.TAG_NAME, "tr")
+    ]
 
 
 def test_the_html_report_renders_its_tables_and_plots_in_a_browser(browser, sweep, tmp_path):  # noqa: F811
     root, _ = sweep
     out = tmp_path / "out"
-    done = subprocess.run([sys.executable, "-m", "ptq.report", str(root), "--out", str(out)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "ptq.report", str(root), "--out", str(out)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr
     page = open_page(browser, out / "results.html")
     assert problems(page) == []
@@ -137,14 +150,34 @@ def test_the_html_report_renders_its_tables_and_plots_in_a_browser(browser, swee
 
     # The results table of model "tiny": BF16, the variants in display order, the failed and the running one.
     table = cells(browser, "//h2[.='tiny']/following-sibling::table[1]")
-    assert table[0] == ["benchmark", "metric", "bf16", "fp8@512", "fp8+kv_fp8@512", "int4_awq@128", "int4_awq@1024",
-                        "nvfp4@512 (failed)", "w4a8_awq@512 (running)"]
+    assert table[0] == [
+        "benchmark",
+        "metric",
+        "bf16",
+        "fp8@512",
+        "fp8+kv_fp8@512",
+        "int4_awq@128",
+        "int4_awq@1024",
+        "nvfp4@512 (failed)",
+        "w4a8_awq@512 (running)",
+    ]
     rows = {(row[0], row[1]): row[2:] for row in table[1:]}
-    assert list(rows) == [("arc_easy", "acc_norm"), ("hellaswag", "acc"), ("perplexity", "fidelity"),
-                          ("mean_kl_vs_bf16", "fidelity"), ("top1_agreement_vs_bf16", "fidelity")]
-    assert rows[("arc_easy", "acc_norm")] == ["0.320 ± 0.010", "0.300 ± 0.010 (-0.020 n.s., 93.8%)", "",
-                                              "0.280 ± 0.010 (-0.040, 87.5%)", "0.310 ± 0.010 (-0.010 n.s., 96.9%)",
-                                              "", ""]
+    assert list(rows) == [
+        ("arc_easy", "acc_norm"),
+        ("hellaswag", "acc"),
+        ("perplexity", "fidelity"),
+        ("mean_kl_vs_bf16", "fidelity"),
+        ("top1_agreement_vs_bf16", "fidelity"),
+    ]
+    assert rows[("arc_easy", "acc_norm")] == [
+        "0.320 ± 0.010",
+        "0.300 ± 0.010 (-0.020 n.s., 93.8%)",
+        "",
+        "0.280 ± 0.010 (-0.040, 87.5%)",
+        "0.310 ± 0.010 (-0.010 n.s., 96.9%)",
+        "",
+        "",
+    ]
     summary = {row[0]: row for row in cells(browser, "//h3[.='tiny: summary']/following-sibling::table[1]")[1:]}
     assert summary["nvfp4@512"][1] == "failed"
     assert summary["nvfp4@512"][-1] == "failed: torch.OutOfMemoryError: CUDA out of memory."
@@ -164,15 +197,18 @@ def test_the_checks_see_a_broken_page(browser, tmp_path):
     error is reported on every count."""
     corrupt = base64.b64encode(PNG_MAGIC + b"not an image").decode("ascii")
     page = tmp_path / "broken.html"
-    page.write_text('<!DOCTYPE html>\n<html><head><title>broken</title>'
-                    # Port 9 is one browsers refuse to contact: the request is made and fails at once, offline.
-                    '<link rel="stylesheet" href="http://127.0.0.1:9/style.css"></head><body>'
-                    f'<img alt="corrupt" src="data:image/png;base64,{corrupt}"><img alt="missing" src="plot.png">'
-                    '<script>throw new Error("boom")</script></body></html>')
+    page.write_text(
+        "<!DOCTYPE html>\n<html><head><title>broken</title>"
+        # Port 9 is one browsers refuse to contact: the request is made and fails at once, offline.
+        '<link rel="stylesheet" href="http://127.0.0.1:9/style.css"></head><body>'
+        f'<img alt="corrupt" src="data:image/png;base64,{corrupt}"><img alt="missing" src="plot.png">'
+        '<script>throw new Error("boom")</script></body></html>'
+    )
     found = problems(open_page(browser, page))
     assert any("Uncaught Error: boom" in p for p in found)
-    assert "fetched: http://127.0.0.1:9/style.css" in found and any(p.endswith("/plot.png") for p in found
-                                                                      if p.startswith("fetched: "))
+    assert "fetched: http://127.0.0.1:9/style.css" in found and any(
+        p.endswith("/plot.png") for p in found if p.startswith("fetched: ")
+    )
     assert "points outside the page: link href=http://127.0.0.1:9/style.css" in found
     assert "points outside the page: img src=plot.png" in found
     assert sum(p.startswith("image not rendered: {'alt': 'corrupt'") for p in found) == 1

@@ -26,21 +26,39 @@ def test_one_pass_samples_both_uses_and_the_cache_serves_smaller_requests(tiny, 
     passes = []
     real = calib_data.sample_rows
     monkeypatch.setattr(calib_data, "sample_rows", lambda *a, **k: passes.append(len(a[2])) or real(*a, **k))
-    both = self_sampled(model, tokenizer, model_id="tiny", cache_dir=str(tmp_path), batch_size=4,
-                        requests={"fidelity": (4321, 3, 12), "calibration": (1234, 5, 16)})
+    both = self_sampled(
+        model,
+        tokenizer,
+        model_id="tiny",
+        cache_dir=str(tmp_path),
+        batch_size=4,
+        requests={"fidelity": (4321, 3, 12), "calibration": (1234, 5, 16)},
+    )
     assert passes == [8]  # one pass over the 3 + 5 rows
     assert both["fidelity"].shape == (3, 12) and both["calibration"].shape == (5, 16)
     assert not torch.equal(both["fidelity"][0], both["calibration"][0, :12])  # two streams, not one text twice
 
     with caplog.at_level(logging.INFO):
-        smaller = self_sampled(model, tokenizer, model_id="tiny", cache_dir=str(tmp_path), batch_size=4,
-                               requests={"calibration": (1234, 2, 10)})
+        smaller = self_sampled(
+            model,
+            tokenizer,
+            model_id="tiny",
+            cache_dir=str(tmp_path),
+            batch_size=4,
+            requests={"calibration": (1234, 2, 10)},
+        )
     assert passes == [8] and "Using cached self-sampled text" in caplog.text
     assert torch.equal(smaller["calibration"], both["calibration"][:2, :10])
 
     # A larger request samples again, and the rows it had before come out the same whatever the batch size.
-    larger = self_sampled(model, tokenizer, model_id="tiny", cache_dir=str(tmp_path), batch_size=3,
-                          requests={"calibration": (1234, 7, 16)})
+    larger = self_sampled(
+        model,
+        tokenizer,
+        model_id="tiny",
+        cache_dir=str(tmp_path),
+        batch_size=3,
+        requests={"calibration": (1234, 7, 16)},
+    )
     assert passes == [8, 7]
     assert torch.equal(larger["calibration"][:5], both["calibration"])
 
@@ -48,7 +66,10 @@ def test_one_pass_samples_both_uses_and_the_cache_serves_smaller_requests(tiny, 
 def test_progress_is_logged_per_token_step(tiny, tmp_path, caplog):
     model, tokenizer = tiny
     with caplog.at_level(logging.INFO, logger="ptq.calib_data"):
-        self_sampled(model, tokenizer, model_id="tiny", cache_dir=str(tmp_path), batch_size=2,
-                     requests={"text": (7, 2, 21)})
+        self_sampled(
+            model, tokenizer, model_id="tiny", cache_dir=str(tmp_path), batch_size=2, requests={"text": (7, 2, 21)}
+        )
     steps = [r.getMessage() for r in caplog.records if r.getMessage().startswith("Sampling text:")]
-    assert steps[0].startswith("Sampling text: 10% (2 of 20 token steps)") and steps[-1].startswith("Sampling text: 100%")
+    assert steps[0].startswith("Sampling text: 10% (2 of 20 token steps)") and steps[-1].startswith(
+        "Sampling text: 100%"
+    )

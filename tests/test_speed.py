@@ -6,8 +6,8 @@ from __future__ import annotations
 import sys
 
 import torch
-
 from conftest import WIKITEXT
+
 from ptq import calib_data
 from ptq.backends.base import use_extension_cache
 
@@ -36,9 +36,13 @@ def test_each_cuda_architecture_list_builds_in_a_folder_of_its_own(tmp_path):
     unset = use_extension_cache(cache, env)
     if torch.cuda.is_available():  # set to the GPU's own architecture, as ModelOpt would, before anything builds
         major, minor = torch.cuda.get_device_capability()
-        assert env["TORCH_CUDA_ARCH_LIST"] == f"{major}.{minor}" and unset == use_extension_cache(cache, {"TORCH_CUDA_ARCH_LIST": f"{major}.{minor}"})
+        assert env["TORCH_CUDA_ARCH_LIST"] == f"{major}.{minor}" and unset == use_extension_cache(
+            cache, {"TORCH_CUDA_ARCH_LIST": f"{major}.{minor}"}
+        )
     else:
-        assert "TORCH_CUDA_ARCH_LIST" not in env and unset.endswith(f"-archdefault-py{sys.version_info.major}{sys.version_info.minor}")
+        assert "TORCH_CUDA_ARCH_LIST" not in env and unset.endswith(
+            f"-archdefault-py{sys.version_info.major}{sys.version_info.minor}"
+        )
 
 
 def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, smollm2_dir, monkeypatch):
@@ -46,11 +50,15 @@ def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, s
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
     text = tmp_path / "calib.txt"
-    text.write_text((WIKITEXT.read_text(encoding="utf-8")[:200_000] if WIKITEXT.is_file() else "some words here. " * 20_000))
+    text.write_text(
+        (WIKITEXT.read_text(encoding="utf-8")[:200_000] if WIKITEXT.is_file() else "some words here. " * 20_000)
+    )
     calls = []
     real = calib_data.tokens_from_texts
     monkeypatch.setattr(calib_data, "tokens_from_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
-    args = dict(tokenizer=tokenizer, model_id=str(smollm2_dir), samples=8, seq_len=64, cache_dir=str(tmp_path / "cache"))
+    args = dict(
+        tokenizer=tokenizer, model_id=str(smollm2_dir), samples=8, seq_len=64, cache_dir=str(tmp_path / "cache")
+    )
     first = calib_data.file_tokens(text, **args)
     assert calib_data.file_tokens(text, **args) is first and len(calls) == 1  # same process: memory
     calib_data._tokens.clear()

@@ -12,8 +12,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-
 from conftest import GPU_FACTS, REPO, TEST_CACHE, compose_run
+
 from ptq.errors import ConfigError
 from ptq.plan import make_plan
 from ptq.record import config_hash, package_versions
@@ -40,42 +40,105 @@ FP8_ITEMS = [1.0, 0.0, 0.0, 1.0, 0.0, 1.0]
 
 def realistic_record(tmp_path: Path, status: str = "finished") -> dict:
     """A run record shaped like the one `python launch.py` writes (ptq/run.py), with an evaluation."""
-    cfg, config = compose_run([f"output_root={tmp_path / 'runs'}", "recipe=fp8", "eval=local_quick",
-                               "tracking=mlflow"])
+    cfg, config = compose_run([f"output_root={tmp_path / 'runs'}", "recipe=fp8", "eval=local_quick", "tracking=mlflow"])
     config["model"]["exclude_modules"] = ["*" + "x" * 7000]  # a param value beyond MLflow's 6000 characters
     output_dir = Path(config["output_dir"]).resolve()
     bench = {"benchmark": "arc_easy", "metric": "acc", "higher_is_better": True, "fingerprint": "9e0bd7cdb03e6006"}
     record = {
-        "status": status, "model": "smollm2-135m", "recipe": "fp8", "algorithm": None, "kv_cache": "none",
-        "calib_size": 32, "calib_seq_len": 256, "hardware_profile": "cpu", "backend": "hf_modelopt",
-        "output_dir": str(output_dir), "checkpoint": str(output_dir / "checkpoint") if status == "finished" else None,
-        "config_hash": config_hash(asdict(cfg)), "config": config,
-        "plan": {"source": {"kind": "gguf", "location": "/x.gguf", "converted_dir": "/c"}, "awq_block_size": None,
-                 "exclude_patterns": ["*lm_head*"]},
-        "warnings": [], "versions": package_versions(), "hardware": {"host": "vm", "cpu_count": 2, "cuda": False},
-        "started_at": "2026-12-01T02:29:51+0000", "holder": None,
-        "validation": {"passed": True, "problems": [], "quantized_layers": 210, "quant_algo": "FP8",
-                       "kv_cache_quant_algo": None},
+        "status": status,
+        "model": "smollm2-135m",
+        "recipe": "fp8",
+        "algorithm": None,
+        "kv_cache": "none",
+        "calib_size": 32,
+        "calib_seq_len": 256,
+        "hardware_profile": "cpu",
+        "backend": "hf_modelopt",
+        "output_dir": str(output_dir),
+        "checkpoint": str(output_dir / "checkpoint") if status == "finished" else None,
+        "config_hash": config_hash(asdict(cfg)),
+        "config": config,
+        "plan": {
+            "source": {"kind": "gguf", "location": "/x.gguf", "converted_dir": "/c"},
+            "awq_block_size": None,
+            "exclude_patterns": ["*lm_head*"],
+        },
+        "warnings": [],
+        "versions": package_versions(),
+        "hardware": {"host": "vm", "cpu_count": 2, "cuda": False},
+        "started_at": "2026-12-01T02:29:51+0000",
+        "holder": None,
+        "validation": {
+            "passed": True,
+            "problems": [],
+            "quantized_layers": 210,
+            "quant_algo": "FP8",
+            "kv_cache_quant_algo": None,
+        },
         "serving": {"engines": ["vLLM", "SGLang", "TensorRT-LLM"], "quant_algo": "FP8", "kv_cache_quant_algo": None},
-        "fidelity": {"tokens": 2040, "sequences": 8, "bf16_perplexity": 23.75, "quantized_perplexity": 24.68,
-                     "perplexity_ratio": 1.0393, "perplexity_ratio_ci95": [1.0259, 1.0529],
-                     "log_perplexity_ratio_stderr": 0.0066, "mean_kl": 0.0440, "mean_kl_stderr": 0.0035,
-                     "top1_agreement": 0.878, "top1_agreement_stderr": 0.0099,
-                     "per_sequence": {"kl": [0.05, 0.04], "top1_agreement": [0.85, 0.9], "log_perplexity_ratio": [0.07, 0.0]},
-                     "exported_checkpoint": {"check": "stored weights", "applicable": True, "layers": 210,
-                                             "max_relative_error": {"FP8": 0.0272}, "problems": []}},
-        "evaluation": {"suite": "local_quick",
-                       "results": [{**bench, "value": 0.5, "stderr": 0.2236, "items": items(FP8_ITEMS)},
-                                   {"benchmark": "wikitext2", "metric": "word_perplexity", "value": 54.7,
-                                    "stderr": None, "higher_is_better": False, "fingerprint": "2241bae10709d19e"}],
-                       "baseline": [{**bench, "value": 0.6667, "stderr": 0.2108, "items": items(BF16_ITEMS)},
-                                    {"benchmark": "wikitext2", "metric": "word_perplexity", "value": 53.9,
-                                     "stderr": None, "higher_is_better": False, "fingerprint": "2241bae10709d19e"}]},
-        "size": {"bf16_bytes": 269030016, "checkpoint_bytes": 162935640, "compression": 1.6511, "bits_per_weight": 9.69},
+        "fidelity": {
+            "tokens": 2040,
+            "sequences": 8,
+            "bf16_perplexity": 23.75,
+            "quantized_perplexity": 24.68,
+            "perplexity_ratio": 1.0393,
+            "perplexity_ratio_ci95": [1.0259, 1.0529],
+            "log_perplexity_ratio_stderr": 0.0066,
+            "mean_kl": 0.0440,
+            "mean_kl_stderr": 0.0035,
+            "top1_agreement": 0.878,
+            "top1_agreement_stderr": 0.0099,
+            "per_sequence": {"kl": [0.05, 0.04], "top1_agreement": [0.85, 0.9], "log_perplexity_ratio": [0.07, 0.0]},
+            "exported_checkpoint": {
+                "check": "stored weights",
+                "applicable": True,
+                "layers": 210,
+                "max_relative_error": {"FP8": 0.0272},
+                "problems": [],
+            },
+        },
+        "evaluation": {
+            "suite": "local_quick",
+            "results": [
+                {**bench, "value": 0.5, "stderr": 0.2236, "items": items(FP8_ITEMS)},
+                {
+                    "benchmark": "wikitext2",
+                    "metric": "word_perplexity",
+                    "value": 54.7,
+                    "stderr": None,
+                    "higher_is_better": False,
+                    "fingerprint": "2241bae10709d19e",
+                },
+            ],
+            "baseline": [
+                {**bench, "value": 0.6667, "stderr": 0.2108, "items": items(BF16_ITEMS)},
+                {
+                    "benchmark": "wikitext2",
+                    "metric": "word_perplexity",
+                    "value": 53.9,
+                    "stderr": None,
+                    "higher_is_better": False,
+                    "fingerprint": "2241bae10709d19e",
+                },
+            ],
+        },
+        "size": {
+            "bf16_bytes": 269030016,
+            "checkpoint_bytes": 162935640,
+            "compression": 1.6511,
+            "bits_per_weight": 9.69,
+        },
         "layers": {"quantized": 210, "excluded": ["lm_head"], "unexpected_bf16": []},
         "details": {"calib_batch_size": 8},
-        "timings_s": {"load": 2.4, "calib_data": 82.8, "calibrate": 47.0, "fidelity": 23.3, "eval": 61.0,
-                      "export": 1.67, "validate": 0.004},
+        "timings_s": {
+            "load": 2.4,
+            "calib_data": 82.8,
+            "calibrate": 47.0,
+            "fidelity": 23.3,
+            "eval": 61.0,
+            "export": 1.67,
+            "validate": 0.004,
+        },
         "finished_at": "2026-12-01T02:33:27+0000",
     }
     if status == "failed":
@@ -96,7 +159,9 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
     uri = outcome["uri"]
     assert uri == f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
     # The record notes where it went, in memory and on disk.
-    assert json.loads(record_path.read_text())["tracking"]["run_id"] == outcome["run_id"] == record["tracking"]["run_id"]
+    assert (
+        json.loads(record_path.read_text())["tracking"]["run_id"] == outcome["run_id"] == record["tracking"]["run_id"]
+    )
 
     run = client(uri).get_run(outcome["run_id"])
     # Named by the output folder below the output root.
@@ -113,8 +178,10 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
     assert metrics["fidelity.mean_kl"] == pytest.approx(0.0440)
     assert metrics["fidelity.mean_kl_stderr"] == pytest.approx(0.0035)
     assert metrics["fidelity.perplexity_ratio"] == pytest.approx(1.0393)
-    assert (metrics["fidelity.perplexity_ratio_ci95_low"], metrics["fidelity.perplexity_ratio_ci95_high"]) == \
-        pytest.approx((1.0259, 1.0529))
+    assert (
+        metrics["fidelity.perplexity_ratio_ci95_low"],
+        metrics["fidelity.perplexity_ratio_ci95_high"],
+    ) == pytest.approx((1.0259, 1.0529))
     assert metrics["fidelity.top1_agreement"] == pytest.approx(0.878)
     assert metrics["fidelity.top1_agreement_stderr"] == pytest.approx(0.0099)
     assert metrics["fidelity.exported_checkpoint.max_relative_error.FP8"] == pytest.approx(0.0272)
@@ -134,15 +201,24 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
 
     tags = run.data.tags
     assert {k: tags[k] for k in ("model", "recipe", "algorithm", "kv_cache", "status", "hardware", "backend")} == {
-        "model": "smollm2-135m", "recipe": "fp8", "algorithm": "default", "kv_cache": "none", "status": "finished",
-        "hardware": "cpu", "backend": "hf_modelopt"}
+        "model": "smollm2-135m",
+        "recipe": "fp8",
+        "algorithm": "default",
+        "kv_cache": "none",
+        "status": "finished",
+        "hardware": "cpu",
+        "backend": "hf_modelopt",
+    }
     assert tags["version.lm_eval"] == record["versions"]["lm_eval"] is not None
     assert tags["version.nvidia-modelopt"] == "0.47.0" and tags["serving_engines"] == "vLLM, SGLang, TensorRT-LLM"
 
     store = client(uri)
     assert sorted(a.path for a in store.list_artifacts(outcome["run_id"])) == ["config.yaml", "run.json"]
     logged = json.loads(Path(store.download_artifacts(outcome["run_id"], "run.json", str(tmp_path / "dl"))).read_text())
-    assert logged["fidelity"]["mean_kl"] == record["fidelity"]["mean_kl"] and logged["tracking"]["run_id"] == outcome["run_id"]
+    assert (
+        logged["fidelity"]["mean_kl"] == record["fidelity"]["mean_kl"]
+        and logged["tracking"]["run_id"] == outcome["run_id"]
+    )
     config_yaml = Path(store.download_artifacts(outcome["run_id"], "config.yaml", str(tmp_path / "dl"))).read_text()
     assert "recipe:" in config_yaml and "name: fp8" in config_yaml
     # Everything lies below the output root: the store and the artifacts beside it.
@@ -152,8 +228,16 @@ def test_a_run_record_is_logged_as_one_mlflow_run_and_reads_back(tmp_path, monke
 
 def test_a_failed_run_is_logged_as_failed_with_its_error(tmp_path):
     record = realistic_record(tmp_path, status="failed")
-    outcome = track(record, TrackingConfig(backend="mlflow", tracking_uri=f"sqlite:///{tmp_path}/store/m.db",
-                                           experiment="failures", run_name="the failed one"), None)
+    outcome = track(
+        record,
+        TrackingConfig(
+            backend="mlflow",
+            tracking_uri=f"sqlite:///{tmp_path}/store/m.db",
+            experiment="failures",
+            run_name="the failed one",
+        ),
+        None,
+    )
     run = client(outcome["uri"]).get_run(outcome["run_id"])
     assert run.info.status == "FAILED" and run.info.run_name == "the failed one"
     assert run.data.tags["status"] == "failed" and run.data.tags["error"].startswith("ValidationFailed:")
@@ -180,8 +264,14 @@ def test_a_broken_store_does_not_fail_the_run_and_is_noted_in_the_record(tmp_pat
     assert "not a database" in outcome["error"] and outcome["uri"] == f"sqlite:///{broken}"
 
 
-MEGATRON_FAILS = ["backend=megatron_bridge", "calib.dataset=cnn_dailymail", "model=qwen3-8b", "recipe=fp8",
-                  "hardware=h100", "tracking=mlflow"]
+MEGATRON_FAILS = [
+    "backend=megatron_bridge",
+    "calib.dataset=cnn_dailymail",
+    "model=qwen3-8b",
+    "recipe=fp8",
+    "hardware=h100",
+    "tracking=mlflow",
+]
 
 
 def test_the_run_path_keeps_its_own_error_when_the_store_is_broken(tmp_path):
@@ -190,8 +280,9 @@ def test_the_run_path_keeps_its_own_error_when_the_store_is_broken(tmp_path):
     broken = tmp_path / "runs" / "mlflow" / "mlflow.db"
     broken.parent.mkdir(parents=True)
     broken.write_bytes(b"not a database " * 100)
-    cfg, config = compose_run([*MEGATRON_FAILS, f"backend.scripts_dir={tmp_path / 'nowhere'}",
-                               f"output_root={tmp_path / 'runs'}"])
+    cfg, config = compose_run(
+        [*MEGATRON_FAILS, f"backend.scripts_dir={tmp_path / 'nowhere'}", f"output_root={tmp_path / 'runs'}"]
+    )
     with pytest.raises(ConfigError, match="backend.scripts_dir=.* does not exist"):
         execute(make_plan(cfg, GPU_FACTS), config)
     record = json.loads(next((tmp_path / "runs" / "qwen3-8b").glob("*/run.json")).read_text())
@@ -200,8 +291,9 @@ def test_the_run_path_keeps_its_own_error_when_the_store_is_broken(tmp_path):
 
 
 def test_the_run_path_logs_a_failed_run_to_a_working_store(tmp_path):
-    cfg, config = compose_run([*MEGATRON_FAILS, f"backend.scripts_dir={tmp_path / 'nowhere'}",
-                               f"output_root={tmp_path / 'runs'}"])
+    cfg, config = compose_run(
+        [*MEGATRON_FAILS, f"backend.scripts_dir={tmp_path / 'nowhere'}", f"output_root={tmp_path / 'runs'}"]
+    )
     with pytest.raises(ConfigError):
         execute(make_plan(cfg, GPU_FACTS), config)
     record = json.loads(next((tmp_path / "runs" / "qwen3-8b").glob("*/run.json")).read_text())
@@ -220,15 +312,21 @@ def test_tracking_mlflow_composes_with_a_store_below_the_output_root(tmp_path):
     assert none.tracking.backend == "none" and config_hash(asdict(cfg)) == config_hash(asdict(none))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["tracking.backend=wandb"], "tracking.backend=wandb is unknown; choose tracking=none or tracking=mlflow"),
-    (["tracking=mlflow", "tracking.tracking_uri=sqlite:////elsewhere/mlflow.db"], "outside output_root="),
-    (["tracking=mlflow", "tracking.artifact_location=/elsewhere/artifacts"], "tracking.artifact_location=/elsewhere"),
-    (["tracking=mlflow", "tracking.tracking_uri=file://{root}/mlruns"], "use a local SQLite store instead"),
-    (["tracking=mlflow", "tracking.tracking_uri=postgresql://db/mlflow"], "set tracking.artifact_location"),
-    (["tracking=mlflow", "tracking.tracking_uri=null"], "needs tracking.tracking_uri"),
-    (["tracking=mlflow", "tracking.experiment=''"], "tracking.experiment=''"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["tracking.backend=wandb"], "tracking.backend=wandb is unknown; choose tracking=none or tracking=mlflow"),
+        (["tracking=mlflow", "tracking.tracking_uri=sqlite:////elsewhere/mlflow.db"], "outside output_root="),
+        (
+            ["tracking=mlflow", "tracking.artifact_location=/elsewhere/artifacts"],
+            "tracking.artifact_location=/elsewhere",
+        ),
+        (["tracking=mlflow", "tracking.tracking_uri=file://{root}/mlruns"], "use a local SQLite store instead"),
+        (["tracking=mlflow", "tracking.tracking_uri=postgresql://db/mlflow"], "set tracking.artifact_location"),
+        (["tracking=mlflow", "tracking.tracking_uri=null"], "needs tracking.tracking_uri"),
+        (["tracking=mlflow", "tracking.experiment=''"], "tracking.experiment=''"),
+    ],
+)
 def test_bad_tracking_settings_are_refused_before_loading(tmp_path, monkeypatch, overrides, message):
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     root = tmp_path / "runs"
@@ -243,7 +341,9 @@ def test_tracking_mlflow_without_mlflow_installed_is_refused_naming_the_install(
     """A module set to None in sys.modules is what Python reports as not installed (importlib.util.find_spec)."""
     monkeypatch.setitem(sys.modules, "mlflow", None)
     cfg, _ = compose_run([f"output_root={tmp_path / 'runs'}", "tracking=mlflow"])
-    with pytest.raises(ConfigError, match=r"needs the Python package\(s\) mlflow, which are not installed: run pip install"):
+    with pytest.raises(
+        ConfigError, match=r"needs the Python package\(s\) mlflow, which are not installed: run pip install"
+    ):
         prepare(cfg)
     none, _ = compose_run([f"output_root={tmp_path / 'runs'}"])
     prepare(none)  # tracking=none does not need it
@@ -251,12 +351,14 @@ def test_tracking_mlflow_without_mlflow_installed_is_refused_naming_the_install(
 
 def test_planning_with_tracking_imports_no_mlflow():
     """Checking tracking=mlflow asks whether MLflow is installed without importing it (dry runs stay light)."""
-    code = ("import sys\nfrom hydra import compose, initialize_config_dir\nfrom omegaconf import OmegaConf\n"
-            "from ptq.schema import register_schemas\nfrom ptq.run import prepare\nregister_schemas()\n"
-            f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
-            "    cfg = compose(config_name='config', overrides=['tracking=mlflow', 'dry_run=true'])\n"
-            "prepare(OmegaConf.to_object(cfg))\n"
-            "print(sorted(m for m in ('mlflow', 'sqlalchemy', 'alembic', 'torch') if m in sys.modules))\n")
+    code = (
+        "import sys\nfrom hydra import compose, initialize_config_dir\nfrom omegaconf import OmegaConf\n"
+        "from ptq.schema import register_schemas\nfrom ptq.run import prepare\nregister_schemas()\n"
+        f"with initialize_config_dir(config_dir={str(REPO / 'conf')!r}, version_base='1.3'):\n"
+        "    cfg = compose(config_name='config', overrides=['tracking=mlflow', 'dry_run=true'])\n"
+        "prepare(OmegaConf.to_object(cfg))\n"
+        "print(sorted(m for m in ('mlflow', 'sqlalchemy', 'alembic', 'torch') if m in sys.modules))\n"
+    )
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
@@ -272,8 +374,10 @@ def test_the_report_files_are_logged_as_the_artifacts_of_one_mlflow_run(tmp_path
     realistic_record(tmp_path)
     uri = f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}"
     out = tmp_path / "report"
-    assert report_main([str(tmp_path / "runs"), "--out", str(out), "--mlflow-uri", uri,
-                        "--mlflow-experiment", "reports"]) == 0
+    assert (
+        report_main([str(tmp_path / "runs"), "--out", str(out), "--mlflow-uri", uri, "--mlflow-experiment", "reports"])
+        == 0
+    )
     assert "MLflow: logged" in capsys.readouterr().err
     store = client(uri)
     (run,) = store.search_runs([store.get_experiment_by_name("reports").experiment_id])
@@ -288,9 +392,21 @@ def test_launch_py_with_tracking_mlflow_logs_the_run(smollm2_dir, tmp_path):
     """The README's command with tracking=mlflow, shrunk as tests/test_quantize.py shrinks it."""
     runs = tmp_path / "runs"
     proc = subprocess.run(
-        [sys.executable, "launch.py", f"output_root={runs}", f"cache_dir={TEST_CACHE}", "tracking=mlflow",
-         "calib.size=4", "calib.seq_len=32", "fidelity.samples=2", "fidelity.seq_len=32"],
-        cwd=REPO, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "launch.py",
+            f"output_root={runs}",
+            f"cache_dir={TEST_CACHE}",
+            "tracking=mlflow",
+            "calib.size=4",
+            "calib.seq_len=32",
+            "fidelity.samples=2",
+            "fidelity.seq_len=32",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     record = json.loads((runs / "smollm2-135m" / "fp8-kv_none-calib4x32" / "run.json").read_text())

@@ -33,8 +33,19 @@ from hydra_plugins.ptq_slurm_launcher.composing import composer_for
 from ptq.backends import describe
 from ptq.layout import MANIFEST_NAME
 from ptq.run import record_failure
-from ptq.sweep import (REFUSED, SKIPPED, SUBMITTED, Point, check_point, group, group_params, record_refusals,
-                       refuse_shared_folders, varying_overrides, write_manifest)
+from ptq.sweep import (
+    REFUSED,
+    SKIPPED,
+    SUBMITTED,
+    Point,
+    check_point,
+    group,
+    group_params,
+    record_refusals,
+    refuse_shared_folders,
+    varying_overrides,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +80,9 @@ class PtqSlurmLauncherConf(SlurmQueueConf):
     poll_s: float = 5.0
 
 
-ConfigStore.instance().store(group="hydra/launcher", name="ptq_slurm", node=PtqSlurmLauncherConf, provider="ptq-launcher")
+ConfigStore.instance().store(
+    group="hydra/launcher", name="ptq_slurm", node=PtqSlurmLauncherConf, provider="ptq-launcher"
+)
 
 
 class PtqSlurmLauncher(SlurmLauncher):
@@ -86,10 +99,15 @@ class PtqSlurmLauncher(SlurmLauncher):
         points = [self._check_point(initial_job_idx + i, list(o), dry_run) for i, o in enumerate(job_overrides)]
         refuse_shared_folders(points)
         groups = group(points)
-        log.info("Sweep of %d points: %d to submit in %d job group(s), %d skipped, %d refused (checked in %.1f s)",
-                 len(points), sum(p.state == SUBMITTED for p in points), len(groups),
-                 sum(p.state == SKIPPED for p in points), sum(p.state == REFUSED for p in points),
-                 time.perf_counter() - started)
+        log.info(
+            "Sweep of %d points: %d to submit in %d job group(s), %d skipped, %d refused (checked in %.1f s)",
+            len(points),
+            sum(p.state == SUBMITTED for p in points),
+            len(groups),
+            sum(p.state == SKIPPED for p in points),
+            sum(p.state == REFUSED for p in points),
+            time.perf_counter() - started,
+        )
         if dry_run:
             self._print_dry_run(points, groups, launcher)
             return [_job_return(p, f"dry run: {p.state}") for p in points]
@@ -100,14 +118,20 @@ class PtqSlurmLauncher(SlurmLauncher):
         record_refusals(points)
         sweep_dir.mkdir(parents=True, exist_ok=True)
         jobs = self._submit(groups, launcher)
-        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=False)
+        write_manifest(
+            sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=False
+        )
         if detach:
             ids = sorted({p.job_id.split("_")[0] for p in points if p.job_id})
-            print(f"Submitted {sum(p.job_id is not None for p in points)} point(s) as Slurm job(s) {', '.join(ids) or '-'}; "
-                  f"sweep folder {sweep_dir}\nFollow it with: python -m ptq.status {sweep_dir}")
+            print(
+                f"Submitted {sum(p.job_id is not None for p in points)} point(s) as Slurm job(s) {', '.join(ids) or '-'}; "
+                f"sweep folder {sweep_dir}\nFollow it with: python -m ptq.status {sweep_dir}"
+            )
             return [_job_return(p, f"submitted as Slurm job {p.job_id}" if p.job_id else p.state) for p in points]
         returns = self._wait(points, jobs, launcher["poll_s"])
-        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=True)
+        write_manifest(
+            sweep_dir / MANIFEST_NAME, sweep_dir, points, _labels(points), pack=launcher["pack"], finished=True
+        )
         return returns
 
     # -- before submission -------------------------------------------------------------------
@@ -125,15 +149,20 @@ class PtqSlurmLauncher(SlurmLauncher):
     def _executor(self, launcher: Dict[str, Any], params: Dict[str, Any]):
         import submitit
 
-        executor = submitit.SlurmExecutor(folder=self.params["submitit_folder"], python=launcher.get("python"),
-                                          max_num_timeout=self.params.get("max_num_timeout", 0))
+        executor = submitit.SlurmExecutor(
+            folder=self.params["submitit_folder"],
+            python=launcher.get("python"),
+            max_num_timeout=self.params.get("max_num_timeout", 0),
+        )
         executor.update_parameters(**params)
         return executor
 
     def _print_dry_run(self, points: List[Point], groups: List[List[Point]], launcher: Dict[str, Any]) -> None:
         for point in points:
-            print(f"\n#{point.index} {' '.join(filter_overrides(point.overrides)) or '(defaults)'}: {point.state}"
-                  + (f" - {point.reason}" if point.reason else ""))
+            print(
+                f"\n#{point.index} {' '.join(filter_overrides(point.overrides)) or '(defaults)'}: {point.state}"
+                + (f" - {point.reason}" if point.reason else "")
+            )
             if point.config is not None:
                 print(OmegaConf.to_yaml(point.config).rstrip())
             if point.state == SUBMITTED:
@@ -145,7 +174,9 @@ class PtqSlurmLauncher(SlurmLauncher):
             if not launcher["pack"]:
                 executor.parameters["map_count"] = len(members)  # what map_array sets: the --array line
             kind = "one job running" if launcher["pack"] else "a job array of"
-            print(f"\n# job group {number}: {kind} {len(members)} point(s): #{', #'.join(str(p.index) for p in members)}")
+            print(
+                f"\n# job group {number}: {kind} {len(members)} point(s): #{', #'.join(str(p.index) for p in members)}"
+            )
             # submitit writes this text to a file and runs `sbatch` on it; here it is only shown.
             print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"))
         print(f"\nDry run: nothing was submitted ({sum(len(g) for g in groups)} point(s) would be).")
@@ -155,8 +186,12 @@ class PtqSlurmLauncher(SlurmLauncher):
         """Submit each group; returns point index -> submitit job (a packed job serves several points)."""
         jobs: Dict[int, Any] = {}
         state = Singleton.get_state()
-        labels = dict(zip([p.index for g in groups for p in g],
-                          varying_overrides([filter_overrides(p.overrides) for g in groups for p in g])))
+        labels = dict(
+            zip(
+                [p.index for g in groups for p in g],
+                varying_overrides([filter_overrides(p.overrides) for g in groups for p in g]),
+            )
+        )
         for members in groups:
             executor = self._executor(launcher, group_params(members, launcher["pack"]))
             try:
@@ -204,21 +239,27 @@ class PtqSlurmLauncher(SlurmLauncher):
                     returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name))
                     continue
                 try:
-                    returns.append(self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state))
+                    returns.append(
+                        self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state)
+                    )
                 except Exception:
                     if not stopping:
                         raise
                     # The signal's exception came while Hydra was still setting the point up, outside the run
                     # that would have recorded it: the point did not get to run.
-                    returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name, interrupted=True))
+                    returns.append(
+                        self._not_started(list(overrides), signal.Signals(stopping[0]).name, interrupted=True)
+                    )
         finally:
             signal.signal(signum, previous)
         return returns
 
     def _not_started(self, overrides: List[str], signal_name: str, interrupted: bool = False) -> JobReturn:
         when = "while this point was being set up" if interrupted else "before this point's turn"
-        reason = (f"not started: the packed Slurm job received {signal_name} (its time limit was near or it was "
-                  f"preempted) {when}; run the sweep again to run it")
+        reason = (
+            f"not started: the packed Slurm job received {signal_name} (its time limit was near or it was "
+            f"preempted) {when}; run the sweep again to run it"
+        )
         try:
             task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
             record_failure(OmegaConf.to_container(task, resolve=True), reason)
@@ -254,7 +295,8 @@ class PtqSlurmLauncher(SlurmLauncher):
                         # to show on a shared file system (attribute caches can hide a new file for a minute).
                         over = missing[index] >= 2 and (
                             time.time() - gone_since[index] > RESULT_LAG_S
-                            or not (final_state(job.job_id) or "").startswith("COMPLETED"))
+                            or not (final_state(job.job_id) or "").startswith("COMPLETED")
+                        )
                     if over:
                         returns[index] = self._collect(point, job)
                         del waiting[index]
@@ -270,8 +312,10 @@ class PtqSlurmLauncher(SlurmLauncher):
             reason = f"Slurm job {job.job_id} ended {state} without a result"
             if state.startswith("TIMEOUT"):
                 minutes = point.request.timeout_min if point.request else "?"
-                reason += (f": it reached its time limit of {minutes} min; raise hydra.launcher.timeout_min "
-                           "(the launcher derives it from the model size unless it is set)")
+                reason += (
+                    f": it reached its time limit of {minutes} min; raise hydra.launcher.timeout_min "
+                    "(the launcher derives it from the model size unless it is set)"
+                )
             log.error("#%d failed: %s", point.index, reason)
             record_failure(point.config, reason, ended_job=job.job_id, slurm_job=job.job_id, slurm_state=state)
             point.reason = reason
@@ -281,8 +325,13 @@ class PtqSlurmLauncher(SlurmLauncher):
         except Exception as exc:  # FailedJobError: the job raised outside the run (its record says why if it ran)
             detail = str(exc).strip().splitlines()
             reason = f"Slurm job {job.job_id} failed: {detail[-1][:300] if detail else type(exc).__name__}"
-            record_failure(point.config, reason, ended_job=job.job_id, slurm_job=job.job_id,
-                           slurm_log="\n".join(detail[-5:])[:2000])
+            record_failure(
+                point.config,
+                reason,
+                ended_job=job.job_id,
+                slurm_job=job.job_id,
+                slurm_log="\n".join(detail[-5:])[:2000],
+            )
             point.reason = reason
             return _job_return(point, f"failed: {reason}")
         if isinstance(result, list):  # a packed job returns one JobReturn per point, in submission order
@@ -316,9 +365,10 @@ def queued_jobs() -> Optional[set]:
 def final_state(job_id: str) -> Optional[str]:
     """How a job that left the queue ended: sacct when accounting is on, else scontrol (which remembers a job
     for a few minutes after it ends)."""
-    for cmd, pick in ((["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], lambda out: out.split()[0]),
-                      (["scontrol", "show", "job", job_id],
-                       lambda out: out.split("JobState=", 1)[1].split()[0])):
+    for cmd, pick in (
+        (["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], lambda out: out.split()[0]),
+        (["scontrol", "show", "job", job_id], lambda out: out.split("JobState=", 1)[1].split()[0]),
+    ):
         try:
             out = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
             if out.returncode == 0 and out.stdout.strip():

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Sequence
 
-from hydra.core.utils import filter_overrides
-from omegaconf import OmegaConf
-
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper, BasicSweeperConf
 from hydra.core.config_store import ConfigStore
+from hydra.core.utils import filter_overrides
+from omegaconf import OmegaConf
 
 from hydra_plugins.ptq_slurm_launcher.composing import compose_all
 from ptq.layout import MANIFEST_NAME
@@ -44,8 +43,12 @@ class PtqSweeper(BasicSweeper):
         for overrides, cfg in zip(batch, compose_all(self.hydra_context.config_loader, self.config, batch)):
             folder = str(cfg.output_dir)
             if folder in seen:
-                log.info("Not launching %s: it is the point %s again (same output folder %s)",
-                         " ".join(overrides), " ".join(seen[folder]), folder)
+                log.info(
+                    "Not launching %s: it is the point %s again (same output folder %s)",
+                    " ".join(overrides),
+                    " ".join(seen[folder]),
+                    folder,
+                )
                 continue
             seen[folder] = list(overrides)
             kept.append(overrides)
@@ -71,8 +74,14 @@ class PtqSweeper(BasicSweeper):
         self._points = points
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         sweep_dir.mkdir(parents=True, exist_ok=True)
-        write_manifest(sweep_dir / MANIFEST_NAME, sweep_dir, points, [filter_overrides(p.overrides) for p in points],
-                       pack=False, finished=False)
+        write_manifest(
+            sweep_dir / MANIFEST_NAME,
+            sweep_dir,
+            points,
+            [filter_overrides(p.overrides) for p in points],
+            pack=False,
+            finished=False,
+        )
 
     def sweep(self, arguments: List[str]) -> Any:
         try:

@@ -43,9 +43,11 @@ def check_before_run(plan) -> None:
     if cfg.recipe.modelopt_recipe:  # a recipe file's formats are known only now, from its loaded entries
         cannot = [f for f in recipes.formats_of(quant_cfg) if f not in cfg.hardware.calibrate]
         if cannot:
-            raise ConfigError(f"recipe.modelopt_recipe={cfg.recipe.modelopt_recipe} computes in {', '.join(cannot)}, which "
-                              f"ModelOpt cannot calibrate on hardware={cfg.hardware.name} (it calibrates "
-                              f"{', '.join(cfg.hardware.calibrate)}); run it on a GPU hardware option, or pick another recipe.")
+            raise ConfigError(
+                f"recipe.modelopt_recipe={cfg.recipe.modelopt_recipe} computes in {', '.join(cannot)}, which "
+                f"ModelOpt cannot calibrate on hardware={cfg.hardware.name} (it calibrates "
+                f"{', '.join(cfg.hardware.calibrate)}); run it on a GPU hardware option, or pick another recipe."
+            )
 
 
 __all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe", "get_backend"]

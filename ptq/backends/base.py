@@ -66,8 +66,10 @@ def use_extension_cache(cache_dir: str, env: MutableMapping[str, str] = os.envir
         major, minor = torch.cuda.get_device_capability()
         env["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
     arch_list = re.sub(r"[^0-9A-Za-z.+]+", "_", env.get("TORCH_CUDA_ARCH_LIST", "")) or "default"
-    key = (f"torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda or 'none'}-sm{arch}"
-           f"-arch{arch_list}-py{sys.version_info.major}{sys.version_info.minor}")
+    key = (
+        f"torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda or 'none'}-sm{arch}"
+        f"-arch{arch_list}-py{sys.version_info.major}{sys.version_info.minor}"
+    )
     env[EXTENSIONS_VAR] = str(Path(os.path.expanduser(cache_dir)) / "torch_extensions" / key)
     return env[EXTENSIONS_VAR]
 

@@ -12,20 +12,27 @@ from ptq.plan import Plan
 def in_process(plan: Plan) -> List[str]:
     cfg = plan.cfg
     block = f", AWQ block {plan.awq_block_size}" if plan.awq_block_size else ""
-    how = cfg.recipe.modelopt_cfg or (f"ModelOpt recipe {cfg.recipe.modelopt_recipe}" if cfg.recipe.modelopt_recipe
-                                      else "nothing (BF16)")
+    how = cfg.recipe.modelopt_cfg or (
+        f"ModelOpt recipe {cfg.recipe.modelopt_recipe}" if cfg.recipe.modelopt_recipe else "nothing (BF16)"
+    )
     if cfg.recipe.candidates:
-        how = (f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
-               f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)")
+        how = (
+            f"a per-layer choice of {', '.join(cfg.recipe.candidates)} or BF16 (mtq.auto_quantize, "
+            f"{cfg.recipe.effective_bits} effective bits, {cfg.recipe.score_method} scores)"
+        )
     rec = cfg.recover
     train = ""
     if rec.method != "none":
         batch = rec.batch_size or "auto"
-        train = (f", then {rec.method.upper()} for {rec.steps} steps of {batch} x {rec.seq_len} tokens of {rec.text} "
-                 f"(lr {rec.lr:g}, {rec.schedule})")
-    return [f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
-            f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
-            f"{how}{block}{train}, export to {plan.checkpoint_dir}"]
+        train = (
+            f", then {rec.method.upper()} for {rec.steps} steps of {batch} x {rec.seq_len} tokens of {rec.text} "
+            f"(lr {rec.lr:g}, {rec.schedule})"
+        )
+    return [
+        f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
+        f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
+        f"{how}{block}{train}, export to {plan.checkpoint_dir}"
+    ]
 
 
 DESCRIBERS: Dict[str, Callable[[Plan], List[str]]] = {

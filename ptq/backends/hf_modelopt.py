@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
-from importlib import metadata
-
 import dataclasses
 import importlib
 import logging
 import sys
 import threading
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 from tqdm.auto import tqdm
 
+from ptq import recipe_files, recover
 from ptq.auto_quantize import AutoQuantizeSearch
-from ptq import recover
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
@@ -25,7 +24,6 @@ from ptq.models import last_load, load_model
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
-from ptq import recipe_files
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record import StageTimer
 from ptq.validate import repair_exclude_modules
@@ -74,12 +72,21 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
     if recipe.candidates:
         # AutoQuantize's scoring holds, per layer, one output difference for each candidate besides the
         # activations (kept for the backward pass of gradient scores): size the batch for that.
-        probe = {"sample_memory_usage_ratio": 1.0 + len(recipe.candidates), "enable_grad": recipe.score_method == "gradient"}
+        probe = {
+            "sample_memory_usage_ratio": 1.0 + len(recipe.candidates),
+            "enable_grad": recipe.score_method == "gradient",
+        }
     # The probe runs forward passes of growing batches (seconds on a large model); the points of a sweep in one
     # process share the model and the device, so it is done once for each.
     cfg = plan.cfg
-    key = (plan.source.location, cfg.hardware.device, cfg.hardware.dtype, cfg.backend.max_gpu_memory_gb, seq_len,
-           tuple(sorted(probe.items())))
+    key = (
+        plan.source.location,
+        cfg.hardware.device,
+        cfg.hardware.dtype,
+        cfg.backend.max_gpu_memory_gb,
+        seq_len,
+        tuple(sorted(probe.items())),
+    )
     if key not in _probed:
         _probed[key] = get_max_batch_size(model, max_sample_length=seq_len, **probe)
     return max(1, min(_probed[key], samples))
@@ -91,6 +98,7 @@ _probed: dict = {}
 @dataclass
 class Quantized:
     """What quantizing the model in memory produced."""
+
     layers: List[str] = field(default_factory=list)
     excluded: List[str] = field(default_factory=list)
     unexpected_bf16: List[str] = field(default_factory=list)
@@ -116,16 +124,25 @@ def prepare_quantization(plan: Plan, model):
     return quant_cfg, None
 
 
-def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, batch_size: int,
-             timer: StageTimer) -> Quantized:
+def quantize(
+    plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, batch_size: int, timer: StageTimer
+) -> Quantized:
     """Calibrate and quantize `model` in place (ModelOpt fake quantization)."""
     import modelopt.torch.quantization as mtq
 
     cfg = plan.cfg
     with timer.stage("calib_data"):
-        calib = token_batches(cfg.calib.dataset, model=model, tokenizer=tokenizer, model_id=checkpoint,
-                              samples=cfg.calib.size, seq_len=cfg.calib.seq_len, seed=cfg.calib.seed,
-                              cache_dir=cfg.cache_dir, sample_batch_size=SAMPLE_BATCH_SIZE)
+        calib = token_batches(
+            cfg.calib.dataset,
+            model=model,
+            tokenizer=tokenizer,
+            model_id=checkpoint,
+            samples=cfg.calib.size,
+            seq_len=cfg.calib.seq_len,
+            seed=cfg.calib.seed,
+            cache_dir=cfg.cache_dir,
+            sample_batch_size=SAMPLE_BATCH_SIZE,
+        )
     device = next(model.parameters()).device
     counter = ExpertCounter(model)
 
@@ -142,18 +159,29 @@ def quantize(plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, b
             mtq.quantize(model, quant_cfg, forward_loop)
             out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
     if counter and counter.passes:
-        out.expert_coverage = coverage({name: c.tolist() for name, c in counter.counts.items()}, counter.top_k,
-                                       tokens=int(calib.numel()), samples=int(calib.shape[0]),
-                                       min_tokens=cfg.calib.expert_min_tokens)
+        out.expert_coverage = coverage(
+            {name: c.tolist() for name, c in counter.counts.items()},
+            counter.top_k,
+            tokens=int(calib.numel()),
+            samples=int(calib.shape[0]),
+            min_tokens=cfg.calib.expert_min_tokens,
+        )
         message = coverage_warning(out.expert_coverage, cfg.calib.size)
         if message:
             log.warning(message)
         else:
-            log.info("Every routed expert of %d MoE layers received at least %d calibration tokens (fewest %d)",
-                     out.expert_coverage["moe_layers"], cfg.calib.expert_min_tokens,
-                     out.expert_coverage["tokens_per_expert"]["min"])
-    log.info("Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
-             len(out.layers), len(out.excluded), len(out.unexpected_bf16))
+            log.info(
+                "Every routed expert of %d MoE layers received at least %d calibration tokens (fewest %d)",
+                out.expert_coverage["moe_layers"],
+                cfg.calib.expert_min_tokens,
+                out.expert_coverage["tokens_per_expert"]["min"],
+            )
+    log.info(
+        "Quantized %d linear layers, %d excluded, %d unexpectedly left in BF16",
+        len(out.layers),
+        len(out.excluded),
+        len(out.unexpected_bf16),
+    )
     return out
 
 
@@ -178,9 +206,12 @@ def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) ->
             export_hf_checkpoint(model, dtype=torch.bfloat16, export_dir=str(export_dir))
             fixed = repair_exclude_modules(export_dir)
             if fixed:
-                log.warning("Repaired %d exclude_modules entries that ModelOpt's export wrote with its internal name "
-                            "marker still attached (e.g. %r); without the repair no serving engine would match them",
-                            len(fixed), fixed[0].encode("unicode_escape").decode())
+                log.warning(
+                    "Repaired %d exclude_modules entries that ModelOpt's export wrote with its internal name "
+                    "marker still attached (e.g. %r); without the repair no serving engine would match them",
+                    len(fixed),
+                    fixed[0].encode("unicode_escape").decode(),
+                )
         else:
             model.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
@@ -202,15 +233,24 @@ class HFModelOptBackend:
             build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
         with timer.stage("load"):
             model, tokenizer, checkpoint = load_model(
-                plan.source, device=cfg.hardware.device, dtype=cfg.hardware.dtype,
-                trust_remote_code=cfg.model.trust_remote_code, reuse=cfg.backend.reuse_loaded_model,
+                plan.source,
+                device=cfg.hardware.device,
+                dtype=cfg.hardware.dtype,
+                trust_remote_code=cfg.model.trust_remote_code,
+                reuse=cfg.backend.reuse_loaded_model,
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
             )
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
         quant_cfg, search = prepare_quantization(plan, model)
         calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
-        details = {"checkpoint_source": checkpoint, "calib_batch_size": calib_bs, "awq_block_size": plan.awq_block_size,
-                   "model_load": last_load(), "extensions_dir": extensions, "cpu_threads": threads}
+        details = {
+            "checkpoint_source": checkpoint,
+            "calib_batch_size": calib_bs,
+            "awq_block_size": plan.awq_block_size,
+            "model_load": last_load(),
+            "extensions_dir": extensions,
+            "cpu_threads": threads,
+        }
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)
@@ -233,22 +273,36 @@ class HFModelOptBackend:
             if baseline.reference is not None:  # the PTQ point's fidelity, on the same held-out tokens
                 with timer.stage("fidelity_before_recovery"):
                     # Fidelity only: the benchmarks are scored once, after recovery.
-                    ptq_fid, _ = compare(plan, model, tokenizer, dataclasses.replace(baseline, scores=None),
-                                         StageTimer(), measured_on="PTQ, before recovery")
+                    ptq_fid, _ = compare(
+                        plan,
+                        model,
+                        tokenizer,
+                        dataclasses.replace(baseline, scores=None),
+                        StageTimer(),
+                        measured_on="PTQ, before recovery",
+                    )
             recovery = recover.train(plan, model, training, timer)
             recovery["ptq_fidelity"] = ptq_fid
             training = None  # drops a second copy of the teacher, if one was made
         # The weights moved: the stored-weight check compares the export with them (a BF16 copy on the host, taken
         # before the export replaces them by their codes), not with the source checkpoint.
         trained = None
-        if recovery is not None and cfg.fidelity.enabled and cfg.fidelity.exported and cfg.fidelity.exported_check == "weights":
+        if (
+            recovery is not None
+            and cfg.fidelity.enabled
+            and cfg.fidelity.exported
+            and cfg.fidelity.exported_check == "weights"
+        ):
             trained = {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:
             # What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
-            applied = recipe_files.applied_recipe(quant_cfg, f"{cfg.recipe.name} as applied to {cfg.model.name} by "
-                                                  f"ptq-launcher (nvidia-modelopt {metadata.version('nvidia-modelopt')})")
+            applied = recipe_files.applied_recipe(
+                quant_cfg,
+                f"{cfg.recipe.name} as applied to {cfg.model.name} by "
+                f"ptq-launcher (nvidia-modelopt {metadata.version('nvidia-modelopt')})",
+            )
             recipe_files.write_applied(export_dir, applied)
             details["applied_recipe"] = applied
         if repaired:
@@ -258,16 +312,31 @@ class HFModelOptBackend:
             # search holds it too), and the read-back needs its memory.
             del model
             search = None
-            written = fid["exported_checkpoint"] = check_written(plan, export_dir, baseline, timer, source=checkpoint,
-                                                                 trained=trained)
+            written = fid["exported_checkpoint"] = check_written(
+                plan, export_dir, baseline, timer, source=checkpoint, trained=trained
+            )
             trained = None
             if "mean_kl" in written:
-                log.info("Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
-                         written["mean_kl"], fid["mean_kl"])
+                log.info(
+                    "Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
+                    written["mean_kl"],
+                    fid["mean_kl"],
+                )
             else:
-                log.info("Stored weights of the checkpoint as written: %d layers, largest relative error per format %s, "
-                         "%d problems", written.get("layers", 0), written.get("max_relative_error"),
-                         len(written.get("problems", [])))
-        return BackendResult(bf16_bytes=bf16_bytes, quantized_layers=done.layers, excluded_layers=done.excluded,
-                             unexpected_bf16=done.unexpected_bf16, fidelity=fid, evaluation=scores, details=details,
-                             recovery=recovery)
+                log.info(
+                    "Stored weights of the checkpoint as written: %d layers, largest relative error per format %s, "
+                    "%d problems",
+                    written.get("layers", 0),
+                    written.get("max_relative_error"),
+                    len(written.get("problems", [])),
+                )
+        return BackendResult(
+            bf16_bytes=bf16_bytes,
+            quantized_layers=done.layers,
+            excluded_layers=done.excluded,
+            unexpected_bf16=done.unexpected_bf16,
+            fidelity=fid,
+            evaluation=scores,
+            details=details,
+            recovery=recovery,
+        )

@@ -26,8 +26,17 @@ from typing import Dict, List, Mapping, Optional
 
 from ptq.backends.base import BackendResult, use_extension_cache
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE, MAMBA_ENV
-from ptq.backends.megatron_steps import (LOG_DIR, MEGATRON_CHECKPOINT, STEP_ENV, Step, build_steps, calib_dataset,
-                                         check_scripts, model_id, write_calib_jsonl)
+from ptq.backends.megatron_steps import (
+    LOG_DIR,
+    MEGATRON_CHECKPOINT,
+    STEP_ENV,
+    Step,
+    build_steps,
+    calib_dataset,
+    check_scripts,
+    model_id,
+    write_calib_jsonl,
+)
 from ptq.cluster import process_rank
 from ptq.layout import PARTIAL_NAME
 from ptq.measure import measure_export
@@ -38,12 +47,20 @@ from ptq.validate import read_tensor_index
 
 log = logging.getLogger(__name__)
 
+
 def _run_logged(argv: List[str], env: Mapping[str, str], log_path: Path) -> int:
     """Run `argv`, passing its output through to ours and into `log_path`; its exit status."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8", buffering=1) as out:  # line-buffered: other tasks read it
-        proc = subprocess.Popen(argv, env=dict(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                errors="replace", bufsize=1)
+        proc = subprocess.Popen(
+            argv,
+            env=dict(env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            errors="replace",
+            bufsize=1,
+        )
         for line in proc.stdout:
             out.write(line)
             sys.stdout.write(line)
@@ -63,15 +80,18 @@ def run_steps(steps: List[Step], env: Mapping[str, str], timer: StageTimer, log_
         with timer.stage(step.name):
             status = _run_logged(step.argv, {**env, **dict(STEP_ENV), **dict(step.env)}, logs[step.name])
         if status:
-            raise RuntimeError(f"Megatron-Bridge {step.name} step exited with status {status}; the end of its output "
-                               f"({logs[step.name]}):\n{_last_lines(logs[step.name])}\ncommand: {shlex.join(step.argv)}")
+            raise RuntimeError(
+                f"Megatron-Bridge {step.name} step exited with status {status}; the end of its output "
+                f"({logs[step.name]}):\n{_last_lines(logs[step.name])}\ncommand: {shlex.join(step.argv)}"
+            )
     return logs
 
 
 def _last_lines(path: Path, count: int = 12) -> str:
     """The last lines of a step's output that are not warnings: usually the error that stopped it."""
-    lines = [line for line in path.read_text(errors="replace").splitlines()
-             if line.strip() and "warn" not in line.lower()]
+    lines = [
+        line for line in path.read_text(errors="replace").splitlines() if line.strip() and "warn" not in line.lower()
+    ]
     return "\n".join(lines[-count:])
 
 
@@ -112,8 +132,10 @@ def generation_check(plan: Plan, log_dir: Path, strict: bool) -> dict:
             pairs += parse_generations(path.read_text(errors="replace"))
         found[name] = pairs
     if strict and plan.cfg.backend.generate_check and len(found["generate"]) < len(prompts):
-        raise RuntimeError(f"Megatron-Bridge generate step printed {len(found['generate'])} answers for "
-                           f"{len(prompts)} prompts (output: {log_dir / 'generate.log'})")
+        raise RuntimeError(
+            f"Megatron-Bridge generate step printed {len(found['generate'])} answers for "
+            f"{len(prompts)} prompts (output: {log_dir / 'generate.log'})"
+        )
     return found
 
 
@@ -127,13 +149,17 @@ def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
 
 
 def _quantized_modules(export_dir: Path) -> List[str]:
-    return sorted(name[: -len(".weight_scale")] for name in read_tensor_index(export_dir) if name.endswith(".weight_scale"))
+    return sorted(
+        name[: -len(".weight_scale")] for name in read_tensor_index(export_dir) if name.endswith(".weight_scale")
+    )
 
 
 class MegatronBridgeBackend:
     name = "megatron_bridge"
 
-    def run(self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None) -> BackendResult:
+    def run(
+        self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None
+    ) -> BackendResult:
         env = dict(os.environ if env is None else env)
         use_extension_cache(plan.cfg.cache_dir, env)  # the steps' ModelOpt builds its kernels there too
         if plan.cfg.model.arch == "mamba_hybrid":
@@ -144,18 +170,30 @@ class MegatronBridgeBackend:
         _prepare_inputs(plan, timer)
         logs = run_steps(steps, env, timer, plan.output_dir / LOG_DIR)
         quantized = _quantized_modules(export_dir)
-        notes = [FUSION_OFF_NOTE] if any(FUSION_OFF_NOTE in p.read_text(errors="replace") for p in logs.values()) else []
-        details = {"commands": {s.name: s.argv for s in steps}, "megatron_checkpoint": str(megatron_dir),
-                   "extensions_dir": env.get("TORCH_EXTENSIONS_DIR"),
-                   "source": model_id(plan), "calib_dataset": calib_dataset(plan),
-                   "logs": {name: str(path) for name, path in logs.items()},
-                   "generation": generation_check(plan, plan.output_dir / LOG_DIR,
-                                                  strict=plan.cfg.parallelism.nodes == 1 or "RANK" in env),
-                   "notes": notes}
+        notes = (
+            [FUSION_OFF_NOTE] if any(FUSION_OFF_NOTE in p.read_text(errors="replace") for p in logs.values()) else []
+        )
+        details = {
+            "commands": {s.name: s.argv for s in steps},
+            "megatron_checkpoint": str(megatron_dir),
+            "extensions_dir": env.get("TORCH_EXTENSIONS_DIR"),
+            "source": model_id(plan),
+            "calib_dataset": calib_dataset(plan),
+            "logs": {name: str(path) for name, path in logs.items()},
+            "generation": generation_check(
+                plan, plan.output_dir / LOG_DIR, strict=plan.cfg.parallelism.nodes == 1 or "RANK" in env
+            ),
+            "notes": notes,
+        }
         # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
         fid, scores = measure_export(plan, export_dir, timer) if plan.measure_export else (None, None)
-        return BackendResult(bf16_bytes=int(plan.cfg.model.params_b * 1e9 * 2), quantized_layers=quantized,
-                             fidelity=fid, evaluation=scores, details=details)
+        return BackendResult(
+            bf16_bytes=int(plan.cfg.model.params_b * 1e9 * 2),
+            quantized_layers=quantized,
+            fidelity=fid,
+            evaluation=scores,
+            details=details,
+        )
 
     def run_worker(self, plan: Plan, env: Optional[Mapping[str, str]] = None) -> dict:
         """A process of rank > 0 in a multi-node job: take part in the distributed steps, write nothing else."""

@@ -23,10 +23,16 @@ import runpy
 import sys
 
 # Printed once by rank 0 so the launcher can record what was changed.
-FUSION_OFF_NOTE = "ptq: gradient_accumulation_fusion forced off (APEX's fused_weight_gradient_mlp_cuda is not installed)"
+FUSION_OFF_NOTE = (
+    "ptq: gradient_accumulation_fusion forced off (APEX's fused_weight_gradient_mlp_cuda is not installed)"
+)
 # What Megatron-Bridge's quantization scripts import (checked before they start, so a missing part is named).
-REQUIRED_MODULES = {"megatron.bridge": "megatron-bridge", "megatron.core": "megatron-core",
-                    "transformer_engine": "transformer-engine", "modelopt": "nvidia-modelopt"}
+REQUIRED_MODULES = {
+    "megatron.bridge": "megatron-bridge",
+    "megatron.core": "megatron-core",
+    "transformer_engine": "transformer-engine",
+    "modelopt": "nvidia-modelopt",
+}
 # What Megatron-Core's Mamba layers import besides (Nemotron-H, Nemotron 3): CUDA packages built from source
 # (scripts/mamba-wheels.sh). The launcher sets MAMBA_ENV=1 for models with Mamba layers.
 MAMBA_MODULES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
@@ -90,13 +96,21 @@ def main(argv) -> None:
         missing = missing_modules(mamba=os.environ.get(MAMBA_ENV) == "1")
         if missing:
             mamba = [d for d in missing if d in MAMBA_MODULES.values()]
-            print(f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need"
-                  f"{' for this model (Mamba layers)' if mamba else ''}. Install them on a CUDA machine with Python "
-                  "3.12: pip install -e '.[megatron]' in the launcher's checkout, or bash scripts/install-offline.sh "
-                  "WHEELHOUSE --megatron without internet (README: Megatron-Bridge backend)"
-                  + ("; mamba-ssm and causal-conv1d compile against the installed torch: build their wheels on the "
-                     "GPU host with scripts/mamba-wheels.sh" if mamba else "")
-                  + "; inside the NeMo container they are already there.", file=sys.stderr, flush=True)
+            print(
+                f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need"
+                f"{' for this model (Mamba layers)' if mamba else ''}. Install them on a CUDA machine with Python "
+                "3.12: pip install -e '.[megatron]' in the launcher's checkout, or bash scripts/install-offline.sh "
+                "WHEELHOUSE --megatron without internet (README: Megatron-Bridge backend)"
+                + (
+                    "; mamba-ssm and causal-conv1d compile against the installed torch: build their wheels on the "
+                    "GPU host with scripts/mamba-wheels.sh"
+                    if mamba
+                    else ""
+                )
+                + "; inside the NeMo container they are already there.",
+                file=sys.stderr,
+                flush=True,
+            )
             sys.exit(MISSING_EXIT)
     if not apex_wgrad_available() and force_wgrad_fusion_off() and os.environ.get("RANK", "0") == "0":
         print(FUSION_OFF_NOTE, flush=True)

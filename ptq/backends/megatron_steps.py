@@ -75,11 +75,26 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
     """The upstream scripts' arguments for each step (without the launcher)."""
     cfg, backend, par = plan.cfg, plan.cfg.backend, plan.cfg.parallelism
     trust = ["--trust-remote-code"] if cfg.model.trust_remote_code else []
-    quantize = ["--hf-model-id", model_id(plan), "--export-quant-cfg", cfg.recipe.megatron_cfg,
-                "--megatron-save-path", str(megatron_dir), *_layout_flags(par.tp, par.pp, par.ep, par.etp),
-                "--calib-size", str(cfg.calib.size), "--calib-seq-length", str(cfg.calib.seq_len),
-                "--calib-batch-size", str(cfg.calib.batch_size or min(cfg.calib.size, DEFAULT_CALIB_BATCH)),
-                "--calib-dataset", calib_dataset(plan), "--prompts", backend.prompts, *trust]
+    quantize = [
+        "--hf-model-id",
+        model_id(plan),
+        "--export-quant-cfg",
+        cfg.recipe.megatron_cfg,
+        "--megatron-save-path",
+        str(megatron_dir),
+        *_layout_flags(par.tp, par.pp, par.ep, par.etp),
+        "--calib-size",
+        str(cfg.calib.size),
+        "--calib-seq-length",
+        str(cfg.calib.seq_len),
+        "--calib-batch-size",
+        str(cfg.calib.batch_size or min(cfg.calib.size, DEFAULT_CALIB_BATCH)),
+        "--calib-dataset",
+        calib_dataset(plan),
+        "--prompts",
+        backend.prompts,
+        *trust,
+    ]
     if cfg.recipe.kv_cache != "none":
         quantize.append("--export-kv-cache-quant")
     if cfg.recipe.weight_only and not cfg.recipe.awq:
@@ -89,11 +104,29 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
     if backend.compress:
         quantize.append("--compress")
     quantize += list(backend.extra_args)
-    generate = ["--hf-model-id", model_id(plan), "--megatron-load-path", str(megatron_dir),
-                *_layout_flags(par.tp, par.pp, par.ep, par.etp), "--prompts", backend.prompts, *trust]
+    generate = [
+        "--hf-model-id",
+        model_id(plan),
+        "--megatron-load-path",
+        str(megatron_dir),
+        *_layout_flags(par.tp, par.pp, par.ep, par.etp),
+        "--prompts",
+        backend.prompts,
+        *trust,
+    ]
     export_pp = backend.export_pp or par.pp
-    export = ["--hf-model-id", model_id(plan), "--megatron-load-path", str(megatron_dir), "--export-dir", str(export_dir),
-              *_layout_flags(backend.export_tp, export_pp, backend.export_ep, 1), "--dtype", backend.export_dtype, *trust]
+    export = [
+        "--hf-model-id",
+        model_id(plan),
+        "--megatron-load-path",
+        str(megatron_dir),
+        "--export-dir",
+        str(export_dir),
+        *_layout_flags(backend.export_tp, export_pp, backend.export_ep, 1),
+        "--dtype",
+        backend.export_dtype,
+        *trust,
+    ]
     return {"quantize": quantize, "generate": generate, "export": export}
 
 
@@ -109,8 +142,12 @@ def launcher(plan: Plan, nproc_per_node: int, nnodes: int, env: Mapping[str, str
     else:
         master = env.get("MASTER_ADDR", "localhost")
         job = env.get("SLURM_JOB_ID", "ptq")
-        cmd += [f"--nnodes={nnodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={master}:{backend.rdzv_port}",
-                f"--rdzv_id={job}"]
+        cmd += [
+            f"--nnodes={nnodes}",
+            "--rdzv_backend=c10d",
+            f"--rdzv_endpoint={master}:{backend.rdzv_port}",
+            f"--rdzv_id={job}",
+        ]
     return cmd
 
 
@@ -120,9 +157,12 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
     args = script_args(plan, megatron_dir, export_dir)
     scripts = Path(backend.scripts_dir)
     export_world = backend.export_tp * (backend.export_pp or par.pp)
-    layouts = {"quantize": (par.gpus_per_node, par.nodes), "generate": (par.gpus_per_node, par.nodes),
-               # The export is one node's job: TP 1 and PP ranks only.
-               "export": (export_world, 1)}
+    layouts = {
+        "quantize": (par.gpus_per_node, par.nodes),
+        "generate": (par.gpus_per_node, par.nodes),
+        # The export is one node's job: TP 1 and PP ranks only.
+        "export": (export_world, 1),
+    }
     direct = "WORLD_SIZE" in env and "RANK" in env
     steps = []
     for name in ("quantize", "generate", "export"):
@@ -159,7 +199,7 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
         if not script.is_file():
             raise ConfigError(f"{script} is missing: this Megatron-Bridge checkout has no {SCRIPTS[step.name]}.")
         script_pos = step.argv.index(str(script))
-        missing = unsupported_flags(step.argv[script_pos + 1:], script.read_text(errors="replace") + helpers)
+        missing = unsupported_flags(step.argv[script_pos + 1 :], script.read_text(errors="replace") + helpers)
         if missing:
             raise ConfigError(
                 f"{script} does not accept {', '.join(missing)} (the flags differ between Megatron-Bridge releases); "

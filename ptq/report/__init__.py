@@ -57,5 +57,18 @@ from ptq.report.read import find_run_records, load_records, pending_points, vari
 from ptq.report.render import render_markdown, wide_table, write_report
 from ptq.report.tables import Report, build_report, scores_table, summary_table
 
-__all__ = ["BF16", "Report", "build_report", "find_run_records", "load_records", "main", "pending_points", "render_markdown",
-           "scores_table", "summary_table", "variant_label", "wide_table", "write_report"]
+__all__ = [
+    "BF16",
+    "Report",
+    "build_report",
+    "find_run_records",
+    "load_records",
+    "main",
+    "pending_points",
+    "render_markdown",
+    "scores_table",
+    "summary_table",
+    "variant_label",
+    "wide_table",
+    "write_report",
+]

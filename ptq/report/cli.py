@@ -11,8 +11,8 @@ from ptq.files import write_json_atomic
 from ptq.report.common import RUN_RECORD_NAME
 from ptq.report.read import find_run_records, load_records, pending_points
 from ptq.report.recommend import parse_budget, recommend, render_recommendation
-from ptq.report.tables import build_report
 from ptq.report.render import write_report
+from ptq.report.tables import build_report
 from ptq.tracking import log_files
 
 
@@ -24,14 +24,21 @@ def default_out_dir(paths: Sequence[Path]) -> Path:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ptq.report", description=__doc__.split("\n\n")[0])
     parser.add_argument("paths", nargs="+", type=Path, help="folders to search for run.json, or run.json files")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="output folder (default: report/ under the first given folder)")
-    parser.add_argument("--budget", default=None,
-                        help="recommend, per model and serving engine, the smallest checkpoint whose loss against BF16 "
-                             "is within this budget at 95%% confidence (e.g. 1%%); writes recommendation.json too")
-    parser.add_argument("--mlflow-uri", default=None,
-                        help="also log the report's files as the artifacts of one MLflow run in this store, e.g. "
-                             "sqlite:///runs/mlflow/mlflow.db (the store of tracking=mlflow)")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="output folder (default: report/ under the first given folder)"
+    )
+    parser.add_argument(
+        "--budget",
+        default=None,
+        help="recommend, per model and serving engine, the smallest checkpoint whose loss against BF16 "
+        "is within this budget at 95%% confidence (e.g. 1%%); writes recommendation.json too",
+    )
+    parser.add_argument(
+        "--mlflow-uri",
+        default=None,
+        help="also log the report's files as the artifacts of one MLflow run in this store, e.g. "
+        "sqlite:///runs/mlflow/mlflow.db (the store of tracking=mlflow)",
+    )
     parser.add_argument("--mlflow-experiment", default="ptq-launcher", help="its experiment (default: ptq-launcher)")
     args = parser.parse_args(argv)
     try:
@@ -61,15 +68,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if budget is not None:
         written.append(out_dir / "recommendation.json")
     sys.stdout.write(markdown)
-    print(f"{len(records)} records read, {len(skipped)} skipped; wrote {len(written)} files to {out_dir}",
-          file=sys.stderr)
+    print(
+        f"{len(records)} records read, {len(skipped)} skipped; wrote {len(written)} files to {out_dir}", file=sys.stderr
+    )
     if args.mlflow_uri:
         try:
-            logged = log_files(args.mlflow_uri, args.mlflow_experiment, written, run_name=f"report {out_dir.name}",
-                               tags={"records": str(len(records)), "report_dir": str(out_dir.resolve())})
+            logged = log_files(
+                args.mlflow_uri,
+                args.mlflow_experiment,
+                written,
+                run_name=f"report {out_dir.name}",
+                tags={"records": str(len(records)), "report_dir": str(out_dir.resolve())},
+            )
         except Exception as exc:  # noqa: BLE001 - the report is written; only its copy in MLflow is missing
-            print(f"MLflow: could not log the report to {args.mlflow_uri}: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(
+                f"MLflow: could not log the report to {args.mlflow_uri}: {type(exc).__name__}: {exc}", file=sys.stderr
+            )
             return 1
-        print(f"MLflow: logged {len(logged['artifacts'])} files as run {logged['run_id']} of experiment "
-              f"{args.mlflow_experiment} at {logged['uri']}", file=sys.stderr)
+        print(
+            f"MLflow: logged {len(logged['artifacts'])} files as run {logged['run_id']} of experiment "
+            f"{args.mlflow_experiment} at {logged['uri']}",
+            file=sys.stderr,
+        )
     return 0

@@ -7,7 +7,6 @@ import pandas as pd
 from ptq import backend_spec
 from ptq.layout import RECORD_NAME
 
-
 RUN_RECORD_NAME = RECORD_NAME
 
 
@@ -54,9 +53,31 @@ TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
 # (read.difference_error): the paired one, a fidelity row's own, or sqrt(2) x the variant's.
 # setting: what the row was measured on, for a reader (`300 items`, `256 tok x 32`); fingerprint: the same exactly
 # (read.py): a row is compared only with a BF16 row of the same fingerprint.
-SCORE_COLUMNS = ["model", "variant", "recipe", "kv_cache", "calib_size", "benchmark", "subject", "metric", "setting",
-                 "value", "stderr", "higher_is_better", "bf16", "bf16_source", "delta", "delta_stderr", "paired_items",
-                 "delta_error", "recovery", "status", "note", "fingerprint", "source"]
+SCORE_COLUMNS = [
+    "model",
+    "variant",
+    "recipe",
+    "kv_cache",
+    "calib_size",
+    "benchmark",
+    "subject",
+    "metric",
+    "setting",
+    "value",
+    "stderr",
+    "higher_is_better",
+    "bf16",
+    "bf16_source",
+    "delta",
+    "delta_stderr",
+    "paired_items",
+    "delta_error",
+    "recovery",
+    "status",
+    "note",
+    "fingerprint",
+    "source",
+]
 
 # 95% two-sided normal quantile: intervals, "n.s." marks and the recommendation's bounds use this one value.
 Z_95 = 1.96
@@ -69,20 +90,55 @@ def within_noise(delta: float, error: float) -> bool:
         return False
     return abs(delta) < Z_95 * error
 
+
 # A point's fidelity figures in the summary: the perplexity ratio to BF16 with its 95% interval, the mean KL with
 # its standard error (ptq/fidelity.py).
-FIDELITY_SUMMARY_COLUMNS = ["perplexity_ratio", "perplexity_ratio_lo", "perplexity_ratio_hi", "mean_kl", "mean_kl_stderr"]
+FIDELITY_SUMMARY_COLUMNS = [
+    "perplexity_ratio",
+    "perplexity_ratio_lo",
+    "perplexity_ratio_hi",
+    "mean_kl",
+    "mean_kl_stderr",
+]
 
 # A point's benchmark figures in the summary: the median recovery with its interval (the median of the rows' 95%
 # recovery bounds), and its worst significant loss (benchmark, metric, delta, its standard error, delta / BF16) out
 # of `significant_losses` among the `judged` rows (those with a known error).
-BENCHMARK_SUMMARY_COLUMNS = ["median_recovery", "median_recovery_lo", "median_recovery_hi", "worst_benchmark",
-                             "worst_metric", "worst_delta", "worst_delta_error", "worst_relative", "worst_recovery",
-                             "worst_recovery_lo", "worst_recovery_hi", "significant_losses", "judged"]
+BENCHMARK_SUMMARY_COLUMNS = [
+    "median_recovery",
+    "median_recovery_lo",
+    "median_recovery_hi",
+    "worst_benchmark",
+    "worst_metric",
+    "worst_delta",
+    "worst_delta_error",
+    "worst_relative",
+    "worst_recovery",
+    "worst_recovery_lo",
+    "worst_recovery_hi",
+    "significant_losses",
+    "judged",
+]
 
-SUMMARY_COLUMNS = ["model", "variant", "recipe", "status", *BENCHMARK_SUMMARY_COLUMNS, *FIDELITY_SUMMARY_COLUMNS,
-                   "checkpoint_mb", "compression", "bits_per_weight", "calib_size", "calib_seq_len", "fidelity_setting",
-                   "calibrate_s", "served_by", "recipe_file", "note", "source"]
+SUMMARY_COLUMNS = [
+    "model",
+    "variant",
+    "recipe",
+    "status",
+    *BENCHMARK_SUMMARY_COLUMNS,
+    *FIDELITY_SUMMARY_COLUMNS,
+    "checkpoint_mb",
+    "compression",
+    "bits_per_weight",
+    "calib_size",
+    "calib_seq_len",
+    "fidelity_setting",
+    "calibrate_s",
+    "served_by",
+    "recipe_file",
+    "note",
+    "source",
+]
 
 SUPERSEDED_COLUMNS = ["model", "variant", "status", "finished_at", "source", "kept", "reason"]
 

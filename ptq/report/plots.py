@@ -97,15 +97,38 @@ def perplexity_vs_bits_figure(summary: pd.DataFrame, model: str):
     if points.empty:
         return None
     figure, axes = _figure()
-    axes.errorbar(points["bits_per_weight"], points["perplexity_ratio"], yerr=_ratio_bars(points), fmt="o",
-                  color="tab:blue", ecolor="tab:blue", capsize=3, zorder=3, label="variant (95% interval)")
+    axes.errorbar(
+        points["bits_per_weight"],
+        points["perplexity_ratio"],
+        yerr=_ratio_bars(points),
+        fmt="o",
+        color="tab:blue",
+        ecolor="tab:blue",
+        capsize=3,
+        zorder=3,
+        label="variant (95% interval)",
+    )
     front = pareto_front(list(zip(points["bits_per_weight"], points["perplexity_ratio"])))
-    axes.plot(points["bits_per_weight"].iloc[front], points["perplexity_ratio"].iloc[front], drawstyle="steps-post",
-              color="tab:orange", linewidth=1.6, marker="D", markersize=9, markerfacecolor="none",
-              markeredgewidth=1.6, zorder=4, label="Pareto front (fewer bits, lower ratio; point estimates)")
+    axes.plot(
+        points["bits_per_weight"].iloc[front],
+        points["perplexity_ratio"].iloc[front],
+        drawstyle="steps-post",
+        color="tab:orange",
+        linewidth=1.6,
+        marker="D",
+        markersize=9,
+        markerfacecolor="none",
+        markeredgewidth=1.6,
+        zorder=4,
+        label="Pareto front (fewer bits, lower ratio; point estimates)",
+    )
     axes.margins(x=0.15, y=0.15)
-    _finish_ratio_axes(axes, "bits per weight (checkpoint size vs BF16)", f"{model}: perplexity ratio vs bits per weight",
-                       legend_below=True)
+    _finish_ratio_axes(
+        axes,
+        "bits per weight (checkpoint size vs BF16)",
+        f"{model}: perplexity ratio vs bits per weight",
+        legend_below=True,
+    )
     _label(axes, points, "perplexity_ratio", front)
     return figure
 
@@ -115,15 +138,31 @@ def plot_perplexity_vs_bits(summary: pd.DataFrame, model: str):
     return _png(perplexity_vs_bits_figure(summary, model), layout=False)
 
 
-def _label(axes, points: pd.DataFrame, column: str, front: List[int], scale: float = 1.0,
-           extra: Tuple[Tuple[float, float, str], ...] = ()) -> None:
+def _label(
+    axes,
+    points: pd.DataFrame,
+    column: str,
+    front: List[int],
+    scale: float = 1.0,
+    extra: Tuple[Tuple[float, float, str], ...] = (),
+) -> None:
     """Name each point, or only the Pareto front's when there are more than MAX_LABELS (said in a corner note), with
     no two names on top of each other (place_labels). `extra`: more (x, y, text) to name the same way."""
     named = range(len(points)) if len(points) <= MAX_LABELS else front
-    anchors = [(points["bits_per_weight"].iat[i], scale * points[column].iat[i], points["variant"].iat[i]) for i in named]
+    anchors = [
+        (points["bits_per_weight"].iat[i], scale * points[column].iat[i], points["variant"].iat[i]) for i in named
+    ]
     if len(points) > MAX_LABELS:
-        axes.text(0.99, 0.01, f"{len(points)} variants; named: the Pareto front", transform=axes.transAxes,
-                  ha="right", va="bottom", fontsize=7, color="grey")
+        axes.text(
+            0.99,
+            0.01,
+            f"{len(points)} variants; named: the Pareto front",
+            transform=axes.transAxes,
+            ha="right",
+            va="bottom",
+            fontsize=7,
+            color="grey",
+        )
     place_labels(axes, [*anchors, *extra])
 
 
@@ -161,16 +200,27 @@ def place_labels(axes, anchors, fontsize: float = 7) -> list:
         for ring, radius in enumerate(LABEL_RINGS):
             for dx, dy in LABEL_DIRECTIONS:
                 label = axes.annotate(
-                    "\n".join(names), (x, y), xytext=(dx * radius, dy * radius), textcoords="offset points",
-                    ha={1: "left", -1: "right", 0: "center"}[dx], va={1: "bottom", -1: "top", 0: "center"}[dy],
-                    fontsize=fontsize, zorder=5,
-                    arrowprops=dict(arrowstyle="-", color="grey", linewidth=0.5, shrinkA=0, shrinkB=4) if ring else None)
+                    "\n".join(names),
+                    (x, y),
+                    xytext=(dx * radius, dy * radius),
+                    textcoords="offset points",
+                    ha={1: "left", -1: "right", 0: "center"}[dx],
+                    va={1: "bottom", -1: "top", 0: "center"}[dy],
+                    fontsize=fontsize,
+                    zorder=5,
+                    arrowprops=dict(arrowstyle="-", color="grey", linewidth=0.5, shrinkA=0, shrinkB=4)
+                    if ring
+                    else None,
+                )
                 label.update_positions(renderer)  # else the text's extent is taken before its offset applies
                 box = Text.get_window_extent(label, renderer).padded(1.5)
                 others = [m for i, m in enumerate(markers) if i != number]
                 covered = sum(_overlap(box, other) for other in placed + others)
-                fits = 0 if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1) else (
-                    1 if whole.contains(box.x0, box.y0) and whole.contains(box.x1, box.y1) else 2)
+                fits = (
+                    0
+                    if inside.contains(box.x0, box.y0) and inside.contains(box.x1, box.y1)
+                    else (1 if whole.contains(box.x0, box.y0) and whole.contains(box.x1, box.y1) else 2)
+                )
                 score = (covered > 0, fits, covered, ring)
                 if best is None or score < best[0]:
                     if best is not None:
@@ -192,8 +242,14 @@ def deltas_figure(scores: pd.DataFrame, model: str):
     side), with its 95% interval (paired where per-item scores exist, else sqrt(2) x the variant's standard error):
     grey where the interval holds 0, black where no error is known. None without such rows."""
     mine = scores[scores["model"] == model].assign(_name=lambda df: measured_names(df) if len(df) else [])
-    rows = mine[(mine["variant"] != BF16) & (mine["metric"] != FIDELITY_METRIC) & (mine["subject"] == "")
-                & mine["delta"].notna() & mine["bf16"].notna() & (mine["bf16"] != 0)]
+    rows = mine[
+        (mine["variant"] != BF16)
+        & (mine["metric"] != FIDELITY_METRIC)
+        & (mine["subject"] == "")
+        & mine["delta"].notna()
+        & mine["bf16"].notna()
+        & (mine["bf16"] != 0)
+    ]
     rows = rows.head(MAX_DELTA_ROWS).reset_index(drop=True)
     if rows.empty:
         return None
@@ -210,8 +266,9 @@ def deltas_figure(scores: pd.DataFrame, model: str):
     axes.axvline(0.0, color="grey", linewidth=0.8, linestyle="--")
     axes.set_yticks(range(len(rows)), labels, fontsize=7)
     axes.invert_yaxis()
-    axes.set_xlabel("difference from BF16, % of BF16\n(95% interval; grey: not significant; black: no error known)",
-                    fontsize=8)
+    axes.set_xlabel(
+        "difference from BF16, % of BF16\n(95% interval; grey: not significant; black: no error known)", fontsize=8
+    )
     axes.set_title(f"{model}: benchmark differences from BF16", fontsize=10)
     axes.grid(True, axis="x", alpha=0.3)
     return figure
@@ -229,11 +286,16 @@ def calib_size_lines(summary: pd.DataFrame, model: str) -> Dict[str, pd.DataFram
     points = _variants(summary, model, "calib_size", "perplexity_ratio")
     if points.empty:
         return {}
-    points = points.assign(_base=points["variant"].str.replace(r"@[^ ]+", "", regex=True),
-                           _seq=[("" if pd.isna(s) else format(s, "g")) for s in points["calib_seq_len"]],
-                           _fid=points["fidelity_setting"].fillna(""))
-    groups = [(key, group) for key, group in points.groupby(["_base", "_seq", "_fid"], sort=True)
-              if group["calib_size"].nunique() >= 2]
+    points = points.assign(
+        _base=points["variant"].str.replace(r"@[^ ]+", "", regex=True),
+        _seq=[("" if pd.isna(s) else format(s, "g")) for s in points["calib_seq_len"]],
+        _fid=points["fidelity_setting"].fillna(""),
+    )
+    groups = [
+        (key, group)
+        for key, group in points.groupby(["_base", "_seq", "_fid"], sort=True)
+        if group["calib_size"].nunique() >= 2
+    ]
     # Named by what tells the lines apart: the sequence length where it differs, the fidelity setting where it differs
     # beyond that (it follows calib.seq_len by default).
     seqs = {key[1] for key, _ in groups}
@@ -243,7 +305,8 @@ def calib_size_lines(summary: pd.DataFrame, model: str) -> Dict[str, pd.DataFram
     lines = {}
     for (base, seq, fid), group in groups:
         parts = ([f"calib seq {seq or '?'}"] if len(seqs) > 1 else []) + (
-            [f"fidelity {fid or '?'}"] if len(fids[(base, seq)]) > 1 else [])
+            [f"fidelity {fid or '?'}"] if len(fids[(base, seq)]) > 1 else []
+        )
         lines[base + (f" ({', '.join(parts)})" if parts else "")] = group.sort_values("calib_size")
     return lines
 
@@ -255,8 +318,9 @@ def vs_calib_size_figure(summary: pd.DataFrame, model: str):
         return None
     figure, axes = _figure()
     for name, group in lines.items():
-        axes.errorbar(group["calib_size"], group["perplexity_ratio"], yerr=_ratio_bars(group), marker="o", capsize=3,
-                      label=name)
+        axes.errorbar(
+            group["calib_size"], group["perplexity_ratio"], yerr=_ratio_bars(group), marker="o", capsize=3, label=name
+        )
     axes.set_xscale("log", base=2)
     _finish_ratio_axes(axes, "calibration samples", f"{model}: perplexity ratio vs calibration size")
     return figure
@@ -306,14 +370,17 @@ def plot_training(training: Optional[pd.DataFrame], model: str):
     return None if training is None else _png(training_figure(training, model))
 
 
-def model_plots(summary: pd.DataFrame, scores: pd.DataFrame, model: str,
-                training: Optional[pd.DataFrame] = None) -> Dict[str, bytes]:
+def model_plots(
+    summary: pd.DataFrame, scores: pd.DataFrame, model: str, training: Optional[pd.DataFrame] = None
+) -> Dict[str, bytes]:
     """Every plot of one model that has something to show: {file name: PNG}."""
-    made = {plot_file_name(model): plot_recovery_vs_bits(summary, model),
-            plot_file_name(model, "perplexity_vs_bits"): plot_perplexity_vs_bits(summary, model),
-            plot_file_name(model, "deltas"): plot_deltas(scores, model),
-            plot_file_name(model, "vs_calib_size"): plot_vs_calib_size(summary, model),
-            plot_file_name(model, "training"): plot_training(training, model)}
+    made = {
+        plot_file_name(model): plot_recovery_vs_bits(summary, model),
+        plot_file_name(model, "perplexity_vs_bits"): plot_perplexity_vs_bits(summary, model),
+        plot_file_name(model, "deltas"): plot_deltas(scores, model),
+        plot_file_name(model, "vs_calib_size"): plot_vs_calib_size(summary, model),
+        plot_file_name(model, "training"): plot_training(training, model),
+    }
     return {name: png for name, png in made.items() if png is not None}
 
 
@@ -331,8 +398,17 @@ def recovery_vs_bits_figure(summary: pd.DataFrame, model: str):
     figure, axes = _figure()
     low = (points["median_recovery"] - points["median_recovery_lo"]).fillna(0).clip(lower=0)
     high = (points["median_recovery_hi"] - points["median_recovery"]).fillna(0).clip(lower=0)
-    axes.errorbar(points["bits_per_weight"], 100 * points["median_recovery"], yerr=[100 * low, 100 * high], fmt="o",
-                  color="tab:blue", ecolor="tab:blue", capsize=3, zorder=3, label="median recovery (95% bounds)")
+    axes.errorbar(
+        points["bits_per_weight"],
+        100 * points["median_recovery"],
+        yerr=[100 * low, 100 * high],
+        fmt="o",
+        color="tab:blue",
+        ecolor="tab:blue",
+        capsize=3,
+        zorder=3,
+        label="median recovery (95% bounds)",
+    )
     worst = points[points["worst_recovery"].notna()]
     extra = []
     if not worst.empty:
@@ -340,10 +416,27 @@ def recovery_vs_bits_figure(summary: pd.DataFrame, model: str):
             axes.plot([bits, bits], [100 * median, 100 * recovery], color="tab:red", linewidth=0.8, linestyle=":")
         below = (worst["worst_recovery"] - worst["worst_recovery_lo"]).fillna(0).clip(lower=0)
         above = (worst["worst_recovery_hi"] - worst["worst_recovery"]).fillna(0).clip(lower=0)
-        axes.errorbar(worst["bits_per_weight"], 100 * worst["worst_recovery"], yerr=[100 * below, 100 * above],
-                      fmt="v", color="tab:red", ecolor="tab:red", markersize=8, capsize=3, zorder=4, label=WORST_LABEL)
-        extra = [(b, 100 * r, f"{n}/{m} {100 * rel:+.1f}%") for b, r, n, m, rel in zip(*(worst[c].tolist() for c in (
-            "bits_per_weight", "worst_recovery", "worst_benchmark", "worst_metric", "worst_relative")))]
+        axes.errorbar(
+            worst["bits_per_weight"],
+            100 * worst["worst_recovery"],
+            yerr=[100 * below, 100 * above],
+            fmt="v",
+            color="tab:red",
+            ecolor="tab:red",
+            markersize=8,
+            capsize=3,
+            zorder=4,
+            label=WORST_LABEL,
+        )
+        extra = [
+            (b, 100 * r, f"{n}/{m} {100 * rel:+.1f}%")
+            for b, r, n, m, rel in zip(
+                *(
+                    worst[c].tolist()
+                    for c in ("bits_per_weight", "worst_recovery", "worst_benchmark", "worst_metric", "worst_relative")
+                )
+            )
+        ]
     axes.scatter([16], [100], marker="*", s=160, color="tab:red", zorder=3, label="bf16")
     axes.axhline(100, color="grey", linewidth=0.8, linestyle="--")
     axes.margins(x=0.12, y=0.12)  # room for the point labels
@@ -353,8 +446,14 @@ def recovery_vs_bits_figure(summary: pd.DataFrame, model: str):
     axes.grid(True, alpha=0.3)
     _legend(axes, below=True)
     # Fewer bits and a higher recovery: the front of (bits, -recovery).
-    _label(axes, points, "median_recovery", pareto_front(list(zip(points["bits_per_weight"], -points["median_recovery"]))),
-           scale=100, extra=((16, 100, BF16), *extra))
+    _label(
+        axes,
+        points,
+        "median_recovery",
+        pareto_front(list(zip(points["bits_per_weight"], -points["median_recovery"]))),
+        scale=100,
+        extra=((16, 100, BF16), *extra),
+    )
     return figure
 
 

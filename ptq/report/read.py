@@ -11,14 +11,23 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
+from ptq.evaluation import subject_name
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
 from ptq.recipe_files import WRITTEN_NAME
 from ptq.report.common import (
-    BF16, DEFAULT_BACKEND, FIDELITY_METRIC, KV_CACHE_ORDER, LOWER_IS_BETTER_METRICS, MEAN_KL,
-    PERPLEXITY, PROGRESS_THRESHOLD, RUN_RECORD_NAME, TIME_FORMAT, TOP1_AGREEMENT,
+    BF16,
+    DEFAULT_BACKEND,
+    FIDELITY_METRIC,
+    KV_CACHE_ORDER,
+    LOWER_IS_BETTER_METRICS,
+    MEAN_KL,
+    PERPLEXITY,
+    PROGRESS_THRESHOLD,
+    RUN_RECORD_NAME,
+    TIME_FORMAT,
+    TOP1_AGREEMENT,
 )
-from ptq.evaluation import subject_name
 from ptq.stats import item_scores_by_id
 
 
@@ -115,7 +124,9 @@ def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool =
     backend = record.get("backend")
     if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
         layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
-        label += f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
+        label += (
+            f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
+        )
     return label
 
 
@@ -151,8 +162,16 @@ def variant_sort_key(recipe: str, kv_cache: str, calib_size, seq_len=math.nan) -
     """BF16 first, then by recipe, KV-cache format, numeric calibration size (128 before 1024) and calibration
     sequence length."""
     calib, seq = as_number(calib_size), as_number(seq_len)
-    return (recipe != BF16, recipe, KV_CACHE_ORDER.get(kv_cache, len(KV_CACHE_ORDER)), kv_cache,
-            math.isnan(calib), 0.0 if math.isnan(calib) else calib, math.isnan(seq), 0.0 if math.isnan(seq) else seq)
+    return (
+        recipe != BF16,
+        recipe,
+        KV_CACHE_ORDER.get(kv_cache, len(KV_CACHE_ORDER)),
+        kv_cache,
+        math.isnan(calib),
+        0.0 if math.isnan(calib) else calib,
+        math.isnan(seq),
+        0.0 if math.isnan(seq) else seq,
+    )
 
 
 def _higher_is_better(entry: dict) -> bool:
@@ -202,13 +221,24 @@ def _benchmark_entries(entries) -> List[dict]:
             continue
         seen.add((benchmark, metric))
         items = entry.get("items")
-        rows.append({"benchmark": benchmark, "metric": metric, "value": value,
-                     "stderr": as_number(entry.get("stderr")), "higher_is_better": _higher_is_better(entry),
-                     "fingerprint": entry.get("fingerprint") or "", "items": item_scores_by_id(items),
-                     # A fingerprinted result without a count evaluated every item (ptq/evaluation.py fingerprint).
-                     "setting": ("all items" if entry.get("fingerprint") and "items" in entry and items is None
-                                 else _items_setting(items)),
-                     "subject": subject})
+        rows.append(
+            {
+                "benchmark": benchmark,
+                "metric": metric,
+                "value": value,
+                "stderr": as_number(entry.get("stderr")),
+                "higher_is_better": _higher_is_better(entry),
+                "fingerprint": entry.get("fingerprint") or "",
+                "items": item_scores_by_id(items),
+                # A fingerprinted result without a count evaluated every item (ptq/evaluation.py fingerprint).
+                "setting": (
+                    "all items"
+                    if entry.get("fingerprint") and "items" in entry and items is None
+                    else _items_setting(items)
+                ),
+                "subject": subject,
+            }
+        )
     return rows
 
 
@@ -243,11 +273,20 @@ def fidelity_setting(record: dict) -> str:
     return size if text in (None, "", "self") else f"{Path(str(text)).name}, {size}"
 
 
-def _fidelity_row(benchmark: str, value: float, higher_is_better: bool, fingerprint: str, setting: str,
-                  stderr: float = math.nan) -> dict:
-    return {"benchmark": benchmark, "metric": FIDELITY_METRIC, "value": value, "stderr": stderr,
-            "higher_is_better": higher_is_better, "fingerprint": fingerprint, "items": None, "setting": setting,
-            "subject": ""}
+def _fidelity_row(
+    benchmark: str, value: float, higher_is_better: bool, fingerprint: str, setting: str, stderr: float = math.nan
+) -> dict:
+    return {
+        "benchmark": benchmark,
+        "metric": FIDELITY_METRIC,
+        "value": value,
+        "stderr": stderr,
+        "higher_is_better": higher_is_better,
+        "fingerprint": fingerprint,
+        "items": None,
+        "setting": setting,
+        "subject": "",
+    }
 
 
 def _bf16_fidelity_rows(record: dict) -> List[dict]:
@@ -257,9 +296,11 @@ def _bf16_fidelity_rows(record: dict) -> List[dict]:
     if math.isnan(ppl):
         return []
     fingerprint, setting = fidelity_fingerprint(record), fidelity_setting(record)
-    return [_fidelity_row(PERPLEXITY, ppl, False, fingerprint, setting),
-            _fidelity_row(MEAN_KL, 0.0, False, fingerprint, setting),
-            _fidelity_row(TOP1_AGREEMENT, 1.0, True, fingerprint, setting)]
+    return [
+        _fidelity_row(PERPLEXITY, ppl, False, fingerprint, setting),
+        _fidelity_row(MEAN_KL, 0.0, False, fingerprint, setting),
+        _fidelity_row(TOP1_AGREEMENT, 1.0, True, fingerprint, setting),
+    ]
 
 
 def record_scores(record: dict) -> List[dict]:
@@ -271,9 +312,11 @@ def record_scores(record: dict) -> List[dict]:
     # Standard errors across the held-out sequences (ptq/fidelity.py); the perplexity's is that of its ratio to
     # BF16 on the same tokens (a paired difference), in perplexity units. Older records have none (NaN).
     ppl_se = as_number(fidelity.get("quantized_perplexity")) * as_number(fidelity.get("log_perplexity_ratio_stderr"))
-    figures = ((PERPLEXITY, "quantized_perplexity", False, ppl_se),
-               (MEAN_KL, "mean_kl", False, as_number(fidelity.get("mean_kl_stderr"))),
-               (TOP1_AGREEMENT, "top1_agreement", True, as_number(fidelity.get("top1_agreement_stderr"))))
+    figures = (
+        (PERPLEXITY, "quantized_perplexity", False, ppl_se),
+        (MEAN_KL, "mean_kl", False, as_number(fidelity.get("mean_kl_stderr"))),
+        (TOP1_AGREEMENT, "top1_agreement", True, as_number(fidelity.get("top1_agreement_stderr"))),
+    )
     for benchmark, key, higher, stderr in figures:
         value = as_number(fidelity.get(key))
         if not math.isnan(value):
@@ -294,11 +337,18 @@ def fidelity_summary(record: dict) -> dict:
     the record has none (older records have no interval)."""
     fid = section(record, "fidelity")
     interval = fid.get("perplexity_ratio_ci95")
-    low, high = (as_number(interval[0]), as_number(interval[1])) if isinstance(interval, list) and len(interval) == 2 \
+    low, high = (
+        (as_number(interval[0]), as_number(interval[1]))
+        if isinstance(interval, list) and len(interval) == 2
         else (math.nan, math.nan)
-    return {"perplexity_ratio": as_number(fid.get("perplexity_ratio")), "perplexity_ratio_lo": low,
-            "perplexity_ratio_hi": high, "mean_kl": as_number(fid.get("mean_kl")),
-            "mean_kl_stderr": as_number(fid.get("mean_kl_stderr"))}
+    )
+    return {
+        "perplexity_ratio": as_number(fid.get("perplexity_ratio")),
+        "perplexity_ratio_lo": low,
+        "perplexity_ratio_hi": high,
+        "mean_kl": as_number(fid.get("mean_kl")),
+        "mean_kl_stderr": as_number(fid.get("mean_kl_stderr")),
+    }
 
 
 def served_by(record: dict) -> str:
@@ -321,8 +371,9 @@ def status_note(status: str, error) -> str:
             return "failed: no error recorded"
         first = lines[0].strip()
         # A table cell, not the whole error (a validation can name hundreds of layers): the record keeps it all.
-        return f"failed: {first[:NOTE_CHARS]}" + (f"... ({len(first)} characters; the run record has all)"
-                                                  if len(first) > NOTE_CHARS else "")
+        return f"failed: {first[:NOTE_CHARS]}" + (
+            f"... ({len(first)} characters; the run record has all)" if len(first) > NOTE_CHARS else ""
+        )
     if status == "running":
         return "running (unfinished)"
     if status == "dead":
@@ -366,7 +417,7 @@ def pending_points(paths: Iterable[Path]) -> List[dict]:
     """Points of Slurm sweeps (their sweep.json) submitted but without a run record yet, as records."""
     points = []
     for path in map(Path, paths):
-        for manifest in (sorted(path.rglob(MANIFEST_NAME)) if path.is_dir() else []):
+        for manifest in sorted(path.rglob(MANIFEST_NAME)) if path.is_dir() else []:
             try:
                 entries = json.loads(manifest.read_text(encoding="utf-8"))["points"]
             except (OSError, ValueError, KeyError, TypeError):
@@ -376,9 +427,15 @@ def pending_points(paths: Iterable[Path]) -> List[dict]:
                 if point.get("state") != "submitted" or not out or (Path(out).expanduser() / RUN_RECORD_NAME).exists():
                     continue
                 if not record_problem(point):
-                    points.append({**{k: point.get(k) for k in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")},
-                                   "status": "pending", "output_dir": out, "slurm_job": point.get("job_id"),
-                                   "manifest": str(manifest)})
+                    points.append(
+                        {
+                            **{k: point.get(k) for k in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")},
+                            "status": "pending",
+                            "output_dir": out,
+                            "slurm_job": point.get("job_id"),
+                            "manifest": str(manifest),
+                        }
+                    )
     return points
 
 
@@ -387,8 +444,9 @@ def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tup
     from tqdm import tqdm
 
     records, sources, skipped = [], [], []
-    for path in tqdm(files, desc="reading run records", unit="file", file=sys.stderr,
-                     disable=len(files) < PROGRESS_THRESHOLD):
+    for path in tqdm(
+        files, desc="reading run records", unit="file", file=sys.stderr, disable=len(files) < PROGRESS_THRESHOLD
+    ):
         try:
             record = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, ValueError) as exc:

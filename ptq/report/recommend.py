@@ -68,25 +68,36 @@ def judge(report: Report, model: str, budget: float) -> List[Verdict]:
         if point.status != "finished":
             verdict.reasons.append(f"{point.status}: {point.note}" if point.note else point.status)
             continue
-        rows = scores[(scores["variant"] == point.variant) & (scores["metric"] != FIDELITY_METRIC) & (scores["subject"] == "")
-                      & scores["bf16"].notna() & scores["delta"].notna()]
+        rows = scores[
+            (scores["variant"] == point.variant)
+            & (scores["metric"] != FIDELITY_METRIC)
+            & (scores["subject"] == "")
+            & scores["bf16"].notna()
+            & scores["delta"].notna()
+        ]
         unsure = []
         for row in rows.itertuples():
             loss, bound, known = _loss_bound(row)
             if not known:
                 unsure.append(f"{row.benchmark}/{row.metric}")
             if bound > budget:
-                verdict.reasons.append(f"{row.benchmark}/{row.metric}: loss {100 * loss + 0.0:.1f}%, up to {100 * bound:.1f}% "
-                                       f"at 95% confidence (budget {100 * budget:g}%)")
+                verdict.reasons.append(
+                    f"{row.benchmark}/{row.metric}: loss {100 * loss + 0.0:.1f}%, up to {100 * bound:.1f}% "
+                    f"at 95% confidence (budget {100 * budget:g}%)"
+                )
             else:
                 verdict.evidence.append(f"{row.benchmark}/{row.metric} loss at most {100 * bound:.1f}%")
         if not pd.isna(point.median_recovery) and point.median_recovery < 1 - budget:
-            verdict.reasons.append(f"median recovery {100 * point.median_recovery:.1f}% is below {100 * (1 - budget):g}%")
+            verdict.reasons.append(
+                f"median recovery {100 * point.median_recovery:.1f}% is below {100 * (1 - budget):g}%"
+            )
         ratio_bound = point.perplexity_ratio_hi if not pd.isna(point.perplexity_ratio_hi) else point.perplexity_ratio
         if not pd.isna(ratio_bound):
             if ratio_bound > 1 + budget:
-                verdict.reasons.append(f"perplexity ratio {point.perplexity_ratio:.3f}, up to {ratio_bound:.3f} at 95% "
-                                       f"confidence (budget {1 + budget:.3f})")
+                verdict.reasons.append(
+                    f"perplexity ratio {point.perplexity_ratio:.3f}, up to {ratio_bound:.3f} at 95% "
+                    f"confidence (budget {1 + budget:.3f})"
+                )
             else:
                 verdict.evidence.append(f"perplexity ratio at most {ratio_bound:.3f}")
         if rows.empty and pd.isna(ratio_bound):
@@ -114,9 +125,15 @@ def recommend(report: Report, budget: float) -> Dict[str, dict]:
         for engine in ENGINES:
             pick = _best([v for v in verdicts if engine in v.served_by])
             per_engine[engine] = pick.variant if pick else None
-        out[model] = {"budget": budget, "pick": best.variant if best else None, "per_engine": per_engine,
-                      "verdicts": [{**v.__dict__, "checkpoint_mb": _plain(v.checkpoint_mb),
-                                    "median_recovery": _plain(v.median_recovery)} for v in verdicts]}
+        out[model] = {
+            "budget": budget,
+            "pick": best.variant if best else None,
+            "per_engine": per_engine,
+            "verdicts": [
+                {**v.__dict__, "checkpoint_mb": _plain(v.checkpoint_mb), "median_recovery": _plain(v.median_recovery)}
+                for v in verdicts
+            ],
+        }
     return out
 
 
@@ -132,8 +149,11 @@ def render_recommendation(recommendation: Dict[str, dict]) -> List[str]:
         budget = result["budget"]
         lines += ["", f"## {model}: recommendation (loss budget {100 * budget:g}%)", ""]
         pick = result["pick"]
-        lines.append(f"Smallest checkpoint within the budget at 95% confidence: **{pick}**." if pick else
-                     "No checkpoint is within the budget at 95% confidence.")
+        lines.append(
+            f"Smallest checkpoint within the budget at 95% confidence: **{pick}**."
+            if pick
+            else "No checkpoint is within the budget at 95% confidence."
+        )
         engines = [f"{engine}: {variant or 'none'}" for engine, variant in result["per_engine"].items()]
         lines += ["", "Per serving engine (smallest that the engine loads): " + "; ".join(engines) + ".", ""]
         for verdict in result["verdicts"]:

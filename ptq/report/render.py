@@ -11,9 +11,15 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
-from ptq.report.common import (BASELINE_STATUS, BF16, FROM_BF16_RUN, FROM_EMBEDDED_BASELINE,
-                               SUPERSEDED_COLUMNS, within_noise)
 from ptq.layerkinds import KINDS
+from ptq.report.common import (
+    BASELINE_STATUS,
+    BF16,
+    FROM_BF16_RUN,
+    FROM_EMBEDDED_BASELINE,
+    SUPERSEDED_COLUMNS,
+    within_noise,
+)
 from ptq.report.plots import model_plots
 from ptq.report.tables import Report, measured_names, row_sort_key
 
@@ -22,17 +28,18 @@ def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
 
-
-
-def format_cell(value: float, delta: float, recovery: float, stderr: float = math.nan,
-                delta_error: float = math.nan) -> str:
+def format_cell(
+    value: float, delta: float, recovery: float, stderr: float = math.nan, delta_error: float = math.nan
+) -> str:
     """`0.330 ± 0.015 (-0.022 n.s., 93.8%)`: the value with its standard error, the difference from BF16 (n.s.
     within 1.96 x `delta_error`, the difference's own error) and the recovery; undefined parts are left out."""
     if pd.isna(value):
         return ""
     details = []
     if not pd.isna(delta):
-        details.append(format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if within_noise(delta, delta_error) else ""))
+        details.append(
+            format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if within_noise(delta, delta_error) else "")
+        )
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
     spread = f" ± {stderr:.3f}" if not pd.isna(stderr) and stderr > 0 else ""
@@ -58,11 +65,15 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     # Filled cell by cell into a grid: pivoting thousands of variant columns in pandas is far slower.
     grid = np.full((len(row_order), len(variants)), "", dtype=object)
     # Plain lists: iterating pandas' Arrow-backed string columns element by element is slow.
-    for key, variant, value, delta, recovery, stderr, error in zip(keys, *(rows[c].tolist() for c in (
-            "variant", "value", "delta", "recovery", "stderr", "delta_error"))):
+    for key, variant, value, delta, recovery, stderr, error in zip(
+        keys, *(rows[c].tolist() for c in ("variant", "value", "delta", "recovery", "stderr", "delta_error"))
+    ):
         # The BF16 column is the reference: its delta and recovery say nothing.
-        cell = (format_cell(value, math.nan, math.nan, stderr) if variant == BF16
-                else format_cell(value, delta, recovery, stderr, error))
+        cell = (
+            format_cell(value, math.nan, math.nan, stderr)
+            if variant == BF16
+            else format_cell(value, delta, recovery, stderr, error)
+        )
         position = row_position[key], column_position[variant]
         if variant == BF16 and grid[position]:
             continue  # one BF16 value per way of measuring (tables._bf16_values keeps the newest run's)
@@ -71,51 +82,82 @@ def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
     return pd.DataFrame(np.hstack([labels, grid]), columns=["benchmark", "metric", *variants], dtype=object)
 
 
-def format_worst(benchmark: str, metric: str, delta: float, error: float, relative: float, losses: int,
-                 judged: int) -> str:
+def format_worst(
+    benchmark: str, metric: str, delta: float, error: float, relative: float, losses: int, judged: int
+) -> str:
     """`arc_easy/acc_norm -0.046 ± 0.010 (-14.6% of BF16); 1 of 3 significant`, `none of 3 significant`, or "" when
     no difference had an error to judge it by."""
     if not judged:
         return ""
     if not benchmark:
         return f"none of {judged} significant"
-    return (f"{benchmark}/{metric} {delta:+.3f} ± {error:.3f} ({100 * relative:+.1f}% of BF16); "
-            f"{losses} of {judged} significant")
+    return (
+        f"{benchmark}/{metric} {delta:+.3f} ± {error:.3f} ({100 * relative:+.1f}% of BF16); "
+        f"{losses} of {judged} significant"
+    )
 
 
 def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
     """Summary rows of one model as display text."""
+
     def interval(r, lo, hi) -> str:
         if pd.isna(r):
             return ""
         bounds = "" if pd.isna(lo) or pd.isna(hi) else f" [{100 * lo:.1f}, {100 * hi:.1f}]"
         return f"{100 * r:.1f}%{bounds}"
 
-    return pd.DataFrame({
-        "variant": summary["variant"],
-        "status": summary["status"],
-        "median recovery": [interval(r, lo, hi) if v != BF16 else _fmt(100 * r, ".1f") + ("%" if not pd.isna(r) else "")
-                            for r, lo, hi, v in zip(summary["median_recovery"], summary["median_recovery_lo"],
-                                                    summary["median_recovery_hi"], summary["recipe"])],
-        "worst significant loss": [format_worst(*w) for w in zip(*(summary[c].tolist() for c in (
-            "worst_benchmark", "worst_metric", "worst_delta", "worst_delta_error", "worst_relative",
-            "significant_losses", "judged")))],
-        "perplexity ratio": [_fmt(r, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if not (pd.isna(lo) or pd.isna(hi)) else "")
-                             for r, lo, hi in zip(summary["perplexity_ratio"], summary["perplexity_ratio_lo"],
-                                                  summary["perplexity_ratio_hi"])],
-        "mean KL": [_fmt(k, ".3f") + (f" ± {e:.3f}" if not pd.isna(e) and not pd.isna(k) else "")
-                    for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])],
-        "fidelity on": summary["fidelity_setting"].fillna(""),
-        "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
-        "compression": [_fmt(x, ".2f") + "x" if not pd.isna(x) else "" for x in summary["compression"]],
-        "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],
-        "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
-        "calib seq len": [_fmt(x, ".0f") for x in summary["calib_seq_len"]],
-        "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
-        "served by": summary["served_by"],
-        "recipe file": [f"[{Path(f).name}]({f})" if f else "" for f in summary["recipe_file"].fillna("")],
-        "note": summary["note"],
-    })
+    return pd.DataFrame(
+        {
+            "variant": summary["variant"],
+            "status": summary["status"],
+            "median recovery": [
+                interval(r, lo, hi) if v != BF16 else _fmt(100 * r, ".1f") + ("%" if not pd.isna(r) else "")
+                for r, lo, hi, v in zip(
+                    summary["median_recovery"],
+                    summary["median_recovery_lo"],
+                    summary["median_recovery_hi"],
+                    summary["recipe"],
+                )
+            ],
+            "worst significant loss": [
+                format_worst(*w)
+                for w in zip(
+                    *(
+                        summary[c].tolist()
+                        for c in (
+                            "worst_benchmark",
+                            "worst_metric",
+                            "worst_delta",
+                            "worst_delta_error",
+                            "worst_relative",
+                            "significant_losses",
+                            "judged",
+                        )
+                    )
+                )
+            ],
+            "perplexity ratio": [
+                _fmt(r, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if not (pd.isna(lo) or pd.isna(hi)) else "")
+                for r, lo, hi in zip(
+                    summary["perplexity_ratio"], summary["perplexity_ratio_lo"], summary["perplexity_ratio_hi"]
+                )
+            ],
+            "mean KL": [
+                _fmt(k, ".3f") + (f" ± {e:.3f}" if not pd.isna(e) and not pd.isna(k) else "")
+                for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])
+            ],
+            "fidelity on": summary["fidelity_setting"].fillna(""),
+            "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
+            "compression": [_fmt(x, ".2f") + "x" if not pd.isna(x) else "" for x in summary["compression"]],
+            "bits/weight": [_fmt(x, ".2f") for x in summary["bits_per_weight"]],
+            "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
+            "calib seq len": [_fmt(x, ".0f") for x in summary["calib_seq_len"]],
+            "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
+            "served by": summary["served_by"],
+            "recipe file": [f"[{Path(f).name}]({f})" if f else "" for f in summary["recipe_file"].fillna("")],
+            "note": summary["note"],
+        }
+    )
 
 
 def _variant_headers(summary: pd.DataFrame, columns: Sequence[str]) -> List[str]:
@@ -154,16 +196,18 @@ def _bf16_origin(scores: pd.DataFrame, model: str) -> str:
     return f"BF16: from {which}, rows they lack from the baselines embedded in the quantized records."
 
 
-LEGEND = ("Cells: value ± standard error (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, "
-          "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Each cell is compared "
-          "only with the BF16 value in its own row: a benchmark measured in several ways (items, held-out tokens) has "
-          "a row per way, named with it (`perplexity [256 tok x 32]`). Median recovery is over the benchmark rows "
-          "where recovery is defined, with the median of their 95% bounds in brackets; beside it the worst "
-          "significant loss (delta ± standard error, as % of BF16), which a median can hide. "
-          "\"n.s.\": the difference from BF16 is within 1.96 standard errors "
-          "(fidelity rows: errors across the held-out sequences, paired with BF16 on the same tokens; benchmark rows: "
-          "the error of the per-item differences on the items both scored, or, for results kept without per-item "
-          "scores, sqrt(2) x the variant's own error), so it is not a finding.")
+LEGEND = (
+    "Cells: value ± standard error (delta vs BF16, recovery). Recovery = value / BF16 where higher is better, "
+    "BF16 / value where lower is better (perplexity, KL); blank where BF16 is 0 or missing. Each cell is compared "
+    "only with the BF16 value in its own row: a benchmark measured in several ways (items, held-out tokens) has "
+    "a row per way, named with it (`perplexity [256 tok x 32]`). Median recovery is over the benchmark rows "
+    "where recovery is defined, with the median of their 95% bounds in brackets; beside it the worst "
+    "significant loss (delta ± standard error, as % of BF16), which a median can hide. "
+    '"n.s.": the difference from BF16 is within 1.96 standard errors '
+    "(fidelity rows: errors across the held-out sequences, paired with BF16 on the same tokens; benchmark rows: "
+    "the error of the per-item differences on the items both scored, or, for results kept without per-item "
+    "scores, sqrt(2) x the variant's own error), so it is not a finding."
+)
 
 
 def layer_kind_table(layer_kinds: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -174,20 +218,26 @@ def layer_kind_table(layer_kinds: pd.DataFrame, model: str) -> pd.DataFrame:
     variants = list(dict.fromkeys(rows["variant"]))
     kinds = [k for k in KINDS if k in set(rows["kind"])]
     cells = {(kind, variant): [] for kind in kinds for variant in variants}
-    for kind, variant, fmt, layers, share in zip(*(rows[c].tolist() for c in ("kind", "variant", "format", "layers", "share"))):
+    for kind, variant, fmt, layers, share in zip(
+        *(rows[c].tolist() for c in ("kind", "variant", "format", "layers", "share"))
+    ):
         cells[(kind, variant)].append(f"{fmt} {int(layers)} ({100 * share:.1f}%)")
     table = pd.DataFrame({"layer kind": kinds, **{v: ["; ".join(cells[(k, v)]) for k in kinds] for v in variants}})
     return table
 
 
-LAYER_KIND_NOTE = ("Layers of each kind stored in each format in the written checkpoint, with their share of the "
-                   "model's parameters (ptq/layerkinds.py; routed experts count one layer per expert and projection).")
+LAYER_KIND_NOTE = (
+    "Layers of each kind stored in each format in the written checkpoint, with their share of the "
+    "model's parameters (ptq/layerkinds.py; routed experts count one layer per expert and projection)."
+)
 
 
-TRAINING_NOTE = ("Training after PTQ against the PTQ checkpoint it started from: the share of the PTQ gap to BF16 "
-                 "that the training closed (1 = back to BF16, 0 = unchanged, below 0 = worse), with its 95% interval; "
-                 "benchmarks: the median share over the rows where PTQ lost beyond noise (ptq/report/training.py). "
-                 "The held-out fidelity text is kept apart from the training text.")
+TRAINING_NOTE = (
+    "Training after PTQ against the PTQ checkpoint it started from: the share of the PTQ gap to BF16 "
+    "that the training closed (1 = back to BF16, 0 = unchanged, below 0 = worse), with its 95% interval; "
+    "benchmarks: the median share over the rows where PTQ lost beyond noise (ptq/report/training.py). "
+    "The held-out fidelity text is kept apart from the training text."
+)
 
 
 def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -197,25 +247,40 @@ def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
     def share(x, lo, hi) -> str:
         if pd.isna(x):
             return ""
-        return f"{100 * x:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]" if not (pd.isna(lo) or pd.isna(hi)) else f"{100 * x:.0f}%"
+        return (
+            f"{100 * x:.0f}% [{100 * lo:.0f}, {100 * hi:.0f}]"
+            if not (pd.isna(lo) or pd.isna(hi))
+            else f"{100 * x:.0f}%"
+        )
 
-    return pd.DataFrame({
-        "variant": rows["variant"],
-        "from PTQ": rows["ptq_variant"],
-        "method": rows["method"],
-        "steps": [_fmt(x, ".0f") for x in rows["steps"]],
-        "lr": [_fmt(x, "g") for x in rows["lr"]],
-        "mean KL (PTQ → trained)": [f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" + (f" ± {e:.3f}" if not pd.isna(e) else "")
-                                    for a, b, e in zip(rows["ptq_mean_kl"], rows["mean_kl"], rows["mean_kl_stderr"])],
-        "KL gap closed": [share(*x) for x in zip(rows["kl_gap_closed"], rows["kl_gap_closed_lo"], rows["kl_gap_closed_hi"])],
-        "perplexity ratio (PTQ → trained)": [f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" for a, b in
-                                             zip(rows["ptq_perplexity_ratio"], rows["perplexity_ratio"])],
-        "ppl gap closed": [share(*x) for x in zip(rows["ppl_gap_closed"], rows["ppl_gap_closed_lo"],
-                                                  rows["ppl_gap_closed_hi"])],
-        "benchmarks gap closed": [f"{100 * x:.0f}% (median of {n})" if not pd.isna(x) else ""
-                                  for x, n in zip(rows["benchmark_gap_closed"], rows["benchmarks_closed"])],
-        "note": [("WORSE: " if w else "") + n for w, n in zip(rows["worse_than_ptq"], rows["note"])],
-    })
+    return pd.DataFrame(
+        {
+            "variant": rows["variant"],
+            "from PTQ": rows["ptq_variant"],
+            "method": rows["method"],
+            "steps": [_fmt(x, ".0f") for x in rows["steps"]],
+            "lr": [_fmt(x, "g") for x in rows["lr"]],
+            "mean KL (PTQ → trained)": [
+                f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" + (f" ± {e:.3f}" if not pd.isna(e) else "")
+                for a, b, e in zip(rows["ptq_mean_kl"], rows["mean_kl"], rows["mean_kl_stderr"])
+            ],
+            "KL gap closed": [
+                share(*x) for x in zip(rows["kl_gap_closed"], rows["kl_gap_closed_lo"], rows["kl_gap_closed_hi"])
+            ],
+            "perplexity ratio (PTQ → trained)": [
+                f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}"
+                for a, b in zip(rows["ptq_perplexity_ratio"], rows["perplexity_ratio"])
+            ],
+            "ppl gap closed": [
+                share(*x) for x in zip(rows["ppl_gap_closed"], rows["ppl_gap_closed_lo"], rows["ppl_gap_closed_hi"])
+            ],
+            "benchmarks gap closed": [
+                f"{100 * x:.0f}% (median of {n})" if not pd.isna(x) else ""
+                for x, n in zip(rows["benchmark_gap_closed"], rows["benchmarks_closed"])
+            ],
+            "note": [("WORSE: " if w else "") + n for w, n in zip(rows["worse_than_ptq"], rows["note"])],
+        }
+    )
 
 
 def render_markdown(report: Report) -> str:
@@ -223,9 +288,18 @@ def render_markdown(report: Report) -> str:
     for model in report.models:
         summary = report.summary[report.summary["model"] == model]
         wide = wide_table(report.scores, model)
-        parts += ["", f"## {model}", "", _bf16_origin(report.scores, model), "",
-                  markdown_table(wide, _variant_headers(summary, wide.columns)),
-                  "", f"### {model}: summary", "", markdown_table(format_summary(summary))]
+        parts += [
+            "",
+            f"## {model}",
+            "",
+            _bf16_origin(report.scores, model),
+            "",
+            markdown_table(wide, _variant_headers(summary, wide.columns)),
+            "",
+            f"### {model}: summary",
+            "",
+            markdown_table(format_summary(summary)),
+        ]
         kinds = layer_kind_table(report.layer_kinds, model)
         if not kinds.empty:
             parts += ["", f"### {model}: layer kinds", "", LAYER_KIND_NOTE, "", markdown_table(kinds)]
@@ -245,6 +319,7 @@ def render_markdown(report: Report) -> str:
 def render_html(report: Report, plots: dict) -> str:
     """Self-contained page: the tables of results.md plus the plots inlined as base64 PNG (`plots`: model ->
     {file name: PNG})."""
+
     def table(frame: pd.DataFrame, headers: Optional[Sequence[str]] = None) -> str:
         frame = frame.copy()
         if headers is not None:
@@ -255,16 +330,27 @@ def render_html(report: Report, plots: dict) -> str:
     for model in report.models:
         summary = report.summary[report.summary["model"] == model]
         wide = wide_table(report.scores, model)
-        body += [f"<h2>{html.escape(model)}</h2>", f"<p>{html.escape(_bf16_origin(report.scores, model))}</p>",
-                 table(wide, _variant_headers(summary, wide.columns)),
-                 f"<h3>{html.escape(model)}: summary</h3>", table(format_summary(summary))]
+        body += [
+            f"<h2>{html.escape(model)}</h2>",
+            f"<p>{html.escape(_bf16_origin(report.scores, model))}</p>",
+            table(wide, _variant_headers(summary, wide.columns)),
+            f"<h3>{html.escape(model)}: summary</h3>",
+            table(format_summary(summary)),
+        ]
         kinds = layer_kind_table(report.layer_kinds, model)
         if not kinds.empty:
-            body += [f"<h3>{html.escape(model)}: layer kinds</h3>", f"<p>{html.escape(LAYER_KIND_NOTE)}</p>", table(kinds)]
+            body += [
+                f"<h3>{html.escape(model)}: layer kinds</h3>",
+                f"<p>{html.escape(LAYER_KIND_NOTE)}</p>",
+                table(kinds),
+            ]
         trained = training_rows(report.training, model)
         if not trained.empty:
-            body += [f"<h3>{html.escape(model)}: training after PTQ</h3>", f"<p>{html.escape(TRAINING_NOTE)}</p>",
-                     table(trained)]
+            body += [
+                f"<h3>{html.escape(model)}: training after PTQ</h3>",
+                f"<p>{html.escape(TRAINING_NOTE)}</p>",
+                table(trained),
+            ]
         for name, png in plots.get(model, {}).items():
             encoded = base64.b64encode(png).decode("ascii")
             what = name.rsplit(".", 1)[0].replace("_", " ")
@@ -274,10 +360,14 @@ def render_html(report: Report, plots: dict) -> str:
             body += [f"<h3>{html.escape(model)}: superseded records</h3>", table(superseded[SUPERSEDED_COLUMNS])]
     if not report.skipped.empty:
         body += ["<h2>Skipped files</h2>", table(report.skipped)]
-    style = ("body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
-             "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}")
-    return ("<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>Quantization results</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+    style = (
+        "body{font-family:sans-serif;margin:2em}table{border-collapse:collapse;margin:1em 0}"
+        "th,td{border:1px solid #ccc;padding:3px 8px;text-align:left}th{background:#f2f2f2}"
+    )
+    return (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Quantization results</title>'
+        f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )
 
 
 def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tuple[str, List[Path]]:

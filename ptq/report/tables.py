@@ -11,14 +11,45 @@ import numpy as np
 import pandas as pd
 
 from ptq.report.common import (
-    BASELINE_STATUS, BENCHMARK_SUMMARY_COLUMNS, BF16, FIDELITY_METRIC, FIDELITY_ROWS, FIDELITY_SUMMARY_COLUMNS,
-    FROM_BF16_RUN, FROM_EMBEDDED_BASELINE, LAYER_KIND_COLUMNS, SCORE_COLUMNS, SKIPPED_COLUMNS, SUMMARY_COLUMNS,
-    SUPERSEDED_COLUMNS, Z_95, within_noise,
+    BASELINE_STATUS,
+    BENCHMARK_SUMMARY_COLUMNS,
+    BF16,
+    FIDELITY_METRIC,
+    FIDELITY_ROWS,
+    FIDELITY_SUMMARY_COLUMNS,
+    FROM_BF16_RUN,
+    FROM_EMBEDDED_BASELINE,
+    LAYER_KIND_COLUMNS,
+    SCORE_COLUMNS,
+    SKIPPED_COLUMNS,
+    SUMMARY_COLUMNS,
+    SUPERSEDED_COLUMNS,
+    Z_95,
+    within_noise,
 )
 from ptq.report.read import (
-    as_number, as_timestamp, baseline_scores, calib_source, difference_error, fidelity_fingerprint, fidelity_setting,
-    fidelity_summary, record_calib_seq_len, record_calib_size, record_eval_tag, record_kv_cache, record_problem,
-    record_recover, record_scores, recipe_file, recover_key, section, served_by, status_note, variant_label, variant_sort_key,
+    as_number,
+    as_timestamp,
+    baseline_scores,
+    calib_source,
+    difference_error,
+    fidelity_fingerprint,
+    fidelity_setting,
+    fidelity_summary,
+    recipe_file,
+    record_calib_seq_len,
+    record_calib_size,
+    record_eval_tag,
+    record_kv_cache,
+    record_problem,
+    record_recover,
+    record_scores,
+    recover_key,
+    section,
+    served_by,
+    status_note,
+    variant_label,
+    variant_sort_key,
 )
 from ptq.report.training import TRAINING_COLUMNS, training_table
 from ptq.stats import paired_delta_stderr
@@ -52,40 +83,83 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
         # measured (evaluation settings, fidelity text and sampling): records that differ in any are different points.
         seq_len = math.nan if bf16 else record_calib_seq_len(record)
         recover = record_recover(record)
-        rows.append({
-            "index": index, "model": record["model"], "base": variant_label(record),
-            "base_seq": variant_label(record, with_seq_len=True),
-            "eval_tag": record_eval_tag(record), "fidelity_fp": fidelity_fingerprint(record),
-            "fidelity_setting": fidelity_setting(record),
-            "recipe": record["recipe"], "kv_cache": record_kv_cache(record),
-            "calib_size": np.nan if bf16 else as_number(calib), "calib_seq_len": seq_len,
-            "seq_key": "" if math.isnan(seq_len) else format(seq_len, "g"),
-            "calib_source": "" if bf16 else calib_source(record),
-            "status": status, "finished_at": finished_at,
-            # Running records have no finish time yet; their start orders them among themselves.
-            "time": as_timestamp(finished_at or record.get("started_at")),
-            "checkpoint_mb": as_number(size.get("checkpoint_bytes")) / 1e6,
-            "compression": as_number(size.get("compression")),
-            "bits_per_weight": as_number(size.get("bits_per_weight")),
-            "calibrate_s": as_number(timings.get("calibrate")),
-            **fidelity_summary(record),
-            "served_by": served_by(record), "recipe_file": recipe_file(record),
-            "note": status_note(status, record.get("error")), "source": source,
-            # Training after PTQ: its settings make another point of the recipe; `ptq_base` is the PTQ point's label.
-            "recover_key": recover_key(recover), "ptq_base": variant_label(record, with_recover=False),
-            "recover_method": recover.get("method", ""), "recover_steps": as_number(recover.get("steps")),
-            "recover_lr": as_number(recover.get("lr")),
-            # The same run's fidelity before training, on the same held-out tokens (recovery.ptq_fidelity).
-            **{f"own_ptq_{k}": v for k, v in fidelity_summary(
-                {"fidelity": section(record, "recovery").get("ptq_fidelity")}).items()},
-        })
-    return pd.DataFrame(rows, columns=["index", "model", "base", "base_seq", "eval_tag", "fidelity_fp",
-                                       "fidelity_setting", "recipe", "kv_cache", "calib_size", "calib_seq_len",
-                                       "seq_key", "calib_source", "status", "finished_at", "time", "checkpoint_mb",
-                                       "compression", "bits_per_weight", "calibrate_s", *FIDELITY_SUMMARY_COLUMNS,
-                                       "served_by", "recipe_file", "note", "source", "recover_key", "ptq_base",
-                                       "recover_method", "recover_steps", "recover_lr",
-                                       *(f"own_ptq_{c}" for c in FIDELITY_SUMMARY_COLUMNS)])
+        rows.append(
+            {
+                "index": index,
+                "model": record["model"],
+                "base": variant_label(record),
+                "base_seq": variant_label(record, with_seq_len=True),
+                "eval_tag": record_eval_tag(record),
+                "fidelity_fp": fidelity_fingerprint(record),
+                "fidelity_setting": fidelity_setting(record),
+                "recipe": record["recipe"],
+                "kv_cache": record_kv_cache(record),
+                "calib_size": np.nan if bf16 else as_number(calib),
+                "calib_seq_len": seq_len,
+                "seq_key": "" if math.isnan(seq_len) else format(seq_len, "g"),
+                "calib_source": "" if bf16 else calib_source(record),
+                "status": status,
+                "finished_at": finished_at,
+                # Running records have no finish time yet; their start orders them among themselves.
+                "time": as_timestamp(finished_at or record.get("started_at")),
+                "checkpoint_mb": as_number(size.get("checkpoint_bytes")) / 1e6,
+                "compression": as_number(size.get("compression")),
+                "bits_per_weight": as_number(size.get("bits_per_weight")),
+                "calibrate_s": as_number(timings.get("calibrate")),
+                **fidelity_summary(record),
+                "served_by": served_by(record),
+                "recipe_file": recipe_file(record),
+                "note": status_note(status, record.get("error")),
+                "source": source,
+                # Training after PTQ: its settings make another point of the recipe; `ptq_base` is the PTQ point's label.
+                "recover_key": recover_key(recover),
+                "ptq_base": variant_label(record, with_recover=False),
+                "recover_method": recover.get("method", ""),
+                "recover_steps": as_number(recover.get("steps")),
+                "recover_lr": as_number(recover.get("lr")),
+                # The same run's fidelity before training, on the same held-out tokens (recovery.ptq_fidelity).
+                **{
+                    f"own_ptq_{k}": v
+                    for k, v in fidelity_summary({"fidelity": section(record, "recovery").get("ptq_fidelity")}).items()
+                },
+            }
+        )
+    return pd.DataFrame(
+        rows,
+        columns=[
+            "index",
+            "model",
+            "base",
+            "base_seq",
+            "eval_tag",
+            "fidelity_fp",
+            "fidelity_setting",
+            "recipe",
+            "kv_cache",
+            "calib_size",
+            "calib_seq_len",
+            "seq_key",
+            "calib_source",
+            "status",
+            "finished_at",
+            "time",
+            "checkpoint_mb",
+            "compression",
+            "bits_per_weight",
+            "calibrate_s",
+            *FIDELITY_SUMMARY_COLUMNS,
+            "served_by",
+            "recipe_file",
+            "note",
+            "source",
+            "recover_key",
+            "ptq_base",
+            "recover_method",
+            "recover_steps",
+            "recover_lr",
+            *(f"own_ptq_{c}" for c in FIDELITY_SUMMARY_COLUMNS),
+        ],
+    )
 
 
 # Records that agree on all of these are one point measured again (the newest finished one is used); records that
@@ -124,8 +198,11 @@ def _name_points(kept: pd.DataFrame) -> List[str]:
             parts = []
             if len(trainings) > 1:  # the label names method and steps; the learning rate (or the rest) tells apart
                 lrs = {kept["recover_lr"].iat[i] for i in members}
-                parts.append(f"lr {kept['recover_lr'].iat[i]:g}" if len(lrs) == len(members)
-                             else f"training #{kept['recover_key'].iat[i][:6] or 'none'}")
+                parts.append(
+                    f"lr {kept['recover_lr'].iat[i]:g}"
+                    if len(lrs) == len(members)
+                    else f"training #{kept['recover_key'].iat[i][:6] or 'none'}"
+                )
             if len(texts) > 1:
                 parts.append(f"calib {kept['calib_source'].iat[i] or 'unknown'}")
             if len(tags) > 1:
@@ -144,18 +221,22 @@ def _select(points: pd.DataFrame) -> Tuple[pd.DataFrame, pd.DataFrame]:
     settings), finished before unfinished, newest first. BF16 runs measured in different ways are different points
     too: each one's results stay, compared with the variants measured the same way."""
     ordered = points.assign(finished=points["status"] == "finished").sort_values(
-        [*POINT_KEY, "finished", "time", "source"], ascending=[True] * len(POINT_KEY) + [False, False, True],
-        kind="stable")
+        [*POINT_KEY, "finished", "time", "source"],
+        ascending=[True] * len(POINT_KEY) + [False, False, True],
+        kind="stable",
+    )
     duplicate = ordered.duplicated(POINT_KEY, keep="first")
     kept, dropped = ordered[~duplicate].copy(), ordered[duplicate]
     kept["variant"] = _name_points(kept.reset_index(drop=True))
     # A superseded record is listed under the label of the point that replaced it.
     winners = kept[[*POINT_KEY, "variant", "source", "finished"]].rename(
-        columns={"source": "kept", "finished": "kept_finished"})
+        columns={"source": "kept", "finished": "kept_finished"}
+    )
     dropped = dropped.merge(winners, on=POINT_KEY, how="left")
     reasons = []
-    for finished, kept_finished, finished_at, status, note in zip(*(dropped[c].tolist() for c in (
-            "finished", "kept_finished", "finished_at", "status", "note"))):
+    for finished, kept_finished, finished_at, status, note in zip(
+        *(dropped[c].tolist() for c in ("finished", "kept_finished", "finished_at", "status", "note"))
+    ):
         if finished:
             reasons.append(f"older duplicate (finished_at {finished_at or 'unknown'})")
         elif kept_finished:
@@ -176,20 +257,46 @@ def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
     rows = []
     # Newest first: of two BF16 runs that measured a row the same way, the newer one's value is shown.
     bf16_runs = kept[(kept["recipe"] == BF16) & (kept["status"] == "finished")].sort_values(
-        "time", ascending=False, kind="stable")
+        "time", ascending=False, kind="stable"
+    )
     for index, model, source in _plain_rows(bf16_runs, ("index", "model", "source")):
         for score in record_scores(records[index]):
-            rows.append({"model": model, **score, "bf16_source": FROM_BF16_RUN, "status": "finished",
-                         "source": source})
+            rows.append({"model": model, **score, "bf16_source": FROM_BF16_RUN, "status": "finished", "source": source})
     # Newest finished records first, so a stale baseline never hides a fresh one.
-    carriers = kept[kept["recipe"] != BF16].assign(finished=lambda df: df["status"] == "finished").sort_values(
-        ["finished", "time"], ascending=[False, False], kind="stable")
+    carriers = (
+        kept[kept["recipe"] != BF16]
+        .assign(finished=lambda df: df["status"] == "finished")
+        .sort_values(["finished", "time"], ascending=[False, False], kind="stable")
+    )
     for index, model, source in _plain_rows(carriers, ("index", "model", "source")):
         for score in baseline_scores(records[index]):
-            rows.append({"model": model, **score, "bf16_source": FROM_EMBEDDED_BASELINE,
-                         "status": BASELINE_STATUS, "source": source})
-    table = pd.DataFrame(rows, columns=["model", "benchmark", "subject", "metric", "setting", "value", "stderr",
-                                        "higher_is_better", "fingerprint", "items", "bf16_source", "status", "source"])
+            rows.append(
+                {
+                    "model": model,
+                    **score,
+                    "bf16_source": FROM_EMBEDDED_BASELINE,
+                    "status": BASELINE_STATUS,
+                    "source": source,
+                }
+            )
+    table = pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "benchmark",
+            "subject",
+            "metric",
+            "setting",
+            "value",
+            "stderr",
+            "higher_is_better",
+            "fingerprint",
+            "items",
+            "bf16_source",
+            "status",
+            "source",
+        ],
+    )
     # One BF16 value per way of measuring (fingerprint): results on other items or settings stay, as rows of
     # their own, and are compared only with variants measured the same way.
     return table.drop_duplicates(["model", "benchmark", "metric", "fingerprint"], keep="first").reset_index(drop=True)
@@ -212,13 +319,42 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
         identity = dict(zip(identity_columns, identity_values))
         scores = record_scores(records[index])
         # A point without scores still gets a row, so failures stay visible in the CSV too.
-        for score in scores or [{"benchmark": "", "metric": "", "value": np.nan, "stderr": np.nan,
-                                 "higher_is_better": True, "items": None, "subject": "", "setting": "",
-                                 "fingerprint": ""}]:
+        for score in scores or [
+            {
+                "benchmark": "",
+                "metric": "",
+                "value": np.nan,
+                "stderr": np.nan,
+                "higher_is_better": True,
+                "items": None,
+                "subject": "",
+                "setting": "",
+                "fingerprint": "",
+            }
+        ]:
             rows.append({**identity, **score})
-    quantized = pd.DataFrame(rows, columns=["model", "variant", "recipe", "kv_cache", "calib_size", "status",
-                                            "note", "source", "benchmark", "subject", "metric", "setting", "value",
-                                            "stderr", "higher_is_better", "fingerprint", "items"])
+    quantized = pd.DataFrame(
+        rows,
+        columns=[
+            "model",
+            "variant",
+            "recipe",
+            "kv_cache",
+            "calib_size",
+            "status",
+            "note",
+            "source",
+            "benchmark",
+            "subject",
+            "metric",
+            "setting",
+            "value",
+            "stderr",
+            "higher_is_better",
+            "fingerprint",
+            "items",
+        ],
+    )
     # The BF16 run itself may be failed or unfinished: its point shows in the summary, not here.
     frames = [frame for frame in (bf16_rows, quantized) if not frame.empty]
     scores = pd.concat(frames, ignore_index=True) if frames else quantized.iloc[0:0]
@@ -226,15 +362,20 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
     scores["subject"] = scores["subject"].astype(object).fillna("")
     scores["setting"] = scores["setting"].astype(object).fillna("")
     reference = bf16[["model", "benchmark", "metric", "fingerprint", "value", "items", "bf16_source"]].rename(
-        columns={"value": "bf16", "items": "bf16_items"})
+        columns={"value": "bf16", "items": "bf16_items"}
+    )
     scores = scores.drop(columns=["bf16_source"], errors="ignore").merge(
-        reference, on=["model", "benchmark", "metric", "fingerprint"], how="left")
+        reference, on=["model", "benchmark", "metric", "fingerprint"], how="left"
+    )
     scores["bf16_source"] = scores["bf16_source"].fillna("")
     # A BF16 result exists for the row, but none measured on the same items and settings: not a comparison.
     measured = set(zip(bf16["model"].tolist(), bf16["benchmark"].tolist(), bf16["metric"].tolist()))
-    unmatched = [variant != BF16 and math.isnan(b) and (m, bench, metric) in measured
-                 for variant, b, m, bench, metric in zip(*(scores[c].tolist() for c in (
-                     "variant", "bf16", "model", "benchmark", "metric")))]
+    unmatched = [
+        variant != BF16 and math.isnan(b) and (m, bench, metric) in measured
+        for variant, b, m, bench, metric in zip(
+            *(scores[c].tolist() for c in ("variant", "bf16", "model", "benchmark", "metric"))
+        )
+    ]
     scores.loc[unmatched, "note"] = [(f"{n}; " if n else "") + UNMATCHED_NOTE for n in scores.loc[unmatched, "note"]]
     for column in ("value", "stderr", "bf16", "calib_size"):
         scores[column] = scores[column].astype(float)
@@ -242,12 +383,20 @@ def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame)
     scores["delta"] = scores["value"] - scores["bf16"]
     scores["recovery"] = _recovery(scores["value"], scores["bf16"], scores["higher_is_better"])
     # The difference's standard error from the same items scored by both (paired), where both kept them.
-    paired = [paired_delta_stderr(items, bf16_items) if variant != BF16 else (math.nan, 0) for variant, items, bf16_items
-              in zip(scores["variant"].tolist(), scores["items"].tolist(), scores["bf16_items"].tolist())]
+    paired = [
+        paired_delta_stderr(items, bf16_items) if variant != BF16 else (math.nan, 0)
+        for variant, items, bf16_items in zip(
+            scores["variant"].tolist(), scores["items"].tolist(), scores["bf16_items"].tolist()
+        )
+    ]
     scores["delta_stderr"] = [se for se, _ in paired]
     scores["paired_items"] = [n for _, n in paired]
-    scores["delta_error"] = [math.nan if variant == BF16 else difference_error(metric, dse, se) for variant, metric, dse, se
-                             in zip(*(scores[c].tolist() for c in ("variant", "metric", "delta_stderr", "stderr")))]
+    scores["delta_error"] = [
+        math.nan if variant == BF16 else difference_error(metric, dse, se)
+        for variant, metric, dse, se in zip(
+            *(scores[c].tolist() for c in ("variant", "metric", "delta_stderr", "stderr"))
+        )
+    ]
     return scores.drop(columns=["items", "bf16_items"])
 
 
@@ -292,13 +441,16 @@ def _order_scores(scores: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
     # Ranked by label, not by (recipe, kv, calib): calib_size may be NaN, which never equals itself as a key.
     seq_len = dict(zip(kept["variant"].tolist(), kept["calib_seq_len"].tolist()))
     variants = scores.drop_duplicates("variant")
-    variant_order = sorted(zip(*(variants[c].tolist() for c in ("variant", "recipe", "kv_cache", "calib_size"))),
-                           key=lambda v: (variant_sort_key(*v[1:], seq_len.get(v[0], math.nan)), v[0]))
+    variant_order = sorted(
+        zip(*(variants[c].tolist() for c in ("variant", "recipe", "kv_cache", "calib_size"))),
+        key=lambda v: (variant_sort_key(*v[1:], seq_len.get(v[0], math.nan)), v[0]),
+    )
     variant_rank = {variant[0]: rank for rank, variant in enumerate(variant_order)}
     row_keys = list(zip(scores["benchmark"].tolist(), scores["metric"].tolist(), scores["setting"].tolist()))
     row_rank = {row: rank for rank, row in enumerate(sorted(set(row_keys), key=lambda r: (row_sort_key(*r[:2]), r)))}
-    ranked = scores.assign(_variant=[variant_rank[v] for v in scores["variant"].tolist()],
-                           _row=[row_rank[row] for row in row_keys])
+    ranked = scores.assign(
+        _variant=[variant_rank[v] for v in scores["variant"].tolist()], _row=[row_rank[row] for row in row_keys]
+    )
     ordered = ranked.sort_values(["model", "_variant", "_row"], kind="stable")
     return ordered.drop(columns=["_variant", "_row"]).reset_index(drop=True)
 
@@ -316,8 +468,17 @@ def _layer_kinds(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
             for fmt, cell in (formats if isinstance(formats, dict) else {}).items():
                 cell = cell if isinstance(cell, dict) else {}
                 params = as_number(cell.get("params"))
-                rows.append({"model": model, "variant": variant, "kind": kind, "format": fmt,
-                             "layers": as_number(cell.get("layers")), "params": params, "share": params / total})
+                rows.append(
+                    {
+                        "model": model,
+                        "variant": variant,
+                        "kind": kind,
+                        "format": fmt,
+                        "layers": as_number(cell.get("layers")),
+                        "params": params,
+                        "share": params / total,
+                    }
+                )
     return pd.DataFrame(rows, columns=LAYER_KIND_COLUMNS)
 
 
@@ -343,16 +504,26 @@ def _benchmark_summary(rows: List[tuple]) -> dict:
     The interval is the median of each row's 95% recovery bounds (the median never moves outside it while every row
     stays within its own interval); NaN when a row has no error. The worst significant loss: of the rows whose
     difference from BF16 is beyond 1.96 standard errors against the point, the largest as a share of BF16."""
-    out = {"median_recovery": math.nan, "median_recovery_lo": math.nan, "median_recovery_hi": math.nan,
-           "worst_benchmark": "", "worst_metric": "", "worst_delta": math.nan, "worst_delta_error": math.nan,
-           "worst_relative": math.nan, "worst_recovery": math.nan, "worst_recovery_lo": math.nan,
-           "worst_recovery_hi": math.nan, "significant_losses": 0, "judged": 0}
+    out = {
+        "median_recovery": math.nan,
+        "median_recovery_lo": math.nan,
+        "median_recovery_hi": math.nan,
+        "worst_benchmark": "",
+        "worst_metric": "",
+        "worst_delta": math.nan,
+        "worst_delta_error": math.nan,
+        "worst_relative": math.nan,
+        "worst_recovery": math.nan,
+        "worst_recovery_lo": math.nan,
+        "worst_recovery_hi": math.nan,
+        "significant_losses": 0,
+        "judged": 0,
+    }
     defined = [row for row in rows if not math.isnan(row[6])]
     if not defined:
         return out
     out["median_recovery"] = statistics.median([row[6] for row in defined])
-    bounds = [_recovery_bounds(value, bf16, error, higher)
-              for _, _, value, bf16, _, error, _, higher in defined]
+    bounds = [_recovery_bounds(value, bf16, error, higher) for _, _, value, bf16, _, error, _, higher in defined]
     if all(not math.isnan(low) for low, _ in bounds):
         out["median_recovery_lo"] = statistics.median([low for low, _ in bounds])
         out["median_recovery_hi"] = statistics.median([high for _, high in bounds])
@@ -366,12 +537,27 @@ def _benchmark_summary(rows: List[tuple]) -> dict:
             continue
         out["significant_losses"] += 1
         if worst is None or loss > worst[0]:
-            worst = (loss, benchmark, metric, delta, error, delta / abs(bf16), recovery,
-                     *_recovery_bounds(value, bf16, error, higher))
+            worst = (
+                loss,
+                benchmark,
+                metric,
+                delta,
+                error,
+                delta / abs(bf16),
+                recovery,
+                *_recovery_bounds(value, bf16, error, higher),
+            )
     if worst is not None:
-        out.update(worst_benchmark=worst[1], worst_metric=worst[2], worst_delta=worst[3], worst_delta_error=worst[4],
-                   worst_relative=worst[5], worst_recovery=worst[6], worst_recovery_lo=worst[7],
-                   worst_recovery_hi=worst[8])
+        out.update(
+            worst_benchmark=worst[1],
+            worst_metric=worst[2],
+            worst_delta=worst[3],
+            worst_delta_error=worst[4],
+            worst_relative=worst[5],
+            worst_recovery=worst[6],
+            worst_recovery_lo=worst[7],
+            worst_recovery_hi=worst[8],
+        )
     return out
 
 
@@ -381,37 +567,61 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
     benchmarks = scores[(scores["metric"] != FIDELITY_METRIC) & (scores["subject"] == "") & (scores["benchmark"] != "")]
     points = kept.copy()
     # A model compared only against embedded baselines still gets a BF16 line saying so.
-    baseline_only = sorted(set(bf16.loc[bf16["bf16_source"] == FROM_EMBEDDED_BASELINE, "model"])
-                           - set(kept.loc[kept["recipe"] == BF16, "model"]))
+    baseline_only = sorted(
+        set(bf16.loc[bf16["bf16_source"] == FROM_EMBEDDED_BASELINE, "model"])
+        - set(kept.loc[kept["recipe"] == BF16, "model"])
+    )
     if baseline_only:
-        extra = pd.DataFrame({"model": baseline_only, "variant": BF16, "recipe": BF16, "kv_cache": "none",
-                              "calib_size": np.nan, "calib_seq_len": np.nan, "fidelity_setting": "",
-                              "status": BASELINE_STATUS, "compression": 1.0, "bits_per_weight": 16.0, "served_by": "", "recipe_file": "",
-                              **{c: np.nan for c in FIDELITY_SUMMARY_COLUMNS},
-                              "note": "no bf16 run: BF16 scores from baselines embedded in quantized records",
-                              "source": ""})
+        extra = pd.DataFrame(
+            {
+                "model": baseline_only,
+                "variant": BF16,
+                "recipe": BF16,
+                "kv_cache": "none",
+                "calib_size": np.nan,
+                "calib_seq_len": np.nan,
+                "fidelity_setting": "",
+                "status": BASELINE_STATUS,
+                "compression": 1.0,
+                "bits_per_weight": 16.0,
+                "served_by": "",
+                "recipe_file": "",
+                **{c: np.nan for c in FIDELITY_SUMMARY_COLUMNS},
+                "note": "no bf16 run: BF16 scores from baselines embedded in quantized records",
+                "source": "",
+            }
+        )
         points = pd.concat([points, extra], ignore_index=True)
     # Rows grouped as plain tuples: per-group DataFrames cost milliseconds each, and a sweep has thousands of points.
     groups: dict = {}
-    for model, variant, source, origin, *row in zip(*(benchmarks[c].tolist() for c in (
-            "model", "variant", "source", "bf16_source", *_SUMMARY_INPUTS))):
+    for model, variant, source, origin, *row in zip(
+        *(benchmarks[c].tolist() for c in ("model", "variant", "source", "bf16_source", *_SUMMARY_INPUTS))
+    ):
         if variant != BF16:
             key = (model, variant)
         else:  # a BF16 run's own rows (recovery 1 by definition); the baseline line: the model's embedded ones
             key = (model, BF16, source if origin == FROM_BF16_RUN else "")
         groups.setdefault(key, []).append(tuple(row))
-    stats = [_benchmark_summary(groups.get((model, variant) if recipe != BF16 else (model, BF16, source), []))
-             for model, variant, recipe, source in zip(*(points[c].tolist() for c in ("model", "variant", "recipe",
-                                                                                       "source")))]
+    stats = [
+        _benchmark_summary(groups.get((model, variant) if recipe != BF16 else (model, BF16, source), []))
+        for model, variant, recipe, source in zip(
+            *(points[c].tolist() for c in ("model", "variant", "recipe", "source"))
+        )
+    ]
     summary = pd.concat([points.reset_index(drop=True), pd.DataFrame(stats, columns=BENCHMARK_SUMMARY_COLUMNS)], axis=1)
-    keys = [(model, variant_sort_key(recipe, kv, calib, seq), variant) for model, recipe, kv, calib, seq, variant in
-            zip(*(summary[c].tolist() for c in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len", "variant")))]
+    keys = [
+        (model, variant_sort_key(recipe, kv, calib, seq), variant)
+        for model, recipe, kv, calib, seq, variant in zip(
+            *(summary[c].tolist() for c in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len", "variant"))
+        )
+    ]
     order = sorted(range(len(summary)), key=keys.__getitem__)
     return summary.iloc[order][SUMMARY_COLUMNS].reset_index(drop=True)
 
 
-def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = None,
-                 skipped: Iterable[Tuple[str, str]] = ()) -> Report:
+def build_report(
+    records: Sequence[dict], sources: Optional[Sequence[str]] = None, skipped: Iterable[Tuple[str, str]] = ()
+) -> Report:
     """All tables from parsed run records; `sources` names each record (its path) in the output.
 
     Records that are not usable run records are added to `skipped` rather than raising.
@@ -430,9 +640,14 @@ def build_report(records: Sequence[dict], sources: Optional[Sequence[str]] = Non
     kept, superseded = _select(_points(usable, usable_sources))
     bf16 = _bf16_values(usable, kept)
     scores = _order_scores(_score_rows(usable, kept, bf16), kept)[SCORE_COLUMNS]
-    return Report(scores=scores, summary=_summary(kept, scores, bf16), superseded=superseded,
-                  skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS), layer_kinds=_layer_kinds(usable, kept),
-                  training=training_table(kept, scores))
+    return Report(
+        scores=scores,
+        summary=_summary(kept, scores, bf16),
+        superseded=superseded,
+        skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
+        layer_kinds=_layer_kinds(usable, kept),
+        training=training_table(kept, scores),
+    )
 
 
 def scores_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:

@@ -26,10 +26,29 @@ import pandas as pd
 
 from ptq.report.common import BF16, FIDELITY_METRIC, Z_95
 
-TRAINING_COLUMNS = ["model", "ptq_variant", "variant", "method", "steps", "lr", "ptq_mean_kl", "mean_kl",
-                    "mean_kl_stderr", "kl_gap_closed", "kl_gap_closed_lo", "kl_gap_closed_hi", "ptq_perplexity_ratio",
-                    "perplexity_ratio", "ppl_gap_closed", "ppl_gap_closed_lo", "ppl_gap_closed_hi",
-                    "benchmark_gap_closed", "benchmarks_closed", "worse_than_ptq", "note"]
+TRAINING_COLUMNS = [
+    "model",
+    "ptq_variant",
+    "variant",
+    "method",
+    "steps",
+    "lr",
+    "ptq_mean_kl",
+    "mean_kl",
+    "mean_kl_stderr",
+    "kl_gap_closed",
+    "kl_gap_closed_lo",
+    "kl_gap_closed_hi",
+    "ptq_perplexity_ratio",
+    "perplexity_ratio",
+    "ppl_gap_closed",
+    "ppl_gap_closed_lo",
+    "ppl_gap_closed_hi",
+    "benchmark_gap_closed",
+    "benchmarks_closed",
+    "worse_than_ptq",
+    "note",
+]
 
 WORSE = "held-out {what} worse than PTQ beyond noise"
 
@@ -39,8 +58,7 @@ def ratio_stderr(interval_lo: float, interval_hi: float) -> float:
     return (interval_hi - interval_lo) / (2 * Z_95)
 
 
-def gap_closed(ptq: float, ptq_error: float, trained: float, trained_error: float,
-               bf16: float) -> Tuple[float, float]:
+def gap_closed(ptq: float, ptq_error: float, trained: float, trained_error: float, bf16: float) -> Tuple[float, float]:
     """(share of the PTQ gap to `bf16` closed, its standard error); (NaN, NaN) where the PTQ gap is within noise
     or an input is missing."""
     gap = ptq - bf16
@@ -58,15 +76,24 @@ def worse_than(ptq: float, ptq_error: float, trained: float, trained_error: floa
     """Whether `trained` (lower is better) is above `ptq` beyond 1.96 standard errors of the difference."""
     if math.isnan(ptq) or math.isnan(trained):
         return False
-    error = math.sqrt(sum(0.0 if math.isnan(e) else e ** 2 for e in (ptq_error, trained_error)))
+    error = math.sqrt(sum(0.0 if math.isnan(e) else e**2 for e in (ptq_error, trained_error)))
     return trained - ptq > Z_95 * error
 
 
 def _benchmark_rows(scores: pd.DataFrame, model: str, variant: str) -> dict:
-    rows = scores[(scores["model"] == model) & (scores["variant"] == variant) & (scores["metric"] != FIDELITY_METRIC)
-                  & (scores["subject"] == "") & (scores["benchmark"] != "")]
-    return {(b, m, f): (d, e) for b, m, f, d, e in zip(*(rows[c].tolist() for c in (
-        "benchmark", "metric", "fingerprint", "delta", "delta_error")))}
+    rows = scores[
+        (scores["model"] == model)
+        & (scores["variant"] == variant)
+        & (scores["metric"] != FIDELITY_METRIC)
+        & (scores["subject"] == "")
+        & (scores["benchmark"] != "")
+    ]
+    return {
+        (b, m, f): (d, e)
+        for b, m, f, d, e in zip(
+            *(rows[c].tolist() for c in ("benchmark", "metric", "fingerprint", "delta", "delta_error"))
+        )
+    }
 
 
 def _benchmarks(scores: pd.DataFrame, model: str, ptq_variant: str, variant: str) -> Tuple[float, int]:
@@ -96,7 +123,9 @@ SHARED = ["model", "seq_key", "calib_source", "eval_tag", "fidelity_fp"]
 
 # The PTQ side of a trained point without a PTQ point of its own: the run's fidelity before training.
 SAME_RUN = "(same run, before training)"
-_OwnPtq = namedtuple("_OwnPtq", "variant mean_kl mean_kl_stderr perplexity_ratio perplexity_ratio_lo perplexity_ratio_hi")
+_OwnPtq = namedtuple(
+    "_OwnPtq", "variant mean_kl mean_kl_stderr perplexity_ratio perplexity_ratio_lo perplexity_ratio_hi"
+)
 
 
 def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
@@ -110,20 +139,34 @@ def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, point in zip(zip(*(trained[c].tolist() for c in ["ptq_base", *SHARED])), trained.itertuples()):
         ptq: Optional[tuple] = by_key.get(key)
-        out = {"model": point.model, "variant": point.variant, "method": point.recover_method,
-               "steps": point.recover_steps, "lr": point.recover_lr, "mean_kl": point.mean_kl,
-               "mean_kl_stderr": point.mean_kl_stderr, "perplexity_ratio": point.perplexity_ratio,
-               "worse_than_ptq": False, "note": ""}
+        out = {
+            "model": point.model,
+            "variant": point.variant,
+            "method": point.recover_method,
+            "steps": point.recover_steps,
+            "lr": point.recover_lr,
+            "mean_kl": point.mean_kl,
+            "mean_kl_stderr": point.mean_kl_stderr,
+            "perplexity_ratio": point.perplexity_ratio,
+            "worse_than_ptq": False,
+            "note": "",
+        }
         if point.status != "finished":
             out["note"] = point.note or point.status
         if ptq is None and not math.isnan(point.own_ptq_mean_kl):
             # No PTQ point of its own in the records: the run's fidelity before training, on the same tokens.
-            ptq = _OwnPtq(variant=SAME_RUN, mean_kl=point.own_ptq_mean_kl, mean_kl_stderr=point.own_ptq_mean_kl_stderr,
-                          perplexity_ratio=point.own_ptq_perplexity_ratio,
-                          perplexity_ratio_lo=point.own_ptq_perplexity_ratio_lo,
-                          perplexity_ratio_hi=point.own_ptq_perplexity_ratio_hi)
+            ptq = _OwnPtq(
+                variant=SAME_RUN,
+                mean_kl=point.own_ptq_mean_kl,
+                mean_kl_stderr=point.own_ptq_mean_kl_stderr,
+                perplexity_ratio=point.own_ptq_perplexity_ratio,
+                perplexity_ratio_lo=point.own_ptq_perplexity_ratio_lo,
+                perplexity_ratio_hi=point.own_ptq_perplexity_ratio_hi,
+            )
         if ptq is None:
-            out.update(ptq_variant="", note=out["note"] or "no finished PTQ point with the same settings to compare with")
+            out.update(
+                ptq_variant="", note=out["note"] or "no finished PTQ point with the same settings to compare with"
+            )
             rows.append(out)
             continue
         ratio_error = ratio_stderr(point.perplexity_ratio_lo, point.perplexity_ratio_hi)
@@ -131,18 +174,30 @@ def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
         kl, kl_error = gap_closed(ptq.mean_kl, ptq.mean_kl_stderr, point.mean_kl, point.mean_kl_stderr, 0.0)
         ppl, ppl_error = gap_closed(ptq.perplexity_ratio, ptq_ratio_error, point.perplexity_ratio, ratio_error, 1.0)
         bench, counted = _benchmarks(scores, point.model, ptq.variant, point.variant)
-        worse = [what for what, args in (("KL", (ptq.mean_kl, ptq.mean_kl_stderr, point.mean_kl, point.mean_kl_stderr)),
-                                         ("perplexity ratio", (ptq.perplexity_ratio, ptq_ratio_error,
-                                                               point.perplexity_ratio, ratio_error)))
-                 if worse_than(*args)]
+        worse = [
+            what
+            for what, args in (
+                ("KL", (ptq.mean_kl, ptq.mean_kl_stderr, point.mean_kl, point.mean_kl_stderr)),
+                ("perplexity ratio", (ptq.perplexity_ratio, ptq_ratio_error, point.perplexity_ratio, ratio_error)),
+            )
+            if worse_than(*args)
+        ]
         notes = [out["note"]] if out["note"] else []
         if worse:
             notes.append(WORSE.format(what=" and ".join(worse)))
         if math.isnan(kl) and not math.isnan(ptq.mean_kl):
             notes.append("PTQ's KL gap within noise")
-        out.update(ptq_variant=ptq.variant, ptq_mean_kl=ptq.mean_kl, kl_gap_closed=kl,
-                   ptq_perplexity_ratio=ptq.perplexity_ratio, ppl_gap_closed=ppl, benchmark_gap_closed=bench,
-                   benchmarks_closed=counted, worse_than_ptq=bool(worse), note="; ".join(notes))
+        out.update(
+            ptq_variant=ptq.variant,
+            ptq_mean_kl=ptq.mean_kl,
+            kl_gap_closed=kl,
+            ptq_perplexity_ratio=ptq.perplexity_ratio,
+            ppl_gap_closed=ppl,
+            benchmark_gap_closed=bench,
+            benchmarks_closed=counted,
+            worse_than_ptq=bool(worse),
+            note="; ".join(notes),
+        )
         out["kl_gap_closed_lo"], out["kl_gap_closed_hi"] = _interval(kl, kl_error)
         out["ppl_gap_closed_lo"], out["ppl_gap_closed_hi"] = _interval(ppl, ppl_error)
         rows.append(out)

@@ -15,8 +15,16 @@ import torch.distributed as dist
 
 def parse(step):
     p = argparse.ArgumentParser()
-    for flag in ("--hf-model-id", "--export-quant-cfg", "--megatron-save-path", "--megatron-load-path",
-                 "--export-dir", "--dtype", "--prompts", "--calib-dataset"):
+    for flag in (
+        "--hf-model-id",
+        "--export-quant-cfg",
+        "--megatron-save-path",
+        "--megatron-load-path",
+        "--export-dir",
+        "--dtype",
+        "--prompts",
+        "--calib-dataset",
+    ):
         p.add_argument(flag)
     for flag in ("--tp", "--pp", "--ep", "--etp", "--calib-size", "--calib-seq-length", "--calib-batch-size"):
         p.add_argument(flag, type=int)
@@ -59,10 +67,14 @@ def write_checkpoint(folder):
 
     os.makedirs(folder, exist_ok=True)
     weight = torch.randn(8, 8)
-    save_file({"model.layers.0.mlp.down_proj.weight": weight.to(torch.float8_e4m3fn),
-               "model.layers.0.mlp.down_proj.weight_scale": torch.tensor(1.0),
-               "model.embed_tokens.weight": torch.randn(16, 8).to(torch.bfloat16)},
-              os.path.join(folder, "model.safetensors"))
+    save_file(
+        {
+            "model.layers.0.mlp.down_proj.weight": weight.to(torch.float8_e4m3fn),
+            "model.layers.0.mlp.down_proj.weight_scale": torch.tensor(1.0),
+            "model.embed_tokens.weight": torch.randn(16, 8).to(torch.bfloat16),
+        },
+        os.path.join(folder, "model.safetensors"),
+    )
     with open(os.path.join(folder, "hf_quant_config.json"), "w") as f:
         json.dump({"quantization": {"quant_algo": "FP8", "kv_cache_quant_algo": None}}, f)
     with open(os.path.join(folder, "config.json"), "w") as f:
