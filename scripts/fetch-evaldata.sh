@@ -5,7 +5,7 @@
 #     bash scripts/fetch-evaldata.sh DEST
 #     export PTQ_EVALDATA=DEST          # or pass eval.data_dir=DEST
 #
-# Each file comes from a fixed commit of a public GitHub repository (the README's "Evaluation data" table
+# Each file comes from a fixed commit of a public GitHub repository (docs/results.md
 # names them and their licences). Files are downloaded under a temporary name and appear under their own
 # name only once their checksum matches, so an interrupted or damaged download never looks complete.
 # Running it again fetches only what is missing. PTQ_EVALDATA_MIRROR replaces https://raw.githubusercontent.com

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the launcher (and optionally its Megatron-Bridge extra) on a host without internet access, from a
-# folder of wheels made on a connected machine of the same platform (README: "Hosts without internet").
+# folder of wheels made on a connected machine of the same platform (docs/megatron.md: "Hosts without internet").
 #
 #     bash scripts/install-offline.sh WHEELHOUSE [--megatron] [--exact]
 #

@@ -1,5 +1,5 @@
 """Bad input is refused before any model is loaded, with a message naming the problem and the fix, and nothing
-written. Each case is one row of the README's table "Refused before any model is loaded" (the last test keeps
+written. Each case is one row of the table in docs/refusals.md "Refused before any model is loaded" (the last test keeps
 the two in step)."""
 
 from __future__ import annotations
@@ -420,9 +420,9 @@ def test_a_corrupt_sweep_manifest_is_reported_not_a_traceback(tmp_path):
     assert proc.returncode != 0 and "is not a sweep manifest" in proc.stderr and "Traceback" not in proc.stderr
 
 
-def test_the_readme_lists_every_refused_input():
-    readme = (REPO / "README.md").read_text()
-    table = readme.split("## Refused before any model is loaded", 1)[1].split("\n## ", 1)[0]
+def test_the_refusals_page_lists_every_refused_input():
+    page = (REPO / "docs" / "refusals.md").read_text()
+    table = page.split("# Refused before any model is loaded", 1)[1]
     rows = {re.sub(r"\s+", " ", line.split("|")[1].strip()) for line in table.splitlines() if line.startswith("| ")}
     assert {label for label, _, _ in CASES} <= rows
 

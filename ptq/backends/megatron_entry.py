@@ -100,7 +100,7 @@ def main(argv) -> None:
                 f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need"
                 f"{' for this model (Mamba layers)' if mamba else ''}. Install them on a CUDA machine with Python "
                 "3.12: pip install -e '.[megatron]' in the launcher's checkout, or bash scripts/install-offline.sh "
-                "WHEELHOUSE --megatron without internet (README: Megatron-Bridge backend)"
+                "WHEELHOUSE --megatron without internet (docs/megatron.md)"
                 + (
                     "; mamba-ssm and causal-conv1d compile against the installed torch: build their wheels on the "
                     "GPU host with scripts/mamba-wheels.sh"
