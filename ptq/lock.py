@@ -72,7 +72,7 @@ def holder_alive(holder: Optional[dict], heartbeat: Optional[float], now: Option
     return (now or time.time()) - heartbeat < STALE_S
 
 
-def describe(holder: dict) -> str:
+def holder_text(holder: dict) -> str:
     job = f", Slurm job {holder['slurm_job']}" if holder.get("slurm_job") else ""
     return f"host {holder.get('host', '?')}, PID {holder.get('pid', '?')}{job}, since {holder.get('started', '?')}"
 
@@ -125,7 +125,7 @@ class OutputLock:
             holder = live_holder(self.output_dir)
             if holder is not None:
                 raise ConfigError(
-                    f"{self.output_dir} is being written by another run ({describe(holder)}); two runs on one "
+                    f"{self.output_dir} is being written by another run ({holder_text(holder)}); two runs on one "
                     "output folder would corrupt it. Wait for that run to end, or give this one another "
                     f"output_root. If that process is gone for good, delete {self.path}."
                 )

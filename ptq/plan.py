@@ -603,7 +603,7 @@ def _check_space(
         )
 
 
-def resume(plan: Plan, record: Optional[dict]) -> None:
+def skip_or_refuse_finished(plan: Plan, record: Optional[dict]) -> None:
     """Skip a run whose record says finished with the same config; refuse to replace one of another config."""
     cfg = plan.cfg
     if not record or record.get("status") != "finished" or cfg.overwrite:
@@ -767,7 +767,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         warnings=warnings,
         export_quant_algo=algorithm_export(recipe.algorithm, recipe.export_quant_algo),
     )
-    resume(plan, facts.existing_record)
+    skip_or_refuse_finished(plan, facts.existing_record)
     if plan.action == "run":
         _check_space(cfg, facts, quantize, plan.export_quant_algo, awq_block)
     return plan

@@ -14,16 +14,15 @@ from pathlib import Path
 from typing import List, Optional, Sequence
 
 from ptq.backend_spec import spec_of
-from ptq.backends import check_before_run, get_backend
-from ptq.backends import describe as describe_run
+from ptq.backends import check_before_run, describe_steps, get_backend
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
 from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
-from ptq.lock import OutputLock, describe, live_holder
-from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, resume
+from ptq.lock import OutputLock, holder_text, live_holder
+from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
 from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.tracking import check_tracking, track
@@ -320,12 +319,12 @@ def dry_run(plan: Plan) -> dict:
     if holder is not None:
         action, commands = (
             "running",
-            [f"running: {plan.output_dir} is being written by {describe(holder)}; a real run would be refused"],
+            [f"running: {plan.output_dir} is being written by {holder_text(holder)}; a real run would be refused"],
         )
     elif plan.action == "skip":
         action, commands = "skip", [f"skip: {plan.skip_reason}"]
     else:
-        action, commands = "run", describe_run(plan)
+        action, commands = "run", describe_steps(plan)
     summary = {
         "status": "dry_run",
         "output_dir": str(plan.output_dir),
@@ -381,11 +380,11 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
     check_before_run(plan)  # the backend's own checks: a refusal here leaves no folder behind
     with OutputLock(plan.output_dir) as lock:
         if lock.taken_over is not None:
-            log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, describe(lock.taken_over))
+            log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, holder_text(lock.taken_over))
         # Planned before the lock: a run that held it may have finished this point since (of the same config:
         # skipped; of another: refused, as the plan refuses it).
         done = read_record(plan.output_dir)
-        resume(plan, done)
+        skip_or_refuse_finished(plan, done)
         if plan.action == "skip":
             log.info("%s was finished by another run meanwhile; skipping it", plan.output_dir)
             return done

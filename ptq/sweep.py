@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from ptq.cluster import Request, check_request, job_name, request_for, sbatch_parameters
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
-from ptq.lock import describe, live_holder
+from ptq.lock import holder_text, live_holder
 from ptq.plan import Plan, gather_facts
 from ptq.record import now
 from ptq.run import prepare, record_failure
@@ -67,7 +67,7 @@ def check_point(point: Point, dry_run: bool, launcher: Mapping) -> Point:
     point.plan = plan
     holder = live_holder(plan.output_dir)
     if holder is not None:  # an earlier sweep's job (or another launcher) is writing this point now
-        point.state, point.reason = RUNNING, f"being run by {describe(holder)}; not submitted again"
+        point.state, point.reason = RUNNING, f"being run by {holder_text(holder)}; not submitted again"
         return point
     if plan.action == "skip":
         point.state, point.reason = SKIPPED, plan.skip_reason

@@ -16,7 +16,7 @@ from conftest import GPU_FACTS as GPU
 from conftest import compose_run, text_source
 from conftest import plan_for as plan_on
 
-from ptq.backends.megatron_steps import ENTRY, build_steps, check_scripts, describe, unsupported_flags
+from ptq.backends.megatron_steps import ENTRY, build_steps, check_scripts, describe_steps, unsupported_flags
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.plan import Facts, make_plan
@@ -398,7 +398,7 @@ def test_dry_run_prints_the_commands_and_writes_nothing(tmp_path):
     assert summary["status"] == "dry_run" and len(summary["commands"]) == 3
     assert "--export-quant-cfg mamba_moe_nvfp4_conservative" in summary["commands"][0]
     assert not (tmp_path / "out").exists()
-    assert describe(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2 --standalone")
+    assert describe_steps(make_plan(cfg, GPU), env={})[2].startswith("torchrun --nproc_per_node=2 --standalone")
 
 
 @pytest.mark.slow

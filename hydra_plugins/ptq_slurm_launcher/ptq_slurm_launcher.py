@@ -30,7 +30,7 @@ from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLaunche
 from omegaconf import OmegaConf
 
 from hydra_plugins.ptq_slurm_launcher.composing import composer_for
-from ptq.backends import describe
+from ptq.backends import describe_steps
 from ptq.layout import MANIFEST_NAME
 from ptq.run import record_failure
 from ptq.sweep import (
@@ -167,7 +167,7 @@ class PtqSlurmLauncher(SlurmLauncher):
                 print(OmegaConf.to_yaml(point.config).rstrip())
             if point.state == SUBMITTED:
                 print(f"request: {json.dumps(point.request.as_dict())}")
-                for line in describe(point.plan):
+                for line in describe_steps(point.plan):
                     print(f"runs: {line}")
         for number, members in enumerate(groups):
             executor = self._executor(launcher, group_params(members, launcher["pack"]))

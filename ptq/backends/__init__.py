@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 
 from ptq.backends.base import Backend, BackendResult, use_extension_cache
-from ptq.backends.describe import DESCRIBERS, describe
+from ptq.backends.describe import DESCRIBERS, describe_steps
 from ptq.errors import ConfigError
 
 REGISTRY = {
@@ -50,4 +50,4 @@ def check_before_run(plan) -> None:
             )
 
 
-__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe", "get_backend"]
+__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe_steps", "get_backend"]

@@ -37,9 +37,9 @@ def in_process(plan: Plan) -> List[str]:
 
 DESCRIBERS: Dict[str, Callable[[Plan], List[str]]] = {
     "hf_modelopt": in_process,
-    "megatron_bridge": megatron_steps.describe,
+    "megatron_bridge": megatron_steps.describe_steps,
 }
 
 
-def describe(plan: Plan) -> List[str]:
+def describe_steps(plan: Plan) -> List[str]:
     return DESCRIBERS[plan.cfg.backend.name](plan)

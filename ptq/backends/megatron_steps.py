@@ -207,6 +207,6 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
             )
 
 
-def describe(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
+def describe_steps(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
     out = plan.output_dir
     return [shlex.join(s.argv) for s in build_steps(plan, out / MEGATRON_CHECKPOINT, out / PARTIAL_NAME, env)]
