@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from ptq.record import hardware_info, package_versions  # noqa: E402
+from ptq.record_parts import hardware_info, package_versions  # noqa: E402
 
 
 def load_average():

@@ -3,7 +3,7 @@
 Every run owns one output folder:
 
     <output_dir>/
-        run.json             the run record (ptq/record.py); status running | finished | failed
+        run.json             the run record (ptq/record_parts.py); status running | finished | failed
         run.lock             held by the run writing the folder (ptq/lock.py)
         run.log              the run's log
         checkpoint/          the exported, validated checkpoint (appears only once complete)

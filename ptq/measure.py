@@ -28,7 +28,7 @@ from ptq.formats import NO_CHECK
 from ptq.layout import EVAL_WORK_NAME
 from ptq.models import load_model
 from ptq.plan import Plan
-from ptq.record import StageTimer
+from ptq.record_parts import StageTimer
 
 log = logging.getLogger(__name__)
 

@@ -36,7 +36,7 @@ from ptq.formats import (
 )
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
-from ptq.record import config_differences, config_hash
+from ptq.record_parts import config_differences, config_hash
 from ptq.schema import RunConfig
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)

@@ -39,7 +39,7 @@ from ptq.calib_data import SELF, token_batches
 from ptq.errors import ConfigError
 from ptq.models import kept_model, room_for_a_copy
 from ptq.plan import Plan
-from ptq.record import StageTimer
+from ptq.record_parts import StageTimer
 
 log = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
-from ptq.record import StageTimer, config_hash, hardware_info, now, package_versions, read_record
+from ptq.record_parts import StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.tracking import check_tracking, track
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint

@@ -19,7 +19,7 @@ from typing import Dict, List
 from ptq.files import read_json
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
-from ptq.record import read_record
+from ptq.record_parts import read_record
 from ptq.sweep import point_state, summarize, varying_overrides
 
 

@@ -21,7 +21,7 @@ from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
 from ptq.lock import holder_text, live_holder
 from ptq.plan import Plan, gather_facts
-from ptq.record import now
+from ptq.record_parts import now
 from ptq.run import prepare, record_failure
 from ptq.schema import RunConfig
 

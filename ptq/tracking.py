@@ -285,7 +285,7 @@ def record_tags(record: dict) -> Dict[str, str]:
 
 
 def _millis(stamp: Optional[str]) -> Optional[int]:
-    """A record's time stamp (ptq/record.py now(), with its UTC offset) in epoch milliseconds."""
+    """A record's time stamp (ptq/record_parts.py now(), with its UTC offset) in epoch milliseconds."""
     try:
         return int(datetime.strptime(stamp, "%Y-%m-%dT%H:%M:%S%z").timestamp() * 1000) if stamp else None
     except (TypeError, ValueError):

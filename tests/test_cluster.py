@@ -182,7 +182,7 @@ def test_a_dry_run_previews_a_resume_and_points_that_are_running(tmp_path):
 
     from ptq.files import write_json_atomic
     from ptq.lock import OutputLock
-    from ptq.record import config_hash
+    from ptq.record_parts import config_hash
     from ptq.sweep import RUNNING, SKIPPED, SUBMITTED, check_point
 
     point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])

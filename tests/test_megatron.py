@@ -591,7 +591,7 @@ def test_a_mamba_model_also_needs_mamba_ssm_and_causal_conv1d(tmp_path):
 
 def test_a_failing_step_reports_the_end_of_its_output(tmp_path, monkeypatch):
     from ptq.backends.megatron_bridge import run_steps
-    from ptq.record import StageTimer
+    from ptq.record_parts import StageTimer
 
     step = build_steps(
         plan_for([*MB, "model=qwen3-8b", "recipe=fp8", "hardware=h100"]), tmp_path / "m", tmp_path / "e", env={}

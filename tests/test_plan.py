@@ -166,7 +166,7 @@ def test_finished_output_of_another_config_is_refused_not_skipped():
     """Resume skips a finished point only when its record was made by the same composed config."""
     from dataclasses import asdict
 
-    from ptq.record import config_hash
+    from ptq.record_parts import config_hash
 
     cfg, resolved = compose_run([])
     same = {"status": "finished", "config_hash": config_hash(asdict(cfg)), "config": resolved}

@@ -16,7 +16,7 @@ from conftest import GPU_FACTS, REPO, TEST_CACHE, compose_run
 
 from ptq.errors import ConfigError
 from ptq.plan import make_plan
-from ptq.record import config_hash, package_versions
+from ptq.record_parts import config_hash, package_versions
 from ptq.report.cli import main as report_main
 from ptq.run import execute, prepare
 from ptq.schema import TrackingConfig

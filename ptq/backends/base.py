@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import List, MutableMapping, Optional, Protocol
 
 from ptq.plan import Plan
-from ptq.record import StageTimer
+from ptq.record_parts import StageTimer
 
 
 @dataclass

@@ -25,7 +25,7 @@ from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
-from ptq.record import StageTimer
+from ptq.record_parts import StageTimer
 from ptq.validate import repair_exclude_modules
 
 log = logging.getLogger(__name__)

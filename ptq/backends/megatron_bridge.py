@@ -42,7 +42,7 @@ from ptq.layout import PARTIAL_NAME
 from ptq.measure import measure_export
 from ptq.models import resolve_checkpoint
 from ptq.plan import Plan
-from ptq.record import StageTimer
+from ptq.record_parts import StageTimer
 from ptq.validate import read_tensor_index
 
 log = logging.getLogger(__name__)
