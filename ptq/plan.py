@@ -63,6 +63,8 @@ class Facts:
     local_model_problem: str = "missing, or no config.json in it"
     # Widths read from a local config.json (when model.layer_widths is empty).
     local_layer_widths: List[int] = field(default_factory=list)
+    # A local config.json of a vision-language model (a `vision_config`): its architecture, else None.
+    local_vision_language: Optional[str] = None
     # The GGUF file inside the installed package, if the package is installed.
     gguf_path: Optional[str] = None
     # The run record already in the output folder, if any.
@@ -367,6 +369,13 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
                 "point it at a folder written by save_pretrained, or set model.path=null to use model.hf_id."
             )
         folder = Path(model.path).expanduser().resolve()
+        if facts.local_vision_language:
+            raise ConfigError(
+                f"model.path={model.path} is a vision-language model ({facts.local_vision_language}: its config.json "
+                "has a vision_config). This launcher loads causal language models (AutoModelForCausalLM), which such "
+                "a checkpoint is not, and does not yet keep a vision tower in BF16 or calibrate with images: quantize "
+                "it with ModelOpt's hf_ptq.py VLM mode or Megatron-Bridge's quantize_vlm.py for now."
+            )
         files = facts.local_tokenizer_files
         if files is not None and not any(f in TOKENIZER_VOCABULARIES or f.endswith(".tiktoken") for f in files):
             raise ConfigError(
@@ -932,6 +941,8 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
         facts.local_model_ok = config is not None
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)
+            if isinstance(config.get("vision_config"), dict):
+                facts.local_vision_language = ", ".join(config.get("architectures") or []) or str(config.get("model_type"))
             facts.local_tokenizer_files = tokenizer_files(folder)
             facts.local_params = safetensors_params(folder)
             shape = model_shape(config)

@@ -62,7 +62,12 @@ def bench(path: Path, fmt: str = "jsonl", kind: str = "multiple_choice") -> list
     return ["eval=local_quick", f"eval.benchmarks=[{{name: b, kind: {kind}, format: {fmt}, path: '{path}'}}]"]
 
 
-# (row label as in the README, overrides builder (tmp_path -> overrides), expected message fragment)
+# A Qwen2.5-VL config.json, as far as planning reads it.
+VLM_CONFIG = (
+    '{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vision_config": {}}'
+)
+
+# (row label as in docs/refusals.md, overrides builder (tmp_path -> overrides), expected message fragment)
 CASES = [
     ("model.name with a path in it (`../../x`)", lambda d: ["model.name=../../../../tmp/escaped"], "names a folder"),
     ("recipe.name with a `/`", lambda d: ["recipe.name=a/b"], "names a folder"),
@@ -73,6 +78,11 @@ CASES = [
         "never written to",
     ),
     ("model.path that does not exist", lambda d: [f"model.path={d / 'nope'}"], "no such folder"),
+    (
+        "model.path of a vision-language model (a `vision_config` in config.json)",
+        lambda d: [f"model.path={model_folder(d, VLM_CONFIG)}"],
+        "is a vision-language model (Qwen2_5_VLForConditionalGeneration",
+    ),
     (
         "model.path with a corrupt config.json",
         lambda d: [f"model.path={model_folder(d, '{oops')}"],
