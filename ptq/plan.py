@@ -942,7 +942,9 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)
             if isinstance(config.get("vision_config"), dict):
-                facts.local_vision_language = ", ".join(config.get("architectures") or []) or str(config.get("model_type"))
+                facts.local_vision_language = ", ".join(config.get("architectures") or []) or str(
+                    config.get("model_type")
+                )
             facts.local_tokenizer_files = tokenizer_files(folder)
             facts.local_params = safetensors_params(folder)
             shape = model_shape(config)

@@ -23,7 +23,7 @@ from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
-from ptq.record_parts import StageTimer, config_hash, hardware_info, now, package_versions, read_record
+from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig
 from ptq.tracking import check_tracking, track
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
@@ -160,6 +160,7 @@ def write_run_files(plan: Plan, config: dict, overrides: Sequence[str]) -> None:
 def _summary(plan: Plan, config: dict) -> dict:
     cfg = plan.cfg
     return {
+        "record_version": RECORD_VERSION,
         "status": "running",
         "model": cfg.model.name,
         "recipe": cfg.recipe.name,
@@ -281,6 +282,7 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
     if not record:
         model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
         record = {
+            "record_version": RECORD_VERSION,
             "model": model.get("name"),
             "recipe": recipe.get("name"),
             "kv_cache": recipe.get("kv_cache"),

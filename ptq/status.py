@@ -19,7 +19,7 @@ from typing import Dict, List
 from ptq.files import read_json
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
-from ptq.record_parts import read_record
+from ptq.record_parts import read_record, record_version_problem
 from ptq.sweep import point_state, summarize, varying_overrides
 
 
@@ -82,6 +82,9 @@ def sweep_status(sweep_dir: Path) -> List[dict]:
         state, detail = point_state(
             p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""), p.get("job_id"), alive
         )
+        unreadable = record_version_problem(record) if isinstance(record, dict) else None
+        if unreadable:
+            state, detail = "unreadable", unreadable
         rows.append(
             {
                 "index": p["index"],

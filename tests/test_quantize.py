@@ -13,6 +13,7 @@ import torch
 from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_overrides
 
 from ptq.errors import ConfigError
+from ptq.record_parts import RECORD_VERSION
 from ptq.run import run
 
 pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
@@ -67,6 +68,7 @@ def check_export(record: dict, recipe: str, layer: str, out_features: int, in_fe
     assert record["size"]["checkpoint_bytes"] < record["size"]["bf16_bytes"]
     assert set(record["timings_s"]) >= {"load", "calibrate", "export", "validate"}
     assert record["versions"]["nvidia-modelopt"] == "0.47.0"
+    assert record["record_version"] == RECORD_VERSION
 
 
 @pytest.mark.parametrize("recipe", CPU_RECIPES)

@@ -1323,3 +1323,18 @@ def test_each_variant_links_the_recipe_file_written_beside_its_checkpoint():
     files = dict(zip(report.summary["variant"], report.summary["recipe_file"]))
     assert files == {"fp8@512": "/runs/m/fp8/checkpoint/modelopt_recipe.yaml", "int8_sq@512": "", BF16: ""}
     assert "[modelopt_recipe.yaml](/runs/m/fp8/checkpoint/modelopt_recipe.yaml)" in render_markdown(report)
+
+
+def test_records_carry_a_version_and_one_from_a_newer_launcher_is_skipped_naming_it():
+    from ptq.record_parts import RECORD_VERSION
+
+    older = make_record("m", "fp8", fidelity=fidelity(21.0, 0.03, 0.9))  # no record_version: version 1, read
+    newer = make_record("m", "nvfp4", fidelity=fidelity(24.0, 0.3, 0.7))
+    newer["record_version"] = RECORD_VERSION + 1
+    odd = make_record("m", "int8_sq")
+    odd["record_version"] = "two"
+    report = build_report([older, newer, odd], ["old.json", "new.json", "odd.json"])
+    assert list(report.summary["variant"]) == ["bf16", "fp8@512"]
+    reasons = dict(zip(report.skipped["source"], report.skipped["reason"]))
+    assert reasons["new.json"].startswith(f"written by a newer ptq-launcher (record_version {RECORD_VERSION + 1}; ")
+    assert "record_version='two'" in reasons["odd.json"]

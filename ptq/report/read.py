@@ -15,6 +15,7 @@ from ptq.evaluation import subject_name
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
 from ptq.recipe_files import WRITTEN_NAME
+from ptq.record_parts import record_version_problem
 from ptq.report.common import (
     BF16,
     DEFAULT_BACKEND,
@@ -35,6 +36,9 @@ def record_problem(obj) -> Optional[str]:
     """Why `obj` cannot be used as a run record, or None when it can."""
     if not isinstance(obj, dict):
         return f"not a run record: top-level JSON is {type(obj).__name__}, not an object"
+    version = record_version_problem(obj)
+    if version:
+        return version
     for key in ("model", "recipe"):
         if key not in obj:
             return f"not a run record: missing '{key}'"
