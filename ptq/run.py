@@ -24,7 +24,7 @@ from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
 from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
-from ptq.schema import RunConfig
+from ptq.schema import RunConfig, eval_tag
 from ptq.tracking import check_tracking, track
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
 
@@ -163,6 +163,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "record_version": RECORD_VERSION,
         "status": "running",
         "model": cfg.model.name,
+        # The evaluation settings' tag ('' with evaluation off), as the output folder's name ends with it.
+        "eval_tag": eval_tag(config.get("eval") or {}).lstrip("-"),
         "recipe": cfg.recipe.name,
         # The calibration choice when it is not the recipe's own (ptq/formats.py algorithm_tag), else None.
         "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args), cfg.recipe.awq_block_size)

@@ -254,6 +254,9 @@ def test_two_recipes_and_bf16_end_to_end_into_the_table(smollm2_dir, tmp_path, l
         ("text", "word_perplexity"),
     }
     assert fp8["limits"] == {"arc": 4, "text": 2}  # each benchmark's limit, stated in the record
+    # The record names its evaluation settings' tag, the one its output folder ends with.
+    tag = records["fp8"]["eval_tag"]
+    assert tag.startswith("eval_test_suite_") and records["fp8"]["output_dir"].endswith("-" + tag)
     # Accuracies keep their per-item scores (perplexities only where their aggregate is the items' mean).
     kept = {(r["benchmark"], r["metric"]) for r in fp8["results"] if "items" in r}
     assert {("arc", "acc"), ("arc", "acc_norm")} <= kept

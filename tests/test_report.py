@@ -1338,3 +1338,14 @@ def test_records_carry_a_version_and_one_from_a_newer_launcher_is_skipped_naming
     reasons = dict(zip(report.skipped["source"], report.skipped["reason"]))
     assert reasons["new.json"].startswith(f"written by a newer ptq-launcher (record_version {RECORD_VERSION + 1}; ")
     assert "record_version='two'" in reasons["odd.json"]
+
+
+def test_the_eval_tag_is_the_records_own_and_read_off_the_folder_only_for_older_records():
+    from ptq.report.read import record_eval_tag
+
+    record = make_record("m", "fp8", output_dir="runs/m/fp8-kv_none-calib512x512-eval_quick_aaaaaa")
+    assert record_eval_tag(record) == "eval_quick_aaaaaa"  # an older record: from the folder's name
+    record["eval_tag"] = "eval_quick_bbbbbb"
+    assert record_eval_tag(record) == "eval_quick_bbbbbb"
+    record["eval_tag"] = ""  # evaluation off, whatever the folder is called
+    assert record_eval_tag(record) == ""

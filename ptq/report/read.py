@@ -138,8 +138,12 @@ EVAL_TAG = re.compile(r"-(eval_[A-Za-z0-9_.]+_[0-9a-f]{6})$")
 
 
 def record_eval_tag(record: dict) -> str:
-    """The evaluation settings' tag of the record's output folder (`eval_<suite>_<hash>`, conf/config.yaml), or ''
-    (evaluation off, or a folder named before evaluation settings named folders)."""
+    """The evaluation settings' tag (`eval_<suite>_<hash>`, conf/config.yaml), or '' (evaluation off): the record's
+    own `eval_tag` (record_version 2), else read off its output folder's name (older records; '' for a folder
+    named before evaluation settings named folders)."""
+    own = record.get("eval_tag")
+    if isinstance(own, str):
+        return own
     folder = record.get("output_dir")
     match = EVAL_TAG.search(Path(folder).name) if isinstance(folder, str) and folder else None
     return match.group(1) if match else ""
