@@ -46,13 +46,16 @@ def main(cfg: DictConfig):
 
 
 def recipe_file_shortcut(argv):
-    """`recipe=<file.yaml>` (a ModelOpt recipe file, e.g. the modelopt_recipe.yaml written beside a checkpoint) means
-    `recipe=modelopt recipe.modelopt_recipe=<file>`; every other argument is left as it is."""
+    """`recipe=<file.yaml>` (a ModelOpt recipe file, e.g. the modelopt_recipe.yaml written beside a checkpoint, or a
+    recipe of ModelOpt's library by its path there) means `recipe=modelopt recipe.modelopt_recipe=<file>`; a file
+    that exists here is passed by its absolute path, anything else as given; other arguments are left as they are."""
     out = []
     for arg in argv:
         key, _, value = arg.partition("=")
         if key == "recipe" and value.endswith((".yaml", ".yml")) and "," not in value:
-            out += ["recipe=modelopt", f"recipe.modelopt_recipe={os.path.abspath(os.path.expanduser(value))}"]
+            local = os.path.expanduser(value)
+            named = os.path.abspath(local) if os.path.isfile(local) else value
+            out += ["recipe=modelopt", f"recipe.modelopt_recipe={named}"]
         else:
             out.append(arg)
     return out

@@ -739,7 +739,6 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     check_algorithm(cfg)
     _calibration_warning(cfg, warnings)
     recipe = cfg.recipe
-    check_recipe_file(cfg)
     quantize = recipe.modelopt_cfg is not None or bool(recipe.modelopt_recipe) or bool(recipe.candidates)
     if not quantize and recipe.kv_cache != "none":
         raise ConfigError(
@@ -748,6 +747,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         )
     awq_block = _awq_block(cfg, facts, int4_candidates)
     _check_backend(cfg, warnings)
+    check_recipe_file(cfg)
     check_recover(cfg, quantize)
 
     _check_names(cfg)

@@ -110,9 +110,10 @@ def check(ref: str) -> Path:
 
 
 def recipe_name(ref: Optional[str]) -> str:
-    """The recipe's name in output folders and tables: a shipped recipe's file name (`fp8_default-kv_fp8`); a user's
-    file's name and the start of its content's hash (`modelopt_recipe-3fa2c1`), so two files of one name, or one
-    file edited, never share an output folder."""
+    """The recipe's name in output folders and tables: a shipped recipe's path in the library with dots for
+    slashes (`general.ptq.fp8_default-kv_fp8`: file names repeat across the library's folders, and `fp8` is also
+    one of this launcher's recipes); a user's file's name and the start of its content's hash
+    (`modelopt_recipe-3fa2c1`), so two files of one name, or one file edited, never share an output folder."""
     if not ref:
         return "modelopt"
     try:
@@ -122,8 +123,28 @@ def recipe_name(ref: Optional[str]) -> str:
     stem = re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem)
     library = builtin_library()
     if library is not None and library in path.parents:
-        return stem
+        return ".".join(
+            re.sub(r"[^A-Za-z0-9._-]+", "_", part) for part in path.relative_to(library).with_suffix("").parts
+        )
     return f"{stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:6]}"
+
+
+def kv_cache_of(quant_cfg: dict) -> str:
+    """The KV-cache format (recipe.kv_cache's names: none, fp8, nvfp4) the entries of an applied configuration give
+    the KV cache: the last enabled `*_bmm_quantizer` entry wins, as in ModelOpt's ordered list."""
+    found = "none"
+    for entry in quant_cfg.get("quant_cfg") or []:
+        if "bmm_quantizer" not in str(entry.get("quantizer_name", "")):
+            continue
+        cfg = entry.get("cfg")
+        cfg = cfg[0] if isinstance(cfg, list) and cfg else cfg
+        if entry.get("enable") is False or not isinstance(cfg, dict) or cfg.get("enable") is False:
+            found = "none"
+            continue
+        bits = cfg.get("num_bits")
+        bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
+        found = {(4, 3): "fp8", (2, 1): "nvfp4"}.get(bits, str(bits))
+    return found
 
 
 def _plain(value: Any) -> Any:

@@ -139,7 +139,7 @@ def _check_block_scale_search(recipe: RecipeConfig, cfg: Dict) -> None:
     if dynamic:
         raise ConfigError(
             f"recipe={recipe.name} with {algorithm_tag(recipe.algorithm, dict(recipe.algorithm_args))}: "
-            f"{recipe.modelopt_cfg} computes its NVFP4 weight block scales at run time, so a search of stored block "
+            f"{recipe.modelopt_cfg or recipe.modelopt_recipe} computes its NVFP4 weight block scales at run time, so a search of stored block "
             "scales has nothing to set. Use recipe=nvfp4_mse or recipe=nvfp4_local_hessian (static weight block "
             "scales, ModelOpt's own configs for these searches)."
         )
@@ -168,7 +168,7 @@ def algorithm_config(recipe: RecipeConfig, own) -> Dict:
     method = recipe.algorithm or own.get("method")
     if method is None:
         raise ConfigError(
-            f"recipe.algorithm_args={args}: {recipe.modelopt_cfg} calibrates nothing (its scales are "
+            f"recipe.algorithm_args={args}: {recipe.modelopt_cfg or recipe.modelopt_recipe} calibrates nothing (its scales are "
             "computed at run time); set recipe.algorithm too, or remove the arguments."
         )
     merged = {**own, **args} if method == own.get("method") else {"method": method, **args}
@@ -193,9 +193,13 @@ def algorithm_config(recipe: RecipeConfig, own) -> Dict:
     return merged
 
 
+# The formats a recipe file may compute in: those the hardware options calibrate and the validation checks.
+CHECKED_FORMATS = ("fp8", "int8", "int4", "nvfp4", "mxfp8")
+
+
 def formats_of(quant_cfg: Dict) -> List[str]:
-    """The number formats the enabled quantizers of a ModelOpt config compute in (ptq/formats.py's names: fp8,
-    nvfp4, mxfp8, mxfp4, int8, int4), to check against what the hardware can calibrate."""
+    """The number formats the enabled quantizers of a ModelOpt config compute in (fp8, nvfp4, mxfp8, int8, int4,
+    and for others mxfp4, mxint8 or `num_bits=<bits>`), to check against what the hardware can calibrate."""
     found = []
     for entry in quant_cfg["quant_cfg"]:
         cfgs = entry.get("cfg")
@@ -214,10 +218,10 @@ def formats_of(quant_cfg: Dict) -> List[str]:
                 (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
                 8: "int8",
                 4: "int4",
-            }.get(bits)
-            if name == "fp8" and scale == (8, 0):
-                name = "mxfp8"
-            if name and name not in found:
+            }.get(bits, f"num_bits={bits}")
+            if scale == (8, 0) and name in ("fp8", "int8"):  # a shared power-of-two scale per 32 values
+                name = {"fp8": "mxfp8", "int8": "mxint8"}[name]
+            if name not in found:
                 found.append(name)
     return found
 

@@ -13,6 +13,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from ptq import recipe_files
 from ptq.backend_spec import spec_of
 from ptq.backends import check_before_run, describe_steps, get_backend
 from ptq.cluster import process_rank
@@ -202,12 +203,17 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
     timer = StageTimer()
     try:
         result = get_backend(plan.cfg.backend.name).run(plan, partial, timer)
+        kv_cache = plan.cfg.recipe.kv_cache
+        applied = (result.details or {}).get("applied_recipe")
+        if plan.cfg.recipe.modelopt_recipe and applied:
+            # A recipe file sets the KV cache itself (recipe.kv_cache must stay none): what it applied is expected.
+            kv_cache = record["kv_cache"] = recipe_files.kv_cache_of(applied["quantize"])
         with timer.stage("validate"):
             validation = validate_checkpoint(
                 partial,
                 expect_quantized=result.quantized_layers,
                 expect_quant_algo=plan.export_quant_algo,
-                expect_kv_cache=plan.cfg.recipe.kv_cache,
+                expect_kv_cache=kv_cache,
                 unexpected_bf16=result.unexpected_bf16,
                 layer_kind_promises=dict(plan.cfg.recipe.layer_kinds),
             )

@@ -21,8 +21,12 @@ def test_a_shipped_recipe_is_found_by_its_library_path_and_named_by_its_file():
     assert recipe_files.resolve(SHIPPED_FP8 + ".yaml") == path
     assert SHIPPED_FP8 in recipe_files.shipped_recipes()
     cfg, resolved = compose_run(["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}"])
-    assert cfg.recipe.name == "fp8_default-kv_fp8"
-    assert "/fp8_default-kv_fp8-kv_none-" in resolved["output_dir"]
+    # Named by its path in the library: file names repeat across its folders (and huggingface/vit/ptq/fp8 would
+    # otherwise be called fp8, like this launcher's own recipe).
+    assert cfg.recipe.name == "general.ptq.fp8_default-kv_fp8"
+    assert "/general.ptq.fp8_default-kv_fp8-kv_none-" in resolved["output_dir"]
+    names = [recipe_files.recipe_name(n) for n in recipe_files.shipped_recipes()]
+    assert len(set(names)) == len(names)
 
 
 def test_a_users_file_is_named_by_its_name_and_content_so_an_edit_gets_its_own_folder(tmp_path):
@@ -47,9 +51,24 @@ def test_a_users_file_is_named_by_its_name_and_content_so_an_edit_gets_its_own_f
             ["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "recipe.modelopt_cfg=FP8_DEFAULT_CFG"],
             "sets both recipe.modelopt_cfg=FP8_DEFAULT_CFG and recipe.modelopt_recipe",
         ),
-        (
+        (  # the backend's own refusal comes first: no Megatron-Bridge name for the recipe
             ["recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}", "backend=megatron_bridge", "hardware=h100"],
+            "has no Megatron-Bridge --export-quant-cfg name",
+        ),
+        (  # and with one set by hand, the recipe file itself is refused there
+            [
+                "recipe=modelopt",
+                f"recipe.modelopt_recipe={SHIPPED_FP8}",
+                "recipe.megatron_cfg=fp8",
+                "backend=megatron_bridge",
+                "hardware=h100",
+                "calib.dataset=/data/calib.txt",
+            ],
             "Megatron-Bridge's quantize step takes its own format names",
+        ),
+        (
+            ["recipe=w4a16_nvfp4", "backend=megatron_bridge", "hardware=h100"],
+            "has no Megatron-Bridge --export-quant-cfg name",
         ),
     ],
 )
@@ -76,6 +95,11 @@ def test_recipe_equals_a_file_is_the_shortcut_for_recipe_modelopt(tmp_path):
         "calib.size=8",
     ]
     assert recipe_file_shortcut(["recipe=fp8", "recipe.kv_cache=fp8"]) == ["recipe=fp8", "recipe.kv_cache=fp8"]
+    file.write_text("metadata: {recipe_type: ptq}\n")  # a file that exists here: by its absolute path
+    assert recipe_file_shortcut([f"recipe={file}"])[1] == f"recipe.modelopt_recipe={file.resolve()}"
+    # A path in ModelOpt's library, suffix and all, is passed as given (resolve() finds it there).
+    shipped = "general/ptq/fp8_default-kv_fp8.yaml"
+    assert recipe_file_shortcut([f"recipe={shipped}"]) == ["recipe=modelopt", f"recipe.modelopt_recipe={shipped}"]
 
 
 def test_modelopt_loads_a_shipped_recipe_and_the_launcher_checks_its_formats_and_kv_cache():
@@ -151,3 +175,41 @@ def test_shipped_recipe_units_are_not_offered_as_recipes():
     names = recipe_files.shipped_recipes()
     assert names and all("disabled_quantizers" not in n and not n.endswith(".quant_cfg") for n in names)
     assert all(recipe_files.recipe_type(recipe_files.resolve(n)) == "ptq" for n in names)
+
+
+def test_the_kv_cache_a_recipe_file_applies_is_read_from_its_entries():
+    from ptq.recipes import load_recipe_file
+
+    assert recipe_files.kv_cache_of(load_recipe_file(SHIPPED_FP8)) == "fp8"
+    assert recipe_files.kv_cache_of(load_recipe_file("general/ptq/nvfp4_default-kv_nvfp4_cast")) == "nvfp4"
+    assert recipe_files.kv_cache_of(load_recipe_file("general/ptq/int4_blockwise_weight_only")) == "none"
+    later_off = {
+        "quant_cfg": [
+            {"quantizer_name": "*[kv]_bmm_quantizer", "cfg": {"num_bits": (4, 3)}},
+            {"quantizer_name": "*[kv]_bmm_quantizer", "enable": False},
+        ]
+    }
+    assert recipe_files.kv_cache_of(later_off) == "none"  # the last entry wins, as in ModelOpt's list
+
+
+def test_a_recipe_file_in_a_format_the_launcher_does_not_check_is_refused_before_loading():
+    from ptq.backends import check_before_run
+    from ptq.recipes import formats_of
+
+    mx_int8 = {"num_bits": 8, "block_sizes": {-1: 32, "type": "dynamic", "scale_bits": (8, 0)}}
+    assert formats_of({"quant_cfg": [{"quantizer_name": "*", "cfg": mx_int8}]}) == ["mxint8"]
+    assert formats_of({"quant_cfg": [{"quantizer_name": "*", "cfg": {"num_bits": (3, 2)}}]}) == ["num_bits=(3, 2)"]
+    mxfp4 = ["recipe=modelopt", "recipe.modelopt_recipe=general/ptq/mxfp4_mlp_weight_only", "hardware=h100"]
+    with pytest.raises(ConfigError, match="computes in mxfp4, which this launcher does not calibrate and validate"):
+        check_before_run(plan_for(mxfp4, GPU_FACTS))
+
+
+@pytest.mark.slow
+def test_a_shipped_recipe_that_quantizes_the_kv_cache_runs_and_validates_its_kv_format(smollm2_dir, tmp_path):
+    from ptq.run import run
+
+    overrides = small_run_overrides(tmp_path, "recipe=modelopt", f"recipe.modelopt_recipe={SHIPPED_FP8}")
+    record = run(*compose_run(overrides))
+    assert record["status"] == "finished", record.get("error")
+    assert record["kv_cache"] == "fp8" and record["validation"]["kv_cache_quant_algo"] == "FP8"
+    assert record["validation"]["quant_algo"] == "FP8"

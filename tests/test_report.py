@@ -1294,7 +1294,7 @@ def test_a_ptq_gap_within_noise_has_no_share_to_close_and_a_lone_trained_point_s
     own = trained(make_record("m", "int4_awq", fidelity=fid_with_interval(1.1, 0.01, 0.1, 0.01)))
     own["recovery"] = {"ptq_fidelity": fid_with_interval(1.2, 0.01, 0.2, 0.01)}
     row = build_report([own]).training.iloc[0]
-    assert row["ptq_variant"] == "(same run, before training)"
+    assert row["ptq_variant"] == "int4_awq@512 (same run, before training)"
     assert row["kl_gap_closed"] == pytest.approx(0.5) and row["ppl_gap_closed"] == pytest.approx(0.5)
 
 
@@ -1312,6 +1312,12 @@ def test_benchmark_losses_closed_by_training_count_only_rows_where_ptq_lost_beyo
     # arc lost 0.10 (beyond noise) and got 0.06 back; hs lost 0.005, within noise, so it is not counted.
     assert row["benchmarks_closed"] == 1
     assert row["benchmark_gap_closed"] == pytest.approx(0.6)
+    # A benchmark PTQ gained on beyond noise has no gap to close: not counted either.
+    gained = make_record(
+        "m", "nvfp4", results=scores(arc__acc=0.50, hs__acc=0.60), fidelity=fid_with_interval(1.5, 0.02, 0.3, 0.01)
+    )
+    row = build_report([base, gained, after]).training.iloc[0]
+    assert row["benchmarks_closed"] == 1 and row["benchmark_gap_closed"] == pytest.approx(0.6)
 
 
 def test_each_variant_links_the_recipe_file_written_beside_its_checkpoint():

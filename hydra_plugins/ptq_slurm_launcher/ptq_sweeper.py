@@ -3,6 +3,7 @@ composition per distinct set of config-group choices (composing.py) instead of o
 when the launcher checks every point itself. Selected in conf/config.yaml (`override hydra/sweeper: ptq`)."""
 
 # No `from __future__ import annotations`: see ptq_slurm_launcher.py.
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,27 +31,27 @@ ConfigStore.instance().store(group="hydra/sweeper", name="ptq", node=PtqSweeperC
 
 class PtqSweeper(BasicSweeper):
     def get_job_batch(self) -> Sequence[Sequence[str]]:
-        """The next batch, without points that would write into the folder of an earlier point: the same checkpoint
-        asked for twice, as when `recover=none,qad recover.steps=10,20` gives recover=none once per step count
-        (settings of a stage that does not run do not name folders). The Slurm launcher refuses such points with
-        a record of their own instead."""
+        """The next batch, without points that are an earlier point again: the same resolved config once the
+        settings of a stage that does not run are set aside, as when `recover=none,qad recover.steps=10,20` gives
+        recover=none once per step count. Points that share a folder but differ in anything else are launched and
+        refused by planning, visibly; the Slurm launcher refuses such points with a record of their own."""
         batch = super().get_job_batch()
         if getattr(self.launcher, "checks_each_point", False):
             return batch
-        seen = getattr(self, "_folders", {})
-        self._folders = seen
+        seen = getattr(self, "_seen", {})
+        self._seen = seen
         kept = []
         for overrides, cfg in zip(batch, compose_all(self.hydra_context.config_loader, self.config, batch)):
-            folder = str(cfg.output_dir)
-            if folder in seen:
+            key = _identity(cfg)
+            if key in seen:
                 log.info(
-                    "Not launching %s: it is the point %s again (same output folder %s)",
+                    "Not launching %s: it is the point %s again (the same run; %s)",
                     " ".join(overrides),
-                    " ".join(seen[folder]),
-                    folder,
+                    " ".join(seen[key]),
+                    cfg.output_dir,
                 )
                 continue
-            seen[folder] = list(overrides)
+            seen[key] = list(overrides)
             kept.append(overrides)
         return kept
 
@@ -89,6 +90,16 @@ class PtqSweeper(BasicSweeper):
         finally:
             if not getattr(self.launcher, "checks_each_point", False):
                 _remove_empty_folders(Path(str(self.config.hydra.sweep.dir)), bool(self.config.dry_run))
+
+
+def _identity(cfg) -> str:
+    """What makes a point the run it is: its resolved config, without the settings of a recovery that does not
+    run (recover=none ignores recover.steps, recover.lr, ...)."""
+    config = OmegaConf.to_container(cfg, resolve=True)
+    recover = config.get("recover") or {}
+    if recover.get("method") in (None, "none"):
+        config["recover"] = {"method": "none"}
+    return json.dumps(config, sort_keys=True, default=str)
 
 
 def _remove_empty_folders(sweep_dir: Path, dry_run: bool) -> None:

@@ -41,7 +41,15 @@ def check_before_run(plan) -> None:
     recipes = importlib.import_module("ptq.recipes")
     quant_cfg = recipes.build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
     if cfg.recipe.modelopt_recipe:  # a recipe file's formats are known only now, from its loaded entries
-        cannot = [f for f in recipes.formats_of(quant_cfg) if f not in cfg.hardware.calibrate]
+        formats = recipes.formats_of(quant_cfg)
+        unknown = [f for f in formats if f not in recipes.CHECKED_FORMATS]
+        if unknown:
+            raise ConfigError(
+                f"recipe.modelopt_recipe={cfg.recipe.modelopt_recipe} computes in {', '.join(unknown)}, which this launcher "
+                f"does not calibrate and validate (it handles {', '.join(recipes.CHECKED_FORMATS)}; ModelOpt 0.47 exports "
+                "MXFP4 as quant_algo mxfp4, which no serving engine's ModelOpt loader reads); pick another recipe file."
+            )
+        cannot = [f for f in formats if f not in cfg.hardware.calibrate]
         if cannot:
             raise ConfigError(
                 f"recipe.modelopt_recipe={cfg.recipe.modelopt_recipe} computes in {', '.join(cannot)}, which "

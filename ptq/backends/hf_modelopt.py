@@ -8,7 +8,6 @@ import logging
 import sys
 import threading
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import List, Optional
 
@@ -218,6 +217,12 @@ def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) ->
     return fixed
 
 
+def modelopt_version() -> str:
+    import modelopt
+
+    return str(getattr(modelopt, "__version__", "unknown"))
+
+
 class HFModelOptBackend:
     name = "hf_modelopt"
 
@@ -298,10 +303,15 @@ class HFModelOptBackend:
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:
             # What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
+            untrained = (
+                f", before {cfg.recover.method.upper()} training (the file makes the PTQ checkpoint)"
+                if recovery
+                else ""
+            )
             applied = recipe_files.applied_recipe(
                 quant_cfg,
                 f"{cfg.recipe.name} as applied to {cfg.model.name} by "
-                f"ptq-launcher (nvidia-modelopt {metadata.version('nvidia-modelopt')})",
+                f"ptq-launcher (nvidia-modelopt {modelopt_version()}){untrained}",
             )
             recipe_files.write_applied(export_dir, applied)
             details["applied_recipe"] = applied

@@ -89,9 +89,12 @@ def _benchmark_rows(scores: pd.DataFrame, model: str, variant: str) -> dict:
         & (scores["benchmark"] != "")
     ]
     return {
-        (b, m, f): (d, e)
-        for b, m, f, d, e in zip(
-            *(rows[c].tolist() for c in ("benchmark", "metric", "fingerprint", "delta", "delta_error"))
+        (b, m, f): (d, e, h)
+        for b, m, f, d, e, h in zip(
+            *(
+                rows[c].tolist()
+                for c in ("benchmark", "metric", "fingerprint", "delta", "delta_error", "higher_is_better")
+            )
         )
     }
 
@@ -100,10 +103,11 @@ def _benchmarks(scores: pd.DataFrame, model: str, ptq_variant: str, variant: str
     """(median share of the PTQ loss closed over the benchmark rows where PTQ lost beyond noise, that count)."""
     before, after = _benchmark_rows(scores, model, ptq_variant), _benchmark_rows(scores, model, variant)
     shares = []
-    for key, (delta0, error0) in before.items():
-        if key not in after:
+    for key, (delta0, error0, higher) in before.items():
+        lost = delta0 < 0 if higher is not False else delta0 > 0
+        if key not in after or not lost:  # a benchmark PTQ did not lose on has no gap to close
             continue
-        delta, error = after[key]
+        delta, error, _ = after[key]
         share, _ = gap_closed(delta0, error0, delta, error, 0.0)
         if not math.isnan(share):
             shares.append(share)
@@ -156,7 +160,7 @@ def training_table(kept: pd.DataFrame, scores: pd.DataFrame) -> pd.DataFrame:
         if ptq is None and not math.isnan(point.own_ptq_mean_kl):
             # No PTQ point of its own in the records: the run's fidelity before training, on the same tokens.
             ptq = _OwnPtq(
-                variant=SAME_RUN,
+                variant=f"{point.ptq_base} {SAME_RUN}",
                 mean_kl=point.own_ptq_mean_kl,
                 mean_kl_stderr=point.own_ptq_mean_kl_stderr,
                 perplexity_ratio=point.own_ptq_perplexity_ratio,
