@@ -129,6 +129,26 @@ def recipe_name(ref: Optional[str]) -> str:
     return f"{stem}-{hashlib.sha256(path.read_bytes()).hexdigest()[:6]}"
 
 
+def format_name(cfg: dict) -> str:
+    """The number format one quantizer's settings compute in: fp8, nvfp4, mxfp8, int8, int4, and for others mxfp4,
+    mxint8 or `num_bits=<bits>` (ModelOpt's num_bits: (4, 3) E4M3, (2, 1) E2M1; block scale_bits (8, 0): a shared
+    power-of-two scale per block, the MX formats)."""
+    bits, blocks = cfg.get("num_bits"), cfg.get("block_sizes") or {}
+    bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
+    scale = blocks.get("scale_bits")
+    scale = tuple(scale) if isinstance(scale, (list, tuple)) else scale
+    name = {
+        (4, 3): "fp8",
+        (5, 2): "fp8",
+        (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
+        8: "int8",
+        4: "int4",
+    }.get(bits, f"num_bits={bits}")
+    if scale == (8, 0) and name in ("fp8", "int8"):
+        name = {"fp8": "mxfp8", "int8": "mxint8"}[name]
+    return name
+
+
 def kv_cache_of(quant_cfg: dict) -> str:
     """The KV-cache format (recipe.kv_cache's names: none, fp8, nvfp4) the entries of an applied configuration give
     the KV cache: the last enabled `*_bmm_quantizer` entry wins, as in ModelOpt's ordered list."""
@@ -141,9 +161,7 @@ def kv_cache_of(quant_cfg: dict) -> str:
         if entry.get("enable") is False or not isinstance(cfg, dict) or cfg.get("enable") is False:
             found = "none"
             continue
-        bits = cfg.get("num_bits")
-        bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
-        found = {(4, 3): "fp8", (2, 1): "nvfp4"}.get(bits, str(bits))
+        found = format_name(cfg)
     return found
 
 

@@ -198,8 +198,8 @@ CHECKED_FORMATS = ("fp8", "int8", "int4", "nvfp4", "mxfp8")
 
 
 def formats_of(quant_cfg: Dict) -> List[str]:
-    """The number formats the enabled quantizers of a ModelOpt config compute in (fp8, nvfp4, mxfp8, int8, int4,
-    and for others mxfp4, mxint8 or `num_bits=<bits>`), to check against what the hardware can calibrate."""
+    """The number formats the enabled quantizers of a ModelOpt config compute in (recipe_files.format_name), to
+    check against what the hardware can calibrate."""
     found = []
     for entry in quant_cfg["quant_cfg"]:
         cfgs = entry.get("cfg")
@@ -208,19 +208,7 @@ def formats_of(quant_cfg: Dict) -> List[str]:
         for cfg in cfgs if isinstance(cfgs, list) else [cfgs]:
             if not isinstance(cfg, dict) or cfg.get("enable") is False:
                 continue
-            bits, blocks = cfg.get("num_bits"), cfg.get("block_sizes") or {}
-            bits = tuple(bits) if isinstance(bits, (list, tuple)) else bits
-            scale = blocks.get("scale_bits")
-            scale = tuple(scale) if isinstance(scale, (list, tuple)) else scale
-            name = {
-                (4, 3): "fp8",
-                (5, 2): "fp8",
-                (2, 1): "nvfp4" if scale in (None, (4, 3)) else "mxfp4",
-                8: "int8",
-                4: "int4",
-            }.get(bits, f"num_bits={bits}")
-            if scale == (8, 0) and name in ("fp8", "int8"):  # a shared power-of-two scale per 32 values
-                name = {"fp8": "mxfp8", "int8": "mxint8"}[name]
+            name = recipe_files.format_name(cfg)
             if name not in found:
                 found.append(name)
     return found

@@ -24,13 +24,18 @@ LABEL_RINGS = (4, 14, 26, 40, 56, 74)
 LABEL_DIRECTIONS = ((1, 1), (1, -1), (-1, 1), (-1, -1), (0, 1), (0, -1), (1, 0), (-1, 0))
 
 
-def _figure(height: float = 4.4):
+def _canvas(width: float = 6.8, height: float = 4.4):
     # The Agg canvas directly, so importing this module never changes the caller's pyplot backend.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(6.8, height), dpi=110)
+    figure = Figure(figsize=(width, height), dpi=110)
     FigureCanvasAgg(figure)
+    return figure
+
+
+def _figure(height: float = 4.4):
+    figure = _canvas(height=height)
     return figure, figure.add_subplot()
 
 
@@ -338,11 +343,7 @@ def training_figure(training: pd.DataFrame, model: str):
     rows = rows[rows["mean_kl"].notna() | rows["perplexity_ratio"].notna()]
     if rows.empty:
         return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(11, 4.4), dpi=110)
-    FigureCanvasAgg(figure)
+    figure = _canvas(width=11)
     kl_axes, ppl_axes = figure.add_subplot(1, 2, 1), figure.add_subplot(1, 2, 2)
     for (ptq, method, lr), group in rows.groupby(["ptq_variant", "method", "lr"], sort=True, dropna=False):
         group = group.sort_values("steps")
