@@ -260,5 +260,5 @@ def test_a_packed_job_starts_no_point_after_its_end_signal(local_slurm, tiny_lla
     assert runs["fp8-kv_none-calib8x64"]["status"] == "finished"
     last = runs["int8_sq-kv_none-calib8x64"]
     assert last["status"] == "failed" and last["error"].startswith("not started: the packed Slurm job received SIGUSR2")
-    # Ended by the signal: inside its run (the run records the failure), or while Hydra set it up (not started).
+    # Ended by the signal: inside its run (the run records the failure), or before its run wrote a record (not started).
     assert runs["int4_awq-kv_none-calib8x64"]["status"] == "failed"

@@ -32,6 +32,7 @@ from omegaconf import OmegaConf
 from hydra_plugins.ptq_slurm_launcher.composing import composer_for
 from ptq.backends import describe_steps
 from ptq.layout import MANIFEST_NAME
+from ptq.record_parts import read_record
 from ptq.run import record_failure
 from ptq.sweep import (
     REFUSED,
@@ -239,20 +240,31 @@ class PtqSlurmLauncher(SlurmLauncher):
                     returns.append(self._not_started(list(overrides), signal.Signals(stopping[0]).name))
                     continue
                 try:
-                    returns.append(
-                        self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state)
-                    )
+                    result = self(list(overrides), "hydra.sweep.dir", index, f"job_id_for_{index}", singleton_state)
                 except Exception:
                     if not stopping:
                         raise
-                    # The signal's exception came while Hydra was still setting the point up, outside the run
-                    # that would have recorded it: the point did not get to run.
-                    returns.append(
-                        self._not_started(list(overrides), signal.Signals(stopping[0]).name, interrupted=True)
-                    )
+                    result = None  # the signal's exception came while Hydra was still setting the point up
+                if stopping and (result is None or not self._recorded(list(overrides))):
+                    # The signal ended the point before its run wrote a record (while Hydra, or the run's checks
+                    # ahead of its first write, set it up): the point did not get to run.
+                    result = self._not_started(list(overrides), signal.Signals(stopping[0]).name, interrupted=True)
+                returns.append(result)
         finally:
             signal.signal(signum, previous)
         return returns
+
+    def _point_config(self, overrides: List[str]) -> dict:
+        task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
+        return OmegaConf.to_container(task, resolve=True)
+
+    def _recorded(self, overrides: List[str]) -> bool:
+        """Whether the point's output folder holds a run record (True when that cannot be told)."""
+        try:
+            return read_record(self._point_config(overrides).get("output_dir")) is not None
+        except Exception as exc:
+            log.warning("Could not read the record of %s: %s", overrides, exc)
+            return True
 
     def _not_started(self, overrides: List[str], signal_name: str, interrupted: bool = False) -> JobReturn:
         when = "while this point was being set up" if interrupted else "before this point's turn"
@@ -261,8 +273,7 @@ class PtqSlurmLauncher(SlurmLauncher):
             f"preempted) {when}; run the sweep again to run it"
         )
         try:
-            task = composer_for(self.hydra_context.config_loader, self.config).compose(overrides)
-            record_failure(OmegaConf.to_container(task, resolve=True), reason)
+            record_failure(self._point_config(overrides), reason)
         except Exception as exc:  # the point's record is a courtesy; the job's answer below says it all
             log.warning("Could not record a point that was not started (%s): %s", overrides, exc)
         log.warning("%s: %s", " ".join(filter_overrides(overrides)), reason)
