@@ -139,11 +139,192 @@ MOE_SHAPES["nemotron3-nano-13layers"] = (
     dict(MOE_SHAPES["nemotron3-nano-30b-a3b"][1], hybrid_override_pattern=NANO_PATTERN[:13]),
 )
 
-SHAPES = sorted(set(DENSE_SHAPES) | set(MOE_SHAPES))
+# Vision-language shapes: (model_type, text config, vision config, top-level settings). The published ones take
+# their dimensions from the models' config.json files (Qwen2.5-VL-3B-Instruct, gemma-3-4b-it); the `-tiny` ones
+# keep each family's modules (vision blocks, merger or projector, language model) at widths a CPU runs in seconds.
+# The special tokens that mark images are added to the tokenizer, and their ids written into the config.
+VLM_SHAPES = {
+    "qwen2.5-vl-3b": (
+        "qwen2_5_vl",
+        dict(
+            vocab_size=151936,
+            hidden_size=2048,
+            intermediate_size=11008,
+            num_hidden_layers=36,
+            num_attention_heads=16,
+            num_key_value_heads=2,
+            max_position_embeddings=128000,
+            rope_theta=1000000.0,
+            rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]},
+        ),
+        dict(
+            depth=32,
+            hidden_size=1280,
+            intermediate_size=3420,
+            num_heads=16,
+            out_hidden_size=2048,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=112,
+            fullatt_block_indexes=[7, 15, 23, 31],
+        ),
+        dict(tie_word_embeddings=True),
+    ),
+    "qwen2.5-vl-tiny": (
+        "qwen2_5_vl",
+        dict(
+            vocab_size=49280,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=4096,
+            rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
+        ),
+        dict(
+            depth=2,
+            hidden_size=64,
+            intermediate_size=128,
+            num_heads=2,
+            out_hidden_size=128,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=56,
+            fullatt_block_indexes=[1],
+        ),
+        dict(tie_word_embeddings=False),
+    ),
+    "gemma3-4b": (
+        "gemma3",
+        dict(
+            vocab_size=262208,
+            hidden_size=2560,
+            intermediate_size=10240,
+            num_hidden_layers=34,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=256,
+            sliding_window=1024,
+            max_position_embeddings=131072,
+        ),
+        dict(
+            hidden_size=1152,
+            intermediate_size=4304,
+            num_hidden_layers=27,
+            num_attention_heads=16,
+            image_size=896,
+            patch_size=14,
+        ),
+        dict(mm_tokens_per_image=256, tie_word_embeddings=True),
+    ),
+    "gemma3-vl-tiny": (
+        "gemma3",
+        dict(
+            vocab_size=49280,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            head_dim=32,
+            sliding_window=64,
+            max_position_embeddings=4096,
+        ),
+        dict(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=224,
+            patch_size=14,
+        ),
+        dict(mm_tokens_per_image=16, tie_word_embeddings=True),
+    ),
+}
+# The tokens each family marks images with, and a chat template that places an image where its user turn has one
+# (written here for the random checkpoints: the real models ship their own).
+VLM_TOKENS = {
+    "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+    "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+}
+VLM_TEMPLATES = {
+    "qwen2_5_vl": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+    "gemma3": "{{ bos_token }}{% for m in messages %}<start_of_turn>{{ 'model' if m['role'] == 'assistant' else m['role'] }}\n"
+    "{% for c in m['content'] %}{% if c['type'] == 'image' %}<start_of_image>{% else %}{{ c['text'] }}{% endif %}"
+    "{% endfor %}<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}",
+}
+
+SHAPES = sorted(set(DENSE_SHAPES) | set(MOE_SHAPES) | set(VLM_SHAPES))
 
 
 def vocab_size(shape: str) -> int:
+    if shape in VLM_SHAPES:
+        return VLM_SHAPES[shape][1]["vocab_size"]
     return MOE_SHAPES[shape][1]["vocab_size"] if shape in MOE_SHAPES else DENSE_SHAPES[shape]["vocab_size"]
+
+
+def vlm_tokenizer(shape: str, tokenizer_dir: str):
+    """The tokenizer of `tokenizer_dir` with the shape's image tokens added as special tokens (Gemma 3's under the
+    names its processor reads: boi_token, eoi_token, image_token), and a chat template that places images."""
+    from transformers import AutoTokenizer
+
+    model_type = VLM_SHAPES[shape][0]
+    tokens = VLM_TOKENS[model_type]
+    if model_type == "gemma3":
+        named = dict(zip(("boi_token", "eoi_token", "image_token"), tokens))
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=named)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+        tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
+    tokenizer.chat_template = VLM_TEMPLATES[model_type]
+    return tokenizer
+
+
+def vlm_config(shape: str, tokenizer):
+    """The transformers config of a vision-language shape, its image token ids taken from `tokenizer`."""
+    from transformers import AutoConfig
+
+    model_type, text, vision, top = VLM_SHAPES[shape]
+    ids = [tokenizer.convert_tokens_to_ids(t) for t in VLM_TOKENS[model_type]]
+    if model_type == "qwen2_5_vl":
+        marks = dict(
+            vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3]
+        )
+    else:
+        marks = dict(boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2])
+    return AutoConfig.for_model(model_type, text_config=dict(text), vision_config=dict(vision), **top, **marks)
+
+
+def vlm_processor(shape: str, tokenizer):
+    """The shape's processor (image processor, tokenizer, chat template); for Qwen2.5-VL without torchvision, which
+    its video processor needs, (image processor, None): the caller saves the parts."""
+    import transformers
+
+    model_type, _, vision, top = VLM_SHAPES[shape]
+    if model_type == "gemma3":
+        images = transformers.Gemma3ImageProcessor(size={"height": vision["image_size"], "width": vision["image_size"]})
+        return images, transformers.Gemma3Processor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+            image_seq_length=top["mm_tokens_per_image"],
+        )
+    # Small images (at most 448 x 448 pixels: 256 vision tokens) keep calibration and tests quick.
+    images = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)
+    try:
+        return images, transformers.Qwen2_5_VLProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            video_processor=transformers.Qwen2VLVideoProcessor(),
+            chat_template=tokenizer.chat_template,
+        )
+    except ImportError:
+        return images, None
 
 
 def moe_config(shape: str):
@@ -158,27 +339,51 @@ def moe_config(shape: str):
     return config
 
 
-def build_model(shape: str, device, dtype=torch.bfloat16):
-    """A randomly initialised model of `shape` (seed 0), built directly on `device`."""
+def build_model(shape: str, device, dtype=torch.bfloat16, tokenizer=None):
+    """A randomly initialised model of `shape` (seed 0), built directly on `device` (a vision-language shape takes
+    the ids of its image tokens from `tokenizer`, vlm_tokenizer's)."""
+    if shape in VLM_SHAPES:
+        from transformers import AutoModelForImageTextToText
+
+        return _seeded(
+            lambda: AutoModelForImageTextToText.from_config(vlm_config(shape, tokenizer), dtype=dtype), device, dtype
+        )
     if shape not in MOE_SHAPES:
         return build_dense_model(shape, device, dtype)
     from transformers import AutoModelForCausalLM
 
     config = moe_config(shape)
+    return _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), device, dtype)
+
+
+def _seeded(build, device, dtype):
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+            model = build()
     finally:
         torch.set_default_dtype(previous)
     model.config.architectures = [type(model).__name__]
     return model.eval()
 
 
+class _placeholder_ids:
+    """Token ids for counting a vision-language shape's parameters without a tokenizer."""
+
+    def convert_tokens_to_ids(self, token):
+        return 1
+
+
 def parameter_count(shape: str) -> int:
     """Parameters of `shape`, counted on the meta device (nothing allocated)."""
+    if shape in VLM_SHAPES:
+        from transformers import AutoModelForImageTextToText
+
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(vlm_config(shape, _placeholder_ids()))
+        return sum(p.numel() for p in model.parameters())
     with torch.device("meta"):
         model = build_model(shape, "meta") if shape in MOE_SHAPES else None
     if model is None:
@@ -195,16 +400,24 @@ def write(shape: str, tokenizer_dir: str, out: str, device: str) -> Path:
     target = Path(out)
     if (target / COMPLETE).exists():
         return target
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tokenizer = (
+        vlm_tokenizer(shape, tokenizer_dir) if shape in VLM_SHAPES else AutoTokenizer.from_pretrained(tokenizer_dir)
+    )
     if len(tokenizer) > vocab_size(shape):
         raise SystemExit(
             f"the tokenizer of {tokenizer_dir} has {len(tokenizer)} tokens, more than {shape}'s vocabulary"
         )
-    model = build_model(shape, torch.device(device), torch.bfloat16)
+    model = build_model(shape, torch.device(device), torch.bfloat16, tokenizer=tokenizer)
     tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    if shape in VLM_SHAPES:
+        images, processor = vlm_processor(shape, tokenizer)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        else:  # the parts; a machine with torchvision loads them as the processor
+            images.save_pretrained(tmp)
     (tmp / COMPLETE).write_text(f"random weights (seed 0), shape {shape}, tokenizer from {tokenizer_dir}\n")
     shutil.rmtree(target, ignore_errors=True)
     os.rename(tmp, target)

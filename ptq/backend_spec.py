@@ -144,6 +144,8 @@ class BackendSpec:
     recipe_files: bool
     recovery: bool
     gpu_memory_cap: bool
+    # Quantizes the language model of a vision-language model (model.vision_language, ptq/vlm.py).
+    vision_language: bool
     # The AWQ block size the backend always uses (None: the launcher picks one that divides every width).
     awq_block: Optional[int]
     # Its own refusals and warnings when planning.
@@ -165,6 +167,7 @@ SPECS: Dict[str, BackendSpec] = {
         recipe_files=True,
         recovery=True,
         gpu_memory_cap=True,
+        vision_language=True,
         awq_block=None,
         check=_hf_check,
         export_measurement=_off,
@@ -176,6 +179,7 @@ SPECS: Dict[str, BackendSpec] = {
         recipe_files=False,
         recovery=False,
         gpu_memory_cap=False,
+        vision_language=False,
         awq_block=128,
         check=_megatron_check,
         export_measurement=export_measurement,

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ptq.errors import ConfigError
 from ptq.files import atomic_path
 from ptq.textfiles import file_key, read_texts
+from ptq.vlm import read_pairs
 
 log = logging.getLogger(__name__)
 
@@ -247,3 +248,25 @@ def token_batches(
             "or a local .txt/.jsonl file."
         ) from exc
     return tokens_from_texts(texts, tokenizer, samples, seq_len, spec)
+
+
+def image_text_inputs(path: Path, processor, samples: int) -> List[Dict[str, torch.Tensor]]:
+    """The model inputs (input_ids, pixel_values, ...) of the first `samples` pairs of an image-text JSONL file
+    (ptq/vlm.py), one pair per batch: each image makes its own number of vision tokens. Each pair is a user turn
+    of the processor's chat template holding the image and the text, so the image tokens stand where the model
+    was trained to see them."""
+    from PIL import Image
+
+    inputs = []
+    for pair in read_pairs(Path(path))[:samples]:
+        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.text}]}]
+        if getattr(processor, "chat_template", None) is None:
+            raise ConfigError(
+                f"the processor of this model has no chat template, so {path} cannot place its images in the "
+                "prompt; save the model's chat template with its processor, or calibrate with text."
+            )
+        prompt = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+        with Image.open(pair.image) as image:
+            batch = processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
+        inputs.append(dict(batch))
+    return inputs

@@ -31,6 +31,7 @@ import torch
 
 from ptq.errors import ConfigError
 from ptq.formats import EXPORT_FORMATS, MIXED_PRECISION, STATIC_INPUT_SCALES, STORED_WEIGHTS_CHECK, export_algos
+from ptq.layerkinds import match_names
 from ptq.layout import QUANT_CONFIG_NAME
 
 log = logging.getLogger(__name__)
@@ -314,7 +315,9 @@ def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
     by_module = _by_module(where)
     quantized = [m for m, t in by_module.items() if "weight_scale" in t]
     formats = layer_formats(quant, quantized)
-    modules = dict(model.named_modules())
+    # The export's layer names as the model in memory names them (transformers renames wrappers on save).
+    named = dict(model.named_modules())
+    modules = {name: named[found] for name, found in match_names(quantized, named).items()}
     sim = Simulation()
     sim.kv_cache_quant_algo = quant.get("kv_cache_quant_algo")
     if sim.kv_cache_quant_algo:
@@ -650,9 +653,12 @@ def check_stored_weights(
 def _causal_lm_class(config):
     """The transformers class AutoModelForCausalLM would build for `config` (a model given its weights as a
     state_dict is built through its own class: the Auto class wants a checkpoint name then)."""
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING, MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING
 
-    classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    if getattr(config, "vision_config", None) is not None:  # a vision-language model, vision tower included
+        classes = MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING[type(config)]
+    else:
+        classes = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
     if isinstance(classes, (list, tuple)):
         named = [c for c in classes if c.__name__ in (getattr(config, "architectures", None) or [])]
         classes = (named or classes)[0]

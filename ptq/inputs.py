@@ -20,6 +20,7 @@ from ptq.files import nearest_existing, safetensors_header
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig
 from ptq.textfiles import checked_once, read_texts
+from ptq.vlm import read_pairs
 
 
 def text_bytes(path: Path) -> int:
@@ -45,6 +46,17 @@ def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]
             "samples or a shorter sequence length."
         )
     return size
+
+
+def check_pairs(spec: str, samples: int) -> int:
+    """The pairs of an image-text calibration file (every image present), at least `samples` of them."""
+    pairs = checked_once(read_pairs, calib_text_path(spec))
+    if len(pairs) < samples:
+        raise ConfigError(
+            f"calib.dataset={spec} holds {len(pairs)} image-text pairs, fewer than calib.size={samples}; add pairs "
+            f"or set calib.size={len(pairs)} (each pair calibrates once)."
+        )
+    return len(pairs)
 
 
 def safetensors_problem(file: Path) -> Optional[str]:
@@ -101,7 +113,9 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
         check_writable(Path(os.path.expanduser(cfg.cache_dir)).resolve(), "cache_dir", cfg.cache_dir)
     if plan.source.kind == "local":
         check_checkpoint(Path(plan.source.location))
-    if plan.quantize:
+    if plan.quantize and plan.calib_kind == "image_text":
+        check_pairs(cfg.calib.dataset, cfg.calib.size)
+    elif plan.quantize:
         check_text(cfg.calib.dataset, cfg.calib.size, cfg.calib.seq_len, "calib.dataset")
     if cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")

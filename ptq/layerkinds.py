@@ -10,9 +10,10 @@ parameters, so a run record and the report can say what "conservative" or "aggre
 from __future__ import annotations
 
 import re
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional
 
 KINDS = (
+    "vision",
     "routed_expert",
     "shared_expert",
     "router",
@@ -27,9 +28,15 @@ KINDS = (
 )
 QUANTIZED, BF16 = "quantized", "bf16"
 # Kinds no recipe quantizes: the router decides which experts run, conv1d is a depthwise convolution ModelOpt's
-# linear-layer recipes leave alone, and embeddings are looked up, not multiplied.
-ALWAYS_BF16 = ("router", "mamba_conv1d", "embedding")
+# linear-layer recipes leave alone, embeddings are looked up, not multiplied, and a vision-language model's vision
+# tower and projector stay as trained (only its language model is quantized, ptq/vlm.py).
+ALWAYS_BF16 = ("vision", "router", "mamba_conv1d", "embedding")
 
+# A vision encoder or the projector into the language model, by a component of the module's path (Qwen-VL: visual;
+# LLaVA, Gemma 3: vision_tower and multi_modal_projector; others: vision_model, mm_projector).
+_VISION = re.compile(
+    r"(^|\.)(visual|vision_tower|vision_model|vision_encoder|multi_modal_projector|mm_projector)(\.|$)"
+)
 _EXPERT = re.compile(r"^(?P<layer>.*\.experts)\.(?P<index>\d+)\.")
 _ATTENTION = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "query_key_value"}
 _MLP = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj"}
@@ -37,9 +44,45 @@ _MLP = {"gate_proj", "up_proj", "down_proj", "fc1", "fc2", "c_fc", "c_proj"}
 FLOAT_DTYPES = {"BF16", "F16", "F32"}
 
 
+# Wrapper modules transformers adds or drops, or orders differently, between a model in memory and its checkpoint:
+# NemotronH's `model.` is `backbone.` on disk; a vision-language model's `model.language_model.layers.N` is
+# `model.layers.N` (Qwen2.5-VL) or `language_model.model.layers.N` (Gemma 3) on disk, `model.visual` is `visual`.
+WRAPPERS = ("model", "language_model", "backbone")
+
+
+def unwrapped(name: str) -> str:
+    """A module name past its leading wrapper modules (WRAPPERS): the same for a layer in memory and on disk."""
+    parts = name.split(".")
+    while len(parts) > 1 and parts[0] in WRAPPERS:
+        parts.pop(0)
+    return ".".join(parts)
+
+
+def match_names(names: Iterable[str], candidates: Iterable[str]) -> Dict[str, str]:
+    """name -> the one candidate with the same unwrapped name (a name with none or several is left out); a name
+    among the candidates maps to itself."""
+    pool = set(candidates)
+    by_tail: Dict[str, List[str]] = {}
+    for candidate in pool:
+        by_tail.setdefault(unwrapped(candidate), []).append(candidate)
+    out = {}
+    for name in names:
+        found = [name] if name in pool else by_tail.get(unwrapped(name), [])
+        if len(found) == 1:
+            out[name] = found[0]
+    return out
+
+
+def is_vision(name: str) -> bool:
+    """Whether a module or tensor name belongs to a vision encoder or its projector."""
+    return bool(_VISION.search(name))
+
+
 def kind_of(module: str) -> str:
     """The kind of the layer named `module` (a checkpoint's tensor name without `.weight`)."""
     last = module.rsplit(".", 1)[-1]
+    if _VISION.search(module):
+        return "vision"
     if _EXPERT.match(module + "."):
         return "routed_expert"
     if "shared_expert" in module:

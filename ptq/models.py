@@ -133,8 +133,24 @@ def last_load() -> dict:
     return dict(_last_load)
 
 
-def _key(source: ModelSource, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float) -> tuple:
-    return (source.kind, source.location, source.converted_dir, device, dtype, trust_remote_code, max_gpu_memory_gb)
+def _key(
+    source: ModelSource,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    max_gpu_memory_gb: float,
+    vision_language: bool = False,
+) -> tuple:
+    return (
+        source.kind,
+        source.location,
+        source.converted_dir,
+        device,
+        dtype,
+        trust_remote_code,
+        max_gpu_memory_gb,
+        vision_language,
+    )
 
 
 def kept_model(
@@ -154,11 +170,13 @@ def load_model(
     trust_remote_code: bool,
     reuse: bool = False,
     max_gpu_memory_gb: float = 0.0,
+    vision_language: bool = False,
 ):
     """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
     loaded with the same settings, or a fresh load that is kept for later runs when two copies fit.
-    `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap)."""
-    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb)
+    `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap). `vision_language`: the
+    whole vision-language model (AutoModelForImageTextToText), vision tower included."""
+    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb, vision_language)
     start = time.perf_counter()
     if reuse and key in _pristine:
         model, tokenizer, checkpoint = _pristine[key]
@@ -189,7 +207,12 @@ def load_model(
     if _pristine:
         clear_model_cache()  # another model or other settings: free the kept one before loading
     model, tokenizer, checkpoint = _load_from_disk(
-        source, device=device, dtype=dtype, trust_remote_code=trust_remote_code, max_gpu_memory_gb=max_gpu_memory_gb
+        source,
+        device=device,
+        dtype=dtype,
+        trust_remote_code=trust_remote_code,
+        max_gpu_memory_gb=max_gpu_memory_gb,
+        vision_language=vision_language,
     )
     load_counts["disk"] += 1
     _note(
@@ -227,9 +250,15 @@ def placement(model) -> Dict[str, int]:
 
 
 def _load_from_disk(
-    source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    max_gpu_memory_gb: float = 0.0,
+    vision_language: bool = False,
 ):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
     checkpoint = resolve_checkpoint(source)
     torch_dtype = getattr(torch, dtype)
@@ -240,7 +269,8 @@ def _load_from_disk(
         caps = gpu_memory_caps(max_gpu_memory_gb, torch.cuda.device_count())
         if caps:
             kwargs["max_memory"] = caps
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, **kwargs)
+    auto = AutoModelForImageTextToText if vision_language else AutoModelForCausalLM
+    model = auto.from_pretrained(checkpoint, **kwargs)
     off_gpu = sorted({str(p.device) for p in model.parameters() if p.device.type != "cuda"}) if device == "cuda" else []
     if off_gpu:
         raise RuntimeError(
@@ -254,6 +284,13 @@ def _load_from_disk(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer, checkpoint
+
+
+def load_processor(checkpoint: str, trust_remote_code: bool):
+    """A vision-language model's processor (image processor, tokenizer, chat template) from its checkpoint."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
 
 
 def model_device(model) -> torch.device:

@@ -8,6 +8,7 @@ problem and the fix.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import os
@@ -17,9 +18,9 @@ import struct
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
-from ptq import recipe_files
+from ptq import recipe_files, vlm
 from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
 from ptq.files import nearest_existing, read_json, safetensors_header
@@ -38,6 +39,7 @@ from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record_parts import config_differences, config_hash
 from ptq.schema import RunConfig
+from ptq.textfiles import is_pairs_file
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
 
@@ -63,8 +65,12 @@ class Facts:
     local_model_problem: str = "missing, or no config.json in it"
     # Widths read from a local config.json (when model.layer_widths is empty).
     local_layer_widths: List[int] = field(default_factory=list)
-    # A local config.json of a vision-language model (a `vision_config`): its architecture, else None.
+    # A local config.json of a vision-language model (a `vision_config`): its model_type, else None.
     local_vision_language: Optional[str] = None
+    # calib.dataset is a JSONL file of image-text pairs (ptq/vlm.py is_pairs_file).
+    calib_pairs: bool = False
+    # torchvision is installed (Qwen-VL processors build a video processor, which needs it).
+    torchvision: bool = False
     # The GGUF file inside the installed package, if the package is installed.
     gguf_path: Optional[str] = None
     # The run record already in the output folder, if any.
@@ -104,6 +110,10 @@ class Plan:
     skip_reason: str = ""
     # quant_algo the export's hf_quant_config.json must carry (the recipe's, as its algorithm changes it).
     export_quant_algo: Optional[str] = None
+    # A vision-language model's model_type (ptq/vlm.py): only its language model is quantized.
+    vision_language: Optional[str] = None
+    # "text", or "image_text" for a calibration file of image-text pairs.
+    calib_kind: str = "text"
 
 
 def layer_widths_from_config(config: dict) -> List[int]:
@@ -369,13 +379,6 @@ def _model_source(cfg: RunConfig, facts: Facts, cache_dir: Path) -> ModelSource:
                 "point it at a folder written by save_pretrained, or set model.path=null to use model.hf_id."
             )
         folder = Path(model.path).expanduser().resolve()
-        if facts.local_vision_language:
-            raise ConfigError(
-                f"model.path={model.path} is a vision-language model ({facts.local_vision_language}: its config.json "
-                "has a vision_config). This launcher loads causal language models (AutoModelForCausalLM), which such "
-                "a checkpoint is not, and does not yet keep a vision tower in BF16 or calibrate with images: quantize "
-                "it with ModelOpt's hf_ptq.py VLM mode or Megatron-Bridge's quantize_vlm.py for now."
-            )
         files = facts.local_tokenizer_files
         if files is not None and not any(f in TOKENIZER_VOCABULARIES or f.endswith(".tiktoken") for f in files):
             raise ConfigError(
@@ -665,6 +668,47 @@ def check_algorithm(cfg: RunConfig) -> None:
         )
 
 
+def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tuple[Optional[str], str]:
+    """(the VLM model_type or None, the calibration kind) of a run, refusing what the launcher does not do with a
+    vision-language model or with image-text calibration (ptq/vlm.py)."""
+    where = f"model.path={cfg.model.path}" if cfg.model.path else f"model={cfg.model.name}"
+    local = facts.local_vision_language if cfg.model.path and facts.local_model_ok else None
+    vision_language = vlm.vision_language_type(
+        cfg.model.vision_language, local, where, local_read=bool(cfg.model.path and facts.local_model_ok)
+    )
+    pairs = quantize and facts.calib_pairs
+    if pairs and not vision_language:
+        raise ConfigError(
+            f"calib.dataset={cfg.calib.dataset} holds image-text pairs, and {where} is a text model with no vision "
+            'tower to read the images; calibrate it with text (a .txt file, or JSONL rows of {"text": ...}).'
+        )
+    if not vision_language:
+        return None, "text"
+    title = vlm.family(vision_language).title
+    if not spec_of(cfg).vision_language:
+        raise ConfigError(
+            f"{where} is a vision-language model ({title}), which backend={cfg.backend.name} does not quantize here "
+            "yet (Megatron-Bridge's quantize_vlm.py is not wired up); use backend=hf_modelopt."
+        )
+    if cfg.recover.method != "none":
+        raise ConfigError(
+            f"recover={cfg.recover.method} with a vision-language model ({title}) is not supported yet; use "
+            "recover=none."
+        )
+    if cfg.recipe.candidates:
+        raise ConfigError(
+            f"recipe={cfg.recipe.name} searches per-layer formats, which is not supported for a vision-language "
+            f"model ({title}) yet; pick a one-format recipe (e.g. recipe=fp8)."
+        )
+    if pairs and vlm.family(vision_language).processor_needs_torchvision and not facts.torchvision:
+        raise ConfigError(
+            f"calib.dataset={cfg.calib.dataset} calibrates {title} with images through its processor, which needs "
+            "torchvision (the processor builds a video processor too); install the torchvision build that matches "
+            "your torch, or calibrate with text."
+        )
+    return vision_language, "image_text" if pairs else "text"
+
+
 def check_recover(cfg: RunConfig, quantize: bool) -> None:
     """The `recover` group (training after PTQ, ptq/recover.py): numbers, a recipe to train, and training text
     that is not the held-out fidelity text."""
@@ -756,6 +800,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     if source.converted_dir and not inside(Path(source.converted_dir).resolve(), cache_dir):
         raise ConfigError(f"the converted model {source.converted_dir} would land outside cache_dir={cache_dir}.")
     _check_positions(cfg, facts, quantize)
+    vision_language, calib_kind = _check_vision_language(cfg, facts, quantize)
     output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     output_root = Path(os.path.expanduser(cfg.output_root)).resolve()
     _check_output_dir(output_dir, output_root, source)
@@ -772,9 +817,17 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         record_path=output_dir / RECORD_NAME,
         quantize=quantize,
         awq_block_size=awq_block,
-        exclude_patterns=list(dict.fromkeys(list(cfg.model.exclude_modules) + list(recipe.exclude))),
+        exclude_patterns=list(
+            dict.fromkeys(
+                list(cfg.model.exclude_modules)
+                + list(recipe.exclude)
+                + list(vlm.family(vision_language).vision_modules if vision_language else [])
+            )
+        ),
         warnings=warnings,
         export_quant_algo=algorithm_export(recipe.algorithm, recipe.export_quant_algo),
+        vision_language=vision_language,
+        calib_kind=calib_kind,
     )
     skip_or_refuse_finished(plan, facts.existing_record)
     if plan.action == "run":
@@ -942,12 +995,13 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)
             if isinstance(config.get("vision_config"), dict):
-                facts.local_vision_language = ", ".join(config.get("architectures") or []) or str(
-                    config.get("model_type")
-                )
+                facts.local_vision_language = str(config.get("model_type"))
             facts.local_tokenizer_files = tokenizer_files(folder)
             facts.local_params = safetensors_params(folder)
             shape = model_shape(config)
+    calib_file = calib_text_path(cfg.calib.dataset)
+    facts.calib_pairs = calib_file is not None and is_pairs_file(calib_file)
+    facts.torchvision = importlib.util.find_spec("torchvision") is not None
     if cfg.model.gguf_package:
         facts.gguf_path = find_gguf(cfg.model.gguf_package, cfg.model.gguf_file or "")
         if facts.gguf_path and not cfg.model.path:

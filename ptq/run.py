@@ -40,6 +40,14 @@ class Terminated(BaseException):
     """SIGTERM (Slurm's scancel, a node shutting down) turned into an exception, so the record says so."""
 
 
+def vision_source(plan: Plan) -> Optional[Path]:
+    """The local BF16 folder a vision-language model's export is checked against (None: a text model, or a
+    checkpoint loaded by hub id, whose vision tower is then checked only for its format)."""
+    if plan.vision_language and plan.source.kind == "local":
+        return Path(plan.source.location)
+    return None
+
+
 def prepare(cfg: RunConfig, facts: Optional[Facts] = None, space: bool = True) -> Plan:
     """The checked plan of `cfg`: the pure plan, then the files it reads and the folders it writes
     (ptq/inputs.py). Nothing is loaded or written. `space=False`: a sweep point that runs later, elsewhere: the
@@ -173,6 +181,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "kv_cache": cfg.recipe.kv_cache,
         "calib_size": cfg.calib.size,
         "calib_seq_len": cfg.calib.seq_len,
+        # "text", or "image_text": a vision-language model calibrated with image-text pairs (ptq/vlm.py).
+        "calib_kind": plan.calib_kind,
         "hardware_profile": cfg.hardware.name,
         "backend": cfg.backend.name,
         "output_dir": str(plan.output_dir),
@@ -183,6 +193,7 @@ def _summary(plan: Plan, config: dict) -> dict:
             "source": plan.source.__dict__,
             "awq_block_size": plan.awq_block_size,
             "exclude_patterns": plan.exclude_patterns,
+            "vision_language": plan.vision_language,
         },
         "warnings": plan.warnings,
         "versions": package_versions(),
@@ -216,6 +227,7 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
                 expect_kv_cache=kv_cache,
                 unexpected_bf16=result.unexpected_bf16,
                 layer_kind_promises=dict(plan.cfg.recipe.layer_kinds),
+                vision_source=vision_source(plan),
             )
             validation["problems"] += export_fidelity_problems(result.fidelity, plan.cfg.fidelity.export_kl_tolerance)
             validation["passed"] = not validation["problems"]

@@ -19,6 +19,7 @@ from omegaconf import MISSING, OmegaConf
 
 from ptq import recipe_files
 from ptq.formats import algorithm_tag
+from ptq.textfiles import pairs_tag
 
 
 # Closed choices: Hydra refuses any other value when it composes the config, naming the valid ones.
@@ -131,6 +132,10 @@ class ModelConfig:
     mamba_ngroups: Optional[int] = None
     # Module name patterns (fnmatch) that must stay unquantized for this model.
     exclude_modules: List[str] = field(default_factory=list)
+    # A vision-language model: its transformers model_type (qwen2_5_vl, gemma3, ...; ptq/vlm.py FAMILIES). Only the
+    # language model is quantized; the vision tower and projector stay BF16. A local config.json with a
+    # vision_config sets it by itself; set it for a checkpoint loaded by hf_id.
+    vision_language: Optional[str] = None
 
 
 @dataclass
@@ -466,3 +471,5 @@ def register_schemas() -> None:
         OmegaConf.register_new_resolver("ptq_recipe_name", recipe_files.recipe_name)
     if not OmegaConf.has_resolver("ptq_recover"):
         OmegaConf.register_new_resolver("ptq_recover", recover_tag)
+    if not OmegaConf.has_resolver("ptq_calib_kind"):
+        OmegaConf.register_new_resolver("ptq_calib_kind", pairs_tag)

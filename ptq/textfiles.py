@@ -60,6 +60,28 @@ def read_jsonl(path: Path) -> Iterator[Tuple[int, dict]]:
         yield number, row
 
 
+def is_pairs_file(path: Path) -> bool:
+    """Whether a calibration file holds image-text pairs (ptq/vlm.py): a .jsonl file whose first row has an "image"
+    key. False for anything else, a file that does not exist or cannot be read included (its own check says why)."""
+    path = Path(path)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    try:
+        for _, row in read_jsonl(path):
+            return "image" in row
+    except ConfigError:
+        return False
+    return False
+
+
+def pairs_tag(dataset) -> str:
+    """'-images' for calibration with image-text pairs, else '': text and image calibration write their own folders."""
+    spec = str(dataset or "")
+    if spec == "self":
+        return ""
+    return "-images" if is_pairs_file(Path(spec).expanduser()) else ""
+
+
 def read_texts(path: Path) -> List[str]:
     """Calibration or held-out text: a `.jsonl` file's "text" fields, or the whole of any other file."""
     path = Path(path)

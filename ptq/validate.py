@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import math
 import re
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -12,7 +13,7 @@ from typing import Dict, List, Optional
 from safetensors import safe_open
 
 from ptq import layerkinds
-from ptq.files import write_text_atomic
+from ptq.files import safetensors_header, write_text_atomic
 from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
 from ptq.layout import QUANT_CONFIG_NAME
 
@@ -62,6 +63,67 @@ def read_tensor_index(checkpoint: Path) -> Dict[str, Dict]:
                 sl = f.get_slice(name)
                 index[name] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
     return index
+
+
+def _tensor_extents(folder: Path) -> Dict[str, tuple]:
+    """name -> (file, first byte, end byte, dtype, shape) of every tensor in a folder's safetensors files."""
+    out = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        _, length, header = safetensors_header(file)
+        for name, entry in header.items():
+            if name != "__metadata__":
+                start, end = entry["data_offsets"]
+                out[name] = (file, 8 + length + start, 8 + length + end, entry["dtype"], list(entry["shape"]))
+    return out
+
+
+def _same_bytes(a: tuple, b: tuple, chunk: int = 16 << 20) -> bool:
+    if a[2] - a[1] != b[2] - b[1]:
+        return False
+    with open(a[0], "rb") as fa, open(b[0], "rb") as fb:
+        fa.seek(a[1])
+        fb.seek(b[1])
+        left = a[2] - a[1]
+        while left:
+            n = min(chunk, left)
+            if fa.read(n) != fb.read(n):
+                return False
+            left -= n
+    return True
+
+
+def compare_vision_tensors(export: Path, source: Path) -> dict:
+    """Every tensor of a vision-language model's vision tower and projector (ptq/layerkinds.py is_vision) in the
+    export against the BF16 source checkpoint, byte for byte: only the language model may change."""
+    exported, original = _tensor_extents(export), _tensor_extents(source)
+    names = sorted(name for name in exported if layerkinds.is_vision(name))
+    missing = [name for name in names if name not in original]
+    differing = [
+        name
+        for name in names
+        if name in original
+        and (exported[name][3:] != original[name][3:] or not _same_bytes(exported[name], original[name]))
+    ]
+    return {
+        "tensors": len(names),
+        "parameters": sum(math.prod(exported[name][4]) for name in names),
+        "identical": bool(names) and not missing and not differing,
+        "differing": differing[:8],
+        "missing_in_source": missing[:8],
+    }
+
+
+def vision_problems(check: dict) -> List[str]:
+    if not check["tensors"]:
+        return ["the export holds no vision-tower tensors, though the model is a vision-language model"]
+    problems = []
+    if check["differing"]:
+        problems.append(
+            f"vision-tower tensors differ from the BF16 source (they must be written unchanged): {check['differing']}"
+        )
+    if check["missing_in_source"]:
+        problems.append(f"vision-tower tensors the source checkpoint does not hold: {check['missing_in_source']}")
+    return problems
 
 
 def checkpoint_bytes(checkpoint: Path) -> int:
@@ -143,19 +205,11 @@ def exclude_problems(exclude: List[str], index: Dict[str, Dict]) -> List[str]:
 
 
 def export_names(modules: List[str], index: Dict[str, Dict]) -> List[str]:
-    """The names the export gave in-memory modules. transformers renames some models' top module when it saves
-    them (NemotronH: `model.layers.N` in memory, `backbone.layers.N` on disk): a name the index lacks is looked
-    up under the index's other top-level names, and kept as it is when none or several match."""
-    roots = sorted({name.split(".", 1)[0] for name in index})
-    out = []
-    for module in modules:
-        if f"{module}.weight" in index or "." not in module:
-            out.append(module)
-            continue
-        rest = module.split(".", 1)[1]
-        found = [f"{root}.{rest}" for root in roots if f"{root}.{rest}.weight" in index]
-        out.append(found[0] if len(found) == 1 else module)
-    return out
+    """The names the export gave in-memory modules. transformers renames wrapper modules when it saves some models
+    (ptq/layerkinds.py WRAPPERS): a name the index lacks is matched to the one layer of the index with the same name
+    past its leading wrappers, and kept as it is when none or several match."""
+    found = layerkinds.match_names(modules, [n[: -len(".weight")] for n in index if n.endswith(".weight")])
+    return [found.get(module, module) for module in modules]
 
 
 def validate_checkpoint(
@@ -166,11 +220,17 @@ def validate_checkpoint(
     expect_kv_cache: str,
     unexpected_bf16: List[str],
     layer_kind_promises: Optional[Dict[str, str]] = None,
+    vision_source: Optional[Path] = None,
 ) -> dict:
     """Problems make `passed` false. `expect_quantized`: module names whose weights must be quantized;
     `unexpected_bf16`: modules the backend found unquantized though no exclude pattern names them;
-    `layer_kind_promises`: kind -> quantized/bf16 (ptq/layerkinds.py) the recipe promises."""
+    `layer_kind_promises`: kind -> quantized/bf16 (ptq/layerkinds.py) the recipe promises; `vision_source`: the
+    BF16 checkpoint folder of a vision-language model, whose vision tower the export must hold unchanged."""
     problems: List[str] = []
+    vision = None
+    if vision_source is not None:
+        vision = compare_vision_tensors(checkpoint, vision_source)
+        problems.extend(vision_problems(vision))
     index = read_tensor_index(checkpoint)
     if not index:
         problems.append(f"no safetensors weights in {checkpoint}")
@@ -257,6 +317,8 @@ def validate_checkpoint(
         "tensors": len(index),
         # Layer kind -> stored format -> layers and parameters (ptq/layerkinds.py), and routed experts per MoE layer.
         "layer_kinds": kinds,
+        # A vision-language model's vision tower against its BF16 source, byte for byte (None: not one).
+        "vision_tower": vision,
     }
 
 

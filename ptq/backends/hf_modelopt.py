@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import shutil
 import sys
 import threading
 from dataclasses import dataclass, field
@@ -17,15 +18,16 @@ from tqdm.auto import tqdm
 from ptq import recipe_files, recover
 from ptq.auto_quantize import AutoQuantizeSearch
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
-from ptq.calib_data import token_batches
+from ptq.calib_data import image_text_inputs, token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
-from ptq.models import last_load, load_model
+from ptq.models import last_load, load_model, load_processor
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record_parts import StageTimer
 from ptq.validate import repair_exclude_modules
+from ptq.vlm import PROCESSOR_FILES
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ class Quantized:
     auto_quantize: Optional[dict] = None
     # Calibration tokens per routed expert (ptq/moe.py), for MoE models.
     expert_coverage: Optional[dict] = None
+    # What calibrated: {"kind": "text" | "image_text", samples or pairs, tokens}.
+    calibration: Optional[dict] = None
 
 
 def prepare_quantization(plan: Plan, model):
@@ -131,26 +135,37 @@ def quantize(
 
     cfg = plan.cfg
     with timer.stage("calib_data"):
-        calib = token_batches(
-            cfg.calib.dataset,
-            model=model,
-            tokenizer=tokenizer,
-            model_id=checkpoint,
-            samples=cfg.calib.size,
-            seq_len=cfg.calib.seq_len,
-            seed=cfg.calib.seed,
-            cache_dir=cfg.cache_dir,
-            sample_batch_size=SAMPLE_BATCH_SIZE,
-        )
+        if plan.calib_kind == "image_text":
+            pairs = image_text_inputs(
+                cfg.calib.dataset, load_processor(checkpoint, cfg.model.trust_remote_code), cfg.calib.size
+            )
+            batches = [lambda m, p=p: m(**{k: v.to(device) for k, v in p.items()}) for p in pairs]
+            tokens = sum(int(p["input_ids"].numel()) for p in pairs)
+            calib_stats = {"kind": "image_text", "pairs": len(pairs), "tokens": tokens}
+        else:
+            calib = token_batches(
+                cfg.calib.dataset,
+                model=model,
+                tokenizer=tokenizer,
+                model_id=checkpoint,
+                samples=cfg.calib.size,
+                seq_len=cfg.calib.seq_len,
+                seed=cfg.calib.seed,
+                cache_dir=cfg.cache_dir,
+                sample_batch_size=SAMPLE_BATCH_SIZE,
+            )
+            batches = [lambda m, b=b: m(b.to(device)) for b in calib.split(batch_size)]
+            tokens = int(calib.numel())
+            calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens}
     device = next(model.parameters()).device
     counter = ExpertCounter(model)
 
     def forward_loop(m):
         with counter:  # experts' tokens, counted on the first pass only
-            for batch in tqdm(list(calib.split(batch_size)), desc=f"calibrating {cfg.recipe.name}", unit="batch"):
-                m(batch.to(device))
+            for run_batch in tqdm(batches, desc=f"calibrating {cfg.recipe.name}", unit="batch"):
+                run_batch(m)
 
-    out = Quantized()
+    out = Quantized(calibration=calib_stats)
     with timer.stage("calibrate"), torch.no_grad():
         if search is not None:  # calibrates every candidate, scores layers, applies the choice
             out.layers, out.excluded, out.unexpected_bf16, out.auto_quantize = search.run(model, calib, batch_size)
@@ -161,8 +176,8 @@ def quantize(
         out.expert_coverage = coverage(
             {name: c.tolist() for name, c in counter.counts.items()},
             counter.top_k,
-            tokens=int(calib.numel()),
-            samples=int(calib.shape[0]),
+            tokens=tokens,
+            samples=len(batches) if plan.calib_kind == "image_text" else int(calib.shape[0]),
             min_tokens=cfg.calib.expert_min_tokens,
         )
         message = coverage_warning(out.expert_coverage, cfg.calib.size)
@@ -214,7 +229,22 @@ def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) ->
         else:
             model.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
+        if plan.vision_language:
+            save_processor_files(plan, export_dir)
     return fixed
+
+
+def save_processor_files(plan: Plan, export_dir: Path) -> None:
+    """A vision-language checkpoint's processor files (image processor, chat template) beside the weights, so the
+    family's loader reads it back with its processor: copied from a local source folder, else saved by the
+    processor (a checkpoint loaded by hub id)."""
+    source = Path(plan.source.location)
+    if plan.source.kind == "local" and source.is_dir():
+        for name in PROCESSOR_FILES:
+            if (source / name).is_file():
+                shutil.copy2(source / name, export_dir / name)
+        return
+    load_processor(plan.source.location, plan.cfg.model.trust_remote_code).save_pretrained(export_dir)
 
 
 def modelopt_version() -> str:
@@ -244,6 +274,7 @@ class HFModelOptBackend:
                 trust_remote_code=cfg.model.trust_remote_code,
                 reuse=cfg.backend.reuse_loaded_model,
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
+                vision_language=plan.vision_language is not None,
             )
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
         quant_cfg, search = prepare_quantization(plan, model)
@@ -272,6 +303,9 @@ class HFModelOptBackend:
                 details["auto_quantize"] = done.auto_quantize
             if done.expert_coverage is not None:
                 details["expert_coverage"] = done.expert_coverage
+            details["calibration"] = done.calibration
+        if plan.vision_language:
+            details["vision_language"] = plan.vision_language
         recovery = None
         if training is not None:
             ptq_fid = None
