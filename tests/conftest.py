@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -130,3 +131,41 @@ def nemotron_tiny_dir(tmp_path_factory, smollm2_dir):
 def qwen3_moe_tiny_dir(tmp_path_factory, smollm2_dir):
     """A random-weight Qwen3-MoE (16 gated routed experts, 4 active) at small widths (shape qwen3-moe-tiny)."""
     return _random_shape_dir(tmp_path_factory, smollm2_dir, "qwen3-moe-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen_vl_tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight Qwen2.5-VL (2 vision blocks with merger, 2 language layers) with SmolLM2's tokenizer plus the
+    image tokens, its image processor and a chat template (shape qwen2.5-vl-tiny)."""
+    return _random_shape_dir(tmp_path_factory, smollm2_dir, "qwen2.5-vl-tiny")
+
+
+@pytest.fixture(scope="session")
+def gemma3_vl_tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight Gemma 3 vision-language model (SigLIP tower, projector, 2 language layers) with its processor
+    (shape gemma3-vl-tiny)."""
+    return _random_shape_dir(tmp_path_factory, smollm2_dir, "gemma3-vl-tiny")
+
+
+@pytest.fixture(scope="session")
+def image_pairs(tmp_path_factory) -> Path:
+    """An image-text calibration file of 4 pairs over the sample photographs and pictures that ship inside
+    matplotlib (a dependency), with paths relative to the file."""
+    import shutil
+
+    import matplotlib
+
+    samples = Path(matplotlib.get_data_path()) / "sample_data"
+    folder = tmp_path_factory.mktemp("pairs")
+    (folder / "images").mkdir()
+    rows = [
+        ("grace_hopper.jpg", "A portrait photograph of a woman in a naval uniform."),
+        ("Minduka_Present_Blue_Pack.png", "A blue gift box with a ribbon."),
+        ("logo2.png", "The logo of a plotting library."),
+        ("grace_hopper.jpg", "Describe this photograph in one sentence."),
+    ]
+    for name, _ in rows:
+        shutil.copy(samples / name, folder / "images" / name)
+    path = folder / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"image": f"images/{name}", "text": text}) + "\n" for name, text in rows))
+    return path

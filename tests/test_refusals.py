@@ -62,10 +62,18 @@ def bench(path: Path, fmt: str = "jsonl", kind: str = "multiple_choice") -> list
     return ["eval=local_quick", f"eval.benchmarks=[{{name: b, kind: {kind}, format: {fmt}, path: '{path}'}}]"]
 
 
-# A Qwen2.5-VL config.json, as far as planning reads it.
-VLM_CONFIG = (
-    '{"architectures": ["Qwen2_5_VLForConditionalGeneration"], "model_type": "qwen2_5_vl", "vision_config": {}}'
+# config.json files of vision-language models, as far as planning reads them: a family the launcher knows (Gemma 3)
+# and one it has no entry for.
+VLM_CONFIG = '{"architectures": ["Gemma3ForConditionalGeneration"], "model_type": "gemma3", "vision_config": {}}'
+UNKNOWN_VLM_CONFIG = (
+    '{"architectures": ["Idefics3ForConditionalGeneration"], "model_type": "idefics3", "vision_config": {}}'
 )
+
+
+def pairs_file(root: Path, image: str = "missing.png") -> Path:
+    """An image-text calibration file of four pairs, all pointing at `image` (relative to the file)."""
+    return write(root / "pairs.jsonl", "".join(json.dumps({"image": image, "text": f"t{i}"}) + "\n" for i in range(4)))
+
 
 # (row label as in docs/refusals.md, overrides builder (tmp_path -> overrides), expected message fragment)
 CASES = [
@@ -79,9 +87,33 @@ CASES = [
     ),
     ("model.path that does not exist", lambda d: [f"model.path={d / 'nope'}"], "no such folder"),
     (
-        "model.path of a vision-language model (a `vision_config` in config.json)",
-        lambda d: [f"model.path={model_folder(d, VLM_CONFIG)}"],
-        "is a vision-language model (Qwen2_5_VLForConditionalGeneration",
+        "model.path of a vision-language model of a family the launcher has no entry for",
+        lambda d: [f"model.path={model_folder(d, UNKNOWN_VLM_CONFIG)}"],
+        "model_type 'idefics3' is a vision-language model the launcher has no entry for",
+    ),
+    (
+        "model.vision_language set for a text checkpoint",
+        lambda d: [f"model.path={model_folder(d)}", "model.vision_language=gemma3"],
+        "has no vision_config: it is a text model",
+    ),
+    (
+        "image-text calibration file for a text model",
+        lambda d: [f"calib.dataset={pairs_file(d)}", "calib.size=4"],
+        "is a text model with no vision tower",
+    ),
+    (
+        "image-text calibration file naming an image that does not exist",
+        lambda d: [f"model.path={model_folder(d, VLM_CONFIG)}", f"calib.dataset={pairs_file(d)}", "calib.size=4"],
+        ":1: image missing.png does not exist",
+    ),
+    (
+        "image-text calibration file with fewer pairs than calib.size",
+        lambda d: [
+            f"model.path={model_folder(d, VLM_CONFIG)}",
+            f"calib.dataset={pairs_file(d, str(write(d / 'i.png', b'png')))}",
+            "calib.size=8",
+        ],
+        "holds 4 image-text pairs, fewer than calib.size=8",
     ),
     (
         "model.path with a corrupt config.json",
