@@ -48,13 +48,13 @@ def check_text(spec: str, samples: int, seq_len: int, key: str) -> Optional[int]
     return size
 
 
-def check_pairs(spec: str, samples: int) -> int:
-    """The pairs of an image-text calibration file (every image present), at least `samples` of them."""
+def check_pairs(spec: str, samples: int, key: str, size_key: str) -> int:
+    """The pairs of an image-text file (every image present), at least `samples` of them."""
     pairs = checked_once(read_pairs, calib_text_path(spec))
     if len(pairs) < samples:
         raise ConfigError(
-            f"calib.dataset={spec} holds {len(pairs)} image-text pairs, fewer than calib.size={samples}; add pairs "
-            f"or set calib.size={len(pairs)} (each pair calibrates once)."
+            f"{key}={spec} holds {len(pairs)} image-text pairs, fewer than {size_key}={samples}; add pairs or set "
+            f"{size_key}={len(pairs)} (each pair is used once)."
         )
     return len(pairs)
 
@@ -114,9 +114,11 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     if plan.source.kind == "local":
         check_checkpoint(Path(plan.source.location))
     if plan.quantize and plan.calib_kind == "image_text":
-        check_pairs(cfg.calib.dataset, cfg.calib.size)
+        check_pairs(cfg.calib.dataset, cfg.calib.size, "calib.dataset", "calib.size")
     elif plan.quantize:
         check_text(cfg.calib.dataset, cfg.calib.size, cfg.calib.seq_len, "calib.dataset")
-    if cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
+    if cfg.fidelity.enabled and plan.fidelity_kind == "image_text":
+        check_pairs(cfg.fidelity.text, cfg.fidelity.samples, "fidelity.text", "fidelity.samples")
+    elif cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")
     check_eval_config(cfg.eval)

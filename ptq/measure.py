@@ -23,12 +23,13 @@ from typing import List, Optional, Tuple
 import torch
 
 from ptq import evaluation, exported, fidelity
-from ptq.calib_data import SELF, self_sampled, token_batches
+from ptq.calib_data import SELF, image_text_inputs, self_sampled, token_batches
 from ptq.formats import NO_CHECK
 from ptq.layout import EVAL_WORK_NAME
-from ptq.models import load_model
+from ptq.models import load_model, load_processor
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.vlm import image_token_ids
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,9 @@ EXPORTED = "exported checkpoint"
 class Baseline:
     """What the BF16 model gave, kept for the comparisons after it is quantized or dropped."""
 
-    # Fidelity: the held-out tokens, the BF16 reference on them, and the batch size both passes use.
-    tokens: Optional[torch.Tensor] = None
+    # Fidelity: the held-out tokens (or image-text samples), the BF16 reference on them, and the batch size both
+    # passes use.
+    tokens: Optional[fidelity.Held] = None
     reference: Optional[fidelity.Reference] = None
     batch_size: int = FIDELITY_MAX_BATCH
     # Evaluation: the BF16 benchmark rows.
@@ -88,7 +90,12 @@ def bf16_baseline(
                     "calibration": (cfg.calib.seed, cfg.calib.size, cfg.calib.seq_len),
                 },
             )
-    if cfg.fidelity.enabled:
+    if cfg.fidelity.enabled and plan.fidelity_kind == "image_text":
+        with timer.stage("fidelity_text"):
+            processor = load_processor(checkpoint, cfg.model.trust_remote_code)
+            inputs = image_text_inputs(cfg.fidelity.text, processor, cfg.fidelity.samples)
+            base.tokens = fidelity.image_samples(inputs, image_token_ids(model.config))
+    elif cfg.fidelity.enabled:
         with timer.stage("fidelity_text"):
             base.tokens = token_batches(
                 cfg.fidelity.text,
@@ -101,6 +108,7 @@ def bf16_baseline(
                 cache_dir=cfg.cache_dir,
                 sample_batch_size=SAMPLE_BATCH_SIZE,
             )
+    if cfg.fidelity.enabled:
         with timer.stage("fidelity_reference"):
             base.reference = fidelity.cached_reference(
                 model,

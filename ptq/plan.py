@@ -67,8 +67,9 @@ class Facts:
     local_layer_widths: List[int] = field(default_factory=list)
     # A local config.json of a vision-language model (a `vision_config`): its model_type, else None.
     local_vision_language: Optional[str] = None
-    # calib.dataset is a JSONL file of image-text pairs (ptq/vlm.py is_pairs_file).
+    # calib.dataset / fidelity.text is a JSONL file of image-text pairs (ptq/textfiles.py is_pairs_file).
     calib_pairs: bool = False
+    fidelity_pairs: bool = False
     # torchvision is installed (Qwen-VL processors build a video processor, which needs it).
     torchvision: bool = False
     # The GGUF file inside the installed package, if the package is installed.
@@ -112,8 +113,9 @@ class Plan:
     export_quant_algo: Optional[str] = None
     # A vision-language model's model_type (ptq/vlm.py): only its language model is quantized.
     vision_language: Optional[str] = None
-    # "text", or "image_text" for a calibration file of image-text pairs.
+    # "text", or "image_text" for a calibration (fidelity) file of image-text pairs.
     calib_kind: str = "text"
+    fidelity_kind: str = "text"
 
 
 def layer_widths_from_config(config: dict) -> List[int]:
@@ -668,22 +670,26 @@ def check_algorithm(cfg: RunConfig) -> None:
         )
 
 
-def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tuple[Optional[str], str]:
-    """(the VLM model_type or None, the calibration kind) of a run, refusing what the launcher does not do with a
-    vision-language model or with image-text calibration (ptq/vlm.py)."""
+def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tuple[Optional[str], str, str]:
+    """(the VLM model_type or None, the calibration kind, the fidelity kind) of a run, refusing what the launcher does
+    not do with a vision-language model or with image-text files (ptq/vlm.py)."""
     where = f"model.path={cfg.model.path}" if cfg.model.path else f"model={cfg.model.name}"
-    local = facts.local_vision_language if cfg.model.path and facts.local_model_ok else None
-    vision_language = vlm.vision_language_type(
-        cfg.model.vision_language, local, where, local_read=bool(cfg.model.path and facts.local_model_ok)
-    )
-    pairs = quantize and facts.calib_pairs
-    if pairs and not vision_language:
-        raise ConfigError(
-            f"calib.dataset={cfg.calib.dataset} holds image-text pairs, and {where} is a text model with no vision "
-            'tower to read the images; calibrate it with text (a .txt file, or JSONL rows of {"text": ...}).'
-        )
+    local_read = bool(cfg.model.path and facts.local_model_ok)
+    local = facts.local_vision_language if local_read else None
+    vision_language = vlm.vision_language_type(cfg.model.vision_language, local, where, local_read=local_read)
+    uses = {
+        "calib.dataset": quantize and facts.calib_pairs,
+        "fidelity.text": cfg.fidelity.enabled and facts.fidelity_pairs,
+    }
+    for key, pairs in uses.items():
+        if pairs and not vision_language:
+            raise ConfigError(
+                f"{key}={getattr(cfg.calib, 'dataset') if key == 'calib.dataset' else cfg.fidelity.text} holds "
+                f"image-text pairs, and {where} is a text model with no vision tower to read the images; give it "
+                'text (a .txt file, or JSONL rows of {"text": ...}).'
+            )
     if not vision_language:
-        return None, "text"
+        return None, "text", "text"
     title = vlm.family(vision_language).title
     if not spec_of(cfg).vision_language:
         raise ConfigError(
@@ -700,13 +706,14 @@ def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tupl
             f"recipe={cfg.recipe.name} searches per-layer formats, which is not supported for a vision-language "
             f"model ({title}) yet; pick a one-format recipe (e.g. recipe=fp8)."
         )
-    if pairs and vlm.family(vision_language).processor_needs_torchvision and not facts.torchvision:
-        raise ConfigError(
-            f"calib.dataset={cfg.calib.dataset} calibrates {title} with images through its processor, which needs "
-            "torchvision (the processor builds a video processor too); install the torchvision build that matches "
-            "your torch, or calibrate with text."
-        )
-    return vision_language, "image_text" if pairs else "text"
+    for key, pairs in uses.items():
+        if pairs and vlm.family(vision_language).processor_needs_torchvision and not facts.torchvision:
+            raise ConfigError(
+                f"{key} gives {title} images, which its processor reads only with torchvision (it builds a video "
+                "processor too); install the torchvision build that matches your torch, or give it text."
+            )
+    kind = {key: "image_text" if pairs else "text" for key, pairs in uses.items()}
+    return vision_language, kind["calib.dataset"], kind["fidelity.text"]
 
 
 def check_recover(cfg: RunConfig, quantize: bool) -> None:
@@ -800,7 +807,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     if source.converted_dir and not inside(Path(source.converted_dir).resolve(), cache_dir):
         raise ConfigError(f"the converted model {source.converted_dir} would land outside cache_dir={cache_dir}.")
     _check_positions(cfg, facts, quantize)
-    vision_language, calib_kind = _check_vision_language(cfg, facts, quantize)
+    vision_language, calib_kind, fidelity_kind = _check_vision_language(cfg, facts, quantize)
     output_dir = Path(os.path.expanduser(cfg.output_dir)).resolve()
     output_root = Path(os.path.expanduser(cfg.output_root)).resolve()
     _check_output_dir(output_dir, output_root, source)
@@ -828,6 +835,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
         export_quant_algo=algorithm_export(recipe.algorithm, recipe.export_quant_algo),
         vision_language=vision_language,
         calib_kind=calib_kind,
+        fidelity_kind=fidelity_kind,
     )
     skip_or_refuse_finished(plan, facts.existing_record)
     if plan.action == "run":
@@ -1001,6 +1009,8 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
             shape = model_shape(config)
     calib_file = calib_text_path(cfg.calib.dataset)
     facts.calib_pairs = calib_file is not None and is_pairs_file(calib_file)
+    fidelity_file = calib_text_path(cfg.fidelity.text)
+    facts.fidelity_pairs = fidelity_file is not None and is_pairs_file(fidelity_file)
     facts.torchvision = importlib.util.find_spec("torchvision") is not None
     if cfg.model.gguf_package:
         facts.gguf_path = find_gguf(cfg.model.gguf_package, cfg.model.gguf_file or "")

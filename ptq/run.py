@@ -183,6 +183,8 @@ def _summary(plan: Plan, config: dict) -> dict:
         "calib_seq_len": cfg.calib.seq_len,
         # "text", or "image_text": a vision-language model calibrated with image-text pairs (ptq/vlm.py).
         "calib_kind": plan.calib_kind,
+        # What fidelity was measured on: "text", or "image_text" (the text positions of image-text pairs).
+        "fidelity_kind": plan.fidelity_kind,
         "hardware_profile": cfg.hardware.name,
         "backend": cfg.backend.name,
         "output_dir": str(plan.output_dir),

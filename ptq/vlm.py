@@ -85,6 +85,16 @@ def vision_language_type(declared: Optional[str], local: Optional[str], where: s
     return found or None
 
 
+def image_token_ids(config) -> List[int]:
+    """The placeholder token ids a VLM's config gives images and videos (the positions fidelity does not score)."""
+    ids = []
+    for key in ("image_token_id", "image_token_index", "video_token_id"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value not in ids:
+            ids.append(value)
+    return ids
+
+
 @dataclass(frozen=True)
 class Pair:
     image: Path

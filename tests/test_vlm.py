@@ -210,7 +210,9 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
     from safetensors import safe_open
     from transformers import AutoProcessor
 
-    images = vlm_run(tmp_path, gemma3_vl_tiny_dir, f"calib.dataset={image_pairs}")
+    # Calibrated and measured on image-text pairs (fidelity on the text positions of the same 4 pairs).
+    held_out = [f"fidelity.text={image_pairs}", "fidelity.samples=4"]
+    images = vlm_run(tmp_path, gemma3_vl_tiny_dir, f"calib.dataset={image_pairs}", *held_out)
     assert images["status"] == "finished", images.get("error")
     assert images["output_dir"].endswith("-images")
     assert images["calib_kind"] == "image_text"
@@ -224,8 +226,14 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
     processor = AutoProcessor.from_pretrained(checkpoint)
     assert type(processor).__name__ == "Gemma3Processor" and processor.image_seq_length == 16
 
-    text = vlm_run(tmp_path, gemma3_vl_tiny_dir)
-    assert text["status"] == "finished" and text["calib_kind"] == "text"
+    fid = images["fidelity"]
+    assert images["fidelity_kind"] == "image_text" and fid["sequences"] == 4
+    # Only text positions are scored: fewer than the pairs' tokens, which hold 16 image tokens each.
+    assert 0 < fid["tokens"] <= calibration["tokens"] - 4 * 16 - 4
+    assert fid["mean_kl"] > 0 and fid["mean_kl_stderr"] > 0
+
+    text = vlm_run(tmp_path, gemma3_vl_tiny_dir, *held_out)
+    assert text["status"] == "finished" and text["calib_kind"] == "text" and text["fidelity"]["tokens"] == fid["tokens"]
     # The activations the language model saw differ: images calibrate other input ranges than text.
     name = "language_model.model.layers.0.self_attn.q_proj.input_scale"
     scales = []
