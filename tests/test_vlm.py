@@ -13,6 +13,9 @@ from conftest import GGUF_FACTS, GPU_FACTS, compose_run, plan_for, small_run_ove
 
 from ptq import layerkinds, vlm
 from ptq.errors import ConfigError
+from ptq.report.calib_kinds import finding
+from ptq.report.render import render_markdown
+from ptq.report.tables import build_report
 from ptq.validate import compare_vision_tensors, export_names
 
 
@@ -63,7 +66,7 @@ def test_what_is_not_done_for_a_vlm_yet_is_refused_before_loading(overrides, fac
 
 def test_image_text_calibration_of_a_qwen_vl_model_needs_torchvision():
     overrides = ["model.path=/models/qwen", "recipe=fp8", "calib.dataset=/data/pairs.jsonl"]
-    with pytest.raises(ConfigError, match="needs torchvision"):
+    with pytest.raises(ConfigError, match="reads only with torchvision"):
         plan_for(overrides, vlm_facts("qwen2_5_vl", calib_pairs=True, torchvision=False))
     assert plan_for(overrides, vlm_facts("qwen2_5_vl", calib_pairs=True, torchvision=True)).calib_kind == "image_text"
     # Gemma 3's processor has no video part: no torchvision needed.
@@ -149,6 +152,12 @@ def test_the_vision_tower_is_compared_byte_for_byte_with_the_source(tmp_path):
     _safetensors(export / "model.safetensors", {**weights, "visual.merger.mlp.0.weight": bytes(7) + b"\x01"})
     changed = compare_vision_tensors(export, source)
     assert not changed["identical"] and changed["differing"] == ["visual.merger.mlp.0.weight"]
+
+
+def test_a_difference_is_a_finding_only_when_its_interval_excludes_zero():
+    assert finding(-0.02, -0.01) == "images calibrate better (lower KL)"
+    assert finding(0.01, 0.03) == "images calibrate worse (higher KL)"
+    assert finding(-0.01, 0.02) == "within noise"
 
 
 def vlm_run(tmp_path, model_dir, *extra):
@@ -241,3 +250,13 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
         with safe_open(str(Path(record["checkpoint"]) / "model.safetensors"), framework="pt") as f:
             scales.append(float(f.get_tensor(name)))
     assert scales[0] != scales[1]
+
+    # The report pairs the two calibrations on the same held-out pairs: the difference in mean KL with its interval.
+    report = build_report([images, text])
+    [row] = report.calib_kinds.to_dict("records")
+    assert row["images_variant"] == "fp8+images@4" and row["text_variant"] == "fp8@4" and row["sequences"] == 4
+    deltas = [a - b for a, b in zip(images["fidelity"]["per_sequence"]["kl"], text["fidelity"]["per_sequence"]["kl"])]
+    assert row["kl_difference"] == pytest.approx(sum(deltas) / 4)
+    assert row["kl_difference_lo"] < row["kl_difference"] < row["kl_difference_hi"]
+    assert row["finding"] == finding(row["kl_difference_lo"], row["kl_difference_hi"])
+    assert "image-text against text calibration" in render_markdown(report)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Callable, Dict, List
 
+from ptq import vlm
 from ptq.backends import megatron_steps
 from ptq.plan import Plan
 
@@ -28,11 +29,23 @@ def in_process(plan: Plan) -> List[str]:
             f", then {rec.method.upper()} for {rec.steps} steps of {batch} x {rec.seq_len} tokens of {rec.text} "
             f"(lr {rec.lr:g}, {rec.schedule})"
         )
+    calib = f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}"
+    model = plan.source.location
+    if plan.vision_language:
+        calib = (
+            f"{cfg.calib.size} image-text pairs of {cfg.calib.dataset}" if plan.calib_kind == "image_text" else calib
+        )
+        model += (
+            f" (a vision-language model: its language model is quantized, {', '.join(vision_patterns(plan))} stay BF16)"
+        )
     return [
-        f"in process on {cfg.hardware.device}: load {plan.source.location}, calibrate on "
-        f"{cfg.calib.size} x {cfg.calib.seq_len} tokens of {cfg.calib.dataset}, quantize with "
+        f"in process on {cfg.hardware.device}: load {model}, calibrate on {calib}, quantize with "
         f"{how}{block}{train}, export to {plan.checkpoint_dir}"
     ]
+
+
+def vision_patterns(plan: Plan) -> List[str]:
+    return list(vlm.family(plan.vision_language).vision_modules) if plan.vision_language else []
 
 
 DESCRIBERS: Dict[str, Callable[[Plan], List[str]]] = {

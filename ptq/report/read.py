@@ -96,7 +96,7 @@ def recover_key(recover: dict) -> str:
 
 
 def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool = True) -> str:
-    """`<recipe>[/<algorithm>][+kv_<fmt>][+<qat|qad><steps>][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
+    """`<recipe>[/<algorithm>][+kv_<fmt>][+<qat|qad><steps>][+images][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
     baseline is just `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm,
     recipe.algorithm_args); the calibration sequence length with `with_seq_len` (the report asks for it where a
     model's variants differ in it: `fp8@32x256`, `fp8@32x128`).
@@ -119,6 +119,8 @@ def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool =
     recover = record_recover(record)
     if recover and with_recover:
         label += f"+{recover['method']}{recover.get('steps', '')}"
+    if record.get("calib_kind") == "image_text":  # a vision-language model calibrated on image-text pairs
+        label += "+images"
     calib = record_calib_size(record)
     seq_len = record_calib_seq_len(record) if with_seq_len else math.nan
     if calib is not None and calib != "":

@@ -240,6 +240,33 @@ TRAINING_NOTE = (
 )
 
 
+CALIB_KIND_NOTE = (
+    "Calibration with image-text pairs against calibration with text, on the same held-out inputs: the difference "
+    "in mean KL to BF16 (images minus text; below 0: the image-calibrated checkpoint is closer to BF16), paired over "
+    "the held-out sequences, with its 95% interval (ptq/report/calib_kinds.py)."
+)
+
+
+def calib_kind_rows(calib_kinds: pd.DataFrame, model: str) -> pd.DataFrame:
+    """The image-text against text calibration table of one model as display text (empty when there is none)."""
+    rows = calib_kinds[calib_kinds["model"] == model]
+    return pd.DataFrame(
+        {
+            "text": rows["text_variant"],
+            "images": rows["images_variant"],
+            "fidelity": rows["fidelity"],
+            "sequences": [_fmt(x, ".0f") for x in rows["sequences"]],
+            "mean KL (text)": [_fmt(x, ".4g") for x in rows["text_mean_kl"]],
+            "mean KL (images)": [_fmt(x, ".4g") for x in rows["images_mean_kl"]],
+            "difference [95% CI]": [
+                f"{d:+.3g}" + ("" if pd.isna(lo) else f" [{lo:+.3g}, {hi:+.3g}]")
+                for d, lo, hi in zip(rows["kl_difference"], rows["kl_difference_lo"], rows["kl_difference_hi"])
+            ],
+            "finding": rows["finding"],
+        }
+    )
+
+
 def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
     """The training table of one model as display text (empty when nothing was trained)."""
     rows = training[training["model"] == model]
@@ -306,6 +333,10 @@ def render_markdown(report: Report) -> str:
         trained = training_rows(report.training, model)
         if not trained.empty:
             parts += ["", f"### {model}: training after PTQ", "", TRAINING_NOTE, "", markdown_table(trained)]
+        kinds_of_calib = calib_kind_rows(report.calib_kinds, model)
+        if not kinds_of_calib.empty:
+            parts += ["", f"### {model}: image-text against text calibration", "", CALIB_KIND_NOTE, ""]
+            parts.append(markdown_table(kinds_of_calib))
         superseded = report.superseded[report.superseded["model"] == model]
         if not superseded.empty:
             parts += ["", f"### {model}: superseded records", ""]
@@ -350,6 +381,13 @@ def render_html(report: Report, plots: dict) -> str:
                 f"<h3>{html.escape(model)}: training after PTQ</h3>",
                 f"<p>{html.escape(TRAINING_NOTE)}</p>",
                 table(trained),
+            ]
+        kinds_of_calib = calib_kind_rows(report.calib_kinds, model)
+        if not kinds_of_calib.empty:
+            body += [
+                f"<h3>{html.escape(model)}: image-text against text calibration</h3>",
+                f"<p>{html.escape(CALIB_KIND_NOTE)}</p>",
+                table(kinds_of_calib),
             ]
         for name, png in plots.get(model, {}).items():
             encoded = base64.b64encode(png).decode("ascii")
@@ -397,4 +435,7 @@ def write_report(report: Report, out_dir: Path, extra: Sequence[str] = ()) -> Tu
     if not report.training.empty:
         report.training.to_csv(out_dir / "training.csv", index=False)
         written.append(out_dir / "training.csv")
+    if not report.calib_kinds.empty:
+        report.calib_kinds.to_csv(out_dir / "calib_kinds.csv", index=False)
+        written.append(out_dir / "calib_kinds.csv")
     return markdown, written

@@ -10,6 +10,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import pandas as pd
 
+from ptq.report.calib_kinds import CALIB_KIND_COLUMNS, calib_kind_table
 from ptq.report.common import (
     BASELINE_STATUS,
     BENCHMARK_SUMMARY_COLUMNS,
@@ -64,6 +65,8 @@ class Report:
     layer_kinds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=LAYER_KIND_COLUMNS))
     # Training after PTQ against the PTQ point it started from (ptq/report/training.py).
     training: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=TRAINING_COLUMNS))
+    # Vision-language models: image-text calibration against text calibration (ptq/report/calib_kinds.py).
+    calib_kinds: pd.DataFrame = field(default_factory=lambda: pd.DataFrame(columns=CALIB_KIND_COLUMNS))
 
     @property
     def models(self) -> List[str]:
@@ -647,6 +650,7 @@ def build_report(
         skipped=pd.DataFrame(skipped, columns=SKIPPED_COLUMNS),
         layer_kinds=_layer_kinds(usable, kept),
         training=training_table(kept, scores),
+        calib_kinds=calib_kind_table(usable, kept),
     )
 
 
