@@ -65,6 +65,9 @@ def test_groups_are_the_documented_ones():
         "nemotron-h-8b",
         "nemotron-3-nano-30b-a3b",
         "nemotron-3-super-120b-a12b",
+        "qwen2.5-vl-3b",
+        "qwen2.5-vl-7b",
+        "gemma-3-4b",
     }
     assert set(options("hardware")) == {"cpu", "a100", "h100", "h200", "b200", "gb200"}
 
