@@ -184,13 +184,18 @@ def applied_recipe(quant_cfg: dict, description: str) -> dict:
 def write_applied(folder: Path, recipe: dict) -> Path:
     """Write `recipe` (applied_recipe) into `folder` as WRITTEN_NAME, the entries in their order and their keys'
     types kept (block sizes are keyed by the axis, an int)."""
-    import yaml
-
     target = folder / WRITTEN_NAME
     text = (
         "# The quantization configuration this checkpoint was made with, as a ModelOpt PTQ recipe\n"
         "# (modelopt.recipe.load_recipe reads it; `python launch.py recipe=<this file>` runs it again).\n"
-        + yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)
+        + recipe_text(recipe)
     )
     target.write_text(text, encoding="utf-8")
     return target
+
+
+def recipe_text(recipe: dict) -> str:
+    """`recipe` (applied_recipe) as YAML, the entries in their order and their keys' types kept."""
+    import yaml
+
+    return yaml.safe_dump(recipe, sort_keys=False, default_flow_style=None, width=120)

@@ -24,6 +24,7 @@ from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
+from ptq.recipes import build_quant_config
 from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig, eval_tag
 from ptq.tracking import check_tracking, track
@@ -359,7 +360,28 @@ def dry_run(plan: Plan) -> dict:
     }
     for line in commands:
         print(line)
+    if action == "run":
+        resolved = resolved_recipe(plan)
+        if resolved is not None:
+            summary["recipe"] = resolved
+            print(f"ModelOpt configuration it applies (the {recipe_files.WRITTEN_NAME} it writes):")
+            print(recipe_files.recipe_text(resolved).rstrip())
     return summary
+
+
+def resolved_recipe(plan: Plan) -> Optional[dict]:
+    """The configuration a one-format in-process run hands ModelOpt (the recipe file it writes beside the checkpoint),
+    None where there is none to show: BF16, a per-layer search (its choice is made on the model), another backend
+    (Megatron-Bridge takes the recipe by name), or no ModelOpt installed here (a login node that only submits)."""
+    cfg = plan.cfg
+    if not (plan.quantize and spec_of(cfg).recipe_files) or cfg.recipe.candidates:
+        return None
+    try:
+        quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    except ImportError as exc:
+        log.info("ModelOpt cannot be imported here (%s): the resolved configuration is not shown", exc)
+        return None
+    return recipe_files.applied_recipe(quant_cfg, f"{cfg.recipe.name} as it would be applied to {cfg.model.name}")
 
 
 def inherited_limit_warning(cfg: RunConfig, overrides: Sequence[str]) -> Optional[str]:

@@ -213,3 +213,26 @@ def test_a_shipped_recipe_that_quantizes_the_kv_cache_runs_and_validates_its_kv_
     assert record["status"] == "finished", record.get("error")
     assert record["kv_cache"] == "fp8" and record["validation"]["kv_cache_quant_algo"] == "FP8"
     assert record["validation"]["quant_algo"] == "FP8"
+
+
+def test_a_dry_run_prints_the_configuration_modelopt_would_apply(tmp_path, capsys):
+    from ptq.run import run
+
+    summary = run(*compose_run(["recipe=int4_awq", "dry_run=true", f"output_root={tmp_path}"]))
+    entries = summary["recipe"]["quantize"]["quant_cfg"]
+    # The run's own axes are in it: the AWQ block size it chose and the model's exclusions.
+    weight = next(e for e in entries if e.get("quantizer_name") == "*weight_quantizer" and "cfg" in e)
+    assert weight["cfg"]["block_sizes"][-1] == summary_block(summary)
+    assert {"quantizer_name": "*lm_head*", "enable": False} in entries
+    printed = capsys.readouterr().out
+    assert "ModelOpt configuration it applies (the modelopt_recipe.yaml it writes):" in printed
+    assert "quantizer_name: '*lm_head*'" in printed
+    assert not list(tmp_path.rglob("*")), "a dry run writes nothing"
+    bf16 = run(*compose_run(["recipe=bf16", "dry_run=true", f"output_root={tmp_path}"]))
+    assert "recipe" not in bf16
+
+
+def summary_block(summary) -> int:
+    """The AWQ block size the dry run's description names (`AWQ block N`)."""
+    [line] = summary["commands"]
+    return int(line.split("AWQ block ")[1].split(",")[0])
