@@ -255,6 +255,7 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
     report = build_report([images, text])
     [row] = report.calib_kinds.to_dict("records")
     assert row["images_variant"] == "fp8+images@4" and row["text_variant"] == "fp8@4" and row["sequences"] == 4
+    assert row["fidelity"] == "pairs.jsonl, 4 image-text pairs"
     deltas = [a - b for a, b in zip(images["fidelity"]["per_sequence"]["kl"], text["fidelity"]["per_sequence"]["kl"])]
     assert row["kl_difference"] == pytest.approx(sum(deltas) / 4)
     assert row["kl_difference_lo"] < row["kl_difference"] < row["kl_difference_hi"]

@@ -280,6 +280,8 @@ def fidelity_setting(record: dict) -> str:
     if seq_len is None or samples is None:
         return ""
     size = f"{seq_len} tok x {samples}"
+    if record.get("fidelity_kind") == "image_text":  # whole image-text pairs: no sequence length applies
+        size = f"{samples} image-text pairs"
     return size if text in (None, "", "self") else f"{Path(str(text)).name}, {size}"
 
 
