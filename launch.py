@@ -14,9 +14,12 @@ from omegaconf import DictConfig, OmegaConf
 from ptq.errors import ConfigError
 from ptq.run import record_failure, run
 from ptq.schema import register_schemas
+from ptq.state import ProcessState
 
 register_schemas()
 log = logging.getLogger("ptq")
+# What the points this process runs keep for each other (a sweep with Hydra's basic launcher, a packed Slurm job).
+PROCESS_STATE = ProcessState()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
@@ -27,6 +30,7 @@ def main(cfg: DictConfig):
             OmegaConf.to_object(cfg),
             OmegaConf.to_container(cfg, resolve=True),
             overrides=list(HydraConfig.get().overrides.task),
+            state=PROCESS_STATE,
         )
         return record["status"]
     except ConfigError as exc:

@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -172,19 +172,29 @@ def self_sampled(
 
 # Token ids of text files, by (tokenizer, file version, samples, seq_len): the points of a sweep in one process
 # tokenize each file once; other processes read the copy saved under cache_dir/text/.
-_tokens: Dict[str, torch.Tensor] = {}
 
 
 def _tokenizer_key(tokenizer, model_id: str) -> str:
     return f"{model_id}|{type(tokenizer).__name__}|{len(tokenizer)}|{getattr(tokenizer, 'name_or_path', '')}"
 
 
-def file_tokens(path: Path, *, tokenizer, model_id: str, samples: int, seq_len: int, cache_dir: str) -> torch.Tensor:
-    """tokens_from_texts of a local file, cached in this process and on disk (keyed by tokenizer and file)."""
+def file_tokens(
+    path: Path,
+    *,
+    tokenizer,
+    model_id: str,
+    samples: int,
+    seq_len: int,
+    cache_dir: str,
+    memo: Optional[Dict[str, torch.Tensor]] = None,
+) -> torch.Tensor:
+    """tokens_from_texts of a local file, cached on disk (keyed by tokenizer and file) and in `memo` (a
+    ProcessState's `tokens`: the runs of one process read it once)."""
     ident = json.dumps([_tokenizer_key(tokenizer, model_id), file_key(path), samples, seq_len])
     key = hashlib.sha256(ident.encode()).hexdigest()[:20]
-    if key in _tokens:
-        return _tokens[key]
+    memo = {} if memo is None else memo
+    if key in memo:
+        return memo[key]
     cached = Path(os.path.expanduser(cache_dir)) / "text" / f"file-{key}.pt"
     if cached.exists():
         try:
@@ -193,17 +203,17 @@ def file_tokens(path: Path, *, tokenizer, model_id: str, samples: int, seq_len: 
             log.warning("Ignoring unreadable token cache %s (%s)", cached, exc)
         else:
             if tuple(tokens.shape) == (samples, seq_len):
-                return _remember(key, tokens)
+                return _remember(memo, key, tokens)
     tokens = tokens_from_texts(read_texts(path), tokenizer, samples, seq_len, str(path))
     with atomic_path(cached) as tmp:
         torch.save(tokens, tmp)
-    return _remember(key, tokens)
+    return _remember(memo, key, tokens)
 
 
-def _remember(key: str, tokens: torch.Tensor) -> torch.Tensor:
-    if len(_tokens) >= 4:  # a sweep's calibration and held-out text, for a model or two
-        _tokens.pop(next(iter(_tokens)))
-    _tokens[key] = tokens
+def _remember(memo: Dict[str, torch.Tensor], key: str, tokens: torch.Tensor) -> torch.Tensor:
+    if len(memo) >= 4:  # a sweep's calibration and held-out text, for a model or two
+        memo.pop(next(iter(memo)))
+    memo[key] = tokens
     return tokens
 
 
@@ -218,8 +228,10 @@ def token_batches(
     seed: int,
     cache_dir: str,
     sample_batch_size: int,
+    memo: Optional[Dict[str, torch.Tensor]] = None,
 ) -> torch.Tensor:
-    """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name."""
+    """[samples, seq_len] token ids for `spec`: "self", a .txt/.jsonl path, or a Hugging Face dataset name
+    (`memo`: file_tokens')."""
     if spec == SELF:
         return self_sampled(
             model,
@@ -236,7 +248,13 @@ def token_batches(
                 f'calibration/fidelity text {spec} is not a file; give a .txt or .jsonl path, a Hugging Face dataset name, or "self".'
             )
         return file_tokens(
-            path, tokenizer=tokenizer, model_id=model_id, samples=samples, seq_len=seq_len, cache_dir=cache_dir
+            path,
+            tokenizer=tokenizer,
+            model_id=model_id,
+            samples=samples,
+            seq_len=seq_len,
+            cache_dir=cache_dir,
+            memo=memo,
         )
     from modelopt.torch.utils.dataset_utils import get_dataset_samples
 

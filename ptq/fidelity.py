@@ -106,23 +106,19 @@ def reference(model, tokens: Held, batch_size: int, desc: str = "fidelity: BF16 
     return Reference(stored, nll, count)
 
 
-# The latest reference of this process: the points of a sweep run in one process compare against the
-# same BF16 model on the same tokens, so it is computed once (one entry: it holds full-vocabulary log-probs).
-_reference_cache: dict = {}
-
-
-def cached_reference(model, tokens: Held, batch_size: int, *, model_key, enabled: bool = True) -> Reference:
-    """`reference`, reused while the same BF16 model (`model_key`), tokens and batch size come back."""
-    if not enabled:
-        _reference_cache.clear()
+def cached_reference(model, tokens: Held, batch_size: int, *, model_key, cache: Optional[dict] = None) -> Reference:
+    """`reference`, reused while the same BF16 model (`model_key`), inputs and batch size come back: `cache` is a
+    ProcessState's `references` (the points of a sweep in one process compare against the same reference; one
+    entry, as it holds full-vocabulary log-probs). None: computed afresh."""
+    if cache is None:
         return reference(model, tokens, batch_size)
     key = (model_key, batch_size, sequence_count(tokens), digest(tokens))
-    if key in _reference_cache:
+    if key in cache:
         log.info("Using the BF16 fidelity reference computed earlier in this process")
-        return _reference_cache[key]
+        return cache[key]
+    cache.clear()  # the one kept before, of another model: its memory first
     ref = reference(model, tokens, batch_size)
-    _reference_cache.clear()
-    _reference_cache[key] = ref
+    cache[key] = ref
     return ref
 
 

@@ -29,6 +29,7 @@ from ptq.layout import EVAL_WORK_NAME
 from ptq.models import load_model, load_processor
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.state import ProcessState
 from ptq.vlm import image_token_ids
 
 log = logging.getLogger(__name__)
@@ -67,14 +68,27 @@ def eval_work_dir(plan: Plan) -> Path:
 
 
 def bf16_baseline(
-    plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *, batch_size: int, reuse_reference: bool = False
+    plan: Plan,
+    model,
+    tokenizer,
+    checkpoint: str,
+    timer: StageTimer,
+    *,
+    batch_size: int,
+    state: Optional[ProcessState] = None,
+    reuse_reference: bool = False,
 ) -> Baseline:
     """The held-out tokens, the BF16 reference and the BF16 benchmark scores of the loaded BF16 `model`.
 
-    `reuse_reference`: this process computed the reference of the same model, tokens and batching for an
-    earlier point of a sweep; take it instead of computing it again.
+    `state`: what this process keeps for its runs (tokenized text, the latest reference). `reuse_reference`: the
+    model is the one `state` keeps, so a reference it holds of the same tokens and batching is this model's: take
+    it instead of computing it again.
     """
     cfg = plan.cfg
+    memo = state.tokens if state is not None else None
+    references = state.references if state is not None and reuse_reference else None
+    if state is not None and not reuse_reference:
+        state.references.clear()  # another model (or a fresh load): what is kept is not its reference
     base = Baseline(batch_size=cfg.fidelity.batch_size or min(batch_size, FIDELITY_MAX_BATCH))
     if cfg.fidelity.enabled and cfg.fidelity.text == SELF and plan.quantize and cfg.calib.dataset == SELF:
         # Both texts sampled from the model: one sampling pass writes both (cached for the later lookups).
@@ -107,6 +121,7 @@ def bf16_baseline(
                 seed=cfg.fidelity.seed,
                 cache_dir=cfg.cache_dir,
                 sample_batch_size=SAMPLE_BATCH_SIZE,
+                memo=memo,
             )
     if cfg.fidelity.enabled:
         with timer.stage("fidelity_reference"):
@@ -114,7 +129,7 @@ def bf16_baseline(
                 model,
                 base.tokens,
                 base.batch_size,
-                enabled=reuse_reference,
+                cache=references,
                 model_key=(checkpoint, cfg.hardware.device, cfg.hardware.dtype),
             )
     if cfg.eval.enabled:
@@ -246,13 +261,16 @@ def measure_export(plan: Plan, export_dir: Path, timer: StageTimer, batch_size: 
     import modelopt.torch.quantization  # noqa: F401
 
     with timer.stage("load_bf16"):
-        model, tokenizer, checkpoint = load_model(
+        loaded = load_model(
             plan.source,
+            ProcessState(),
             device=cfg.hardware.device,
             dtype=cfg.hardware.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             reuse=False,
         )
+    model, tokenizer, checkpoint = loaded.model, loaded.tokenizer, loaded.checkpoint
+    del loaded  # the model's one reference is `model`: dropping it frees the memory
     baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=batch_size)
     del model
     free_memory()

@@ -8,12 +8,14 @@ import logging
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from ptq.plan import ModelSource
+from ptq.state import ProcessState
 
 log = logging.getLogger(__name__)
 _COMPLETE_MARK = ".complete"
@@ -69,13 +71,15 @@ def resolve_checkpoint(source: ModelSource) -> str:
     return source.location
 
 
-# The points of a sweep that run in one process (Hydra's basic launcher, packed Slurm jobs) share one
-# load: the pristine BF16 model stays here and every run quantizes a deep copy. One model at most, so a
-# sweep over models does not pile them up.
-_pristine: Dict[tuple, tuple] = {}
-# How many times this process read a model from disk, and how many runs got a copy instead.
-load_counts = {"disk": 0, "copy": 0}
-_last_load: dict = {}
+@dataclass
+class Loaded:
+    """What load_model got: the model, its tokenizer, the checkpoint it came from, and how (`how`: from disk or a
+    copy, seconds, whether the process keeps a pristine copy and why, the devices; the run record keeps it)."""
+
+    model: Any
+    tokenizer: Any
+    checkpoint: str
+    how: dict
 
 
 def _model_bytes(model) -> int:
@@ -116,21 +120,12 @@ def room_for_a_copy(model) -> Tuple[bool, str]:
     return free >= 2 * size, why
 
 
-def clear_model_cache() -> None:
-    _pristine.clear()
+def clear_model_cache(state: ProcessState) -> None:
+    """Drop the pristine model `state` keeps, and return its memory."""
+    state.models.clear()
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _note(**facts) -> None:
-    _last_load.clear()
-    _last_load.update(facts)
-
-
-def last_load() -> dict:
-    """How the latest load_model call got its model (for the run record)."""
-    return dict(_last_load)
 
 
 def _key(
@@ -154,16 +149,23 @@ def _key(
 
 
 def kept_model(
-    source: ModelSource, *, device: str, dtype: str, trust_remote_code: bool, max_gpu_memory_gb: float = 0.0
+    state: ProcessState,
+    source: ModelSource,
+    *,
+    device: str,
+    dtype: str,
+    trust_remote_code: bool,
+    max_gpu_memory_gb: float = 0.0,
 ):
-    """The pristine BF16 model this process keeps for `load_model(..., reuse=True)` with these settings, or None.
+    """The pristine BF16 model `state` keeps for `load_model(..., reuse=True)` with these settings, or None.
     Callers use it read-only (e.g. as a distillation teacher) and leave it as they found it."""
-    kept = _pristine.get(_key(source, device, dtype, trust_remote_code, max_gpu_memory_gb))
+    kept = state.models.get(_key(source, device, dtype, trust_remote_code, max_gpu_memory_gb))
     return kept[0] if kept else None
 
 
 def load_model(
     source: ModelSource,
+    state: ProcessState,
     *,
     device: str,
     dtype: str,
@@ -171,15 +173,15 @@ def load_model(
     reuse: bool = False,
     max_gpu_memory_gb: float = 0.0,
     vision_language: bool = False,
-):
-    """(model, tokenizer, checkpoint). With `reuse`, a copy of the model an earlier run of this process
-    loaded with the same settings, or a fresh load that is kept for later runs when two copies fit.
-    `max_gpu_memory_gb` caps the weights device_map=auto puts on each GPU (0: no cap). `vision_language`: the
-    whole vision-language model (AutoModelForImageTextToText), vision tower included."""
+) -> Loaded:
+    """The BF16 model. With `reuse`, a copy of the model an earlier run of this process (`state`) loaded with the
+    same settings, or a fresh load that `state` keeps for later runs when two copies fit. `max_gpu_memory_gb` caps
+    the weights device_map=auto puts on each GPU (0: no cap). `vision_language`: the whole vision-language model
+    (AutoModelForImageTextToText), vision tower included."""
     key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb, vision_language)
     start = time.perf_counter()
-    if reuse and key in _pristine:
-        model, tokenizer, checkpoint = _pristine[key]
+    if reuse and key in state.models:
+        model, tokenizer, checkpoint = state.models[key]
         # The previous run's quantized copy holds reference cycles (ModelOpt's hooks and hparams): collect
         # it now, so its memory is free before it is measured and the next copy is made.
         gc.collect()
@@ -187,25 +189,16 @@ def load_model(
             torch.cuda.empty_cache()
         fits, why = room_for_a_copy(model)
         if not fits:  # memory got tighter since: hand over the pristine model itself and forget it
-            _pristine.clear()
-            _note(**{"from": "memory (handed over, no longer kept)", "reason": why})
+            state.models.clear()
             log.info("Using the BF16 model loaded earlier in this process without copying it (%s)", why)
-            return model, tokenizer, checkpoint
+            return Loaded(model, tokenizer, checkpoint, {"from": "memory (handed over, no longer kept)", "reason": why})
         model, tokenizer = copy.deepcopy(model), copy.deepcopy(tokenizer)
-        load_counts["copy"] += 1
-        _note(
-            **{
-                "from": "copy",
-                "seconds": round(time.perf_counter() - start, 3),
-                "kept": True,
-                "reason": why,
-                "devices": placement(model),
-            }
-        )
+        state.loads["copy"] += 1
         log.info("Using a copy of the BF16 model loaded earlier in this process (%.1f s)", time.perf_counter() - start)
-        return model, tokenizer, checkpoint
-    if _pristine:
-        clear_model_cache()  # another model or other settings: free the kept one before loading
+        how = {"from": "copy", "seconds": round(time.perf_counter() - start, 3), "kept": True, "reason": why}
+        return Loaded(model, tokenizer, checkpoint, {**how, "devices": placement(model)})
+    if state.models:
+        clear_model_cache(state)  # another model or other settings: free the kept one before loading
     model, tokenizer, checkpoint = _load_from_disk(
         source,
         device=device,
@@ -214,21 +207,19 @@ def load_model(
         max_gpu_memory_gb=max_gpu_memory_gb,
         vision_language=vision_language,
     )
-    load_counts["disk"] += 1
-    _note(
-        **{"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False, "devices": placement(model)}
-    )
+    state.loads["disk"] += 1
+    how = {"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False, "devices": placement(model)}
     if not reuse:
-        return model, tokenizer, checkpoint
+        return Loaded(model, tokenizer, checkpoint, how)
     fits, why = room_for_a_copy(model)
-    _last_load["reason"] = why
+    how["reason"] = why
     if not fits:
         log.info("Not keeping the BF16 model for later runs of this process (%s): each run loads it afresh", why)
-        return model, tokenizer, checkpoint
-    _pristine[key] = (model, tokenizer, checkpoint)
-    _last_load["kept"] = True
+        return Loaded(model, tokenizer, checkpoint, how)
+    state.models[key] = (model, tokenizer, checkpoint)
+    how["kept"] = True
     log.info("Keeping the BF16 model for later runs of this process (%s); this run quantizes a copy", why)
-    return copy.deepcopy(model), copy.deepcopy(tokenizer), checkpoint
+    return Loaded(copy.deepcopy(model), copy.deepcopy(tokenizer), checkpoint, how)
 
 
 def gpu_memory_caps(max_gpu_memory_gb: float, gpus: int) -> Optional[Dict[object, int]]:

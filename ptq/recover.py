@@ -40,6 +40,7 @@ from ptq.errors import ConfigError
 from ptq.models import kept_model, room_for_a_copy
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.state import ProcessState
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,13 @@ def text_source(plan: Plan) -> str:
     return str(Path(rec.text).expanduser().resolve())
 
 
-def _teacher(plan: Plan, model):
-    """(teacher, how it was obtained) for QAD: the pristine BF16 model this process keeps, or a second copy."""
+def _teacher(plan: Plan, model, state: ProcessState):
+    """(teacher, how it was obtained) for QAD: the pristine BF16 model this process keeps (`state`), or a second
+    copy."""
     cfg = plan.cfg
     if cfg.backend.reuse_loaded_model:
         kept = kept_model(
+            state,
             plan.source,
             device=cfg.hardware.device,
             dtype=cfg.hardware.dtype,
@@ -107,7 +110,9 @@ def _teacher(plan: Plan, model):
     return copy.deepcopy(model), f"a second copy of the BF16 model, made for QAD ({why})"
 
 
-def prepare(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *, sample_batch_size: int) -> Prepared:
+def prepare(
+    plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *, state: ProcessState, sample_batch_size: int
+) -> Prepared:
     """The training text (sampled from `model` while it is still BF16, for recover.text=self) and, for QAD, the
     teacher. Call before quantizing."""
     rec = plan.cfg.recover
@@ -123,10 +128,11 @@ def prepare(plan: Plan, model, tokenizer, checkpoint: str, timer: StageTimer, *,
             seed=rec.seed,
             cache_dir=plan.cfg.cache_dir,
             sample_batch_size=sample_batch_size,
+            memo=state.tokens,
         )
     prepared = Prepared(tokens=tokens, text_source=text_source(plan))
     if rec.method == "qad":
-        prepared.teacher, prepared.teacher_source = _teacher(plan, model)
+        prepared.teacher, prepared.teacher_source = _teacher(plan, model, state)
     return prepared
 
 

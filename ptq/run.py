@@ -27,6 +27,7 @@ from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refus
 from ptq.recipes import build_quant_config
 from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig, eval_tag
+from ptq.state import ProcessState
 from ptq.tracking import check_tracking, track
 from ptq.validate import checkpoint_bytes, export_fidelity_problems, validate_checkpoint
 
@@ -205,9 +206,11 @@ def _summary(plan: Plan, config: dict) -> dict:
     }
 
 
-def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
+def execute(plan: Plan, config: dict, holder: Optional[dict] = None, state: Optional[ProcessState] = None) -> dict:
     """Run a checked plan. Always leaves a run record; a failure re-raises after recording it.
-    `holder`: who runs it (ptq/lock.py), kept in the record so status and report can tell a dead run."""
+    `holder`: who runs it (ptq/lock.py), kept in the record so status and report can tell a dead run. `state`: what
+    the runs of this process keep for each other (ptq/state.py; None: nothing is kept for another run)."""
+    state = ProcessState() if state is None else state
     record = _summary(plan, config)
     record["holder"] = holder
     plan.output_dir.mkdir(parents=True, exist_ok=True)
@@ -216,7 +219,7 @@ def execute(plan: Plan, config: dict, holder: Optional[dict] = None) -> dict:
     shutil.rmtree(partial, ignore_errors=True)  # left by a run that was killed
     timer = StageTimer()
     try:
-        result = get_backend(plan.cfg.backend.name).run(plan, partial, timer)
+        result = get_backend(plan.cfg.backend.name).run(plan, partial, timer, state)
         kv_cache = plan.cfg.recipe.kv_cache
         applied = (result.details or {}).get("applied_recipe")
         if plan.cfg.recipe.modelopt_recipe and applied:
@@ -399,9 +402,11 @@ def inherited_limit_warning(cfg: RunConfig, overrides: Sequence[str]) -> Optiona
     )
 
 
-def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
+def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = (), state: Optional[ProcessState] = None) -> dict:
     """Check `cfg` (raising ConfigError before anything is loaded or written), then run or skip it, holding
-    the output folder's lock from before its first write to the end."""
+    the output folder's lock from before its first write to the end. `state`: what the runs of this process keep
+    for each other (the BF16 model, tokenized text, the fidelity reference: ptq/state.py); the entry point makes
+    one for the process, and a run given none keeps nothing for another."""
     plan = prepare(cfg)
     inherited = inherited_limit_warning(cfg, overrides)
     if inherited:
@@ -437,7 +442,7 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = ()) -> dict:
         write_run_files(plan, config, overrides)
         with run_log(plan.output_dir), sigterm_raises():
             log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)
-            record = execute(plan, config, holder=lock.holder)
+            record = execute(plan, config, holder=lock.holder, state=state)
     log.info(
         "Finished: checkpoint %s (%.2fx smaller than BF16), record %s",
         record["checkpoint"],

@@ -17,6 +17,7 @@ from conftest import REPO, compose_run, load_tensors, small_run_overrides
 
 from ptq import models
 from ptq.run import run
+from ptq.state import ProcessState
 
 pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
 
@@ -29,21 +30,22 @@ def tiny(tmp_path, tiny_llama_dir, *extra, root="runs"):
     return [o.replace(str(tmp_path / "runs"), str(tmp_path / root)) for o in overrides]
 
 
-@pytest.fixture(autouse=True)
-def empty_model_cache():
-    models.clear_model_cache()
-    yield
-    models.clear_model_cache()
+@pytest.fixture
+def state():
+    """What the runs of one process keep for each other, as launch.py passes it to every run of its process."""
+    kept = ProcessState()
+    yield kept
+    models.clear_model_cache(kept)
 
 
-def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, tmp_path, caplog):
+def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, tmp_path, caplog, state):
     caplog.set_level(logging.INFO, logger="ptq")
-    before = dict(models.load_counts)
     packed = {
-        recipe: run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}"))) for recipe in ("fp8", "int4_awq")
+        recipe: run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}")), state=state)
+        for recipe in ("fp8", "int4_awq")
     }
-    assert models.load_counts["disk"] - before["disk"] == 1  # two runs, one load
-    assert models.load_counts["copy"] - before["copy"] == 1
+    assert state.loads == {"disk": 1, "copy": 1}  # two runs, one load
+    assert state.summary()["models"] == 1 and state.summary()["references"] == 1
     assert packed["fp8"]["details"]["model_load"]["from"] == "disk" and packed["fp8"]["details"]["model_load"]["kept"]
     assert packed["int4_awq"]["details"]["model_load"]["from"] == "copy"
     assert "Keeping the BF16 model for later runs" in caplog.text
@@ -60,47 +62,47 @@ def test_runs_in_one_process_load_once_and_match_separate_loads(tiny_llama_dir, 
         assert not [o for o in gc.get_objects() if isinstance(o, torch.nn.Module) and hasattr(o, "weight_quantizer")]
 
     # The pristine model is untouched by quantizing the copies: no quantizers, the checkpoint's weights.
-    ((pristine, _, _),) = models._pristine.values()
+    ((pristine, _, _),) = state.models.values()
     assert not any(hasattr(m, "weight_quantizer") or hasattr(m, "input_quantizer") for m in pristine.modules())
     assert all(type(m) is torch.nn.Linear for n, m in pristine.named_modules() if n.endswith("_proj"))
     original = load_tensors(tiny_llama_dir)
-    state = pristine.state_dict()
-    assert all(torch.equal(state[name].to(torch.bfloat16), tensor) for name, tensor in original.items())
+    weights = pristine.state_dict()
+    assert all(torch.equal(weights[name].to(torch.bfloat16), tensor) for name, tensor in original.items())
 
     # The same recipes with the model loaded afresh for each run give the same checkpoints and numbers.
-    models.clear_model_cache()
+    models.clear_model_cache(state)
     for recipe in ("fp8", "int4_awq"):
         alone = run(
             *compose_run(
                 tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false", root="alone")
-            )
+            ),
+            state=state,
         )
-        assert alone["details"]["model_load"]["from"] == "disk" and not models._pristine
+        assert alone["details"]["model_load"]["from"] == "disk" and not state.models
         assert alone["fidelity"] == packed[recipe]["fidelity"]
         a, b = load_tensors(Path(alone["checkpoint"])), load_tensors(Path(packed[recipe]["checkpoint"]))
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), recipe
 
 
-def test_switch_off_loads_every_run(tiny_llama_dir, tmp_path):
-    before = models.load_counts["disk"]
+def test_switch_off_loads_every_run(tiny_llama_dir, tmp_path, state):
     for recipe in ("fp8", "int8_sq"):
         record = run(
-            *compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false"))
+            *compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}", "backend.reuse_loaded_model=false")),
+            state=state,
         )
         assert record["status"] == "finished"
-    assert models.load_counts["disk"] - before == 2 and not models._pristine
+    assert state.loads["disk"] == 2 and not state.models
 
 
-def test_no_copy_is_kept_when_two_do_not_fit(tiny_llama_dir, tmp_path, caplog, monkeypatch):
+def test_no_copy_is_kept_when_two_do_not_fit(tiny_llama_dir, tmp_path, caplog, monkeypatch, state):
     caplog.set_level(logging.INFO, logger="ptq")
     size = sum(p.numel() * p.element_size() for p in torch.nn.Linear(1, 1).parameters())  # any small number
     monkeypatch.setattr(models, "available_bytes", lambda device: size)
-    before = models.load_counts["disk"]
     for recipe in ("fp8", "int8_sq"):
-        record = run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}")))
+        record = run(*compose_run(tiny(tmp_path, tiny_llama_dir, f"recipe={recipe}")), state=state)
         assert record["details"]["model_load"]["from"] == "disk" and not record["details"]["model_load"]["kept"]
-    assert models.load_counts["disk"] - before == 2 and not models._pristine
+    assert state.loads["disk"] == 2 and not state.models
     assert "Not keeping the BF16 model" in caplog.text and "each run loads it afresh" in caplog.text
 
 

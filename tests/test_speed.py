@@ -56,12 +56,18 @@ def test_a_text_file_is_tokenized_once_then_read_from_memory_or_disk(tmp_path, s
     calls = []
     real = calib_data.tokens_from_texts
     monkeypatch.setattr(calib_data, "tokens_from_texts", lambda *a, **k: calls.append(1) or real(*a, **k))
+    memo = {}  # a ProcessState's tokens
     args = dict(
-        tokenizer=tokenizer, model_id=str(smollm2_dir), samples=8, seq_len=64, cache_dir=str(tmp_path / "cache")
+        tokenizer=tokenizer,
+        model_id=str(smollm2_dir),
+        samples=8,
+        seq_len=64,
+        cache_dir=str(tmp_path / "cache"),
+        memo=memo,
     )
     first = calib_data.file_tokens(text, **args)
     assert calib_data.file_tokens(text, **args) is first and len(calls) == 1  # same process: memory
-    calib_data._tokens.clear()
+    memo.clear()
     assert torch.equal(calib_data.file_tokens(text, **args), first) and len(calls) == 1  # another process: disk
     assert len(list((tmp_path / "cache" / "text").glob("file-*.pt"))) == 1
     text.write_text("other words. " * 20_000)  # a new version of the file (another size) is tokenized again

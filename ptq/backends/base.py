@@ -11,6 +11,7 @@ from typing import List, MutableMapping, Optional, Protocol
 
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.state import ProcessState
 
 
 @dataclass
@@ -34,8 +35,9 @@ class BackendResult:
 class Backend(Protocol):
     name: str
 
-    def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
-        """Load, calibrate, quantize and export into `export_dir` (a fresh folder the caller renames when valid)."""
+    def run(self, plan: Plan, export_dir: Path, timer: StageTimer, state: ProcessState) -> BackendResult:
+        """Load, calibrate, quantize and export into `export_dir` (a fresh folder the caller renames when valid).
+        `state`: what the runs of this process keep for each other (ptq/state.py)."""
         ...
 
     # What `run` would do is described from the plan alone, without the backend's stack: ptq/backends/describe.py.

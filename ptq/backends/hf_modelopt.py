@@ -20,12 +20,13 @@ from ptq.auto_quantize import AutoQuantizeSearch
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import image_text_inputs, token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
-from ptq.models import last_load, load_model, load_processor
+from ptq.models import load_model, load_processor
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record_parts import StageTimer
+from ptq.state import ProcessState
 from ptq.validate import repair_exclude_modules
 from ptq.vlm import PROCESSOR_FILES
 
@@ -59,7 +60,7 @@ def import_modelopt() -> None:
         raise failed[0]
 
 
-def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: int) -> int:
+def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: int, probed: dict) -> int:
     if requested:
         return requested
     if plan.cfg.hardware.device == "cpu":
@@ -78,7 +79,7 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
             "enable_grad": recipe.score_method == "gradient",
         }
     # The probe runs forward passes of growing batches (seconds on a large model); the points of a sweep in one
-    # process share the model and the device, so it is done once for each.
+    # process share the model and the device, so it is done once for each (`probed`: a ProcessState's batch_sizes).
     cfg = plan.cfg
     key = (
         plan.source.location,
@@ -88,12 +89,9 @@ def auto_batch_size(model, plan: Plan, seq_len: int, samples: int, requested: in
         seq_len,
         tuple(sorted(probe.items())),
     )
-    if key not in _probed:
-        _probed[key] = get_max_batch_size(model, max_sample_length=seq_len, **probe)
-    return max(1, min(_probed[key], samples))
-
-
-_probed: dict = {}
+    if key not in probed:
+        probed[key] = get_max_batch_size(model, max_sample_length=seq_len, **probe)
+    return max(1, min(probed[key], samples))
 
 
 @dataclass
@@ -128,7 +126,15 @@ def prepare_quantization(plan: Plan, model):
 
 
 def quantize(
-    plan: Plan, model, tokenizer, checkpoint: str, quant_cfg, search, batch_size: int, timer: StageTimer
+    plan: Plan,
+    model,
+    tokenizer,
+    checkpoint: str,
+    quant_cfg,
+    search,
+    batch_size: int,
+    timer: StageTimer,
+    state: ProcessState,
 ) -> Quantized:
     """Calibrate and quantize `model` in place (ModelOpt fake quantization)."""
     import modelopt.torch.quantization as mtq
@@ -153,6 +159,7 @@ def quantize(
                 seed=cfg.calib.seed,
                 cache_dir=cfg.cache_dir,
                 sample_batch_size=SAMPLE_BATCH_SIZE,
+                memo=state.tokens,
             )
             batches = [lambda m, b=b: m(b.to(device)) for b in calib.split(batch_size)]
             tokens = int(calib.numel())
@@ -256,7 +263,7 @@ def modelopt_version() -> str:
 class HFModelOptBackend:
     name = "hf_modelopt"
 
-    def run(self, plan: Plan, export_dir: Path, timer: StageTimer) -> BackendResult:
+    def run(self, plan: Plan, export_dir: Path, timer: StageTimer, state: ProcessState) -> BackendResult:
         """load -> BF16 baseline -> quantize (or search) -> recover (recover=qat|qad) -> compare in memory -> export ->
         compare the written file."""
         cfg = plan.cfg
@@ -267,8 +274,9 @@ class HFModelOptBackend:
             # The ModelOpt config, algorithm settings included, is checked before the model is loaded.
             build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
         with timer.stage("load"):
-            model, tokenizer, checkpoint = load_model(
+            loaded = load_model(
                 plan.source,
+                state,
                 device=cfg.hardware.device,
                 dtype=cfg.hardware.dtype,
                 trust_remote_code=cfg.model.trust_remote_code,
@@ -276,29 +284,37 @@ class HFModelOptBackend:
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
                 vision_language=plan.vision_language is not None,
             )
+        model, tokenizer, checkpoint, model_load = loaded.model, loaded.tokenizer, loaded.checkpoint, loaded.how
+        del loaded  # `model` is the one reference: the export and read-back drop it to free its memory
         bf16_bytes = sum(p.numel() for p in model.parameters()) * 2
         quant_cfg, search = prepare_quantization(plan, model)
-        calib_bs = auto_batch_size(model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size)
+        calib_bs = auto_batch_size(
+            model, plan, cfg.calib.seq_len, cfg.calib.size, cfg.calib.batch_size, state.batch_sizes
+        )
         details = {
             "checkpoint_source": checkpoint,
             "calib_batch_size": calib_bs,
             "awq_block_size": plan.awq_block_size,
-            "model_load": last_load(),
+            "model_load": model_load,
             "extensions_dir": extensions,
             "cpu_threads": threads,
         }
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
-        baseline = bf16_baseline(plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, reuse_reference=kept)
+        baseline = bf16_baseline(
+            plan, model, tokenizer, checkpoint, timer, batch_size=calib_bs, state=state, reuse_reference=kept
+        )
 
         # Training after PTQ: its text (sampled from the BF16 model for recover.text=self) and QAD's teacher are
         # taken while the model is still BF16.
         training = None
         if cfg.recover.method != "none":
-            training = recover.prepare(plan, model, tokenizer, checkpoint, timer, sample_batch_size=SAMPLE_BATCH_SIZE)
+            training = recover.prepare(
+                plan, model, tokenizer, checkpoint, timer, state=state, sample_batch_size=SAMPLE_BATCH_SIZE
+            )
         done = Quantized()
         if plan.quantize:
-            done = quantize(plan, model, tokenizer, checkpoint, quant_cfg, search, calib_bs, timer)
+            done = quantize(plan, model, tokenizer, checkpoint, quant_cfg, search, calib_bs, timer, state)
             if done.auto_quantize is not None:
                 details["auto_quantize"] = done.auto_quantize
             if done.expert_coverage is not None:

@@ -43,6 +43,7 @@ from ptq.measure import measure_export
 from ptq.models import resolve_checkpoint
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.state import ProcessState
 from ptq.validate import read_tensor_index
 
 log = logging.getLogger(__name__)
@@ -158,8 +159,14 @@ class MegatronBridgeBackend:
     name = "megatron_bridge"
 
     def run(
-        self, plan: Plan, export_dir: Path, timer: StageTimer, env: Optional[Mapping[str, str]] = None
+        self,
+        plan: Plan,
+        export_dir: Path,
+        timer: StageTimer,
+        state: Optional[ProcessState] = None,
+        env: Optional[Mapping[str, str]] = None,
     ) -> BackendResult:
+        """The steps run as their own processes (torchrun): nothing of `state` applies to them."""
         env = dict(os.environ if env is None else env)
         use_extension_cache(plan.cfg.cache_dir, env)  # the steps' ModelOpt builds its kernels there too
         if plan.cfg.model.arch == "mamba_hybrid":
