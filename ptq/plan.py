@@ -694,7 +694,8 @@ def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tupl
     if not spec_of(cfg).vision_language:
         raise ConfigError(
             f"{where} is a vision-language model ({title}), which backend={cfg.backend.name} does not quantize here "
-            "yet (Megatron-Bridge's quantize_vlm.py is not wired up); use backend=hf_modelopt."
+            "yet: Megatron-Bridge's quantize_vlm.py calibrates only on COCO from the Hugging Face Hub or on random "
+            "images, not on a local file (docs/vlm.md); use backend=hf_modelopt."
         )
     if cfg.recover.method != "none":
         raise ConfigError(

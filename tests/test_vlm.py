@@ -52,7 +52,7 @@ def test_a_checkpoint_loaded_by_hub_id_is_declared_a_vlm_by_model_vision_languag
         (
             ["backend=megatron_bridge", "calib.dataset=cnn_dailymail", "recipe=fp8", "hardware=h100"],
             replace(GPU_FACTS, gpu_count=1),
-            "quantize_vlm.py is not wired up",
+            "quantize_vlm.py calibrates only on COCO",
         ),
         (["recover=qat", "recipe=int4_awq"], None, "recover=qat with a vision-language model"),
         (["recipe=auto_quantize_cpu"], None, "searches per-layer formats"),
