@@ -23,10 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibration import SHAPES, build_model, recipe_config, sync, versions  # noqa: E402
-from ptq.evaluation import (
-    read_multiple_choice,  # noqa: E402
-    run_benchmarks,  # noqa: E402
-)
+from ptq.evaluation.readers import read_multiple_choice  # noqa: E402
+from ptq.evaluation.runner import run_benchmarks  # noqa: E402
 from ptq.schema import BenchmarkConfig, EvalConfig  # noqa: E402
 
 

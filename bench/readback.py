@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.calibration import SHAPES as CALIBRATION_SHAPES  # noqa: E402
 from ptq import exported, fidelity  # noqa: E402
+from ptq.exported import simulation  # noqa: E402
 
 SHAPES = CALIBRATION_SHAPES
 # The recipes' ModelOpt configs (conf/recipe/*.yaml), with the launcher's default exclusion of lm_head.
@@ -168,9 +169,9 @@ def load_before(path: str):
 
 
 def read_back(module, export_dir: Path, device: str, tokens, fid_bs: int, ref, parts: dict) -> tuple:
-    """(fidelity figures, Simulation summary) of the export read back through `module` (ptq.exported or the copy
-    of its earlier version); parts gets the time of simulate, of AutoModelForCausalLM.from_pretrained where it
-    is called, and of the whole load and compare."""
+    """(fidelity figures, Simulation summary) of the export read back through `module` (ptq.exported.simulation,
+    or the copy of the earlier ptq/exported.py); parts gets the time of simulate, of
+    AutoModelForCausalLM.from_pretrained where it is called, and of the whole load and compare."""
     from transformers import AutoModelForCausalLM
 
     stage = Stages(parts)
@@ -231,7 +232,9 @@ def run_point(shape: str, recipe: str, source: Path, work: Path, args, before, r
     free()
     save()
     parts = point.setdefault("read_back_s", {})
-    point["read_back"], point["simulated"] = read_back(exported, export_dir, device, tokens, args.fid_batch, ref, parts)
+    point["read_back"], point["simulated"] = read_back(
+        simulation, export_dir, device, tokens, args.fid_batch, ref, parts
+    )
     times["read_back"] = parts["total"]
     run = sum(times[k] for k in ("load", "reference", "calibrate", "fidelity", "export", "read_back"))
     point["run_s"] = round(run, 3)

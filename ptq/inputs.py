@@ -15,7 +15,7 @@ from typing import Optional
 
 from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
-from ptq.evaluation import check_eval_config
+from ptq.evaluation.readers import check_eval_config
 from ptq.files import nearest_existing, safetensors_header
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig

@@ -15,7 +15,7 @@ from typing import List, Optional, Sequence
 
 from ptq import recipe_files
 from ptq.backend_spec import spec_of
-from ptq.backends import check_before_run, describe_steps, get_backend
+from ptq.backends import check_before_run, describe_steps, get_backend, resolved_recipe
 from ptq.cluster import process_rank
 from ptq.errors import ConfigError
 from ptq.files import publish_folder, write_json_atomic, write_text_atomic
@@ -24,7 +24,6 @@ from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
 from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
-from ptq.recipes import build_quant_config
 from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
 from ptq.schema import RunConfig, eval_tag
 from ptq.state import ProcessState
@@ -370,21 +369,6 @@ def dry_run(plan: Plan) -> dict:
             print(f"ModelOpt configuration it applies (the {recipe_files.WRITTEN_NAME} it writes):")
             print(recipe_files.recipe_text(resolved).rstrip())
     return summary
-
-
-def resolved_recipe(plan: Plan) -> Optional[dict]:
-    """The configuration a one-format in-process run hands ModelOpt (the recipe file it writes beside the checkpoint),
-    None where there is none to show: BF16, a per-layer search (its choice is made on the model), another backend
-    (Megatron-Bridge takes the recipe by name), or no ModelOpt installed here (a login node that only submits)."""
-    cfg = plan.cfg
-    if not (plan.quantize and spec_of(cfg).recipe_files) or cfg.recipe.candidates:
-        return None
-    try:
-        quant_cfg = build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
-    except ImportError as exc:
-        log.info("ModelOpt cannot be imported here (%s): the resolved configuration is not shown", exc)
-        return None
-    return recipe_files.applied_recipe(quant_cfg, f"{cfg.recipe.name} as it would be applied to {cfg.model.name}")
 
 
 def inherited_limit_warning(cfg: RunConfig, overrides: Sequence[str]) -> Optional[str]:

@@ -214,15 +214,6 @@ class ParallelismConfig:
 
 
 @dataclass
-class ClusterConfig:
-    # "local": Hydra's own launcher, points run one after another in this process.
-    # "slurm" (and "slurm_pyxis"): one Slurm job per point through the Slurm launcher, whose settings are
-    # hydra-submitit-launcher's own schema under `hydra.launcher`, extended (hydra_plugins/ptq_slurm_launcher);
-    # resources left unset there are derived per point (ptq/cluster.py).
-    name: str = MISSING
-
-
-@dataclass
 class BackendConfig:
     name: BackendName = MISSING
     # hf_modelopt: keep the loaded BF16 model in memory (when two copies fit) and hand each run of
@@ -374,7 +365,6 @@ class RunConfig:
     recipe: RecipeConfig = MISSING
     hardware: HardwareConfig = MISSING
     parallelism: ParallelismConfig = MISSING
-    cluster: ClusterConfig = MISSING
     backend: BackendConfig = MISSING
     calib: CalibConfig = MISSING
     fidelity: FidelityConfig = MISSING

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from ptq.exported import read_tensors as load_tensors  # noqa: F401  (tests import it from here)
+from ptq.exported.reading import read_tensors as load_tensors  # noqa: F401  (tests import it from here)
 from ptq.plan import Facts, make_plan
 from ptq.schema import register_schemas
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, REPO, compose_dict, compose_run
+from conftest import CONF, REPO, compose_run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
@@ -28,9 +28,13 @@ def compose_slurm(overrides):
 def test_cluster_slurm_selects_the_checking_launcher():
     with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
         cfg = compose(config_name="config", overrides=["cluster=slurm"], return_hydra_config=True)
+        default = compose(config_name="config", return_hydra_config=True)
     assert cfg.hydra.launcher._target_.endswith("PtqSlurmLauncher")
-    assert cfg.cluster.name == "slurm"
-    assert compose_dict([]).cluster.name == "local"
+    assert cfg.hydra.runtime.choices.cluster == "slurm"
+    assert default.hydra.runtime.choices.cluster == "local"
+    assert default.hydra.launcher._target_.endswith("BasicLauncher")
+    # The choice selects the launcher; it adds nothing to the run's config.
+    assert "cluster" not in cfg and "cluster" not in default
 
 
 def test_cpu_point_asks_for_cpus_and_memory_only():

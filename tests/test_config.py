@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 from conftest import CONF, compose_dict, compose_run
+from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
 from omegaconf.errors import ConfigKeyError, ValidationError
 
+from hydra_plugins.ptq_slurm_launcher.ptq_slurm_launcher import PtqSlurmLauncherConf
 from ptq.errors import ConfigError
 from ptq.plan import Facts, make_plan
 from ptq.recipes import build_quant_config, disabled_patterns
 
 # `sweep` is not a group of one run: its options set Hydra's sweep parameters (tests/test_cluster.py).
 GROUPS = sorted(p.name for p in CONF.iterdir() if p.is_dir() and p.name != "sweep")
+# Groups that set how points are launched and add no node to the run's config: `cluster` selects Hydra's launcher,
+# `local` holds a user's own cluster settings, which the Slurm cluster options read.
+LAUNCH_GROUPS = ("cluster", "local")
 
 
 def options(group):
@@ -27,6 +35,7 @@ def test_groups_are_the_documented_ones():
         "eval",
         "fidelity",
         "hardware",
+        "local",
         "model",
         "parallelism",
         "recipe",
@@ -75,14 +84,56 @@ def test_groups_are_the_documented_ones():
 @pytest.mark.parametrize("group", GROUPS)
 def test_every_option_composes_into_the_typed_schema(group):
     for option in options(group):
-        cfg, resolved = compose_run([f"{group}={option}"])
+        cfg, resolved = compose_run([*(["cluster=slurm"] if group == "local" else []), f"{group}={option}"])
+        assert resolved["output_dir"].startswith("runs/")
+        if group in LAUNCH_GROUPS:
+            assert not hasattr(cfg, group)
+            continue
         node = getattr(cfg, group)
         # Options that carry a name must carry their own file's name, so records name them right.
         if hasattr(node, "name"):
             # Mixed-precision recipes add their budget (auto_quantize_4.8b), so budgets get their own folders.
             budget = f"_{node.effective_bits}b" if group == "recipe" and node.candidates else ""
             assert node.name == option + budget, f"{group}/{option}.yaml says name={node.name}"
-        assert resolved["output_dir"].startswith("runs/")
+
+
+def _compose(conf, overrides) -> tuple:
+    """(the run's config, hydra.launcher) as plain dicts, composed from the config folder `conf`."""
+    with initialize_config_dir(config_dir=str(conf), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides), return_hydra_config=True)
+    config = OmegaConf.to_container(cfg, resolve=False)
+    return {k: v for k, v in config.items() if k != "hydra"}, config["hydra"]["launcher"]
+
+
+def test_a_users_local_file_sets_the_slurm_account_and_nothing_else(tmp_path):
+    """conf/local/default.yaml (a user's own, ignored by git) is read by cluster=slurm and cluster=slurm_pyxis: its
+    account and partitions reach the Slurm launcher and win over the cluster option's own settings, the command
+    line wins over it, and cluster=local never reads it. Without the file nothing changes."""
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF, conf)
+    (conf / "local" / "default.yaml").unlink(missing_ok=True)  # a user's own file in this checkout
+    clusters = ("local", "slurm", "slurm_pyxis")
+    before = {c: _compose(conf, [f"cluster={c}"]) for c in clusters}
+    # Without the file, cluster=slurm's launcher settings are the launcher's own defaults.
+    assert before["slurm"][1] == OmegaConf.to_container(OmegaConf.structured(PtqSlurmLauncherConf))
+    (conf / "local" / "default.yaml").write_text(
+        "# @package _global_\nhydra:\n  launcher:\n    account: my_lab\n    partition: gpu,gpu_long\n"
+        "    container_image: my/image:1\n"
+    )
+    after = {c: _compose(conf, [f"cluster={c}"]) for c in clusters}
+    assert after["local"] == before["local"]
+    for cluster in ("slurm", "slurm_pyxis"):
+        run, launcher = after[cluster]
+        assert run == before[cluster][0]  # the run's config, and so its hash and folder, is the same
+        assert (launcher["account"], launcher["partition"]) == ("my_lab", "gpu,gpu_long")
+        assert launcher["container_image"] == "my/image:1"  # over slurm_pyxis's NeMo image
+        changed = {k for k in launcher if launcher[k] != before[cluster][1][k]}
+        assert changed == {"account", "partition", "container_image"}
+    _, launcher = _compose(conf, ["cluster=slurm", "hydra.launcher.account=other"])
+    assert (launcher["account"], launcher["partition"]) == ("other", "gpu,gpu_long")
+    # The template in the repository composes, as `local=example`.
+    _, launcher = _compose(CONF, ["cluster=slurm", "local=example"])
+    assert (launcher["account"], launcher["partition"]) == ("my_account", "gpu")
 
 
 def test_unknown_option_lists_the_valid_ones():

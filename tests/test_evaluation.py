@@ -13,14 +13,9 @@ import pytest
 from conftest import REPO, compose_run, small_run_overrides
 
 from ptq.errors import ConfigError
-from ptq.evaluation import (
-    _final_number,
-    _split_documents,
-    cached_baseline,
-    check_eval_config,
-    load_tasks,
-    read_multiple_choice,
-)
+from ptq.evaluation.baseline import cached_baseline
+from ptq.evaluation.readers import _final_number, _split_documents, check_eval_config, read_multiple_choice
+from ptq.evaluation.tasks import load_tasks
 from ptq.report import build_report
 from ptq.run import run
 from ptq.schema import BenchmarkConfig, EvalConfig
@@ -296,7 +291,7 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptq.evaluation import run_benchmarks
+    from ptq.evaluation.runner import run_benchmarks
 
     data = tmp_path / "math.jsonl"
     data.write_text(
@@ -334,7 +329,7 @@ def test_generation_benchmark_runs_through_lm_eval(tiny_llama_dir, tmp_path):
 
 def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
     """MMLU-style: 25 items must not all come from the first file (abstract algebra)."""
-    from ptq.evaluation import load_tasks, stratified_indices
+    from ptq.evaluation.tasks import load_tasks, stratified_indices
 
     subjects = ["algebra"] * 10 + ["anatomy"] * 4 + ["astronomy"] * 10
     picked = stratified_indices(subjects, 9)
@@ -365,7 +360,7 @@ def test_a_limit_on_a_folder_of_subjects_samples_every_subject(tmp_path):
 
 
 def test_per_item_scores_are_kept_only_where_their_mean_is_the_result():
-    from ptq.evaluation import item_scores
+    from ptq.evaluation.scores import item_scores
 
     samples = [
         {"doc_id": 1, "filter": "none", "acc": 0.0, "word_perplexity": (-10.0, 4)},
@@ -379,7 +374,7 @@ def test_per_item_scores_are_kept_only_where_their_mean_is_the_result():
 
 def test_a_benchmark_fingerprint_changes_with_what_was_measured(tmp_path):
     """Two results are compared only when measured on the same data, items and settings (the report matches on it)."""
-    from ptq.evaluation import fingerprint
+    from ptq.evaluation.tasks import fingerprint
 
     data = tmp_path / "mc.jsonl"
     data.write_text(json.dumps({"question": "q?", "choices": ["a", "b"], "answer": 0}) + "\n")
@@ -491,7 +486,7 @@ def _write(path, rows):
 
 
 def test_winogrande_and_last_word_files_are_read_and_checked(tmp_path):
-    from ptq.evaluation import read_last_words
+    from ptq.evaluation.readers import read_last_words
 
     wino = tmp_path / "wino.jsonl"
     _write(wino, WINO_ROWS)
@@ -529,7 +524,7 @@ def test_partial_scoring_last_word_and_subject_scores_through_lm_eval(tiny_llama
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ptq.evaluation import run_benchmarks
+    from ptq.evaluation.runner import run_benchmarks
 
     wino = tmp_path / "wino.jsonl"
     _write(wino, WINO_ROWS)
@@ -623,7 +618,7 @@ def test_a_perplexity_over_documents_gets_a_jackknife_standard_error():
     """lm-eval gives word/byte perplexity no standard error; the documents' (log-likelihood, words) pairs do."""
     import math
 
-    from ptq.evaluation import ratio_stderr
+    from ptq.evaluation.scores import ratio_stderr
 
     docs = [(-20.0, 10), (-36.0, 12), (-12.0, 8), (-50.0, 20)]
     samples = [{"filter": "none", "word_perplexity": d, "bits_per_byte": d} for d in docs]

@@ -1,4 +1,4 @@
-"""Reading an exported checkpoint back (ptq/exported.py): the unpacking matches ModelOpt's packing, the model
+"""Reading an exported checkpoint back (ptq/exported/): the unpacking matches ModelOpt's packing, the model
 read back holds exactly the stored numbers, a broken export is caught (by the full read-back and by the cheaper
 stored-weight check), and formats that cannot be simulated are refused with a clear message."""
 
@@ -16,15 +16,10 @@ from conftest import compose_run, small_run_overrides
 from safetensors.torch import load_file, save_file
 
 from ptq.errors import ConfigError
-from ptq.exported import (
-    check_stored_weights,
-    dequantize_weight,
-    load_exported,
-    nvfp4_fake_quant,
-    read_tensors,
-    unpack_int4,
-    unreadable_formats,
-)
+from ptq.exported.dequantize import dequantize_weight, nvfp4_fake_quant, unpack_int4
+from ptq.exported.reading import read_tensors, unreadable_formats
+from ptq.exported.simulation import load_exported
+from ptq.exported.stored_weights import check_stored_weights
 from ptq.run import run
 from ptq.validate import export_fidelity_problems
 

@@ -10,12 +10,13 @@ from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
 from transformers import PreTrainedModel
 
 from ptq.errors import ConfigError
-from ptq.exported import check_stored_weights
+from ptq.exported.stored_weights import check_stored_weights
 from ptq.formats import STORED_WEIGHTS_CHECK
 from ptq.models import kept_model
 from ptq.plan import ModelSource
 from ptq.report.read import variant_label
 from ptq.run import run
+from ptq.state import ProcessState
 
 
 @pytest.mark.parametrize(
@@ -178,14 +179,15 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
             *extra,
         )
         cfg, resolved = compose_run(overrides)
-        record = run(cfg, resolved)
+        record = run(cfg, resolved, state=state)
         assert record["status"] == "finished", record.get("error")
         return record["recovery"]
 
+    state = ProcessState()
     kept = qad()
     assert kept["teacher"].startswith("the pristine BF16 model this process keeps")
     teacher = kept_model(
-        ModelSource("local", str(tiny_llama_dir)), device="cpu", dtype="float32", trust_remote_code=False
+        state, ModelSource("local", str(tiny_llama_dir)), device="cpu", dtype="float32", trust_remote_code=False
     )
     assert teacher is not None and all(p.requires_grad for p in teacher.parameters())
     assert "_modelopt_cache" not in PreTrainedModel.__dict__

@@ -9,10 +9,15 @@ described without it (describe.py), so a dry run imports no torch.
 from __future__ import annotations
 
 import importlib
+import logging
+from typing import Optional
 
+from ptq import recipe_files
 from ptq.backends.base import Backend, BackendResult, use_extension_cache
 from ptq.backends.describe import DESCRIBERS, describe_steps
 from ptq.errors import ConfigError
+
+log = logging.getLogger(__name__)
 
 REGISTRY = {
     "hf_modelopt": "ptq.backends.hf_modelopt:HFModelOptBackend",
@@ -58,4 +63,30 @@ def check_before_run(plan) -> None:
             )
 
 
-__all__ = ["Backend", "BackendResult", "DESCRIBERS", "REGISTRY", "check_before_run", "describe_steps", "get_backend"]
+def resolved_recipe(plan) -> Optional[dict]:
+    """The configuration a one-format in-process run hands ModelOpt (the recipe file it writes beside the checkpoint),
+    for dry runs; None where there is none to show: BF16, a per-layer search (its choice is made on the model),
+    Megatron-Bridge (it takes the recipe by name), or no ModelOpt installed here (a login node that only submits).
+    Imports ModelOpt (and torch), so dry runs pay that once, after planning."""
+    cfg = plan.cfg
+    if cfg.backend.name != "hf_modelopt" or not plan.quantize or cfg.recipe.candidates:
+        return None
+    try:
+        recipes = importlib.import_module("ptq.recipes")
+        quant_cfg = recipes.build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    except ImportError as exc:
+        log.info("ModelOpt cannot be imported here (%s): the resolved configuration is not shown", exc)
+        return None
+    return recipe_files.applied_recipe(quant_cfg, f"{cfg.recipe.name} as it would be applied to {cfg.model.name}")
+
+
+__all__ = [
+    "Backend",
+    "BackendResult",
+    "DESCRIBERS",
+    "REGISTRY",
+    "check_before_run",
+    "describe_steps",
+    "get_backend",
+    "resolved_recipe",
+]

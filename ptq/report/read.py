@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from ptq.evaluation import subject_name
+from ptq.evaluation.scores import subject_name
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
 from ptq.recipe_files import WRITTEN_NAME
