@@ -1,4 +1,4 @@
-"""Read-back of an exported checkpoint (ptq/exported.py) against ModelOpt called directly, on one GPU.
+"""Read-back of an exported checkpoint (ptq/exported/) against ModelOpt called directly, on one GPU.
 
 For each model shape (random weights, real shapes) and recipe, in one process:
   - ModelOpt called directly, as the in-process backend runs it: load the BF16 checkpoint, BF16 reference
@@ -9,7 +9,7 @@ For each model shape (random weights, real shapes) and recipe, in one process:
     plain tensors, tokenizer), the comparison; where the read-back goes through AutoModelForCausalLM (the
     earlier one does), its from_pretrained is timed too;
   - the stored-weight check (check_stored_weights against the source checkpoint);
-  - optionally the read-back as it was before (a copy of the earlier ptq/exported.py, `--before`), on the
+  - optionally the read-back as it was before (a copy of the earlier ptq/exported/, `--before`), on the
     same checkpoint, for its time and to show that both give the same figures.
 Each stage is timed after a CUDA synchronisation. A warm-up point on a one-layer model pays ModelOpt's CUDA
 extension builds and first imports first. The JSON is rewritten after every stage.
@@ -170,7 +170,7 @@ def load_before(path: str):
 
 def read_back(module, export_dir: Path, device: str, tokens, fid_bs: int, ref, parts: dict) -> tuple:
     """(fidelity figures, Simulation summary) of the export read back through `module` (ptq.exported.simulation,
-    or the copy of the earlier ptq/exported.py); parts gets the time of simulate, of
+    or the copy of the earlier ptq/exported/); parts gets the time of simulate, of
     AutoModelForCausalLM.from_pretrained where it is called, and of the whole load and compare."""
     from transformers import AutoModelForCausalLM
 
@@ -333,7 +333,7 @@ def main() -> None:
     parser.add_argument("--fid-samples", type=int, default=32, help="hardware=h200's fidelity.samples")
     parser.add_argument("--fid-len", type=int, default=512)
     parser.add_argument("--fid-batch", type=int, default=8, help="the backend's fidelity batch (at most 8)")
-    parser.add_argument("--before", help="a copy of the earlier ptq/exported.py to time on the same exports")
+    parser.add_argument("--before", help="a copy of the earlier ptq/exported/ to time on the same exports")
     parser.add_argument("--before-points", default="all", help="'all' or shape:recipe,... to run --before on")
     parser.add_argument("--tamper", action="store_true", help="also check a copy with one weight scale x4")
     args = parser.parse_args()

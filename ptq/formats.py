@@ -3,7 +3,7 @@
 Three tables:
 - EXPORT_FORMATS, keyed by the `quant_algo` a ModelOpt unified checkpoint names in hf_quant_config.json:
   the weight dtype a quantized layer holds, how its input is quantized, whether the read-back
-  (ptq/exported.py) can compute with it, and whether ModelOpt's Megatron-Core export writes it.
+  (ptq/exported/) can compute with it, and whether ModelOpt's Megatron-Core export writes it.
   tests/test_formats.py checks every key against the installed ModelOpt's own format names.
 - CANDIDATES, keyed by ModelOpt config name: what AutoQuantize (ptq/auto_quantize.py) may choose per
   layer, with the bits it charges; the same test checks the bits against ModelOpt's.
@@ -26,12 +26,12 @@ class ExportFormat:
     # How the layer's input is quantized: None (weight-only), "fp8", "int8" (static scales) or "nvfp4"
     # (dynamic per-block scales under a static global one); "fp8_dynamic" is per-token at run time.
     activation: Optional[str]
-    # The read-back of ptq/exported.py can compute with it.
+    # The read-back of ptq/exported/ can compute with it.
     readback: bool = True
     # ModelOpt 0.47's Megatron-Core export (Megatron-Bridge's export.py) writes it. Measured on H200s: it
     # raises on SmoothQuant scales and writes AWQ models without hf_quant_config.json.
     megatron_export: bool = False
-    # The stored-weight check (ptq/exported.py): the largest relative error |stored - source| / |source| of a
+    # The stored-weight check (ptq/exported/): the largest relative error |stored - source| / |source| of a
     # layer's dequantized weight, above the rounding of the grid (FP8 E4M3 about 0.03, NVFP4 about 0.1, INT8
     # about 0.01 on Gaussian weights); None where the check cannot judge the format.
     weight_error_bound: Optional[float] = None
@@ -107,7 +107,7 @@ def serving_engines(quant_algo: Optional[str], kv_cache_quant_algo: Optional[str
     return list(engines)
 
 
-# The `check` a record names for ptq/exported.py's check_stored_weights (validate.py reads it back).
+# The `check` a record names for ptq/exported/'s check_stored_weights (validate.py reads it back).
 STORED_WEIGHTS_CHECK = "stored weights"
 
 

@@ -5,9 +5,9 @@
     fidelity, evaluation = compare(plan, model, tokenizer, baseline, timer)
 
 `bf16_baseline` takes from the BF16 model what every comparison needs: the held-out text (fidelity.text),
-the BF16 next-token distributions on it (ptq/fidelity.py) and the BF16 benchmark scores (ptq/evaluation.py,
+the BF16 next-token distributions on it (ptq/fidelity.py) and the BF16 benchmark scores (ptq/evaluation/,
 cached per model and settings). `compare` scores another model (the fake-quantized one in memory, or a
-checkpoint read back from disk by ptq/exported.py) on the same tokens and benchmarks.
+checkpoint read back from disk by ptq/exported/) on the same tokens and benchmarks.
 `measure_written` reads an exported checkpoint back and compares it; `measure_export` does the whole
 measurement for a checkpoint this process did not quantize (the Megatron-Bridge backend's).
 """

@@ -267,12 +267,12 @@ class FidelityConfig:
     seq_len: int = 512
     batch_size: int = 0
     seed: int = 4321
-    # After the export, read the written checkpoint back from disk (ptq/exported.py) and measure it as well:
+    # After the export, read the written checkpoint back from disk (ptq/exported/) and measure it as well:
     # it must score like the in-memory model, or the export is broken and the run fails validation.
     exported: bool = True
     # "weights": dequantize each stored layer and compare it with the source checkpoint's weight (catches a wrong
     # scale; AWQ and SmoothQuant exports fall back to "full"). "full": read the whole checkpoint back and measure
-    # its KL against BF16 like the in-memory model (ptq/exported.py).
+    # its KL against BF16 like the in-memory model (ptq/exported/).
     exported_check: ExportedCheck = ExportedCheck.weights
     # Allowed: mean KL of the export <= tolerance x the in-memory model's + 0.005 (the two differ by rounding:
     # ModelOpt rounds the exported weights through BF16 before FP8).

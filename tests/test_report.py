@@ -1195,7 +1195,7 @@ def test_the_worst_significant_loss_stands_beside_the_median_and_in_the_recovery
 
 
 def test_per_subject_rows_are_named_after_the_subject_not_its_file():
-    """ptq/evaluation.py names a subject row `mmlu:<subject>` (not after anatomy_test.csv); records written before
+    """ptq/evaluation/ names a subject row `mmlu:<subject>` (not after anatomy_test.csv); records written before
     are read under the same names, so an old BF16 subject still pairs with a new variant's."""
     from ptq.evaluation.scores import subject_rows
 

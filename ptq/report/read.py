@@ -193,7 +193,7 @@ def _higher_is_better(entry: dict) -> bool:
 
 def _subject_and_benchmark(entry: dict, benchmark: str) -> Tuple[str, str]:
     """(subject, benchmark) of an entry; a per-subject row is named `<benchmark>:<subject>`, the subject as
-    ptq/evaluation.py names it now (records written before named it after the file: `mmlu:anatomy_test`)."""
+    ptq/evaluation/ names it now (records written before named it after the file: `mmlu:anatomy_test`)."""
     subject = entry.get("subject") if isinstance(entry.get("subject"), str) else ""
     if not subject:
         return "", benchmark
@@ -240,7 +240,7 @@ def _benchmark_entries(entries) -> List[dict]:
                 "higher_is_better": _higher_is_better(entry),
                 "fingerprint": entry.get("fingerprint") or "",
                 "items": item_scores_by_id(items),
-                # A fingerprinted result without a count evaluated every item (ptq/evaluation.py fingerprint).
+                # A fingerprinted result without a count evaluated every item (ptq/evaluation/ fingerprint).
                 "setting": (
                     "all items"
                     if entry.get("fingerprint") and "items" in entry and items is None
