@@ -688,6 +688,13 @@ def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tupl
                 f"image-text pairs, and {where} is a text model with no vision tower to read the images; give it "
                 'text (a .txt file, or JSONL rows of {"text": ...}).'
             )
+    images = [b.name for b in cfg.eval.benchmarks if b.kind == "image_choice"] if cfg.eval.enabled else []
+    if images and not vision_language:
+        raise ConfigError(
+            f"eval benchmark {images[0]} asks questions about images (kind image_choice), and {where} is a text "
+            "model with no vision tower to read them; drop it from eval.benchmarks, or evaluate a vision-language "
+            "model."
+        )
     if not vision_language:
         return None, "text", "text"
     title = vlm.family(vision_language).title

@@ -68,6 +68,9 @@ class BenchmarkKind(StrEnum):
     # LAMBADA-style: each passage's last word predicted from the rest (accuracy: the greedy continuation is the
     # word; perplexity of the word).
     last_word = "last_word"
+    # Vision-language models: a question about a local image with choices ({image, question, choices, answer}),
+    # scored by each choice's log-likelihood in process (ptq/evaluation/images.py).
+    image_choice = "image_choice"
 
 
 class ExportedCheck(StrEnum):

@@ -4,7 +4,7 @@ that calibrate them. Torch-free: planning reads it before any model is loaded.
 Only the language model of a VLM is quantized. The vision tower and the projector that maps its features into
 the language model's embedding space stay in BF16: their module patterns join the run's exclusions, so ModelOpt
 leaves their quantizers off and its export names them in `exclude_modules`, and validation checks every vision
-weight of the export against the source (ptq/layerkinds.py's `vision` kind; ptq/exported/'s
+weight of the export against the source (ptq/layerkinds.py's `vision` kind; ptq/validate.py's
 `compare_vision_tensors`).
 
 An image-text calibration file is JSONL with one pair per line: {"image": "<path>", "text": "<prompt or caption>"},

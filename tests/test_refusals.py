@@ -102,6 +102,14 @@ CASES = [
         "is a text model with no vision tower",
     ),
     (
+        "eval benchmark of questions about images (kind image_choice) for a text model",
+        lambda d: [
+            "eval=local_quick",
+            f"eval.benchmarks=[{{name: pics, kind: image_choice, path: '{d / 'q.jsonl'}'}}]",
+        ],
+        "asks questions about images",
+    ),
+    (
         "image-text calibration file naming an image that does not exist",
         lambda d: [f"model.path={model_folder(d, VLM_CONFIG)}", f"calib.dataset={pairs_file(d)}", "calib.size=4"],
         ":1: image missing.png does not exist",

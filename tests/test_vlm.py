@@ -13,6 +13,7 @@ from conftest import GGUF_FACTS, GPU_FACTS, compose_run, plan_for, small_run_ove
 
 from ptq import layerkinds, vlm
 from ptq.errors import ConfigError
+from ptq.evaluation.readers import read_image_choice
 from ptq.report.calib_kinds import finding
 from ptq.report.render import render_markdown
 from ptq.report.tables import build_report
@@ -154,6 +155,33 @@ def test_the_vision_tower_is_compared_byte_for_byte_with_the_source(tmp_path):
     assert not changed["identical"] and changed["differing"] == ["visual.merger.mlp.0.weight"]
 
 
+def image_choice_file(folder: Path, image: str, answer=0) -> Path:
+    path = folder / "pictures.jsonl"
+    row = {
+        "image": image,
+        "question": "What is shown?",
+        "choices": ["A person", "A gift box", "A logo"],
+        "answer": answer,
+    }
+    path.write_text(json.dumps(row) + "\n" + json.dumps({**row, "answer": 2}) + "\n")
+    return path
+
+
+def test_image_choice_items_are_read_and_checked_before_loading(tmp_path):
+    (tmp_path / "a.png").write_bytes(b"not read here")
+    [first, second] = read_image_choice(image_choice_file(tmp_path, "a.png"))
+    assert first["image"] == str((tmp_path / "a.png").resolve()) and first["gold"] == 0 and second["gold"] == 2
+    assert first["prompt"] == "What is shown?\nAnswer with one of the choices."
+    with pytest.raises(ConfigError, match=r"pictures.jsonl:1: image b.png is not an image file"):
+        read_image_choice(image_choice_file(tmp_path, "b.png"))
+    with pytest.raises(ConfigError, match=r":1: \"answer\" 3 is not an index into its 3 choices"):
+        read_image_choice(image_choice_file(tmp_path, "a.png", answer=3))
+    bench = f"eval.benchmarks=[{{name: pics, kind: image_choice, path: '{image_choice_file(tmp_path, 'a.png')}'}}]"
+    with pytest.raises(ConfigError, match="asks questions about images"):
+        plan_for(["eval=local_quick", bench])
+    assert plan_for(["eval=local_quick", bench, "model.path=/m"], vlm_facts()).vision_language == "gemma3"
+
+
 def test_a_difference_is_a_finding_only_when_its_interval_excludes_zero():
     assert finding(-0.02, -0.01) == "images calibrate better (lower KL)"
     assert finding(0.01, 0.03) == "images calibrate worse (higher KL)"
@@ -261,3 +289,28 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
     assert row["kl_difference_lo"] < row["kl_difference"] < row["kl_difference_hi"]
     assert row["finding"] == finding(row["kl_difference_lo"], row["kl_difference_hi"])
     assert "image-text against text calibration" in render_markdown(report)
+
+
+@pytest.mark.slow
+def test_a_vlm_is_evaluated_on_questions_about_images_against_bf16(gemma3_vl_tiny_dir, image_pairs, tmp_path):
+    rows = [
+        ("images/grace_hopper.jpg", ["A person", "A gift box", "A logo"], 0),
+        ("images/Minduka_Present_Blue_Pack.png", ["A person", "A gift box", "A logo"], 1),
+        ("images/logo2.png", ["A person", "A gift box", "A logo"], 2),
+    ]
+    questions = image_pairs.parent / "questions.jsonl"
+    questions.write_text(
+        "".join(
+            json.dumps({"image": i, "question": "What is shown?", "choices": c, "answer": a}) + "\n" for i, c, a in rows
+        )
+    )
+    bench = f"eval.benchmarks=[{{name: pictures, kind: image_choice, path: '{questions}'}}]"
+    record = vlm_run(tmp_path, gemma3_vl_tiny_dir, "eval=local_quick", bench, "eval.limit=null")
+    assert record["status"] == "finished", record.get("error")
+    evaluation = record["evaluation"]
+    for side in (evaluation["results"], evaluation["baseline"]):
+        scored = {r["metric"]: r for r in side if r["benchmark"] == "pictures"}
+        assert set(scored) == {"acc", "acc_norm"}
+        for row in scored.values():
+            assert row["items"]["doc_ids"] == [0, 1, 2] and set(row["items"]["scores"]) <= {0.0, 1.0}
+            assert row["value"] == pytest.approx(sum(row["items"]["scores"]) / 3) and row["fingerprint"]

@@ -15,6 +15,7 @@ from ptq.errors import ConfigError
 from ptq.plan import SAFE_NAME
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 from ptq.textfiles import checked_once, lines, read_jsonl, read_text
+from ptq.vlm import IMAGE_SUFFIXES
 
 KINDS = tuple(BenchmarkKind)
 MC_FORMATS = tuple(ChoiceFormat)
@@ -296,6 +297,41 @@ FETCH_HINT = (
 )
 
 
+# The prompt of an image_choice item (its `template` when the benchmark gives none).
+IMAGE_CHOICE_TEMPLATE = "{question}\nAnswer with one of the choices."
+
+
+def read_image_choice(path: Path, template: Optional[str] = None) -> List[dict]:
+    """Items {"image", "prompt", "choices", "gold"} of an image_choice file; every problem names file and line."""
+    path = Path(path)
+    items = []
+    for number, row in read_jsonl(path):
+        where = f"{path}:{number}"
+        image, choices, answer = row.get("image"), row.get("choices"), row.get("answer")
+        if not isinstance(image, str) or not image:
+            raise ConfigError(
+                f'{where} has no "image" path; each line is {{"image", "question", "choices", "answer"}}.'
+            )
+        file = Path(image).expanduser()
+        file = file if file.is_absolute() else path.parent / file
+        if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES:
+            raise ConfigError(f"{where}: image {image} is not an image file (looked at {file}).")
+        if not isinstance(row.get("question"), str):
+            raise ConfigError(f'{where} has no "question" string.')
+        if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
+            raise ConfigError(f'{where}: "choices" must be a list of at least 2 non-empty strings.')
+        if isinstance(answer, bool) or not isinstance(answer, int) or not 0 <= answer < len(choices):
+            raise ConfigError(f'{where}: "answer" {answer!r} is not an index into its {len(choices)} choices.')
+        try:
+            prompt = (template or IMAGE_CHOICE_TEMPLATE).format(**row)
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigError(f"{where}: the template {template!r} does not fit this item ({exc}).") from None
+        items.append({"image": str(file.resolve()), "prompt": prompt, "choices": list(choices), "gold": answer})
+    if not items:
+        raise ConfigError(f"{path} holds no items.")
+    return items
+
+
 def benchmark_path(bench: BenchmarkConfig, data_dir: Optional[str]) -> Path:
     """The benchmark's file: its path as given when absolute (or ~), else under eval.data_dir."""
     path = Path(os.path.expanduser(bench.path or ""))
@@ -319,6 +355,8 @@ def read_benchmark(bench: BenchmarkConfig, path: Path) -> Optional[List[dict]]:
         return read_documents(path)
     if bench.kind == "last_word":
         return read_last_words(path)
+    if bench.kind == "image_choice":
+        return read_image_choice(path, bench.template)
     return None
 
 
@@ -364,10 +402,10 @@ def check_eval_config(cfg: EvalConfig) -> None:
             raise ConfigError(
                 f"eval benchmark {bench.name}: format={bench.format!r}; choose one of: {', '.join(MC_FORMATS)}."
             )
-        if bench.template is not None and bench.kind not in ("multiple_choice", "generation"):
+        if bench.template is not None and bench.kind not in ("multiple_choice", "generation", "image_choice"):
             raise ConfigError(
-                f"eval benchmark {bench.name}: template applies to kinds multiple_choice and generation, "
-                f"not {bench.kind}; remove it."
+                f"eval benchmark {bench.name}: template applies to kinds multiple_choice, generation and "
+                f"image_choice, not {bench.kind}; remove it."
             )
         if bench.limit is not None and bench.limit < 1:
             raise ConfigError(

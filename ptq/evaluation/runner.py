@@ -8,8 +8,10 @@ import logging
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from ptq.evaluation import images
+from ptq.evaluation.readers import benchmark_path, read_image_choice
 from ptq.evaluation.scores import RATIO_METRICS, item_scores, macro_row, ratio_stderr, subject_rows
-from ptq.evaluation.tasks import fingerprint, load_tasks
+from ptq.evaluation.tasks import IN_PROCESS, fingerprint, load_tasks
 from ptq.files import write_text_atomic
 from ptq.schema import EvalConfig
 
@@ -59,6 +61,40 @@ def _flatten(
 
 def run_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str) -> List[dict]:
     """Evaluate an in-memory model on every benchmark of `cfg`; rows of benchmark/metric/value/stderr."""
+    rows = image_benchmarks(model, cfg, label)
+    if all(bench.kind == IN_PROCESS for bench in cfg.benchmarks):
+        return rows
+    return sorted(
+        rows + lm_eval_benchmarks(model, tokenizer, cfg, work_dir, label), key=lambda r: (r["benchmark"], r["metric"])
+    )
+
+
+def image_benchmarks(model, cfg: EvalConfig, label: str) -> List[dict]:
+    """The image_choice benchmarks, scored in process with the model's processor (read from where the model came
+    from: the source checkpoint, or the export, which holds the processor's files)."""
+    benches = [bench for bench in cfg.benchmarks if bench.kind == IN_PROCESS]
+    if not benches:
+        return []
+    from transformers import AutoProcessor
+
+    processor = AutoProcessor.from_pretrained(model.name_or_path)
+    rows = []
+    for bench in benches:
+        items = read_image_choice(benchmark_path(bench, cfg.data_dir), bench.template)
+        n = bench.limit or cfg.limit
+        indices = list(range(min(n, len(items)) if n else len(items)))
+        log.info("Evaluating %s on %s (%d items, in process)", label, bench.name, len(indices))
+        rows += images.rows(
+            bench.name,
+            images.score(model, processor, items, indices),
+            indices,
+            fingerprint(bench, cfg, indices if n else None),
+        )
+    return rows
+
+
+def lm_eval_benchmarks(model, tokenizer, cfg: EvalConfig, work_dir: Path, label: str) -> List[dict]:
+    """The benchmarks lm-eval scores, through its Python API on the in-memory model."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 

@@ -18,6 +18,9 @@ from ptq.evaluation.readers import KINDS, benchmark_path, read_benchmark
 from ptq.schema import BenchmarkConfig, EvalConfig
 from ptq.textfiles import checked_once
 
+# The kind scored in process, not through lm-eval: multiple choice over images (lm-eval 0.4.13's multimodal model
+# has no log-likelihood scoring; ptq/evaluation/images.py).
+IN_PROCESS = "image_choice"
 # lm-eval task templates, one per local kind (ptq_<kind>.yaml).
 TASKS_DIR = Path(__file__).resolve().parents[2] / "evaluate" / "tasks"
 # Under a run's eval work folder: the task files lm-eval reads.
@@ -110,6 +113,8 @@ def load_tasks(cfg: EvalConfig, work_dir: Path):
 
     tasks, names, samples, local, by_subject = [], {}, {}, {}, {}
     for bench in cfg.benchmarks:
+        if bench.kind == IN_PROCESS:  # scored without lm-eval (ptq/evaluation/images.py)
+            continue
         if bench.kind == "lm_eval":
             key, subjects = bench.task or bench.name, None
             tasks.append(key)
@@ -160,14 +165,14 @@ def fingerprint(bench: BenchmarkConfig, cfg: EvalConfig, items: Optional[List[in
     from importlib import metadata
 
     local = bench.kind != "lm_eval"
-    template = task_template(bench)
+    template = task_template(bench) if bench.kind != IN_PROCESS else None
     parts = {
         "version": FINGERPRINT_VERSION,
         "benchmark": bench.name,
         "kind": str(bench.kind),
         "format": str(bench.format) if bench.kind == "multiple_choice" else None,
         "data": data_digest(benchmark_path(bench, cfg.data_dir)) if local else (bench.task or bench.name),
-        "template": checked_once(_file_digest, template) if local else None,
+        "template": checked_once(_file_digest, template) if template is not None and local else None,
         "prompt": bench.template if local else None,
         "delimiter": bench.delimiter if bench.kind == "multiple_choice" else None,
         "items": items,  # the indices evaluated; None: all
