@@ -18,14 +18,14 @@ from __future__ import annotations
 import math
 from typing import Dict, List
 
-import torch
-
 from ptq.errors import ConfigError
 
 
-@torch.no_grad()
 def _continuation_logprob(model, processor, prompt: str, choice: str, image) -> float:
-    """log P(choice | prompt with the image), summed over the choice's tokens."""
+    """log P(choice | prompt with the image), summed over the choice's tokens. (torch is imported here, not with the
+    module: the evaluation package is read when planning, which imports no torch.)"""
+    import torch
+
     device = next(model.parameters()).device
     context = processor(text=[prompt], images=[image], return_tensors="pt")
     full = processor(text=[prompt + choice], images=[image], return_tensors="pt")
@@ -36,7 +36,8 @@ def _continuation_logprob(model, processor, prompt: str, choice: str, image) -> 
             f"the choice {choice!r} does not tokenize as a continuation of its prompt; an image_choice item's choices "
             "must follow the prompt as plain text."
         )
-    logits = model(**{k: v.to(device) for k, v in full.items()}).logits[0, start - 1 : -1].float()
+    with torch.no_grad():
+        logits = model(**{k: v.to(device) for k, v in full.items()}).logits[0, start - 1 : -1].float()
     target = ids[start:].to(logits.device)
     return float(torch.log_softmax(logits, dim=-1).gather(-1, target.unsqueeze(-1)).sum())
 
