@@ -467,7 +467,7 @@ def test_a_prompt_template_and_delimiter_shape_each_item_and_are_checked_before_
                     ],
                 )
             )
-    with pytest.raises(ConfigError, match="template applies to kinds multiple_choice and generation"):
+    with pytest.raises(ConfigError, match="template applies to kinds multiple_choice, generation and image_choice"):
         check_eval_config(
             EvalConfig(
                 enabled=True, benchmarks=[BenchmarkConfig(name="t", kind="perplexity", path=str(data), template="{x}")]
