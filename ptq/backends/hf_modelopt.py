@@ -260,6 +260,63 @@ def modelopt_version() -> str:
     return str(getattr(modelopt, "__version__", "unknown"))
 
 
+def train_after_ptq(plan: Plan, model, tokenizer, baseline, training, timer: StageTimer) -> dict:
+    """recover=qat|qad on the quantized `model`: its fidelity before training (on the held-out tokens, no
+    benchmarks: they are scored once, after), then the training (ptq/recover.py)."""
+    ptq_fid = None
+    if baseline.reference is not None:
+        with timer.stage("fidelity_before_recovery"):
+            ptq_fid, _ = compare(
+                plan,
+                model,
+                tokenizer,
+                dataclasses.replace(baseline, scores=None),
+                StageTimer(),
+                measured_on="PTQ, before recovery",
+            )
+    recovery = recover.train(plan, model, training, timer)
+    recovery["ptq_fidelity"] = ptq_fid
+    return recovery
+
+
+def trained_weights(plan: Plan, model) -> Optional[dict]:
+    """After training the weights moved: the stored-weight check compares the export with them (a BF16 copy on the
+    host, taken before the export replaces them by their codes), not with the source checkpoint. None where that
+    check does not run."""
+    fid = plan.cfg.fidelity
+    if not (fid.enabled and fid.exported and fid.exported_check == "weights"):
+        return None
+    return {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
+
+
+def write_applied_recipe(plan: Plan, quant_cfg: dict, export_dir: Path, trained: bool) -> dict:
+    """What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
+    After training the file makes the PTQ checkpoint, and says so."""
+    cfg = plan.cfg
+    untrained = f", before {cfg.recover.method.upper()} training (the file makes the PTQ checkpoint)" if trained else ""
+    applied = recipe_files.applied_recipe(
+        quant_cfg,
+        f"{cfg.recipe.name} as applied to {cfg.model.name} by "
+        f"ptq-launcher (nvidia-modelopt {modelopt_version()}){untrained}",
+    )
+    recipe_files.write_applied(export_dir, applied)
+    return applied
+
+
+def log_written(written: dict, fid: dict) -> None:
+    if "mean_kl" in written:
+        log.info(
+            "Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)", written["mean_kl"], fid["mean_kl"]
+        )
+    else:
+        log.info(
+            "Stored weights of the checkpoint as written: %d layers, largest relative error per format %s, %d problems",
+            written.get("layers", 0),
+            written.get("max_relative_error"),
+            len(written.get("problems", [])),
+        )
+
+
 class HFModelOptBackend:
     name = "hf_modelopt"
 
@@ -324,47 +381,13 @@ class HFModelOptBackend:
             details["vision_language"] = plan.vision_language
         recovery = None
         if training is not None:
-            ptq_fid = None
-            if baseline.reference is not None:  # the PTQ point's fidelity, on the same held-out tokens
-                with timer.stage("fidelity_before_recovery"):
-                    # Fidelity only: the benchmarks are scored once, after recovery.
-                    ptq_fid, _ = compare(
-                        plan,
-                        model,
-                        tokenizer,
-                        dataclasses.replace(baseline, scores=None),
-                        StageTimer(),
-                        measured_on="PTQ, before recovery",
-                    )
-            recovery = recover.train(plan, model, training, timer)
-            recovery["ptq_fidelity"] = ptq_fid
+            recovery = train_after_ptq(plan, model, tokenizer, baseline, training, timer)
             training = None  # drops a second copy of the teacher, if one was made
-        # The weights moved: the stored-weight check compares the export with them (a BF16 copy on the host, taken
-        # before the export replaces them by their codes), not with the source checkpoint.
-        trained = None
-        if (
-            recovery is not None
-            and cfg.fidelity.enabled
-            and cfg.fidelity.exported
-            and cfg.fidelity.exported_check == "weights"
-        ):
-            trained = {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
+        trained = trained_weights(plan, model) if recovery is not None else None
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:
-            # What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
-            untrained = (
-                f", before {cfg.recover.method.upper()} training (the file makes the PTQ checkpoint)"
-                if recovery
-                else ""
-            )
-            applied = recipe_files.applied_recipe(
-                quant_cfg,
-                f"{cfg.recipe.name} as applied to {cfg.model.name} by "
-                f"ptq-launcher (nvidia-modelopt {modelopt_version()}){untrained}",
-            )
-            recipe_files.write_applied(export_dir, applied)
-            details["applied_recipe"] = applied
+            details["applied_recipe"] = write_applied_recipe(plan, quant_cfg, export_dir, trained=recovery is not None)
         if repaired:
             details["exclude_modules_repaired"] = [e.encode("unicode_escape").decode() for e in repaired]
         if fid is not None and plan.quantize and cfg.fidelity.exported:
@@ -376,20 +399,7 @@ class HFModelOptBackend:
                 plan, export_dir, baseline, timer, source=checkpoint, trained=trained
             )
             trained = None
-            if "mean_kl" in written:
-                log.info(
-                    "Fidelity of the checkpoint as written: mean KL %.4f (in memory %.4f)",
-                    written["mean_kl"],
-                    fid["mean_kl"],
-                )
-            else:
-                log.info(
-                    "Stored weights of the checkpoint as written: %d layers, largest relative error per format %s, "
-                    "%d problems",
-                    written.get("layers", 0),
-                    written.get("max_relative_error"),
-                    len(written.get("problems", [])),
-                )
+            log_written(written, fid)
         return BackendResult(
             bf16_bytes=bf16_bytes,
             quantized_layers=done.layers,

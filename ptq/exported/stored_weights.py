@@ -103,8 +103,6 @@ def check_stored_weights(
     "max_relative_error": {quant_algo: worst}, "gain": [lowest, highest], "worst_layers": [{"layer",
     "quant_algo", "relative_error", "gain"}, ...3], "plain_tensors": n, "input_scales": n, "problems": [str]}.
     """
-    from safetensors import safe_open
-
     export_dir = Path(export_dir)
     quant = read_quant_config(export_dir)
     where = tensor_files(export_dir)
@@ -124,112 +122,143 @@ def check_stored_weights(
         "input_scales": 0,
         "problems": [],
     }
-    algos = {formats.get(m, {}).get("quant_algo") for m in quantized}
-    smoothed = sorted(a for a in algos if a in SMOOTHED)
-    unknown = sorted(str(a) for a in algos if a not in WEIGHT_ERROR_BOUNDS and a not in SMOOTHED)
-    if smoothed or unknown or any("pre_quant_scale" in by_module[m] for m in quantized):
-        result["applicable"] = False
-        result["reason"] = (
-            f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
-            if smoothed
-            else f"quant_algo {', '.join(unknown)} has no bound here"
-            if unknown
-            else "layers store pre-quantization scales"
-        )
-        return result
+    reason = _not_checkable(quantized, formats, by_module)
+    if reason:
+        return {**result, "applicable": False, "reason": reason}
     source = tensor_files(Path(source_dir)) if reference is None else {name: IN_MEMORY for name in reference}
     if reference is not None:
         result["reference"] = "the weights in memory"
-    problems = result["problems"]
-    stats = []
+    stats: List[dict] = []
     with ExitStack() as stack:
-        handles = {
+        rows_of = _Rows(stack, where, source, by_module, formats, reference, device, rows)
+        plain = [n for n in where if n.rpartition(".")[0] not in quantized]
+        for name, (kind, parts) in read_ahead(quantized + plain, rows_of.read, workers):
+            if kind == "plain":
+                _check_plain(name, parts, result)
+            else:
+                _check_layer(name, formats[name], parts, result, stats)
+    if stats:
+        result["gain"] = [min(s["gain"] for s in stats), max(s["gain"] for s in stats)]
+        result["worst_layers"] = sorted(stats, key=lambda s: -abs(s["gain"] - 1) - s["relative_error"])[:3]
+    return result
+
+
+def _not_checkable(quantized: List[str], formats: Dict[str, dict], by_module: Dict[str, Dict[str, str]]) -> str:
+    """Why the stored-weight check cannot judge this export ("" when it can): smoothed layers, a format with no
+    error bound here, or pre-quantization scales."""
+    algos = {formats.get(m, {}).get("quant_algo") for m in quantized}
+    smoothed = sorted(a for a in algos if a in SMOOTHED)
+    unknown = sorted(str(a) for a in algos if a not in WEIGHT_ERROR_BOUNDS and a not in SMOOTHED)
+    if smoothed:
+        return f"{', '.join(smoothed)} layers are smoothed with factors folded into other tensors"
+    if unknown:
+        return f"quant_algo {', '.join(unknown)} has no bound here"
+    if any("pre_quant_scale" in by_module[m] for m in quantized):
+        return "layers store pre-quantization scales"
+    return ""
+
+
+class _Rows:
+    """Reads the rows checked of one tensor (or quantized layer) from the export and from the source (its files, or
+    the weights in memory), onto `device`."""
+
+    def __init__(self, stack, where, source, by_module, formats, reference, device, rows) -> None:
+        from safetensors import safe_open
+
+        self.where, self.source, self.by_module, self.formats = where, source, by_module, formats
+        self.device, self.rows = device, rows
+        self.handles = {
             file: stack.enter_context(safe_open(str(file), framework="pt"))
             for file in sorted(set(where.values()) | set(source.values()))
             if file != IN_MEMORY
         }
         if reference is not None:
-            handles[IN_MEMORY] = _InMemory(reference)
+            self.handles[IN_MEMORY] = _InMemory(reference)
 
-        def read(name: str):  # the rows checked of one tensor (or layer), from the export and the source
-            if name in by_module and "weight_scale" in by_module[name]:
-                algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
-                tensors = by_module[name]
-                weight = handles[where[tensors["weight"]]].get_slice(tensors["weight"])
-                codes_shape = weight.get_shape()
-                shape = (codes_shape[0], codes_shape[1] * (2 if algo in ("NVFP4", "W4A16_NVFP4") else 1))
-                parts = []
-                for start, stop in _row_chunks(shape[0], rows):
-                    stored = {"weight": weight[start:stop].to(device)}
-                    for leaf, tensor in tensors.items():
-                        if leaf != "weight":
-                            stored[leaf] = _scale_rows(
-                                algo, leaf, handles[where[tensor]].get_slice(tensor), shape, start, stop, group
-                            ).to(device)
-                    ref = None
-                    if tensors["weight"] in source:
-                        ref = handles[source[tensors["weight"]]].get_slice(tensors["weight"])[start:stop].to(device)
-                    parts.append((stored, ref))
-                return "layer", parts
-            ref = handles[source[name]].get_slice(name) if name in source else None
-            stored = handles[where[name]].get_slice(name)
-            if ref is None or stored.get_shape() != ref.get_shape():
-                return "plain", None
-            if not stored.get_shape():
-                return "plain", [(stored[...].to(device), ref[...].to(device))]
-            return "plain", [
-                (stored[a:b].to(device), ref[a:b].to(device)) for a, b in _row_chunks(stored.get_shape()[0], rows)
-            ]
+    def read(self, name: str):
+        """("layer", [(stored tensors, source rows or None), ...]) for a quantized layer; ("plain", [(stored, source),
+        ...]) for another tensor, or ("plain", None) where the source has no tensor of that shape."""
+        if name in self.by_module and "weight_scale" in self.by_module[name]:
+            return "layer", self._layer(name)
+        handles, device = self.handles, self.device
+        ref = handles[self.source[name]].get_slice(name) if name in self.source else None
+        stored = handles[self.where[name]].get_slice(name)
+        if ref is None or stored.get_shape() != ref.get_shape():
+            return "plain", None
+        if not stored.get_shape():
+            return "plain", [(stored[...].to(device), ref[...].to(device))]
+        chunks = _row_chunks(stored.get_shape()[0], self.rows)
+        return "plain", [(stored[a:b].to(device), ref[a:b].to(device)) for a, b in chunks]
 
-        plain = [n for n in where if n.rpartition(".")[0] not in quantized]
-        for name, (kind, parts) in read_ahead(quantized + plain, read, workers):
-            if kind == "plain":
-                if parts is None:
-                    continue
-                err = sum(float((s.float() - r.float()).square().sum()) for s, r in parts)
-                norm = sum(float(r.float().square().sum()) for _, r in parts)
-                result["plain_tensors"] += 1
-                if err > (PLAIN_ERROR_BOUND**2) * norm:
-                    problems.append(
-                        f"{name} is stored unquantized but differs from the source (relative error "
-                        f"{(err / max(norm, 1e-30)) ** 0.5:.3f})"
-                    )
-                continue
-            algo, group = formats[name]["quant_algo"], formats[name]["group_size"]
-            result["formats"][algo] = result["formats"].get(algo, 0) + 1
-            if parts[0][1] is None:
-                problems.append(f"{name} is stored quantized but the source has no {name}.weight")
-                continue
-            err = dot = norm = 0.0
-            for stored, ref in parts:
-                weight = dequantize_weight(algo, stored, group, torch.float32)
-                ref = ref.float()
-                if weight.shape != ref.shape:
-                    problems.append(
-                        f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has {tuple(ref.shape)}"
-                    )
-                    break
-                err += float((weight - ref).square().sum())
-                dot += float((weight * ref).sum())
-                norm += float(ref.square().sum())
-            else:
-                rel, gain = (err / norm) ** 0.5 if norm else 0.0, dot / norm if norm else 1.0
-                stats.append({"layer": name, "quant_algo": algo, "relative_error": rel, "gain": gain})
-                worst = result["max_relative_error"].get(algo, 0.0)
-                result["max_relative_error"][algo] = max(worst, rel)
-                if abs(gain - 1) > WEIGHT_GAIN_TOLERANCE or rel > WEIGHT_ERROR_BOUNDS[algo]:
-                    problems.append(
-                        f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
-                        f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
-                        f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes"
-                    )
-            if algo in STATIC_INPUT:
-                scale = parts[0][0].get("input_scale")
-                if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
-                    problems.append(f"{name} ({algo}) quantizes its input but stores no finite positive input_scale")
-                else:
-                    result["input_scales"] += 1
-    if stats:
-        result["gain"] = [min(s["gain"] for s in stats), max(s["gain"] for s in stats)]
-        result["worst_layers"] = sorted(stats, key=lambda s: -abs(s["gain"] - 1) - s["relative_error"])[:3]
-    return result
+    def _layer(self, name: str) -> list:
+        handles, where, device = self.handles, self.where, self.device
+        algo, group = self.formats[name]["quant_algo"], self.formats[name]["group_size"]
+        tensors = self.by_module[name]
+        weight = handles[where[tensors["weight"]]].get_slice(tensors["weight"])
+        codes_shape = weight.get_shape()
+        shape = (codes_shape[0], codes_shape[1] * (2 if algo in ("NVFP4", "W4A16_NVFP4") else 1))
+        parts = []
+        for start, stop in _row_chunks(shape[0], self.rows):
+            stored = {"weight": weight[start:stop].to(device)}
+            for leaf, tensor in tensors.items():
+                if leaf != "weight":
+                    stored[leaf] = _scale_rows(
+                        algo, leaf, handles[where[tensor]].get_slice(tensor), shape, start, stop, group
+                    ).to(device)
+            ref = None
+            if tensors["weight"] in self.source:
+                ref = handles[self.source[tensors["weight"]]].get_slice(tensors["weight"])[start:stop].to(device)
+            parts.append((stored, ref))
+        return parts
+
+
+def _check_plain(name: str, parts, result: dict) -> None:
+    """A tensor stored unquantized must equal the source's up to BF16 rounding."""
+    if parts is None:
+        return
+    err = sum(float((s.float() - r.float()).square().sum()) for s, r in parts)
+    norm = sum(float(r.float().square().sum()) for _, r in parts)
+    result["plain_tensors"] += 1
+    if err > (PLAIN_ERROR_BOUND**2) * norm:
+        result["problems"].append(
+            f"{name} is stored unquantized but differs from the source (relative error "
+            f"{(err / max(norm, 1e-30)) ** 0.5:.3f})"
+        )
+
+
+def _check_layer(name: str, fmt: dict, parts, result: dict, stats: List[dict]) -> None:
+    """A quantized layer's dequantized rows against the source's: relative error within its format's bound, best
+    scalar fit (gain) within 1 +- WEIGHT_GAIN_TOLERANCE, and a finite positive input scale where it quantizes its
+    input statically."""
+    algo, group = fmt["quant_algo"], fmt["group_size"]
+    problems = result["problems"]
+    result["formats"][algo] = result["formats"].get(algo, 0) + 1
+    if parts[0][1] is None:
+        problems.append(f"{name} is stored quantized but the source has no {name}.weight")
+        return
+    err = dot = norm = 0.0
+    for stored, ref in parts:
+        weight = dequantize_weight(algo, stored, group, torch.float32)
+        ref = ref.float()
+        if weight.shape != ref.shape:
+            problems.append(f"{name} dequantizes to rows of {tuple(weight.shape)}, the source has {tuple(ref.shape)}")
+            break
+        err += float((weight - ref).square().sum())
+        dot += float((weight * ref).sum())
+        norm += float(ref.square().sum())
+    else:
+        rel, gain = (err / norm) ** 0.5 if norm else 0.0, dot / norm if norm else 1.0
+        stats.append({"layer": name, "quant_algo": algo, "relative_error": rel, "gain": gain})
+        result["max_relative_error"][algo] = max(result["max_relative_error"].get(algo, 0.0), rel)
+        if abs(gain - 1) > WEIGHT_GAIN_TOLERANCE or rel > WEIGHT_ERROR_BOUNDS[algo]:
+            problems.append(
+                f"{name} ({algo}): the stored weight is {gain:.3f} x the source weight with "
+                f"relative error {rel:.3f} (allowed: 1 +- {WEIGHT_GAIN_TOLERANCE} and "
+                f"{WEIGHT_ERROR_BOUNDS[algo]}): its stored scales do not fit its codes"
+            )
+    if algo in STATIC_INPUT:
+        scale = parts[0][0].get("input_scale")
+        if scale is None or not bool(torch.isfinite(scale).all()) or not bool((scale > 0).all()):
+            problems.append(f"{name} ({algo}) quantizes its input but stores no finite positive input_scale")
+        else:
+            result["input_scales"] += 1
