@@ -114,7 +114,10 @@ def test_qad_lowers_the_held_out_kl_of_int4_awq(tmp_path, smollm2_dir):
     # AWQ folds its scales into other tensors: the written checkpoint is read back whole and measured.
     written = record["fidelity"]["exported_checkpoint"]
     assert written["check"] == "full read-back"
-    assert written["mean_kl"] <= 1.5 * recovered_kl + 0.005
+    # Training ran on the model as the export writes it (AWQ scales of q/k/v and gate/up already one per group, see
+    # hf_modelopt.align_with_export): the written checkpoint scores like the model in memory. Unaligned, the export
+    # averaged the trained per-projection scales afterwards and the written KL was about 11% above (0.306 vs 0.276).
+    assert abs(written["mean_kl"] - recovered_kl) <= 0.02 * recovered_kl + 0.002, (written["mean_kl"], recovered_kl)
     on_disk = json.loads((Path(record["output_dir"]) / "run.json").read_text())
     assert on_disk["recovery"]["ptq_fidelity"]["mean_kl"] == ptq_kl
     # ModelOpt's checkpointing patch, which its trainers turn on, is put back: nothing of it in the export.

@@ -179,6 +179,8 @@ def quantize(
         else:
             mtq.quantize(model, quant_cfg, forward_loop)
             out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
+    with timer.stage("align_with_export"), torch.no_grad():
+        align_with_export(model)
     if counter and counter.passes:
         out.expert_coverage = coverage(
             {name: c.tolist() for name, c in counter.counts.items()},
@@ -204,6 +206,19 @@ def quantize(
         len(out.unexpected_bf16),
     )
     return out
+
+
+def align_with_export(model) -> None:
+    """Do now what ModelOpt's export does to the layers that read the same input (q/k/v, gate/up) before it writes
+    them (requantize_resmooth_fused_llm_layers): one AWQ pre-quantization scale per group, folded into the norm
+    before it, with the weights rescaled and their ranges taken again; one input range and one NVFP4/W4A8 weight
+    range per group. Serving engines run each group as one fused layer, so the checkpoint must. Done right after
+    calibration, the model measured in memory, and trained after PTQ (recover=qat|qad), is the model the export
+    writes; the export then finds nothing left to change. (Before, AWQ checkpoints read back worse than the model
+    in memory: per-projection scales were averaged only at export, after the measurement and after training.)"""
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    requantize_resmooth_fused_llm_layers(model)
 
 
 def export(plan: Plan, model, tokenizer, export_dir: Path, timer: StageTimer) -> List[str]:
