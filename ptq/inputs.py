@@ -20,7 +20,7 @@ from ptq.files import nearest_existing, safetensors_header
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig
 from ptq.textfiles import checked_once, read_texts
-from ptq.vlm import read_pairs
+from ptq.vlm import processor_problem, read_pairs
 
 
 def text_bytes(path: Path) -> int:
@@ -122,3 +122,20 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     elif cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")
     check_eval_config(cfg.eval)
+    images = [
+        key
+        for key, used in (
+            ("calib.dataset", plan.quantize and plan.calib_kind == "image_text"),
+            ("fidelity.text", cfg.fidelity.enabled and plan.fidelity_kind == "image_text"),
+            ("eval.benchmarks", cfg.eval.enabled and any(b.kind == "image_choice" for b in cfg.eval.benchmarks)),
+        )
+        if used
+    ]
+    if images and plan.source.kind == "local":
+        problem = processor_problem(Path(plan.source.location))
+        if problem:
+            raise ConfigError(
+                f"{images[0]} gives {cfg.model.name} images, which its processor reads and its chat template places "
+                f"in the prompt, and {plan.source.location} has {problem}; save the model's processor there "
+                "(AutoProcessor.from_pretrained(<model id>).save_pretrained(<folder>)), or give it text."
+            )

@@ -14,6 +14,7 @@ calibrating with text only.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -50,6 +51,11 @@ PROCESSOR_FILES = (
     "chat_template.jinja",
 )
 
+# Where a checkpoint folder keeps its chat template (the processor places images by it), and its image processor.
+CHAT_TEMPLATE_FILES = ("chat_template.jinja", "chat_template.json")
+CHAT_TEMPLATE_KEY_FILES = ("tokenizer_config.json", "processor_config.json")
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
 
@@ -83,6 +89,22 @@ def vision_language_type(declared: Optional[str], local: Optional[str], where: s
     if found:
         family(found)
     return found or None
+
+
+def processor_problem(folder: Path) -> Optional[str]:
+    """What a local VLM checkpoint lacks for image inputs (its image processor, its chat template), or None."""
+    folder = Path(folder)
+    if not any((folder / name).is_file() for name in IMAGE_PROCESSOR_FILES):
+        return f"no image processor ({' or '.join(IMAGE_PROCESSOR_FILES)})"
+    if any((folder / name).is_file() for name in CHAT_TEMPLATE_FILES):
+        return None
+    for name in CHAT_TEMPLATE_KEY_FILES:
+        try:
+            if "chat_template" in json.loads((folder / name).read_text(encoding="utf-8")):
+                return None
+        except (OSError, ValueError, TypeError):
+            continue
+    return f"no chat template ({', '.join(CHAT_TEMPLATE_FILES)}, or a chat_template in {' or '.join(CHAT_TEMPLATE_KEY_FILES)})"
 
 
 def image_token_ids(config) -> List[int]:

@@ -70,6 +70,11 @@ UNKNOWN_VLM_CONFIG = (
 )
 
 
+def with_file(folder: Path, name: str, text: str) -> Path:
+    write(folder / name, text)
+    return folder
+
+
 def pairs_file(root: Path, image: str = "missing.png") -> Path:
     """An image-text calibration file of four pairs, all pointing at `image` (relative to the file)."""
     return write(root / "pairs.jsonl", "".join(json.dumps({"image": image, "text": f"t{i}"}) + "\n" for i in range(4)))
@@ -113,6 +118,15 @@ CASES = [
         "image-text calibration file naming an image that does not exist",
         lambda d: [f"model.path={model_folder(d, VLM_CONFIG)}", f"calib.dataset={pairs_file(d)}", "calib.size=4"],
         ":1: image missing.png does not exist",
+    ),
+    (
+        "image-text calibration for a vision-language checkpoint without its chat template",
+        lambda d: [
+            f"model.path={with_file(model_folder(d, VLM_CONFIG), 'preprocessor_config.json', '{}')}",
+            f"calib.dataset={pairs_file(d, str(write(d / 'i.png', b'png')))}",
+            "calib.size=4",
+        ],
+        "has no chat template (chat_template.jinja",
     ),
     (
         "image-text calibration file with fewer pairs than calib.size",
