@@ -1,0 +1,92 @@
+#!/usr/bin/env bash
+# The GPU measurements still missing from bench/results/, most needed first, on one GPU host in one go:
+#
+#     bash bench/gpu_plan.sh             # every stage below, each one's results in $PTQ_WORK/out/<stage>/ as it ends
+#     bash bench/gpu_plan.sh STAGE...    # only those stages, in the order given
+#
+# Stages:
+#   extensions  ModelOpt's CUDA extensions over 10 fresh processes (bench/speed_gpu.sh extensions-stable)
+#   nano        the Nemotron 3 Nano 30B-A3B shape (on a GPU of less than 100 GiB: its first 13 layers):
+#               mamba_moe_fp8_conservative, the per-kind profile and coverage curve, then the other five
+#               Mamba-MoE and plain recipes (bench/moe_gpu.sh)
+#   qwen3       the Qwen3-30B-A3B shape: fp8 and nvfp4, and its profile
+#   vlm         Qwen2.5-VL-3B and Gemma 3 4B shapes: fp8 and nvfp4, each calibrated on text and on image-text
+#               pairs and measured on held-out pairs (bench/vlm_gpu.sh)
+#
+# Needs the launcher installed and PTQ_WIKITEXT, PTQ_TOKENIZER (as the scripts it runs). Optional: PTQ_WORK
+# (/tmp/ptq-gpu), PTQ_DEADLINE (seconds from the start after which no further stage or point starts, so that a
+# time-limited allocation ends with its results written), PTQ_HARDWARE (default from the GPU's memory: h200 above
+# 100 GiB, else h100). The 30B shapes take 61 GiB of disk each: with PTQ_MODELS unset they go to /dev/shm when it
+# has room, else under $PTQ_WORK.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+WORK=${PTQ_WORK:-/tmp/ptq-gpu}
+OUT=$WORK/out
+mkdir -p "$OUT"
+START=$(date +%s)
+GPU_GIB=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)")
+export PTQ_HARDWARE=${PTQ_HARDWARE:-$([ "$GPU_GIB" -gt 100 ] && echo h200 || echo h100)}
+if [ -z "${PTQ_MODELS:-}" ]; then
+    shm_gib=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
+    [ "${shm_gib:-0}" -ge 66 ] && export PTQ_MODELS=/dev/shm/ptq-models || export PTQ_MODELS=$WORK/models
+fi
+
+time_left() {
+    [ -z "${PTQ_DEADLINE:-}" ] && return 0
+    [ $(($(date +%s) - START)) -lt "$PTQ_DEADLINE" ] || { echo "gpu_plan: deadline reached, skipping $1"; return 1; }
+}
+
+# One stage's script with its own work folder; its outputs are copied to $OUT/<stage> whatever its exit code.
+stage_moe() {
+    local stage=$1 shape=$2
+    shift 2
+    export PTQ_WORK=$WORK/$stage PTQ_BENCH_OUT=$OUT/$stage
+    bash bench/moe_gpu.sh prepare "$shape" || return 1
+    for recipe in "$@"; do
+        time_left "$stage $recipe" || break
+        bash bench/moe_gpu.sh point "$shape" "$recipe"
+        if [ "$recipe" = "$1" ]; then  # the first recipe's calibration is profiled too
+            bash bench/moe_gpu.sh profile "$shape" "$recipe"
+        fi
+        bash bench/moe_gpu.sh report
+    done
+    rm -rf "${PTQ_MODELS:?}/$shape"
+}
+
+run_stage() {
+    time_left "$1" || return 0
+    echo "gpu_plan: $1 ($(($(date +%s) - START)) s in)"
+    case $1 in
+    extensions)
+        if [ "$GPU_GIB" = 0 ]; then echo "gpu_plan: no GPU, extensions skipped"; return 0; fi
+        PTQ_WORK=$WORK/extensions PTQ_BENCH_OUT=$OUT/extensions bash bench/speed_gpu.sh extensions-stable \
+            | tee "$OUT/extensions.txt"
+        mkdir -p "$OUT/extensions" && cp "$WORK/extensions/"*.log "$WORK/extensions/timings.jsonl" "$OUT/extensions/"
+        ;;
+    nano)
+        local shape=${PTQ_NANO_SHAPE:-$([ "$GPU_GIB" -gt 100 ] && echo nemotron3-nano-30b-a3b || echo nemotron3-nano-13layers)}
+        stage_moe nano "$shape" mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative fp8 nvfp4 \
+            mamba_moe_fp8_aggressive mamba_moe_nvfp4_aggressive
+        ;;
+    qwen3)
+        stage_moe qwen3 "${PTQ_QWEN3_SHAPE:-qwen3-30b-a3b}" fp8 nvfp4
+        ;;
+    vlm)
+        export PTQ_WORK=$WORK/vlm PTQ_BENCH_OUT=$OUT/vlm
+        for shape in ${PTQ_VLM_SHAPES:-qwen2.5-vl-3b gemma3-4b}; do
+            time_left "vlm $shape" || break
+            bash bench/vlm_gpu.sh prepare "$shape" && bash bench/vlm_gpu.sh point "$shape" ${PTQ_VLM_RECIPES:-fp8 nvfp4}
+            bash bench/vlm_gpu.sh report
+        done
+        ;;
+    *)
+        echo "gpu_plan: unknown stage $1 (extensions, nano, qwen3, vlm)" >&2
+        return 2
+        ;;
+    esac
+}
+
+for stage in "${@:-extensions nano qwen3 vlm}"; do
+    for one in $stage; do run_stage "$one"; done
+done
+echo "gpu_plan: done in $(($(date +%s) - START)) s; results in $OUT"
