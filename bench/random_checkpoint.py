@@ -140,7 +140,8 @@ MOE_SHAPES["nemotron3-nano-13layers"] = (
 )
 
 # Vision-language shapes: (model_type, text config, vision config, top-level settings). The published ones take
-# their dimensions from the models' config.json files (Qwen2.5-VL-3B-Instruct, gemma-3-4b-it); the `-tiny` ones
+# their dimensions from the models' config.json files (Qwen2.5-VL-3B-Instruct, gemma-3-4b-it); the `-tiny` ones (LLaVA:
+# a CLIP tower and a Llama language model)
 # keep each family's modules (vision blocks, merger or projector, language model) at widths a CPU runs in seconds.
 # The special tokens that mark images are added to the tokenizer, and their ids written into the config.
 VLM_SHAPES = {
@@ -243,14 +244,41 @@ VLM_SHAPES = {
         ),
         dict(mm_tokens_per_image=16, tie_word_embeddings=True),
     ),
+    "llava-tiny": (
+        "llava",
+        dict(
+            model_type="llama",
+            vocab_size=49280,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        ),
+        dict(
+            model_type="clip_vision_model",
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=56,
+            patch_size=14,
+            projection_dim=64,
+        ),
+        dict(vision_feature_layer=-1, tie_word_embeddings=False),
+    ),
 }
 # The tokens each family marks images with, and a chat template that places an image where its user turn has one
 # (written here for the random checkpoints: the real models ship their own).
 VLM_TOKENS = {
     "qwen2_5_vl": ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
     "gemma3": ["<start_of_image>", "<end_of_image>", "<image_soft_token>"],
+    "llava": ["<image>"],
 }
 VLM_TEMPLATES = {
+    "llava": "{% for m in messages %}{{ m['role'] }}: {% for c in m['content'] %}{% if c['type'] == 'image' %}<image>"
+    "{% else %}{{ c['text'] }}{% endif %}{% endfor %}\n{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}",
     "qwen2_5_vl": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}{% endif %}"
     "{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
@@ -275,9 +303,9 @@ def vlm_tokenizer(shape: str, tokenizer_dir: str):
 
     model_type = VLM_SHAPES[shape][0]
     tokens = VLM_TOKENS[model_type]
-    if model_type == "gemma3":
-        named = dict(zip(("boi_token", "eoi_token", "image_token"), tokens))
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=named)
+    if model_type in ("gemma3", "llava"):
+        names = ("boi_token", "eoi_token", "image_token") if model_type == "gemma3" else ("image_token",)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, extra_special_tokens=dict(zip(names, tokens)))
     else:
         tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
         tokenizer.add_special_tokens({"additional_special_tokens": tokens}, replace_extra_special_tokens=False)
@@ -295,6 +323,8 @@ def vlm_config(shape: str, tokenizer):
         marks = dict(
             vision_start_token_id=ids[0], vision_end_token_id=ids[1], image_token_id=ids[2], video_token_id=ids[3]
         )
+    elif model_type == "llava":
+        marks = dict(image_token_index=ids[0])
     else:
         marks = dict(boi_token_index=ids[0], eoi_token_index=ids[1], image_token_index=ids[2])
     return AutoConfig.for_model(model_type, text_config=dict(text), vision_config=dict(vision), **top, **marks)
@@ -313,6 +343,19 @@ def vlm_processor(shape: str, tokenizer):
             tokenizer=tokenizer,
             chat_template=tokenizer.chat_template,
             image_seq_length=top["mm_tokens_per_image"],
+        )
+    if model_type == "llava":
+        edge = vision["image_size"]
+        images = transformers.CLIPImageProcessor(
+            size={"shortest_edge": edge}, crop_size={"height": edge, "width": edge}
+        )
+        return images, transformers.LlavaProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            chat_template=tokenizer.chat_template,
+            patch_size=vision["patch_size"],
+            vision_feature_select_strategy="default",
+            num_additional_image_tokens=1,  # CLIP's class token
         )
     # Small images (at most 448 x 448 pixels: 256 vision tokens) keep calibration and tests quick.
     images = transformers.Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=448 * 448)

@@ -169,3 +169,9 @@ def image_pairs(tmp_path_factory) -> Path:
     path = folder / "pairs.jsonl"
     path.write_text("".join(json.dumps({"image": f"images/{name}", "text": text}) + "\n" for name, text in rows))
     return path
+
+
+@pytest.fixture(scope="session")
+def llava_tiny_dir(tmp_path_factory, smollm2_dir):
+    """A random-weight LLaVA (CLIP vision tower, projector, 2-layer Llama) with its processor (shape llava-tiny)."""
+    return _random_shape_dir(tmp_path_factory, smollm2_dir, "llava-tiny")

@@ -314,3 +314,20 @@ def test_a_vlm_is_evaluated_on_questions_about_images_against_bf16(gemma3_vl_tin
         for row in scored.values():
             assert row["items"]["doc_ids"] == [0, 1, 2] and set(row["items"]["scores"]) <= {0.0, 1.0}
             assert row["value"] == pytest.approx(sum(row["items"]["scores"]) / 3) and row["fingerprint"]
+
+
+@pytest.mark.slow
+def test_llava_calibrates_with_images_and_keeps_its_clip_tower_and_projector(llava_tiny_dir, image_pairs, tmp_path):
+    from transformers import AutoProcessor
+
+    record = vlm_run(tmp_path, llava_tiny_dir, f"calib.dataset={image_pairs}")
+    assert record["status"] == "finished", record.get("error")
+    assert record["calib_kind"] == "image_text" and record["details"]["calibration"]["pairs"] == 4
+    validation = record["validation"]
+    assert validation["passed"], validation["problems"]
+    assert validation["vision_tower"]["identical"]
+    # The projector's two linear layers are part of the vision kind, left in BF16 with the CLIP tower.
+    index = json.loads((Path(record["checkpoint"]) / "hf_quant_config.json").read_text())["quantization"]
+    assert any("multi_modal_projector" in e for e in index["exclude_modules"])
+    assert set(validation["layer_kinds"]["kinds"]["vision"]) == {"BF16"}
+    assert type(AutoProcessor.from_pretrained(record["checkpoint"])).__name__ == "LlavaProcessor"
