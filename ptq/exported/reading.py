@@ -4,6 +4,7 @@ tensor, tensors by name, and layers read ahead on worker threads."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional
 
@@ -89,15 +90,30 @@ def read_ahead(keys: List[str], read: Callable, workers: int):
             yield key, result
 
 
+@dataclass
+class ExportIndex:
+    """An export's files, read once: the quantization section, which file holds each tensor, the tensors of each
+    module, the modules stored quantized (those with a weight_scale) and each one's format."""
+
+    quant: dict
+    where: Dict[str, Path]
+    by_module: Dict[str, Dict[str, str]]
+    quantized: List[str]
+    formats: Dict[str, dict]
+
+
+def index_export(export_dir: Path) -> ExportIndex:
+    export_dir = Path(export_dir)
+    quant = read_quant_config(export_dir)
+    where = tensor_files(export_dir)
+    by_module = tensors_by_module(where)
+    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
+    return ExportIndex(quant, where, by_module, quantized, layer_formats(quant, quantized))
+
+
 def unreadable_formats(export_dir: Path) -> List[str]:
     """quant_algo values of the export's quantized layers that the read-back cannot compute with."""
-    quant = read_quant_config(Path(export_dir))
-    by_module = tensors_by_module(tensor_files(Path(export_dir)))
-    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
+    index = index_export(export_dir)
     return sorted(
-        {
-            f["quant_algo"]
-            for m, f in layer_formats(quant, quantized).items()
-            if m in by_module and f["quant_algo"] not in SUPPORTED
-        }
+        {f["quant_algo"] for m, f in index.formats.items() if m in index.by_module and f["quant_algo"] not in SUPPORTED}
     )

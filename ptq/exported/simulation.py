@@ -13,7 +13,7 @@ import torch
 
 from ptq.errors import ConfigError
 from ptq.exported.dequantize import SUPPORTED, dequantize_weight, input_transform
-from ptq.exported.reading import layer_formats, read_ahead, read_quant_config, tensor_files, tensors_by_module
+from ptq.exported.reading import index_export, read_ahead, tensor_files, tensors_by_module
 from ptq.layerkinds import match_names
 
 log = logging.getLogger(__name__)
@@ -51,11 +51,14 @@ def simulate(model, export_dir: Path, workers: int = 4) -> Simulation:
     from safetensors import safe_open
 
     export_dir = Path(export_dir)
-    quant = read_quant_config(export_dir)
-    where = tensor_files(export_dir)
-    by_module = tensors_by_module(where)
-    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
-    formats = layer_formats(quant, quantized)
+    index = index_export(export_dir)
+    quant, where, by_module, quantized, formats = (
+        index.quant,
+        index.where,
+        index.by_module,
+        index.quantized,
+        index.formats,
+    )
     # The export's layer names as the model in memory names them (transformers renames wrappers on save).
     named = dict(model.named_modules())
     modules = {name: named[found] for name, found in match_names(quantized, named).items()}

@@ -10,7 +10,7 @@ from typing import Dict, List, Optional
 import torch
 
 from ptq.exported.dequantize import FP8_BLOCK, dequantize_weight
-from ptq.exported.reading import layer_formats, read_ahead, read_quant_config, tensor_files, tensors_by_module
+from ptq.exported.reading import index_export, read_ahead, tensor_files
 from ptq.formats import EXPORT_FORMATS, STATIC_INPUT_SCALES, STORED_WEIGHTS_CHECK, export_algos
 
 # Formats that store a calibrated activation scale (`input_scale`) for each quantized layer.
@@ -103,12 +103,8 @@ def check_stored_weights(
     "max_relative_error": {quant_algo: worst}, "gain": [lowest, highest], "worst_layers": [{"layer",
     "quant_algo", "relative_error", "gain"}, ...3], "plain_tensors": n, "input_scales": n, "problems": [str]}.
     """
-    export_dir = Path(export_dir)
-    quant = read_quant_config(export_dir)
-    where = tensor_files(export_dir)
-    by_module = tensors_by_module(where)
-    quantized = [m for m, t in by_module.items() if "weight_scale" in t]
-    formats = layer_formats(quant, quantized)
+    index = index_export(export_dir)
+    where, by_module, quantized, formats = index.where, index.by_module, index.quantized, index.formats
     result = {
         "check": STORED_WEIGHTS_CHECK,
         "applicable": True,
