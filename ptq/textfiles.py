@@ -66,10 +66,13 @@ def is_pairs_file(path: Path) -> bool:
     path = Path(path)
     if path.suffix != ".jsonl" or not path.is_file():
         return False
-    try:
-        for _, row in read_jsonl(path):
-            return "image" in row
-    except ConfigError:
+    try:  # the first row only: this is asked while composing every point, and a text file can be large
+        with path.open(encoding="utf-8-sig") as f:
+            for line in f:
+                if line.strip():
+                    row = json.loads(line)
+                    return isinstance(row, dict) and "image" in row
+    except (OSError, ValueError):
         return False
     return False
 
