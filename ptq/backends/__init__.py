@@ -32,13 +32,20 @@ def get_backend(name: str) -> Backend:
     return getattr(importlib.import_module(module), cls)()
 
 
+def applies_one_config(plan) -> bool:
+    """The run hands ModelOpt one quantization config in this process (the in-process backend, a quantized
+    one-format recipe): what check_before_run checks and a dry run prints."""
+    cfg = plan.cfg
+    return cfg.backend.name == "hf_modelopt" and plan.quantize and not cfg.recipe.candidates
+
+
 def check_before_run(plan) -> None:
     """What a backend checks with its own stack before the run takes its output folder, so that a refusal leaves
     nothing behind: the in-process backend builds its ModelOpt config, whose config classes check the values of
     recipe.algorithm_args (`alpha=banana`), recipe.modelopt_cfg and a rotation's package. Imports torch and
     ModelOpt (on a thread of their own, as the backend does), so real runs do it, not dry runs."""
     cfg = plan.cfg
-    if cfg.backend.name != "hf_modelopt" or not plan.quantize or cfg.recipe.candidates:
+    if not applies_one_config(plan):
         return
     backend = importlib.import_module(REGISTRY["hf_modelopt"].partition(":")[0])
     use_extension_cache(cfg.cache_dir)
@@ -69,7 +76,7 @@ def resolved_recipe(plan) -> Optional[dict]:
     Megatron-Bridge (it takes the recipe by name), or no ModelOpt installed here (a login node that only submits).
     Imports ModelOpt (and torch), so dry runs pay that once, after planning."""
     cfg = plan.cfg
-    if cfg.backend.name != "hf_modelopt" or not plan.quantize or cfg.recipe.candidates:
+    if not applies_one_config(plan):
         return None
     try:
         recipes = importlib.import_module("ptq.recipes")
