@@ -10,13 +10,13 @@ interval is mean +- 1.96 x sd / sqrt(sequences). A difference whose interval hol
 from __future__ import annotations
 
 import math
-import statistics
 from typing import List, Optional, Sequence
 
 import pandas as pd
 
 from ptq.report.common import Z_95
 from ptq.report.read import section
+from ptq.stats import paired_delta_stderr
 
 IMAGES = "+images"
 
@@ -42,12 +42,9 @@ def _sequence_kl(record: dict) -> Optional[List[float]]:
 
 def paired_difference(images: Sequence[float], text: Sequence[float]) -> tuple:
     """(mean, lo, hi) of images - text over paired sequences (NaN bounds with fewer than 2)."""
-    deltas = [a - b for a, b in zip(images, text)]
-    mean = sum(deltas) / len(deltas)
-    if len(deltas) < 2:
-        return mean, math.nan, math.nan
-    half = Z_95 * statistics.stdev(deltas) / math.sqrt(len(deltas))
-    return mean, mean - half, mean + half
+    mean = sum(a - b for a, b in zip(images, text)) / len(images)
+    stderr, _ = paired_delta_stderr(dict(enumerate(images)), dict(enumerate(text)))
+    return mean, mean - Z_95 * stderr, mean + Z_95 * stderr
 
 
 def finding(lo: float, hi: float) -> str:
