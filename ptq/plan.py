@@ -20,10 +20,10 @@ from importlib import metadata
 from pathlib import Path
 from typing import List, Optional, Tuple
 
-from ptq import recipe_files, vlm
+from ptq import recipe_files, run_record, vlm
 from ptq.backend_spec import spec_of
 from ptq.errors import ConfigError
-from ptq.files import nearest_existing, read_json, safetensors_header
+from ptq.files import nearest_existing, safetensors_header
 from ptq.formats import (
     ALGORITHMS,
     CANDIDATES,
@@ -38,6 +38,7 @@ from ptq.formats import (
 from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record_parts import config_differences, config_hash
+from ptq.run_record import RecordProblem, RunRecord
 from ptq.schema import RunConfig
 from ptq.textfiles import is_pairs_file
 
@@ -75,7 +76,7 @@ class Facts:
     # The GGUF file inside the installed package, if the package is installed.
     gguf_path: Optional[str] = None
     # The run record already in the output folder, if any.
-    existing_record: Optional[dict] = None
+    existing_record: Optional[RunRecord] = None
     # Tokenizer files in a local model folder (TOKENIZER_FILES present); None: not a local folder, not looked at.
     local_tokenizer_files: Optional[List[str]] = None
     # The positions the model was trained for: max_position_embeddings of a local config.json, or the GGUF
@@ -617,21 +618,29 @@ def _check_space(
         )
 
 
-def skip_or_refuse_finished(plan: Plan, record: Optional[dict]) -> None:
+def readable_record(output_dir) -> Optional[RunRecord]:
+    """The run record in `output_dir`; None when there is none or it cannot be read (a run replaces it)."""
+    try:
+        return run_record.load(output_dir)
+    except RecordProblem:
+        return None
+
+
+def skip_or_refuse_finished(plan: Plan, record: Optional[RunRecord]) -> None:
     """Skip a run whose record says finished with the same config; refuse to replace one of another config."""
     cfg = plan.cfg
-    if not record or record.get("status") != "finished" or cfg.overwrite:
+    if not record or record.status != "finished" or cfg.overwrite:
         return
     config = asdict(cfg)
-    if record.get("config_hash") not in (None, config_hash(config)):
-        changed = config_differences(record.get("config") or {}, config)
+    if record.config_hash not in (None, config_hash(config)):
+        changed = config_differences(record.config, config)
         raise ConfigError(
             f"{plan.record_path} holds a finished run of a different config (differs in: {', '.join(changed) or '?'}); "
             "it is not replaced silently: pass overwrite=true to replace it, or set output_root to another folder."
         )
     plan.action = "skip"
     plan.skip_reason = (
-        f"{plan.record_path} says this run finished at {record.get('finished_at', '?')}; "
+        f"{plan.record_path} says this run finished at {record.finished_at or '?'}; "
         "skipping it (pass overwrite=true to run it again)."
     )
 
@@ -1026,6 +1035,6 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
             shape = gguf_shape(facts.gguf_path)
     facts.max_positions, facts.embedding_params = shape.get("max_positions"), shape.get("embedding_params")
     output_dir = Path(os.path.expanduser(cfg.output_dir))
-    facts.existing_record = read_json(output_dir / RECORD_NAME)
+    facts.existing_record = readable_record(output_dir)
     facts.output_free_bytes = free_bytes(output_dir.resolve())
     return facts

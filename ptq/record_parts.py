@@ -90,25 +90,6 @@ def hardware_info() -> dict:
     return info
 
 
-# The layout of run.json. 1: records written before the field existed (read as version 1); 2: adds
-# record_version itself, details.applied_recipe and the recovery settings the report keys points by. A reader
-# takes every version up to this one and refuses a newer one, naming it (record_version_problem).
-RECORD_VERSION = 2
-
-
-def record_version_problem(record: dict) -> Optional[str]:
-    """Why this launcher cannot read `record` (a newer layout, or a version that is not a number), or None."""
-    version = record.get("record_version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
-        return f"not a run record: record_version={version!r} is not a positive whole number"
-    if version > RECORD_VERSION:
-        return (
-            f"written by a newer ptq-launcher (record_version {version}; this one reads up to {RECORD_VERSION}): "
-            "update the launcher to read it"
-        )
-    return None
-
-
 def read_record(output_dir) -> Optional[dict]:
     """The run record in `output_dir`, or None when there is none (or it is not JSON)."""
     if not output_dir:

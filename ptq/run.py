@@ -23,8 +23,9 @@ from ptq.formats import SERVING_SOURCE, algorithm_tag, serving_engines
 from ptq.inputs import check_inputs
 from ptq.layout import CONFIG_DIR_NAME, LOG_NAME, PARTIAL_NAME, RECORD_NAME
 from ptq.lock import OutputLock, holder_text, live_holder
-from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, skip_or_refuse_finished
-from ptq.record_parts import RECORD_VERSION, StageTimer, config_hash, hardware_info, now, package_versions, read_record
+from ptq.plan import Facts, Plan, gather_facts, inside, make_plan, readable_record, skip_or_refuse_finished
+from ptq.record_parts import StageTimer, config_hash, hardware_info, now, package_versions, read_record
+from ptq.run_record import RunRecord
 from ptq.schema import RunConfig, eval_tag
 from ptq.state import ProcessState
 from ptq.tracking import check_tracking, track
@@ -168,41 +169,40 @@ def write_run_files(plan: Plan, config: dict, overrides: Sequence[str]) -> None:
 
 
 def _summary(plan: Plan, config: dict) -> dict:
+    """The record a run starts with (status running); execute adds what the run measures."""
     cfg = plan.cfg
-    return {
-        "record_version": RECORD_VERSION,
-        "status": "running",
-        "model": cfg.model.name,
-        # The evaluation settings' tag ('' with evaluation off), as the output folder's name ends with it.
-        "eval_tag": eval_tag(config.get("eval") or {}).lstrip("-"),
-        "recipe": cfg.recipe.name,
-        # The calibration choice when it is not the recipe's own (ptq/formats.py algorithm_tag), else None.
-        "algorithm": algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args), cfg.recipe.awq_block_size)
+    record = RunRecord(
+        model=cfg.model.name,
+        recipe=cfg.recipe.name,
+        status="running",
+        algorithm=algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args), cfg.recipe.awq_block_size)
         or None,
-        "kv_cache": cfg.recipe.kv_cache,
-        "calib_size": cfg.calib.size,
-        "calib_seq_len": cfg.calib.seq_len,
-        # "text", or "image_text": a vision-language model calibrated with image-text pairs (ptq/vlm.py).
-        "calib_kind": plan.calib_kind,
-        # What fidelity was measured on: "text", or "image_text" (the text positions of image-text pairs).
-        "fidelity_kind": plan.fidelity_kind,
-        "hardware_profile": cfg.hardware.name,
-        "backend": cfg.backend.name,
-        "output_dir": str(plan.output_dir),
-        "checkpoint": None,
-        "config_hash": config_hash(asdict(cfg)),
-        "config": config,
-        "plan": {
-            "source": plan.source.__dict__,
-            "awq_block_size": plan.awq_block_size,
-            "exclude_patterns": plan.exclude_patterns,
-            "vision_language": plan.vision_language,
+        kv_cache=cfg.recipe.kv_cache,
+        calib_size=cfg.calib.size,
+        calib_seq_len=cfg.calib.seq_len,
+        calib_kind=plan.calib_kind,
+        fidelity_kind=plan.fidelity_kind,
+        # The evaluation settings' tag ('' with evaluation off), as the output folder's name ends with it.
+        eval_tag=eval_tag(config.get("eval") or {}).lstrip("-"),
+        hardware_profile=cfg.hardware.name,
+        backend=cfg.backend.name,
+        output_dir=str(plan.output_dir),
+        config_hash=config_hash(asdict(cfg)),
+        started_at=now(),
+        config=config,
+        sections={
+            "plan": {
+                "source": plan.source.__dict__,
+                "awq_block_size": plan.awq_block_size,
+                "exclude_patterns": plan.exclude_patterns,
+                "vision_language": plan.vision_language,
+            },
+            "warnings": plan.warnings,
+            "versions": package_versions(),
+            "hardware": hardware_info(),
         },
-        "warnings": plan.warnings,
-        "versions": package_versions(),
-        "hardware": hardware_info(),
-        "started_at": now(),
-    }
+    )
+    return record.to_dict()
 
 
 def execute(plan: Plan, config: dict, holder: Optional[dict] = None, state: Optional[ProcessState] = None) -> dict:
@@ -306,24 +306,19 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
         return None
     if not record:
         model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
-        record = {
-            "record_version": RECORD_VERSION,
-            "model": model.get("name"),
-            "recipe": recipe.get("name"),
-            "kv_cache": recipe.get("kv_cache"),
-            "algorithm": algorithm_tag(
-                recipe.get("algorithm"), recipe.get("algorithm_args"), recipe.get("awq_block_size")
-            )
+        record = RunRecord(
+            model=model.get("name"),
+            recipe=recipe.get("name"),
+            kv_cache=recipe.get("kv_cache") or "none",
+            algorithm=algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args"), recipe.get("awq_block_size"))
             or None,
-            "calib_size": calib.get("size"),
-            "calib_seq_len": calib.get("seq_len"),
-            "hardware_profile": config.get("hardware", {}).get("name"),
-            "backend": config.get("backend", {}).get("name"),
-            "output_dir": output_dir,
-            "checkpoint": None,
-            "config": config,
-            "started_at": None,
-        }
+            calib_size=calib.get("size"),
+            calib_seq_len=calib.get("seq_len"),
+            hardware_profile=config.get("hardware", {}).get("name"),
+            backend=config.get("backend", {}).get("name"),
+            output_dir=output_dir,
+            config=config,
+        ).to_dict()
     record.update(status="failed", error=reason, finished_at=now(), **extra)
     write_json_atomic(path, record)
     return record
@@ -418,11 +413,11 @@ def run(cfg: RunConfig, config: dict, overrides: Sequence[str] = (), state: Opti
             log.warning("Took over %s from a run that is gone (%s)", plan.output_dir, holder_text(lock.taken_over))
         # Planned before the lock: a run that held it may have finished this point since (of the same config:
         # skipped; of another: refused, as the plan refuses it).
-        done = read_record(plan.output_dir)
+        done = readable_record(plan.output_dir)
         skip_or_refuse_finished(plan, done)
         if plan.action == "skip":
             log.info("%s was finished by another run meanwhile; skipping it", plan.output_dir)
-            return done
+            return done.to_dict()
         write_run_files(plan, config, overrides)
         with run_log(plan.output_dir), sigterm_raises():
             log.info("Run %s / %s -> %s", cfg.model.name, cfg.recipe.name, plan.output_dir)

@@ -16,10 +16,11 @@ import sys
 from pathlib import Path
 from typing import Dict, List
 
+from ptq import run_record
 from ptq.files import read_json
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
-from ptq.record_parts import read_record, record_version_problem
+from ptq.run_record import RecordProblem
 from ptq.sweep import point_state, summarize, varying_overrides
 
 
@@ -75,14 +76,16 @@ def sweep_status(sweep_dir: Path) -> List[dict]:
     labels = varying_overrides([p["overrides"] for p in points])
     rows = []
     for p, label in zip(points, labels):
-        record = read_record(p.get("output_dir"))
+        try:
+            record, unreadable = run_record.load(p.get("output_dir")), None
+        except RecordProblem as problem:
+            record, unreadable = None, str(problem)
         alive = None
-        if record and record.get("status") == "running":
+        if record and record.status == "running":
             alive = live_holder(Path(p["output_dir"]).expanduser()) is not None
         state, detail = point_state(
             p["state"], p.get("reason", ""), record, slurm.get(p.get("job_id") or ""), p.get("job_id"), alive
         )
-        unreadable = record_version_problem(record) if isinstance(record, dict) else None
         if unreadable:
             state, detail = "unreadable", unreadable
         rows.append(

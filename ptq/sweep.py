@@ -23,6 +23,7 @@ from ptq.lock import holder_text, live_holder
 from ptq.plan import Plan, gather_facts
 from ptq.record_parts import now
 from ptq.run import prepare, record_failure
+from ptq.run_record import RunRecord
 from ptq.schema import RunConfig
 
 SUBMITTED, SKIPPED, REFUSED, RUNNING = "submitted", "skipped", "refused", "running"
@@ -193,7 +194,7 @@ SLURM_ACTIVE = {"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "
 def point_state(
     submitted: str,
     reason: str,
-    record: Optional[dict],
+    record: Optional[RunRecord],
     slurm_state: Optional[str],
     job_id: Optional[str],
     alive: Optional[bool] = None,
@@ -204,11 +205,11 @@ def point_state(
         return "refused", reason
     if submitted == "skipped":
         return "finished", reason or "finished in an earlier run"
-    status = (record or {}).get("status")
+    status = record.status if record else None
     if status == "finished":
-        return "finished", record.get("checkpoint") or ""
+        return "finished", record.checkpoint or ""
     if status == "failed":
-        return "failed", record.get("error", "")
+        return "failed", record.error or ""
     slurm = (slurm_state or "").split()[0] if slurm_state else ""
     if slurm == "PENDING":
         return "pending", f"Slurm job {job_id} is waiting for resources"
@@ -218,7 +219,7 @@ def point_state(
         return "failed", f"Slurm job {job_id} ended {slurm} without a finished run record"
     if status == "running":
         if alive is False:
-            holder = (record or {}).get("holder") or {}
+            holder = record.section("holder")
             return "dead", (
                 f"run record says running, but its process is gone (host {holder.get('host', '?')}, "
                 f"PID {holder.get('pid', '?')}); the next run of this point starts it again"

@@ -27,6 +27,7 @@ from urllib.request import url2pathname
 
 from ptq.errors import ConfigError
 from ptq.files import write_json_atomic
+from ptq.run_record import RunRecord
 from ptq.schema import RunConfig, TrackingConfig
 from ptq.stats import item_scores_by_id, paired_delta_stderr
 
@@ -236,50 +237,48 @@ def _evaluation_metrics(evaluation) -> Dict[str, float]:
     return metrics
 
 
-def record_metrics(record: dict) -> Dict[str, float]:
+def record_metrics(record: RunRecord) -> Dict[str, float]:
     """The figures of a run record as MLflow metrics."""
-    metrics = _figures(record.get("fidelity"), "fidelity")
-    metrics.update(_evaluation_metrics(record.get("evaluation")))
-    metrics.update(_figures(record.get("size"), "size"))
-    timings = record.get("timings_s") or {}
+    metrics = _figures(record.section("fidelity"), "fidelity")
+    metrics.update(_evaluation_metrics(record.section("evaluation")))
+    metrics.update(_figures(record.section("size"), "size"))
+    timings = record.section("timings_s")
     metrics.update({f"time.{stage}_s": float(s) for stage, s in timings.items() if _number(s) is not None})
     if timings:
         metrics["time.total_s"] = float(sum(s for s in timings.values() if _number(s) is not None))
-    layers = record.get("layers") or {}
+    layers = record.section("layers")
     if _number(layers.get("quantized")) is not None:
         metrics["layers.quantized"] = float(layers["quantized"])
-    validation = record.get("validation") or {}
+    validation = record.section("validation")
     if isinstance(validation.get("passed"), bool):
         metrics["validation.passed"] = float(validation["passed"])
     return {_key(k): v for k, v in metrics.items()}
 
 
-def record_tags(record: dict) -> Dict[str, str]:
+def record_tags(record: RunRecord) -> Dict[str, str]:
     """What the run was, as MLflow tags (searchable in the UI: tags.recipe = 'fp8')."""
-    hardware = record.get("hardware") or {}
+    hardware, validation, serving = record.section("hardware"), record.section("validation"), record.section("serving")
     tags = {
-        "model": record.get("model"),
-        "recipe": record.get("recipe"),
-        "algorithm": record.get("algorithm") or "default",
-        "kv_cache": record.get("kv_cache"),
-        "status": record.get("status"),
-        "hardware": record.get("hardware_profile"),
-        "backend": record.get("backend"),
-        "calib": f"{record.get('calib_size')}x{record.get('calib_seq_len')}",
-        "config_hash": record.get("config_hash"),
-        "output_dir": record.get("output_dir"),
-        "checkpoint": record.get("checkpoint"),
+        "model": record.model,
+        "recipe": record.recipe,
+        "algorithm": record.algorithm or "default",
+        "kv_cache": record.kv_cache,
+        "status": record.status,
+        "hardware": record.hardware_profile,
+        "backend": record.backend,
+        "calib": f"{record.calib_size}x{record.calib_seq_len}",
+        "config_hash": record.config_hash,
+        "output_dir": record.output_dir,
+        "checkpoint": record.checkpoint,
         "host": hardware.get("host"),
         "gpus": ", ".join(hardware.get("gpus") or []) or None,
-        "quant_algo": (record.get("serving") or {}).get("quant_algo"),
-        "serving_engines": ", ".join((record.get("serving") or {}).get("engines") or []) or None,
-        "eval_suite": (record.get("evaluation") or {}).get("suite"),
-        "validation": None
-        if not record.get("validation")
-        else ("passed" if record["validation"].get("passed") else "failed"),
-        "error": record.get("error"),
+        "quant_algo": serving.get("quant_algo"),
+        "serving_engines": ", ".join(serving.get("engines") or []) or None,
+        "eval_suite": record.section("evaluation").get("suite"),
+        "validation": None if not validation else ("passed" if validation.get("passed") else "failed"),
+        "error": record.error,
     }
-    for package, version in (record.get("versions") or {}).items():
+    for package, version in record.section("versions").items():
         tags[f"version.{package}"] = version
     return {_key(k): str(v)[:MAX_TAG_VALUE] for k, v in tags.items() if v is not None}
 
@@ -292,11 +291,11 @@ def _millis(stamp: Optional[str]) -> Optional[int]:
         return None
 
 
-def _run_name(record: dict, settings: TrackingConfig) -> str:
+def _run_name(record: RunRecord, settings: TrackingConfig) -> str:
     if settings.run_name:
         return settings.run_name
-    output_dir = Path(str(record.get("output_dir") or "run"))
-    root = (record.get("config") or {}).get("output_root")
+    output_dir = Path(record.output_dir or "run")
+    root = record.config.get("output_root")
     try:
         return str(output_dir.relative_to(Path(os.path.expanduser(str(root))).resolve()))
     except (TypeError, ValueError):
@@ -349,13 +348,12 @@ def log_record(record: dict, settings: TrackingConfig) -> dict:
     """Log a final run record as one MLflow run; returns what record["tracking"] keeps. Raises on any failure."""
     import yaml
 
-    record = json.loads(json.dumps(record, default=str))  # plain types, as run.json holds them
+    plain = json.loads(json.dumps(record, default=str))  # plain types, as run.json holds them
+    record = RunRecord.parse(plain)
     uri = normalized_uri(settings.tracking_uri)
     client = _client(uri)
     experiment_id = _experiment_id(client, settings)
-    run = client.create_run(
-        experiment_id, start_time=_millis(record.get("started_at")), run_name=_run_name(record, settings)
-    )
+    run = client.create_run(experiment_id, start_time=_millis(record.started_at), run_name=_run_name(record, settings))
     run_id = run.info.run_id
     where = {
         "backend": "mlflow",
@@ -365,16 +363,15 @@ def log_record(record: dict, settings: TrackingConfig) -> dict:
         "run_id": run_id,
         "artifact_uri": run.info.artifact_uri,
     }
-    finished = record.get("status") == "finished"
+    finished = record.status == "finished"
     try:
-        config = record.get("config") or {}
-        _log_values(client, run_id, flatten_config(config), record_metrics(record), record_tags(record))
-        client.log_text(run_id, yaml.safe_dump(config, sort_keys=False), "config.yaml")
-        client.log_text(run_id, json.dumps({**record, "tracking": where}, indent=2) + "\n", "run.json")
+        _log_values(client, run_id, flatten_config(record.config), record_metrics(record), record_tags(record))
+        client.log_text(run_id, yaml.safe_dump(record.config, sort_keys=False), "config.yaml")
+        client.log_text(run_id, json.dumps({**plain, "tracking": where}, indent=2) + "\n", "run.json")
     except BaseException:
         _end_failed(client, run_id)
         raise
-    client.set_terminated(run_id, "FINISHED" if finished else "FAILED", end_time=_millis(record.get("finished_at")))
+    client.set_terminated(run_id, "FINISHED" if finished else "FAILED", end_time=_millis(record.finished_at))
     return where
 
 

@@ -17,6 +17,7 @@ from ptq.plan import Facts
 from ptq.recipes import _algorithm_classes, algorithm_config, build_quant_config
 from ptq.report import variant_label
 from ptq.run import run
+from ptq.run_record import RunRecord
 
 
 def test_every_algorithm_is_one_of_the_installed_modelopt_and_names_known_formats():
@@ -162,9 +163,9 @@ def test_tags_and_report_labels_name_the_choice():
     assert algorithm_export("awq_lite", "NVFP4") == "NVFP4_AWQ" and algorithm_export(None, "FP8") == "FP8"
     # Clipping alone leaves no pre-quantization scale, which is what ModelOpt's export calls NVFP4_AWQ.
     assert algorithm_export("awq_clip", "NVFP4") == "NVFP4" and algorithm_export("awq_clip", "NVFP4_AWQ") == "NVFP4"
-    record = {"recipe": "int8_sq", "algorithm": "alpha0.5", "kv_cache": "none", "calib_size": 32}
+    record = RunRecord("m", "int8_sq", algorithm="alpha0.5", calib_size=32)
     assert variant_label(record) == "int8_sq/alpha0.5@32"
-    assert variant_label({**record, "algorithm": None}) == "int8_sq@32"
+    assert variant_label(record.replace(algorithm=None)) == "int8_sq@32"
 
 
 def test_a_bad_setting_stops_the_run_before_the_model_is_loaded(tiny_llama_dir, tmp_path):

@@ -12,6 +12,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from ptq.cluster import check_request, derived_request, request_for, sbatch_parameters
+from ptq.run_record import RunRecord
 from ptq.sweep import point_state, varying_overrides
 
 
@@ -131,10 +132,10 @@ def test_pyxis_runs_tasks_in_the_container():
         ("refused", None, None, "refused"),
         ("skipped", None, None, "finished"),
         ("submitted", None, "PENDING", "pending"),
-        ("submitted", {"status": "running"}, "RUNNING", "running"),
-        ("submitted", {"status": "finished", "checkpoint": "c"}, "COMPLETED", "finished"),
-        ("submitted", {"status": "failed", "error": "boom"}, "COMPLETED", "failed"),
-        ("submitted", {"status": "running"}, "CANCELLED by 0", "failed"),
+        ("submitted", RunRecord("m", "fp8", status="running"), "RUNNING", "running"),
+        ("submitted", RunRecord("m", "fp8", status="finished", checkpoint="c"), "COMPLETED", "finished"),
+        ("submitted", RunRecord("m", "fp8", status="failed", error="boom"), "COMPLETED", "failed"),
+        ("submitted", RunRecord("m", "fp8", status="running"), "CANCELLED by 0", "failed"),
         ("submitted", None, "OUT_OF_MEMORY", "failed"),
         ("submitted", None, None, "unknown"),
     ],

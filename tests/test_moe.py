@@ -13,6 +13,7 @@ from conftest import compose_run, load_tensors, plan_for, small_run_overrides
 from ptq import layerkinds
 from ptq.errors import ConfigError
 from ptq.moe import coverage, warning
+from ptq.run_record import RunRecord
 from ptq.validate import exclude_problems, export_names, repair_exclude_modules
 
 
@@ -277,17 +278,21 @@ def test_report_shows_layer_kinds_per_variant():
     from ptq.report.render import layer_kind_table
     from ptq.report.tables import _layer_kinds
 
-    def record(quantized_mamba: bool) -> dict:
+    def record(quantized_mamba: bool) -> RunRecord:
         index = dict(INDEX)
         if quantized_mamba:
             index["backbone.layers.0.mixer.in_proj.weight"] = entry("F8_E4M3", 40, 8)
-        return {"validation": {"layer_kinds": layerkinds.summarize(index)}}
+        return RunRecord("nano", "fp8", sections={"validation": {"layer_kinds": layerkinds.summarize(index)}})
 
-    dense = {
-        "validation": {
-            "layer_kinds": layerkinds.summarize({"model.layers.0.mlp.up_proj.weight": entry("F8_E4M3", 8, 8)})
-        }
-    }
+    dense = RunRecord(
+        "llama",
+        "fp8",
+        sections={
+            "validation": {
+                "layer_kinds": layerkinds.summarize({"model.layers.0.mlp.up_proj.weight": entry("F8_E4M3", 8, 8)})
+            }
+        },
+    )
     kept = pd.DataFrame(
         {
             "index": [0, 1, 2],

@@ -11,6 +11,7 @@ from conftest import REPO, compose_run, plan_for
 
 from ptq.errors import ConfigError
 from ptq.plan import Facts, choose_awq_block_size, layer_widths_from_config
+from ptq.run_record import RunRecord
 
 
 def test_default_plan_runs_fp8_on_cpu_from_the_gguf_package():
@@ -154,11 +155,14 @@ def test_bf16_with_kv_cache_is_refused():
 
 
 def test_finished_output_is_skipped_unless_overwrite():
-    done = Facts(gguf_path="/x.gguf", existing_record={"status": "finished", "finished_at": "2026-11-23T10:00:00"})
+    done = Facts(
+        gguf_path="/x.gguf",
+        existing_record=RunRecord("m", "fp8", status="finished", finished_at="2026-11-23T10:00:00"),
+    )
     plan = plan_for([], done)
     assert plan.action == "skip" and "overwrite=true" in plan.skip_reason
     assert plan_for(["overwrite=true"], done).action == "run"
-    failed = Facts(gguf_path="/x.gguf", existing_record={"status": "failed"})
+    failed = Facts(gguf_path="/x.gguf", existing_record=RunRecord("m", "fp8", status="failed"))
     assert plan_for([], failed).action == "run"
 
 
@@ -169,7 +173,7 @@ def test_finished_output_of_another_config_is_refused_not_skipped():
     from ptq.record_parts import config_hash
 
     cfg, resolved = compose_run([])
-    same = {"status": "finished", "config_hash": config_hash(asdict(cfg)), "config": resolved}
+    same = RunRecord("m", "fp8", status="finished", config_hash=config_hash(asdict(cfg)), config=resolved)
     assert plan_for([], Facts(gguf_path="/x.gguf", existing_record=same)).action == "skip"
     # Launch settings are not part of what a run makes: a Slurm re-run of a local point still skips it.
     assert (

@@ -13,8 +13,8 @@ import torch
 from conftest import REPO, TEST_CACHE, compose_run, load_tensors, small_run_overrides
 
 from ptq.errors import ConfigError
-from ptq.record_parts import RECORD_VERSION
 from ptq.run import run
+from ptq.run_record import RECORD_VERSION
 
 pytestmark = pytest.mark.slow  # real quantization, installs or Slurm jobs: minutes in all
 

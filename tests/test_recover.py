@@ -16,6 +16,7 @@ from ptq.models import kept_model
 from ptq.plan import ModelSource
 from ptq.report.read import variant_label
 from ptq.run import run
+from ptq.run_record import RunRecord
 from ptq.state import ProcessState
 
 
@@ -199,8 +200,8 @@ def test_qad_teacher_is_the_kept_bf16_model_left_as_found_or_a_second_copy(tmp_p
 
 
 def test_a_recovered_checkpoint_is_its_own_variant_in_the_report():
-    ptq = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "none"}}}
-    qad = {"recipe": "int4_awq", "calib_size": 16, "config": {"recover": {"method": "qad", "steps": 20}}}
+    ptq = RunRecord("m", "int4_awq", calib_size=16, config={"recover": {"method": "none"}})
+    qad = ptq.replace(config={"recover": {"method": "qad", "steps": 20}})
     assert variant_label(ptq) == "int4_awq@16"
     assert variant_label(qad) == "int4_awq+qad20@16"
 

@@ -25,6 +25,7 @@ from ptq.report import (
     variant_label,
     wide_table,
 )
+from ptq.run_record import RECORD_VERSION, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -53,20 +54,39 @@ def make_record(
     fidelity_samples=32,
     calib_dataset="self",
     output_dir=None,
+    eval_tag=None,
 ):
-    """A run record as ptq/run.py writes it; its composed config holds the calibration and fidelity settings
-    (fidelity.seq_len defaults to calib.seq_len, as in conf/fidelity/default.yaml)."""
-    record = {
-        "status": status,
-        "model": model,
-        "recipe": recipe,
-        "kv_cache": kv_cache,
-        "calib_size": calib_size,
-        "calib_seq_len": seq_len,
-        "output_dir": output_dir or f"runs/{model}/{recipe}",
-        "checkpoint": None,
-        "config_hash": "0" * 16,
-        "config": {
+    """A run record as ptq/run.py writes it, built with its type (ptq/run_record.py); its composed config holds the
+    calibration and fidelity settings (fidelity.seq_len defaults to calib.seq_len, as in conf/fidelity/default.yaml)."""
+    sections = {}
+    if results is not None or baseline is not None:
+        sections["evaluation"] = {"results": results or []}
+        if baseline is not None:
+            sections["evaluation"]["baseline"] = baseline
+    if fidelity is not None:
+        sections["fidelity"] = fidelity
+    if size is not None:
+        sections["size"] = size
+    if calibrate_s is not None:
+        sections["timings_s"] = {"load": 1.0, "calibrate": calibrate_s, "export": 2.0}
+    output_dir = output_dir or f"runs/{model}/{recipe}"
+    if eval_tag is None:  # ptq/run.py names the output folder after the evaluation settings' tag
+        named = re.search(r"-(eval_[A-Za-z0-9_.]+_[0-9a-f]{6})$", output_dir)
+        eval_tag = named.group(1) if named else ""
+    record = RunRecord(
+        model=model,
+        recipe=recipe,
+        status=status,
+        eval_tag=eval_tag,
+        kv_cache=kv_cache,
+        calib_size=calib_size,
+        calib_seq_len=seq_len,
+        output_dir=output_dir,
+        config_hash="0" * 16,
+        started_at="2026-11-20T09:00:00+0000",
+        finished_at=finished_at,
+        error=error,
+        config={
             "model": {"name": model},
             "recipe": {"name": recipe},
             "calib": {"dataset": calib_dataset, "size": calib_size, "seq_len": seq_len, "batch_size": 0, "seed": 1234},
@@ -79,23 +99,9 @@ def make_record(
                 "seed": 4321,
             },
         },
-        "started_at": "2026-11-20T09:00:00+0000",
-    }
-    if finished_at is not None:
-        record["finished_at"] = finished_at
-    if results is not None or baseline is not None:
-        record["evaluation"] = {"results": results or []}
-        if baseline is not None:
-            record["evaluation"]["baseline"] = baseline
-    if fidelity is not None:
-        record["fidelity"] = fidelity
-    if size is not None:
-        record["size"] = size
-    if calibrate_s is not None:
-        record["timings_s"] = {"load": 1.0, "calibrate": calibrate_s, "export": 2.0}
-    if error is not None:
-        record["error"] = error
-    return record
+        sections=sections,
+    )
+    return record.to_dict()
 
 
 def scores(**values):
@@ -290,17 +296,28 @@ def median_recovery(report, model):
 
 
 def test_variant_labels():
-    assert variant_label(make_record("m", "bf16", calib_size=512)) == "bf16"
-    assert variant_label(make_record("m", "fp8")) == "fp8@512"
-    assert variant_label(make_record("m", "fp8", kv_cache="fp8")) == "fp8+kv_fp8@512"
-    assert variant_label(make_record("m", "nvfp4", kv_cache="nvfp4", calib_size=64)) == "nvfp4+kv_nvfp4@64"
-    assert variant_label(make_record("m", "int4_awq", calib_size=128.0)) == "int4_awq@128"
-    assert variant_label({"model": "m", "recipe": "int8_sq"}) == "int8_sq"  # no kv_cache, no calib_size
+    assert variant_label(RunRecord.parse(make_record("m", "bf16", calib_size=512))) == "bf16"
+    assert variant_label(RunRecord.parse(make_record("m", "fp8"))) == "fp8@512"
+    assert variant_label(RunRecord.parse(make_record("m", "fp8", kv_cache="fp8"))) == "fp8+kv_fp8@512"
+    assert (
+        variant_label(RunRecord.parse(make_record("m", "nvfp4", kv_cache="nvfp4", calib_size=64)))
+        == "nvfp4+kv_nvfp4@64"
+    )
+    assert variant_label(RunRecord.parse(make_record("m", "int4_awq", calib_size=128.0))) == "int4_awq@128"
+    assert (
+        variant_label(RunRecord.parse({"model": "m", "recipe": "int8_sq"})) == "int8_sq"
+    )  # no kv_cache, no calib_size
     # Megatron-Bridge checkpoints are their own variants, one per parallel layout other than single.
     megatron = {**make_record("m", "fp8"), "backend": "megatron_bridge"}
-    assert variant_label(megatron) == "fp8@512 (megatron_bridge)"
-    assert variant_label({**megatron, "config": {"parallelism": {"name": "single"}}}) == "fp8@512 (megatron_bridge)"
-    assert variant_label({**megatron, "config": {"parallelism": {"name": "tp2"}}}) == "fp8@512 (megatron_bridge tp2)"
+    assert variant_label(RunRecord.parse(megatron)) == "fp8@512 (megatron_bridge)"
+    assert (
+        variant_label(RunRecord.parse({**megatron, "config": {"parallelism": {"name": "single"}}}))
+        == "fp8@512 (megatron_bridge)"
+    )
+    assert (
+        variant_label(RunRecord.parse({**megatron, "config": {"parallelism": {"name": "tp2"}}}))
+        == "fp8@512 (megatron_bridge tp2)"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -917,7 +934,7 @@ def test_one_recipe_evaluated_two_ways_is_two_columns_not_a_duplicate():
 
     def evaluated(tag, value, finished_at="2026-11-21T12:00:00+0000"):
         record = make_record("m", "fp8", results=scores(arc__acc=value), finished_at=finished_at)
-        record["output_dir"] = f"runs/m/fp8-kv_none-calib512x512-{tag}"
+        record["output_dir"], record["eval_tag"] = f"runs/m/fp8-kv_none-calib512x512-{tag}", tag
         return record
 
     records = [
@@ -987,8 +1004,11 @@ def test_variant_labels_name_every_setting_in_which_a_models_variants_differ():
     def point(recipe, seq_len=256, **kw):
         return make_record("m", recipe, calib_size=32, seq_len=seq_len, fidelity=fidelity(21.0, 0.05, 0.9), **kw)
 
-    assert variant_label(point("fp8"), with_seq_len=True) == "fp8@32x256" and variant_label(point("fp8")) == "fp8@32"
-    assert variant_label(make_record("m", BF16), with_seq_len=True) == "bf16"
+    assert (
+        variant_label(RunRecord.parse(point("fp8")), with_seq_len=True) == "fp8@32x256"
+        and variant_label(RunRecord.parse(point("fp8"))) == "fp8@32"
+    )
+    assert variant_label(RunRecord.parse(make_record("m", BF16)), with_seq_len=True) == "bf16"
     bf16 = make_record("m", BF16, seq_len=256, fidelity=fidelity(20.0, 0.0, 1.0))
     report = build_report([bf16, point("fp8"), point("fp8", seq_len=128), point("int4_awq")])
     # Another sequence length is another checkpoint, not an older duplicate; every variant of the model says its own.
@@ -1332,7 +1352,6 @@ def test_each_variant_links_the_recipe_file_written_beside_its_checkpoint():
 
 
 def test_records_carry_a_version_and_one_from_a_newer_launcher_is_skipped_naming_it():
-    from ptq.record_parts import RECORD_VERSION
 
     older = make_record("m", "fp8", fidelity=fidelity(21.0, 0.03, 0.9))  # no record_version: version 1, read
     newer = make_record("m", "nvfp4", fidelity=fidelity(24.0, 0.3, 0.7))
@@ -1347,11 +1366,9 @@ def test_records_carry_a_version_and_one_from_a_newer_launcher_is_skipped_naming
 
 
 def test_the_eval_tag_is_the_records_own_and_read_off_the_folder_only_for_older_records():
-    from ptq.report.read import record_eval_tag
-
     record = make_record("m", "fp8", output_dir="runs/m/fp8-kv_none-calib512x512-eval_quick_aaaaaa")
-    assert record_eval_tag(record) == "eval_quick_aaaaaa"  # an older record: from the folder's name
-    record["eval_tag"] = "eval_quick_bbbbbb"
-    assert record_eval_tag(record) == "eval_quick_bbbbbb"
-    record["eval_tag"] = ""  # evaluation off, whatever the folder is called
-    assert record_eval_tag(record) == ""
+    older = {k: v for k, v in record.items() if k not in ("eval_tag", "record_version")}
+    assert RunRecord.parse(older).eval_tag == "eval_quick_aaaaaa"  # an older record: from the folder's name
+    assert RunRecord.parse({**record, "eval_tag": "eval_quick_bbbbbb"}).eval_tag == "eval_quick_bbbbbb"
+    # Evaluation off, whatever the folder is called.
+    assert RunRecord.parse({**record, "eval_tag": ""}).eval_tag == ""

@@ -16,6 +16,7 @@ import pandas as pd
 
 from ptq.report.common import Z_95
 from ptq.report.read import section
+from ptq.run_record import RunRecord
 from ptq.stats import paired_delta_stderr
 
 IMAGES = "+images"
@@ -35,8 +36,8 @@ CALIB_KIND_COLUMNS = [
 ]
 
 
-def _sequence_kl(record: dict) -> Optional[List[float]]:
-    values = section(section(record, "fidelity"), "per_sequence").get("kl")
+def _sequence_kl(record: RunRecord) -> Optional[List[float]]:
+    values = section(record.section("fidelity"), "per_sequence").get("kl")
     return [float(v) for v in values] if isinstance(values, list) and values else None
 
 
@@ -57,7 +58,7 @@ def finding(lo: float, hi: float) -> str:
     return "within noise"
 
 
-def calib_kind_table(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
+def calib_kind_table(records: Sequence[RunRecord], kept: pd.DataFrame) -> pd.DataFrame:
     """One row per image-text-calibrated point with a text-calibrated twin measured on the same held-out inputs.
     `kept`: tables._select's points (their `index` is the record's position in `records`)."""
     rows = []

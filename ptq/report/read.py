@@ -5,17 +5,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import re
 import sys
 from datetime import datetime
 from pathlib import Path
-from typing import Iterable, List, Optional, Sequence, Tuple
+from typing import Iterable, List, Sequence, Tuple
 
 from ptq.evaluation.scores import subject_name
 from ptq.layout import MANIFEST_NAME
 from ptq.lock import live_holder
-from ptq.recipe_files import WRITTEN_NAME
-from ptq.record_parts import record_version_problem
 from ptq.report.common import (
     BF16,
     DEFAULT_BACKEND,
@@ -29,22 +26,8 @@ from ptq.report.common import (
     TIME_FORMAT,
     TOP1_AGREEMENT,
 )
+from ptq.run_record import RecordProblem, RunRecord
 from ptq.stats import item_scores_by_id
-
-
-def record_problem(obj) -> Optional[str]:
-    """Why `obj` cannot be used as a run record, or None when it can."""
-    if not isinstance(obj, dict):
-        return f"not a run record: top-level JSON is {type(obj).__name__}, not an object"
-    version = record_version_problem(obj)
-    if version:
-        return version
-    for key in ("model", "recipe"):
-        if key not in obj:
-            return f"not a run record: missing '{key}'"
-        if not isinstance(obj[key], str) or not obj[key]:
-            return f"not a run record: '{key}' is not a non-empty string"
-    return None
 
 
 def as_number(x) -> float:
@@ -54,38 +37,10 @@ def as_number(x) -> float:
     return float(x)
 
 
-def section(record: dict, key: str) -> dict:
-    value = record.get(key)
+def section(obj: dict, key: str) -> dict:
+    """obj[key] where it is a JSON object, else {}."""
+    value = obj.get(key)
     return value if isinstance(value, dict) else {}
-
-
-def record_calib_size(record: dict):
-    """Calibration size as an int where it is one (JSON may carry 512.0), else as recorded."""
-    size = record.get("calib_size")
-    if isinstance(size, float) and size.is_integer():
-        return int(size)
-    if isinstance(size, bool):
-        return None
-    return size
-
-
-def record_kv_cache(record: dict) -> str:
-    kv = record.get("kv_cache")
-    return kv if isinstance(kv, str) and kv else "none"
-
-
-def recipe_file(record: dict) -> str:
-    """The recipe file written beside the record's checkpoint (the configuration ModelOpt applied), "" when none."""
-    checkpoint = record.get("checkpoint")
-    if not isinstance(checkpoint, str) or not checkpoint or not section(record, "details").get("applied_recipe"):
-        return ""
-    return str(Path(checkpoint) / WRITTEN_NAME)
-
-
-def record_recover(record: dict) -> dict:
-    """The record's training-after-PTQ settings (config.recover), {} when it had none (recover=none)."""
-    recover = section(section(record, "config"), "recover")
-    return recover if recover.get("method") not in (None, "", "none") else {}
 
 
 def recover_key(recover: dict) -> str:
@@ -95,7 +50,7 @@ def recover_key(recover: dict) -> str:
     return hashlib.sha256(json.dumps(recover, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool = True) -> str:
+def variant_label(record: RunRecord, with_seq_len: bool = False, with_recover: bool = True) -> str:
     """`<recipe>[/<algorithm>][+kv_<fmt>][+<qat|qad><steps>][+images][@<calib_size>[x<calib_seq_len>]][ (<backend>[ <parallelism>])]`; the BF16
     baseline is just `bf16`. The algorithm is named when it is not the recipe's own (recipe.algorithm,
     recipe.algorithm_args); the calibration sequence length with `with_seq_len` (the report asks for it where a
@@ -104,63 +59,35 @@ def variant_label(record: dict, with_seq_len: bool = False, with_recover: bool =
     The in-process backend is the default and is not named; a checkpoint the Megatron-Bridge backend made
     is its own variant, so both backends' checkpoints of one recipe stand side by side, and so is each
     parallel layout other than `single` (tp2 and pp2 runs of one recipe are different checkpoints)."""
-    recipe = record["recipe"]
-    if recipe == BF16:
+    if record.is_bf16:
         return BF16
-    label = recipe
-    algorithm = record.get("algorithm")
-    if isinstance(algorithm, str) and algorithm:
-        label += f"/{algorithm}"
-    kv = record_kv_cache(record)
-    if kv != "none":
-        label += f"+kv_{kv}"
+    label = record.recipe
+    if record.algorithm:
+        label += f"/{record.algorithm}"
+    if record.kv_cache != "none":
+        label += f"+kv_{record.kv_cache}"
     # Training after PTQ (recover=qat|qad) makes another checkpoint of the recipe: `+qad20` (left out with
     # `with_recover=False`: the label of the PTQ point it started from).
-    recover = record_recover(record)
+    recover = record.recover
     if recover and with_recover:
         label += f"+{recover['method']}{recover.get('steps', '')}"
-    if record.get("calib_kind") == "image_text":  # a vision-language model calibrated on image-text pairs
+    if record.calib_kind == "image_text":  # a vision-language model calibrated on image-text pairs
         label += "+images"
-    calib = record_calib_size(record)
-    seq_len = record_calib_seq_len(record) if with_seq_len else math.nan
-    if calib is not None and calib != "":
-        label += f"@{calib}"
-    if not math.isnan(seq_len):
-        label += f"{'' if calib not in (None, '') else '@'}x{seq_len:g}"
-    backend = record.get("backend")
-    if isinstance(backend, str) and backend not in ("", DEFAULT_BACKEND):
-        layout = ((record.get("config") or {}).get("parallelism") or {}).get("name")
-        label += (
-            f" ({backend} {layout})" if isinstance(layout, str) and layout not in ("", "single") else f" ({backend})"
-        )
+    if record.calib_size is not None:
+        label += f"@{record.calib_size}"
+    if with_seq_len and record.calib_seq_len is not None:
+        label += f"{'' if record.calib_size is not None else '@'}x{record.calib_seq_len}"
+    if record.backend not in (None, DEFAULT_BACKEND):
+        layout = record.parallelism
+        label += f" ({record.backend} {layout})" if layout not in ("", "single") else f" ({record.backend})"
     return label
 
 
-EVAL_TAG = re.compile(r"-(eval_[A-Za-z0-9_.]+_[0-9a-f]{6})$")
-
-
-def record_eval_tag(record: dict) -> str:
-    """The evaluation settings' tag (`eval_<suite>_<hash>`, conf/config.yaml), or '' (evaluation off): the record's
-    own `eval_tag` (record_version 2), else read off its output folder's name (older records; '' for a folder
-    named before evaluation settings named folders)."""
-    own = record.get("eval_tag")
-    if isinstance(own, str):
-        return own
-    folder = record.get("output_dir")
-    match = EVAL_TAG.search(Path(folder).name) if isinstance(folder, str) and folder else None
-    return match.group(1) if match else ""
-
-
-def record_calib_seq_len(record: dict) -> float:
-    """The calibration sequence length (tokens), NaN where the record has none."""
-    return as_number(record.get("calib_seq_len"))
-
-
-def calib_source(record: dict) -> str:
+def calib_source(record: RunRecord) -> str:
     """What the calibration text was and its sampling, beyond size and sequence length: `<dataset> seed <n>`
     ("" where the record's config has neither). Two checkpoints of one recipe calibrated on different text are
     different variants."""
-    calib = section(section(record, "config"), "calib")
+    calib = section(record.config, "calib")
     dataset, seed = calib.get("dataset"), calib.get("seed")
     parts = [Path(str(dataset)).name] if dataset not in (None, "") else []
     if seed is not None:
@@ -263,24 +190,24 @@ def difference_error(metric: str, paired_se: float, own_se: float) -> float:
     return own_se if metric == FIDELITY_METRIC else math.sqrt(2.0) * own_se
 
 
-def fidelity_fingerprint(record: dict) -> str:
+def fidelity_fingerprint(record: RunRecord) -> str:
     """What a record's fidelity figures were measured on (the held-out text and its sampling), "" if unknown."""
-    settings = section(section(record, "config"), "fidelity")
+    settings = section(record.config, "fidelity")
     keys = ("text", "samples", "seq_len", "seed")
     if not all(k in settings for k in keys):
         return ""
     return hashlib.sha256(json.dumps([settings[k] for k in keys], default=str).encode()).hexdigest()[:16]
 
 
-def fidelity_setting(record: dict) -> str:
+def fidelity_setting(record: RunRecord) -> str:
     """What the fidelity figures were measured on, for a reader: `256 tok x 32` (sequence length x sequences), the
     held-out text's file name first unless the text is self-sampled (`test.txt, 256 tok x 32`); "" if unknown."""
-    settings = section(section(record, "config"), "fidelity")
+    settings = section(record.config, "fidelity")
     seq_len, samples, text = settings.get("seq_len"), settings.get("samples"), settings.get("text")
     if seq_len is None or samples is None:
         return ""
     size = f"{seq_len} tok x {samples}"
-    if record.get("fidelity_kind") == "image_text":  # whole image-text pairs: no sequence length applies
+    if record.fidelity_kind == "image_text":  # whole image-text pairs: no sequence length applies
         size = f"{samples} image-text pairs"
     return size if text in (None, "", "self") else f"{Path(str(text)).name}, {size}"
 
@@ -301,10 +228,10 @@ def _fidelity_row(
     }
 
 
-def _bf16_fidelity_rows(record: dict) -> List[dict]:
+def _bf16_fidelity_rows(record: RunRecord) -> List[dict]:
     """The BF16 model's fidelity figures: its own perplexity, and by definition KL 0 and agreement 1, each carrying
     what they were measured on (a quantized record's BF16 perplexity is on its own held-out tokens)."""
-    ppl = as_number(section(record, "fidelity").get("bf16_perplexity"))
+    ppl = as_number(record.section("fidelity").get("bf16_perplexity"))
     if math.isnan(ppl):
         return []
     fingerprint, setting = fidelity_fingerprint(record), fidelity_setting(record)
@@ -315,11 +242,11 @@ def _bf16_fidelity_rows(record: dict) -> List[dict]:
     ]
 
 
-def record_scores(record: dict) -> List[dict]:
+def record_scores(record: RunRecord) -> List[dict]:
     """Scores of the model a record describes: its evaluation results plus its fidelity figures."""
-    rows = _benchmark_entries(section(record, "evaluation").get("results"))
-    fidelity, fingerprint, setting = section(record, "fidelity"), fidelity_fingerprint(record), fidelity_setting(record)
-    if record.get("recipe") == BF16:
+    rows = _benchmark_entries(record.section("evaluation").get("results"))
+    fidelity, fingerprint, setting = record.section("fidelity"), fidelity_fingerprint(record), fidelity_setting(record)
+    if record.is_bf16:
         return rows + _bf16_fidelity_rows(record)
     # Standard errors across the held-out sequences (ptq/fidelity.py); the perplexity's is that of its ratio to
     # BF16 on the same tokens (a paired difference), in perplexity units. Older records have none (NaN).
@@ -336,18 +263,18 @@ def record_scores(record: dict) -> List[dict]:
     return rows
 
 
-def baseline_scores(record: dict) -> List[dict]:
+def baseline_scores(record: RunRecord) -> List[dict]:
     """BF16 scores a quantized record carries for comparison (evaluation baseline, BF16 fidelity)."""
-    return _benchmark_entries(section(record, "evaluation").get("baseline")) + _bf16_fidelity_rows(record)
+    return _benchmark_entries(record.section("evaluation").get("baseline")) + _bf16_fidelity_rows(record)
 
 
 NOTE_CHARS = 300
 
 
-def fidelity_summary(record: dict) -> dict:
-    """The record's perplexity ratio (with its 95% interval) and mean KL (with its standard error); NaN where
-    the record has none (older records have no interval)."""
-    fid = section(record, "fidelity")
+def fidelity_summary(fid) -> dict:
+    """The perplexity ratio (with its 95% interval) and mean KL (with its standard error) of a record's fidelity
+    section; NaN where it has none (older records have no interval)."""
+    fid = fid if isinstance(fid, dict) else {}
     interval = fid.get("perplexity_ratio_ci95")
     low, high = (
         (as_number(interval[0]), as_number(interval[1]))
@@ -363,11 +290,11 @@ def fidelity_summary(record: dict) -> dict:
     }
 
 
-def served_by(record: dict) -> str:
+def served_by(record: RunRecord) -> str:
     """The serving engines the record says load its checkpoint ("" for BF16 or an older record)."""
-    if record.get("recipe") == BF16:
+    if record.is_bf16:
         return ""
-    engines = section(record, "serving").get("engines")
+    engines = record.section("serving").get("engines")
     if not isinstance(engines, list):
         return ""
     return ", ".join(str(e) for e in engines) or "none of vLLM, SGLang, TensorRT-LLM"
@@ -425,7 +352,7 @@ def find_run_records(paths: Iterable[Path]) -> List[Path]:
     return found
 
 
-def pending_points(paths: Iterable[Path]) -> List[dict]:
+def pending_points(paths: Iterable[Path]) -> List[RunRecord]:
     """Points of Slurm sweeps (their sweep.json) submitted but without a run record yet, as records."""
     points = []
     for path in map(Path, paths):
@@ -438,20 +365,17 @@ def pending_points(paths: Iterable[Path]) -> List[dict]:
                 out = point.get("output_dir")
                 if point.get("state") != "submitted" or not out or (Path(out).expanduser() / RUN_RECORD_NAME).exists():
                     continue
-                if not record_problem(point):
-                    points.append(
-                        {
-                            **{k: point.get(k) for k in ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")},
-                            "status": "pending",
-                            "output_dir": out,
-                            "slurm_job": point.get("job_id"),
-                            "manifest": str(manifest),
-                        }
-                    )
+                fields = ("model", "recipe", "kv_cache", "calib_size", "calib_seq_len")
+                try:
+                    record = RunRecord.parse({**{k: point.get(k) for k in fields}, "output_dir": out})
+                except RecordProblem:
+                    continue
+                sweep = {"slurm_job": point.get("job_id"), "manifest": str(manifest)}
+                points.append(record.replace(status="pending", sections=sweep))
     return points
 
 
-def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tuple[str, str]]]:
+def load_records(files: Sequence[Path]) -> Tuple[List[RunRecord], List[str], List[Tuple[str, str]]]:
     """(records, their paths, skipped (path, reason)): unreadable or non-record files never stop the load."""
     from tqdm import tqdm
 
@@ -460,17 +384,14 @@ def load_records(files: Sequence[Path]) -> Tuple[List[dict], List[str], List[Tup
         files, desc="reading run records", unit="file", file=sys.stderr, disable=len(files) < PROGRESS_THRESHOLD
     ):
         try:
-            record = json.loads(Path(path).read_text(encoding="utf-8"))
-        except (OSError, UnicodeDecodeError, ValueError) as exc:
-            skipped.append((str(path), f"unreadable JSON: {exc}"))
+            record = RunRecord.parse(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # RecordProblem is a ValueError
+            reason = str(exc) if isinstance(exc, RecordProblem) else f"unreadable JSON: {exc}"
+            skipped.append((str(path), reason))
             continue
-        problem = record_problem(record)
-        if problem:
-            skipped.append((str(path), problem))
-        else:
-            if record.get("status") == "running" and live_holder(Path(path).parent) is None:
-                # Its process is gone (killed, node lost): not running, whatever the record says.
-                record = {**record, "status": "dead"}
-            records.append(record)
-            sources.append(str(path))
+        if record.status == "running" and live_holder(Path(path).parent) is None:
+            # Its process is gone (killed, node lost): not running, whatever the record says.
+            record = record.replace(status="dead")
+        records.append(record)
+        sources.append(str(path))
     return records, sources, skipped

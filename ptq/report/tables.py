@@ -37,13 +37,6 @@ from ptq.report.read import (
     fidelity_fingerprint,
     fidelity_setting,
     fidelity_summary,
-    recipe_file,
-    record_calib_seq_len,
-    record_calib_size,
-    record_eval_tag,
-    record_kv_cache,
-    record_problem,
-    record_recover,
     record_scores,
     recover_key,
     section,
@@ -53,6 +46,7 @@ from ptq.report.read import (
     variant_sort_key,
 )
 from ptq.report.training import TRAINING_COLUMNS, training_table
+from ptq.run_record import RecordProblem, RunRecord
 from ptq.stats import paired_delta_stderr
 
 
@@ -73,46 +67,45 @@ class Report:
         return sorted(set(self.summary["model"]) | set(self.scores["model"]))
 
 
-def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
+def _points(records: Sequence[RunRecord], sources: Sequence[str]) -> pd.DataFrame:
     """One row per record: what identifies it and what the summary shows about it."""
     rows = []
     for index, (record, source) in enumerate(zip(records, sources)):
-        status = record.get("status") if isinstance(record.get("status"), str) else "unknown"
-        size, timings = section(record, "size"), section(record, "timings_s")
-        finished_at = record.get("finished_at") if isinstance(record.get("finished_at"), str) else ""
-        calib = record_calib_size(record)
-        bf16 = record["recipe"] == BF16
+        status = record.status
+        size, timings = record.section("size"), record.section("timings_s")
+        finished_at = record.finished_at or ""
+        bf16 = record.is_bf16
         # What the checkpoint is made from (BF16 makes none: its calibration settings mean nothing) and how it was
         # measured (evaluation settings, fidelity text and sampling): records that differ in any are different points.
-        seq_len = math.nan if bf16 else record_calib_seq_len(record)
-        recover = record_recover(record)
+        seq_len = math.nan if bf16 else as_number(record.calib_seq_len)
+        recover = record.recover
         rows.append(
             {
                 "index": index,
-                "model": record["model"],
+                "model": record.model,
                 "base": variant_label(record),
                 "base_seq": variant_label(record, with_seq_len=True),
-                "eval_tag": record_eval_tag(record),
+                "eval_tag": record.eval_tag,
                 "fidelity_fp": fidelity_fingerprint(record),
                 "fidelity_setting": fidelity_setting(record),
-                "recipe": record["recipe"],
-                "kv_cache": record_kv_cache(record),
-                "calib_size": np.nan if bf16 else as_number(calib),
+                "recipe": record.recipe,
+                "kv_cache": record.kv_cache,
+                "calib_size": np.nan if bf16 else as_number(record.calib_size),
                 "calib_seq_len": seq_len,
                 "seq_key": "" if math.isnan(seq_len) else format(seq_len, "g"),
                 "calib_source": "" if bf16 else calib_source(record),
                 "status": status,
                 "finished_at": finished_at,
                 # Running records have no finish time yet; their start orders them among themselves.
-                "time": as_timestamp(finished_at or record.get("started_at")),
+                "time": as_timestamp(finished_at or record.started_at),
                 "checkpoint_mb": as_number(size.get("checkpoint_bytes")) / 1e6,
                 "compression": as_number(size.get("compression")),
                 "bits_per_weight": as_number(size.get("bits_per_weight")),
                 "calibrate_s": as_number(timings.get("calibrate")),
-                **fidelity_summary(record),
+                **fidelity_summary(record.section("fidelity")),
                 "served_by": served_by(record),
-                "recipe_file": recipe_file(record),
-                "note": status_note(status, record.get("error")),
+                "recipe_file": record.recipe_file,
+                "note": status_note(status, record.error),
                 "source": source,
                 # Training after PTQ: its settings make another point of the recipe; `ptq_base` is the PTQ point's label.
                 "recover_key": recover_key(recover),
@@ -123,7 +116,7 @@ def _points(records: Sequence[dict], sources: Sequence[str]) -> pd.DataFrame:
                 # The same run's fidelity before training, on the same held-out tokens (recovery.ptq_fidelity).
                 **{
                     f"own_ptq_{k}": v
-                    for k, v in fidelity_summary({"fidelity": section(record, "recovery").get("ptq_fidelity")}).items()
+                    for k, v in fidelity_summary(record.section("recovery").get("ptq_fidelity")).items()
                 },
             }
         )
@@ -255,7 +248,7 @@ def _plain_rows(frame: pd.DataFrame, columns: Sequence[str]):
     return zip(*(frame[c].tolist() for c in columns))
 
 
-def _bf16_values(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
+def _bf16_values(records: Sequence[RunRecord], kept: pd.DataFrame) -> pd.DataFrame:
     """The BF16 column: per (model, benchmark, metric), from the finished bf16 run, else embedded baselines."""
     rows = []
     # Newest first: of two BF16 runs that measured a row the same way, the newer one's value is shown.
@@ -313,7 +306,7 @@ def _recovery(value: pd.Series, bf16: pd.Series, higher_is_better: pd.Series) ->
     return ratio.mask(undefined)
 
 
-def _score_rows(records: Sequence[dict], kept: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
+def _score_rows(records: Sequence[RunRecord], kept: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
     """Long table: BF16 rows, then one row per score of every kept quantized record."""
     bf16_rows = bf16.assign(variant=BF16, recipe=BF16, kv_cache="none", calib_size=np.nan, note="")
     rows = []
@@ -458,12 +451,12 @@ def _order_scores(scores: pd.DataFrame, kept: pd.DataFrame) -> pd.DataFrame:
     return ordered.drop(columns=["_variant", "_row"]).reset_index(drop=True)
 
 
-def _layer_kinds(records: Sequence[dict], kept: pd.DataFrame) -> pd.DataFrame:
+def _layer_kinds(records: Sequence[RunRecord], kept: pd.DataFrame) -> pd.DataFrame:
     """kind -> format -> layers and parameter share per kept variant, from each record's validation (models with
     routed experts or Mamba layers only: for dense models the summary's size columns say it all)."""
     rows = []
     for index, model, variant in _plain_rows(kept, ("index", "model", "variant")):
-        summary = section(section(records[index], "validation"), "layer_kinds")
+        summary = section(records[index].section("validation"), "layer_kinds")
         kinds, total = section(summary, "kinds"), as_number(summary.get("params"))
         if not any(k in kinds for k in ("routed_expert", "mamba_in_proj")) or not total or math.isnan(total):
             continue
@@ -623,22 +616,23 @@ def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd
 
 
 def build_report(
-    records: Sequence[dict], sources: Optional[Sequence[str]] = None, skipped: Iterable[Tuple[str, str]] = ()
+    records: Sequence, sources: Optional[Sequence[str]] = None, skipped: Iterable[Tuple[str, str]] = ()
 ) -> Report:
-    """All tables from parsed run records; `sources` names each record (its path) in the output.
+    """All tables from run records (RunRecord, or parsed run.json objects); `sources` names each record (its path)
+    in the output.
 
-    Records that are not usable run records are added to `skipped` rather than raising.
+    Objects that are not usable run records are added to `skipped` rather than raising.
     """
     if sources is None:
         sources = [f"record #{i}" for i in range(len(records))]
     skipped = list(skipped)
     usable, usable_sources = [], []
     for record, source in zip(records, sources):
-        problem = record_problem(record)
-        if problem:
-            skipped.append((source, problem))
+        try:
+            usable.append(RunRecord.parse(record))
+        except RecordProblem as problem:
+            skipped.append((source, str(problem)))
         else:
-            usable.append(record)
             usable_sources.append(source)
     kept, superseded = _select(_points(usable, usable_sources))
     bf16 = _bf16_values(usable, kept)
@@ -654,11 +648,11 @@ def build_report(
     )
 
 
-def scores_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def scores_table(records: Sequence, sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """Long table: one row per model / variant / benchmark / metric (see SCORE_COLUMNS)."""
     return build_report(records, sources).scores
 
 
-def summary_table(records: Sequence[dict], sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
+def summary_table(records: Sequence, sources: Optional[Sequence[str]] = None) -> pd.DataFrame:
     """One row per model and variant: status, median recovery, size, calibration (see SUMMARY_COLUMNS)."""
     return build_report(records, sources).summary
