@@ -16,8 +16,9 @@
 # Needs the launcher installed and PTQ_WIKITEXT, PTQ_TOKENIZER (as the scripts it runs). Optional: PTQ_WORK
 # (/tmp/ptq-gpu), PTQ_DEADLINE (seconds from the start after which no further stage or point starts, so that a
 # time-limited allocation ends with its results written), PTQ_HARDWARE (default from the GPU's memory: h200 above
-# 100 GiB, else h100). The 30B shapes take 61 GiB of disk each: with PTQ_MODELS unset they go to /dev/shm when it
-# has room, else under $PTQ_WORK.
+# 100 GiB, else h100), PTQ_NANO_RECIPES and PTQ_QWEN3_RECIPES (the recipes of those stages, in order; the first is
+# profiled unless PTQ_PROFILE=0), so that an allocation too short for a stage can take the rest of it. The 30B
+# shapes take 61 GiB of disk each: with PTQ_MODELS unset they go to /dev/shm when it has room, else under $PTQ_WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 WORK=${PTQ_WORK:-/tmp/ptq-gpu}
@@ -45,7 +46,7 @@ stage_moe() {
     for recipe in "$@"; do
         time_left "$stage $recipe" || break
         bash bench/moe_gpu.sh point "$shape" "$recipe"
-        if [ "$recipe" = "$1" ]; then  # the first recipe's calibration is profiled too
+        if [ "$recipe" = "$1" ] && [ "${PTQ_PROFILE:-1}" = 1 ]; then  # the first recipe's calibration is profiled too
             bash bench/moe_gpu.sh profile "$shape" "$recipe"
         fi
         bash bench/moe_gpu.sh report
@@ -65,11 +66,13 @@ run_stage() {
         ;;
     nano)
         local shape=${PTQ_NANO_SHAPE:-$([ "$GPU_GIB" -gt 100 ] && echo nemotron3-nano-30b-a3b || echo nemotron3-nano-13layers)}
-        stage_moe nano "$shape" mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative fp8 nvfp4 \
-            mamba_moe_fp8_aggressive mamba_moe_nvfp4_aggressive
+        # shellcheck disable=SC2086
+        stage_moe nano "$shape" ${PTQ_NANO_RECIPES:-mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative fp8 nvfp4 \
+            mamba_moe_fp8_aggressive mamba_moe_nvfp4_aggressive}
         ;;
     qwen3)
-        stage_moe qwen3 "${PTQ_QWEN3_SHAPE:-qwen3-30b-a3b}" fp8 nvfp4
+        # shellcheck disable=SC2086
+        stage_moe qwen3 "${PTQ_QWEN3_SHAPE:-qwen3-30b-a3b}" ${PTQ_QWEN3_RECIPES:-fp8 nvfp4}
         ;;
     vlm)
         export PTQ_WORK=$WORK/vlm PTQ_BENCH_OUT=$OUT/vlm
