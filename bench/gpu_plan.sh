@@ -10,6 +10,8 @@
 #               mamba_moe_fp8_conservative, the per-kind profile and coverage curve, then the other five
 #               Mamba-MoE and plain recipes (bench/moe_gpu.sh)
 #   qwen3       the Qwen3-30B-A3B shape: fp8 and nvfp4, and its profile
+#   recipes     a shipped ModelOpt NVFP4 recipe file and a user's (bench/recipe_files.sh gpu), and the written file
+#               run again, compared byte for byte
 #   vlm         Qwen2.5-VL-3B and Gemma 3 4B shapes: fp8 and nvfp4, each calibrated on text and on image-text
 #               pairs and measured on held-out pairs (bench/vlm_gpu.sh)
 #
@@ -74,6 +76,9 @@ run_stage() {
         # shellcheck disable=SC2086
         stage_moe qwen3 "${PTQ_QWEN3_SHAPE:-qwen3-30b-a3b}" ${PTQ_QWEN3_RECIPES:-fp8 nvfp4}
         ;;
+    recipes)
+        PTQ_WORK=$WORK/recipes PTQ_BENCH_OUT=$OUT/recipes bash bench/recipe_files.sh gpu
+        ;;
     vlm)
         export PTQ_WORK=$WORK/vlm PTQ_BENCH_OUT=$OUT/vlm
         for shape in ${PTQ_VLM_SHAPES:-qwen2.5-vl-3b gemma3-4b}; do
@@ -83,13 +88,13 @@ run_stage() {
         done
         ;;
     *)
-        echo "gpu_plan: unknown stage $1 (extensions, nano, qwen3, vlm)" >&2
+        echo "gpu_plan: unknown stage $1 (extensions, nano, qwen3, recipes, vlm)" >&2
         return 2
         ;;
     esac
 }
 
-for stage in "${@:-extensions nano qwen3 vlm}"; do
+for stage in "${@:-extensions nano qwen3 recipes vlm}"; do
     for one in $stage; do run_stage "$one"; done
 done
 echo "gpu_plan: done in $(($(date +%s) - START)) s; results in $OUT"

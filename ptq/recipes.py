@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 import fnmatch
 import importlib.util
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -253,8 +253,35 @@ def fused_expert_layers(name: str, module) -> List[Tuple[str, object]]:
     return layers
 
 
-def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
+def _entry_enables(entry: Dict) -> bool:
+    """Whether a quant_cfg entry switches the quantizers it names on (an entry with settings and no `enable` does)."""
+    if "enable" in entry:
+        return bool(entry["enable"])
+    cfg = entry.get("cfg")
+    if isinstance(cfg, dict) and "enable" in cfg:
+        return bool(cfg["enable"])
+    return cfg is not None
+
+
+def meant_off(module_name: str, entries: Sequence[Dict]) -> bool:
+    """Whether the last quant_cfg entry that names this layer's weight quantizer switches it off: the layer is
+    left in BF16 by the configuration itself (a recipe that disables everything, then enables the MLP, means its
+    attention to stay BF16). Entries limited to a module class (parent_class) are not matched by name."""
+    name, verdict = f"{module_name}.weight_quantizer", None
+    for entry in entries if isinstance(entries, (list, tuple)) else ():
+        if not isinstance(entry, dict):
+            continue
+        pattern = entry.get("quantizer_name")
+        if entry.get("parent_class") or not isinstance(pattern, str):
+            continue
+        if fnmatch.fnmatch(name, pattern):
+            verdict = _entry_enables(entry)
+    return verdict is False
+
+
+def classify_layers(model, patterns, entries: Sequence[Dict] = ()) -> Tuple[List[str], List[str], List[str]]:
     """Split the model's linear layers into quantized, excluded on purpose, and left in BF16 unexpectedly.
+    Excluded on purpose: named by an exclude pattern, or switched off by the config's own `entries` (meant_off).
     Fused routed experts count one layer per expert and projection (fused_expert_layers)."""
     quantized, excluded, unexpected = [], [], []
     for name, module in model.named_modules():
@@ -262,7 +289,7 @@ def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
         for layer, quantizer in experts:
             if _enabled(quantizer):
                 quantized.append(layer)
-            elif is_excluded(layer, patterns) or is_excluded(name, patterns):
+            elif is_excluded(layer, patterns) or is_excluded(name, patterns) or meant_off(layer, entries):
                 excluded.append(layer)
             else:
                 unexpected.append(layer)
@@ -273,7 +300,7 @@ def classify_layers(model, patterns) -> Tuple[List[str], List[str], List[str]]:
             continue  # embeddings stay in BF16 in every recipe; only linear-like layers are judged
         if quantizer is not None and _enabled(quantizer):
             quantized.append(name)
-        elif is_excluded(name, patterns):
+        elif is_excluded(name, patterns) or meant_off(name, entries):
             excluded.append(name)
         else:
             unexpected.append(name)

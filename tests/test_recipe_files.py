@@ -236,3 +236,53 @@ def summary_block(summary) -> int:
     """The AWQ block size the dry run's description names (`AWQ block N`)."""
     [line] = summary["commands"]
     return int(line.split("AWQ block ")[1].split(",")[0])
+
+
+MLP_ONLY = """\
+imports:
+  base_disable_all: configs/ptq/units/base_disable_all
+  default_disabled_quantizers: configs/ptq/units/default_disabled_quantizers
+  fp8: configs/numerics/fp8
+metadata:
+  recipe_type: ptq
+  description: FP8 in the MLP projections only.
+quantize:
+  algorithm: max
+  quant_cfg:
+    - $import: base_disable_all
+    - quantizer_name: '*mlp*weight_quantizer'
+      cfg:
+        $import: fp8
+    - quantizer_name: '*mlp*input_quantizer'
+      cfg:
+        $import: fp8
+    - $import: default_disabled_quantizers
+"""
+
+
+def test_a_layer_the_configuration_itself_switches_off_is_meant_to_stay_bf16():
+    from ptq.recipes import meant_off
+
+    entries = [
+        {"quantizer_name": "*", "enable": False},
+        {"quantizer_name": "*mlp*weight_quantizer", "cfg": {"num_bits": [4, 3]}},
+        {"quantizer_name": "*lm_head*", "enable": False},
+        {"quantizer_name": "*", "parent_class": "nn.Linear", "enable": False},  # by class: not matched by name
+    ]
+    assert meant_off("model.layers.0.self_attn.q_proj", entries)  # only the leading catch-all names it
+    assert not meant_off("model.layers.0.mlp.up_proj", entries)  # the recipe means it quantized
+    assert meant_off("lm_head", entries)
+    assert not meant_off("model.layers.0.self_attn.q_proj", [])  # no configuration: nothing is meant
+
+
+def test_a_users_recipe_that_quantizes_only_the_mlp_validates_with_attention_excluded(smollm2_dir, tmp_path):
+    from ptq.run import run
+
+    mine = tmp_path / "fp8_mlp_only.yaml"
+    mine.write_text(MLP_ONLY)
+    record = run(*compose_run(small_run_overrides(tmp_path, "recipe=modelopt", f"recipe.modelopt_recipe={mine}")))
+    assert record["status"] == "finished", record.get("error")
+    layers = record["layers"]
+    assert layers["unexpected_bf16"] == []
+    assert layers["quantized"] == 30 * 3  # gate, up and down projections of SmolLM2's 30 layers
+    assert "model.layers.0.self_attn.q_proj" in layers["excluded"]

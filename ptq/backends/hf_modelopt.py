@@ -178,7 +178,9 @@ def quantize(
             out.layers, out.excluded, out.unexpected_bf16, out.auto_quantize = search.run(model, calib, batch_size)
         else:
             mtq.quantize(model, quant_cfg, forward_loop)
-            out.layers, out.excluded, out.unexpected_bf16 = classify_layers(model, disabled_patterns(quant_cfg))
+            out.layers, out.excluded, out.unexpected_bf16 = classify_layers(
+                model, disabled_patterns(quant_cfg), quant_cfg["quant_cfg"]
+            )
     with timer.stage("align_with_export"), torch.no_grad():
         align_with_export(model)
     if counter and counter.passes:
