@@ -124,6 +124,23 @@ class Pair:
     line: int
 
 
+def image_file(jsonl: Path, number: int, image: str) -> Path:
+    """The image a JSONL file's line `number` names (absolute, or relative to the file's folder), resolved; a clear
+    error when it does not exist or is not an image file this launcher reads."""
+    file = Path(image).expanduser()
+    file = file if file.is_absolute() else jsonl.parent / file
+    if not file.is_file():
+        raise ConfigError(
+            f"{jsonl}:{number}: image {image} does not exist (looked at {file}); image paths are absolute or "
+            "relative to the JSONL file's folder."
+        )
+    if file.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ConfigError(
+            f"{jsonl}:{number}: {image} is not an image file this launcher reads ({', '.join(IMAGE_SUFFIXES)})."
+        )
+    return file.resolve()
+
+
 def read_pairs(path: Path) -> List[Pair]:
     """The pairs of an image-text JSONL file, every image checked to exist; problems name the file and line."""
     path = Path(path)
@@ -137,18 +154,7 @@ def read_pairs(path: Path) -> List[Pair]:
             )
         if not isinstance(text, str):
             raise ConfigError(f'{path}:{number} has no "text" string beside its image.')
-        file = Path(image).expanduser()
-        file = file if file.is_absolute() else path.parent / file
-        if not file.is_file():
-            raise ConfigError(
-                f"{path}:{number}: image {image} does not exist (looked at {file}); image paths are absolute or "
-                "relative to the JSONL file's folder."
-            )
-        if file.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ConfigError(
-                f"{path}:{number}: {image} is not an image file this launcher reads ({', '.join(IMAGE_SUFFIXES)})."
-            )
-        pairs.append(Pair(file.resolve(), text, number))
+        pairs.append(Pair(image_file(path, number, image), text, number))
     if not pairs:
         raise ConfigError(f"{path} holds no image-text pairs.")
     return pairs

@@ -172,7 +172,7 @@ def test_image_choice_items_are_read_and_checked_before_loading(tmp_path):
     [first, second] = read_image_choice(image_choice_file(tmp_path, "a.png"))
     assert first["image"] == str((tmp_path / "a.png").resolve()) and first["gold"] == 0 and second["gold"] == 2
     assert first["prompt"] == "What is shown?\nAnswer with one of the choices."
-    with pytest.raises(ConfigError, match=r"pictures.jsonl:1: image b.png is not an image file"):
+    with pytest.raises(ConfigError, match=r"pictures.jsonl:1: image b.png does not exist"):
         read_image_choice(image_choice_file(tmp_path, "b.png"))
     with pytest.raises(ConfigError, match=r":1: \"answer\" 3 is not an index into its 3 choices"):
         read_image_choice(image_choice_file(tmp_path, "a.png", answer=3))

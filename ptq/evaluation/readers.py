@@ -15,7 +15,7 @@ from ptq.errors import ConfigError
 from ptq.plan import SAFE_NAME
 from ptq.schema import BenchmarkConfig, BenchmarkKind, ChoiceFormat, EvalConfig
 from ptq.textfiles import checked_once, lines, read_jsonl, read_text
-from ptq.vlm import IMAGE_SUFFIXES
+from ptq.vlm import image_file
 
 KINDS = tuple(BenchmarkKind)
 MC_FORMATS = tuple(ChoiceFormat)
@@ -312,10 +312,7 @@ def read_image_choice(path: Path, template: Optional[str] = None) -> List[dict]:
             raise ConfigError(
                 f'{where} has no "image" path; each line is {{"image", "question", "choices", "answer"}}.'
             )
-        file = Path(image).expanduser()
-        file = file if file.is_absolute() else path.parent / file
-        if not file.is_file() or file.suffix.lower() not in IMAGE_SUFFIXES:
-            raise ConfigError(f"{where}: image {image} is not an image file (looked at {file}).")
+        file = image_file(path, number, image)
         if not isinstance(row.get("question"), str):
             raise ConfigError(f'{where} has no "question" string.')
         if not isinstance(choices, list) or len(choices) < 2 or not all(isinstance(c, str) and c for c in choices):
@@ -326,7 +323,7 @@ def read_image_choice(path: Path, template: Optional[str] = None) -> List[dict]:
             prompt = (template or IMAGE_CHOICE_TEMPLATE).format(**row)
         except (KeyError, IndexError, ValueError) as exc:
             raise ConfigError(f"{where}: the template {template!r} does not fit this item ({exc}).") from None
-        items.append({"image": str(file.resolve()), "prompt": prompt, "choices": list(choices), "gold": answer})
+        items.append({"image": str(file), "prompt": prompt, "choices": list(choices), "gold": answer})
     if not items:
         raise ConfigError(f"{path} holds no items.")
     return items
