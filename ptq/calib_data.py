@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from ptq.errors import ConfigError
 from ptq.files import atomic_path
 from ptq.textfiles import file_key, read_texts
-from ptq.vlm import read_pairs
+from ptq.vlm import image_prompt, read_pairs
 
 log = logging.getLogger(__name__)
 
@@ -277,13 +277,7 @@ def image_text_inputs(path: Path, processor, samples: int) -> List[Dict[str, tor
 
     inputs = []
     for pair in read_pairs(Path(path))[:samples]:
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pair.text}]}]
-        if getattr(processor, "chat_template", None) is None:
-            raise ConfigError(
-                f"the processor of this model has no chat template, so {path} cannot place its images in the "
-                "prompt; save the model's chat template with its processor, or calibrate with text."
-            )
-        prompt = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=False)
+        prompt = image_prompt(processor, pair.text, answer_follows=False, source=path)
         with Image.open(pair.image) as image:
             batch = processor(text=[prompt], images=[image.convert("RGB")], return_tensors="pt")
         inputs.append(dict(batch))

@@ -141,6 +141,19 @@ def image_file(jsonl: Path, number: int, image: str) -> Path:
     return file.resolve()
 
 
+def image_prompt(processor, text: str, answer_follows: bool, source) -> str:
+    """One user turn of the processor's chat template holding an image and `text`, so the image tokens stand where
+    the model was trained to see them; `answer_follows` adds the assistant's opening (a prompt whose continuation
+    is scored). `source` names the file the pair comes from in the error for a processor without a template."""
+    if getattr(processor, "chat_template", None) is None:
+        raise ConfigError(
+            f"the processor of this model has no chat template, so {source} cannot place its images in the "
+            "prompt; save the model's chat template with its processor, or use text."
+        )
+    turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    return processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=answer_follows)
+
+
 def read_pairs(path: Path) -> List[Pair]:
     """The pairs of an image-text JSONL file, every image checked to exist; problems name the file and line."""
     path = Path(path)

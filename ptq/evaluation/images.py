@@ -19,6 +19,7 @@ import math
 from typing import Dict, List
 
 from ptq.errors import ConfigError
+from ptq.vlm import image_prompt
 
 
 def _continuation_logprob(model, processor, prompt: str, choice: str, image) -> float:
@@ -49,8 +50,7 @@ def score(model, processor, items: List[dict], indices: List[int]) -> Dict[str, 
     acc, acc_norm = [], []
     for i in indices:
         item = items[i]
-        turn = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": item["prompt"]}]}]
-        prompt = processor.apply_chat_template(turn, tokenize=False, add_generation_prompt=True)
+        prompt = image_prompt(processor, item["prompt"], answer_follows=True, source=item["image"])
         with Image.open(item["image"]) as image:
             picture = image.convert("RGB")
         logps = [_continuation_logprob(model, processor, prompt, choice, picture) for choice in item["choices"]]
