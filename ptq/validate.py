@@ -10,8 +10,6 @@ import re
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from safetensors import safe_open
-
 from ptq import layerkinds
 from ptq.files import safetensors_header, write_text_atomic
 from ptq.formats import EXPORT_FORMATS, KV_CACHE_EXPORTS, MIXED_PRECISION, NO_CHECK, STORED_WEIGHTS_CHECK
@@ -56,13 +54,7 @@ def check_layer_map(layers, expect_quantized: List[str], index: Dict[str, Dict])
 
 def read_tensor_index(checkpoint: Path) -> Dict[str, Dict]:
     """name -> {"dtype", "shape"} for every tensor of every safetensors file (headers only)."""
-    index = {}
-    for file in sorted(checkpoint.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for name in f.keys():
-                sl = f.get_slice(name)
-                index[name] = {"dtype": sl.get_dtype(), "shape": list(sl.get_shape())}
-    return index
+    return {name: {"dtype": e[3], "shape": e[4]} for name, e in _tensor_extents(checkpoint).items()}
 
 
 def _tensor_extents(folder: Path) -> Dict[str, tuple]:
