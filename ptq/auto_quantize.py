@@ -74,6 +74,9 @@ class AutoQuantizeSearch:
             n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and is_excluded(n, patterns)
         ]
 
+    # The per-layer choice as one ModelOpt config (chosen_config), once run() has searched.
+    applied_config = None
+
     def _steps(self, samples: int, batch_size: int) -> Tuple[int, int, int]:
         """(calibration steps, score steps, score samples). ModelOpt counts both in batches of the same
         loader, so the scores see whole batches: at least recipe.score_size samples where there are that many."""
@@ -214,6 +217,7 @@ class AutoQuantizeSearch:
         )
         model, state, state_path, reused = self._search(model, calib, batch_size, calib_steps, score_steps)
         assignment = self._assignment(state)
+        self.applied_config = chosen_config(state)
         achieved = float(state["best"]["constraints"]["effective_bits"])
         satisfied = bool(state["best"].get("is_satisfied", True))
         counts: Dict[str, int] = {}
@@ -252,3 +256,22 @@ class AutoQuantizeSearch:
             "excluded": list(self.excluded),
         }
         return quantized, excluded_layers, unexpected, record
+
+
+# What the written recipe file of an AutoQuantize run says about itself (ptq/backends/hf_modelopt.py).
+CHOSEN_NOTE = (
+    "the per-layer formats AutoQuantize chose, as one config (modelopt get_auto_quantize_config): running it "
+    "quantizes each layer in its chosen format with max calibration, without the search; the search's own "
+    "per-candidate calibration (AWQ) is not part of it"
+)
+
+
+def chosen_config(state) -> dict:
+    """The search's choice as a config mtq.quantize and ModelOpt's recipe loader take: one entry per quantized
+    module in its chosen format, after the search's fixed and disabled layers (ModelOpt's own conversion). Its
+    note that the result calibrates with `max` is what CHOSEN_NOTE says in the written file."""
+    import modelopt.torch.quantization as mtq
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="get_auto_quantize_config")
+        return mtq.get_auto_quantize_config(state)

@@ -14,8 +14,10 @@ from conftest import GPU_FACTS as GPU
 from conftest import compose_run, plan_for, small_run_overrides
 from safetensors import safe_open
 
+from ptq import recipe_files
 from ptq.errors import ConfigError
 from ptq.formats import CANDIDATES
+from ptq.recipes import load_recipe_file
 from ptq.run import run
 from ptq.validate import validate_checkpoint
 
@@ -163,6 +165,16 @@ def test_search_on_the_cpu_at_two_budgets(tiny_llama_dir, tmp_path):
                 quant["quantized_layers"][n]["quant_algo"] for n in quantized if search["assignment"][n] == "int4_awq"
             } <= {"W4A16_AWQ"}
         assert record["fidelity"]["mean_kl"] > 0
+        # The choice as a recipe file beside the checkpoint, read back through ModelOpt's loader: each searched
+        # layer's weight quantizer is switched on exactly where the search chose a format.
+        written = load_recipe_file(str(checkpoint / recipe_files.WRITTEN_NAME))
+        switched = {}
+        for entry in written["quant_cfg"]:
+            name = entry.get("quantizer_name", "")
+            if name.endswith(".weight_quantizer") and name[: -len(".weight_quantizer")] in decoder_layers:
+                switched[name[: -len(".weight_quantizer")]] = entry.get("enable") is not False
+        assert {n for n, on in switched.items() if on} == set(quantized)
+        assert "AutoQuantize chose" in (checkpoint / recipe_files.WRITTEN_NAME).read_text()
     int4 = {
         b: sum(f == "int4_awq" for f in r["details"]["auto_quantize"]["assignment"].values())
         for b, r in records.items()

@@ -16,7 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ptq import recipe_files, recover
-from ptq.auto_quantize import AutoQuantizeSearch
+from ptq.auto_quantize import CHOSEN_NOTE, AutoQuantizeSearch
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import image_text_inputs, token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
@@ -306,15 +306,15 @@ def trained_weights(plan: Plan, model) -> Optional[dict]:
     return {name: p.detach().to("cpu", torch.bfloat16, copy=True) for name, p in model.named_parameters()}
 
 
-def write_applied_recipe(plan: Plan, quant_cfg: dict, export_dir: Path, trained: bool) -> dict:
+def write_applied_recipe(plan: Plan, quant_cfg: dict, export_dir: Path, trained: bool, note: str = "") -> dict:
     """What ModelOpt applied, as a recipe file beside the weights (and in the record): loading it runs it again.
-    After training the file makes the PTQ checkpoint, and says so."""
+    After training the file makes the PTQ checkpoint, and says so; `note` says what else it is (AutoQuantize)."""
     cfg = plan.cfg
     untrained = f", before {cfg.recover.method.upper()} training (the file makes the PTQ checkpoint)" if trained else ""
     applied = recipe_files.applied_recipe(
         quant_cfg,
         f"{cfg.recipe.name} as applied to {cfg.model.name} by "
-        f"ptq-launcher (nvidia-modelopt {modelopt_version()}){untrained}",
+        f"ptq-launcher (nvidia-modelopt {modelopt_version()}){untrained}" + (f"; {note}" if note else ""),
     )
     recipe_files.write_applied(export_dir, applied)
     return applied
@@ -405,6 +405,10 @@ class HFModelOptBackend:
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:
             details["applied_recipe"] = write_applied_recipe(plan, quant_cfg, export_dir, trained=recovery is not None)
+        elif search is not None and search.applied_config is not None:
+            details["applied_recipe"] = write_applied_recipe(
+                plan, search.applied_config, export_dir, trained=recovery is not None, note=CHOSEN_NOTE
+            )
         if repaired:
             details["exclude_modules_repaired"] = [e.encode("unicode_escape").decode() for e in repaired]
         if fid is not None and plan.quantize and cfg.fidelity.exported:
