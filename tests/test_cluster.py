@@ -193,14 +193,14 @@ def test_a_dry_run_previews_a_resume_and_points_that_are_running(tmp_path):
     point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
     assert check_point(point, True, launcher).state == SUBMITTED
     out = Path(point.config["output_dir"])
-    write_json_atomic(
-        out / "run.json",
-        {
-            "status": "finished",
-            "config_hash": config_hash(asdict(point.cfg)),
-            "finished_at": "2026-11-30T12:00:00+0000",
-        },
+    finished = RunRecord(
+        point.cfg.model.name,
+        point.cfg.recipe.name,
+        status="finished",
+        config_hash=config_hash(asdict(point.cfg)),
+        finished_at="2026-11-30T12:00:00+0000",
     )
+    write_json_atomic(out / "run.json", finished.to_dict())
     point, launcher = _point(["cluster=slurm", f"output_root={tmp_path}"])
     assert check_point(point, True, launcher).state == SKIPPED
     (out / "run.json").unlink()

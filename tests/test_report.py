@@ -1372,3 +1372,21 @@ def test_the_eval_tag_is_the_records_own_and_read_off_the_folder_only_for_older_
     assert RunRecord.parse({**record, "eval_tag": "eval_quick_bbbbbb"}).eval_tag == "eval_quick_bbbbbb"
     # Evaluation off, whatever the folder is called.
     assert RunRecord.parse({**record, "eval_tag": ""}).eval_tag == ""
+
+
+def test_a_submitted_point_without_a_record_is_reported_as_pending(tmp_path, capsys):
+    """A Slurm sweep's manifest names a point whose job has not started: the report lists it, as pending, beside
+    the finished runs (the Slurm test covers this against a real cluster; here without one)."""
+    from ptq.report import main
+
+    write_record(tmp_path, "m/bf16", make_record("m", BF16, fidelity=fidelity(20.0, 0.0, 1.0)))
+    waiting = {"model": "m", "recipe": "fp8", "kv_cache": "none", "calib_size": 512, "calib_seq_len": 512}
+    manifest = tmp_path / "sweeps" / "s1" / "sweep.json"
+    manifest.parent.mkdir(parents=True)
+    point = {**waiting, "state": "submitted", "output_dir": str(tmp_path / "m" / "fp8"), "job_id": "7_0"}
+    manifest.write_text(json.dumps({"points": [point]}))
+    assert main([str(tmp_path), "--out", str(tmp_path / "report")]) == 0
+    summary = pd.read_csv(tmp_path / "report" / "summary.csv")
+    row = summary[summary["variant"] == "fp8@512"].iloc[0]
+    assert row["status"] == "pending" and "pending" in row["note"]
+    capsys.readouterr()

@@ -55,7 +55,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 1
     records, sources, skipped = load_records(files)
     records += pending
-    sources += [p["manifest"] for p in pending]
+    sources += [str(p.sections.get("manifest", "")) for p in pending]
     report = build_report(records, sources, skipped)
     out_dir = args.out or default_out_dir(args.paths)
     extra = []
