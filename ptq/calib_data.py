@@ -139,7 +139,8 @@ def self_sampled(
     """Text the model writes itself, for several uses at once: `requests` maps a use to (seed, samples,
     seq_len); each use gets [samples, seq_len] tokens, the first rows of its seed's stream. One sampling pass
     makes every row no cached sample holds (at the longest length asked for); a cached sample with at least as
-    many rows, each at least as long, serves a request by cutting it."""
+    many rows, each at least as long, serves a request by cutting it, and one with fewer rows of the full length is
+    extended by the rows after its own."""
     out, missing = {}, {}
     for use, (seed, samples, seq_len) in requests.items():
         cached = _cached_rows(_self_cache(cache_dir, model_id, seed))
@@ -152,17 +153,25 @@ def self_sampled(
         return out
     # Per seed: every row up to the largest request or cached sample; all at the longest length asked or cached.
     counts: Dict[int, int] = {}
+    held: Dict[int, torch.Tensor] = {}
     length = 0
     for seed, samples, seq_len, cached in missing.values():
         have_rows, have_length = (0, 0) if cached is None else tuple(cached.shape)
         counts[seed] = max(counts.get(seed, 0), samples, have_rows)
         length = max(length, seq_len, have_length)
+        if cached is not None:
+            held[seed] = cached
+    # A row's text depends only on its seed and index (_row_generator), so a cached sample at the full length keeps
+    # its rows and only the rows after them are sampled; a shorter one is sampled again whole.
+    start = {seed: held[seed].shape[0] if seed in held and held[seed].shape[1] >= length else 0 for seed in counts}
     seeds = sorted(counts)
-    tokens = sample_rows(
-        model, tokenizer, [(seed, row) for seed in seeds for row in range(counts[seed])], length, batch_size
-    )
-    sampled = dict(zip(seeds, tokens.split([counts[seed] for seed in seeds])))
+    wanted = [(seed, row) for seed in seeds for row in range(start[seed], counts[seed])]
+    tokens = sample_rows(model, tokenizer, wanted, length, batch_size)
+    new = dict(zip(seeds, tokens.split([counts[seed] - start[seed] for seed in seeds])))
+    sampled = {seed: torch.cat([held[seed][:, :length], new[seed]]) if start[seed] else new[seed] for seed in seeds}
     for seed, rows in sampled.items():
+        if start[seed]:
+            log.info("Extending cached self-sampled text (seed %d) from %d to %d rows", seed, start[seed], len(rows))
         with atomic_path(_self_cache(cache_dir, model_id, seed)) as tmp:
             torch.save(rows.clone(), tmp)
     for use, (seed, samples, seq_len, _) in missing.items():

@@ -1,5 +1,5 @@
 """Text the model writes itself (calib.dataset=self, fidelity.text=self): one sampling pass for both uses, rows
-that do not depend on their batch, and a cached sample serving smaller requests."""
+that do not depend on their batch, and a cached sample serving smaller requests and extended for larger ones."""
 
 from __future__ import annotations
 
@@ -50,7 +50,8 @@ def test_one_pass_samples_both_uses_and_the_cache_serves_smaller_requests(tiny, 
     assert passes == [8] and "Using cached self-sampled text" in caplog.text
     assert torch.equal(smaller["calibration"], both["calibration"][:2, :10])
 
-    # A larger request samples again, and the rows it had before come out the same whatever the batch size.
+    # A larger request keeps the cached rows and samples only the rows after them; they are the rows a fresh
+    # sampling of all seven gives, whatever the batch size (a row depends only on its seed and index).
     larger = self_sampled(
         model,
         tokenizer,
@@ -59,8 +60,27 @@ def test_one_pass_samples_both_uses_and_the_cache_serves_smaller_requests(tiny, 
         batch_size=3,
         requests={"calibration": (1234, 7, 16)},
     )
-    assert passes == [8, 7]
+    assert passes == [8, 2]
     assert torch.equal(larger["calibration"][:5], both["calibration"])
+    fresh = self_sampled(
+        model,
+        tokenizer,
+        model_id="tiny",
+        cache_dir=str(tmp_path / "fresh"),
+        batch_size=3,
+        requests={"calibration": (1234, 7, 16)},
+    )
+    assert passes == [8, 2, 7] and torch.equal(fresh["calibration"], larger["calibration"])
+    # A longer request than the cache holds samples every row again, at the new length.
+    longer = self_sampled(
+        model,
+        tokenizer,
+        model_id="tiny",
+        cache_dir=str(tmp_path),
+        batch_size=4,
+        requests={"calibration": (1234, 7, 20)},
+    )
+    assert passes == [8, 2, 7, 7] and longer["calibration"].shape == (7, 20)
 
 
 def test_progress_is_logged_per_token_step(tiny, tmp_path, caplog):
