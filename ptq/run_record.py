@@ -26,6 +26,7 @@ from ptq.recipe_files import WRITTEN_NAME
 
 RECORD_VERSION = 2
 
+# The BF16 baseline's recipe name (conf/recipe/bf16.yaml): a record of the unquantized model.
 BF16 = "bf16"
 
 # An output folder's name ends with the evaluation settings' tag (conf/config.yaml): how version 1 records say it.

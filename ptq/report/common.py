@@ -6,11 +6,9 @@ import pandas as pd
 
 from ptq import backend_spec
 from ptq.layout import RECORD_NAME
+from ptq.run_record import BF16 as BF16  # the baseline's recipe name, shared with the record type
 
 RUN_RECORD_NAME = RECORD_NAME
-
-
-BF16 = "bf16"
 
 
 FIDELITY_METRIC = "fidelity"
