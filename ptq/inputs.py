@@ -122,15 +122,7 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     elif cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")
     check_eval_config(cfg.eval)
-    images = [
-        key
-        for key, used in (
-            ("calib.dataset", plan.quantize and plan.calib_kind == "image_text"),
-            ("fidelity.text", cfg.fidelity.enabled and plan.fidelity_kind == "image_text"),
-            ("eval.benchmarks", cfg.eval.enabled and any(b.kind == "image_choice" for b in cfg.eval.benchmarks)),
-        )
-        if used
-    ]
+    images = plan.image_inputs
     if images and plan.source.kind == "local":
         problem = processor_problem(Path(plan.source.location))
         if problem:

@@ -118,6 +118,18 @@ class Plan:
     calib_kind: str = "text"
     fidelity_kind: str = "text"
 
+    @property
+    def image_inputs(self) -> List[str]:
+        """The config keys that give the model images: image-text calibration or fidelity files, image_choice
+        benchmarks (a vision-language model's processor and chat template must read them)."""
+        cfg = self.cfg
+        uses = (
+            ("calib.dataset", self.calib_kind == "image_text"),
+            ("fidelity.text", self.fidelity_kind == "image_text"),
+            ("eval.benchmarks", cfg.eval.enabled and any(b.kind == "image_choice" for b in cfg.eval.benchmarks)),
+        )
+        return [key for key, used in uses if used]
+
 
 def layer_widths_from_config(config: dict) -> List[int]:
     """Input widths of the linear layers of a Hugging Face config.json (best effort)."""
