@@ -123,9 +123,41 @@ def _hf_check(cfg: RunConfig, warnings: List[str]) -> None:
         )
 
 
+# Sequences per recovery step when recover.batch_size is 0 (Megatron-Bridge: micro-batches of one, gradients
+# accumulated up to it).
+RECOVER_BATCH_CPU = 8
+RECOVER_BATCH_GPU = 16
+
+
+def recover_batch(cfg: RunConfig) -> int:
+    """Sequences per recovery (QAT/QAD) step."""
+    return cfg.recover.batch_size or (RECOVER_BATCH_CPU if cfg.hardware.device == "cpu" else RECOVER_BATCH_GPU)
+
+
+def recover_rows(cfg: RunConfig) -> int:
+    """Rows of recover.seq_len tokens of training text: recover.samples, or one fresh row per sequence trained."""
+    return cfg.recover.samples or cfg.recover.steps * recover_batch(cfg)
+
+
+def check_megatron_recover(cfg: RunConfig) -> None:
+    """QAT's global batch is split into micro-batches of one sequence over the data-parallel ranks."""
+    if cfg.recover.method == "none":
+        return
+    par = cfg.parallelism
+    data_parallel = par.nodes * par.gpus_per_node // (par.tp * par.pp)
+    batch = recover_batch(cfg)
+    if data_parallel and batch % data_parallel:
+        raise ConfigError(
+            f"recover.batch_size={batch} sequences per step cannot be split over the {data_parallel} data-parallel "
+            f"ranks of parallelism={par.name}; give a multiple of {data_parallel} (e.g. "
+            f"recover.batch_size={data_parallel * max(1, batch // data_parallel)})."
+        )
+
+
 def _megatron_check(cfg: RunConfig, warnings: List[str]) -> None:
     check_megatron_layout(cfg)
     check_megatron_calib(cfg)
+    check_megatron_recover(cfg)
 
 
 def _off(cfg: RunConfig) -> str:
@@ -140,10 +172,13 @@ class BackendSpec:
     one_process: bool
     # Fidelity is measured on the model in this process (so its held-out text is read here).
     measures_in_memory: bool
-    # Runs ModelOpt recipe files (recipe.modelopt_recipe), training after PTQ (recover), a per-GPU weight cap.
+    # Runs ModelOpt recipe files (recipe.modelopt_recipe); a per-GPU weight cap.
     recipe_files: bool
-    recovery: bool
     gpu_memory_cap: bool
+    # The training after PTQ it runs (recover.method values besides none), and whether its training text may be
+    # "self" (sampled from the BF16 model in this process).
+    recovery: Tuple[str, ...]
+    self_text: bool
     # Quantizes the language model of a vision-language model (model.vision_language, ptq/vlm.py).
     vision_language: bool
     # The AWQ block size the backend always uses (None: the launcher picks one that divides every width).
@@ -165,7 +200,8 @@ SPECS: Dict[str, BackendSpec] = {
         one_process=True,
         measures_in_memory=True,
         recipe_files=True,
-        recovery=True,
+        recovery=("qat", "qad"),
+        self_text=True,
         gpu_memory_cap=True,
         vision_language=True,
         awq_block=None,
@@ -177,7 +213,8 @@ SPECS: Dict[str, BackendSpec] = {
         one_process=False,
         measures_in_memory=False,
         recipe_files=False,
-        recovery=False,
+        recovery=("qat",),
+        self_text=False,
         gpu_memory_cap=False,
         vision_language=False,
         awq_block=128,

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Optional
 
-from ptq.backend_spec import spec_of
+from ptq.backend_spec import recover_rows, spec_of
 from ptq.errors import ConfigError
 from ptq.evaluation.readers import check_eval_config
 from ptq.files import nearest_existing, safetensors_header
@@ -121,6 +121,8 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
         check_pairs(cfg.fidelity.text, cfg.fidelity.samples, "fidelity.text", "fidelity.samples")
     elif cfg.fidelity.enabled and (spec_of(cfg).measures_in_memory or plan.measure_export):
         check_text(cfg.fidelity.text, cfg.fidelity.samples, cfg.fidelity.seq_len, "fidelity.text")
+    if cfg.recover.method != "none":
+        check_text(cfg.recover.text, recover_rows(cfg), cfg.recover.seq_len, "recover.text")
     check_eval_config(cfg.eval)
     images = plan.image_inputs
     if images and plan.source.kind == "local":

@@ -752,10 +752,22 @@ def check_recover(cfg: RunConfig, quantize: bool) -> None:
     if rec.method == "none":
         return
     where = f"recover={rec.method}"
-    if not spec_of(cfg).recovery:
+    spec = spec_of(cfg)
+    if rec.method not in spec.recovery:
         raise ConfigError(
-            f"{where} runs in process on the hf_modelopt backend only (Megatron-Bridge QAT is not wired "
-            f"up yet); use backend=hf_modelopt, or recover=none."
+            f"{where} is not run by backend={cfg.backend.name}, which runs recover={' or '.join(spec.recovery) or 'none'}"
+            + (
+                " (Megatron QAD is ModelOpt's examples/megatron_bridge/distill.py, not wired up here)"
+                if rec.method == "qad"
+                else ""
+            )
+            + "; use backend=hf_modelopt, or another recover method."
+        )
+    if rec.text == "self" and not spec.self_text:
+        raise ConfigError(
+            f"{where} with backend={cfg.backend.name} trains on a local file: recover.text=self samples text from "
+            "the BF16 model in this process, which this backend does not load. Give a .txt or .jsonl file "
+            "(e.g. recover.text=/data/train.txt) that is not the fidelity text."
         )
     if not quantize:
         raise ConfigError(

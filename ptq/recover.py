@@ -35,6 +35,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from ptq.backend_spec import recover_batch, recover_rows
 from ptq.calib_data import SELF, token_batches
 from ptq.errors import ConfigError
 from ptq.models import kept_model, room_for_a_copy
@@ -43,10 +44,6 @@ from ptq.record_parts import StageTimer
 from ptq.state import ProcessState
 
 log = logging.getLogger(__name__)
-
-# Sequences per step when recover.batch_size is 0.
-CPU_BATCH_SIZE = 8
-GPU_BATCH_SIZE = 16
 
 
 @dataclass
@@ -71,11 +68,6 @@ class _Rows(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> Dict[str, torch.Tensor]:
         ids = self.tokens[i]
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
-
-
-def batch_size(plan: Plan) -> int:
-    rec = plan.cfg.recover
-    return rec.batch_size or (CPU_BATCH_SIZE if plan.cfg.hardware.device == "cpu" else GPU_BATCH_SIZE)
 
 
 def text_source(plan: Plan) -> str:
@@ -116,7 +108,7 @@ def prepare(
     """The training text (sampled from `model` while it is still BF16, for recover.text=self) and, for QAD, the
     teacher. Call before quantizing."""
     rec = plan.cfg.recover
-    rows = rec.samples or rec.steps * batch_size(plan)
+    rows = recover_rows(plan.cfg)
     with timer.stage("recover_text"):
         tokens = token_batches(
             rec.text,
@@ -188,7 +180,7 @@ def train(plan: Plan, model, prepared: Prepared, timer: StageTimer) -> dict:
 
     cfg = plan.cfg
     rec = cfg.recover
-    bs = batch_size(plan)
+    bs = recover_batch(plan.cfg)
     before = _ranges(model)
     # Train FP32 master weights: a BF16 weight cannot take steps of lr 1e-5 (they round away). The run's dtype
     # comes back afterwards; the ranges keep the dtype they were calibrated in.

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import GPU_FACTS, compose_run, plan_for, small_run_overrides
+from conftest import compose_run, plan_for, small_run_overrides
 from transformers import PreTrainedModel
 
 from ptq.errors import ConfigError
@@ -39,11 +39,6 @@ def test_bad_recovery_settings_are_refused_when_planning(overrides, needle):
     with pytest.raises(ConfigError) as err:
         plan_for(overrides)
     assert needle in str(err.value)
-
-
-def test_recovery_on_megatron_bridge_is_refused_when_planning():
-    with pytest.raises(ConfigError, match="hf_modelopt backend only"):
-        plan_for(["recover=qat", "backend=megatron_bridge", "hardware=h100", "calib.dataset=/data/a.txt"], GPU_FACTS)
 
 
 def test_training_on_the_fidelity_text_is_refused(tmp_path):

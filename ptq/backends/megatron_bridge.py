@@ -1,4 +1,4 @@
-"""Megatron-Bridge's quantization scripts as processes: quantize -> generate check -> export.
+"""Megatron-Bridge's quantization scripts as processes: quantize -> (recover=qat: QAT) -> generate check -> export.
 
 Each step runs under torchrun with the `parallelism` group's layout, or directly when the ranks
 were already started by the scheduler (srun sets WORLD_SIZE and RANK for every task). Every step
@@ -10,6 +10,12 @@ Calibration text is the launcher's own `calib.dataset`: a .txt file is handed to
 one-line JSONL (`<output_dir>/calib.jsonl`), which ModelOpt's Megatron loader packs into rows exactly
 as the in-process backend does (text + EOS, cut into calib.seq_len tokens), so both backends
 calibrate on the same tokens.
+
+With recover=qat, the launcher tokenizes recover.text with the model's tokenizer into recover.samples rows of
+recover.seq_len tokens (`<output_dir>/qat-rows.npy`, the same rows the in-process backend would train on), and
+megatron_qat.py turns them into a Megatron indexed dataset and trains the PTQ checkpoint on them (Megatron-Bridge's
+pretrain loop, scales frozen); the generate check and the export then load the trained checkpoint. The loss
+curve is read from the training step's log into the record's "recovery" section.
 """
 
 from __future__ import annotations
@@ -24,11 +30,14 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional
 
+from ptq.backend_spec import recover_batch, recover_rows
 from ptq.backends.base import BackendResult, use_extension_cache
 from ptq.backends.megatron_entry import FUSION_OFF_NOTE, MAMBA_ENV
 from ptq.backends.megatron_steps import (
     LOG_DIR,
     MEGATRON_CHECKPOINT,
+    QAT_CHECKPOINT,
+    QAT_ROWS,
     STEP_ENV,
     Step,
     build_steps,
@@ -37,7 +46,9 @@ from ptq.backends.megatron_steps import (
     model_id,
     write_calib_jsonl,
 )
+from ptq.calib_data import token_batches
 from ptq.cluster import process_rank
+from ptq.files import atomic_path
 from ptq.layout import PARTIAL_NAME
 from ptq.measure import measure_export
 from ptq.models import resolve_checkpoint
@@ -142,11 +153,98 @@ def generation_check(plan: Plan, log_dir: Path, strict: bool) -> dict:
 
 def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
     """What the scripts read besides the model: a GGUF model converted to a Hugging Face folder (once, in
-    the cache) and the calibration JSONL. Every task of a multi-node job does this; both writes are atomic."""
+    the cache), the calibration JSONL and, for QAT, the training rows. Every task of a multi-node job does this;
+    the writes are atomic."""
     if plan.source.kind == "gguf":
         with timer.stage("convert_model"):
             resolve_checkpoint(plan.source)
     write_calib_jsonl(plan)
+    if plan.cfg.recover.method == "qat":
+        with timer.stage("recover_text"):
+            write_qat_rows(plan)
+
+
+def write_qat_rows(plan: Plan) -> Path:
+    """recover.text as [qat_rows, recover.seq_len] token ids of the model's tokenizer, in `<output_dir>/qat-rows.npy`
+    (the launcher's own reader: chat-formatted JSONL through the chat template, as the in-process backend)."""
+    import numpy
+    from transformers import AutoTokenizer
+
+    rec = plan.cfg.recover
+    source = model_id(plan)
+    tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=plan.cfg.model.trust_remote_code)
+    tokens = token_batches(
+        rec.text,
+        model=None,
+        tokenizer=tokenizer,
+        model_id=source,
+        samples=recover_rows(plan.cfg),
+        seq_len=rec.seq_len,
+        seed=rec.seed,
+        cache_dir=plan.cfg.cache_dir,
+        sample_batch_size=1,
+    )
+    target = plan.output_dir / QAT_ROWS
+    with atomic_path(target) as partial, open(partial, "wb") as out:
+        numpy.save(out, tokens.numpy().astype(numpy.int64))
+    return target
+
+
+_ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+)\s*\|(.*)$")
+
+
+def parse_training_log(text: str) -> List[dict]:
+    """The loss curve of a Megatron-Bridge training log: one entry per logged iteration (its lines read
+    `iteration N/ M | ... | learning rate: X | ... | lm loss: X | ... | grad norm: X |`)."""
+    curve = []
+    for line in text.splitlines():
+        match = _ITERATION.search(line)
+        if not match:
+            continue
+        fields = {}
+        for part in match.group(3).split("|"):
+            key, sep, value = part.partition(":")
+            if sep:
+                fields[key.strip()] = value.strip()
+        try:
+            entry = {"step": int(match.group(1)), "loss": float(fields["lm loss"])}
+        except (KeyError, ValueError):
+            continue  # an iteration logged without a loss (e.g. skipped)
+        for name, key in (("lr", "learning rate"), ("grad_norm", "grad norm")):
+            try:
+                entry[name] = float(fields[key])
+            except (KeyError, ValueError):
+                pass
+        curve.append(entry)
+    return curve
+
+
+def qat_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dict:
+    """What the run record keeps under "recovery" for a Megatron-Bridge QAT step."""
+    rec = plan.cfg.recover
+    curve = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else []
+    steps = curve[-1]["step"] if curve else 0
+    return {
+        "method": "qat",
+        "trainer": "megatron.bridge.training.pretrain.pretrain (ptq/backends/megatron_qat.py)",
+        "loss": "causal-LM cross-entropy",
+        "steps": steps,
+        "batch_size": recover_batch(plan.cfg),
+        "seq_len": rec.seq_len,
+        "tokens_seen": steps * recover_batch(plan.cfg) * rec.seq_len,
+        "text_samples": recover_rows(plan.cfg),
+        "text_source": str(Path(rec.text).expanduser().resolve()),
+        "lr": rec.lr,
+        "schedule": str(rec.schedule),
+        "warmup_ratio": rec.warmup_ratio,
+        "seed": rec.seed,
+        "seconds": None if seconds is None else round(seconds, 3),
+        "loss_curve": curve,
+        "checkpoint": str(plan.output_dir / QAT_CHECKPOINT),
+        "scales": {
+            "note": "ModelOpt state restored from the PTQ checkpoint; quantizers not calibrating while training"
+        },
+    }
 
 
 def _quantized_modules(export_dir: Path) -> List[str]:
@@ -192,6 +290,14 @@ class MegatronBridgeBackend:
             ),
             "notes": notes,
         }
+        recovery = None
+        if plan.cfg.recover.method == "qat":
+            recovery = qat_record(plan, logs["qat"], timer.seconds.get("qat"))
+            if recovery["steps"] != plan.cfg.recover.steps:
+                raise RuntimeError(
+                    f"the QAT step logged {recovery['steps']} of {plan.cfg.recover.steps} iterations with a loss; "
+                    f"see {logs['qat']}"
+                )
         # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
         fid, scores = measure_export(plan, export_dir, timer) if plan.measure_export else (None, None)
         return BackendResult(
@@ -200,6 +306,7 @@ class MegatronBridgeBackend:
             fidelity=fid,
             evaluation=scores,
             details=details,
+            recovery=recovery,
         )
 
     def run_worker(self, plan: Plan, env: Optional[Mapping[str, str]] = None) -> dict:

@@ -1,5 +1,5 @@
-"""Megatron-Bridge's quantization steps as command lines, from the plan alone: quantize -> generate check ->
-export, each under torchrun with the `parallelism` group's layout (or directly when the scheduler started the
+"""Megatron-Bridge's quantization steps as command lines, from the plan alone: quantize -> (recover=qat: training
+data -> QAT) -> generate check -> export, each under torchrun with the `parallelism` group's layout (or directly when the scheduler started the
 ranks). Pure: nothing here imports torch or runs a process, so dry runs, sweep checks and tests build and check
 the commands without GPUs; ptq/backends/megatron_bridge.py runs them.
 """
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
+from ptq.backend_spec import recover_batch
 from ptq.errors import ConfigError
 from ptq.files import write_text_atomic
 from ptq.layout import LOG_DIR_NAME, PARTIAL_NAME
@@ -23,6 +24,13 @@ from ptq.textfiles import read_texts
 SCRIPTS = {"quantize": "quantize.py", "generate": "ptq_generate.py", "export": "export.py"}
 MEGATRON_CHECKPOINT = "megatron"
 ENTRY = Path(__file__).with_name("megatron_entry.py")
+# recover=qat: the launcher's own training script (Megatron-Bridge's pretrain loop on the PTQ checkpoint), the
+# checkpoint it writes (generate and export load it instead of the PTQ one), and its training text: token rows
+# the launcher writes (QAT_ROWS), turned into a Megatron indexed dataset (QAT_DATA.bin/.idx) by the data step.
+QAT_SCRIPT = Path(__file__).with_name("megatron_qat.py")
+QAT_CHECKPOINT = "megatron-qat"
+QAT_ROWS = "qat-rows.npy"
+QAT_DATA = "qat-data/text"
 CALIB_JSONL = "calib.jsonl"
 LOG_DIR = LOG_DIR_NAME
 # Rich (the scripts' console) wraps at 80 columns when not on a terminal; wide lines keep each
@@ -71,9 +79,49 @@ def write_calib_jsonl(plan: Plan) -> Optional[Path]:
     return target
 
 
+def qat_args(plan: Plan, megatron_dir: Path) -> Dict[str, List[str]]:
+    """megatron_qat.py's arguments: the data step's and the training step's."""
+    cfg, rec, par = plan.cfg, plan.cfg.recover, plan.cfg.parallelism
+    out = plan.output_dir
+    data = ["data", "--rows", str(out / QAT_ROWS), "--out", str(out / QAT_DATA)]
+    schedule = {"constant_with_warmup": "constant"}.get(str(rec.schedule), str(rec.schedule))
+    train = [
+        "train",
+        "--hf-path",
+        model_id(plan),
+        "--load",
+        str(megatron_dir),
+        "--save",
+        str(out / QAT_CHECKPOINT),
+        "--data",
+        str(out / QAT_DATA),
+        "--steps",
+        str(rec.steps),
+        "--global-batch-size",
+        str(recover_batch(plan.cfg)),
+        "--micro-batch-size",
+        "1",
+        "--seq-length",
+        str(rec.seq_len),
+        "--lr",
+        repr(float(rec.lr)),
+        "--schedule",
+        schedule,
+        "--warmup-iters",
+        str(round(rec.warmup_ratio * rec.steps)),
+        "--seed",
+        str(rec.seed),
+        *_layout_flags(par.tp, par.pp, par.ep, par.etp),
+        *(["--trust-remote-code"] if cfg.model.trust_remote_code else []),
+    ]
+    return {"qat_data": data, "qat": train}
+
+
 def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, List[str]]:
     """The upstream scripts' arguments for each step (without the launcher)."""
     cfg, backend, par = plan.cfg, plan.cfg.backend, plan.cfg.parallelism
+    # What the generate check and the export load: the QAT checkpoint after training, else the PTQ one.
+    loaded = plan.output_dir / QAT_CHECKPOINT if cfg.recover.method == "qat" else megatron_dir
     trust = ["--trust-remote-code"] if cfg.model.trust_remote_code else []
     quantize = [
         "--hf-model-id",
@@ -108,7 +156,7 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
         "--hf-model-id",
         model_id(plan),
         "--megatron-load-path",
-        str(megatron_dir),
+        str(loaded),
         *_layout_flags(par.tp, par.pp, par.ep, par.etp),
         "--prompts",
         backend.prompts,
@@ -119,7 +167,7 @@ def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, L
         "--hf-model-id",
         model_id(plan),
         "--megatron-load-path",
-        str(megatron_dir),
+        str(loaded),
         "--export-dir",
         str(export_dir),
         *_layout_flags(backend.export_tp, export_pp, backend.export_ep, 1),
@@ -165,8 +213,18 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
     }
     direct = "WORLD_SIZE" in env and "RANK" in env
     steps = []
-    for name in ("quantize", "generate", "export"):
+    for name in ("quantize", "qat_data", "qat", "generate", "export"):
         if name == "generate" and not backend.generate_check:
+            continue
+        if name.startswith("qat"):
+            if plan.cfg.recover.method != "qat":
+                continue
+            qat = qat_args(plan, megatron_dir)
+            if name == "qat_data":  # one process on every node (each writes the same files, atomically)
+                steps.append(Step(name, [backend.python, str(QAT_SCRIPT), *qat[name]]))
+            else:  # the QAT job has the quantize job's layout
+                nproc, nnodes = layouts["quantize"]
+                steps.append(Step(name, launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(QAT_SCRIPT), *qat[name]]))
             continue
         nproc, nnodes = layouts[name]
         argv = launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(scripts / SCRIPTS[name])] + args[name]
@@ -195,6 +253,8 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
         )
     helpers = "".join(p.read_text(errors="replace") for p in scripts.glob("*utils*.py"))
     for step in steps:
+        if step.name not in SCRIPTS:  # the launcher's own (megatron_qat.py)
+            continue
         script = scripts / SCRIPTS[step.name]
         if not script.is_file():
             raise ConfigError(f"{script} is missing: this Megatron-Bridge checkout has no {SCRIPTS[step.name]}.")
