@@ -7,6 +7,8 @@
 #                                            # over both GPUs by backend.max_gpu_memory_gb
 #     bash bench/megatron_gpu.sh megatron [NAME...]   # megatron_bridge: SmolLM2 at parallelism=single, the 1B shape
 #                                            # at tp2 and pp2 (all points, or the named ones; see POINTS below)
+#     bash bench/megatron_gpu.sh qat         # recover=qat on SmolLM2 NVFP4 (real weights), Megatron-Bridge at
+#                                            # parallelism=single and in process, same training rows and settings
 #     bash bench/megatron_gpu.sh report      # ptq.report over $PTQ_RUNS, records gathered into $BENCH_OUT
 #
 # Needs the launcher installed with its megatron extra (scripts/install-offline.sh WHEELHOUSE --megatron) and:
@@ -110,6 +112,20 @@ megatron() {
     echo "megatron_gpu: Megatron points done ($((SECONDS - start)) s)"
 }
 
+# QAT on the calibration half of the text (never the fidelity half): 30 steps of 8 x 512 tokens, 122,880 tokens.
+QAT=(recipe=nvfp4 recover=qat "recover.text=$TEXT/calib.txt" recover.steps=30 recover.batch_size=8 recover.seq_len=512
+     recover.lr=1e-5 "output_root=$RUNS/qat")
+
+qat() {
+    [ -f "${PTQ_MB_SCRIPTS:-}/quantize.py" ] || { echo "megatron_gpu: set PTQ_MB_SCRIPTS to Megatron-Bridge's examples/quantization"; return 1; }
+    local start=$SECONDS
+    CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${SMOL[@]}" "${QAT[@]}" > "$LOGS/qat-hf.log" 2>&1
+    echo "megatron_gpu: in-process QAT exit $? ($((SECONDS - start)) s)"
+    CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${MB[@]}" "${SMOL[@]}" "${QAT[@]}" parallelism=single \
+        > "$LOGS/qat-mb.log" 2>&1
+    echo "megatron_gpu: Megatron-Bridge QAT exit $? ($((SECONDS - start)) s)"
+}
+
 report() {
     python3 -m ptq.report "$RUNS" --out "$BENCH_OUT/report" > "$BENCH_OUT/report.log" 2>&1 || tail -5 "$BENCH_OUT/report.log"
     python3 - "$RUNS" "$BENCH_OUT" <<'PY'
@@ -130,6 +146,7 @@ case ${1:-} in
     prepare) prepare ;;
     inprocess) inprocess ;;
     megatron) shift; megatron "$@" ;;
+    qat) qat ;;
     report) report ;;
-    *) sed -n '2,20p' "$0"; exit 2 ;;
+    *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
