@@ -118,12 +118,16 @@ QAT=(recipe=nvfp4 recover=qat "recover.text=$TEXT/calib.txt" recover.steps=30 re
 
 qat() {
     [ -f "${PTQ_MB_SCRIPTS:-}/quantize.py" ] || { echo "megatron_gpu: set PTQ_MB_SCRIPTS to Megatron-Bridge's examples/quantization"; return 1; }
-    local start=$SECONDS
-    CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${SMOL[@]}" "${QAT[@]}" > "$LOGS/qat-hf.log" 2>&1
-    echo "megatron_gpu: in-process QAT exit $? ($((SECONDS - start)) s)"
-    CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${MB[@]}" "${SMOL[@]}" "${QAT[@]}" parallelism=single \
-        > "$LOGS/qat-mb.log" 2>&1
-    echo "megatron_gpu: Megatron-Bridge QAT exit $? ($((SECONDS - start)) s)"
+    local start=$SECONDS rec
+    # Each backend's PTQ point (recover=none) is what the report sets its QAT point against.
+    for rec in none qat; do
+        CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${SMOL[@]}" "${QAT[@]}" "recover=$rec" \
+            > "$LOGS/qat-hf-$rec.log" 2>&1
+        echo "megatron_gpu: in-process recover=$rec exit $? ($((SECONDS - start)) s)"
+        CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${MB[@]}" "${SMOL[@]}" "${QAT[@]}" "recover=$rec" \
+            parallelism=single > "$LOGS/qat-mb-$rec.log" 2>&1
+        echo "megatron_gpu: Megatron-Bridge recover=$rec exit $? ($((SECONDS - start)) s)"
+    done
 }
 
 report() {
