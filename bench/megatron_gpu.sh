@@ -113,7 +113,7 @@ megatron() {
 }
 
 # QAT on the calibration half of the text (never the fidelity half): 30 steps of 8 x 512 tokens, 122,880 tokens.
-QAT=(recipe=nvfp4 recover=qat "recover.text=$TEXT/calib.txt" recover.steps=30 recover.batch_size=8 recover.seq_len=512
+QAT=(recipe=nvfp4 "recover.text=$TEXT/calib.txt" recover.steps=30 recover.batch_size=8 recover.seq_len=512
      recover.lr=1e-5 "output_root=$RUNS/qat")
 
 qat() {
