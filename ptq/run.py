@@ -168,28 +168,38 @@ def write_run_files(plan: Plan, config: dict, overrides: Sequence[str]) -> None:
     write_text_atomic(folder / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
 
 
+def _base_record(config: dict, **fields) -> RunRecord:
+    """A record's fields that the composed config alone gives (the resolved dict, as Hydra hands it over), plus
+    `fields`: the one place both a starting run and a point that never ran name them."""
+    model, recipe, calib = config.get("model") or {}, config.get("recipe") or {}, config.get("calib") or {}
+    return RunRecord(
+        model=model.get("name"),
+        recipe=recipe.get("name"),
+        kv_cache=recipe.get("kv_cache") or "none",
+        algorithm=algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args"), recipe.get("awq_block_size"))
+        or None,
+        calib_size=calib.get("size"),
+        calib_seq_len=calib.get("seq_len"),
+        hardware_profile=(config.get("hardware") or {}).get("name"),
+        backend=(config.get("backend") or {}).get("name"),
+        config=config,
+        **fields,
+    )
+
+
 def _summary(plan: Plan, config: dict) -> dict:
     """The record a run starts with (status running); execute adds what the run measures."""
     cfg = plan.cfg
-    record = RunRecord(
-        model=cfg.model.name,
-        recipe=cfg.recipe.name,
+    record = _base_record(
+        config,
         status="running",
-        algorithm=algorithm_tag(cfg.recipe.algorithm, dict(cfg.recipe.algorithm_args), cfg.recipe.awq_block_size)
-        or None,
-        kv_cache=cfg.recipe.kv_cache,
-        calib_size=cfg.calib.size,
-        calib_seq_len=cfg.calib.seq_len,
         calib_kind=plan.calib_kind,
         fidelity_kind=plan.fidelity_kind,
         # The evaluation settings' tag ('' with evaluation off), as the output folder's name ends with it.
         eval_tag=eval_tag(config.get("eval") or {}).lstrip("-"),
-        hardware_profile=cfg.hardware.name,
-        backend=cfg.backend.name,
         output_dir=str(plan.output_dir),
         config_hash=config_hash(asdict(cfg)),
         started_at=now(),
-        config=config,
         sections={
             "plan": {
                 "source": plan.source.__dict__,
@@ -305,20 +315,7 @@ def record_failure(config: dict, reason: str, ended_job: Optional[str] = None, *
     if record and record.get("status") == "finished":
         return None
     if not record:
-        model, recipe, calib = config.get("model", {}), config.get("recipe", {}), config.get("calib", {})
-        record = RunRecord(
-            model=model.get("name"),
-            recipe=recipe.get("name"),
-            kv_cache=recipe.get("kv_cache") or "none",
-            algorithm=algorithm_tag(recipe.get("algorithm"), recipe.get("algorithm_args"), recipe.get("awq_block_size"))
-            or None,
-            calib_size=calib.get("size"),
-            calib_seq_len=calib.get("seq_len"),
-            hardware_profile=config.get("hardware", {}).get("name"),
-            backend=config.get("backend", {}).get("name"),
-            output_dir=output_dir,
-            config=config,
-        ).to_dict()
+        record = _base_record(config, output_dir=output_dir).to_dict()
     record.update(status="failed", error=reason, finished_at=now(), **extra)
     write_json_atomic(path, record)
     return record
