@@ -25,6 +25,8 @@ PROCESS_STATE = ProcessState()
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig):
     sweeping = HydraConfig.get().mode == RunMode.MULTIRUN
+    # Only the points of a sweep (Hydra's basic launcher, a packed Slurm job) share this process's BF16 model.
+    PROCESS_STATE.keep_models = sweeping
     try:
         record = run(
             OmegaConf.to_object(cfg),

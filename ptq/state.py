@@ -28,6 +28,10 @@ class ProcessState:
     references: Dict[tuple, Any] = field(default_factory=dict)
     # The largest calibration batch the memory probe found, by model, device and batch shape (in-process backend).
     batch_sizes: Dict[tuple, int] = field(default_factory=dict)
+    # Whether a load keeps the pristine BF16 model for later runs (backend.reuse_loaded_model). Only worth its
+    # memory when more runs follow: launch.py turns it off for a single run, whose calibration then gets the room
+    # a second copy would take (measured: a 13-layer Nemotron 3 Nano shape on an H100 kept a 13.9 GiB copy).
+    keep_models: bool = True
 
     def clear(self) -> None:
         """Forget everything (the caller frees the memory: ptq/models.py clear_model_cache)."""

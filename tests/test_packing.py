@@ -132,3 +132,19 @@ def test_a_hydra_sweep_loads_the_model_once(tiny_llama_dir, tmp_path):
         assert record["status"] == "finished"
         loads[recipe] = record["details"]["model_load"]["from"]
     assert loads == {"fp8": "disk", "int8_sq": "copy"}
+
+
+def test_a_single_launch_keeps_no_second_copy(tiny_llama_dir, tmp_path):
+    """`launch.py` without -m runs one point: no later run could use a kept copy, so its memory goes to the run."""
+    proc = subprocess.run(
+        [sys.executable, "launch.py", "recipe=fp8", *tiny(tmp_path, tiny_llama_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Keeping the BF16 model for later runs" not in proc.stdout + proc.stderr
+    record = json.loads((tmp_path / "runs" / "tiny-llama" / "fp8-kv_none-calib4x64" / "run.json").read_text())
+    assert record["status"] == "finished"
+    assert record["details"]["model_load"]["from"] == "disk" and not record["details"]["model_load"]["kept"]

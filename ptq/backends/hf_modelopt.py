@@ -354,7 +354,7 @@ class HFModelOptBackend:
                 device=cfg.hardware.device,
                 dtype=cfg.hardware.dtype,
                 trust_remote_code=cfg.model.trust_remote_code,
-                reuse=cfg.backend.reuse_loaded_model,
+                reuse=cfg.backend.reuse_loaded_model and state.keep_models,
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
                 vision_language=plan.vision_language is not None,
             )
