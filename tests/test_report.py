@@ -1390,3 +1390,20 @@ def test_a_submitted_point_without_a_record_is_reported_as_pending(tmp_path, cap
     row = summary[summary["variant"] == "fp8@512"].iloc[0]
     assert row["status"] == "pending" and "pending" in row["note"]
     capsys.readouterr()
+
+
+def test_peak_gpu_memory_is_shown_as_gigabytes_and_a_multiple_of_the_bf16_weights():
+    size = {"bf16_bytes": 15_000_000_000, "checkpoint_bytes": 8_000_000_000, "compression": 1.875}
+    on_gpu = {
+        **make_record("moe", "fp8", size=size),
+        # The largest stage counts (here calibration), whichever it is.
+        "peak_gpu_memory_bytes": {"load": 15_100_000_000, "calibrate": 19_500_000_000, "export": 16_000_000_000},
+    }
+    on_cpu = make_record("moe", "int8_sq", size=size)  # no GPU: no peak
+    report = build_report([on_gpu, on_cpu])
+    summary = report.summary.set_index("variant")
+    assert summary.loc["fp8@512", "peak_gpu_gb"] == pytest.approx(19.5)
+    assert summary.loc["fp8@512", "peak_gpu_x_bf16"] == pytest.approx(1.3)
+    assert math.isnan(summary.loc["int8_sq@512", "peak_gpu_gb"])
+    text = render_markdown(report)
+    assert "| peak GPU (GB) |" in text and "| 19.5 (1.30x BF16) |" in text

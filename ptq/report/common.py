@@ -132,6 +132,8 @@ SUMMARY_COLUMNS = [
     "calib_seq_len",
     "fidelity_setting",
     "calibrate_s",
+    "peak_gpu_gb",
+    "peak_gpu_x_bf16",
     "served_by",
     "recipe_file",
     "note",

@@ -153,6 +153,10 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
             "calib size": [_fmt(x, ".0f") for x in summary["calib_size"]],
             "calib seq len": [_fmt(x, ".0f") for x in summary["calib_seq_len"]],
             "calibrate (s)": [_fmt(x, ".1f") for x in summary["calibrate_s"]],
+            "peak GPU (GB)": [
+                _fmt(gb, ".1f") + (f" ({x:.2f}x BF16)" if not pd.isna(x) else "") if not pd.isna(gb) else ""
+                for gb, x in zip(summary["peak_gpu_gb"], summary["peak_gpu_x_bf16"])
+            ],
             "served by": summary["served_by"],
             "recipe file": [f"[{Path(f).name}]({f})" if f else "" for f in summary["recipe_file"].fillna("")],
             "note": summary["note"],

@@ -102,6 +102,7 @@ def _points(records: Sequence[RunRecord], sources: Sequence[str]) -> pd.DataFram
                 "compression": as_number(size.get("compression")),
                 "bits_per_weight": as_number(size.get("bits_per_weight")),
                 "calibrate_s": as_number(timings.get("calibrate")),
+                **peak_gpu(record),
                 **fidelity_summary(record.section("fidelity")),
                 "served_by": served_by(record),
                 "recipe_file": record.recipe_file,
@@ -143,6 +144,8 @@ def _points(records: Sequence[RunRecord], sources: Sequence[str]) -> pd.DataFram
             "compression",
             "bits_per_weight",
             "calibrate_s",
+            "peak_gpu_gb",
+            "peak_gpu_x_bf16",
             *FIDELITY_SUMMARY_COLUMNS,
             "served_by",
             "recipe_file",
@@ -555,6 +558,17 @@ def _benchmark_summary(rows: List[tuple]) -> dict:
             worst_recovery_hi=worst[8],
         )
     return out
+
+
+def peak_gpu(record) -> dict:
+    """The run's peak GPU memory (the largest of its stages' peaks, as PyTorch allocated it, over all its GPUs) in
+    GB and as a multiple of the model's BF16 weights; NaN for a run that used no GPU."""
+    peaks = [as_number(v) for v in record.section("peak_gpu_memory_bytes").values()]
+    peaks = [v for v in peaks if not math.isnan(v)]
+    if not peaks:
+        return {"peak_gpu_gb": math.nan, "peak_gpu_x_bf16": math.nan}
+    bf16 = as_number(record.section("size").get("bf16_bytes"))
+    return {"peak_gpu_gb": max(peaks) / 1e9, "peak_gpu_x_bf16": max(peaks) / bf16 if bf16 > 0 else math.nan}
 
 
 def _summary(kept: pd.DataFrame, scores: pd.DataFrame, bf16: pd.DataFrame) -> pd.DataFrame:
