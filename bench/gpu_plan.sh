@@ -21,7 +21,8 @@
 # (/tmp/ptq-gpu), PTQ_DEADLINE (seconds from the start after which no further stage or point starts, so that a
 # time-limited allocation ends with its results written), PTQ_HARDWARE (default from the GPU's memory: h200 above
 # 100 GiB, else h100), PTQ_NANO_RECIPES and PTQ_QWEN3_RECIPES (the recipes of those stages, in order; the first is
-# profiled unless PTQ_PROFILE=0), so that an allocation too short for a stage can take the rest of it. The 30B
+# profiled unless PTQ_PROFILE=0, and run again at calib.batch_size=PTQ_FLOOR_BATCH, default 2, empty to skip: the
+# peak GPU memory a small batch needs), so that an allocation too short for a stage can take the rest of it. The 30B
 # shapes take 61 GiB of disk each: with PTQ_MODELS unset they go to /dev/shm when it has room, else under $PTQ_WORK.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
@@ -52,6 +53,9 @@ stage_moe() {
         bash bench/moe_gpu.sh point "$shape" "$recipe"
         if [ "$recipe" = "$1" ] && [ "${PTQ_PROFILE:-1}" = 1 ]; then  # the first recipe's calibration is profiled too
             bash bench/moe_gpu.sh profile "$shape" "$recipe"
+        fi
+        if [ "$recipe" = "$1" ] && [ -n "${PTQ_FLOOR_BATCH-2}" ]; then  # and run at a small batch: memory floor
+            bash bench/moe_gpu.sh floor "$shape" "$recipe" "${PTQ_FLOOR_BATCH-2}"
         fi
         bash bench/moe_gpu.sh report
     done

@@ -3,6 +3,9 @@
 #
 #     bash bench/moe_gpu.sh prepare SHAPE         # a random-weight checkpoint of SHAPE (bench/random_checkpoint.py)
 #     bash bench/moe_gpu.sh point SHAPE RECIPE.. # one launch.py run per recipe (fidelity on, evaluation off)
+#     bash bench/moe_gpu.sh floor SHAPE RECIPE BATCH  # the same point with calib.batch_size=BATCH, under
+#                                                # $PTQ_WORK/runs-batchBATCH: its peak GPU memory against the
+#                                                # automatic batch's (which takes what memory is free)
 #     bash bench/moe_gpu.sh profile SHAPE RECIPE # time per layer kind (Mamba, MoE, attention) in a BF16 forward
 #                                                # and in RECIPE's calibration (bench/moe_profile.py)
 #     bash bench/moe_gpu.sh report               # timings.jsonl and the whole run records (bench/records.py:
@@ -61,6 +64,20 @@ point)
             find "$WORK/runs" -maxdepth 3 -type d -name "checkpoint*" -path "*$shape-random/$recipe-*" -exec rm -rf {} +
         fi
     done
+    ;;
+floor)
+    shape=${2:?shape}
+    recipe=${3:?recipe}
+    batch=${4:?batch}
+    # shellcheck disable=SC2046,SC2086
+    timed "$shape-$recipe-batch$batch" python3 launch.py $(model_args "$shape") "recipe=$recipe" "hardware=${PTQ_HARDWARE:-h200}" \
+        eval=none "cache_dir=$CACHE" "output_root=$WORK/runs-batch$batch" "calib.dataset=$TEXT/calib.txt" \
+        "calib.size=${PTQ_CALIB:-256}" calib.seq_len=512 "calib.batch_size=$batch" "fidelity.text=$TEXT/fidelity.txt" \
+        fidelity.samples=32 fidelity.seq_len=512 "fidelity.batch_size=$batch" ${PTQ_EXTRA:-}
+    if [ "${PTQ_KEEP:-0}" != 1 ]; then
+        find "$WORK/runs-batch$batch" -maxdepth 3 -type d -name "checkpoint*" -exec rm -rf {} +
+    fi
+    python3 -m bench.records "$WORK/runs-batch$batch" "$BENCH_OUT/batch$batch"
     ;;
 profile)
     shape=${2:?shape}
