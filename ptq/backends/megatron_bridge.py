@@ -54,6 +54,7 @@ from ptq.measure import measure_export
 from ptq.models import resolve_checkpoint
 from ptq.plan import Plan
 from ptq.record_parts import StageTimer
+from ptq.recover import text_source
 from ptq.state import ProcessState
 from ptq.validate import read_tensor_index
 
@@ -224,16 +225,17 @@ def qat_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dict:
     rec = plan.cfg.recover
     curve = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else []
     steps = curve[-1]["step"] if curve else 0
+    batch = recover_batch(plan.cfg)
     return {
         "method": "qat",
         "trainer": "megatron.bridge.training.pretrain.pretrain (ptq/backends/megatron_qat.py)",
         "loss": "causal-LM cross-entropy",
         "steps": steps,
-        "batch_size": recover_batch(plan.cfg),
+        "batch_size": batch,
         "seq_len": rec.seq_len,
-        "tokens_seen": steps * recover_batch(plan.cfg) * rec.seq_len,
+        "tokens_seen": steps * batch * rec.seq_len,
         "text_samples": recover_rows(plan.cfg),
-        "text_source": str(Path(rec.text).expanduser().resolve()),
+        "text_source": text_source(plan),
         "lr": rec.lr,
         "schedule": str(rec.schedule),
         "warmup_ratio": rec.warmup_ratio,

@@ -212,14 +212,14 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
         "export": (export_world, 1),
     }
     direct = "WORLD_SIZE" in env and "RANK" in env
+    qat = qat_args(plan, megatron_dir) if plan.cfg.recover.method == "qat" else {}
     steps = []
     for name in ("quantize", "qat_data", "qat", "generate", "export"):
         if name == "generate" and not backend.generate_check:
             continue
         if name.startswith("qat"):
-            if plan.cfg.recover.method != "qat":
+            if not qat:
                 continue
-            qat = qat_args(plan, megatron_dir)
             if name == "qat_data":  # one process on every node (each writes the same files, atomically)
                 steps.append(Step(name, [backend.python, str(QAT_SCRIPT), *qat[name]]))
             else:  # the QAT job has the quantize job's layout
