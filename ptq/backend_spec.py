@@ -140,9 +140,23 @@ def recover_rows(cfg: RunConfig) -> int:
 
 
 def check_megatron_recover(cfg: RunConfig) -> None:
-    """QAT's global batch is split into micro-batches of one sequence over the data-parallel ranks."""
-    if cfg.recover.method == "none":
+    """QAT's and QAD's global batch is split into micro-batches of one sequence over the data-parallel ranks;
+    QAD is ModelOpt's distill.py, whose loss and schedule are fixed."""
+    rec = cfg.recover
+    if rec.method == "none":
         return
+    if rec.method == "qad":
+        fixed = {
+            "recover.schedule": (str(rec.schedule), "cosine"),
+            "recover.temperature": (rec.temperature, 1.0),
+        }
+        for key, (given, only) in fixed.items():
+            if given != only:
+                raise ConfigError(
+                    f"{key}={given}: recover=qad with backend=megatron_bridge runs ModelOpt's distill.py, whose "
+                    f"logit KL and learning-rate schedule are fixed ({key}={only}); set {key}={only}, or use "
+                    "backend=hf_modelopt."
+                )
     par = cfg.parallelism
     data_parallel = par.nodes * par.gpus_per_node // (par.tp * par.pp)
     batch = recover_batch(cfg)
@@ -213,7 +227,7 @@ SPECS: Dict[str, BackendSpec] = {
         one_process=False,
         measures_in_memory=False,
         recipe_files=False,
-        recovery=("qat",),
+        recovery=("qat", "qad"),
         self_text=False,
         gpu_memory_cap=False,
         vision_language=False,

@@ -756,11 +756,6 @@ def check_recover(cfg: RunConfig, quantize: bool) -> None:
     if rec.method not in spec.recovery:
         raise ConfigError(
             f"{where} is not run by backend={cfg.backend.name}, which runs recover={' or '.join(spec.recovery) or 'none'}"
-            + (
-                " (Megatron QAD is ModelOpt's examples/megatron_bridge/distill.py, not wired up here)"
-                if rec.method == "qad"
-                else ""
-            )
             + "; use backend=hf_modelopt, or another recover method."
         )
     if rec.text == "self" and not spec.self_text:

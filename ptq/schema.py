@@ -228,6 +228,9 @@ class BackendConfig:
     # The fields below are read by the megatron_bridge backend only.
     # Folder holding Megatron-Bridge's quantize.py, ptq_generate.py and export.py.
     scripts_dir: str = "/opt/Megatron-Bridge/examples/quantization"
+    # recover=qad: ModelOpt's examples/megatron_bridge/distill.py (a Model-Optimizer checkout's; the wheel has no
+    # examples), run under torchrun with the PTQ checkpoint as student and the BF16 model as teacher.
+    distill_script: str = "/opt/Model-Optimizer/examples/megatron_bridge/distill.py"
     python: str = "python"
     torchrun: str = "torchrun"
     # Run ptq_generate.py on the Megatron checkpoint before exporting it.

@@ -1,5 +1,6 @@
-"""recover=qat with backend=megatron_bridge (ptq/backends/megatron_qat.py): the planned steps, the refusals, the
-training rows the launcher writes, and the loss curve read from Megatron-Bridge's training log.
+"""recover=qat and recover=qad with backend=megatron_bridge (ptq/backends/megatron_qat.py, ModelOpt's distill.py):
+the planned steps, the refusals, the training rows the launcher writes, and the loss curve read from
+Megatron-Bridge's training log.
 
 The training itself needs Megatron-Bridge, Transformer Engine and a CUDA GPU (Python 3.12), none of which this
 machine has: it is run on a GPU host by bench/ (see docs/recovery.md); here every part around it is checked."""
@@ -14,8 +15,16 @@ import numpy
 import pytest
 from conftest import GPU_FACTS, compose_run, plan_for
 
-from ptq.backends.megatron_bridge import parse_training_log, qat_record, write_qat_rows
-from ptq.backends.megatron_steps import ENTRY, QAT_CHECKPOINT, QAT_ROWS, QAT_SCRIPT, build_steps
+from ptq.backends.megatron_bridge import LOG_LOSS, parse_training_log, recovery_record, write_qat_rows
+from ptq.backends.megatron_steps import (
+    ENTRY,
+    QAD_OUTPUT,
+    QAT_CHECKPOINT,
+    QAT_ROWS,
+    QAT_SCRIPT,
+    build_steps,
+    check_scripts,
+)
 from ptq.calib_data import token_batches
 from ptq.errors import ConfigError
 from ptq.run import run
@@ -53,9 +62,9 @@ def test_qat_runs_between_quantize_and_the_generate_check_and_the_export_loads_i
         GPU_FACTS,
     )
     steps = steps_of(plan)
-    assert list(steps) == ["quantize", "qat_data", "qat", "generate", "export"]
+    assert list(steps) == ["quantize", "train_data", "qat", "generate", "export"]
     out = tmp_path / "out"
-    data = steps["qat_data"].argv
+    data = steps["train_data"].argv
     assert data[1:3] == [str(QAT_SCRIPT), "data"] and data[data.index("--rows") + 1] == str(out / QAT_ROWS)
     train = steps["qat"].argv
     assert train[:2] == shlex.split("torchrun --nproc_per_node=2")
@@ -84,7 +93,8 @@ def test_qat_runs_between_quantize_and_the_generate_check_and_the_export_loads_i
 @pytest.mark.parametrize(
     "overrides, needle",
     [
-        (["recover=qad", "recover.text={text}"], "distill.py"),
+        (["recover=qad", "recover.text={text}", "recover.temperature=2.0"], "distill.py, whose logit KL"),
+        (["recover=qad", "recover.text={text}", "recover.schedule=linear"], "recover.schedule=cosine"),
         (["recover=qat"], "recover.text=self samples text from the BF16 model"),
         (
             ["recover=qat", "recover.text={text}", "parallelism.gpus_per_node=4", "recover.batch_size=6"],
@@ -178,6 +188,104 @@ def test_the_loss_curve_is_read_from_the_training_log(tmp_path, train_text):
     plan = plan_for([*MB, "model=qwen3-8b", "recover=qat", f"recover.text={train_text}", "recover.steps=2"], GPU_FACTS)
     log = tmp_path / "qat.log"
     log.write_text(LOG)
-    record = qat_record(plan, log, 12.5)
+    record = recovery_record(plan, log, 12.5)
     assert record["steps"] == 2 and record["loss_curve"] == curve
     assert record["tokens_seen"] == 2 * 16 * 512 and record["text_source"] == str(Path(train_text).resolve())
+
+
+def value(argv, flag):
+    return argv[argv.index(flag) + 1]
+
+
+def test_qad_runs_modelopts_distill_script_on_the_ptq_checkpoint_with_the_bf16_model_as_teacher(tmp_path, train_text):
+    out = tmp_path / "out"
+    plan = plan_for(
+        [
+            *MB,
+            "model=qwen3-8b",
+            "parallelism=tp2",
+            "recover=qad",
+            f"recover.text={train_text}",
+            "recover.steps=40",
+            "recover.lr=1e-5",
+            "recover.warmup_ratio=0.05",
+            "recover.seq_len=256",
+            "backend.distill_script=/mo/examples/megatron_bridge/distill.py",
+            f"output_root={tmp_path}",
+            f"output_dir={out}",
+        ],
+        GPU_FACTS,
+    )
+    steps = steps_of(plan)
+    assert list(steps) == ["quantize", "train_data", "qad", "generate", "export"]
+    qad = steps["qad"].argv
+    assert qad[:2] == shlex.split("torchrun --nproc_per_node=2")
+    assert qad[qad.index(str(ENTRY)) + 1] == "/mo/examples/megatron_bridge/distill.py"
+    model = plan.cfg.model.hf_id
+    assert value(qad, "--student_hf_path") == value(qad, "--teacher_hf_path") == model
+    assert value(qad, "--student_megatron_path") == str(out / "megatron")
+    # Trained on the rows the data step writes (weight 1.0, then the dataset prefix).
+    assert qad[qad.index("--data_paths") + 1 : qad.index("--data_paths") + 3] == [
+        "1.0",
+        value(steps["train_data"].argv, "--out"),
+    ]
+    assert [value(qad, f) for f in ("--train_iters", "--gbs", "--mbs", "--seq_length", "--lr_warmup_iters")] == [
+        "40",
+        "16",
+        "1",
+        "256",
+        "2",
+    ]
+    assert (value(qad, "--lr"), value(qad, "--min_lr"), value(qad, "--tp_size"), value(qad, "--eval_iters")) == (
+        "1e-05",
+        "0.0",
+        "2",
+        "0",
+    )
+    for name in ("generate", "export"):  # distill.py saves under <output_dir>/checkpoints/iter_N
+        assert value(steps[name].argv, "--megatron-load-path") == str(out / QAD_OUTPUT / "checkpoints")
+
+
+def test_a_missing_or_too_old_distill_script_is_named_before_anything_runs(tmp_path, train_text):
+    overrides = [
+        *MB,
+        "model=qwen3-8b",
+        "recover=qad",
+        f"recover.text={train_text}",
+        f"output_root={tmp_path}",
+        f"output_dir={tmp_path / 'o'}",
+    ]
+    scripts = Path(__file__).parent / "megatron_standin"
+    plan = plan_for(
+        [*overrides, f"backend.scripts_dir={scripts}", f"backend.distill_script={tmp_path / 'no.py'}"], GPU_FACTS
+    )
+    with pytest.raises(ConfigError, match=r"backend.distill_script=.*no.py does not exist.*Model-Optimizer checkout"):
+        check_scripts(plan, build_steps(plan, tmp_path / "m", tmp_path / "e", env={}))
+    # A distill.py from before QAD (no --student_megatron_path): its flags are read, the missing one named.
+    old = tmp_path / "distill.py"
+    flags = ["--student_hf_path", "--teacher_hf_path", "--data_paths", "--output_dir", "--train_iters", "--lr"]
+    old.write_text("".join(f'parser.add_argument("{f}")\n' for f in flags))
+    plan = plan_for([*overrides, f"backend.scripts_dir={scripts}", f"backend.distill_script={old}"], GPU_FACTS)
+    with pytest.raises(ConfigError, match="does not accept --student_megatron_path.*0.47 or later"):
+        check_scripts(plan, build_steps(plan, tmp_path / "m", tmp_path / "e", env={}))
+
+
+# A distillation run's lines: Megatron-Bridge's distillation loss function reports the KD loss beside the LM loss.
+QAD_LOG = """\
+Detected ModelOpt state in /out/megatron; restoring quantizers for Quantization Aware Distillation (QAD).
+ [2026-12-07 16:10:01] iteration        1/       2 | consumed samples:           16 | elapsed time per iteration (ms): 3120.0 | learning rate: 1.000000E-05 | global batch size:    16 | lm loss: 3.320000E+00 | total loss: 4.100000E-01 | logits distillation loss: 4.100000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.250 | number of skipped iterations:   0 | number of nan iterations:   0 |
+ [2026-12-07 16:10:02] iteration        2/       2 | consumed samples:           32 | elapsed time per iteration (ms): 880.4 | learning rate: 0.000000E+00 | global batch size:    16 | lm loss: 3.290000E+00 | total loss: 3.600000E-01 | logits distillation loss: 3.600000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.110 | number of skipped iterations:   0 | number of nan iterations:   0 |
+"""
+
+
+def test_the_qad_loss_curve_is_the_distillation_loss_with_the_lm_loss_beside_it(tmp_path, train_text):
+    curve = parse_training_log(QAD_LOG, LOG_LOSS["qad"])
+    assert [(e["step"], e["loss"], e["lm_loss"]) for e in curve] == [(1, 0.41, 3.32), (2, 0.36, 3.29)]
+    assert [e["step"] for e in parse_training_log(QAD_LOG)] == [1, 2]  # QAT's reading takes the LM loss
+    assert parse_training_log(QAD_LOG)[0]["loss"] == 3.32
+    plan = plan_for([*MB, "model=qwen3-8b", "recover=qad", f"recover.text={train_text}", "recover.steps=2"], GPU_FACTS)
+    log = tmp_path / "qad.log"
+    log.write_text(QAD_LOG)
+    record = recovery_record(plan, log, 4.0)
+    assert record["method"] == "qad" and record["loss_curve"] == curve and "distill.py" in record["trainer"]
+    assert record["teacher"].startswith("the BF16 model") and record["checkpoint"].endswith("megatron-qad/checkpoints")

@@ -36,7 +36,6 @@ from ptq.backends.megatron_entry import FUSION_OFF_NOTE, MAMBA_ENV
 from ptq.backends.megatron_steps import (
     LOG_DIR,
     MEGATRON_CHECKPOINT,
-    QAT_CHECKPOINT,
     QAT_ROWS,
     STEP_ENV,
     Step,
@@ -44,6 +43,7 @@ from ptq.backends.megatron_steps import (
     calib_dataset,
     check_scripts,
     model_id,
+    recovered_checkpoint,
     write_calib_jsonl,
 )
 from ptq.calib_data import token_batches
@@ -160,7 +160,7 @@ def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
         with timer.stage("convert_model"):
             resolve_checkpoint(plan.source)
     write_calib_jsonl(plan)
-    if plan.cfg.recover.method == "qat":
+    if plan.cfg.recover.method in ("qat", "qad"):
         with timer.stage("recover_text"):
             write_qat_rows(plan)
 
@@ -194,9 +194,15 @@ def write_qat_rows(plan: Plan) -> Path:
 _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+)\s*\|(.*)$")
 
 
-def parse_training_log(text: str) -> List[dict]:
+# The loss each method trains on, as Megatron-Bridge's training log names it: QAT the causal-LM loss; QAD (its
+# distillation loss function) the logit KL, logged beside the LM loss it leaves out of the gradient.
+LOG_LOSS = {"qat": "lm loss", "qad": "logits distillation loss"}
+
+
+def parse_training_log(text: str, loss: str = LOG_LOSS["qat"]) -> List[dict]:
     """The loss curve of a Megatron-Bridge training log: one entry per logged iteration (its lines read
-    `iteration N/ M | ... | learning rate: X | ... | lm loss: X | ... | grad norm: X |`)."""
+    `iteration N/ M | ... | learning rate: X | ... | lm loss: X | ... | grad norm: X |`), `loss` the logged loss
+    of that name; with QAD's loss, the LM loss beside it as `lm_loss`."""
     curve = []
     for line in text.splitlines():
         match = _ITERATION.search(line)
@@ -208,10 +214,11 @@ def parse_training_log(text: str) -> List[dict]:
             if sep:
                 fields[key.strip()] = value.strip()
         try:
-            entry = {"step": int(match.group(1)), "loss": float(fields["lm loss"])}
+            entry = {"step": int(match.group(1)), "loss": float(fields[loss])}
         except (KeyError, ValueError):
             continue  # an iteration logged without a loss (e.g. skipped)
-        for name, key in (("lr", "learning rate"), ("grad_norm", "grad norm")):
+        extra = (("lr", "learning rate"), ("grad_norm", "grad norm"))
+        for name, key in extra + ((("lm_loss", "lm loss"),) if loss != "lm loss" else ()):
             try:
                 entry[name] = float(fields[key])
             except (KeyError, ValueError):
@@ -220,16 +227,24 @@ def parse_training_log(text: str) -> List[dict]:
     return curve
 
 
-def qat_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dict:
-    """What the run record keeps under "recovery" for a Megatron-Bridge QAT step."""
+def recovery_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dict:
+    """What the run record keeps under "recovery" for a Megatron-Bridge QAT or QAD step."""
     rec = plan.cfg.recover
-    curve = parse_training_log(log_path.read_text(errors="replace")) if log_path.is_file() else []
+    method = str(rec.method)
+    curve = parse_training_log(log_path.read_text(errors="replace"), LOG_LOSS[method]) if log_path.is_file() else []
     steps = curve[-1]["step"] if curve else 0
     batch = recover_batch(plan.cfg)
+    if method == "qad":
+        trainer = f"ModelOpt's examples/megatron_bridge/distill.py ({plan.cfg.backend.distill_script})"
+        loss = "logit KL to the BF16 teacher (temperature 1), the LM loss logged beside it"
+    else:
+        trainer = "megatron.bridge.training.pretrain.pretrain (ptq/backends/megatron_qat.py)"
+        loss = "causal-LM cross-entropy"
     return {
-        "method": "qat",
-        "trainer": "megatron.bridge.training.pretrain.pretrain (ptq/backends/megatron_qat.py)",
-        "loss": "causal-LM cross-entropy",
+        "method": method,
+        "trainer": trainer,
+        "loss": loss,
+        **({"teacher": f"the BF16 model ({model_id(plan)})"} if method == "qad" else {}),
         "steps": steps,
         "batch_size": batch,
         "seq_len": rec.seq_len,
@@ -242,7 +257,7 @@ def qat_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dict:
         "seed": rec.seed,
         "seconds": None if seconds is None else round(seconds, 3),
         "loss_curve": curve,
-        "checkpoint": str(plan.output_dir / QAT_CHECKPOINT),
+        "checkpoint": str(recovered_checkpoint(plan, plan.output_dir / MEGATRON_CHECKPOINT)),
         "scales": {
             "note": "ModelOpt state restored from the PTQ checkpoint; quantizers not calibrating while training"
         },
@@ -293,12 +308,13 @@ class MegatronBridgeBackend:
             "notes": notes,
         }
         recovery = None
-        if plan.cfg.recover.method == "qat":
-            recovery = qat_record(plan, logs["qat"], timer.seconds.get("qat"))
+        method = str(plan.cfg.recover.method)
+        if method in ("qat", "qad"):
+            recovery = recovery_record(plan, logs[method], timer.seconds.get(method))
             if recovery["steps"] != plan.cfg.recover.steps:
                 raise RuntimeError(
-                    f"the QAT step logged {recovery['steps']} of {plan.cfg.recover.steps} iterations with a loss; "
-                    f"see {logs['qat']}"
+                    f"the {method.upper()} step logged {recovery['steps']} of {plan.cfg.recover.steps} iterations "
+                    f"with a loss; see {logs[method]}"
                 )
         # Fidelity and benchmarks of the exported checkpoint, read back the same way for both backends.
         fid, scores = measure_export(plan, export_dir, timer) if plan.measure_export else (None, None)

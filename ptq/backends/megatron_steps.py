@@ -1,5 +1,5 @@
-"""Megatron-Bridge's quantization steps as command lines, from the plan alone: quantize -> (recover=qat: training
-data -> QAT) -> generate check -> export, each under torchrun with the `parallelism` group's layout (or directly when the scheduler started the
+"""Megatron-Bridge's quantization steps as command lines, from the plan alone: quantize -> (recover=qat or qad:
+training data -> QAT or QAD) -> generate check -> export, each under torchrun with the `parallelism` group's layout (or directly when the scheduler started the
 ranks). Pure: nothing here imports torch or runs a process, so dry runs, sweep checks and tests build and check
 the commands without GPUs; ptq/backends/megatron_bridge.py runs them.
 """
@@ -31,6 +31,10 @@ QAT_SCRIPT = Path(__file__).with_name("megatron_qat.py")
 QAT_CHECKPOINT = "megatron-qat"
 QAT_ROWS = "qat-rows.npy"
 QAT_DATA = "qat-data/text"
+# recover=qad: ModelOpt's examples/megatron_bridge/distill.py (backend.distill_script) on the same data, the PTQ
+# checkpoint as student (its quantizers restored) and the BF16 model as teacher; it writes its checkpoints to
+# QAD_OUTPUT/checkpoints/iter_N and its dataset indices to QAD_OUTPUT/data-cache.
+QAD_OUTPUT = "megatron-qad"
 CALIB_JSONL = "calib.jsonl"
 LOG_DIR = LOG_DIR_NAME
 # Rich (the scripts' console) wraps at 80 columns when not on a terminal; wide lines keep each
@@ -114,14 +118,78 @@ def qat_args(plan: Plan, megatron_dir: Path) -> Dict[str, List[str]]:
         *_layout_flags(par.tp, par.pp, par.ep, par.etp),
         *(["--trust-remote-code"] if cfg.model.trust_remote_code else []),
     ]
-    return {"qat_data": data, "qat": train}
+    return {"train_data": data, "qat": train}
+
+
+def qad_args(plan: Plan, megatron_dir: Path) -> List[str]:
+    """distill.py's arguments: the PTQ checkpoint distilled from the BF16 model it came from, on the QAT data.
+    Its learning rate anneals to 0 on a cosine after the warmup (the in-process QADTrainer's schedule); no
+    validation split is read (eval_iters 0) and one checkpoint, the last, is kept."""
+    cfg, rec, par = plan.cfg, plan.cfg.recover, plan.cfg.parallelism
+    out = plan.output_dir
+    source = model_id(plan)
+    return [
+        "--student_hf_path",
+        source,
+        "--teacher_hf_path",
+        source,
+        "--student_megatron_path",
+        str(megatron_dir),
+        "--data_paths",
+        "1.0",
+        str(out / QAT_DATA),
+        "--data_path_to_cache",
+        str(out / QAD_OUTPUT / "data-cache"),
+        "--output_dir",
+        str(out / QAD_OUTPUT),
+        "--seq_length",
+        str(rec.seq_len),
+        "--mbs",
+        "1",
+        "--gbs",
+        str(recover_batch(cfg)),
+        "--train_iters",
+        str(rec.steps),
+        "--lr",
+        repr(float(rec.lr)),
+        "--min_lr",
+        "0.0",
+        "--lr_warmup_iters",
+        str(round(rec.warmup_ratio * rec.steps)),
+        "--eval_interval",
+        str(rec.steps),
+        "--eval_iters",
+        "0",
+        "--log_interval",
+        "1",
+        "--checkpoint_keep_last",
+        "1",
+        "--seed",
+        str(rec.seed),
+        "--tp_size",
+        str(par.tp),
+        "--pp_size",
+        str(par.pp),
+        "--ep_size",
+        str(par.ep),
+        *(["--trust_remote_code"] if cfg.model.trust_remote_code else []),
+    ]
+
+
+def recovered_checkpoint(plan: Plan, megatron_dir: Path) -> Path:
+    """What the generate check and the export load: the checkpoint recovery trained, else the PTQ one."""
+    method = plan.cfg.recover.method
+    if method == "qat":
+        return plan.output_dir / QAT_CHECKPOINT
+    if method == "qad":
+        return plan.output_dir / QAD_OUTPUT / "checkpoints"
+    return megatron_dir
 
 
 def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, List[str]]:
     """The upstream scripts' arguments for each step (without the launcher)."""
     cfg, backend, par = plan.cfg, plan.cfg.backend, plan.cfg.parallelism
-    # What the generate check and the export load: the QAT checkpoint after training, else the PTQ one.
-    loaded = plan.output_dir / QAT_CHECKPOINT if cfg.recover.method == "qat" else megatron_dir
+    loaded = recovered_checkpoint(plan, megatron_dir)
     trust = ["--trust-remote-code"] if cfg.model.trust_remote_code else []
     quantize = [
         "--hf-model-id",
@@ -212,19 +280,23 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
         "export": (export_world, 1),
     }
     direct = "WORLD_SIZE" in env and "RANK" in env
-    qat = qat_args(plan, megatron_dir) if plan.cfg.recover.method == "qat" else {}
+    method = plan.cfg.recover.method
+    qat = qat_args(plan, megatron_dir) if method in ("qat", "qad") else {}
     steps = []
-    for name in ("quantize", "qat_data", "qat", "generate", "export"):
+    for name in ("quantize", "train_data", "qat", "qad", "generate", "export"):
         if name == "generate" and not backend.generate_check:
             continue
-        if name.startswith("qat"):
-            if not qat:
+        if name in ("train_data", "qat", "qad"):
+            if not qat or name in ("qat", "qad") and name != method:
                 continue
-            if name == "qat_data":  # one process on every node (each writes the same files, atomically)
+            nproc, nnodes = layouts["quantize"]  # the training job has the quantize job's layout
+            if name == "train_data":  # one process on every node (each writes the same files, atomically)
                 steps.append(Step(name, [backend.python, str(QAT_SCRIPT), *qat[name]]))
-            else:  # the QAT job has the quantize job's layout
-                nproc, nnodes = layouts["quantize"]
+            elif name == "qat":
                 steps.append(Step(name, launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(QAT_SCRIPT), *qat[name]]))
+            else:
+                argv = [str(ENTRY), backend.distill_script, *qad_args(plan, megatron_dir)]
+                steps.append(Step(name, launcher(plan, nproc, nnodes, env) + argv))
             continue
         nproc, nnodes = layouts[name]
         argv = launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(scripts / SCRIPTS[name])] + args[name]
@@ -253,7 +325,9 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
         )
     helpers = "".join(p.read_text(errors="replace") for p in scripts.glob("*utils*.py"))
     for step in steps:
-        if step.name not in SCRIPTS:  # the launcher's own (megatron_qat.py)
+        if step.name == "qad":
+            _check_distill_script(plan, step)
+        if step.name not in SCRIPTS:  # the launcher's own (megatron_qat.py), or ModelOpt's distill.py
             continue
         script = scripts / SCRIPTS[step.name]
         if not script.is_file():
@@ -265,6 +339,22 @@ def check_scripts(plan: Plan, steps: List[Step]) -> None:
                 f"{script} does not accept {', '.join(missing)} (the flags differ between Megatron-Bridge releases); "
                 "remove them from backend.extra_args or use a release that has them."
             )
+
+
+def _check_distill_script(plan: Plan, step: Step) -> None:
+    script = Path(plan.cfg.backend.distill_script)
+    if not script.is_file():
+        raise ConfigError(
+            f"backend.distill_script={script} does not exist; recover=qad with backend=megatron_bridge runs ModelOpt's "
+            "examples/megatron_bridge/distill.py (not part of the nvidia-modelopt wheel): point it at that file in a "
+            "Model-Optimizer checkout of the installed ModelOpt's release."
+        )
+    missing = unsupported_flags(step.argv[step.argv.index(str(script)) + 1 :], script.read_text(errors="replace"))
+    if missing:
+        raise ConfigError(
+            f"{script} does not accept {', '.join(missing)}; use the distill.py of a Model-Optimizer release that "
+            "has --student_megatron_path (0.47 or later)."
+        )
 
 
 def describe_steps(plan: Plan, env: Mapping[str, str] = os.environ) -> List[str]:
