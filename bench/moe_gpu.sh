@@ -19,7 +19,8 @@
 # text, the second calibrates), PTQ_TOKENIZER (a Hugging Face tokenizer folder, e.g. the converted SmolLM2).
 # Optional: PTQ_WORK (/tmp/ptq-moe: logs, outputs, cache), PTQ_MODELS ($PTQ_WORK/models: the BF16 checkpoints;
 # a 30B shape takes 61 GiB, so on a 64 GiB disk point it at a RAM disk such as /dev/shm), PTQ_BENCH_OUT
-# ($PTQ_WORK/out), PTQ_HARDWARE (h200), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides). Every stage appends its
+# ($PTQ_WORK/out), PTQ_HARDWARE (h200), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides),
+# PTQ_PROFILE_BATCH (the profile's batch, 16). Every stage appends its
 # wall time to $PTQ_WORK/timings.jsonl; every point deletes its exported checkpoint after its record is written
 # unless PTQ_KEEP=1 (a 30B FP8 export is 32 GB).
 set -uo pipefail
@@ -84,7 +85,7 @@ profile)
     recipe=${3:?recipe}
     group=$(model_args "$shape" | sed 's/^model=\([^ ]*\).*/\1/')
     timed "profile-$shape-$recipe" python3 -m bench.moe_profile --model "$MODELS/$shape" --text "$TEXT/calib.txt" \
-        --recipe "$recipe" --model-group "$group" --samples 64 --seq-len 512 --batch 16 --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
+        --recipe "$recipe" --model-group "$group" --samples 64 --seq-len 512 --batch "${PTQ_PROFILE_BATCH:-16}" --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
