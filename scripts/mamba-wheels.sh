@@ -48,20 +48,20 @@ PY
 }
 
 build() {
-  local dir work archs
+  local dir archs
   dir=$(cd "$1" && pwd)
   command -v nvcc >/dev/null || die "nvcc is not on the PATH: build on a GPU host with the CUDA toolkit"
   archs=${CUDA_ARCHS:-$("$PY" -c 'import torch; print("%d%d" % torch.cuda.get_device_capability())')} \
     || die "torch sees no CUDA GPU: build on the GPU host, or set CUDA_ARCHS (e.g. 90)"
   mkdir -p "$dir/wheels"
-  work=$(mktemp -d)
-  trap 'rm -rf "$work"' EXIT
+  BUILD_WORK=$(mktemp -d)
+  trap 'rm -rf "${BUILD_WORK:-}"' EXIT  # a global: the trap runs after build() has returned
   for archive in "$dir"/causal_conv1d-"$CAUSAL_CONV1D_VERSION".tar.gz "$dir"/mamba_ssm-"$MAMBA_VERSION".tar.gz; do
     [ -f "$archive" ] || die "$archive is missing: run '$0 fetch $1' on a machine with internet first"
-    tar -xzf "$archive" -C "$work"
+    tar -xzf "$archive" -C "$BUILD_WORK"
     local src name log start
     name=$(basename "$archive" .tar.gz)
-    src=$work/$name
+    src=$BUILD_WORK/$name
     log=$dir/build-$name.log
     # Keep the -gencode pairs of the chosen architectures only (the setup scripts append one pair per line).
     "$PY" - "$src/setup.py" "$archs" <<'PY'
