@@ -6,7 +6,8 @@
 #
 # Stages:
 #   extensions  ModelOpt's CUDA extensions over 10 fresh processes (bench/speed_gpu.sh extensions-stable)
-#   nano        the Nemotron 3 Nano 30B-A3B shape (on a GPU of less than 100 GiB: its first 13 layers):
+#   nano        the Nemotron 3 Nano 30B-A3B shape (63.2 GB in BF16: it fits an 80 GB H100 too, with a small
+#               calibration batch; PTQ_NANO_SHAPE=nemotron3-nano-13layers takes its first 13 layers):
 #               mamba_moe_fp8_conservative, the per-kind profile and coverage curve, then the other five
 #               Mamba-MoE and plain recipes (bench/moe_gpu.sh)
 #   qwen3       the Qwen3-30B-A3B shape: fp8 and nvfp4, and its profile
@@ -73,7 +74,7 @@ run_stage() {
         mkdir -p "$OUT/extensions" && cp "$WORK/extensions/"*.log "$WORK/extensions/timings.jsonl" "$OUT/extensions/"
         ;;
     nano)
-        local shape=${PTQ_NANO_SHAPE:-$([ "$GPU_GIB" -gt 100 ] && echo nemotron3-nano-30b-a3b || echo nemotron3-nano-13layers)}
+        local shape=${PTQ_NANO_SHAPE:-nemotron3-nano-30b-a3b}
         # shellcheck disable=SC2086
         stage_moe nano "$shape" ${PTQ_NANO_RECIPES:-mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative fp8 nvfp4 \
             mamba_moe_fp8_aggressive mamba_moe_nvfp4_aggressive}
