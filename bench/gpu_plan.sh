@@ -33,6 +33,8 @@ mkdir -p "$OUT"
 START=$(date +%s)
 GPU_GIB=$(python3 -c "import torch; print(torch.cuda.get_device_properties(0).total_memory // 2**30 if torch.cuda.is_available() else 0)")
 export PTQ_HARDWARE=${PTQ_HARDWARE:-$([ "$GPU_GIB" -gt 100 ] && echo h200 || echo h100)}
+# The per-kind profile's batch: on an 80 GB card the 30B shapes leave room for a few sequences only.
+export PTQ_PROFILE_BATCH=${PTQ_PROFILE_BATCH:-$([ "$GPU_GIB" -gt 100 ] && echo 16 || echo 2)}
 if [ -z "${PTQ_MODELS:-}" ]; then
     shm_gib=$(df --output=avail -BG /dev/shm 2>/dev/null | tail -1 | tr -dc 0-9)
     [ "${shm_gib:-0}" -ge 66 ] && export PTQ_MODELS=/dev/shm/ptq-models || export PTQ_MODELS=$WORK/models

@@ -139,6 +139,10 @@ def recover_rows(cfg: RunConfig) -> int:
     return cfg.recover.samples or cfg.recover.steps * recover_batch(cfg)
 
 
+# distill.py splits its data 99/1/0 into training and validation: fewer rows leave the validation split empty.
+QAD_MIN_ROWS = 100
+
+
 def check_megatron_recover(cfg: RunConfig) -> None:
     """QAT's and QAD's global batch is split into micro-batches of one sequence over the data-parallel ranks;
     QAD is ModelOpt's distill.py, whose loss and schedule are fixed."""
@@ -157,6 +161,18 @@ def check_megatron_recover(cfg: RunConfig) -> None:
                     f"logit KL and learning-rate schedule are fixed ({key}={only}); set {key}={only}, or use "
                     "backend=hf_modelopt."
                 )
+        if cfg.parallelism.etp != 1:
+            raise ConfigError(
+                f"parallelism.etp={cfg.parallelism.etp}: ModelOpt's distill.py (recover=qad with "
+                "backend=megatron_bridge) always runs the experts at tensor parallelism 1; set parallelism.etp=1."
+            )
+        rows = recover_rows(cfg)
+        if rows < QAD_MIN_ROWS:
+            raise ConfigError(
+                f"recover=qad with backend=megatron_bridge trains on {rows} rows (recover.steps x batch), and "
+                f"ModelOpt's distill.py sets 1% of them aside as a validation split, which must not be empty: give "
+                f"at least {QAD_MIN_ROWS} rows (e.g. recover.samples={QAD_MIN_ROWS})."
+            )
     par = cfg.parallelism
     data_parallel = par.nodes * par.gpus_per_node // (par.tp * par.pp)
     batch = recover_batch(cfg)

@@ -581,7 +581,7 @@ def test_a_mamba_model_also_needs_mamba_ssm_and_causal_conv1d(tmp_path):
     argv = [sys.executable, str(ENTRY), str(tmp_path / "quantize.py")]
     mamba = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, MAMBA_ENV: "1"})
     assert mamba.returncode == MISSING_EXIT
-    assert "mamba-ssm, causal-conv1d, which Megatron-Bridge's scripts need" in mamba.stderr
+    assert "mamba-ssm, causal-conv1d, which the Megatron scripts need" in mamba.stderr
     assert "for this model (Mamba layers)" in mamba.stderr and "scripts/mamba-wheels.sh" in mamba.stderr
     dense = subprocess.run(
         argv, capture_output=True, text=True, env={k: v for k, v in os.environ.items() if k != MAMBA_ENV}

@@ -15,13 +15,13 @@ import numpy
 import pytest
 from conftest import GPU_FACTS, compose_run, plan_for
 
-from ptq.backends.megatron_bridge import LOG_LOSS, parse_training_log, recovery_record, write_qat_rows
+from ptq.backends.megatron_bridge import LOG_LOSS, parse_training_log, recovery_record, write_train_rows
 from ptq.backends.megatron_steps import (
     ENTRY,
     QAD_OUTPUT,
     QAT_CHECKPOINT,
-    QAT_ROWS,
     QAT_SCRIPT,
+    TRAIN_ROWS,
     build_steps,
     check_scripts,
 )
@@ -65,7 +65,7 @@ def test_qat_runs_between_quantize_and_the_generate_check_and_the_export_loads_i
     assert list(steps) == ["quantize", "train_data", "qat", "generate", "export"]
     out = tmp_path / "out"
     data = steps["train_data"].argv
-    assert data[1:3] == [str(QAT_SCRIPT), "data"] and data[data.index("--rows") + 1] == str(out / QAT_ROWS)
+    assert data[1:3] == [str(QAT_SCRIPT), "data"] and data[data.index("--rows") + 1] == str(out / TRAIN_ROWS)
     train = steps["qat"].argv
     assert train[:2] == shlex.split("torchrun --nproc_per_node=2")
     assert train[train.index(str(ENTRY)) + 1 : train.index(str(ENTRY)) + 3] == [str(QAT_SCRIPT), "train"]
@@ -95,6 +95,8 @@ def test_qat_runs_between_quantize_and_the_generate_check_and_the_export_loads_i
     [
         (["recover=qad", "recover.text={text}", "recover.temperature=2.0"], "distill.py, whose logit KL"),
         (["recover=qad", "recover.text={text}", "recover.schedule=linear"], "recover.schedule=cosine"),
+        (["recover=qad", "recover.text={text}", "parallelism=tp2", "parallelism.etp=2"], "set parallelism.etp=1"),
+        (["recover=qad", "recover.text={text}", "recover.steps=4"], r"64 rows .* at least 100 rows"),
         (["recover=qat"], "recover.text=self samples text from the BF16 model"),
         (
             ["recover=qat", "recover.text={text}", "parallelism.gpus_per_node=4", "recover.batch_size=6"],
@@ -150,7 +152,7 @@ def test_training_rows_are_the_tokens_the_in_process_backend_trains_on(tmp_path,
         ],
         replace(GPU_FACTS, local_model_ok=True),
     )
-    rows = numpy.load(write_qat_rows(plan))
+    rows = numpy.load(write_train_rows(plan))
     assert rows.shape == (6, 64)
     expected = token_batches(
         str(train_text),
@@ -165,6 +167,40 @@ def test_training_rows_are_the_tokens_the_in_process_backend_trains_on(tmp_path,
     )
     assert rows.tolist() == expected.tolist()
     assert not list((tmp_path / "out").glob(".*tmp*"))  # written atomically: no partial file left beside it
+
+
+def test_a_rerun_trains_from_the_ptq_checkpoint_again_not_from_an_earlier_attempts_save(
+    tmp_path, smollm2_dir, train_text
+):
+    """distill.py resumes from its own save folder when it holds a checkpoint: the launcher clears it first."""
+    from ptq.backends.megatron_bridge import _prepare_inputs
+    from ptq.record_parts import StageTimer
+
+    out = tmp_path / "out"
+    plan = plan_for(
+        [
+            *MB,
+            "model=llama3.2-1b",
+            f"model.path={smollm2_dir}",
+            "model.hf_id=null",
+            "recover=qad",
+            f"recover.text={train_text}",
+            "recover.samples=100",
+            "recover.seq_len=32",
+            f"output_root={tmp_path}",
+            f"output_dir={out}",
+            f"cache_dir={tmp_path / 'cache'}",
+        ],
+        replace(GPU_FACTS, local_model_ok=True),
+    )
+    stale = out / QAD_OUTPUT / "checkpoints" / "iter_0000100"
+    stale.mkdir(parents=True)
+    (stale.parent / "latest_checkpointed_iteration.txt").write_text("100")
+    ptq_checkpoint = out / "megatron" / "iter_0000001"
+    ptq_checkpoint.mkdir(parents=True)
+    _prepare_inputs(plan, StageTimer())
+    assert not (out / QAD_OUTPUT).exists() and ptq_checkpoint.is_dir()
+    assert numpy.load(out / TRAIN_ROWS).shape == (100, 32)
 
 
 # Lines as Megatron-Bridge's training_log prints them (megatron/bridge/training/utils/train_utils.py), with the
@@ -270,22 +306,45 @@ def test_a_missing_or_too_old_distill_script_is_named_before_anything_runs(tmp_p
         check_scripts(plan, build_steps(plan, tmp_path / "m", tmp_path / "e", env={}))
 
 
-# A distillation run's lines: Megatron-Bridge's distillation loss function reports the KD loss beside the LM loss.
+# A distillation run's lines: Megatron-Bridge's distillation loss function reports the KD loss; the LM loss, which
+# distill.py leaves out of training, reads 0.
 QAD_LOG = """\
 Detected ModelOpt state in /out/megatron; restoring quantizers for Quantization Aware Distillation (QAD).
- [2026-12-07 16:10:01] iteration        1/       2 | consumed samples:           16 | elapsed time per iteration (ms): 3120.0 | learning rate: 1.000000E-05 | global batch size:    16 | lm loss: 3.320000E+00 | total loss: 4.100000E-01 | logits distillation loss: 4.100000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.250 | number of skipped iterations:   0 | number of nan iterations:   0 |
- [2026-12-07 16:10:02] iteration        2/       2 | consumed samples:           32 | elapsed time per iteration (ms): 880.4 | learning rate: 0.000000E+00 | global batch size:    16 | lm loss: 3.290000E+00 | total loss: 3.600000E-01 | logits distillation loss: 3.600000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.110 | number of skipped iterations:   0 | number of nan iterations:   0 |
+ [2026-12-07 16:10:01] iteration        1/       2 | consumed samples:           16 | elapsed time per iteration (ms): 3120.0 | learning rate: 1.000000E-05 | global batch size:    16 | lm loss: 0.000000E+00 | total loss: 4.100000E-01 | logits distillation loss: 4.100000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.250 | number of skipped iterations:   0 | number of nan iterations:   0 |
+ [2026-12-07 16:10:02] iteration        2/       2 | consumed samples:           32 | elapsed time per iteration (ms): 880.4 | learning rate: 0.000000E+00 | global batch size:    16 | lm loss: 0.000000E+00 | total loss: 3.600000E-01 | logits distillation loss: 3.600000E-01 | intermediate distillation loss: 0.000000E+00 | loss scale: 1.0 | grad norm: 1.110 | number of skipped iterations:   0 | number of nan iterations:   0 |
 """
 
 
-def test_the_qad_loss_curve_is_the_distillation_loss_with_the_lm_loss_beside_it(tmp_path, train_text):
+def test_the_qad_loss_curve_is_the_distillation_loss(tmp_path, train_text):
     curve = parse_training_log(QAD_LOG, LOG_LOSS["qad"])
-    assert [(e["step"], e["loss"], e["lm_loss"]) for e in curve] == [(1, 0.41, 3.32), (2, 0.36, 3.29)]
-    assert [e["step"] for e in parse_training_log(QAD_LOG)] == [1, 2]  # QAT's reading takes the LM loss
-    assert parse_training_log(QAD_LOG)[0]["loss"] == 3.32
-    plan = plan_for([*MB, "model=qwen3-8b", "recover=qad", f"recover.text={train_text}", "recover.steps=2"], GPU_FACTS)
+    assert [(e["step"], e["loss"], e["grad_norm"]) for e in curve] == [(1, 0.41, 1.25), (2, 0.36, 1.11)]
+    assert [e["loss"] for e in parse_training_log(QAD_LOG)] == [0.0, 0.0]  # QAT's field: what QAD does not train
+    plan = plan_for(
+        [*MB, "model=qwen3-8b", "recover=qad", f"recover.text={train_text}", "recover.steps=2", "recover.samples=100"],
+        GPU_FACTS,
+    )
     log = tmp_path / "qad.log"
     log.write_text(QAD_LOG)
     record = recovery_record(plan, log, 4.0)
     assert record["method"] == "qad" and record["loss_curve"] == curve and "distill.py" in record["trainer"]
     assert record["teacher"].startswith("the BF16 model") and record["checkpoint"].endswith("megatron-qad/checkpoints")
+
+
+def test_the_distill_script_folder_gets_the_same_check_of_missing_packages(tmp_path):
+    """ModelOpt's examples/megatron_bridge (its helper _distillation_provider.py beside distill.py) is checked
+    for Megatron-Bridge, Megatron-Core, Transformer Engine and ModelOpt before distill.py starts (this machine
+    lacks the first three)."""
+    import os
+    import subprocess
+    import sys
+
+    from ptq.backends.megatron_entry import MISSING_EXIT
+
+    (tmp_path / "_distillation_provider.py").write_text("raise SystemExit('the script itself must not start')\n")
+    (tmp_path / "distill.py").write_text("import _distillation_provider\n")
+    done = subprocess.run(
+        [sys.executable, str(ENTRY), str(tmp_path / "distill.py")], capture_output=True, text=True, env=os.environ
+    )
+    assert done.returncode == MISSING_EXIT
+    assert "megatron-bridge, megatron-core, transformer-engine" in done.stderr
+    assert "the script itself must not start" not in done.stderr

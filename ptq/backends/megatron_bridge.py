@@ -1,4 +1,5 @@
-"""Megatron-Bridge's quantization scripts as processes: quantize -> (recover=qat: QAT) -> generate check -> export.
+"""Megatron-Bridge's quantization scripts as processes: quantize -> (recover=qat or qad: training) -> generate check
+-> export.
 
 Each step runs under torchrun with the `parallelism` group's layout, or directly when the ranks
 were already started by the scheduler (srun sets WORLD_SIZE and RANK for every task). Every step
@@ -11,11 +12,12 @@ one-line JSONL (`<output_dir>/calib.jsonl`), which ModelOpt's Megatron loader pa
 as the in-process backend does (text + EOS, cut into calib.seq_len tokens), so both backends
 calibrate on the same tokens.
 
-With recover=qat, the launcher tokenizes recover.text with the model's tokenizer into recover.samples rows of
-recover.seq_len tokens (`<output_dir>/qat-rows.npy`, the same rows the in-process backend would train on), and
-megatron_qat.py turns them into a Megatron indexed dataset and trains the PTQ checkpoint on them (Megatron-Bridge's
-pretrain loop, scales frozen); the generate check and the export then load the trained checkpoint. The loss
-curve is read from the training step's log into the record's "recovery" section.
+With recover=qat or qad, the launcher tokenizes recover.text with the model's tokenizer into recover.samples rows
+of recover.seq_len tokens (`<output_dir>/train-rows.npy`, the same rows the in-process backend would train on),
+and megatron_qat.py turns them into a Megatron indexed dataset. QAT trains the PTQ checkpoint on them with
+megatron_qat.py (Megatron-Bridge's pretrain loop, scales frozen); QAD distils it from the BF16 model with
+ModelOpt's distill.py. The generate check and the export then load the trained checkpoint, and the loss curve
+is read from the training step's log into the record's "recovery" section.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import logging
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +39,8 @@ from ptq.backends.megatron_entry import FUSION_OFF_NOTE, MAMBA_ENV
 from ptq.backends.megatron_steps import (
     LOG_DIR,
     MEGATRON_CHECKPOINT,
-    QAT_ROWS,
     STEP_ENV,
+    TRAIN_ROWS,
     Step,
     build_steps,
     calib_dataset,
@@ -162,11 +165,15 @@ def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
     write_calib_jsonl(plan)
     if plan.cfg.recover.method in ("qat", "qad"):
         with timer.stage("recover_text"):
-            write_qat_rows(plan)
+            write_train_rows(plan)
+        # A checkpoint left by an earlier attempt at this output folder would be resumed (distill.py loads
+        # its own save folder), not retrained: the training starts from the PTQ checkpoint every time.
+        trained = recovered_checkpoint(plan, plan.output_dir / MEGATRON_CHECKPOINT)
+        shutil.rmtree(trained if plan.cfg.recover.method == "qat" else trained.parent, ignore_errors=True)
 
 
-def write_qat_rows(plan: Plan) -> Path:
-    """recover.text as [qat_rows, recover.seq_len] token ids of the model's tokenizer, in `<output_dir>/qat-rows.npy`
+def write_train_rows(plan: Plan) -> Path:
+    """recover.text as [rows, recover.seq_len] token ids of the model's tokenizer, in `<output_dir>/train-rows.npy`
     (the launcher's own reader: chat-formatted JSONL through the chat template, as the in-process backend)."""
     import numpy
     from transformers import AutoTokenizer
@@ -185,7 +192,7 @@ def write_qat_rows(plan: Plan) -> Path:
         cache_dir=plan.cfg.cache_dir,
         sample_batch_size=1,
     )
-    target = plan.output_dir / QAT_ROWS
+    target = plan.output_dir / TRAIN_ROWS
     with atomic_path(target) as partial, open(partial, "wb") as out:
         numpy.save(out, tokens.numpy().astype(numpy.int64))
     return target
@@ -194,15 +201,16 @@ def write_qat_rows(plan: Plan) -> Path:
 _ITERATION = re.compile(r"\biteration\s+(\d+)/\s*(\d+)\s*\|(.*)$")
 
 
-# The loss each method trains on, as Megatron-Bridge's training log names it: QAT the causal-LM loss; QAD (its
-# distillation loss function) the logit KL, logged beside the LM loss it leaves out of the gradient.
+# The loss each method trains on, as Megatron-Bridge's training log names it: QAT the causal-LM loss; QAD the
+# logit KL (Megatron-Bridge's distillation loss function; its "lm loss" field reads 0 while training, as
+# distill.py skips the LM loss).
 LOG_LOSS = {"qat": "lm loss", "qad": "logits distillation loss"}
 
 
 def parse_training_log(text: str, loss: str = LOG_LOSS["qat"]) -> List[dict]:
     """The loss curve of a Megatron-Bridge training log: one entry per logged iteration (its lines read
     `iteration N/ M | ... | learning rate: X | ... | lm loss: X | ... | grad norm: X |`), `loss` the logged loss
-    of that name; with QAD's loss, the LM loss beside it as `lm_loss`."""
+    of that name."""
     curve = []
     for line in text.splitlines():
         match = _ITERATION.search(line)
@@ -217,8 +225,7 @@ def parse_training_log(text: str, loss: str = LOG_LOSS["qat"]) -> List[dict]:
             entry = {"step": int(match.group(1)), "loss": float(fields[loss])}
         except (KeyError, ValueError):
             continue  # an iteration logged without a loss (e.g. skipped)
-        extra = (("lr", "learning rate"), ("grad_norm", "grad norm"))
-        for name, key in extra + ((("lm_loss", "lm loss"),) if loss != "lm loss" else ()):
+        for name, key in (("lr", "learning rate"), ("grad_norm", "grad norm")):
             try:
                 entry[name] = float(fields[key])
             except (KeyError, ValueError):
@@ -236,7 +243,7 @@ def recovery_record(plan: Plan, log_path: Path, seconds: Optional[float]) -> dic
     batch = recover_batch(plan.cfg)
     if method == "qad":
         trainer = f"ModelOpt's examples/megatron_bridge/distill.py ({plan.cfg.backend.distill_script})"
-        loss = "logit KL to the BF16 teacher (temperature 1), the LM loss logged beside it"
+        loss = "logit KL to the BF16 teacher (temperature 1)"
     else:
         trainer = "megatron.bridge.training.pretrain.pretrain (ptq/backends/megatron_qat.py)"
         loss = "causal-LM cross-entropy"

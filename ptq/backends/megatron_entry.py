@@ -1,16 +1,18 @@
-"""Entry point that runs one of Megatron-Bridge's quantization scripts under torchrun.
+"""Entry point that runs one of Megatron-Bridge's quantization scripts (or the launcher's QAT script, or ModelOpt's
+distill.py for QAD) under torchrun.
 
     torchrun ... ptq/backends/megatron_entry.py SCRIPT.py [script arguments]
 
 It runs SCRIPT.py as `__main__` with the script's folder first on sys.path (the scripts import their
-helpers, `quantize_utils`, from there), after one compatibility setting:
+helpers, `quantize_utils` or `_distillation_provider`, from there), after one compatibility setting:
 
 Megatron-Bridge 0.6 turns `gradient_accumulation_fusion` on whenever Transformer Engine imports, but
 Megatron-Core's plain `ColumnParallelLinear` (the output layer) then needs APEX's
 `fused_weight_gradient_mlp_cuda` extension and refuses to build the model without it. The NeMo
 container has APEX; a pip installation does not. The fusion only speeds up weight-gradient
-accumulation in training, which quantization never runs, so when APEX's extension is missing the
-setting is forced off for every model config this process builds. With APEX present nothing changes.
+accumulation in training, which quantization never runs and which a ModelOpt-quantized model cannot use
+(the QAT and QAD scripts turn it off themselves), so when APEX's extension is missing the setting is forced
+off for every model config this process builds. With APEX present nothing changes.
 
 This file imports only the standard library at module level: it must start under any interpreter
 that can run the scripts themselves.
@@ -38,6 +40,8 @@ REQUIRED_MODULES = {
 MAMBA_MODULES = {"mamba_ssm": "mamba-ssm", "causal_conv1d": "causal-conv1d"}
 MAMBA_ENV = "PTQ_MAMBA_MODEL"
 MISSING_EXIT = 3
+# A helper module beside the scripts that marks their folder as one whose imports are checked first.
+SCRIPT_HELPERS = ("quantize_utils.py", "_distillation_provider.py")
 
 
 def missing_modules(mamba: bool = False) -> list:
@@ -92,12 +96,13 @@ def main(argv) -> None:
     script = os.path.abspath(argv[0])
     if not os.path.isfile(script):
         sys.exit(f"megatron_entry: {script} does not exist")
-    if os.path.isfile(os.path.join(os.path.dirname(script), "quantize_utils.py")):  # Megatron-Bridge's folder
+    # Megatron-Bridge's quantization folder, or ModelOpt's examples/megatron_bridge (distill.py, recover=qad).
+    if any(os.path.isfile(os.path.join(os.path.dirname(script), h)) for h in SCRIPT_HELPERS):
         missing = missing_modules(mamba=os.environ.get(MAMBA_ENV) == "1")
         if missing:
             mamba = [d for d in missing if d in MAMBA_MODULES.values()]
             print(
-                f"ptq: {sys.executable} lacks {', '.join(missing)}, which Megatron-Bridge's scripts need"
+                f"ptq: {sys.executable} lacks {', '.join(missing)}, which the Megatron scripts need"
                 f"{' for this model (Mamba layers)' if mamba else ''}. Install them on a CUDA machine with Python "
                 "3.12: pip install -e '.[megatron]' in the launcher's checkout, or bash scripts/install-offline.sh "
                 "WHEELHOUSE --megatron without internet (docs/megatron.md)"

@@ -24,13 +24,14 @@ from ptq.textfiles import read_texts
 SCRIPTS = {"quantize": "quantize.py", "generate": "ptq_generate.py", "export": "export.py"}
 MEGATRON_CHECKPOINT = "megatron"
 ENTRY = Path(__file__).with_name("megatron_entry.py")
-# recover=qat: the launcher's own training script (Megatron-Bridge's pretrain loop on the PTQ checkpoint), the
-# checkpoint it writes (generate and export load it instead of the PTQ one), and its training text: token rows
-# the launcher writes (QAT_ROWS), turned into a Megatron indexed dataset (QAT_DATA.bin/.idx) by the data step.
+# recover=qat or qad: the training text is token rows the launcher writes (TRAIN_ROWS), turned into a Megatron
+# indexed dataset (TRAIN_DATA.bin/.idx) by the train_data step of the launcher's own script (QAT_SCRIPT).
+# recover=qat: that script's train step (Megatron-Bridge's pretrain loop on the PTQ checkpoint) writes
+# QAT_CHECKPOINT, which generate and export load instead of the PTQ checkpoint.
 QAT_SCRIPT = Path(__file__).with_name("megatron_qat.py")
 QAT_CHECKPOINT = "megatron-qat"
-QAT_ROWS = "qat-rows.npy"
-QAT_DATA = "qat-data/text"
+TRAIN_ROWS = "train-rows.npy"
+TRAIN_DATA = "train-data/text"
 # recover=qad: ModelOpt's examples/megatron_bridge/distill.py (backend.distill_script) on the same data, the PTQ
 # checkpoint as student (its quantizers restored) and the BF16 model as teacher; it writes its checkpoints to
 # QAD_OUTPUT/checkpoints/iter_N and its dataset indices to QAD_OUTPUT/data-cache.
@@ -83,11 +84,16 @@ def write_calib_jsonl(plan: Plan) -> Optional[Path]:
     return target
 
 
-def qat_args(plan: Plan, megatron_dir: Path) -> Dict[str, List[str]]:
-    """megatron_qat.py's arguments: the data step's and the training step's."""
+def train_data_args(plan: Plan) -> List[str]:
+    """megatron_qat.py's data step: the launcher's token rows -> a Megatron indexed dataset (QAT and QAD)."""
+    out = plan.output_dir
+    return ["data", "--rows", str(out / TRAIN_ROWS), "--out", str(out / TRAIN_DATA)]
+
+
+def qat_args(plan: Plan, megatron_dir: Path) -> List[str]:
+    """megatron_qat.py's training step."""
     cfg, rec, par = plan.cfg, plan.cfg.recover, plan.cfg.parallelism
     out = plan.output_dir
-    data = ["data", "--rows", str(out / QAT_ROWS), "--out", str(out / QAT_DATA)]
     schedule = {"constant_with_warmup": "constant"}.get(str(rec.schedule), str(rec.schedule))
     train = [
         "train",
@@ -98,7 +104,7 @@ def qat_args(plan: Plan, megatron_dir: Path) -> Dict[str, List[str]]:
         "--save",
         str(out / QAT_CHECKPOINT),
         "--data",
-        str(out / QAT_DATA),
+        str(out / TRAIN_DATA),
         "--steps",
         str(rec.steps),
         "--global-batch-size",
@@ -118,13 +124,14 @@ def qat_args(plan: Plan, megatron_dir: Path) -> Dict[str, List[str]]:
         *_layout_flags(par.tp, par.pp, par.ep, par.etp),
         *(["--trust-remote-code"] if cfg.model.trust_remote_code else []),
     ]
-    return {"train_data": data, "qat": train}
+    return train
 
 
 def qad_args(plan: Plan, megatron_dir: Path) -> List[str]:
-    """distill.py's arguments: the PTQ checkpoint distilled from the BF16 model it came from, on the QAT data.
-    Its learning rate anneals to 0 on a cosine after the warmup (the in-process QADTrainer's schedule); no
-    validation split is read (eval_iters 0) and one checkpoint, the last, is kept."""
+    """distill.py's arguments: the PTQ checkpoint distilled from the BF16 model it came from, on the training rows.
+    Its learning rate anneals to 0 on a cosine after the warmup (the in-process QADTrainer's schedule); nothing
+    is evaluated (eval_iters 0; distill.py still sets 1% of the rows aside as its validation split) and one
+    checkpoint, the last, is kept."""
     cfg, rec, par = plan.cfg, plan.cfg.recover, plan.cfg.parallelism
     out = plan.output_dir
     source = model_id(plan)
@@ -137,7 +144,7 @@ def qad_args(plan: Plan, megatron_dir: Path) -> List[str]:
         str(megatron_dir),
         "--data_paths",
         "1.0",
-        str(out / QAT_DATA),
+        str(out / TRAIN_DATA),
         "--data_path_to_cache",
         str(out / QAD_OUTPUT / "data-cache"),
         "--output_dir",
@@ -280,23 +287,24 @@ def build_steps(plan: Plan, megatron_dir: Path, export_dir: Path, env: Mapping[s
         "export": (export_world, 1),
     }
     direct = "WORLD_SIZE" in env and "RANK" in env
-    method = plan.cfg.recover.method
-    qat = qat_args(plan, megatron_dir) if method in ("qat", "qad") else {}
+    method = str(plan.cfg.recover.method)
+    # The training job has the quantize job's layout.
+    training = {
+        "qat": lambda: [str(ENTRY), str(QAT_SCRIPT), *qat_args(plan, megatron_dir)],
+        "qad": lambda: [str(ENTRY), backend.distill_script, *qad_args(plan, megatron_dir)],
+    }
     steps = []
     for name in ("quantize", "train_data", "qat", "qad", "generate", "export"):
         if name == "generate" and not backend.generate_check:
             continue
-        if name in ("train_data", "qat", "qad"):
-            if not qat or name in ("qat", "qad") and name != method:
-                continue
-            nproc, nnodes = layouts["quantize"]  # the training job has the quantize job's layout
-            if name == "train_data":  # one process on every node (each writes the same files, atomically)
-                steps.append(Step(name, [backend.python, str(QAT_SCRIPT), *qat[name]]))
-            elif name == "qat":
-                steps.append(Step(name, launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(QAT_SCRIPT), *qat[name]]))
-            else:
-                argv = [str(ENTRY), backend.distill_script, *qad_args(plan, megatron_dir)]
-                steps.append(Step(name, launcher(plan, nproc, nnodes, env) + argv))
+        if name == "train_data":
+            if method in training:  # one process on every node (each writes the same files, atomically)
+                steps.append(Step(name, [backend.python, str(QAT_SCRIPT), *train_data_args(plan)]))
+            continue
+        if name in training:
+            if name == method:
+                nproc, nnodes = layouts["quantize"]
+                steps.append(Step(name, launcher(plan, nproc, nnodes, env) + training[name]()))
             continue
         nproc, nnodes = layouts[name]
         argv = launcher(plan, nproc, nnodes, env) + [str(ENTRY), str(scripts / SCRIPTS[name])] + args[name]
@@ -349,7 +357,8 @@ def _check_distill_script(plan: Plan, step: Step) -> None:
             "examples/megatron_bridge/distill.py (not part of the nvidia-modelopt wheel): point it at that file in a "
             "Model-Optimizer checkout of the installed ModelOpt's release."
         )
-    missing = unsupported_flags(step.argv[step.argv.index(str(script)) + 1 :], script.read_text(errors="replace"))
+    after = step.argv.index(str(ENTRY)) + 2  # the launcher's entry, distill.py, then its arguments
+    missing = unsupported_flags(step.argv[after:], script.read_text(errors="replace"))
     if missing:
         raise ConfigError(
             f"{script} does not accept {', '.join(missing)}; use the distill.py of a Model-Optimizer release that "
