@@ -9,6 +9,7 @@ requests that cannot be met (a token is at least one byte of text).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from typing import Optional
@@ -104,6 +105,21 @@ def check_writable(folder: Path, key: str, value: str) -> None:
         )
 
 
+def check_mamba_packages(cfg: RunConfig) -> None:
+    """model.mamba_kernels=true needs mamba-ssm and causal-conv1d importable here (CUDA builds of both)."""
+    if not cfg.model.mamba_kernels:
+        return
+    from ptq.models import MAMBA_KERNEL_PACKAGES  # (imports torch: only when asked)
+
+    missing = [name for name in MAMBA_KERNEL_PACKAGES if importlib.util.find_spec(name.replace("-", "_")) is None]
+    if missing:
+        raise ConfigError(
+            f"model.mamba_kernels=true, and {', '.join(missing)} cannot be imported here. Both compile against the "
+            "installed torch: build their wheels on a GPU host with scripts/mamba-wheels.sh and install them "
+            "(docs/megatron.md), or set model.mamba_kernels=false for transformers' PyTorch path."
+        )
+
+
 def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     """Everything a run reads or writes that can be checked without loading the model (the room for the
     checkpoint is checked when planning, ptq/plan.py). `here`: the run runs on this machine (not a sweep point
@@ -124,6 +140,7 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     if cfg.recover.method != "none":
         check_text(cfg.recover.text, recover_rows(cfg), cfg.recover.seq_len, "recover.text")
     check_eval_config(cfg.eval)
+    check_mamba_packages(cfg)
     images = plan.image_inputs
     if images and plan.source.kind == "local":
         problem = processor_problem(Path(plan.source.location))

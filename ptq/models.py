@@ -135,8 +135,10 @@ def _key(
     trust_remote_code: bool,
     max_gpu_memory_gb: float,
     vision_language: bool = False,
+    mamba_kernels: Optional[bool] = None,
 ) -> tuple:
     return (
+        mamba_kernels,
         source.kind,
         source.location,
         source.converted_dir,
@@ -173,12 +175,14 @@ def load_model(
     reuse: bool = False,
     max_gpu_memory_gb: float = 0.0,
     vision_language: bool = False,
+    mamba_kernels: Optional[bool] = None,
 ) -> Loaded:
     """The BF16 model. With `reuse`, a copy of the model an earlier run of this process (`state`) loaded with the
     same settings, or a fresh load that `state` keeps for later runs when two copies fit. `max_gpu_memory_gb` caps
     the weights device_map=auto puts on each GPU (0: no cap). `vision_language`: the whole vision-language model
-    (AutoModelForImageTextToText), vision tower included."""
-    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb, vision_language)
+    (AutoModelForImageTextToText), vision tower included. `mamba_kernels`: the model config's use_mamba_kernels
+    (None: as the checkpoint says)."""
+    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb, vision_language, mamba_kernels)
     start = time.perf_counter()
     if reuse and key in state.models:
         model, tokenizer, checkpoint = state.models[key]
@@ -206,6 +210,7 @@ def load_model(
         trust_remote_code=trust_remote_code,
         max_gpu_memory_gb=max_gpu_memory_gb,
         vision_language=vision_language,
+        mamba_kernels=mamba_kernels,
     )
     state.loads["disk"] += 1
     how = {"from": "disk", "seconds": round(time.perf_counter() - start, 3), "kept": False, "devices": placement(model)}
@@ -248,6 +253,7 @@ def _load_from_disk(
     trust_remote_code: bool,
     max_gpu_memory_gb: float = 0.0,
     vision_language: bool = False,
+    mamba_kernels: Optional[bool] = None,
 ):
     from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoTokenizer
 
@@ -255,6 +261,8 @@ def _load_from_disk(
     torch_dtype = getattr(torch, dtype)
     tokenizer = AutoTokenizer.from_pretrained(checkpoint, trust_remote_code=trust_remote_code)
     kwargs = {"dtype": torch_dtype, "trust_remote_code": trust_remote_code}
+    if mamba_kernels is not None:
+        kwargs["use_mamba_kernels"] = mamba_kernels
     if device == "cuda":
         kwargs["device_map"] = "auto"
         caps = gpu_memory_caps(max_gpu_memory_gb, torch.cuda.device_count())
@@ -286,3 +294,34 @@ def load_processor(checkpoint: str, trust_remote_code: bool):
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
+
+
+# The CUDA packages transformers' Mamba layers (NemotronH and other Mamba-2 hybrids) use when the model config's
+# use_mamba_kernels is on and they import; otherwise the layers run transformers' pure-PyTorch path.
+MAMBA_KERNEL_PACKAGES = ("mamba-ssm", "causal-conv1d")
+
+
+def installed_version(distribution: str) -> Optional[str]:
+    from importlib import metadata
+
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def mamba_path(model) -> Optional[dict]:
+    """Which path the model's Mamba layers take, for the record (None: a model without Mamba layers). Read from
+    what transformers decides on: the config's use_mamba_kernels, both kernel packages installed, the model on a
+    GPU; the kernels' own calls are not observed."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "use_mamba_kernels"):
+        return None
+    versions = {name: installed_version(name) for name in MAMBA_KERNEL_PACKAGES}
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    kernels = bool(config.use_mamba_kernels) and on_gpu and all(versions.values())
+    return {
+        "path": "CUDA kernels" if kernels else "PyTorch",
+        "use_mamba_kernels": bool(config.use_mamba_kernels),
+        **versions,
+    }

@@ -39,7 +39,7 @@ from ptq.layerkinds import BF16, KINDS, QUANTIZED
 from ptq.layout import CHECKPOINT_NAME, RECORD_NAME
 from ptq.record_parts import config_differences, config_hash
 from ptq.run_record import RecordProblem, RunRecord
-from ptq.schema import RunConfig
+from ptq.schema import Arch, RunConfig
 from ptq.textfiles import is_pairs_file
 
 AWQ_BLOCK_CHOICES = (128, 64, 32, 16)
@@ -745,6 +745,29 @@ def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tupl
     return vision_language, kind["calib.dataset"], kind["fidelity.text"]
 
 
+def check_mamba_kernels(cfg: RunConfig) -> None:
+    """model.mamba_kernels: a choice for the in-process backend's Mamba layers on a GPU."""
+    choice = cfg.model.mamba_kernels
+    if choice is None:
+        return
+    key = f"model.mamba_kernels={str(choice).lower()}"
+    if cfg.model.arch != Arch.mamba_hybrid:
+        raise ConfigError(
+            f"{key} chooses how Mamba layers run, and model={cfg.model.name} has none (model.arch={cfg.model.arch}); "
+            "remove it."
+        )
+    if not spec_of(cfg).one_process:
+        raise ConfigError(
+            f"{key} applies to the in-process backend; Megatron-Core's Mamba layers always run mamba-ssm's kernels "
+            f"(backend={cfg.backend.name}): remove it."
+        )
+    if choice and cfg.hardware.device != "cuda":
+        raise ConfigError(
+            f"{key}: mamba-ssm's and causal-conv1d's kernels run on CUDA GPUs, and hardware={cfg.hardware.name} "
+            "runs on the CPU; remove it (the CPU runs transformers' PyTorch path)."
+        )
+
+
 def check_recover(cfg: RunConfig, quantize: bool) -> None:
     """The `recover` group (training after PTQ, ptq/recover.py): numbers, a recipe to train, and training text
     that is not the held-out fidelity text."""
@@ -836,6 +859,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     _check_backend(cfg, warnings)
     check_recipe_file(cfg)
     check_recover(cfg, quantize)
+    check_mamba_kernels(cfg)
 
     _check_names(cfg)
     cache_dir = Path(os.path.expanduser(cfg.cache_dir)).resolve()

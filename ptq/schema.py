@@ -135,6 +135,10 @@ class ModelConfig:
     mamba_ngroups: Optional[int] = None
     # Module name patterns (fnmatch) that must stay unquantized for this model.
     exclude_modules: List[str] = field(default_factory=list)
+    # Models with Mamba layers (model.arch=mamba_hybrid), in process: the config's use_mamba_kernels. None: as the
+    # checkpoint says (transformers then uses mamba-ssm's and causal-conv1d's CUDA kernels when they import, else its
+    # pure-PyTorch path); true: the kernels, refused before loading when they are not installed; false: PyTorch.
+    mamba_kernels: Optional[bool] = None
     # A vision-language model: its transformers model_type (qwen2_5_vl, gemma3, ...; ptq/vlm.py FAMILIES). Only the
     # language model is quantized; the vision tower and projector stay BF16. A local config.json with a
     # vision_config sets it by itself; set it for a checkpoint loaded by hf_id.

@@ -202,6 +202,8 @@ def test_nemotron_moe_quantizes_exports_and_validates_per_kind(recipe, mamba_for
     coverage_record = record["details"]["expert_coverage"]
     assert coverage_record["moe_layers"] == 3 and coverage_record["experts"] == 48
     assert sum(map(sum, coverage_record["counts"].values())) == 3 * 2 * 4 * 64  # layers x top_k x tokens
+    # The Mamba layers' path is recorded (the CPU: transformers' PyTorch path, whatever is installed).
+    assert record["details"]["mamba"]["path"] == "PyTorch" and record["details"]["mamba"]["use_mamba_kernels"] is False
 
 
 @pytest.mark.slow
@@ -256,7 +258,7 @@ def test_qwen3_moe_gated_experts_export_per_expert(qwen3_moe_tiny_dir, tmp_path)
     # gate_up_proj is split on export: gate, up and down projections for each of 16 experts in 3 layers.
     assert kinds["routed_expert"]["FP8"]["layers"] == 3 * 16 * 3
     assert kinds["router"] == {"BF16": {"layers": 3, "params": 3 * 16 * 256}}
-    assert not record["details"].get("exclude_modules_repaired")
+    assert not record["details"].get("exclude_modules_repaired") and "mamba" not in record["details"]
     names = load_tensors(Path(record["checkpoint"]), ["model.layers.2.mlp.experts.15.gate_proj.weight"])
     assert str(next(iter(names.values())).dtype) == "torch.float8_e4m3fn"
 
@@ -307,3 +309,58 @@ def test_report_shows_layer_kinds_per_variant():
     assert table.loc["mamba_in_proj", "conservative@256"] == f"BF16 1 ({100 * 320 / total:.1f}%)"
     assert table.loc["mamba_in_proj", "aggressive@256"].startswith("FP8 1 (")
     assert table.loc["routed_expert", "aggressive@256"].startswith("NVFP4 2 (")
+
+
+@pytest.mark.parametrize(
+    "overrides, needle",
+    [
+        (["model=llama3.2-1b", "model.mamba_kernels=true"], "model=llama3.2-1b has none"),
+        (
+            ["model=nemotron-3-nano-30b-a3b", "backend=megatron_bridge", "hardware=h200", "model.mamba_kernels=false"],
+            "always run mamba-ssm's kernels",
+        ),
+        (["model=nemotron-3-nano-30b-a3b", "hardware=cpu", "model.mamba_kernels=true"], "run on CUDA GPUs"),
+    ],
+)
+def test_a_mamba_kernel_choice_that_cannot_apply_is_refused_when_planning(overrides, needle):
+    from conftest import GPU_FACTS
+
+    with pytest.raises(ConfigError, match=needle):
+        plan_for(["calib.dataset=cnn_dailymail", *overrides], GPU_FACTS)
+    # Unset (as the checkpoint says) plans everywhere.
+    plan_for(["calib.dataset=cnn_dailymail", *overrides[:-1]], GPU_FACTS)
+
+
+def test_mamba_kernels_asked_for_but_not_importable_are_named_before_loading(monkeypatch):
+    """Whether mamba-ssm and causal-conv1d import is made false here (CUDA builds may or may not be installed)."""
+    import importlib.util
+
+    from ptq.inputs import check_mamba_packages
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name in ("mamba_ssm", "causal_conv1d") else real(name, *a)
+    )
+    cfg, _ = compose_run(["model=nemotron-3-nano-30b-a3b", "hardware=h200", "model.mamba_kernels=true"])
+    with pytest.raises(ConfigError, match=r"mamba-ssm, causal-conv1d cannot be imported here.*scripts/mamba-wheels.sh"):
+        check_mamba_packages(cfg)
+    cfg, _ = compose_run(["model=nemotron-3-nano-30b-a3b", "hardware=h200"])
+    check_mamba_packages(cfg)  # not asked for: nothing to check
+
+
+def test_the_mamba_path_is_read_from_the_config_the_packages_and_the_device(monkeypatch):
+    import ptq.models
+    from bench.random_checkpoint import build_model
+
+    model = build_model("nemotron3-nano-tiny", "cpu")
+    assert ptq.models.mamba_path(model)["path"] == "PyTorch"
+    monkeypatch.setattr(ptq.models, "installed_version", lambda name: "9.9")
+    model.config.use_mamba_kernels = True
+    # Both packages "installed" and the config asking for them: still PyTorch, as the model is on the CPU.
+    assert ptq.models.mamba_path(model) == {
+        "path": "PyTorch",
+        "use_mamba_kernels": True,
+        "mamba-ssm": "9.9",
+        "causal-conv1d": "9.9",
+    }
+    assert ptq.models.mamba_path(build_model("qwen3-moe-tiny", "cpu")) is None

@@ -20,7 +20,7 @@ from ptq.auto_quantize import CHOSEN_NOTE, AutoQuantizeSearch
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import image_text_inputs, token_batches
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
-from ptq.models import load_model, load_processor
+from ptq.models import load_model, load_processor, mamba_path
 from ptq.moe import ExpertCounter, coverage
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
@@ -357,6 +357,7 @@ class HFModelOptBackend:
                 reuse=cfg.backend.reuse_loaded_model and state.keep_models,
                 max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
                 vision_language=plan.vision_language is not None,
+                mamba_kernels=cfg.model.mamba_kernels,
             )
         model, tokenizer, checkpoint, model_load = loaded.model, loaded.tokenizer, loaded.checkpoint, loaded.how
         del loaded  # `model` is the one reference: the export and read-back drop it to free its memory
@@ -373,6 +374,9 @@ class HFModelOptBackend:
             "extensions_dir": extensions,
             "cpu_threads": threads,
         }
+        mamba = mamba_path(model)
+        if mamba is not None:
+            details["mamba"] = mamba
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(
