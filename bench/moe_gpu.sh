@@ -6,6 +6,8 @@
 #     bash bench/moe_gpu.sh floor SHAPE RECIPE BATCH  # the same point with calib.batch_size=BATCH, under
 #                                                # $PTQ_WORK/runs-batchBATCH: its peak GPU memory against the
 #                                                # automatic batch's (which takes what memory is free)
+#     bash bench/moe_gpu.sh kernels SHAPE RECIPE # the same point with model.mamba_kernels=true (mamba-ssm's and
+#                                                # causal-conv1d's CUDA kernels, installed), under $PTQ_WORK/runs-kernels
 #     bash bench/moe_gpu.sh profile SHAPE RECIPE # time per layer kind (Mamba, MoE, attention) in a BF16 forward
 #                                                # and in RECIPE's calibration (bench/moe_profile.py)
 #     bash bench/moe_gpu.sh report               # timings.jsonl and the whole run records (bench/records.py:
@@ -20,7 +22,8 @@
 # Optional: PTQ_WORK (/tmp/ptq-moe: logs, outputs, cache), PTQ_MODELS ($PTQ_WORK/models: the BF16 checkpoints;
 # a 30B shape takes 61 GiB, so on a 64 GiB disk point it at a RAM disk such as /dev/shm), PTQ_BENCH_OUT
 # ($PTQ_WORK/out), PTQ_HARDWARE (h200), PTQ_CALIB (calib.size, 256), PTQ_EXTRA (more launch.py overrides),
-# PTQ_PROFILE_BATCH (the profile's batch, 16). Every stage appends its
+# PTQ_PROFILE_BATCH (the profile's batch, 16), PTQ_MAMBA_KERNELS (1: the profile loads the model with mamba-ssm's
+# kernels). Every stage appends its
 # wall time to $PTQ_WORK/timings.jsonl; every point deletes its exported checkpoint after its record is written
 # unless PTQ_KEEP=1 (a 30B FP8 export is 32 GB).
 set -uo pipefail
@@ -40,6 +43,22 @@ model_args() {
     qwen3*) echo "model=qwen3-30b-a3b model.path=$MODELS/$1 model.name=$1-random model.hf_id=null model.layer_widths=[]" ;;
     *) echo "moe_gpu: unknown shape $1" >&2; return 1 ;;
     esac
+}
+
+# One point of RECIPE with more overrides, in its own runs folder ($PTQ_WORK/runs-NAME), its record into
+# $PTQ_BENCH_OUT/NAME: variant SHAPE RECIPE NAME OVERRIDE...
+variant() {
+    local shape=$1 recipe=$2 name=$3
+    shift 3
+    # shellcheck disable=SC2046,SC2086
+    timed "$shape-$recipe-$name" python3 launch.py $(model_args "$shape") "recipe=$recipe" "hardware=${PTQ_HARDWARE:-h200}" \
+        eval=none "cache_dir=$CACHE" "output_root=$WORK/runs-$name" "calib.dataset=$TEXT/calib.txt" \
+        "calib.size=${PTQ_CALIB:-256}" calib.seq_len=512 "fidelity.text=$TEXT/fidelity.txt" fidelity.samples=32 \
+        fidelity.seq_len=512 ${PTQ_EXTRA:-} "$@"
+    if [ "${PTQ_KEEP:-0}" != 1 ]; then
+        find "$WORK/runs-$name" -maxdepth 3 -type d -name "checkpoint*" -exec rm -rf {} +
+    fi
+    python3 -m bench.records "$WORK/runs-$name" "$BENCH_OUT/$name"
 }
 
 BENCH_NAME=moe_gpu
@@ -70,29 +89,26 @@ floor)
     shape=${2:?shape}
     recipe=${3:?recipe}
     batch=${4:?batch}
-    # shellcheck disable=SC2046,SC2086
-    timed "$shape-$recipe-batch$batch" python3 launch.py $(model_args "$shape") "recipe=$recipe" "hardware=${PTQ_HARDWARE:-h200}" \
-        eval=none "cache_dir=$CACHE" "output_root=$WORK/runs-batch$batch" "calib.dataset=$TEXT/calib.txt" \
-        "calib.size=${PTQ_CALIB:-256}" calib.seq_len=512 "calib.batch_size=$batch" "fidelity.text=$TEXT/fidelity.txt" \
-        fidelity.samples=32 fidelity.seq_len=512 "fidelity.batch_size=$batch" ${PTQ_EXTRA:-}
-    if [ "${PTQ_KEEP:-0}" != 1 ]; then
-        find "$WORK/runs-batch$batch" -maxdepth 3 -type d -name "checkpoint*" -exec rm -rf {} +
-    fi
-    python3 -m bench.records "$WORK/runs-batch$batch" "$BENCH_OUT/batch$batch"
+    variant "$shape" "$recipe" "batch$batch" "calib.batch_size=$batch" "fidelity.batch_size=$batch"
+    ;;
+kernels)
+    shape=${2:?shape}
+    recipe=${3:?recipe}
+    variant "$shape" "$recipe" kernels model.mamba_kernels=true
     ;;
 profile)
     shape=${2:?shape}
     recipe=${3:?recipe}
     group=$(model_args "$shape" | sed 's/^model=\([^ ]*\).*/\1/')
     timed "profile-$shape-$recipe" python3 -m bench.moe_profile --model "$MODELS/$shape" --text "$TEXT/calib.txt" \
-        --recipe "$recipe" --model-group "$group" --samples 64 --seq-len 512 --batch "${PTQ_PROFILE_BATCH:-16}" --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
+        --recipe "$recipe" --model-group "$group" ${PTQ_MAMBA_KERNELS:+--mamba-kernels} --samples 64 --seq-len 512 --batch "${PTQ_PROFILE_BATCH:-16}" --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null
     python3 -m bench.records "$WORK/runs" "$BENCH_OUT"
     ;;
 *)
-    sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
     ;;
 esac

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from ptq.models import mamba_path  # noqa: E402
 from ptq.moe import ExpertCounter  # noqa: E402
 from ptq.recipes import build_quant_config  # noqa: E402
 from ptq.schema import register_schemas  # noqa: E402
@@ -142,6 +143,11 @@ def main() -> None:
         help="also count the tokens each routed expert receives in a BF16 pass over up to this many "
         "samples, snapshot after every batch (how coverage grows with calib.size)",
     )
+    parser.add_argument(
+        "--mamba-kernels",
+        action="store_true",
+        help="load with use_mamba_kernels=True: Mamba layers on mamba-ssm's and causal-conv1d's CUDA kernels",
+    )
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -154,7 +160,9 @@ def main() -> None:
     tokens = ids[: args.samples * args.seq_len].view(args.samples, args.seq_len)
     available = len(ids) // args.seq_len
     coverage_tokens = ids[: min(args.coverage_samples, available) * args.seq_len].view(-1, args.seq_len)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map=device.type).eval()
+    extra = {"use_mamba_kernels": True} if args.mamba_kernels else {}
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.bfloat16, device_map=device.type, **extra)
+    model.eval()
 
     def forward(m):
         for batch in tokens.split(args.batch):
@@ -168,6 +176,7 @@ def main() -> None:
         "batch": args.batch,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "versions": {"torch": torch.__version__},
+        "mamba": mamba_path(model),
     }
     with torch.no_grad():
         forward(model)  # warm-up: kernels, allocator
