@@ -158,10 +158,13 @@ def kept_model(
     dtype: str,
     trust_remote_code: bool,
     max_gpu_memory_gb: float = 0.0,
+    vision_language: bool = False,
+    mamba_kernels: Optional[bool] = None,
 ):
     """The pristine BF16 model `state` keeps for `load_model(..., reuse=True)` with these settings, or None.
     Callers use it read-only (e.g. as a distillation teacher) and leave it as they found it."""
-    kept = state.models.get(_key(source, device, dtype, trust_remote_code, max_gpu_memory_gb))
+    key = _key(source, device, dtype, trust_remote_code, max_gpu_memory_gb, vision_language, mamba_kernels)
+    kept = state.models.get(key)
     return kept[0] if kept else None
 
 

@@ -89,6 +89,8 @@ def _teacher(plan: Plan, model, state: ProcessState):
             dtype=cfg.hardware.dtype,
             trust_remote_code=cfg.model.trust_remote_code,
             max_gpu_memory_gb=cfg.backend.max_gpu_memory_gb,
+            vision_language=plan.vision_language is not None,
+            mamba_kernels=cfg.model.mamba_kernels,
         )
         if kept is not None and kept is not model:
             return kept, "the pristine BF16 model this process keeps (no second copy)"
