@@ -18,6 +18,7 @@ from ptq.backend_spec import recover_rows, spec_of
 from ptq.errors import ConfigError
 from ptq.evaluation.readers import check_eval_config
 from ptq.files import nearest_existing, safetensors_header
+from ptq.layerkinds import MAMBA_KERNEL_PACKAGES
 from ptq.plan import Plan, calib_text_path
 from ptq.schema import RunConfig
 from ptq.textfiles import checked_once, read_texts
@@ -109,8 +110,6 @@ def check_mamba_packages(cfg: RunConfig) -> None:
     """model.mamba_kernels=true needs mamba-ssm and causal-conv1d importable here (CUDA builds of both)."""
     if not cfg.model.mamba_kernels:
         return
-    from ptq.models import MAMBA_KERNEL_PACKAGES  # (imports torch: only when asked)
-
     missing = [name for name in MAMBA_KERNEL_PACKAGES if importlib.util.find_spec(name.replace("-", "_")) is None]
     if missing:
         raise ConfigError(

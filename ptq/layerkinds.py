@@ -27,6 +27,9 @@ KINDS = (
     "other",
 )
 QUANTIZED, BF16 = "quantized", "bf16"
+# The CUDA packages transformers' Mamba layers (NemotronH and other Mamba-2 hybrids) use when the model config's
+# use_mamba_kernels is on and they import; otherwise the layers run transformers' pure-PyTorch path.
+MAMBA_KERNEL_PACKAGES = ("mamba-ssm", "causal-conv1d")
 # Kinds no recipe quantizes: the router decides which experts run, conv1d is a depthwise convolution ModelOpt's
 # linear-layer recipes leave alone, embeddings are looked up, not multiplied, and a vision-language model's vision
 # tower and projector stay as trained (only its language model is quantized, ptq/vlm.py).

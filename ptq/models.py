@@ -14,6 +14,7 @@ from typing import Any, Dict, Optional, Tuple
 
 import torch
 
+from ptq.layerkinds import MAMBA_KERNEL_PACKAGES
 from ptq.plan import ModelSource
 from ptq.state import ProcessState
 
@@ -297,11 +298,6 @@ def load_processor(checkpoint: str, trust_remote_code: bool):
 
 def model_device(model) -> torch.device:
     return next(model.parameters()).device
-
-
-# The CUDA packages transformers' Mamba layers (NemotronH and other Mamba-2 hybrids) use when the model config's
-# use_mamba_kernels is on and they import; otherwise the layers run transformers' pure-PyTorch path.
-MAMBA_KERNEL_PACKAGES = ("mamba-ssm", "causal-conv1d")
 
 
 def installed_version(distribution: str) -> Optional[str]:
