@@ -37,6 +37,29 @@ def moe_blocks(model) -> Dict[str, torch.nn.Module]:
     return blocks
 
 
+# ModelOpt's calibration setting that also sends calibration tokens to more experts than the router picks
+# (QuantizeAlgorithmConfig.moe_calib_experts_ratio). ModelOpt 0.47 applies it through its sparse-MoE wrapper,
+# which takes only blocks whose experts are separate modules; transformers 5 keeps them fused (one 3-D weight per
+# projection), and there the setting is accepted and changes nothing (measured on NemotronH: the same tokens per
+# expert with and without it).
+EXPERTS_RATIO = "moe_calib_experts_ratio"
+
+
+def experts_ratio_problem(model) -> Optional[str]:
+    """Why ModelOpt's moe_calib_experts_ratio would not reach `model`'s experts, or None."""
+    blocks = moe_blocks(model)
+    if not blocks:
+        return "has no Mixture-of-Experts layers"
+    fused = [name for name, block in blocks.items() if not isinstance(block.experts, torch.nn.ModuleList)]
+    if len(fused) == len(blocks):
+        return (
+            f"keeps its experts fused (one 3-D weight per projection, as transformers 5 stores them: "
+            f"{fused[0]}.experts), which ModelOpt's sparse-MoE calibration does not wrap: the setting would be "
+            "accepted and change nothing"
+        )
+    return None
+
+
 def _expert_count(block) -> int:
     for owner in (block.experts, block.gate, block):
         for attr in ("num_experts", "n_routed_experts", "num_local_experts"):

@@ -364,3 +364,39 @@ def test_the_mamba_path_is_read_from_the_config_the_packages_and_the_device(monk
         "causal-conv1d": "9.9",
     }
     assert ptq.models.mamba_path(build_model("qwen3-moe-tiny", "cpu")) is None
+
+
+def test_modelopts_experts_ratio_is_refused_where_it_would_do_nothing():
+    """ModelOpt 0.47's moe_calib_experts_ratio reaches experts that are separate modules only; transformers 5
+    fuses them, and then the setting changes nothing (measured: the same tokens per expert with it)."""
+    import torch
+
+    from bench.random_checkpoint import build_model
+    from ptq.moe import experts_ratio_problem
+
+    assert "keeps its experts fused" in experts_ratio_problem(build_model("nemotron3-nano-tiny", "cpu"))
+    assert "keeps its experts fused" in experts_ratio_problem(build_model("qwen3-moe-tiny", "cpu"))
+    assert experts_ratio_problem(torch.nn.Linear(4, 4)) == "has no Mixture-of-Experts layers"
+
+    class Gate(torch.nn.Module):
+        top_k, num_experts = 2, 4
+
+    class Block(torch.nn.Module):  # the older layout: one module per expert
+        def __init__(self):
+            super().__init__()
+            self.gate = Gate()
+            self.experts = torch.nn.ModuleList(torch.nn.Linear(4, 4) for _ in range(4))
+
+    assert experts_ratio_problem(torch.nn.Sequential(Block())) is None
+
+
+@pytest.mark.slow
+def test_a_run_asking_for_the_experts_ratio_on_fused_experts_stops_before_calibrating(nemotron_tiny_dir, tmp_path):
+    from ptq.run import run
+
+    overrides = nemotron_overrides(
+        tmp_path, nemotron_tiny_dir, "fp8", "recipe.algorithm=max", "+recipe.algorithm_args.moe_calib_experts_ratio=1.0"
+    )
+    with pytest.raises(ConfigError, match=r"moe_calib_experts_ratio=1.0: nemotron-tiny keeps its experts fused"):
+        run(*compose_run(overrides))
+    assert not list(tmp_path.rglob("checkpoint/*.safetensors"))

@@ -19,9 +19,10 @@ from ptq import recipe_files, recover
 from ptq.auto_quantize import CHOSEN_NOTE, AutoQuantizeSearch
 from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_cache
 from ptq.calib_data import image_text_inputs, token_batches
+from ptq.errors import ConfigError
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
 from ptq.models import load_model, load_processor, mamba_path
-from ptq.moe import ExpertCounter, coverage
+from ptq.moe import EXPERTS_RATIO, ExpertCounter, coverage, experts_ratio_problem
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
@@ -165,6 +166,14 @@ def quantize(
             tokens = int(calib.numel())
             calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens}
     device = next(model.parameters()).device
+    if EXPERTS_RATIO in (cfg.recipe.algorithm_args or {}):
+        problem = experts_ratio_problem(model)
+        if problem:
+            raise ConfigError(
+                f"recipe.algorithm_args.{EXPERTS_RATIO}={cfg.recipe.algorithm_args[EXPERTS_RATIO]}: "
+                f"{cfg.model.name} {problem}. Remove it; calib.size sets how many tokens reach each expert "
+                "(details.expert_coverage in the record names experts that got too few)."
+            )
     counter = ExpertCounter(model)
 
     def forward_loop(m):
