@@ -400,3 +400,33 @@ def test_a_run_asking_for_the_experts_ratio_on_fused_experts_stops_before_calibr
     with pytest.raises(ConfigError, match=r"moe_calib_experts_ratio=1.0: nemotron-tiny keeps its experts fused"):
         run(*compose_run(overrides))
     assert not list(tmp_path.rglob("checkpoint/*.safetensors"))
+
+
+def test_a_calibration_algorithm_applies_to_the_mamba_moe_recipes_by_their_export_format():
+    """The Mamba-MoE recipes write one format (FP8 or NVFP4, measured on an H100 with ModelOpt 0.47), so an
+    algorithm is checked against it, and one that changes the export's name (AWQ on NVFP4) is expected as such."""
+    from conftest import GPU_FACTS
+
+    base = ["calib.dataset=cnn_dailymail", "model=nemotron-3-nano-30b-a3b", "hardware=h100"]
+    plan = plan_for([*base, "recipe=mamba_moe_nvfp4_conservative", "recipe.algorithm=awq_lite"], GPU_FACTS)
+    assert plan.export_quant_algo == "NVFP4_AWQ"
+    assert (
+        plan_for([*base, "recipe=mamba_moe_fp8_aggressive", "recipe.algorithm=mse"], GPU_FACTS).export_quant_algo
+        == "FP8"
+    )
+    with pytest.raises(ConfigError, match="recipe.algorithm=smoothquant .* exports FP8"):
+        plan_for([*base, "recipe=mamba_moe_fp8_conservative", "recipe.algorithm=smoothquant"], GPU_FACTS)
+
+
+@pytest.mark.slow
+def test_mamba_moe_fp8_with_mse_scales_quantizes_and_validates(nemotron_tiny_dir, tmp_path):
+    from ptq.run import run
+
+    record = run(
+        *compose_run(
+            nemotron_overrides(tmp_path, nemotron_tiny_dir, "mamba_moe_fp8_conservative", "recipe.algorithm=mse")
+        )
+    )
+    assert record["status"] == "finished", record.get("error")
+    assert record["validation"]["passed"] and record["validation"]["quant_algo"] == "FP8"
+    assert record["algorithm"] == "mse"
