@@ -147,6 +147,7 @@ NEMOTRON_RECIPES=(mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative)
 
 nemotron() {
     [ -f "${PTQ_MB_SCRIPTS:-}/quantize.py" ] || { echo "megatron_gpu: set PTQ_MB_SCRIPTS to Megatron-Bridge's examples/quantization"; return 1; }
+    [ -f "$TEXT/calib.txt" ] || { echo "megatron_gpu: run 'bash bench/megatron_gpu.sh prepare' first (the text halves)"; return 1; }
     local start=$SECONDS smol shape recipe dir model
     smol=$(smol_dir) || return 1
     for shape in "${NEMOTRON_SHAPES[@]}"; do

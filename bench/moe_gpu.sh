@@ -101,7 +101,7 @@ profile)
     recipe=${3:?recipe}
     group=$(model_args "$shape" | sed 's/^model=\([^ ]*\).*/\1/')
     timed "profile-$shape-$recipe" python3 -m bench.moe_profile --model "$MODELS/$shape" --text "$TEXT/calib.txt" \
-        --recipe "$recipe" --model-group "$group" ${PTQ_MAMBA_KERNELS:+--mamba-kernels} --samples 64 --seq-len 512 --batch "${PTQ_PROFILE_BATCH:-16}" --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
+        --recipe "$recipe" --model-group "$group" $([ "${PTQ_MAMBA_KERNELS:-0}" = 1 ] && echo --mamba-kernels) --samples 64 --seq-len 512 --batch "${PTQ_PROFILE_BATCH:-16}" --coverage-samples "${PTQ_COVERAGE:-256}" --out "$BENCH_OUT/profile-$shape-$recipe.json"
     ;;
 report)
     cp "$WORK/timings.jsonl" "$BENCH_OUT/" 2>/dev/null

@@ -139,7 +139,8 @@ def check_inputs(cfg: RunConfig, plan: Plan, here: bool = True) -> None:
     if cfg.recover.method != "none":
         check_text(cfg.recover.text, recover_rows(cfg), cfg.recover.seq_len, "recover.text")
     check_eval_config(cfg.eval)
-    check_mamba_packages(cfg)
+    if here:  # a sweep point planned on a login node runs on a GPU node, with its own packages
+        check_mamba_packages(cfg)
     images = plan.image_inputs
     if images and plan.source.kind == "local":
         problem = processor_problem(Path(plan.source.location))

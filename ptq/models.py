@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import logging
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,18 +311,40 @@ def installed_version(distribution: str) -> Optional[str]:
         return None
 
 
+def _mamba_mixers(model) -> list:
+    """The Mamba mixer modules of `model` (those with an in_proj and a conv1d, as Mamba-2 layers have)."""
+    return [m for m in model.modules() if hasattr(m, "in_proj") and hasattr(m, "conv1d") and hasattr(m, "A_log")]
+
+
 def mamba_path(model) -> Optional[dict]:
-    """Which path the model's Mamba layers take, for the record (None: a model without Mamba layers). Read from
-    what transformers decides on: the config's use_mamba_kernels, both kernel packages installed, the model on a
-    GPU; the kernels' own calls are not observed."""
+    """Which path the model's Mamba layers take, for the record (None: a model without Mamba layers). transformers
+    decides per forward: its modeling module's `is_fast_path_available` (set when the mixers were built: the config's
+    use_mamba_kernels on and both kernels imported) and the mixer's weights on a GPU; both are read here. Where a
+    transformers release keeps no such flag, the path is inferred from the config, the installed packages and the
+    device, and the record says so."""
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "use_mamba_kernels"):
         return None
     versions = {name: installed_version(name) for name in MAMBA_KERNEL_PACKAGES}
-    on_gpu = next(model.parameters()).device.type == "cuda"
-    kernels = bool(config.use_mamba_kernels) and on_gpu and all(versions.values())
+    mixers = _mamba_mixers(model)
+    on_gpu = bool(mixers) and all(m.in_proj.weight.device.type == "cuda" for m in mixers)
+    module = sys.modules.get(type(mixers[0]).__module__) if mixers else None
+    flag = getattr(module, "is_fast_path_available", None)
+    if isinstance(flag, bool):
+        kernels, how = flag and on_gpu, "read from transformers' modeling module"
+    else:
+        kernels, how = bool(config.use_mamba_kernels) and on_gpu and all(versions.values()), "inferred"
     return {
         "path": "CUDA kernels" if kernels else "PyTorch",
+        "how": how,
         "use_mamba_kernels": bool(config.use_mamba_kernels),
         **versions,
     }
+
+
+def source_config_value(checkpoint: str, key: str) -> Any:
+    """`key` of the config.json in the checkpoint folder (None if absent)."""
+    path = Path(checkpoint) / "config.json"
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text()).get(key)

@@ -46,18 +46,22 @@ EXPERTS_RATIO = "moe_calib_experts_ratio"
 
 
 def experts_ratio_problem(model) -> Optional[str]:
-    """Why ModelOpt's moe_calib_experts_ratio would not reach `model`'s experts, or None."""
-    blocks = moe_blocks(model)
-    if not blocks:
+    """Why ModelOpt's moe_calib_experts_ratio would not reach `model`'s experts, or None. ModelOpt wraps (and so
+    applies the ratio to) blocks whose `experts` can be iterated, one module per expert; fused experts cannot."""
+    holders = [
+        (name, m.experts)
+        for name, m in model.named_modules()
+        if isinstance(getattr(m, "experts", None), torch.nn.Module)
+    ]
+    if not holders:
         return "has no Mixture-of-Experts layers"
-    fused = [name for name, block in blocks.items() if not isinstance(block.experts, torch.nn.ModuleList)]
-    if len(fused) == len(blocks):
-        return (
-            f"keeps its experts fused (one 3-D weight per projection, as transformers 5 stores them: "
-            f"{fused[0]}.experts), which ModelOpt's sparse-MoE calibration does not wrap: the setting would be "
-            "accepted and change nothing"
-        )
-    return None
+    if any(hasattr(experts, "__iter__") for _, experts in holders):
+        return None
+    return (
+        f"keeps its experts fused (one 3-D weight per projection, as transformers 5 stores them: "
+        f"{holders[0][0]}.experts), which ModelOpt's sparse-MoE calibration does not wrap: the setting would be "
+        "accepted and change nothing"
+    )
 
 
 def _expert_count(block) -> int:

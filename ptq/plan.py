@@ -657,6 +657,11 @@ def skip_or_refuse_finished(plan: Plan, record: Optional[RunRecord]) -> None:
     )
 
 
+# Calibration algorithms that treat fused routed experts (per-expert weight quantizers): max, and mse (run and
+# validated on the tiny NemotronH, tests/test_moe.py).
+FUSED_EXPERT_ALGORITHMS = ("max", "mse")
+
+
 def check_algorithm(cfg: RunConfig) -> None:
     """recipe.algorithm / recipe.algorithm_args: a method the launcher offers, for a recipe it applies to. Their
     values are checked against ModelOpt's own config class before loading (ptq/recipes.py)."""
@@ -681,6 +686,13 @@ def check_algorithm(cfg: RunConfig) -> None:
         raise ConfigError(
             f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
             f"{', '.join(ALGORITHMS)} (or null for the recipe's own)."
+        )
+    if cfg.model.arch != Arch.dense and method not in FUSED_EXPERT_ALGORITHMS:
+        raise ConfigError(
+            f"recipe.algorithm={method} on model={cfg.model.name} (model.arch={cfg.model.arch}): ModelOpt's {method} "
+            "works on linear layers with a 2-D weight, and transformers 5 keeps routed experts fused in 3-D weights it "
+            "does not reach, so they would keep plain max scales and the export would mix formats. Use "
+            f"recipe.algorithm={' or '.join(FUSED_EXPERT_ALGORITHMS)} (the ones run and validated on fused experts here)."
         )
     quant = (recipe.export_quant_algo or "").upper()
     applies = ALGORITHMS[method].applies_to

@@ -356,9 +356,11 @@ def test_the_mamba_path_is_read_from_the_config_the_packages_and_the_device(monk
     assert ptq.models.mamba_path(model)["path"] == "PyTorch"
     monkeypatch.setattr(ptq.models, "installed_version", lambda name: "9.9")
     model.config.use_mamba_kernels = True
-    # Both packages "installed" and the config asking for them: still PyTorch, as the model is on the CPU.
+    # Both packages "installed" and the config asking for them: still PyTorch, as transformers built the layers
+    # without the kernels and the model is on the CPU.
     assert ptq.models.mamba_path(model) == {
         "path": "PyTorch",
+        "how": "read from transformers' modeling module",
         "use_mamba_kernels": True,
         "mamba-ssm": "9.9",
         "causal-conv1d": "9.9",
@@ -399,23 +401,33 @@ def test_a_run_asking_for_the_experts_ratio_on_fused_experts_stops_before_calibr
     )
     with pytest.raises(ConfigError, match=r"moe_calib_experts_ratio=1.0: nemotron-tiny keeps its experts fused"):
         run(*compose_run(overrides))
-    assert not list(tmp_path.rglob("checkpoint/*.safetensors"))
+    (record_path,) = tmp_path.rglob("run.json")
+    record = json.loads(record_path.read_text())
+    assert record["status"] == "failed" and "calibrate" not in record["timings_s"]
+    assert not list(record_path.parent.glob("checkpoint*"))  # no partial checkpoint left behind
 
 
 def test_a_calibration_algorithm_applies_to_the_mamba_moe_recipes_by_their_export_format():
     """The Mamba-MoE recipes write one format (FP8 or NVFP4, measured on an H100 with ModelOpt 0.47), so an
-    algorithm is checked against it, and one that changes the export's name (AWQ on NVFP4) is expected as such."""
+    algorithm is checked against it; on a MoE model only the algorithms that reach fused experts are offered."""
     from conftest import GPU_FACTS
 
     base = ["calib.dataset=cnn_dailymail", "model=nemotron-3-nano-30b-a3b", "hardware=h100"]
-    plan = plan_for([*base, "recipe=mamba_moe_nvfp4_conservative", "recipe.algorithm=awq_lite"], GPU_FACTS)
-    assert plan.export_quant_algo == "NVFP4_AWQ"
+    plan = plan_for([*base, "recipe=mamba_moe_fp8_aggressive", "recipe.algorithm=mse"], GPU_FACTS)
+    assert plan.export_quant_algo == "FP8"
     assert (
-        plan_for([*base, "recipe=mamba_moe_fp8_aggressive", "recipe.algorithm=mse"], GPU_FACTS).export_quant_algo
-        == "FP8"
+        plan_for([*base, "recipe=mamba_moe_nvfp4_conservative", "recipe.algorithm=max"], GPU_FACTS).export_quant_algo
+        == "NVFP4"
     )
-    with pytest.raises(ConfigError, match="recipe.algorithm=smoothquant .* exports FP8"):
-        plan_for([*base, "recipe=mamba_moe_fp8_conservative", "recipe.algorithm=smoothquant"], GPU_FACTS)
+    for recipe, method in (("mamba_moe_nvfp4_conservative", "awq_lite"), ("mamba_moe_fp8_conservative", "smoothquant")):
+        with pytest.raises(ConfigError, match=rf"recipe.algorithm={method} .* fused in 3-D weights .*=max or mse"):
+            plan_for([*base, f"recipe={recipe}", f"recipe.algorithm={method}"], GPU_FACTS)
+    # The same algorithm on a dense model is checked against the recipe's format only.
+    dense = plan_for(
+        ["calib.dataset=cnn_dailymail", "model=qwen3-8b", "hardware=h100", "recipe=nvfp4", "recipe.algorithm=awq_lite"],
+        GPU_FACTS,
+    )
+    assert dense.export_quant_algo == "NVFP4_AWQ"
 
 
 @pytest.mark.slow

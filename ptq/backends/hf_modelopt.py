@@ -21,7 +21,7 @@ from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_ca
 from ptq.calib_data import image_text_inputs, token_batches
 from ptq.errors import ConfigError
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
-from ptq.models import load_model, load_processor, mamba_path
+from ptq.models import load_model, load_processor, mamba_path, source_config_value
 from ptq.moe import EXPERTS_RATIO, ExpertCounter, coverage, experts_ratio_problem
 from ptq.moe import warning as coverage_warning
 from ptq.plan import Plan
@@ -141,6 +141,14 @@ def quantize(
     import modelopt.torch.quantization as mtq
 
     cfg = plan.cfg
+    if EXPERTS_RATIO in (cfg.recipe.algorithm_args or {}):
+        problem = experts_ratio_problem(model)
+        if problem:
+            raise ConfigError(
+                f"recipe.algorithm_args.{EXPERTS_RATIO}={cfg.recipe.algorithm_args[EXPERTS_RATIO]}: "
+                f"{cfg.model.name} {problem}. Remove it; calib.size sets how many tokens reach each expert "
+                "(details.expert_coverage in the record names experts that got too few)."
+            )
     with timer.stage("calib_data"):
         if plan.calib_kind == "image_text":
             pairs = image_text_inputs(
@@ -166,14 +174,6 @@ def quantize(
             tokens = int(calib.numel())
             calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens}
     device = next(model.parameters()).device
-    if EXPERTS_RATIO in (cfg.recipe.algorithm_args or {}):
-        problem = experts_ratio_problem(model)
-        if problem:
-            raise ConfigError(
-                f"recipe.algorithm_args.{EXPERTS_RATIO}={cfg.recipe.algorithm_args[EXPERTS_RATIO]}: "
-                f"{cfg.model.name} {problem}. Remove it; calib.size sets how many tokens reach each expert "
-                "(details.expert_coverage in the record names experts that got too few)."
-            )
     counter = ExpertCounter(model)
 
     def forward_loop(m):
@@ -386,6 +386,13 @@ class HFModelOptBackend:
         mamba = mamba_path(model)
         if mamba is not None:
             details["mamba"] = mamba
+            if cfg.model.mamba_kernels and mamba["path"] != "CUDA kernels":
+                raise ConfigError(
+                    f"model.mamba_kernels=true, and the Mamba layers of {cfg.model.name} run transformers' PyTorch path "
+                    f"({mamba['how']}; mamba-ssm {mamba['mamba-ssm']}, causal-conv1d {mamba['causal-conv1d']}): a "
+                    "kernel that is installed but does not import with this torch, or layers off the GPU. Rebuild "
+                    "the wheels against this torch (scripts/mamba-wheels.sh), or set model.mamba_kernels=false."
+                )
         # Same model, tokens and batching as an earlier run of this process: same reference.
         kept = cfg.backend.reuse_loaded_model and bool(details["model_load"].get("kept"))
         baseline = bf16_baseline(
@@ -415,6 +422,9 @@ class HFModelOptBackend:
             training = None  # drops a second copy of the teacher, if one was made
         trained = trained_weights(plan, model) if recovery is not None else None
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
+        if cfg.model.mamba_kernels is not None:  # the run's choice, not the checkpoint's: its config says what it said
+            source = source_config_value(checkpoint, "use_mamba_kernels")
+            model.config.use_mamba_kernels = True if source is None else source  # (transformers' default)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:
             details["applied_recipe"] = write_applied_recipe(plan, quant_cfg, export_dir, trained=recovery is not None)
