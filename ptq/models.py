@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import json
 import logging
 import os
 import shutil
@@ -18,6 +17,7 @@ import torch
 
 from ptq.layerkinds import MAMBA_KERNEL_PACKAGES
 from ptq.plan import ModelSource
+from ptq.record_parts import installed_version
 from ptq.state import ProcessState
 
 log = logging.getLogger(__name__)
@@ -302,15 +302,6 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def installed_version(distribution: str) -> Optional[str]:
-    from importlib import metadata
-
-    try:
-        return metadata.version(distribution)
-    except metadata.PackageNotFoundError:
-        return None
-
-
 def _mamba_mixers(model) -> list:
     """The Mamba mixer modules of `model` (those with an in_proj and a conv1d, as Mamba-2 layers have)."""
     return [m for m in model.modules() if hasattr(m, "in_proj") and hasattr(m, "conv1d") and hasattr(m, "A_log")]
@@ -340,11 +331,3 @@ def mamba_path(model) -> Optional[dict]:
         "use_mamba_kernels": bool(config.use_mamba_kernels),
         **versions,
     }
-
-
-def source_config_value(checkpoint: str, key: str) -> Any:
-    """`key` of the config.json in the checkpoint folder (None if absent)."""
-    path = Path(checkpoint) / "config.json"
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text()).get(key)

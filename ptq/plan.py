@@ -1023,7 +1023,7 @@ def free_bytes(folder: Path) -> Optional[int]:
         return None
 
 
-def _read_model_config(folder: Path):
+def read_model_config(folder: Path):
     """(config.json as a dict, "") or (None, what is wrong with the folder)."""
     if not folder.exists():
         return None, "no such folder"
@@ -1070,7 +1070,7 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
     shape = {}
     if cfg.model.path:
         folder = Path(cfg.model.path).expanduser()
-        config, facts.local_model_problem = _read_model_config(folder)
+        config, facts.local_model_problem = read_model_config(folder)
         facts.local_model_ok = config is not None
         if config:
             facts.local_layer_widths = layer_widths_from_config(config)

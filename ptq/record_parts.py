@@ -66,18 +66,20 @@ def config_differences(old: dict, new: dict, limit: int = 6) -> list:
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))[:limit]
 
 
+def installed_version(distribution: str) -> Optional[str]:
+    """The installed version of a distribution (pip name), None when it is not installed."""
+    try:
+        return metadata.version(distribution)
+    except metadata.PackageNotFoundError:
+        return None
+
+
 def package_versions() -> Dict[str, str]:
-    versions = {"python": platform.python_version()}
-    for name in PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
+    versions = {"python": platform.python_version(), **{name: installed_version(name) for name in PACKAGES}}
     for name in OPTIONAL_PACKAGES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
+        version = installed_version(name)
+        if version is not None:
+            versions[name] = version
     return versions
 
 

@@ -21,10 +21,10 @@ from ptq.backends.base import BackendResult, limit_cpu_threads, use_extension_ca
 from ptq.calib_data import image_text_inputs, token_batches
 from ptq.errors import ConfigError
 from ptq.measure import SAMPLE_BATCH_SIZE, bf16_baseline, check_written, compare
-from ptq.models import load_model, load_processor, mamba_path, source_config_value
+from ptq.models import load_model, load_processor, mamba_path
 from ptq.moe import EXPERTS_RATIO, ExpertCounter, coverage, experts_ratio_problem
 from ptq.moe import warning as coverage_warning
-from ptq.plan import Plan
+from ptq.plan import Plan, read_model_config
 from ptq.recipes import build_quant_config, check_awq_widths, classify_layers, disabled_patterns
 from ptq.record_parts import StageTimer
 from ptq.state import ProcessState
@@ -423,7 +423,7 @@ class HFModelOptBackend:
         trained = trained_weights(plan, model) if recovery is not None else None
         fid, scores = compare(plan, model, tokenizer, baseline, timer, quantized=plan.quantize)
         if cfg.model.mamba_kernels is not None:  # the run's choice, not the checkpoint's: its config says what it said
-            source = source_config_value(checkpoint, "use_mamba_kernels")
+            source = (read_model_config(Path(checkpoint))[0] or {}).get("use_mamba_kernels")
             model.config.use_mamba_kernels = True if source is None else source  # (transformers' default)
         repaired = export(plan, model, tokenizer, export_dir, timer)
         if quant_cfg is not None:

@@ -47,6 +47,7 @@ from ptq.backends.megatron_steps import (
     check_scripts,
     model_id,
     recovered_checkpoint,
+    training_output,
     write_calib_jsonl,
 )
 from ptq.calib_data import token_batches
@@ -168,8 +169,7 @@ def _prepare_inputs(plan: Plan, timer: StageTimer) -> None:
             write_train_rows(plan)
         # A checkpoint left by an earlier attempt at this output folder would be resumed (distill.py loads
         # its own save folder), not retrained: the training starts from the PTQ checkpoint every time.
-        trained = recovered_checkpoint(plan, plan.output_dir / MEGATRON_CHECKPOINT)
-        shutil.rmtree(trained if plan.cfg.recover.method == "qat" else trained.parent, ignore_errors=True)
+        shutil.rmtree(training_output(plan), ignore_errors=True)
 
 
 def write_train_rows(plan: Plan) -> Path:

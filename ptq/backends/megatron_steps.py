@@ -183,14 +183,19 @@ def qad_args(plan: Plan, megatron_dir: Path) -> List[str]:
     ]
 
 
+def training_output(plan: Plan) -> Optional[Path]:
+    """The folder the recovery step writes (None without recovery)."""
+    name = {"qat": QAT_CHECKPOINT, "qad": QAD_OUTPUT}.get(str(plan.cfg.recover.method))
+    return None if name is None else plan.output_dir / name
+
+
 def recovered_checkpoint(plan: Plan, megatron_dir: Path) -> Path:
-    """What the generate check and the export load: the checkpoint recovery trained, else the PTQ one."""
-    method = plan.cfg.recover.method
-    if method == "qat":
-        return plan.output_dir / QAT_CHECKPOINT
-    if method == "qad":
-        return plan.output_dir / QAD_OUTPUT / "checkpoints"
-    return megatron_dir
+    """What the generate check and the export load: the checkpoint recovery trained (distill.py saves in its
+    output folder's checkpoints/), else the PTQ one."""
+    trained = training_output(plan)
+    if trained is None:
+        return megatron_dir
+    return trained / "checkpoints" if plan.cfg.recover.method == "qad" else trained
 
 
 def script_args(plan: Plan, megatron_dir: Path, export_dir: Path) -> Dict[str, List[str]]:
