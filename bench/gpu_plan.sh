@@ -8,9 +8,9 @@
 #   extensions  ModelOpt's CUDA extensions over 10 fresh processes (bench/speed_gpu.sh extensions-stable)
 #   nano        the Nemotron 3 Nano 30B-A3B shape (63.2 GB in BF16: it fits an 80 GB H100 too, with a small
 #               calibration batch; PTQ_NANO_SHAPE=nemotron3-nano-13layers takes its first 13 layers):
-#               mamba_moe_fp8_conservative, the per-kind profile and coverage curve, the same point on
-#               mamba-ssm's kernels where they are installed, then the other five Mamba-MoE and plain recipes
-#               (bench/moe_gpu.sh)
+#               the four Mamba-MoE recipes and fp8, nvfp4; then for the first of them the per-kind profile and
+#               coverage curve, a small-batch run (memory floor) and the same point on mamba-ssm's kernels where
+#               they are installed (bench/moe_gpu.sh)
 #   qwen3       the Qwen3-30B-A3B shape: fp8 and nvfp4, and its profile
 #   recipes     a shipped ModelOpt NVFP4 recipe file and a user's (bench/recipe_files.sh gpu), and the written file
 #               run again, compared byte for byte
@@ -55,18 +55,19 @@ stage_moe() {
     for recipe in "$@"; do
         time_left "$stage $recipe" || break
         bash bench/moe_gpu.sh point "$shape" "$recipe"
-        if [ "$recipe" = "$1" ] && [ "${PTQ_PROFILE:-1}" = 1 ]; then  # the first recipe's calibration is profiled too
-            bash bench/moe_gpu.sh profile "$shape" "$recipe"
-        fi
-        if [ "$recipe" = "$1" ] && [ -n "${PTQ_FLOOR_BATCH-2}" ]; then  # and run at a small batch: memory floor
-            bash bench/moe_gpu.sh floor "$shape" "$recipe" "${PTQ_FLOOR_BATCH-2}"
-        fi
-        # and, where mamba-ssm and causal-conv1d are installed, on their kernels (Nemotron shapes)
-        if [ "$recipe" = "$1" ] && [ "$stage" = nano ] && python3 -c "import mamba_ssm, causal_conv1d" 2>/dev/null; then
-            bash bench/moe_gpu.sh kernels "$shape" "$recipe"
-        fi
         bash bench/moe_gpu.sh report
     done
+    # Then, for the first recipe: its calibration profiled per layer kind, a run at a small batch (the memory
+    # floor) and, where mamba-ssm and causal-conv1d are installed, a run on their kernels (Nemotron shapes).
+    if [ "${PTQ_PROFILE:-1}" = 1 ] && time_left "$stage profile"; then
+        bash bench/moe_gpu.sh profile "$shape" "$1"
+    fi
+    if [ -n "${PTQ_FLOOR_BATCH-2}" ] && time_left "$stage floor"; then
+        bash bench/moe_gpu.sh floor "$shape" "$1" "${PTQ_FLOOR_BATCH-2}" && bash bench/moe_gpu.sh report
+    fi
+    if [ "$stage" = nano ] && python3 -c "import mamba_ssm, causal_conv1d" 2>/dev/null && time_left "$stage kernels"; then
+        bash bench/moe_gpu.sh kernels "$shape" "$1" && bash bench/moe_gpu.sh report
+    fi
     rm -rf "${PTQ_MODELS:?}/$shape"
 }
 
