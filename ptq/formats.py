@@ -256,6 +256,19 @@ def algorithm_export(method: Optional[str], quant_algo: Optional[str]) -> Option
     return dict(ALGORITHMS[method].exports_as).get(quant_algo, quant_algo)
 
 
+# Calibration algorithms that reach fused routed experts (transformers 5 keeps a MoE layer's experts in 3-D weights;
+# ModelOpt gives each expert its own weight quantizer): max, and mse (run and validated on the tiny NemotronH,
+# tests/test_moe.py). The others work on linear layers with a 2-D weight: AWQ fails in ModelOpt's export step on
+# fused experts, SmoothQuant exports experts the written-checkpoint check cannot read back (measured, tiny shapes).
+FUSED_EXPERT_ALGORITHMS = ("max", "mse")
+
+
+def may_have_fused_experts(arch: str, num_experts: Optional[int]) -> bool:
+    """Whether a model of this `model.arch` may keep routed experts fused: MoE models, and hybrid Mamba models
+    unless the model group says they have none (`model.num_experts: 0`, Nemotron-H 8B)."""
+    return arch == "moe" or (arch == "mamba_hybrid" and num_experts != 0)
+
+
 def algorithm_tag(method: Optional[str], args: Optional[Dict], block_size: Optional[int] = 0) -> str:
     """A short, folder-safe name of a calibration choice: '' for the recipe's own, else e.g. 'mse',
     'smoothquant-alpha0.5', 'svdquant-lowrank64'; an AWQ block size chosen by hand adds 'block32'."""

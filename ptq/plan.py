@@ -28,9 +28,11 @@ from ptq.formats import (
     ALGORITHMS,
     CANDIDATES,
     CUDA_ONLY_FORMATS,
+    FUSED_EXPERT_ALGORITHMS,
     KV_CACHE_FORMATS,
     algorithm_export,
     candidate_formats,
+    may_have_fused_experts,
     unknown_candidates,
     uses_int4_blocks,
     weight_bits,
@@ -657,11 +659,6 @@ def skip_or_refuse_finished(plan: Plan, record: Optional[RunRecord]) -> None:
     )
 
 
-# Calibration algorithms that treat fused routed experts (per-expert weight quantizers): max, and mse (run and
-# validated on the tiny NemotronH, tests/test_moe.py).
-FUSED_EXPERT_ALGORITHMS = ("max", "mse")
-
-
 def check_algorithm(cfg: RunConfig) -> None:
     """recipe.algorithm / recipe.algorithm_args: a method the launcher offers, for a recipe it applies to. Their
     values are checked against ModelOpt's own config class before loading (ptq/recipes.py)."""
@@ -687,7 +684,7 @@ def check_algorithm(cfg: RunConfig) -> None:
             f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
             f"{', '.join(ALGORITHMS)} (or null for the recipe's own)."
         )
-    if cfg.model.arch != Arch.dense and method not in FUSED_EXPERT_ALGORITHMS:
+    if may_have_fused_experts(cfg.model.arch, cfg.model.num_experts) and method not in FUSED_EXPERT_ALGORITHMS:
         raise ConfigError(
             f"recipe.algorithm={method} on model={cfg.model.name} (model.arch={cfg.model.arch}): ModelOpt's {method} "
             "works on linear layers with a 2-D weight, and transformers 5 keeps routed experts fused in 3-D weights it "

@@ -130,7 +130,8 @@ class ModelConfig:
     # model; lets the AWQ block-size check run before any download. Empty: read
     # from the checkpoint's config.json when it is local.
     layer_widths: List[int] = field(default_factory=list)
-    # Known architecture facts for Megatron layout checks (None: not checked).
+    # Known architecture facts for Megatron layout checks (None: not checked). num_experts also tells which
+    # calibration algorithms apply: 0 says a hybrid model has no routed experts (ptq/formats.py FUSED_EXPERT_ALGORITHMS).
     num_experts: Optional[int] = None
     mamba_ngroups: Optional[int] = None
     # Module name patterns (fnmatch) that must stay unquantized for this model.

@@ -430,6 +430,28 @@ def test_a_calibration_algorithm_applies_to_the_mamba_moe_recipes_by_their_expor
     assert dense.export_quant_algo == "NVFP4_AWQ"
 
 
+def test_awq_formats_and_smoothquant_are_refused_on_moe_models_before_loading(tmp_path):
+    """Measured on the tiny shapes (CPU, ModelOpt 0.47): int4_awq fails in ModelOpt's export step on fused experts
+    (`object of type 'QuantQwen3MoeExperts' has no len()`, after calibrating, also with recipe.algorithm=max) and
+    int8_sq writes experts the written-checkpoint check cannot read back. Both are now refused from the recipe's own ModelOpt config before the
+    run takes its folder; a max-calibrated recipe passes, and the dense-MLP hybrid Nemotron-H keeps every recipe."""
+    from ptq.backends import check_before_run
+
+    out = f"output_root={tmp_path}"
+    for model, recipe, why in (
+        ("qwen3-30b-a3b", "int4_awq", "exports W4A16_AWQ"),
+        ("qwen3-30b-a3b", "int4_awq recipe.algorithm=max", "exports W4A16_AWQ"),
+        ("nemotron-3-nano-30b-a3b", "int8_sq", "calibrates with smoothquant"),
+    ):
+        name, *extra = recipe.split()
+        plan = plan_for(["calib.dataset=cnn_dailymail", f"model={model}", f"recipe={name}", *extra, out])
+        with pytest.raises(ConfigError, match=rf"recipe={name} .*\) {why}.*fused in 3-D weights"):
+            check_before_run(plan)
+    check_before_run(plan_for(["calib.dataset=cnn_dailymail", "model=qwen3-30b-a3b", "recipe=fp8", out]))
+    check_before_run(plan_for(["calib.dataset=cnn_dailymail", "model=nemotron-h-8b", "recipe=int4_awq", out]))
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
 @pytest.mark.slow
 def test_mamba_moe_fp8_with_mse_scales_quantizes_and_validates(nemotron_tiny_dir, tmp_path):
     from ptq.run import run

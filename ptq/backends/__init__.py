@@ -42,7 +42,8 @@ def applies_one_config(plan) -> bool:
 def check_before_run(plan) -> None:
     """What a backend checks with its own stack before the run takes its output folder, so that a refusal leaves
     nothing behind: the in-process backend builds its ModelOpt config, whose config classes check the values of
-    recipe.algorithm_args (`alpha=banana`), recipe.modelopt_cfg and a rotation's package. Imports torch and
+    recipe.algorithm_args (`alpha=banana`), recipe.modelopt_cfg, a rotation's package, and on MoE models the
+    calibration algorithm the config brings. Imports torch and
     ModelOpt (on a thread of their own, as the backend does), so real runs do it, not dry runs."""
     cfg = plan.cfg
     if not applies_one_config(plan):
@@ -52,6 +53,7 @@ def check_before_run(plan) -> None:
     backend.import_modelopt()
     recipes = importlib.import_module("ptq.recipes")
     quant_cfg = recipes.build_quant_config(cfg.recipe, plan.exclude_patterns, plan.awq_block_size)
+    recipes.check_fused_experts(cfg.recipe, cfg.model, quant_cfg)
     if cfg.recipe.modelopt_recipe:  # a recipe file's formats are known only now, from its loaded entries
         formats = recipes.formats_of(quant_cfg)
         unknown = [f for f in formats if f not in recipes.CHECKED_FORMATS]
