@@ -62,6 +62,8 @@ class Facts:
     cuda_available: bool = False
     # GPUs this process sees (0 without CUDA).
     gpu_count: int = 0
+    # Their memory in GiB, as CUDA reports it (empty: not probed: dry runs, CPU runs, points run elsewhere).
+    gpu_memory_gib: List[float] = field(default_factory=list)
     # model.path exists and holds a readable config.json
     local_model_ok: bool = False
     # Why it does not (no such folder, no config.json, config.json not JSON), for the message.
@@ -367,6 +369,8 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
                 f"{cfg.model.name}'s {need:.1f} GiB of BF16 weights; raise the cap to at least "
                 f"{math.ceil(need / facts.gpu_count * 1.1)} or set it to 0 (no cap)."
             )
+    if spec_of(cfg).gpu_memory_cap and hw.device == "cuda":
+        _check_weights_fit(cfg, facts, warnings)
     unserved = [f for f in formats if f not in hw.serve]
     if unserved and hw.serve:
         target = (
@@ -374,6 +378,37 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
         warnings.append(
             f"{', '.join(unserved)} calibrates on {hw.name} but has no native kernels there: the checkpoint needs {target} to be served."
+        )
+
+
+# Share of the GPUs' memory the BF16 weights may take in process: the rest holds calibration activations (the
+# Nemotron 3 Nano shape, 63.2 GB of weights, calibrated at batch 2 on one 80 GB H100 with a 68.9 GB peak).
+WEIGHTS_GPU_SHARE = 0.9
+
+
+def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
+    """In process, device_map=auto spreads the BF16 model over the visible GPUs and nothing may go to the CPU: a
+    model whose weights exceed them is refused before loading (a real run, from the probed GPUs) or warned about
+    (a dry run or a point run elsewhere, from hardware.gpu_memory_gb per GPU)."""
+    weights = (facts.local_params or cfg.model.params_b * 1e9) * 2 / 2**30
+    per_gpu = [min(m, cfg.backend.max_gpu_memory_gb or m) for m in facts.gpu_memory_gib]
+    if per_gpu:
+        room = sum(per_gpu) * WEIGHTS_GPU_SHARE
+        if weights > room:
+            need = math.ceil(weights / (min(per_gpu) * WEIGHTS_GPU_SHARE))
+            raise ConfigError(
+                f"{cfg.model.name}'s BF16 weights take {weights:.0f} GiB, more than {WEIGHTS_GPU_SHARE:.0%} of the "
+                f"{sum(per_gpu):.0f} GiB on the {len(per_gpu)} GPU(s) this process sees (the rest holds calibration "
+                f"activations). Run it with at least {need} such GPUs visible (CUDA_VISIBLE_DEVICES, or the cluster's "
+                "GPUs per node), or with backend=megatron_bridge and a parallelism that splits it."
+            )
+        return
+    per_gpu_gib = cfg.hardware.gpu_memory_gb * 1e9 / 2**30
+    if per_gpu_gib and weights > per_gpu_gib * WEIGHTS_GPU_SHARE:
+        need = math.ceil(weights / (per_gpu_gib * WEIGHTS_GPU_SHARE))
+        warnings.append(
+            f"{cfg.model.name}'s BF16 weights take {weights:.0f} GiB: in process they need at least {need} GPUs of "
+            f"hardware={cfg.hardware.name} ({cfg.hardware.gpu_memory_gb:.0f} GB each) visible to the run."
         )
 
 
@@ -1064,6 +1099,9 @@ def gather_facts(cfg: RunConfig, probe_gpus: Optional[bool] = None) -> Facts:
 
         facts.cuda_available = torch.cuda.is_available()
         facts.gpu_count = torch.cuda.device_count() if facts.cuda_available else 0
+        facts.gpu_memory_gib = [
+            torch.cuda.get_device_properties(i).total_memory / 2**30 for i in range(facts.gpu_count)
+        ]
     shape = {}
     if cfg.model.path:
         folder = Path(cfg.model.path).expanduser()

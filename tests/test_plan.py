@@ -243,6 +243,28 @@ def test_a_gpu_memory_cap_too_small_for_the_weights_is_refused_before_loading():
         plan_for(base + ["backend.max_gpu_memory_gb=-1"], two_gpus)
 
 
+def test_a_model_larger_than_the_visible_gpus_is_refused_before_loading_and_warned_about_in_a_dry_run():
+    """Nemotron 3 Super's 120 B parameters (224 GiB in BF16) do not fit one H200 in process: device_map=auto would
+    load for minutes and then fail with parts on the CPU. Refused from the probed GPUs' memory; a dry run (no GPU
+    probed) says how many GPUs of the hardware option it needs. The Nano shape fits one 80 GB H100 (measured)."""
+    super_ = ["model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_fp8_conservative", "hardware=h200"]
+    h200, h100 = 139.8, 79.2  # GiB as CUDA reports them
+    with pytest.raises(ConfigError, match=r"224 GiB, more than 90% of the 140 GiB on the 1 GPU.* at least 2 such GPUs"):
+        plan_for(super_, Facts(cuda_available=True, gpu_count=1, gpu_memory_gib=[h200]))
+    assert plan_for(super_, Facts(cuda_available=True, gpu_count=2, gpu_memory_gib=[h200, h200])).action == "run"
+    # A cap per GPU counts, not the card's size.
+    with pytest.raises(ConfigError, match="at least 3 such GPUs"):
+        plan_for(
+            super_ + ["backend.max_gpu_memory_gb=120"],
+            Facts(cuda_available=True, gpu_count=2, gpu_memory_gib=[h200, h200]),
+        )
+    nano = ["model=nemotron-3-nano-30b-a3b", "recipe=mamba_moe_fp8_conservative", "hardware=h100"]
+    assert plan_for(nano, Facts(cuda_available=True, gpu_count=1, gpu_memory_gib=[h100])).action == "run"
+    dry = plan_for(super_ + ["dry_run=true"])
+    assert any("at least 2 GPUs of hardware=h200" in w for w in dry.warnings)
+    assert not any("GPUs of hardware" in w for w in plan_for(nano + ["dry_run=true"]).warnings)
+
+
 def test_gpu_memory_caps_never_allow_offloading():
     from ptq.models import gpu_memory_caps
 
