@@ -72,9 +72,9 @@ def check_megatron_layout(cfg: RunConfig) -> None:
         )
     if model.num_experts and model.num_experts % par.ep:
         raise ConfigError(f"parallelism.ep={par.ep} does not divide the {model.num_experts} experts of {model.name}.")
-    if par.ep > 1 and model.arch == "dense":
+    if par.ep > 1 and (model.arch == "dense" or model.num_experts == 0):
         raise ConfigError(
-            f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} is dense (use ep=1)."
+            f"parallelism.ep={par.ep} needs a mixture-of-experts model; {model.name} has no routed experts (use ep=1)."
         )
     if model.mamba_ngroups and model.mamba_ngroups % par.tp:
         raise ConfigError(
@@ -213,6 +213,9 @@ class BackendSpec:
     vision_language: bool
     # The AWQ block size the backend always uses (None: the launcher picks one that divides every width).
     awq_block: Optional[int]
+    # Quantizes routed experts as transformers 5 keeps them, fused in 3-D weights (ptq/formats.py
+    # fused_expert_problem applies); Megatron-Bridge builds its own expert layers.
+    fused_experts: bool
     # Its own refusals and warnings when planning.
     check: Callable[[RunConfig, List[str]], None]
     # "measure", "off" or "skip: <why>": whether the written checkpoint is read back and measured apart from
@@ -235,6 +238,7 @@ SPECS: Dict[str, BackendSpec] = {
         gpu_memory_cap=True,
         vision_language=True,
         awq_block=None,
+        fused_experts=True,
         check=_hf_check,
         export_measurement=_off,
     ),
@@ -248,6 +252,7 @@ SPECS: Dict[str, BackendSpec] = {
         gpu_memory_cap=False,
         vision_language=False,
         awq_block=128,
+        fused_experts=False,
         check=_megatron_check,
         export_measurement=export_measurement,
     ),

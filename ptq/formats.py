@@ -16,7 +16,7 @@ Both are plain data so that planning never imports ModelOpt or torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 
 @dataclass(frozen=True)
@@ -257,16 +257,40 @@ def algorithm_export(method: Optional[str], quant_algo: Optional[str]) -> Option
 
 
 # Calibration algorithms that reach fused routed experts (transformers 5 keeps a MoE layer's experts in 3-D weights;
-# ModelOpt gives each expert its own weight quantizer): max, and mse (run and validated on the tiny NemotronH,
-# tests/test_moe.py). The others work on linear layers with a 2-D weight: AWQ fails in ModelOpt's export step on
-# fused experts, SmoothQuant exports experts the written-checkpoint check cannot read back (measured, tiny shapes).
-FUSED_EXPERT_ALGORITHMS = ("max", "mse")
+# ModelOpt gives each expert its own weight quantizer): max and mse (run and validated on the tiny NemotronH,
+# tests/test_moe.py), and local_hessian (ModelOpt 0.47 hooks fused experts for it; read in its source, not run here:
+# it searches NVFP4 block scales, which need CUDA). The others work on linear layers with a 2-D weight only.
+FUSED_EXPERT_ALGORITHMS = ("max", "mse", "local_hessian")
 
 
 def may_have_fused_experts(arch: str, num_experts: Optional[int]) -> bool:
     """Whether a model of this `model.arch` may keep routed experts fused: MoE models, and hybrid Mamba models
     unless the model group says they have none (`model.num_experts: 0`, Nemotron-H 8B)."""
     return arch == "moe" or (arch == "mamba_hybrid" and num_experts != 0)
+
+
+def fused_expert_problem(method: Optional[str], export: Optional[str], formats: Sequence[str]) -> Optional[str]:
+    """Why ModelOpt cannot quantize and export fused routed experts with this calibration `method`, export
+    `quant_algo` and number `formats`, or None. Measured on the tiny shapes (CPU, ModelOpt 0.47): INT4 and AWQ
+    formats fail in the export step that averages AWQ pre-quant scales over a list of expert modules (`object of type
+    'QuantQwen3MoeExperts' has no len()`, after calibrating, also at recipe.algorithm=max); SmoothQuant writes
+    experts the written-checkpoint check cannot read back."""
+    export = (export or "").upper()
+    if "int4" in formats or "AWQ" in export or "SVD" in export:
+        return f"exports {export or 'INT4 weight blocks'}, whose ModelOpt export step fails on fused experts"
+    if method == "smoothquant" or "_SQ" in export:
+        return "calibrates with SmoothQuant, whose export of fused experts cannot be read back"
+    if method is not None and method not in FUSED_EXPERT_ALGORITHMS:
+        return f"calibrates with {method}, which ModelOpt applies to linear layers with a 2-D weight only"
+    return None
+
+
+def fused_expert_refusal(what: str, problem: str, model: str, arch: str) -> str:
+    return (
+        f"{what} {problem}; model={model} (model.arch={arch}) keeps its routed experts fused in 3-D weights. Pick a "
+        "recipe calibrated with max or mse: fp8 or mamba_moe_fp8_* (any hardware), nvfp4, nvfp4_mse or "
+        "mamba_moe_nvfp4_* (a GPU)."
+    )
 
 
 def algorithm_tag(method: Optional[str], args: Optional[Dict], block_size: Optional[int] = 0) -> str:

@@ -28,10 +28,11 @@ from ptq.formats import (
     ALGORITHMS,
     CANDIDATES,
     CUDA_ONLY_FORMATS,
-    FUSED_EXPERT_ALGORITHMS,
     KV_CACHE_FORMATS,
     algorithm_export,
     candidate_formats,
+    fused_expert_problem,
+    fused_expert_refusal,
     may_have_fused_experts,
     unknown_candidates,
     uses_int4_blocks,
@@ -358,17 +359,11 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         raise ConfigError(
             f"hardware={hw.name} runs on a CUDA GPU, but this machine has none visible; use hardware=cpu here."
         )
-    cap = cfg.backend.max_gpu_memory_gb
-    if cap < 0:
-        raise ConfigError(f"backend.max_gpu_memory_gb={cap} must be 0 (no cap) or a positive number of GiB per GPU.")
-    if cap and spec_of(cfg).gpu_memory_cap and hw.device == "cuda" and facts.gpu_count:
-        need = cfg.model.params_b * 2e9 / 2**30
-        if need > cap * facts.gpu_count:
-            raise ConfigError(
-                f"backend.max_gpu_memory_gb={cap} on {facts.gpu_count} GPU(s) leaves {cap * facts.gpu_count:.1f} GiB for "
-                f"{cfg.model.name}'s {need:.1f} GiB of BF16 weights; raise the cap to at least "
-                f"{math.ceil(need / facts.gpu_count * 1.1)} or set it to 0 (no cap)."
-            )
+    if cfg.backend.max_gpu_memory_gb < 0:
+        raise ConfigError(
+            f"backend.max_gpu_memory_gb={cfg.backend.max_gpu_memory_gb} must be 0 (no cap) or a positive number of "
+            "GiB per GPU."
+        )
     if spec_of(cfg).gpu_memory_cap and hw.device == "cuda":
         _check_weights_fit(cfg, facts, warnings)
     unserved = [f for f in formats if f not in hw.serve]
@@ -384,31 +379,48 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
 # Share of the GPUs' memory the BF16 weights may take in process: the rest holds calibration activations (the
 # Nemotron 3 Nano shape, 63.2 GB of weights, calibrated at batch 2 on one 80 GB H100 with a 68.9 GB peak).
 WEIGHTS_GPU_SHARE = 0.9
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
-    """In process, device_map=auto spreads the BF16 model over the visible GPUs and nothing may go to the CPU: a
-    model whose weights exceed them is refused before loading (a real run, from the probed GPUs) or warned about
-    (a dry run or a point run elsewhere, from hardware.gpu_memory_gb per GPU)."""
-    weights = (facts.local_params or cfg.model.params_b * 1e9) * 2 / 2**30
-    per_gpu = [min(m, cfg.backend.max_gpu_memory_gb or m) for m in facts.gpu_memory_gib]
+    """In process, device_map=auto spreads the model over the visible GPUs (at most backend.max_gpu_memory_gb on
+    each) and nothing may go to the CPU: a model whose weights exceed WEIGHTS_GPU_SHARE of that room is refused before
+    loading in a real run, from the probed GPUs (the GPU count alone where their memory is unknown: a cap then), and
+    warned about in a dry run, from hardware.gpu_memory_gb."""
+    cap = cfg.backend.max_gpu_memory_gb
+    weights = (facts.local_params or cfg.model.params_b * 1e9) * BYTES_PER_WEIGHT[cfg.hardware.dtype] / 2**30
+    card = facts.gpu_memory_gib or ([float("inf")] * facts.gpu_count if cap else [])
+    per_gpu = [min(m, cap) if cap else m for m in card]
     if per_gpu:
-        room = sum(per_gpu) * WEIGHTS_GPU_SHARE
-        if weights > room:
-            need = math.ceil(weights / (min(per_gpu) * WEIGHTS_GPU_SHARE))
+        if weights <= sum(per_gpu) * WEIGHTS_GPU_SHARE:
+            return
+        held = f"{weights:.1f} GiB of {cfg.hardware.dtype} weights of {cfg.model.name}"
+        if cap and cap <= min(card):
+            need = math.ceil(weights / len(per_gpu) / WEIGHTS_GPU_SHARE)
             raise ConfigError(
-                f"{cfg.model.name}'s BF16 weights take {weights:.0f} GiB, more than {WEIGHTS_GPU_SHARE:.0%} of the "
-                f"{sum(per_gpu):.0f} GiB on the {len(per_gpu)} GPU(s) this process sees (the rest holds calibration "
-                f"activations). Run it with at least {need} such GPUs visible (CUDA_VISIBLE_DEVICES, or the cluster's "
-                "GPUs per node), or with backend=megatron_bridge and a parallelism that splits it."
+                f"backend.max_gpu_memory_gb={cap:g} on {len(per_gpu)} GPU(s) leaves {cap * len(per_gpu):.1f} GiB for the "
+                f"{held}, which may take {WEIGHTS_GPU_SHARE:.0%} of it (the rest holds calibration activations); raise "
+                f"the cap to at least {need}"
+                + (f" (the GPUs have {min(card):.0f} GiB)" if need > min(card) else "")
+                + ", make more GPUs visible, or set it to 0 (no cap)."
             )
-        return
-    per_gpu_gib = cfg.hardware.gpu_memory_gb * 1e9 / 2**30
-    if per_gpu_gib and weights > per_gpu_gib * WEIGHTS_GPU_SHARE:
-        need = math.ceil(weights / (per_gpu_gib * WEIGHTS_GPU_SHARE))
+        need = math.ceil(weights / (min(per_gpu) * WEIGHTS_GPU_SHARE))
+        raise ConfigError(
+            f"The {held} are more than {WEIGHTS_GPU_SHARE:.0%} of the {sum(per_gpu):.0f} GiB on the {len(per_gpu)} "
+            f"GPU(s) this process sees (the rest holds calibration activations). Run it with at least {need} such GPUs "
+            "visible (CUDA_VISIBLE_DEVICES, or the cluster's GPUs per node), or with backend=megatron_bridge and a "
+            "parallelism that splits it."
+        )
+    # No GPU probed: a dry run on any machine, or a sweep point that runs elsewhere (the cluster group asks for
+    # enough GPUs itself, ptq/cluster.py). hardware.gpu_memory_gb is the card's size as sold (80 for an H100,
+    # which CUDA reports as 79.2 GiB).
+    per_card = min(cfg.hardware.gpu_memory_gb, cap) if cap else cfg.hardware.gpu_memory_gb
+    if cfg.dry_run and per_card and weights > per_card * WEIGHTS_GPU_SHARE:
+        need = math.ceil(weights / (per_card * WEIGHTS_GPU_SHARE))
         warnings.append(
-            f"{cfg.model.name}'s BF16 weights take {weights:.0f} GiB: in process they need at least {need} GPUs of "
-            f"hardware={cfg.hardware.name} ({cfg.hardware.gpu_memory_gb:.0f} GB each) visible to the run."
+            f"{cfg.model.name}'s {cfg.hardware.dtype} weights take {weights:.0f} GiB: in process they need at least "
+            f"{need} GPUs of hardware={cfg.hardware.name} ({per_card:.0f} GiB each for the weights and activations) "
+            "visible to the run."
         )
 
 
@@ -719,13 +731,6 @@ def check_algorithm(cfg: RunConfig) -> None:
             f"recipe.algorithm={method} is not a calibration algorithm this launcher offers; choose one of "
             f"{', '.join(ALGORITHMS)} (or null for the recipe's own)."
         )
-    if may_have_fused_experts(cfg.model.arch, cfg.model.num_experts) and method not in FUSED_EXPERT_ALGORITHMS:
-        raise ConfigError(
-            f"recipe.algorithm={method} on model={cfg.model.name} (model.arch={cfg.model.arch}): ModelOpt's {method} "
-            "works on linear layers with a 2-D weight, and transformers 5 keeps routed experts fused in 3-D weights it "
-            "does not reach, so they would keep plain max scales and the export would mix formats. Use "
-            f"recipe.algorithm={' or '.join(FUSED_EXPERT_ALGORITHMS)} (the ones run and validated on fused experts here)."
-        )
     quant = (recipe.export_quant_algo or "").upper()
     applies = ALGORITHMS[method].applies_to
     if quant not in applies:
@@ -733,6 +738,36 @@ def check_algorithm(cfg: RunConfig) -> None:
             f"recipe.algorithm={method} ({ALGORITHMS[method].does}) does not apply to recipe={recipe.name}, which "
             f"exports {quant or 'an unnamed format'}; it applies to recipes exporting {', '.join(applies)}."
         )
+
+
+def check_fused_experts(cfg: RunConfig) -> None:
+    """On a model whose routed experts are fused 3-D weights, what ModelOpt cannot quantize and export there, from the
+    config alone: the recipe's format and recipe.algorithm, or AutoQuantize candidates (ptq/formats.py
+    fused_expert_problem). A recipe file's own algorithm and formats are checked once ModelOpt has loaded it, still
+    before the model (ptq/recipes.py check_fused_experts)."""
+    model, recipe = cfg.model, cfg.recipe
+    if not spec_of(cfg).fused_experts or not may_have_fused_experts(model.arch, model.num_experts):
+        return
+    if recipe.candidates:
+        bad = [
+            name
+            for name in recipe.candidates
+            if name in CANDIDATES
+            and fused_expert_problem(None, CANDIDATES[name].label.upper(), CANDIDATES[name].formats)
+        ]
+        if bad:
+            keep = [name for name in recipe.candidates if name not in bad] or ["NVFP4_DEFAULT_CFG", "FP8_DEFAULT_CFG"]
+            raise ConfigError(
+                f"recipe={recipe.name} searches over {', '.join(bad)} (AWQ, INT4 or SmoothQuant), which ModelOpt cannot "
+                f"quantize and export on model={model.name}'s fused routed experts (model.arch={model.arch}). Search "
+                f"over the others: 'recipe.candidates=[{','.join(keep)}]'."
+            )
+        return
+    formats = [*recipe.formats, *(["int4"] if recipe.awq else [])]
+    problem = fused_expert_problem(recipe.algorithm, recipe.export_quant_algo, formats)
+    if problem:
+        what = f"recipe={recipe.name}" + (f" with recipe.algorithm={recipe.algorithm}" if recipe.algorithm else "")
+        raise ConfigError(fused_expert_refusal(what, problem, model.name, model.arch))
 
 
 def _check_vision_language(cfg: RunConfig, facts: Facts, quantize: bool) -> Tuple[Optional[str], str, str]:
@@ -891,6 +926,7 @@ def make_plan(cfg: RunConfig, facts: Facts) -> Plan:
     int4_candidates = check_auto_quantize(cfg, warnings) if cfg.recipe.candidates else False
     _check_hardware(cfg, facts, warnings)
     check_algorithm(cfg)
+    check_fused_experts(cfg)
     _calibration_warning(cfg, warnings)
     recipe = cfg.recipe
     quantize = recipe.modelopt_cfg is not None or bool(recipe.modelopt_recipe) or bool(recipe.candidates)

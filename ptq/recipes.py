@@ -12,7 +12,13 @@ import torch
 
 from ptq import recipe_files
 from ptq.errors import ConfigError
-from ptq.formats import FUSED_EXPERT_ALGORITHMS, KV_CACHE_CONFIGS, algorithm_tag, may_have_fused_experts
+from ptq.formats import (
+    KV_CACHE_CONFIGS,
+    algorithm_tag,
+    fused_expert_problem,
+    fused_expert_refusal,
+    may_have_fused_experts,
+)
 from ptq.schema import RecipeConfig
 
 
@@ -103,30 +109,17 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
 
 
 def check_fused_experts(recipe: RecipeConfig, model, quant_cfg: Dict) -> None:
-    """A recipe ModelOpt cannot apply to fused routed experts, refused on a MoE model before it is loaded: its
-    calibration algorithm (its own, a recipe file's, or recipe.algorithm) works on 2-D linear weights only, or its
-    format is one whose export step averages AWQ pre-quant scales over experts kept as a list (W4A16/W4A8/NVFP4 AWQ,
-    NVFP4 SVDQuant, INT4 blocks): with fused 3-D experts that step fails after calibration (measured on the tiny
-    Qwen3-MoE with int4_awq, also at recipe.algorithm=max)."""
+    """What ModelOpt cannot apply to fused routed experts, refused on a MoE model before it is loaded, from the built
+    configuration: a recipe file's algorithm and formats, known only now (the launcher's own recipes are refused in
+    planning, ptq/plan.py check_fused_experts)."""
     if not may_have_fused_experts(model.arch, model.num_experts):
         return
     algorithm = quant_cfg.get("algorithm")
     method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
-    export = (recipe.export_quant_algo or "").upper()
-    int4_blocks = recipe.awq or "AWQ" in export or "SVD" in export or "int4" in formats_of(quant_cfg)
-    if method in (None, *FUSED_EXPERT_ALGORITHMS) and not int4_blocks:
-        return
-    why = (
-        f"exports {export or 'INT4 weight blocks'}, whose ModelOpt export step fails on fused experts"
-        if int4_blocks
-        else f"calibrates with {method}, which works on linear layers with a 2-D weight (a SmoothQuant export of "
-        "fused experts cannot be read back)"
-    )
-    raise ConfigError(
-        f"recipe={recipe.name} ({recipe.modelopt_cfg or recipe.modelopt_recipe}) {why}; model={model.name} "
-        f"(model.arch={model.arch}) keeps its routed experts fused in 3-D weights. Pick a recipe calibrated with "
-        "max or mse in FP8 or NVFP4: fp8, nvfp4, nvfp4_mse or the mamba_moe_* recipes."
-    )
+    problem = fused_expert_problem(method, recipe.export_quant_algo, formats_of(quant_cfg))
+    if problem:
+        what = f"recipe={recipe.name} ({recipe.modelopt_cfg or recipe.modelopt_recipe})"
+        raise ConfigError(fused_expert_refusal(what, problem, model.name, model.arch))
 
 
 def _check_rotation(recipe: RecipeConfig, cfg: Dict) -> None:

@@ -331,6 +331,7 @@ def test_the_megatron_export_formats_match_the_installed_modelopt():
             "does not divide",
         ),
         (["parallelism=tp8_ep8"], "needs a mixture-of-experts model"),
+        (["model=nemotron-h-8b", "parallelism=tp8_ep8"], "nemotron-h-8b has no routed experts"),
         (
             ["model=qwen3-30b-a3b", "parallelism=tp4", "parallelism.ep=3", "parallelism.gpus_per_node=12"],
             "does not divide the 128 experts",

@@ -419,8 +419,13 @@ def test_a_calibration_algorithm_applies_to_the_mamba_moe_recipes_by_their_expor
         plan_for([*base, "recipe=mamba_moe_nvfp4_conservative", "recipe.algorithm=max"], GPU_FACTS).export_quant_algo
         == "NVFP4"
     )
-    for recipe, method in (("mamba_moe_nvfp4_conservative", "awq_lite"), ("mamba_moe_fp8_conservative", "smoothquant")):
-        with pytest.raises(ConfigError, match=rf"recipe.algorithm={method} .* fused in 3-D weights .*=max or mse"):
+    # local_hessian: ModelOpt 0.47 hooks fused experts for it (read in its source; NVFP4 needs CUDA to run it).
+    assert plan_for([*base, "recipe=nvfp4_local_hessian"], GPU_FACTS).action == "run"
+    for recipe, method, why in (
+        ("mamba_moe_nvfp4_conservative", "awq_lite", "calibrates with awq_lite"),
+        ("mamba_moe_nvfp4_conservative", "gptq", "calibrates with gptq, which ModelOpt applies to linear layers"),
+    ):
+        with pytest.raises(ConfigError, match=rf"recipe.algorithm={method} {why}.* fused in 3-D weights"):
             plan_for([*base, f"recipe={recipe}", f"recipe.algorithm={method}"], GPU_FACTS)
     # The same algorithm on a dense model is checked against the recipe's format only.
     dense = plan_for(
@@ -430,25 +435,47 @@ def test_a_calibration_algorithm_applies_to_the_mamba_moe_recipes_by_their_expor
     assert dense.export_quant_algo == "NVFP4_AWQ"
 
 
-def test_awq_formats_and_smoothquant_are_refused_on_moe_models_before_loading(tmp_path):
+def test_awq_formats_and_smoothquant_are_refused_on_moe_models_in_planning():
     """Measured on the tiny shapes (CPU, ModelOpt 0.47): int4_awq fails in ModelOpt's export step on fused experts
     (`object of type 'QuantQwen3MoeExperts' has no len()`, after calibrating, also with recipe.algorithm=max) and
-    int8_sq writes experts the written-checkpoint check cannot read back. Both are now refused from the recipe's own ModelOpt config before the
-    run takes its folder; a max-calibrated recipe passes, and the dense-MLP hybrid Nemotron-H keeps every recipe."""
-    from ptq.backends import check_before_run
+    int8_sq writes experts the written-checkpoint check cannot read back. Refused from the config in planning, so a
+    dry run and a sweep's submission refuse them too; so are AutoQuantize searches over such candidates. A
+    max-calibrated recipe passes, and the dense-MLP hybrid Nemotron-H keeps every recipe."""
+    from conftest import GPU_FACTS
 
-    out = f"output_root={tmp_path}"
     for model, recipe, why in (
         ("qwen3-30b-a3b", "int4_awq", "exports W4A16_AWQ"),
         ("qwen3-30b-a3b", "int4_awq recipe.algorithm=max", "exports W4A16_AWQ"),
-        ("nemotron-3-nano-30b-a3b", "int8_sq", "calibrates with smoothquant"),
+        ("nemotron-3-nano-30b-a3b", "nvfp4_svdquant", "exports NVFP4_SVD"),
+        ("nemotron-3-nano-30b-a3b", "int8_sq", "calibrates with SmoothQuant"),
     ):
         name, *extra = recipe.split()
-        plan = plan_for(["calib.dataset=cnn_dailymail", f"model={model}", f"recipe={name}", *extra, out])
-        with pytest.raises(ConfigError, match=rf"recipe={name} .*\) {why}.*fused in 3-D weights"):
-            check_before_run(plan)
-    check_before_run(plan_for(["calib.dataset=cnn_dailymail", "model=qwen3-30b-a3b", "recipe=fp8", out]))
-    check_before_run(plan_for(["calib.dataset=cnn_dailymail", "model=nemotron-h-8b", "recipe=int4_awq", out]))
+        overrides = ["calib.dataset=cnn_dailymail", f"model={model}", f"recipe={name}", "hardware=h100", *extra]
+        with pytest.raises(ConfigError, match=rf"recipe={name}.* {why}.*fused in 3-D weights"):
+            plan_for([*overrides, "dry_run=true"])
+    search = ["calib.dataset=cnn_dailymail", "model=qwen3-30b-a3b", "hardware=h100", "recipe=auto_quantize_awq"]
+    with pytest.raises(ConfigError, match=r"searches over NVFP4_AWQ_LITE_CFG .*candidates=\[FP8_DEFAULT_CFG\]"):
+        plan_for(search, GPU_FACTS)
+    assert plan_for([*search, "recipe.candidates=[NVFP4_DEFAULT_CFG,FP8_DEFAULT_CFG]"], GPU_FACTS).action == "run"
+    assert plan_for(["calib.dataset=cnn_dailymail", "model=nemotron-h-8b", "recipe=int4_awq"]).action == "run"
+
+
+def test_a_recipe_file_is_checked_for_fused_experts_once_modelopt_has_loaded_it(tmp_path):
+    """A recipe file's algorithm is known only once ModelOpt loads it: ModelOpt's shipped GPTQ recipe is refused on
+    a MoE model before the run takes its folder, its plain NVFP4 one passes."""
+    from conftest import GPU_FACTS
+
+    from ptq.backends import check_before_run
+
+    base = ["calib.dataset=cnn_dailymail", "model=qwen3-30b-a3b", "hardware=h100", f"output_root={tmp_path}"]
+    gptq = plan_for(
+        [*base, "recipe=modelopt", "recipe.modelopt_recipe=general/ptq/nvfp4_default-kv_none-gptq"], GPU_FACTS
+    )
+    with pytest.raises(ConfigError, match=r"calibrates with gptq, which ModelOpt applies to linear layers .*fused"):
+        check_before_run(gptq)
+    check_before_run(
+        plan_for([*base, "recipe=modelopt", "recipe.modelopt_recipe=general/ptq/nvfp4_default-kv_fp8"], GPU_FACTS)
+    )
     assert not list(tmp_path.iterdir())  # nothing written
 
 

@@ -249,20 +249,31 @@ def test_a_model_larger_than_the_visible_gpus_is_refused_before_loading_and_warn
     probed) says how many GPUs of the hardware option it needs. The Nano shape fits one 80 GB H100 (measured)."""
     super_ = ["model=nemotron-3-super-120b-a12b", "recipe=mamba_moe_fp8_conservative", "hardware=h200"]
     h200, h100 = 139.8, 79.2  # GiB as CUDA reports them
-    with pytest.raises(ConfigError, match=r"224 GiB, more than 90% of the 140 GiB on the 1 GPU.* at least 2 such GPUs"):
+    with pytest.raises(
+        ConfigError,
+        match=r"223.5 GiB of bfloat16 weights .* more than 90% of the 140 GiB on the 1 GPU.* at least 2 such GPUs",
+    ):
         plan_for(super_, Facts(cuda_available=True, gpu_count=1, gpu_memory_gib=[h200]))
     assert plan_for(super_, Facts(cuda_available=True, gpu_count=2, gpu_memory_gib=[h200, h200])).action == "run"
-    # A cap per GPU counts, not the card's size.
-    with pytest.raises(ConfigError, match="at least 3 such GPUs"):
-        plan_for(
-            super_ + ["backend.max_gpu_memory_gb=120"],
-            Facts(cuda_available=True, gpu_count=2, gpu_memory_gib=[h200, h200]),
-        )
+    # A cap per GPU counts, not the card's size, and the advice is a cap that fits (or more GPUs).
+    two = Facts(cuda_available=True, gpu_count=2, gpu_memory_gib=[h200, h200])
+    with pytest.raises(ConfigError, match=r"max_gpu_memory_gb=120 on 2 GPU\(s\) .* raise the cap to at least 125,"):
+        plan_for(super_ + ["backend.max_gpu_memory_gb=120"], two)
+    assert plan_for(super_ + ["backend.max_gpu_memory_gb=125"], two).action == "run"
+    one_h100 = Facts(cuda_available=True, gpu_count=1, gpu_memory_gib=[h100])
+    with pytest.raises(ConfigError, match=r"58.9 GiB .* raise the cap to at least 66, make more GPUs visible"):
+        plan_for(["model=nemotron-3-nano-30b-a3b", "hardware=h100", "backend.max_gpu_memory_gb=50"], one_h100)
+    with pytest.raises(ConfigError, match=r"at least 249 \(the GPUs have 79 GiB\), make more GPUs visible"):
+        plan_for(super_ + ["hardware=h100", "backend.max_gpu_memory_gb=70"], one_h100)
     nano = ["model=nemotron-3-nano-30b-a3b", "recipe=mamba_moe_fp8_conservative", "hardware=h100"]
-    assert plan_for(nano, Facts(cuda_available=True, gpu_count=1, gpu_memory_gib=[h100])).action == "run"
+    assert plan_for(nano, one_h100).action == "run"
     dry = plan_for(super_ + ["dry_run=true"])
     assert any("at least 2 GPUs of hardware=h200" in w for w in dry.warnings)
     assert not any("GPUs of hardware" in w for w in plan_for(nano + ["dry_run=true"]).warnings)
+    # A point a sweep runs elsewhere: the cluster group asks for the GPUs, no warning; float32 weights take twice.
+    assert not any("GPUs of hardware" in w for w in plan_for(super_, Facts(cuda_available=True)).warnings)
+    with pytest.raises(ConfigError, match=r"117.7 GiB of float32 weights .* at least 2 such GPUs"):
+        plan_for(nano + ["hardware.dtype=float32"], one_h100)
 
 
 def test_gpu_memory_caps_never_allow_offloading():
