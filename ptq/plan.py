@@ -1016,11 +1016,19 @@ def model_shape(config: dict) -> dict:
 
 
 def safetensors_params(folder: Path) -> Optional[int]:
-    """Parameters in a folder's safetensors files, from their headers (None: none there, or a header that
-    cannot be read; ptq/inputs.py names the damage)."""
+    """Parameters in the safetensors files transformers loads from a folder (those its index names, else
+    model.safetensors, else every one), from their headers (None: none there, or a header that cannot be read;
+    ptq/inputs.py names the damage). A stray copy beside the shards (consolidated.safetensors) is not counted."""
     total = 0
     try:
-        for file in sorted(folder.glob("*.safetensors")):
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            files = [folder / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+        elif (folder / "model.safetensors").is_file():
+            files = [folder / "model.safetensors"]
+        else:
+            files = sorted(folder.glob("*.safetensors"))
+        for file in files:
             _, _, header = safetensors_header(file)
             total += sum(math.prod(entry["shape"]) for name, entry in header.items() if name != "__metadata__")
     except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -281,3 +281,25 @@ def test_gpu_memory_caps_never_allow_offloading():
 
     assert gpu_memory_caps(0, 2) is None
     assert gpu_memory_caps(1.5, 2) == {0: int(1.5 * 2**30), 1: int(1.5 * 2**30), "cpu": 0}
+
+
+def test_parameters_are_counted_in_the_files_transformers_loads(tmp_path):
+    """The weight-fit check counts a local checkpoint's parameters from its safetensors headers: the shards its
+    index names (or model.safetensors), not a stray consolidated copy beside them, which would double the count."""
+    import json
+
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from ptq.plan import safetensors_params
+
+    save_file({"a": np.zeros((4, 8), np.float32)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": np.zeros((2, 8), np.float32)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    save_file(
+        {"a": np.zeros((4, 8), np.float32), "b": np.zeros((2, 8), np.float32)},
+        str(tmp_path / "consolidated.safetensors"),
+    )
+    assert safetensors_params(tmp_path) == 32 + 16 + 48  # no index: every file
+    index = {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert safetensors_params(tmp_path) == 48
