@@ -110,12 +110,12 @@ def build_quant_config(recipe: RecipeConfig, exclude_patterns: List[str], awq_bl
 
 def check_fused_experts(recipe: RecipeConfig, model, quant_cfg: Dict) -> None:
     """What ModelOpt cannot apply to fused routed experts, refused on a MoE model before it is loaded, from the built
-    configuration: a recipe file's algorithm and formats, known only now (the launcher's own recipes are refused in
-    planning, ptq/plan.py check_fused_experts)."""
+    configuration: a recipe file's algorithm and formats, or those of a config constant set by hand
+    (recipe.modelopt_cfg), known only now. The launcher's own recipes are refused in planning already
+    (ptq/plan.py check_fused_experts); for them this repeats that answer."""
     if not may_have_fused_experts(model.arch, model.num_experts):
         return
-    algorithm = quant_cfg.get("algorithm")
-    method = algorithm.get("method") if isinstance(algorithm, dict) else algorithm
+    method = algorithm_entry(quant_cfg.get("algorithm")).get("method")
     problem = fused_expert_problem(method, recipe.export_quant_algo, formats_of(quant_cfg))
     if problem:
         what = f"recipe={recipe.name} ({recipe.modelopt_cfg or recipe.modelopt_recipe})"
@@ -179,11 +179,17 @@ def _algorithm_classes() -> Dict[str, type]:
     return found
 
 
+def algorithm_entry(entry) -> Dict:
+    """A ModelOpt config's `algorithm` entry as a dict: ModelOpt writes it as a method name ("max"), a dict with a
+    `method` and its settings, or None (no calibration)."""
+    return {"method": entry} if isinstance(entry, str) else dict(entry or {})
+
+
 def algorithm_config(recipe: RecipeConfig, own) -> Dict:
     """The `algorithm` entry of the recipe's ModelOpt config with recipe.algorithm / recipe.algorithm_args applied
     (`own`: the config's own entry, a method name, a dict or None), checked by ModelOpt's config class for the
     method. Raises ConfigError naming the bad setting and the method's settings."""
-    own = {"method": own} if isinstance(own, str) else dict(own or {})
+    own = algorithm_entry(own)
     args = dict(recipe.algorithm_args)
     method = recipe.algorithm or own.get("method")
     if method is None:
