@@ -25,8 +25,24 @@ CPUS_PER_GPU = 8
 # A CPU run computes in FP32 (4 bytes a parameter) and holds the model, its quantized copy and
 # activations: about 3 copies.
 CPU_MEM_COPIES = 3
-# Weights per GPU may use this share of its memory; the rest is activations and calibration state.
-GPU_WEIGHT_SHARE = 0.6
+# Share of a GPU's memory the BF16 weights may take in process (device_map=auto over one node's GPUs): the rest
+# holds calibration activations. Measured: the Nemotron 3 Nano shape, 63.2 GB of weights, calibrated at batch 2 on
+# one 80 GB H100 with a 68.9 GB peak. Planning refuses a run below this count and a sweep point asks Slurm for it,
+# so the two answers to "how many GPUs" are one.
+WEIGHTS_GPU_SHARE = 0.9
+BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
+# hardware.gpu_memory_gb left at 0 (unknown card): assume an 80 GB one.
+DEFAULT_GPU_MEMORY_GB = 80
+
+
+def gpus_for_weights(weights_gib: float, per_gpu_gib: float) -> int:
+    """The fewest GPUs of `per_gpu_gib` each whose WEIGHTS_GPU_SHARE holds `weights_gib` of weights."""
+    return max(1, math.ceil(weights_gib / (per_gpu_gib * WEIGHTS_GPU_SHARE)))
+
+
+def weights_gib(cfg: RunConfig, params: Optional[float] = None) -> float:
+    """The model's weights in hardware.dtype, in GiB: `params` (counted from local files) or model.params_b."""
+    return (params or cfg.model.params_b * 1e9) * BYTES_PER_WEIGHT[cfg.hardware.dtype] / 2**30
 
 
 @dataclass(frozen=True)
@@ -61,10 +77,9 @@ def derived_request(cfg: RunConfig) -> Request:
     if layout is not None:  # the backend's parallel layout fixes the GPUs
         nodes, gpus = layout
     else:
-        # One process spreads the model over the node's GPUs (device_map=auto).
+        # One process spreads the model over the node's GPUs (device_map=auto): as many as planning requires.
         nodes = 1
-        per_gpu = hw.gpu_memory_gb * GPU_WEIGHT_SHARE if hw.gpu_memory_gb else 48
-        gpus = min(8, max(1, math.ceil(bf16_gb / per_gpu)))
+        gpus = min(8, gpus_for_weights(weights_gib(cfg), hw.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB))
     return Request(
         nodes=nodes,
         gpus_per_node=gpus,

@@ -22,6 +22,7 @@ from typing import List, Optional, Tuple
 
 from ptq import recipe_files, run_record, vlm
 from ptq.backend_spec import spec_of
+from ptq.cluster import WEIGHTS_GPU_SHARE, gpus_for_weights, weights_gib
 from ptq.errors import ConfigError
 from ptq.files import nearest_existing, safetensors_header
 from ptq.formats import (
@@ -376,19 +377,13 @@ def _check_hardware(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
         )
 
 
-# Share of the GPUs' memory the BF16 weights may take in process: the rest holds calibration activations (the
-# Nemotron 3 Nano shape, 63.2 GB of weights, calibrated at batch 2 on one 80 GB H100 with a 68.9 GB peak).
-WEIGHTS_GPU_SHARE = 0.9
-BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
-
-
 def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> None:
     """In process, device_map=auto spreads the model over the visible GPUs (at most backend.max_gpu_memory_gb on
     each) and nothing may go to the CPU: a model whose weights exceed WEIGHTS_GPU_SHARE of that room is refused before
     loading in a real run, from the probed GPUs (the GPU count alone where their memory is unknown: a cap then), and
     warned about in a dry run, from hardware.gpu_memory_gb."""
     cap = cfg.backend.max_gpu_memory_gb
-    weights = (facts.local_params or cfg.model.params_b * 1e9) * BYTES_PER_WEIGHT[cfg.hardware.dtype] / 2**30
+    weights = weights_gib(cfg, facts.local_params)
     card = facts.gpu_memory_gib or ([float("inf")] * facts.gpu_count if cap else [])
     per_gpu = [min(m, cap) if cap else m for m in card]
     if per_gpu:
@@ -404,7 +399,7 @@ def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> Non
                 + (f" (the GPUs have {min(card):.0f} GiB)" if need > min(card) else "")
                 + ", make more GPUs visible, or set it to 0 (no cap)."
             )
-        need = math.ceil(weights / (min(per_gpu) * WEIGHTS_GPU_SHARE))
+        need = gpus_for_weights(weights, min(per_gpu))
         raise ConfigError(
             f"The {held} are more than {WEIGHTS_GPU_SHARE:.0%} of the {sum(per_gpu):.0f} GiB on the {len(per_gpu)} "
             f"GPU(s) this process sees (the rest holds calibration activations). Run it with at least {need} such GPUs "
@@ -412,11 +407,11 @@ def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> Non
             "parallelism that splits it."
         )
     # No GPU probed: a dry run on any machine, or a sweep point that runs elsewhere (the cluster group asks for
-    # enough GPUs itself, ptq/cluster.py). hardware.gpu_memory_gb is the card's size as sold (80 for an H100,
+    # the same count itself, ptq/cluster.py). hardware.gpu_memory_gb is the card's size as sold (80 for an H100,
     # which CUDA reports as 79.2 GiB).
     per_card = min(cfg.hardware.gpu_memory_gb, cap) if cap else cfg.hardware.gpu_memory_gb
     if cfg.dry_run and per_card and weights > per_card * WEIGHTS_GPU_SHARE:
-        need = math.ceil(weights / (per_card * WEIGHTS_GPU_SHARE))
+        need = gpus_for_weights(weights, per_card)
         warnings.append(
             f"{cfg.model.name}'s {cfg.hardware.dtype} weights take {weights:.0f} GiB: in process they need at least "
             f"{need} GPUs of hardware={cfg.hardware.name} ({per_card:.0f} GiB each for the weights and activations) "

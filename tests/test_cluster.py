@@ -7,11 +7,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import CONF, REPO, compose_run
+from conftest import CONF, REPO, compose_run, plan_for
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf, open_dict
 
 from ptq.cluster import check_request, derived_request, request_for, sbatch_parameters
+from ptq.errors import ConfigError
+from ptq.plan import Facts
 from ptq.run_record import RunRecord
 from ptq.sweep import point_state, varying_overrides
 
@@ -49,11 +51,33 @@ def test_cpu_point_asks_for_cpus_and_memory_only():
 
 def test_gpu_requests_grow_with_the_model():
     small, _ = compose_run(["cluster=slurm", "hardware=h100", "model=qwen3-8b"])
-    large, _ = compose_run(["cluster=slurm", "hardware=h100", "model=qwen3-30b-a3b"])
+    large, _ = compose_run(["cluster=slurm", "hardware=h100", "model=nemotron-3-super-120b-a12b"])
     assert derived_request(small).gpus_per_node == 1
-    # 30.5 B parameters = 61 GB of BF16: more than 60% of one 80 GB card.
-    assert derived_request(large).gpus_per_node == 2
+    # 120 B parameters = 223.5 GiB of BF16: 90% of an 80 GB card holds 72 GiB, so four cards.
+    assert derived_request(large).gpus_per_node == 4
     assert derived_request(large).mem_gb > derived_request(small).mem_gb
+
+
+@pytest.mark.parametrize(
+    "model,hardware",
+    [("nemotron-3-super-120b-a12b", "h200"), ("nemotron-3-super-120b-a12b", "h100"), ("qwen3-30b-a3b", "h100")],
+)
+def test_slurm_request_is_the_count_planning_requires(model, hardware):
+    """One answer to "how many GPUs does this model need in process": what a sweep point asks Slurm for is the
+    count a dry run names as the minimum, and one GPU fewer would be refused before loading."""
+    cfg, _ = compose_run(["cluster=slurm", f"hardware={hardware}", f"model={model}"])
+    gpus = derived_request(cfg).gpus_per_node
+    dry = plan_for([f"model={model}", f"hardware={hardware}", "dry_run=true"])
+    if gpus > 1:
+        assert any(f"at least {gpus} GPUs of hardware={hardware}" in w for w in dry.warnings)
+        card = cfg.hardware.gpu_memory_gb
+        with pytest.raises(ConfigError, match=rf"at least {gpus} such GPUs"):
+            plan_for(
+                [f"model={model}", f"hardware={hardware}"],
+                Facts(cuda_available=True, gpu_count=gpus - 1, gpu_memory_gib=[card] * (gpus - 1)),
+            )
+    else:
+        assert not any("GPUs of hardware" in w for w in dry.warnings)
 
 
 def test_megatron_request_follows_the_parallel_layout():
