@@ -211,6 +211,7 @@ def test_qwen_vl_quantizes_its_language_model_and_reloads_with_the_vision_tower_
     record = vlm_run(tmp_path, qwen_vl_tiny_dir, "fidelity.exported_check=full")
     assert record["status"] == "finished", record.get("error")
     assert record["calib_kind"] == "text" and record["details"]["calibration"]["kind"] == "text"
+    assert record["details"]["calibration"]["batch_size"] == record["details"]["calib_batch_size"]
     validation = record["validation"]
     assert validation["passed"], validation["problems"]
     kinds = validation["layer_kinds"]["kinds"]
@@ -255,6 +256,7 @@ def test_gemma3_calibrates_with_image_text_pairs_and_reloads_with_its_processor(
     assert images["calib_kind"] == "image_text"
     calibration = images["details"]["calibration"]
     assert calibration["kind"] == "image_text" and calibration["pairs"] == 4
+    assert calibration["batch_size"] == 1  # one pair a forward pass, whatever the BF16 reference's batch
     # Each pair holds its image's 16 soft tokens besides the text.
     assert calibration["tokens"] > 4 * 16
     assert images["validation"]["passed"], images["validation"]["problems"]

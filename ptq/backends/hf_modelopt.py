@@ -156,7 +156,9 @@ def quantize(
             )
             batches = [lambda m, p=p: m(**{k: v.to(device) for k, v in p.items()}) for p in pairs]
             tokens = sum(int(p["input_ids"].numel()) for p in pairs)
-            calib_stats = {"kind": "image_text", "pairs": len(pairs), "tokens": tokens}
+            # One pair a forward pass: pairs differ in length and image size (details.calib_batch_size is then the
+            # BF16 reference's batch only).
+            calib_stats = {"kind": "image_text", "pairs": len(pairs), "tokens": tokens, "batch_size": 1}
         else:
             calib = token_batches(
                 cfg.calib.dataset,
@@ -172,7 +174,7 @@ def quantize(
             )
             batches = [lambda m, b=b: m(b.to(device)) for b in calib.split(batch_size)]
             tokens = int(calib.numel())
-            calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens}
+            calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens, "batch_size": batch_size}
     device = next(model.parameters()).device
     counter = ExpertCounter(model)
 

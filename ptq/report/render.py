@@ -28,6 +28,23 @@ def _fmt(x: float, spec: str) -> str:
     return "" if pd.isna(x) else format(x, spec)
 
 
+def decimals_for(error: float, default: int = 3) -> int:
+    """Decimals that show `error` with two significant digits where `default` would round it to zero (a mean KL of
+    0.0265 with a standard error of 0.00012 reads `0.02651 ± 0.00012`, not `0.027 ± 0.000`); at most 8."""
+    if pd.isna(error) or error <= 0 or error >= 0.5 * 10**-default:
+        return default
+    return min(8, 1 - math.floor(math.log10(error)))
+
+
+def with_error(value: float, error: float, default: int = 3) -> str:
+    """`value ± error` at the decimals the error needs (`decimals_for`); the value alone where the error is
+    missing or 0."""
+    if pd.isna(error) or error <= 0:
+        return format(value, f".{default}f")
+    places = decimals_for(error, default)
+    return f"{value:.{places}f} ± {error:.{places}f}"
+
+
 def format_cell(
     value: float, delta: float, recovery: float, stderr: float = math.nan, delta_error: float = math.nan
 ) -> str:
@@ -42,8 +59,7 @@ def format_cell(
         )
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
-    spread = f" ± {stderr:.3f}" if not pd.isna(stderr) and stderr > 0 else ""
-    return format(value, ".3f") + spread + (f" ({', '.join(details)})" if details else "")
+    return with_error(value, stderr) + (f" ({', '.join(details)})" if details else "")
 
 
 def wide_table(scores: pd.DataFrame, model: str) -> pd.DataFrame:
@@ -92,7 +108,7 @@ def format_worst(
     if not benchmark:
         return f"none of {judged} significant"
     return (
-        f"{benchmark}/{metric} {delta:+.3f} ± {error:.3f} ({100 * relative:+.1f}% of BF16); "
+        f"{benchmark}/{metric} {'+' if delta >= 0 else ''}{with_error(delta, error)} ({100 * relative:+.1f}% of BF16); "
         f"{losses} of {judged} significant"
     )
 
@@ -143,8 +159,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
                 )
             ],
             "mean KL": [
-                _fmt(k, ".3f") + (f" ± {e:.3f}" if not pd.isna(e) and not pd.isna(k) else "")
-                for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])
+                "" if pd.isna(k) else with_error(k, e) for k, e in zip(summary["mean_kl"], summary["mean_kl_stderr"])
             ],
             "fidelity on": summary["fidelity_setting"].fillna(""),
             "size (MB)": [_fmt(x, ".1f") for x in summary["checkpoint_mb"]],
@@ -292,7 +307,7 @@ def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
             "steps": [_fmt(x, ".0f") for x in rows["steps"]],
             "lr": [_fmt(x, "g") for x in rows["lr"]],
             "mean KL (PTQ → trained)": [
-                f"{_fmt(a, '.3f')} → {_fmt(b, '.3f')}" + (f" ± {e:.3f}" if not pd.isna(e) else "")
+                f"{_fmt(a, '.3f')} → " + ("" if pd.isna(b) else with_error(b, e))
                 for a, b, e in zip(rows["ptq_mean_kl"], rows["mean_kl"], rows["mean_kl_stderr"])
             ],
             "KL gap closed": [
