@@ -388,15 +388,30 @@ def build_model(shape: str, device, dtype=torch.bfloat16, tokenizer=None):
     if shape in VLM_SHAPES:
         from transformers import AutoModelForImageTextToText
 
-        return _seeded(
+        model = _seeded(
             lambda: AutoModelForImageTextToText.from_config(vlm_config(shape, tokenizer), dtype=dtype), device, dtype
         )
+        return _fill_zero_matrices(model)
     if shape not in MOE_SHAPES:
         return build_dense_model(shape, device, dtype)
     from transformers import AutoModelForCausalLM
 
     config = moe_config(shape)
     return _seeded(lambda: AutoModelForCausalLM.from_config(config, dtype=dtype), device, dtype)
+
+
+def _fill_zero_matrices(model):
+    """transformers initialises some matrices of a vision-language model to zero, which a trained checkpoint
+    never holds: Gemma 3's `multi_modal_projector.mm_input_projection_weight` is one, and left at zero it cuts the
+    image off from the language model (every image gives the same logits, so image-text calibration and
+    fidelity would measure nothing of the image path). Such matrices get random values like the rest (normal,
+    the text model's initializer_range), drawn after the seeded build: the same shape gives the same weights."""
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.dim() >= 2 and not parameter.any():
+                parameter.normal_(0.0, std)
+    return model
 
 
 def _seeded(build, device, dtype):

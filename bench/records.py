@@ -26,11 +26,15 @@ def gather(runs: Path, out: Path) -> dict:
 
 def unpack(records_file: Path, runs: Path) -> int:
     records = json.loads(records_file.read_text())
+    if not isinstance(records, dict) or not all(isinstance(r, dict) for r in records.values()):
+        sys.exit(f"{records_file} is not a run-records.json file (an object of <model>/<point>: run record).")
     if runs.exists():
         sys.exit(f"{runs} exists: give a folder that does not exist yet (nothing is overwritten).")
-    for name, record in records.items():
+    # Every name is checked before anything is written.
+    for name in records:
         if Path(name).is_absolute() or ".." in Path(name).parts or len(Path(name).parts) != 2:
             sys.exit(f"{records_file}: {name!r} is not a <model>/<point> folder name.")
+    for name, record in records.items():
         (runs / name).mkdir(parents=True)
         (runs / name / "run.json").write_text(json.dumps(record, indent=1) + "\n")
     return len(records)

@@ -33,11 +33,29 @@ WEIGHTS_GPU_SHARE = 0.9
 BYTES_PER_WEIGHT = {"float32": 4, "bfloat16": 2, "float16": 2}
 # hardware.gpu_memory_gb left at 0 (unknown card): assume an 80 GB one.
 DEFAULT_GPU_MEMORY_GB = 80
+# hardware.gpu_memory_gb is the card's size as sold; CUDA reports a little less (an 80 GB H100: 79.2 GiB, a
+# 141 GB H200: 139.8 GiB), and that is what a run's probe sees.
+USABLE_OF_SOLD = 0.99
+# In process one job spreads the model over one node's GPUs.
+MAX_GPUS_PER_NODE = 8
 
 
 def gpus_for_weights(weights_gib: float, per_gpu_gib: float) -> int:
     """The fewest GPUs of `per_gpu_gib` each whose WEIGHTS_GPU_SHARE holds `weights_gib` of weights."""
     return max(1, math.ceil(weights_gib / (per_gpu_gib * WEIGHTS_GPU_SHARE)))
+
+
+def planned_gpu_gib(cfg: RunConfig) -> float:
+    """The memory a run will see on each GPU of hardware (GiB), before it can probe them: the card's usable memory
+    (an 80 GB card when hardware.gpu_memory_gb is 0), or backend.max_gpu_memory_gb where that cap is lower."""
+    card = (cfg.hardware.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB) * USABLE_OF_SOLD
+    cap = cfg.backend.max_gpu_memory_gb
+    return min(card, cap) if cap else card
+
+
+def in_process_gpus(cfg: RunConfig) -> int:
+    """GPUs an in-process run of cfg needs on hardware: the count below which planning refuses it."""
+    return gpus_for_weights(weights_gib(cfg), planned_gpu_gib(cfg))
 
 
 def weights_gib(cfg: RunConfig, params: Optional[float] = None) -> float:
@@ -77,9 +95,10 @@ def derived_request(cfg: RunConfig) -> Request:
     if layout is not None:  # the backend's parallel layout fixes the GPUs
         nodes, gpus = layout
     else:
-        # One process spreads the model over the node's GPUs (device_map=auto): as many as planning requires.
+        # One process spreads the model over the node's GPUs (device_map=auto): as many as planning requires (more
+        # than a node has is refused by check_request).
         nodes = 1
-        gpus = min(8, gpus_for_weights(weights_gib(cfg), hw.gpu_memory_gb or DEFAULT_GPU_MEMORY_GB))
+        gpus = min(MAX_GPUS_PER_NODE, in_process_gpus(cfg))
     return Request(
         nodes=nodes,
         gpus_per_node=gpus,
@@ -124,6 +143,21 @@ def check_request(cfg: RunConfig, request: Request) -> Optional[str]:
             f"hardware={cfg.hardware.name} needs GPUs but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
             "remove that setting or set it to at least 1."
         )
+    if cfg.hardware.device == "cuda" and spec_of(cfg).slurm_layout(cfg) is None:
+        need = in_process_gpus(cfg)
+        if need > MAX_GPUS_PER_NODE:
+            return (
+                f"in process, {cfg.model.name}'s {weights_gib(cfg):.0f} GiB of {cfg.hardware.dtype} weights need {need} "
+                f"GPUs of hardware={cfg.hardware.name}, more than the {MAX_GPUS_PER_NODE} of one node; use "
+                "backend=megatron_bridge with a parallelism that spreads it over nodes."
+            )
+        if request.gpus_per_node < need:
+            return (
+                f"in process, {cfg.model.name}'s {weights_gib(cfg):.0f} GiB of {cfg.hardware.dtype} weights need at "
+                f"least {need} GPUs of hardware={cfg.hardware.name} ({planned_gpu_gib(cfg):.0f} GiB each, "
+                f"{WEIGHTS_GPU_SHARE:.0%} of it for weights), but hydra.launcher.gpus_per_node={request.gpus_per_node}; "
+                "remove that setting or raise it."
+            )
     if not spec_of(cfg).one_process:
         world = par.nodes * par.gpus_per_node
         got = request.nodes * request.gpus_per_node

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from ptq import recipe_files, run_record, vlm
 from ptq.backend_spec import spec_of
-from ptq.cluster import WEIGHTS_GPU_SHARE, gpus_for_weights, weights_gib
+from ptq.cluster import WEIGHTS_GPU_SHARE, gpus_for_weights, planned_gpu_gib, weights_gib
 from ptq.errors import ConfigError
 from ptq.files import nearest_existing, safetensors_header
 from ptq.formats import (
@@ -407,9 +407,8 @@ def _check_weights_fit(cfg: RunConfig, facts: Facts, warnings: List[str]) -> Non
             "parallelism that splits it."
         )
     # No GPU probed: a dry run on any machine, or a sweep point that runs elsewhere (the cluster group asks for
-    # the same count itself, ptq/cluster.py). hardware.gpu_memory_gb is the card's size as sold (80 for an H100,
-    # which CUDA reports as 79.2 GiB).
-    per_card = min(cfg.hardware.gpu_memory_gb, cap) if cap else cfg.hardware.gpu_memory_gb
+    # the same count itself, ptq/cluster.py), judged from the memory CUDA will report for hardware's card.
+    per_card = planned_gpu_gib(cfg) if cfg.hardware.gpu_memory_gb else 0
     if cfg.dry_run and per_card and weights > per_card * WEIGHTS_GPU_SHARE:
         need = gpus_for_weights(weights, per_card)
         warnings.append(

@@ -496,7 +496,8 @@ def test_a_small_standard_error_is_shown_not_rounded_to_zero():
     assert with_error(0.330, 0.0005) == "0.330 ± 0.001"  # rounds to a visible 0.001
     assert with_error(0.5, float("nan")) == "0.500" and with_error(0.5, 0.0) == "0.500"
     cell = format_cell(0.02651, 0.02651, float("nan"), 0.00012, 0.00012)
-    assert cell.startswith("0.02651 ± 0.00012 (+0.027")
+    assert cell == "0.02651 ± 0.00012 (+0.02651)"  # the difference at the digits of its own error
+    assert format_cell(0.5, -0.00001, 1.0, 0.01, 0.01) == "0.500 ± 0.010 (+0.000 n.s., 100.0%)"  # no "-0.000"
 
 
 def test_wide_table_cells_and_column_order(report):
@@ -1439,7 +1440,10 @@ def test_committed_records_unpack_into_runs_the_report_reads_again(tmp_path):
     assert "fp8@512" in first and first.replace(str(root), "") == second.replace(str(again), "")
     with pytest.raises(SystemExit, match="exists"):
         bench_records.unpack(gathered / "run-records.json", again)
-    (tmp_path / "bad.json").write_text(json.dumps({"../outside/x": {}}))
+    (tmp_path / "bad.json").write_text(json.dumps({"tiny/fp8": {}, "../outside/x": {}}))
     with pytest.raises(SystemExit, match="not a <model>/<point> folder name"):
         bench_records.unpack(tmp_path / "bad.json", tmp_path / "bad")
-    assert not (tmp_path / "outside").exists()
+    assert not (tmp_path / "outside").exists() and not (tmp_path / "bad").exists()  # nothing half-written
+    (tmp_path / "list.json").write_text("[]")
+    with pytest.raises(SystemExit, match="is not a run-records.json file"):
+        bench_records.unpack(tmp_path / "list.json", tmp_path / "list")

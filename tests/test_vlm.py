@@ -211,7 +211,8 @@ def test_qwen_vl_quantizes_its_language_model_and_reloads_with_the_vision_tower_
     record = vlm_run(tmp_path, qwen_vl_tiny_dir, "fidelity.exported_check=full")
     assert record["status"] == "finished", record.get("error")
     assert record["calib_kind"] == "text" and record["details"]["calibration"]["kind"] == "text"
-    assert record["details"]["calibration"]["batch_size"] == record["details"]["calib_batch_size"]
+    calibration = record["details"]["calibration"]
+    assert calibration["batch_size"] == min(record["details"]["calib_batch_size"], calibration["samples"])
     validation = record["validation"]
     assert validation["passed"], validation["problems"]
     kinds = validation["layer_kinds"]["kinds"]
@@ -333,3 +334,32 @@ def test_llava_calibrates_with_images_and_keeps_its_clip_tower_and_projector(lla
     assert any("multi_modal_projector" in e for e in index["exclude_modules"])
     assert set(validation["layer_kinds"]["kinds"]["vision"]) == {"BF16"}
     assert type(AutoProcessor.from_pretrained(record["checkpoint"])).__name__ == "LlavaProcessor"
+
+
+@pytest.mark.parametrize("fixture", ["gemma3_vl_tiny_dir", "llava_tiny_dir"])
+def test_the_image_reaches_the_language_model_of_a_random_vlm_shape(fixture, request, image_pairs, tmp_path):
+    """The random-weight VLM shapes (bench/random_checkpoint.py) must pass the image on to the language model, or
+    image-text calibration and fidelity measure nothing of the image path: transformers initialises Gemma 3's
+    projector matrix to zero, which made every image give the same logits. Two pictures, one prompt: the logits
+    at the prompt's last position must differ. (Qwen2.5-VL's processor needs torchvision, not installed here.)"""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from ptq.calib_data import image_text_inputs
+    from ptq.models import load_processor
+
+    checkpoint = request.getfixturevalue(fixture)
+    pictures = sorted({json.loads(line)["image"] for line in image_pairs.read_text().splitlines()})[:2]
+    pairs = tmp_path / "same-prompt.jsonl"
+    pairs.write_text(
+        "".join(
+            json.dumps({"image": str(image_pairs.parent / p), "text": "Describe this picture."}) + "\n"
+            for p in pictures
+        )
+    )
+    inputs = image_text_inputs(pairs, load_processor(str(checkpoint), False), 2)
+    model = AutoModelForImageTextToText.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    with torch.no_grad():
+        last = [model(**batch).logits[0, -1] for batch in inputs]
+    assert inputs[0]["input_ids"].shape == inputs[1]["input_ids"].shape  # same prompt, same image-token count
+    assert (last[0] - last[1]).abs().max() > 1e-4

@@ -174,7 +174,8 @@ def quantize(
             )
             batches = [lambda m, b=b: m(b.to(device)) for b in calib.split(batch_size)]
             tokens = int(calib.numel())
-            calib_stats = {"kind": "text", "samples": int(calib.shape[0]), "tokens": tokens, "batch_size": batch_size}
+            samples = int(calib.shape[0])
+            calib_stats = {"kind": "text", "samples": samples, "tokens": tokens, "batch_size": min(batch_size, samples)}
     device = next(model.parameters()).device
     counter = ExpertCounter(model)
 

@@ -54,8 +54,11 @@ def format_cell(
         return ""
     details = []
     if not pd.isna(delta):
+        places = decimals_for(delta_error if not pd.isna(delta_error) else stderr)
+        shown = format(delta, f"+.{places}f")
         details.append(
-            format(delta, "+.3f").replace("-0.000", "+0.000") + (" n.s." if within_noise(delta, delta_error) else "")
+            (shown.replace("-", "+") if float(shown) == 0 else shown)
+            + (" n.s." if within_noise(delta, delta_error) else "")
         )
     if not pd.isna(recovery):
         details.append(format(100 * recovery, ".1f") + "%")
@@ -107,8 +110,9 @@ def format_worst(
         return ""
     if not benchmark:
         return f"none of {judged} significant"
+    places = decimals_for(error)
     return (
-        f"{benchmark}/{metric} {'+' if delta >= 0 else ''}{with_error(delta, error)} ({100 * relative:+.1f}% of BF16); "
+        f"{benchmark}/{metric} {delta:+.{places}f} ± {error:.{places}f} ({100 * relative:+.1f}% of BF16); "
         f"{losses} of {judged} significant"
     )
 
@@ -307,7 +311,7 @@ def training_rows(training: pd.DataFrame, model: str) -> pd.DataFrame:
             "steps": [_fmt(x, ".0f") for x in rows["steps"]],
             "lr": [_fmt(x, "g") for x in rows["lr"]],
             "mean KL (PTQ → trained)": [
-                f"{_fmt(a, '.3f')} → " + ("" if pd.isna(b) else with_error(b, e))
+                _fmt(a, ".3f") + ("" if pd.isna(b) else " → " + with_error(b, e))
                 for a, b, e in zip(rows["ptq_mean_kl"], rows["mean_kl"], rows["mean_kl_stderr"])
             ],
             "KL gap closed": [
