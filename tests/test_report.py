@@ -26,7 +26,7 @@ from ptq.report import (
     variant_label,
     wide_table,
 )
-from ptq.report.render import format_cell, with_error
+from ptq.report.render import format_cell, with_error, with_interval
 from ptq.run_record import RECORD_VERSION, RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
@@ -498,6 +498,10 @@ def test_a_small_standard_error_is_shown_not_rounded_to_zero():
     cell = format_cell(0.02651, 0.02651, float("nan"), 0.00012, 0.00012)
     assert cell == "0.02651 ± 0.00012 (+0.02651)"  # the difference at the digits of its own error
     assert format_cell(0.5, -0.00001, 1.0, 0.01, 0.01) == "0.500 ± 0.010 (+0.000 n.s., 100.0%)"  # no "-0.000"
+    # An interval narrower than three decimals show keeps the digits of its width.
+    assert with_interval(1.0003, 1.0001, 1.0005) == "1.00030 [1.00010, 1.00050]"
+    assert with_interval(1.313, 1.290, 1.336) == "1.313 [1.290, 1.336]"
+    assert with_interval(1.2, float("nan"), float("nan")) == "1.200" and with_interval(float("nan"), 1, 2) == ""
 
 
 def test_wide_table_cells_and_column_order(report):

@@ -45,6 +45,17 @@ def with_error(value: float, error: float, default: int = 3) -> str:
     return f"{value:.{places}f} ± {error:.{places}f}"
 
 
+def with_interval(value: float, lo: float, hi: float, default: int = 3) -> str:
+    """`value [lo, hi]` at the decimals the interval needs: an interval narrower than `default` decimals can show
+    (a perplexity ratio of 1.0003 [1.0001, 1.0005], not 1.000 [1.000, 1.000]) gets the digits of its width."""
+    if pd.isna(value):
+        return ""
+    if pd.isna(lo) or pd.isna(hi):
+        return format(value, f".{default}f")
+    places = decimals_for((hi - lo) / 3.92, default)  # a 95% interval spans about 3.92 standard errors
+    return f"{value:.{places}f} [{lo:.{places}f}, {hi:.{places}f}]"
+
+
 def format_cell(
     value: float, delta: float, recovery: float, stderr: float = math.nan, delta_error: float = math.nan
 ) -> str:
@@ -157,7 +168,7 @@ def format_summary(summary: pd.DataFrame) -> pd.DataFrame:
                 )
             ],
             "perplexity ratio": [
-                _fmt(r, ".3f") + (f" [{lo:.3f}, {hi:.3f}]" if not (pd.isna(lo) or pd.isna(hi)) else "")
+                with_interval(r, lo, hi)
                 for r, lo, hi in zip(
                     summary["perplexity_ratio"], summary["perplexity_ratio_lo"], summary["perplexity_ratio_hi"]
                 )
